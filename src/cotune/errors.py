@@ -1,0 +1,33 @@
+"""The error hierarchy. Every message says what was wrong, where, and what to do."""
+
+
+class CotuneError(Exception):
+    """Base of every error cotune raises on purpose; the CLI prints these without a traceback."""
+
+
+class ConfigError(CotuneError):
+    """A run config is invalid: unknown key, wrong type, value outside the allowed set."""
+
+
+class DataError(CotuneError):
+    """A data file or dataset is unusable: bad line, missing field, empty partition."""
+
+
+class ModelError(CotuneError):
+    """A model cannot be loaded or cut: unknown family, bad segment bounds."""
+
+
+class AdapterError(CotuneError):
+    """An adapter cannot be injected, saved or loaded."""
+
+
+class ProtocolError(CotuneError):
+    """A message between roles is malformed, corrupted or unexpected."""
+
+
+class CheckpointError(CotuneError):
+    """A checkpoint is missing, corrupted, or was written by another config."""
+
+
+class RunDirError(CotuneError):
+    """A run directory would be overwritten, or is not a run directory."""
