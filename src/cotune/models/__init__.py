@@ -1,0 +1,36 @@
+"""Models cut by anatomy: ``load_model`` → ``LoadedModel``; ``Anatomy`` per family; ``Segment`` slices.
+
+Importing this package imports torch but not transformers (that happens in ``load_model``).
+"""
+
+from cotune.models.base import Anatomy
+from cotune.models.bert import BertAnatomy
+from cotune.models.gpt2 import GPT2Anatomy
+from cotune.models.llama import LlamaAnatomy
+from cotune.models.loading import (
+    ATTN_IMPLEMENTATION,
+    MODEL_TYPES,
+    RANDOM_DEFAULTS,
+    LoadedModel,
+    anatomy_for,
+    family_of,
+    load_model,
+)
+from cotune.models.segment import Activations, Segment, task_loss
+
+__all__ = [
+    "ATTN_IMPLEMENTATION",
+    "MODEL_TYPES",
+    "RANDOM_DEFAULTS",
+    "Activations",
+    "Anatomy",
+    "BertAnatomy",
+    "GPT2Anatomy",
+    "LlamaAnatomy",
+    "LoadedModel",
+    "Segment",
+    "anatomy_for",
+    "family_of",
+    "load_model",
+    "task_loss",
+]

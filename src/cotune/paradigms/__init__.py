@@ -1,0 +1,24 @@
+"""Paradigms: how devices and the cloud share the work. One readable driver per file."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from cotune.errors import ConfigError
+
+if TYPE_CHECKING:
+    from cotune.paradigms.base import Experiment, ParadigmResult
+
+# name -> module; each module has `run(exp) -> ParadigmResult`. One line per paradigm.
+PARADIGMS: dict[str, str] = {
+    "central": "cotune.paradigms.central",
+    "local": "cotune.paradigms.local",
+}
+
+
+def get_paradigm(name: str) -> Callable[[Experiment], ParadigmResult]:
+    if name not in PARADIGMS:
+        raise ConfigError(f"paradigm.name: unknown paradigm {name!r} (allowed: {', '.join(PARADIGMS)})")
+    return importlib.import_module(PARADIGMS[name]).run

@@ -1,0 +1,156 @@
+"""The ``cotune`` command. One typed function per subcommand; flags map onto config fields.
+
+Start-up stays cheap: this module imports only the standard library, pyyaml and pydantic.
+torch, transformers and peft are imported inside the commands that train or load models.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from cotune import __version__
+from cotune.errors import CotuneError
+
+
+def run_command(
+    config: Path, overrides: list[str], *, overwrite: bool, resume: bool, quiet: bool, out: Path | None
+) -> int:
+    """Fine-tune as CONFIG says and write a run directory (config, metrics, summary, adapter, report)."""
+    from cotune.config import load_config
+    from cotune.run import run_experiment
+
+    cfg = load_config(config, overrides)
+    run_dir = run_experiment(cfg, out_root=out, overwrite=overwrite, resume=resume, quiet=quiet)
+    _print_summary(run_dir, quiet)
+    return 0
+
+
+def compare_command(configs: list[Path], overrides: list[str], *, out: Path, overwrite: bool, quiet: bool) -> int:
+    """Run each CONFIG into OUT/<name> and write one comparison report over all of them."""
+    from cotune.run import compare
+
+    report = compare([str(c) for c in configs], out, overrides=overrides, overwrite=overwrite, quiet=quiet)
+    print(f"comparison report: {report}")
+    return 0
+
+
+def report_command(run_dirs: list[Path], *, out: Path | None) -> int:
+    """Re-render the report of one run directory, or a comparison of several into OUT."""
+    from cotune.report import write_compare_report, write_run_report
+
+    for d in run_dirs:
+        if not (d / "config.yaml").is_file():
+            raise CotuneError(f"{d} is not a cotune run directory (no config.yaml)")
+    if len(run_dirs) == 1 and out is None:
+        print(f"report: {write_run_report(run_dirs[0])}")
+    else:
+        target = out or Path("runs/compare")
+        print(f"comparison report: {write_compare_report(run_dirs, target)}")
+    return 0
+
+
+def export_command(run_dir: Path, out: Path, *, merge: bool, role: str | None, overwrite: bool) -> int:
+    """Copy a run's adapter (PEFT layout) to OUT, or with --merge write full merged weights."""
+    from cotune.export import export_run
+
+    print(f"exported: {export_run(run_dir, out, merge=merge, role=role, overwrite=overwrite)}")
+    return 0
+
+
+def datasets_command() -> int:
+    """List the built-in datasets."""
+    from cotune.data.registry import format_datasets_table
+
+    print(format_datasets_table())
+    return 0
+
+
+def _print_summary(run_dir: Path, quiet: bool) -> None:
+    import json
+
+    summary = json.loads((run_dir / "summary.json").read_text())
+    if not quiet:
+        final = ", ".join(f"{k}={v:.4g}" for k, v in summary.get("final", {}).items() if isinstance(v, float))
+        print(f"{summary['name']} ({summary['paradigm']}): {final}")
+    print(f"run directory: {run_dir}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="cotune",
+        description="Fine-tune LLMs across a cloud server and many devices, and measure what each way costs.",
+    )
+    p.add_argument("--version", action="version", version=f"cotune {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add_set(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument(
+            "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+            help="override a config field, e.g. --set train.lr=3e-4 (repeatable)",
+        )
+
+    r = sub.add_parser("run", help=run_command.__doc__, description=run_command.__doc__)
+    r.add_argument("config", type=Path)
+    add_set(r)
+    r.add_argument("--out", type=Path, default=None, help="parent of the run directory (default: output.dir)")
+    r.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    r.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
+    r.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    c = sub.add_parser("compare", help=compare_command.__doc__, description=compare_command.__doc__)
+    c.add_argument("configs", type=Path, nargs="+")
+    add_set(c)
+    c.add_argument("--out", type=Path, default=Path("runs/compare"))
+    c.add_argument("--overwrite", action="store_true")
+    c.add_argument("--quiet", action="store_true")
+
+    rp = sub.add_parser("report", help=report_command.__doc__, description=report_command.__doc__)
+    rp.add_argument("run_dirs", type=Path, nargs="+")
+    rp.add_argument("--out", type=Path, default=None, help="where a comparison of several runs goes")
+
+    e = sub.add_parser("export", help=export_command.__doc__, description=export_command.__doc__)
+    e.add_argument("run_dir", type=Path)
+    e.add_argument("out", type=Path)
+    e.add_argument("--merge", action="store_true", help="merge the adapter into the base and save full weights")
+    e.add_argument("--role", default=None, help="which role's adapter when the run has several (e.g. device-3)")
+    e.add_argument("--overwrite", action="store_true")
+
+    sub.add_parser("datasets", help=datasets_command.__doc__, description=datasets_command.__doc__)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
+    try:
+        if args.command == "run":
+            return run_command(
+                args.config, args.overrides, overwrite=args.overwrite, resume=args.resume,
+                quiet=args.quiet, out=args.out,
+            )
+        if args.command == "compare":
+            return compare_command(
+                args.configs, args.overrides, out=args.out, overwrite=args.overwrite, quiet=args.quiet
+            )
+        if args.command == "report":
+            return report_command(args.run_dirs, out=args.out)
+        if args.command == "export":
+            return export_command(args.run_dir, args.out, merge=args.merge, role=args.role, overwrite=args.overwrite)
+        if args.command == "datasets":
+            return datasets_command()
+    except CotuneError as exc:
+        print(f"cotune: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("cotune: interrupted; the run directory keeps its last checkpoint (use --resume)", file=sys.stderr)
+        return 130
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,118 @@
+"""One small ``Tokenizer`` over either a Hugging Face tokenizer or a locally trained byte-level BPE.
+
+The local BPE is for random-init models (no pretrained vocabulary): it is trained on the
+training texts with the ``tokenizers`` library, ids 0 and 1 are ``<pad>`` and ``<eos>``, and
+every encoded text ends with ``<eos>``. Training is deterministic for the same texts and size.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from tokenizers import Tokenizer as _BPE
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+from cotune.errors import DataError
+
+PAD, EOS = "<pad>", "<eos>"
+_META = "cotune_tokenizer.json"
+
+
+class Tokenizer:
+    """``encode(texts, max_length) -> list[list[int]]``, ``pad_id``, ``vocab_size``, save/load."""
+
+    def __init__(self, hf: Any | None = None, bpe: _BPE | None = None) -> None:
+        if (hf is None) == (bpe is None):
+            raise ValueError("give exactly one of hf= or bpe=")
+        self.hf, self.bpe = hf, bpe
+        if bpe is not None:
+            self.pad_id = bpe.token_to_id(PAD)
+            self.eos_id: int | None = bpe.token_to_id(EOS)
+            self.vocab_size = bpe.get_vocab_size()
+        else:
+            self.eos_id = hf.eos_token_id
+            # GPT-2/LLaMA tokenizers have no pad token; padding is masked, so eos serves.
+            pad = hf.pad_token_id if hf.pad_token_id is not None else self.eos_id
+            self.pad_id = int(pad) if pad is not None else 0
+            self.vocab_size = len(hf)
+
+    @property
+    def kind(self) -> str:
+        return "bpe" if self.bpe is not None else "hf"
+
+    def encode(self, texts: Sequence[str], max_length: int) -> list[list[int]]:
+        if max_length < 1:
+            raise DataError(f"max_length must be >= 1, got {max_length}")
+        texts = list(texts)
+        if self.hf is not None:
+            out = self.hf(texts, truncation=True, max_length=max_length, add_special_tokens=True)
+            return [list(ids) for ids in out["input_ids"]]
+        assert self.bpe is not None
+        encs = self.bpe.encode_batch(texts, add_special_tokens=False)
+        return [e.ids[: max_length - 1] + [self.eos_id] for e in encs]  # type: ignore[list-item]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        if self.hf is not None:
+            return self.hf.decode(list(ids), skip_special_tokens=True)
+        assert self.bpe is not None
+        return self.bpe.decode(list(ids), skip_special_tokens=True)
+
+    def save(self, directory: str | Path) -> Path:
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        if self.hf is not None:
+            self.hf.save_pretrained(str(d))
+        else:
+            assert self.bpe is not None
+            self.bpe.save(str(d / "tokenizer.json"))
+        (d / _META).write_text(json.dumps({"kind": self.kind, "pad_id": self.pad_id}) + "\n")
+        return d
+
+    @classmethod
+    def load(cls, directory: str | Path) -> Tokenizer:
+        d = Path(directory)
+        meta_path = d / _META
+        kind = json.loads(meta_path.read_text())["kind"] if meta_path.is_file() else "hf"
+        if kind == "bpe":
+            return cls(bpe=_BPE.from_file(str(d / "tokenizer.json")))
+        try:
+            from transformers import AutoTokenizer  # heavy: only when an HF tokenizer is loaded
+        except ImportError as exc:  # pragma: no cover - transformers is a dependency
+            raise DataError(f"loading {d} needs transformers: {exc}") from None
+        try:
+            return cls(hf=AutoTokenizer.from_pretrained(str(d)))
+        except (OSError, ValueError) as exc:
+            raise DataError(f"{d}: not a saved tokenizer: {exc}") from None
+
+
+def load_tokenizer(directory: str | Path) -> Tokenizer:
+    """A tokenizer saved by ``Tokenizer.save`` (or any HF tokenizer directory)."""
+    return Tokenizer.load(directory)
+
+
+def train_bpe(texts: Sequence[str], vocab_size: int) -> _BPE:
+    """Train a byte-level BPE; ``<pad>`` = 0 and ``<eos>`` = 1."""
+    if not any(t.strip() for t in texts):
+        raise DataError("cannot train a BPE tokenizer: no non-empty training texts")
+    tok = _BPE(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[PAD, EOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # every byte encodable: no <unk>
+        show_progress=False,
+        min_frequency=2,
+    )
+    tok.train_from_iterator(list(texts), trainer=trainer, length=len(texts))
+    return tok
+
+
+def build_tokenizer(hf_tokenizer: Any | None, texts: Sequence[str], vocab_size: int) -> Tokenizer:
+    """Wrap ``hf_tokenizer``, or with ``None`` train a local byte-level BPE on ``texts``."""
+    if hf_tokenizer is not None:
+        return Tokenizer(hf=hf_tokenizer)
+    return Tokenizer(bpe=train_bpe(texts, vocab_size))

@@ -1,0 +1,175 @@
+"""The anatomy of a model family: where its embeddings, blocks, final norm and head live, and how to
+run a span of blocks standalone. One small subclass per family (gpt2.py, llama.py, bert.py)."""
+
+from __future__ import annotations
+
+import re
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from cotune.errors import ModelError
+from cotune.models.segment import Segment, attention_bias
+
+TASKS = ("classification", "causal_lm")
+
+
+class Anatomy(ABC):
+    """Family-specific knowledge about a loaded HF model, used to cut it into ``Segment``s."""
+
+    family: ClassVar[str]
+    # Whether attention in the blocks is causal (decoders) or bidirectional (encoders).
+    causal: ClassVar[bool]
+
+    def __init__(self, model: nn.Module, task: str) -> None:
+        if task not in TASKS:
+            raise ModelError(f"unknown task {task!r} (allowed: {', '.join(TASKS)})")
+        self.model = model
+        self.task = task
+        self.config = model.config
+        self._block_re = re.compile(rf"(?:^|\.){re.escape(self.blocks_path)}\.(\d+)(?:\.|$)")
+
+    # ---------------------------------------------------------------- where things are (per family)
+
+    @property
+    @abstractmethod
+    def blocks_path(self) -> str:
+        """Dotted path of the ``nn.ModuleList`` of blocks, e.g. ``transformer.h``."""
+
+    @abstractmethod
+    def embedding_paths(self) -> list[str]:
+        """Modules with weights that the embedding step uses (word, position, norm of the embeddings)."""
+
+    @abstractmethod
+    def final_norm_path(self) -> str | None:
+        """The norm after the last block, or ``None`` (post-LN encoders have none)."""
+
+    @abstractmethod
+    def head_paths(self) -> list[str]:
+        """The task head PEFT would train in full (``modules_to_save``); empty for causal LM, whose
+        ``lm_head`` is tied to the input embeddings or frozen."""
+
+    @abstractmethod
+    def output_paths(self) -> list[str]:
+        """Every module the head step runs: final norm, pooler, classifier or ``lm_head``."""
+
+    # ---------------------------------------------------------------- how to run them (per family)
+
+    @abstractmethod
+    def embed(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """Token ids ``[B,T]`` to the hidden states fed to block 0 ``[B,T,D]``."""
+
+    @abstractmethod
+    def block_context(self, hidden: Tensor, attention_mask: Tensor) -> dict[str, Any]:
+        """What every block of a segment shares: 4-D masks, rotary tables; built once per forward."""
+
+    @abstractmethod
+    def run_block(self, i: int, hidden: Tensor, context: dict[str, Any]) -> Tensor:
+        """Run block ``i`` on ``hidden`` with the shared ``context``."""
+
+    @abstractmethod
+    def run_head(self, hidden: Tensor, attention_mask: Tensor) -> Tensor:
+        """Final norm + task head on the last block's output: logits ``[B,C]`` or ``[B,T,V]``."""
+
+    # ---------------------------------------------------------------- shared
+
+    def module(self, path: str) -> nn.Module:
+        return self.model.get_submodule(path)
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        return self.module(self.blocks_path)  # type: ignore[return-value]
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.config.hidden_size)
+
+    @property
+    def embeddings(self) -> list[nn.Module]:
+        return [self.module(p) for p in self.embedding_paths()]
+
+    @property
+    def final_norm(self) -> nn.Module | None:
+        path = self.final_norm_path()
+        return None if path is None else self.module(path)
+
+    @property
+    def head(self) -> nn.Module:
+        """The module producing the logits (``lm_head``, ``score`` or ``classifier``)."""
+        return self.module(self.output_paths()[-1])
+
+    def block(self, i: int) -> nn.Module:
+        self._check_index(i)
+        return self.blocks[i]
+
+    def block_path(self, i: int) -> str:
+        self._check_index(i)
+        return f"{self.blocks_path}.{i}"
+
+    def layer_of(self, path: str) -> int | None:
+        """Block index a module/parameter path lives in (a ``base_model.model.`` prefix is fine);
+        ``None`` for the embeddings, the final norm and the head."""
+        m = self._block_re.search(path)
+        return int(m.group(1)) if m else None
+
+    def segment(self, start: int, end: int, *, embed: bool | None = None, head: bool | None = None) -> Segment:
+        """Blocks ``[start, end)``; ``embed`` defaults to ``start == 0``, ``head`` to ``end == num_layers``.
+
+        ``start == end`` is allowed only with ``embed`` (an embedding-only segment) or ``head`` (a
+        head-only segment: final norm + head on the last block's output, as in U-shaped splits).
+        """
+        n = self.num_layers
+        if not (isinstance(start, int) and isinstance(end, int) and 0 <= start <= end <= n):
+            raise ModelError(
+                f"segment bounds ({start!r}, {end!r}) are out of range: need integers with "
+                f"0 <= start <= end <= {n} (this model has {n} blocks)"
+            )
+        embed = start == 0 if embed is None else embed
+        head = end == n if head is None else head
+        if embed and start != 0:
+            raise ModelError(f"segment({start}, {end}, embed=True): the embeddings feed block 0, so start must be 0")
+        if head and end != n:
+            raise ModelError(
+                f"segment({start}, {end}, head=True): the head follows the last block, so end must be {n}"
+            )
+        if start == end and not (embed or head):
+            raise ModelError(
+                f"segment({start}, {end}) is empty: start == end needs embed=True (start 0) or head=True (end {n})"
+            )
+        return Segment(self, start, end, embed=embed, head=head)
+
+    def full(self) -> Segment:
+        return self.segment(0, self.num_layers)
+
+    def _check_index(self, i: int) -> None:
+        if not (isinstance(i, int) and 0 <= i < self.num_layers):
+            raise ModelError(f"block index {i!r} is out of range: 0 <= i < {self.num_layers}")
+
+    def _mask(self, attention_mask: Tensor, hidden: Tensor, window: int | None = None) -> Tensor | None:
+        return attention_bias(
+            attention_mask,
+            causal=self.causal,
+            window=window,
+            implementation=self.config._attn_implementation,
+            dtype=hidden.dtype,
+        )
+
+    def _last_token(self, hidden: Tensor, attention_mask: Tensor) -> Tensor:
+        """``hidden[b, last non-pad position]``: decoders classify from the last real token.
+
+        HF finds it from ``input_ids != pad_token_id``; a head-only segment has no ids, so the
+        attention mask is used (same result unless a real token equals the pad id).
+        """
+        T = attention_mask.size(-1)
+        positions = (attention_mask.long() * _arange(T, attention_mask)).argmax(-1)
+        return hidden[_arange(hidden.size(0), hidden), positions]
+
+
+def _arange(n: int, like: Tensor) -> Tensor:
+    return torch.arange(n, device=like.device)

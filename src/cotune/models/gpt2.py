@@ -1,0 +1,52 @@
+"""GPT-2: learned absolute positions, pre-LN blocks, final ``ln_f``, ``lm_head`` tied to ``wte`` or a
+``score`` classifier read at the last real token."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from cotune.models.base import Anatomy
+
+
+class GPT2Anatomy(Anatomy):
+    family = "gpt2"
+    causal = True
+
+    @property
+    def blocks_path(self) -> str:
+        return "transformer.h"
+
+    def embedding_paths(self) -> list[str]:
+        return ["transformer.wte", "transformer.wpe"]
+
+    def final_norm_path(self) -> str | None:
+        return "transformer.ln_f"
+
+    def head_paths(self) -> list[str]:
+        return ["score"] if self.task == "classification" else []
+
+    def output_paths(self) -> list[str]:
+        return ["transformer.ln_f", "score" if self.task == "classification" else "lm_head"]
+
+    def embed(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        tr = self.model.transformer
+        # Right padding: positions are 0..T-1 for every row, as in HF's own forward.
+        positions = torch.arange(input_ids.size(1), device=input_ids.device)[None, :]
+        hidden = tr.wte(input_ids) + tr.wpe(positions)
+        return tr.drop(hidden)
+
+    def block_context(self, hidden: Tensor, attention_mask: Tensor) -> dict[str, Any]:
+        return {"mask": self._mask(attention_mask, hidden)}
+
+    def run_block(self, i: int, hidden: Tensor, context: dict[str, Any]) -> Tensor:
+        return self.blocks[i](hidden, attention_mask=context["mask"])
+
+    def run_head(self, hidden: Tensor, attention_mask: Tensor) -> Tensor:
+        hidden = self.model.transformer.ln_f(hidden)
+        if self.task == "causal_lm":
+            return self.model.lm_head(hidden)
+        # Pick the last real token before scoring: the same logits as HF's score-then-pick, less work.
+        return self.model.score(self._last_token(hidden, attention_mask))

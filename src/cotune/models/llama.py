@@ -1,0 +1,68 @@
+"""LLaMA-like decoders (LLaMA, Qwen2, Mistral): token embeddings only, rotary position embeddings
+computed per forward, RMSNorm pre-norm blocks with grouped-query attention, optional sliding windows,
+final ``norm``, ``lm_head`` or a ``score`` classifier read at the last real token."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from cotune.models.base import Anatomy
+
+
+class LlamaAnatomy(Anatomy):
+    family = "llama"
+    causal = True
+
+    @property
+    def blocks_path(self) -> str:
+        return "model.layers"
+
+    def embedding_paths(self) -> list[str]:
+        return ["model.embed_tokens"]
+
+    def final_norm_path(self) -> str | None:
+        return "model.norm"
+
+    def head_paths(self) -> list[str]:
+        return ["score"] if self.task == "classification" else []
+
+    def output_paths(self) -> list[str]:
+        return ["model.norm", "score" if self.task == "classification" else "lm_head"]
+
+    def window(self, i: int) -> int | None:
+        """Sliding-window size of block ``i`` (``None``: full causal attention).
+
+        Qwen2 lists a type per layer; Mistral applies ``sliding_window`` to every layer; LLaMA has none.
+        """
+        window = getattr(self.config, "sliding_window", None)
+        layer_types = getattr(self.config, "layer_types", None)
+        if layer_types is not None and window is not None:
+            return window if layer_types[i] == "sliding_attention" else None
+        return window
+
+    def embed(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        return self.model.model.embed_tokens(input_ids)
+
+    def block_context(self, hidden: Tensor, attention_mask: Tensor) -> dict[str, Any]:
+        positions = torch.arange(hidden.size(1), device=hidden.device)[None, :]
+        # The model's own rotary module, so rope scaling variants from the config apply unchanged.
+        cos_sin = self.model.model.rotary_emb(hidden, position_ids=positions)
+        masks = {w: self._mask(attention_mask, hidden, w) for w in {self.window(i) for i in range(self.num_layers)}}
+        return {"positions": positions, "rotary": cos_sin, "masks": masks}
+
+    def run_block(self, i: int, hidden: Tensor, context: dict[str, Any]) -> Tensor:
+        return self.blocks[i](
+            hidden,
+            attention_mask=context["masks"][self.window(i)],
+            position_ids=context["positions"],
+            position_embeddings=context["rotary"],
+        )
+
+    def run_head(self, hidden: Tensor, attention_mask: Tensor) -> Tensor:
+        hidden = self.model.model.norm(hidden)
+        if self.task == "causal_lm":
+            return self.model.lm_head(hidden)
+        return self.model.score(self._last_token(hidden, attention_mask))

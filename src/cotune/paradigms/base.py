@@ -1,0 +1,149 @@
+"""What every paradigm shares: the experiment context, roles that train, checkpoints, logging.
+
+A paradigm is a driver function ``run(exp) -> ParadigmResult`` written like a server app: it
+registers roles with ``exp.engine`` and talks to them only through ``Message``s. Measurement
+(evaluation on the held-out set) is the experimenter's privilege: it reads a role's state
+directly and is never counted as traffic.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cotune.config import RunConfig
+from cotune.data import BatchSampler, EncodedDataset, TaskData
+from cotune.models import LoadedModel, Segment
+from cotune.peft import AdapterSet
+from cotune.progress import Progress
+from cotune.report import MetricsLog
+from cotune.runtime import Engine, Message, Role
+from cotune.train import RoleState, StepResult, Trainer, evaluate, full_model_loss, train_step
+
+
+@dataclass
+class Experiment:
+    """Everything a paradigm needs, built once from a ``RunConfig`` by ``cotune.run``."""
+
+    cfg: RunConfig
+    loaded: LoadedModel
+    adapters: AdapterSet
+    data: TaskData
+    train_set: EncodedDataset
+    test_set: EncodedDataset
+    parts: list[list[int]]
+    engine: Engine
+    log: MetricsLog
+    trainer: Trainer
+    run_dir: Path
+    quiet: bool = True
+    resume: dict[str, Any] | None = None  # a loaded checkpoint, when resuming
+    start_time: float = field(default_factory=time.perf_counter)
+    checkpoint_fn: Callable[[int, dict[str, RoleState], dict[str, Any]], None] | None = None
+    last_checkpoint_step: int = 0
+
+    @property
+    def task(self) -> str:
+        return self.cfg.model.task
+
+    @property
+    def forward(self) -> Segment:
+        return self.loaded.anatomy.full()
+
+    def host_time(self) -> float:
+        return time.perf_counter() - self.start_time
+
+    def progress(self, total: int, label: str) -> Progress:
+        return Progress(total, label, quiet=self.quiet)
+
+    def initial_params(self) -> dict[str, torch.Tensor]:
+        """The adapter values every role starts from (the server's initialization)."""
+        return {k: p.data for k, p in self.trainer.params.items()}
+
+    def evaluate_state(self, state: RoleState) -> dict[str, float]:
+        with self.trainer.activate(state):
+            return evaluate(
+                self.forward, self.loaded.model, self.test_set, self.task, self.cfg.eval.batch_size
+            )
+
+    def eval_points(self) -> list[int]:
+        """Steps after which to evaluate: every ``eval.every`` steps and at the last step."""
+        total, every = self.cfg.train.steps, self.cfg.eval.every
+        points = list(range(every, total, every))
+        return [*points, total]
+
+    def log_record(self, event: str, step: int, role: str, **values: Any) -> None:
+        self.log.log({"event": event, "step": step, "role": role, **values, "host_time_s": self.host_time()})
+
+    def maybe_checkpoint(self, step: int, states: dict[str, RoleState], extra: dict[str, Any]) -> None:
+        """Checkpoint at a driver's consistent point once ``checkpoint_every`` steps have passed.
+
+        Drivers call this only between rounds/eval points, where every role's state is whole;
+        the final checkpoint is written by ``cotune.run`` after the paradigm returns.
+        """
+        every = self.cfg.output.checkpoint_every
+        if self.checkpoint_fn is None or not every or step >= self.cfg.train.steps:
+            return
+        if step - self.last_checkpoint_step >= every:
+            self.checkpoint_fn(step, states, extra)
+            self.last_checkpoint_step = step
+
+
+@dataclass
+class ParadigmResult:
+    """The final state of each role whose adapter is the run's product (one for central, many for local)."""
+
+    states: dict[str, RoleState]
+    final_eval: dict[str, float]
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class TrainingRole(Role):
+    """A role that trains the shared model on its own data with its own ``RoleState``."""
+
+    def __init__(self, role_id: str, exp: Experiment, dataset: EncodedDataset | None, seed: int):
+        super().__init__(role_id)
+        self.exp = exp
+        self.seed = seed
+        self.dataset = dataset
+        self.state = exp.trainer.new_state(seed, exp.initial_params())
+        self.sampler = BatchSampler(len(dataset), exp.cfg.train.batch_size, seed) if dataset else None
+        self.loss_fn = full_model_loss(exp.forward, exp.task, exp.adapters.regularization_loss)
+
+    def set_dataset(self, dataset: EncodedDataset) -> None:
+        self.dataset = dataset
+        self.sampler = BatchSampler(len(dataset), self.exp.cfg.train.batch_size, self.seed)
+
+    def train_steps(self, steps: int) -> list[StepResult]:
+        if self.dataset is None or self.sampler is None:
+            raise RuntimeError(f"{self.role_id} has no data to train on")
+        accum = self.exp.cfg.train.grad_accum
+        results = []
+        with self.exp.trainer.activate(self.state):
+            for _ in range(steps):
+                micro = [self.dataset.batch(self.sampler.next_indices()) for _ in range(accum)]
+                results.append(train_step(self.exp.trainer, self.state, self.loss_fn, micro))
+        self.state.sampler = self.sampler.state_dict()
+        return results
+
+    def restore(self, state: RoleState) -> None:
+        self.state = state
+        if state.sampler is not None and self.sampler is not None:
+            self.sampler.load_state_dict(state.sampler)
+
+
+def state_tensors(state: RoleState) -> dict[str, torch.Tensor]:
+    return {k: v.detach() for k, v in state.params.items()}
+
+
+def reply(msg: Message, kind: str, tensors: dict[str, torch.Tensor] | None = None, **meta: Any) -> Message:
+    return Message(kind=kind, sender=msg.receiver, receiver=msg.sender, tensors=tensors or {}, meta=meta)
+
+
+def mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else float("nan")

@@ -1,0 +1,71 @@
+"""Local-only training: each device fine-tunes its own adapter on its own shard, nothing is shared.
+
+The privacy upper bound and the baseline every collaborative paradigm must beat. The server
+only sends control messages ("train N steps") and receives loss reports; adapters never move.
+"""
+
+from __future__ import annotations
+
+from cotune.paradigms.base import Experiment, ParadigmResult, TrainingRole, mean, reply
+from cotune.runtime import Message
+
+
+class LocalDevice(TrainingRole):
+    def on_train(self, msg: Message) -> Message:
+        results = self.train_steps(int(msg.meta["steps"]))
+        return reply(
+            msg,
+            "train_result",
+            losses=[r.loss for r in results],
+            lrs=[r.lr for r in results],
+            step=self.state.step,
+        )
+
+
+def run(exp: Experiment) -> ParadigmResult:
+    cfg = exp.cfg
+    devices = []
+    for i, idx in enumerate(exp.parts):
+        dev = LocalDevice(f"device-{i}", exp, exp.train_set.subset(idx), seed=cfg.seed + i)
+        exp.engine.register(dev)
+        devices.append(dev)
+
+    start = 0
+    if exp.resume is not None:
+        for dev in devices:
+            dev.restore(exp.resume["states"][dev.role_id])
+        start = int(exp.resume["step"])
+
+    per_device: dict[str, dict[str, float]] = {}
+    summary: dict[str, float] = {}
+    with exp.progress(cfg.train.steps - start, f"local {cfg.name}") as bar:
+        step = start
+        for rnd, point in enumerate(exp.eval_points(), start=1):
+            if point <= start:
+                continue
+            chunk = point - step
+            replies = exp.engine.request_many(
+                [Message("train", "server", d.role_id, {}, {"steps": chunk, "round": rnd}) for d in devices]
+            )
+            losses = [r.meta["losses"] for r in replies]
+            for j in range(chunk):
+                step_losses = [ls[j] for ls in losses]
+                exp.log_record(
+                    "train", step + j + 1, "mean", round=rnd, loss=mean(step_losses),
+                    lr=replies[0].meta["lrs"][j],
+                )
+            for r in replies:
+                exp.log_record("train", point, r.sender, round=rnd, loss=mean(r.meta["losses"]))
+            step = point
+            per_device = {d.role_id: exp.evaluate_state(d.state) for d in devices}
+            for role, ev in per_device.items():
+                exp.log_record("eval", step, role, round=rnd, **ev)
+            summary = {k: mean([ev[k] for ev in per_device.values()]) for k in next(iter(per_device.values()))}
+            exp.log_record("eval", step, "mean", round=rnd, **summary)
+            bar.update(chunk, **{k: v for k, v in summary.items() if k in ("accuracy", "perplexity")})
+            exp.maybe_checkpoint(step, {d.role_id: d.state for d in devices}, {"round": rnd})
+    return ParadigmResult(
+        states={d.role_id: d.state for d in devices},
+        final_eval=summary,
+        extra={"per_device_eval": per_device},
+    )

@@ -1,0 +1,160 @@
+"""PNG plots for one run and for a comparison of runs.
+
+matplotlib is imported inside the functions (``cotune --help`` stays fast) and only through
+``Figure`` + the Agg canvas, so no GUI backend or global pyplot state is touched.
+Every plot is made from whatever fields the records have; missing fields just mean fewer plots.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cotune.report.metrics import (
+    Series,
+    is_device,
+    main_series,
+    mean_series,
+    numeric_fields,
+    series_by_role,
+)
+
+#: Fields used as x axes or bookkeeping, never plotted as a metric of their own.
+AXIS_FIELDS = ("step", "round", "epoch", "host_time_s", "sim_time_s")
+#: The order metrics appear in; anything else follows alphabetically.
+METRIC_ORDER = ("loss", "accuracy", "perplexity", "lr")
+EVENT_ORDER = ("train", "eval", "round")
+X_LABELS = {"step": "step", "sim_time_s": "simulated time (s)", "host_time_s": "host time (s)"}
+_PALETTE = [
+    "#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd",
+    "#8c564b", "#e377c2", "#17becf", "#7f7f7f", "#bcbd22",
+]  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Plot:
+    """A written PNG and the caption the reports show with it."""
+
+    title: str
+    path: Path
+
+
+@dataclass
+class _Line:
+    label: str | None
+    series: Series
+    color: str
+    thin: bool = False
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_") or "metric"
+
+
+def _log_scale(metric: str, lines: list[_Line]) -> bool:
+    # Perplexity starts near the vocabulary size and ends near 1-10: linear hides the end.
+    ys = [y for ln in lines for y in ln.series[1] if not math.isnan(y)]
+    return metric == "perplexity" and bool(ys) and min(ys) > 0 and max(ys) / min(ys) > 20
+
+
+def _draw(path: Path, title: str, xlabel: str, metric: str, lines: list[_Line]) -> Path:
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.4, 3.8), dpi=110, layout="constrained")
+    ax = fig.subplots()
+    for ln in lines:
+        xs, ys = ln.series
+        style = {"linewidth": 0.8, "alpha": 0.35} if ln.thin else {"linewidth": 1.8}
+        marker = "o" if len(xs) <= 25 and not ln.thin else None
+        ax.plot(xs, ys, color=ln.color, label=ln.label, marker=marker, markersize=3, **style)
+    if _log_scale(metric, lines):
+        ax.set_yscale("log")
+    ax.set_title(title, fontsize=11)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(metric)
+    ax.grid(True, alpha=0.3)
+    if any(ln.label for ln in lines):
+        ax.legend(fontsize=8, frameon=False)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png")
+    return path
+
+
+def _metric_key(m: str) -> tuple[int, str]:
+    return (METRIC_ORDER.index(m) if m in METRIC_ORDER else len(METRIC_ORDER), m)
+
+
+def _event_key(e: str) -> tuple[int, str]:
+    return (EVENT_ORDER.index(e) if e in EVENT_ORDER else len(EVENT_ORDER), e)
+
+
+def _run_lines(by_role: dict[str, Series]) -> list[_Line]:
+    """Thin lines per device plus their mean; other roles (server, mean) as full lines."""
+    devices = {r: s for r, s in by_role.items() if is_device(r)}
+    others = {r: s for r, s in by_role.items() if not is_device(r)}
+    lines: list[_Line] = []
+    few = len(devices) <= 8
+    for i, (role, s) in enumerate(devices.items()):
+        label = role if few else (f"devices ({len(devices)})" if i == 0 else None)
+        lines.append(_Line(label, s, _PALETTE[i % len(_PALETTE)] if few else "#7f7f7f", True))
+    if devices and "mean" not in others:
+        lines.append(_Line("device mean", mean_series(list(devices.values())), "black"))
+    for j, (role, s) in enumerate(others.items()):
+        color = "black" if role == "mean" else _PALETTE[(j + 1) % len(_PALETTE)]
+        label = role if (devices or len(others) > 1) else None
+        lines.append(_Line(label, s, color))
+    return lines
+
+
+def plot_run(records: list[dict[str, Any]], plots_dir: Path) -> list[Plot]:
+    """One PNG per (event, metric) vs step, plus eval metrics vs simulated time when logged."""
+    plots: list[Plot] = []
+    events = sorted({str(r.get("event")) for r in records if "event" in r}, key=_event_key)
+    for event in events:
+        recs = [r for r in records if r.get("event") == event]
+        metrics = sorted((m for m in numeric_fields(recs) if m not in AXIS_FIELDS), key=_metric_key)
+        for metric in metrics:
+            # The headline "quality vs simulated time" plots; other fields only vs step.
+            quality = event == "eval" and metric in ("loss", "accuracy", "perplexity")
+            axes = ["step", "sim_time_s"] if quality else ["step"]
+            for x in axes:
+                by_role = series_by_role(recs, event, metric, x)
+                if not by_role:
+                    continue
+                suffix = "" if x == "step" else f"_vs_{x.removesuffix('_s')}"
+                title = f"{event} {metric}" + ("" if x == "step" else f" vs {X_LABELS[x]}")
+                path = plots_dir / f"{_slug(event)}_{_slug(metric)}{suffix}.png"
+                _draw(path, title, X_LABELS[x], metric, _run_lines(by_role))
+                plots.append(Plot(title, path))
+    return plots
+
+
+#: What a comparison plots: (event, metric, x axes).
+COMPARE_METRICS = (
+    ("eval", "accuracy", ("step", "sim_time_s", "host_time_s")),
+    ("eval", "perplexity", ("step", "sim_time_s", "host_time_s")),
+    ("eval", "loss", ("step", "sim_time_s", "host_time_s")),
+    ("train", "loss", ("step",)),
+)
+
+
+def plot_compare(runs: list[tuple[str, list[dict[str, Any]]]], plots_dir: Path) -> list[Plot]:
+    """All runs on one plot per metric and x axis; each run drawn as its main line."""
+    plots: list[Plot] = []
+    for event, metric, xs in COMPARE_METRICS:
+        for x in xs:
+            lines = []
+            for i, (label, records) in enumerate(runs):
+                s = main_series(series_by_role(records, event, metric, x))
+                if s is not None:
+                    lines.append(_Line(label, s, _PALETTE[i % len(_PALETTE)]))
+            if not lines:
+                continue
+            title = f"{event} {metric} vs {X_LABELS[x]}"
+            suffix = "" if x == "step" else f"_vs_{x.removesuffix('_s')}"
+            path = plots_dir / f"{event}_{metric}{suffix}.png"
+            plots.append(Plot(title, _draw(path, title, X_LABELS[x], metric, lines)))
+    return plots

@@ -1,0 +1,319 @@
+"""Run one experiment end to end: validate, build, train through the paradigm, write the run dir.
+
+Order matters for bad input: everything that can fail on the user's config or data (config,
+dataset, model, adapter targets, partition) is checked *before* the run directory is touched,
+so a failed start never leaves half-written files or clobbers an earlier run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from cotune.config import RunConfig, dump_config
+from cotune.errors import CheckpointError, RunDirError
+
+log = logging.getLogger(__name__)
+
+RUN_MARKER = "config.yaml"
+
+
+def run_dir_for(cfg: RunConfig, out_root: str | Path | None = None) -> Path:
+    return Path(out_root if out_root is not None else cfg.output.dir) / cfg.name
+
+
+def check_run_dir(run_dir: Path, *, overwrite: bool, resume: bool) -> None:
+    """Refuse to touch an existing run unless told to overwrite or resume it."""
+    if not run_dir.exists() or not any(run_dir.iterdir()):
+        if resume:
+            raise RunDirError(f"--resume: {run_dir} holds no run to resume")
+        return
+    if resume:
+        if not (run_dir / RUN_MARKER).is_file():
+            raise RunDirError(f"--resume: {run_dir} is not a cotune run directory (no {RUN_MARKER})")
+        return
+    if not overwrite:
+        raise RunDirError(
+            f"run directory {run_dir} already exists and is not empty; "
+            "pass --overwrite to replace it or --resume to continue it"
+        )
+
+
+def prepare_run_dir(run_dir: Path, *, overwrite: bool, resume: bool) -> None:
+    if overwrite and not resume and run_dir.exists():
+        if run_dir.is_dir() and not (run_dir / RUN_MARKER).is_file() and any(run_dir.iterdir()):
+            raise RunDirError(f"--overwrite: {run_dir} is not a cotune run directory; refusing to delete it")
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    ckpts = sorted((run_dir / "checkpoints").glob("step-*/state.pt"))
+    return ckpts[-1] if ckpts else None
+
+
+def write_checkpoint(run_dir: Path, cfg: RunConfig, step: int, states: dict, extra: dict) -> Path:
+    import torch
+
+    out = run_dir / "checkpoints" / f"step-{step:07d}"
+    out.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "fingerprint": cfg.fingerprint(),
+        "config": cfg.to_dict(),
+        "step": step,
+        "paradigm": cfg.paradigm.name,
+        "states": {k: s.state_dict() for k, s in states.items()},
+        "extra": extra,
+    }
+    tmp = out / "state.pt.tmp"
+    torch.save(payload, tmp)
+    tmp.replace(out / "state.pt")  # atomic: a killed run never leaves a half checkpoint
+    return out
+
+
+def load_checkpoint(path: Path, cfg: RunConfig) -> dict[str, Any]:
+    import torch
+
+    from cotune.train import RoleState
+
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # noqa: BLE001 - any unpickling failure means the same thing here
+        raise CheckpointError(f"{path}: cannot read checkpoint ({exc})") from None
+    if payload.get("fingerprint") != cfg.fingerprint():
+        diffs = _config_diff(payload.get("config", {}), cfg.to_dict())
+        raise CheckpointError(
+            f"{path} was written by another config; differing fields: {', '.join(diffs[:8]) or 'unknown'}"
+        )
+    payload["states"] = {k: RoleState.from_state_dict(v) for k, v in payload["states"].items()}
+    return payload
+
+
+def _config_diff(a: dict, b: dict, prefix: str = "") -> list[str]:
+    out = []
+    for key in sorted(set(a) | set(b)):
+        va, vb = a.get(key), b.get(key)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += _config_diff(va, vb, f"{prefix}{key}.")
+        elif va != vb and key not in ("output", "eval", "name"):
+            out.append(f"{prefix}{key} ({va!r} vs {vb!r})")
+    return out
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """On resume, drop records logged after the checkpoint so the log reads as one run."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if int(rec.get("step", 0)) <= step:
+            kept.append(line)
+    path.write_text("".join(k + "\n" for k in kept), encoding="utf-8")
+
+
+# ---------------------------------------------------------------- the run
+
+
+def build_experiment(cfg: RunConfig, run_dir: Path, *, quiet: bool):
+    """Load data, tokenizer, model and adapters; partition; wire the engine. Touches no files."""
+    import torch
+
+    from cotune.data import build_tokenizer, encode_dataset, load_task_data, partition
+    from cotune.models import load_model
+    from cotune.paradigms.base import Experiment
+    from cotune.peft import inject_adapters
+    from cotune.report import MetricsLog
+    from cotune.runtime import LocalEngine
+    from cotune.train import Trainer
+
+    torch.manual_seed(cfg.seed)
+    task = cfg.model.task
+    data = load_task_data(cfg.data, task, cfg.seed)
+    num_labels = len(data.label_names) if task == "classification" and data.label_names else None
+    random_model = cfg.model.name_or_path.startswith("random:")
+    tokenizer = None
+    if random_model:
+        tokenizer = build_tokenizer(None, [e.text for e in data.train], cfg.data.bpe_vocab_size)
+    loaded = load_model(
+        cfg.model,
+        num_labels=num_labels,
+        vocab_size=tokenizer.vocab_size if tokenizer is not None else None,
+        seed=cfg.seed,
+    )
+    if tokenizer is None:
+        tokenizer = build_tokenizer(loaded.tokenizer, [], cfg.data.bpe_vocab_size)
+    adapters = inject_adapters(
+        loaded.model, cfg.peft, anatomy=loaded.anatomy, head_paths=loaded.anatomy.head_paths()
+    )
+    train_set = encode_dataset(data.train, tokenizer, cfg.model.max_length, task)
+    test_examples = data.test[: cfg.eval.max_examples] if cfg.eval.max_examples else data.test
+    test_set = encode_dataset(test_examples, tokenizer, cfg.model.max_length, task)
+    labels = [e.label for e in data.train] if task == "classification" else [None] * len(data.train)
+    parts = partition(labels, cfg.devices.count, cfg.partition, cfg.seed)
+    trainer = Trainer(adapters.named_trainable(), cfg.train, cfg.train.steps)
+    exp = Experiment(
+        cfg=cfg,
+        loaded=loaded,
+        adapters=adapters,
+        data=data,
+        train_set=train_set,
+        test_set=test_set,
+        parts=parts,
+        engine=LocalEngine(codec=cfg.engine.codec),
+        log=MetricsLog(run_dir / "metrics.jsonl"),
+        trainer=trainer,
+        run_dir=run_dir,
+        quiet=quiet,
+    )
+    return exp, tokenizer
+
+
+def run_experiment(
+    cfg: RunConfig,
+    *,
+    out_root: str | Path | None = None,
+    overwrite: bool | None = None,
+    resume: bool = False,
+    quiet: bool = False,
+    report: bool = True,
+) -> Path:
+    """Run ``cfg`` and return its run directory (``<output.dir>/<name>``)."""
+    from cotune.paradigms import get_paradigm
+
+    overwrite = cfg.output.overwrite if overwrite is None else overwrite
+    run_dir = run_dir_for(cfg, out_root)
+    check_run_dir(run_dir, overwrite=overwrite, resume=resume)
+    paradigm = get_paradigm(cfg.paradigm.name)
+    resume_payload = None
+    if resume:
+        ckpt = latest_checkpoint(run_dir)
+        if ckpt is None:
+            raise CheckpointError(f"--resume: {run_dir / 'checkpoints'} holds no checkpoint")
+        resume_payload = load_checkpoint(ckpt, cfg)
+
+    exp, tokenizer = build_experiment(cfg, run_dir, quiet=quiet)
+
+    prepare_run_dir(run_dir, overwrite=overwrite, resume=resume)
+    (run_dir / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
+    if resume_payload is not None:
+        truncate_metrics(run_dir / "metrics.jsonl", int(resume_payload["step"]))
+        exp.resume = resume_payload
+        exp.last_checkpoint_step = int(resume_payload["step"])
+    tokenizer.save(run_dir / "tokenizer")
+    if exp.data.label_names:
+        (run_dir / "labels.json").write_text(json.dumps(exp.data.label_names), encoding="utf-8")
+    exp.checkpoint_fn = lambda step, states, extra: write_checkpoint(run_dir, cfg, step, states, extra)
+
+    started = time.perf_counter()
+    result = paradigm(exp)
+    host_time = time.perf_counter() - started
+
+    write_checkpoint(run_dir, cfg, cfg.train.steps, result.states, result.extra)
+    if cfg.output.save_adapter:
+        save_adapters(exp, result.states, run_dir / "adapter")
+    summary = build_summary(exp, result, host_time)
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    if report:
+        from cotune.report import write_run_report
+
+        write_run_report(run_dir)
+    return run_dir
+
+
+def save_adapters(exp, states: dict, out: Path) -> None:
+    """One PEFT adapter dir per product role; several roles get PEFT-style sub-directories."""
+    from cotune.peft import save_adapter
+
+    for role, state in states.items():
+        target = out if len(states) == 1 else out / role
+        with exp.trainer.activate(state):
+            save_adapter(
+                exp.adapters,
+                target,
+                base_model_name_or_path=exp.loaded.name_or_path,
+                task=exp.task,
+            )
+
+
+def build_summary(exp, result, host_time: float) -> dict[str, Any]:
+    from cotune.data import partition_summary
+
+    cfg = exp.cfg
+    up = down = 0
+    for t in exp.engine.transfers:
+        if t.sender.startswith("device"):
+            up += t.nbytes
+        if t.receiver.startswith("device"):
+            down += t.nbytes
+    evals = [r for r in exp.log.records if r.get("event") == "eval" and r.get("role") in ("server", "mean")]
+    best: dict[str, float] = {}
+    if evals:
+        key = "accuracy" if exp.task == "classification" else "loss"
+        pick = max if key == "accuracy" else min
+        b = pick(evals, key=lambda r: r[key])
+        best = {k: b[k] for k in ("step", "loss", "accuracy", "perplexity") if k in b}
+    target = cfg.eval.target_accuracy
+    reached = None
+    if target is not None:
+        hits = [r for r in evals if r.get("accuracy", 0.0) >= target]
+        reached = {"step": hits[0]["step"], "host_time_s": hits[0]["host_time_s"]} if hits else None
+    labels = [e.label for e in exp.data.train] if exp.task == "classification" else [None] * len(exp.data.train)
+    return {
+        "name": cfg.name,
+        "paradigm": cfg.paradigm.name,
+        "peft_method": cfg.peft.method,
+        "model": cfg.model.name_or_path,
+        "dataset": cfg.data.dataset,
+        "task": exp.task,
+        "devices": cfg.devices.count,
+        "steps": cfg.train.steps,
+        "final": result.final_eval,
+        "best": best,
+        "target_accuracy": target,
+        "time_to_target": reached,
+        "host_time_s": host_time,
+        "bytes": {"up": up, "down": down, "total": up + down},
+        "messages": len(exp.engine.transfers),
+        "trainable_params": exp.adapters.num_trainable(),
+        "partition": partition_summary(exp.parts, labels, exp.data.label_names),
+        "extra": {k: v for k, v in result.extra.items() if k != "per_device_eval"},
+    }
+
+
+def compare(
+    config_paths: list[str],
+    out_dir: str | Path,
+    *,
+    overrides: list[str] | None = None,
+    overwrite: bool = False,
+    quiet: bool = False,
+) -> Path:
+    """Run several configs into ``out_dir/<name>`` and write a comparison report over them."""
+    from cotune.config import load_config
+    from cotune.report import write_compare_report
+
+    out = Path(out_dir)
+    cfgs = [load_config(p, overrides) for p in config_paths]  # validate all before running any
+    names = [c.name for c in cfgs]
+    dupes = {n for n in names if names.count(n) > 1}
+    if dupes:
+        raise RunDirError(f"compare: run names must differ, {sorted(dupes)} appear twice (set `name:` in each config)")
+    for c in cfgs:
+        check_run_dir(run_dir_for(c, out), overwrite=overwrite, resume=False)
+    run_dirs = []
+    for c in cfgs:
+        if not quiet:
+            log.info("running %s (%s)", c.name, c.paradigm.name)
+        run_dirs.append(run_experiment(c, out_root=out, overwrite=overwrite, quiet=quiet))
+    return write_compare_report(run_dirs, out)

@@ -1,0 +1,56 @@
+"""In-process engine: roles run in this Python process, but every message is still encoded.
+
+The receiver gets a message decoded from the bytes (its own tensors, never the sender's), and
+each transfer is counted as ``len(encoded)`` — exactly what a network engine would send.
+"""
+
+from __future__ import annotations
+
+from cotune.errors import ProtocolError
+from cotune.runtime.engine import Engine
+from cotune.runtime.messages import Message, decode_message, encode_message
+
+
+class LocalEngine(Engine):
+    """Runs each handler synchronously in the caller's thread, in the order of the calls."""
+
+    def _transmit(
+        self, msg: Message, codec: str | None, in_reply_to: int | None = None
+    ) -> tuple[Message, int]:
+        """Encode, count, decode: returns the receiver's copy and the transfer's seq."""
+        chosen = self._codec_for(msg, codec)
+        data = encode_message(msg, chosen)
+        transfer = self._record(msg, len(data), chosen, in_reply_to)
+        return decode_message(data), transfer.seq
+
+    def _exchange(self, msg: Message, codec: str | None) -> Message | None:
+        role = self._receiver(msg)
+        delivered, seq = self._transmit(msg, codec)
+        reply = role.handle(delivered)
+        if reply is None:
+            return None
+        if not isinstance(reply, Message):
+            raise ProtocolError(
+                f"role {role.role_id!r} answered {msg.describe()} with {type(reply).__name__}, "
+                "expected a Message or None"
+            )
+        if reply.sender != msg.receiver or reply.receiver != msg.sender:
+            raise ProtocolError(
+                f"role {role.role_id!r} answered {msg.describe()} with a {reply.describe()}; "
+                "a reply must go from the receiver back to the sender (use msg.reply(...))"
+            )
+        received, _ = self._transmit(reply, codec, in_reply_to=seq)
+        return received
+
+    def send(self, msg: Message, *, codec: str | None = None) -> None:
+        reply = self._exchange(msg, codec)
+        if reply is not None:
+            self._inbox[msg.sender].append(reply)
+
+    def request(self, msg: Message, *, codec: str | None = None) -> Message:
+        reply = self._exchange(msg, codec)
+        if reply is None:
+            raise ProtocolError(
+                f"{msg.describe()} was sent as a request but the handler returned no reply"
+            )
+        return reply

@@ -1,0 +1,98 @@
+"""One optimizer step and one evaluation pass, shared by every paradigm that trains a whole model.
+
+Split paradigms compose the same pieces around their cut; the loss function is passed in so a
+paradigm decides what runs where.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from cotune.data import Batch, EncodedDataset
+from cotune.models import task_loss
+from cotune.train.state import RoleState, Trainer
+
+LossFn = Callable[[Batch], torch.Tensor]
+
+
+def full_model_loss(forward: nn.Module, task: str, reg_loss: Callable[[], torch.Tensor | None]) -> LossFn:
+    """Task loss of the unsplit model plus the adapter method's regularizer (if it has one)."""
+
+    def loss_fn(batch: Batch) -> torch.Tensor:
+        logits = forward(batch.input_ids, batch.attention_mask)
+        loss = task_loss(logits, batch.labels, task)
+        reg = reg_loss()
+        return loss + reg if reg is not None else loss
+
+    return loss_fn
+
+
+@dataclass
+class StepResult:
+    loss: float
+    lr: float
+    grad_norm: float | None
+    examples: int
+
+
+def train_step(trainer: Trainer, state: RoleState, loss_fn: LossFn, micro_batches: Sequence[Batch]) -> StepResult:
+    """One optimizer step of the *active* role over ``micro_batches`` (gradient accumulation)."""
+    lr = trainer.set_lr(state.step)
+    total = 0.0
+    n = len(micro_batches)
+    for batch in micro_batches:
+        loss = loss_fn(batch)
+        (loss / n).backward()
+        total += float(loss.detach())
+    norm = trainer.clip_and_step()
+    state.step += 1
+    return StepResult(
+        loss=total / n,
+        lr=lr,
+        grad_norm=norm,
+        examples=sum(int(b.input_ids.shape[0]) for b in micro_batches),
+    )
+
+
+@torch.no_grad()
+def evaluate(
+    forward: nn.Module,
+    model: nn.Module,
+    dataset: EncodedDataset,
+    task: str,
+    batch_size: int,
+) -> dict[str, float]:
+    """Mean loss over the dataset, plus accuracy (classification) or perplexity (causal LM)."""
+    was_training = model.training
+    model.eval()
+    loss_sum, weight, correct, count = 0.0, 0, 0, 0
+    try:
+        for start in range(0, len(dataset), batch_size):
+            batch = dataset.batch(list(range(start, min(start + batch_size, len(dataset)))))
+            logits = forward(batch.input_ids, batch.attention_mask)
+            if task == "classification":
+                n = int(batch.labels.shape[0])
+                loss_sum += float(task_loss(logits, batch.labels, task)) * n
+                weight += n
+                correct += int((logits.argmax(-1) == batch.labels).sum())
+                count += n
+            else:
+                # Weight by predicted tokens so the mean is per token, not per batch.
+                n = int((batch.labels[:, 1:] != -100).sum())
+                if n:
+                    loss_sum += float(task_loss(logits, batch.labels, task)) * n
+                    weight += n
+    finally:
+        model.train(was_training)
+    loss = loss_sum / max(weight, 1)
+    out = {"loss": loss, "examples": float(len(dataset))}
+    if task == "classification":
+        out["accuracy"] = correct / max(count, 1)
+    else:
+        out["perplexity"] = math.exp(min(loss, 50.0))
+    return out

@@ -1,0 +1,146 @@
+"""Per-role training state over one shared model (design principle 3).
+
+Every simulated device (and the server) trains the *same* module objects: one frozen base and
+one set of adapter ``Parameter`` objects. What a role owns is a ``RoleState``: its own tensors
+for those parameters, its AdamW moments, its step count, its batch sampler and its RNG state.
+``Trainer.activate(state)`` swaps the role's tensors into the shared parameters by pointer
+(``param.data = tensor``) and hands the optimizer the role's moment dict, so switching roles
+costs no copy and memory grows with the adapters, not with the number of devices.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from cotune.config import TrainSection
+from cotune.errors import CheckpointError
+
+
+def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str) -> float:
+    """Multiplier of the base LR at optimizer step ``step`` (0-based): linear warm-up, then decay."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    decay_steps = max(1, total_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / decay_steps)
+    if schedule == "linear":
+        return max(0.0, 1.0 - progress)
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    raise ValueError(f"unknown schedule {schedule!r}")
+
+
+@dataclass
+class RoleState:
+    """Everything one role owns while training: parameters, optimizer moments, progress, RNG."""
+
+    params: dict[str, torch.Tensor]
+    optim: dict[str, dict[str, Any]] = field(default_factory=dict)
+    step: int = 0
+    rng: torch.Tensor | None = None
+    sampler: dict[str, Any] | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "params": self.params,
+            "optim": self.optim,
+            "step": self.step,
+            "rng": self.rng,
+            "sampler": self.sampler,
+        }
+
+    @classmethod
+    def from_state_dict(cls, d: dict[str, Any]) -> RoleState:
+        try:
+            return cls(
+                params=d["params"],
+                optim=d["optim"],
+                step=int(d["step"]),
+                rng=d["rng"],
+                sampler=d["sampler"],
+            )
+        except KeyError as exc:
+            raise CheckpointError(f"role state is missing {exc.args[0]!r}") from None
+
+    def clone_params(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().clone() for k, v in self.params.items()}
+
+
+class Trainer:
+    """One AdamW over the shared trainable parameters; roles take turns through ``activate``."""
+
+    def __init__(self, params: dict[str, nn.Parameter], cfg: TrainSection, total_steps: int):
+        if not params:
+            raise ValueError("no trainable parameters: did the adapter injection match any module?")
+        self.params = params
+        self.cfg = cfg
+        self.total_steps = total_steps
+        self.optimizer = torch.optim.AdamW(
+            list(params.values()),
+            lr=cfg.lr,
+            betas=tuple(cfg.betas),
+            weight_decay=cfg.weight_decay,
+            foreach=True,
+        )
+        self._active: RoleState | None = None
+
+    def new_state(self, seed: int, params: dict[str, torch.Tensor] | None = None) -> RoleState:
+        """A fresh role state starting from ``params`` (default: the shared parameters' values)."""
+        src = params if params is not None else {k: p.data for k, p in self.params.items()}
+        missing = set(self.params) - set(src)
+        if missing:
+            raise CheckpointError(f"state lacks parameters: {sorted(missing)[:5]}")
+        gen = torch.Generator().manual_seed(seed)
+        return RoleState(
+            params={k: src[k].detach().clone() for k in self.params},
+            optim={k: {} for k in self.params},
+            rng=gen.get_state(),
+        )
+
+    @contextmanager
+    def activate(self, state: RoleState) -> Iterator[RoleState]:
+        """Swap ``state`` into the shared parameters, optimizer and global RNG for the block."""
+        if self._active is not None:
+            raise RuntimeError("another role state is already active")
+        outer_rng = torch.get_rng_state()
+        for name, p in self.params.items():
+            p.data = state.params[name]
+            p.grad = None
+            self.optimizer.state[p] = state.optim.setdefault(name, {})
+        if state.rng is not None:
+            torch.set_rng_state(state.rng)
+        self._active = state
+        try:
+            yield state
+        finally:
+            # AdamW mutated the role's own dicts in place; only the RNG needs to be read back.
+            state.rng = torch.get_rng_state()
+            torch.set_rng_state(outer_rng)
+            for p in self.params.values():
+                p.grad = None
+                self.optimizer.state.pop(p, None)
+            self._active = None
+
+    def set_lr(self, step: int) -> float:
+        lr = self.cfg.lr * lr_factor(step, self.total_steps, self.cfg.warmup_steps, self.cfg.schedule)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        return lr
+
+    def clip_and_step(self) -> float | None:
+        """Clip (when configured), step and zero the gradients; returns the pre-clip grad norm."""
+        norm = None
+        if self.cfg.max_grad_norm is not None:
+            grads = [p for p in self.params.values() if p.grad is not None]
+            norm = float(torch.nn.utils.clip_grad_norm_(grads, self.cfg.max_grad_norm))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm

@@ -1,0 +1,45 @@
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def tiny_config_dict(tmp_path, **sections):
+    """A run that trains a 2-layer random model for a handful of steps (about a second)."""
+    base = {
+        "name": "tiny",
+        "seed": 0,
+        "model": {"name_or_path": "random:bert", "task": "classification", "max_length": 32},
+        "data": {
+            "dataset": "fortunes",
+            "labels": ["computers", "politics", "science"],
+            "max_examples": 240,
+            "bpe_vocab_size": 400,
+        },
+        "partition": {"scheme": "iid"},
+        "devices": {"count": 2},
+        "peft": {"r": 4, "alpha": 8, "target_modules": ["query", "value"]},
+        "paradigm": {"name": "central"},
+        "train": {"steps": 6, "batch_size": 8, "lr": 5e-3, "warmup_steps": 1},
+        "eval": {"every": 3, "batch_size": 32, "max_examples": 48},
+        "output": {"dir": str(tmp_path / "runs")},
+    }
+    for key, value in sections.items():
+        if isinstance(value, dict):
+            base.setdefault(key, {}).update(value)
+        else:
+            base[key] = value
+    return base
+
+
+@pytest.fixture
+def tiny_config(tmp_path):
+    from cotune.config import config_from_dict
+
+    def make(**sections):
+        return config_from_dict(tiny_config_dict(tmp_path, **sections))
+
+    return make

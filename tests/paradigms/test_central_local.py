@@ -1,0 +1,122 @@
+import json
+
+import pytest
+import torch
+
+from cotune.errors import CheckpointError, DataError, RunDirError
+from cotune.run import latest_checkpoint, run_experiment
+
+
+def records(run_dir, event, role=None):
+    out = []
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        if r["event"] == event and (role is None or r["role"] == role):
+            out.append(r)
+    return out
+
+
+def final_params(run_dir):
+    payload = torch.load(latest_checkpoint(run_dir), weights_only=False)
+    return {role: s["params"] for role, s in payload["states"].items()}
+
+
+def test_central_trains_and_writes_run_dir(tiny_config):
+    cfg = tiny_config(train={"steps": 12, "lr": 1e-2}, eval={"every": 6})
+    run_dir = run_experiment(cfg, quiet=True)
+    for name in ("config.yaml", "metrics.jsonl", "summary.json", "report.html", "report.md", "labels.json"):
+        assert (run_dir / name).is_file(), name
+    assert (run_dir / "adapter" / "adapter_config.json").is_file()
+    train = records(run_dir, "train", "server")
+    assert [r["step"] for r in train] == list(range(1, 13))
+    assert sum(r["loss"] for r in train[-4:]) < sum(r["loss"] for r in train[:4])
+    evals = records(run_dir, "eval", "server")
+    assert [r["step"] for r in evals] == [6, 12] and 0.0 <= evals[-1]["accuracy"] <= 1.0
+    summary = json.loads((run_dir / "summary.json").read_text())
+    # Centralized training moves every device's raw shard up to the server, and that is counted.
+    assert summary["bytes"]["up"] > 0 and summary["final"]["accuracy"] == evals[-1]["accuracy"]
+    assert summary["partition"]
+
+
+def test_local_trains_each_device_separately(tiny_config):
+    run_dir = run_experiment(tiny_config(name="loc", paradigm={"name": "local"}), quiet=True)
+    roles = {r["role"] for r in records(run_dir, "eval")}
+    assert roles == {"device-0", "device-1", "mean"}
+    params = final_params(run_dir)
+    assert set(params) == {"device-0", "device-1"}
+    k = next(k for k in params["device-0"] if "lora_B" in k)
+    assert not torch.equal(params["device-0"][k], params["device-1"][k])
+    assert (run_dir / "adapter" / "device-1" / "adapter_config.json").is_file()
+    summary = json.loads((run_dir / "summary.json").read_text())
+    # Local training never moves an adapter: only small control messages cross.
+    assert summary["bytes"]["total"] < 20_000
+
+
+def test_local_with_one_device_equals_central(tiny_config):
+    one = {"devices": {"count": 1}}
+    c = run_experiment(tiny_config(name="c", **one), quiet=True)
+    lo = run_experiment(tiny_config(name="l", paradigm={"name": "local"}, **one), quiet=True)
+    c_loss = [r["loss"] for r in records(c, "train", "server")]
+    l_loss = [r["loss"] for r in records(lo, "train", "mean")]
+    assert c_loss == pytest.approx(l_loss, abs=1e-6)
+    pc, pl = final_params(c)["server"], final_params(lo)["device-0"]
+    for k in pc:
+        torch.testing.assert_close(pc[k], pl[k], atol=1e-6, rtol=0)
+
+
+def test_same_seed_same_result(tiny_config):
+    a = run_experiment(tiny_config(name="a"), quiet=True)
+    b = run_experiment(tiny_config(name="b"), quiet=True)
+    assert [r["loss"] for r in records(a, "train")] == [r["loss"] for r in records(b, "train")]
+
+
+def test_resume_reaches_the_same_result(tiny_config):
+    cfg = tiny_config(name="r", paradigm={"name": "local"}, train={"steps": 8}, eval={"every": 2},
+                      output={"checkpoint_every": 4})
+    full = run_experiment(cfg, quiet=True)
+    want = final_params(full)
+    # Simulate a kill after the step-4 checkpoint: drop the final checkpoint and the later results.
+    for p in (full / "checkpoints").glob("step-0000008"):
+        for f in p.iterdir():
+            f.unlink()
+        p.rmdir()
+    (full / "summary.json").unlink()
+    resumed = run_experiment(cfg, resume=True, quiet=True)
+    got = final_params(resumed)
+    for role in want:
+        for k in want[role]:
+            torch.testing.assert_close(got[role][k], want[role][k], atol=0, rtol=0)
+    steps = [r["step"] for r in records(resumed, "train", "mean")]
+    assert steps == list(range(1, 9))
+
+
+def test_existing_run_dir_is_not_clobbered(tiny_config):
+    cfg = tiny_config(name="keep")
+    run_dir = run_experiment(cfg, quiet=True)
+    before = (run_dir / "metrics.jsonl").read_bytes()
+    with pytest.raises(RunDirError, match="--overwrite"):
+        run_experiment(cfg, quiet=True)
+    assert (run_dir / "metrics.jsonl").read_bytes() == before
+    run_experiment(cfg, overwrite=True, quiet=True)
+
+
+def test_checkpoint_from_another_config_is_refused(tiny_config):
+    cfg = tiny_config(name="ck")
+    run_experiment(cfg, quiet=True)
+    other = tiny_config(name="ck", train={"lr": 0.5})
+    with pytest.raises(CheckpointError, match=r"train.lr"):
+        run_experiment(other, resume=True, quiet=True)
+
+
+def test_bad_data_file_leaves_no_run_dir(tiny_config, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "a", "label": "x"}\n{"text": "b", "label": \n')
+    cfg = tiny_config(name="bad", data={"dataset": str(bad), "labels": []})
+    with pytest.raises(DataError, match=r"bad.jsonl.*line 2"):
+        run_experiment(cfg, quiet=True)
+    assert not (tmp_path / "runs" / "bad").exists()
+
+
+def test_empty_partition_is_an_error(tiny_config):
+    with pytest.raises(DataError):
+        run_experiment(tiny_config(name="e", devices={"count": 500}), quiet=True)

@@ -1,0 +1,28 @@
+"""Fixtures for the peft tests (cases and helpers live in peft_cases.py)."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from peft_cases import ModelCase
+from torch import nn
+
+
+@pytest.fixture(scope="session")
+def hf_peft() -> Any:
+    """Stock Hugging Face PEFT, imported once (slow) and only by tests that compare against it."""
+    return pytest.importorskip("peft")
+
+
+@pytest.fixture
+def base_pair() -> Callable[[ModelCase], tuple[nn.Module, nn.Module]]:
+    """(model, identical fresh copy) for a case."""
+
+    def make(case: ModelCase) -> tuple[nn.Module, nn.Module]:
+        m = case.build()
+        return m, copy.deepcopy(m)
+
+    return make

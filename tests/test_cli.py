@@ -1,0 +1,61 @@
+import json
+import subprocess
+import sys
+
+import yaml
+
+from cotune.cli import main
+from tests.conftest import tiny_config_dict
+
+
+def test_help_does_not_import_heavy_modules():
+    code = (
+        "import sys\nfrom cotune.cli import build_parser\n"
+        "try:\n    build_parser().parse_args(['--help'])\nexcept SystemExit:\n    pass\n"
+        "print(sorted(m for m in ('torch', 'transformers', 'peft') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip().endswith("[]")
+
+
+def test_datasets_lists_builtins(capsys):
+    assert main(["datasets"]) == 0
+    out = capsys.readouterr().out
+    assert "fortunes" in out and "austen" in out
+
+
+def test_bad_config_exits_2_with_field(tmp_path, capsys):
+    p = tmp_path / "c.yaml"
+    p.write_text("train:\n  steps: -3\n")
+    assert main(["run", str(p)]) == 2
+    err = capsys.readouterr().err
+    assert "train.steps" in err and "greater than or equal to 1" in err
+
+
+def test_run_report_export(tmp_path, capsys):
+    cfg = tiny_config_dict(tmp_path, name="cli")
+    p = tmp_path / "cli.yaml"
+    p.write_text(yaml.safe_dump(cfg))
+    assert main(["run", str(p), "--quiet", "--set", "train.steps=4", "--set", "eval.every=2"]) == 0
+    run_dir = tmp_path / "runs" / "cli"
+    assert json.loads((run_dir / "summary.json").read_text())["steps"] == 4
+    assert main(["run", str(p), "--quiet"]) == 2  # exists, no --overwrite
+    assert "--overwrite" in capsys.readouterr().err
+    (run_dir / "report.html").unlink()
+    assert main(["report", str(run_dir)]) == 0 and (run_dir / "report.html").is_file()
+    assert main(["export", str(run_dir), str(tmp_path / "ad")]) == 0
+    assert (tmp_path / "ad" / "adapter_model.safetensors").is_file()
+    assert main(["export", str(run_dir), str(tmp_path / "merged"), "--merge"]) == 0
+    assert (tmp_path / "merged" / "config.json").is_file()
+
+
+def test_compare_writes_one_report(tmp_path):
+    paths = []
+    for name, paradigm in (("c", "central"), ("l", "local")):
+        cfg = tiny_config_dict(tmp_path, name=name, paradigm={"name": paradigm})
+        p = tmp_path / f"{name}.yaml"
+        p.write_text(yaml.safe_dump(cfg))
+        paths.append(str(p))
+    out = tmp_path / "cmp"
+    assert main(["compare", *paths, "--out", str(out), "--quiet", "--set", "train.steps=3"]) == 0
+    assert (out / "report.html").is_file() and (out / "c" / "summary.json").is_file()
