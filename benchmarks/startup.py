@@ -47,12 +47,20 @@ def main() -> None:
         m = statistics.median(v)
         print(f"{k:<22}{m:>10.3f}{m - base:>18.3f}")
     heavy = subprocess.run(
-        [py, "-c", "import sys, cotune.cli; print(sorted(m for m in ('torch','transformers','peft') if m in sys.modules))"],
-        capture_output=True, text=True, check=True,
+        [
+            py,
+            "-c",
+            "import sys, cotune.cli; print(sorted(m for m in ('torch','transformers','peft') if m in sys.modules))",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout.strip()
     print(f"heavy modules imported by cotune.cli: {heavy}")
     ok = statistics.median(results["cotune --help"]) < 1.0 and heavy == "[]"
-    print(f"target `cotune --help` < 1 s without torch/transformers/peft: {'met' if ok else 'NOT met'}")
+    print(
+        f"target `cotune --help` < 1 s without torch/transformers/peft: {'met' if ok else 'NOT met'}"
+    )
 
 
 if __name__ == "__main__":

@@ -20,7 +20,12 @@ def test_defaults_and_name_from_file(tmp_path):
 def test_overrides_are_yaml_typed(tmp_path):
     cfg = load_config(
         write(tmp_path, "name: x\n"),
-        ["train.lr=3e-4", "peft.target_modules=[q_proj, v_proj]", "devices.count=16", "eval.max_examples=null"],
+        [
+            "train.lr=3e-4",
+            "peft.target_modules=[q_proj, v_proj]",
+            "devices.count=16",
+            "eval.max_examples=null",
+        ],
     )
     assert cfg.train.lr == pytest.approx(3e-4)
     assert cfg.peft.target_modules == ["q_proj", "v_proj"]

@@ -17,7 +17,13 @@ from cotune.errors import CotuneError
 
 
 def run_command(
-    config: Path, overrides: list[str], *, overwrite: bool, resume: bool, quiet: bool, out: Path | None
+    config: Path,
+    overrides: list[str],
+    *,
+    overwrite: bool,
+    resume: bool,
+    quiet: bool,
+    out: Path | None,
 ) -> int:
     """Fine-tune as CONFIG says and write a run directory (config, metrics, summary, adapter, report)."""
     from cotune.config import load_config
@@ -29,11 +35,15 @@ def run_command(
     return 0
 
 
-def compare_command(configs: list[Path], overrides: list[str], *, out: Path, overwrite: bool, quiet: bool) -> int:
+def compare_command(
+    configs: list[Path], overrides: list[str], *, out: Path, overwrite: bool, quiet: bool
+) -> int:
     """Run each CONFIG into OUT/<name> and write one comparison report over all of them."""
     from cotune.run import compare
 
-    report = compare([str(c) for c in configs], out, overrides=overrides, overwrite=overwrite, quiet=quiet)
+    report = compare(
+        [str(c) for c in configs], out, overrides=overrides, overwrite=overwrite, quiet=quiet
+    )
     print(f"comparison report: {report}")
     return 0
 
@@ -53,7 +63,9 @@ def report_command(run_dirs: list[Path], *, out: Path | None) -> int:
     return 0
 
 
-def export_command(run_dir: Path, out: Path, *, merge: bool, role: str | None, overwrite: bool) -> int:
+def export_command(
+    run_dir: Path, out: Path, *, merge: bool, role: str | None, overwrite: bool
+) -> int:
     """Copy a run's adapter (PEFT layout) to OUT, or with --merge write full merged weights."""
     from cotune.export import export_run
 
@@ -74,7 +86,9 @@ def _print_summary(run_dir: Path, quiet: bool) -> None:
 
     summary = json.loads((run_dir / "summary.json").read_text())
     if not quiet:
-        final = ", ".join(f"{k}={v:.4g}" for k, v in summary.get("final", {}).items() if isinstance(v, float))
+        final = ", ".join(
+            f"{k}={v:.4g}" for k, v in summary.get("final", {}).items() if isinstance(v, float)
+        )
         print(f"{summary['name']} ({summary['paradigm']}): {final}")
     print(f"run directory: {run_dir}")
 
@@ -90,14 +104,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     def add_set(sp: argparse.ArgumentParser) -> None:
         sp.add_argument(
-            "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+            "--set",
+            dest="overrides",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
             help="override a config field, e.g. --set train.lr=3e-4 (repeatable)",
         )
 
     r = sub.add_parser("run", help=run_command.__doc__, description=run_command.__doc__)
     r.add_argument("config", type=Path)
     add_set(r)
-    r.add_argument("--out", type=Path, default=None, help="parent of the run directory (default: output.dir)")
+    r.add_argument(
+        "--out", type=Path, default=None, help="parent of the run directory (default: output.dir)"
+    )
     r.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     r.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
     r.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -111,13 +131,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     rp = sub.add_parser("report", help=report_command.__doc__, description=report_command.__doc__)
     rp.add_argument("run_dirs", type=Path, nargs="+")
-    rp.add_argument("--out", type=Path, default=None, help="where a comparison of several runs goes")
+    rp.add_argument(
+        "--out", type=Path, default=None, help="where a comparison of several runs goes"
+    )
 
     e = sub.add_parser("export", help=export_command.__doc__, description=export_command.__doc__)
     e.add_argument("run_dir", type=Path)
     e.add_argument("out", type=Path)
-    e.add_argument("--merge", action="store_true", help="merge the adapter into the base and save full weights")
-    e.add_argument("--role", default=None, help="which role's adapter when the run has several (e.g. device-3)")
+    e.add_argument(
+        "--merge", action="store_true", help="merge the adapter into the base and save full weights"
+    )
+    e.add_argument(
+        "--role", default=None, help="which role's adapter when the run has several (e.g. device-3)"
+    )
     e.add_argument("--overwrite", action="store_true")
 
     sub.add_parser("datasets", help=datasets_command.__doc__, description=datasets_command.__doc__)
@@ -130,24 +156,37 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "run":
             return run_command(
-                args.config, args.overrides, overwrite=args.overwrite, resume=args.resume,
-                quiet=args.quiet, out=args.out,
+                args.config,
+                args.overrides,
+                overwrite=args.overwrite,
+                resume=args.resume,
+                quiet=args.quiet,
+                out=args.out,
             )
         if args.command == "compare":
             return compare_command(
-                args.configs, args.overrides, out=args.out, overwrite=args.overwrite, quiet=args.quiet
+                args.configs,
+                args.overrides,
+                out=args.out,
+                overwrite=args.overwrite,
+                quiet=args.quiet,
             )
         if args.command == "report":
             return report_command(args.run_dirs, out=args.out)
         if args.command == "export":
-            return export_command(args.run_dir, args.out, merge=args.merge, role=args.role, overwrite=args.overwrite)
+            return export_command(
+                args.run_dir, args.out, merge=args.merge, role=args.role, overwrite=args.overwrite
+            )
         if args.command == "datasets":
             return datasets_command()
     except CotuneError as exc:
         print(f"cotune: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("cotune: interrupted; the run directory keeps its last checkpoint (use --resume)", file=sys.stderr)
+        print(
+            "cotune: interrupted; the run directory keeps its last checkpoint (use --resume)",
+            file=sys.stderr,
+        )
         return 130
     return 1
 

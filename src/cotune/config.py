@@ -65,8 +65,44 @@ class PartitionSection(Section):
     min_size: int = Field(1, ge=1)  # fewest training examples a device may hold
 
 
+class AvailabilitySection(Section):
+    """How devices behave (see cotune.sim.availability)."""
+
+    kind: Literal["always", "random", "periodic", "trace"] = "always"
+    drop_p: float = Field(0.0, ge=0.0, le=1.0)  # "random": chance to miss each round
+    period_s: float = Field(86_400.0, gt=0.0)  # "periodic": cycle length (simulated seconds)
+    on_fraction: float = Field(1.0, gt=0.0, le=1.0)  # "periodic": online share of each cycle
+    phase_s: float = 0.0
+    stagger: bool = False  # "periodic": a seeded phase per device
+    trace_file: str | None = None  # "trace": CSV device,start_s,end_s of online intervals
+    straggler_fraction: float = Field(0.0, ge=0.0, le=1.0)
+    straggler_slowdown: tuple[float, float] = (2.0, 4.0)  # compute-time factor range
+    straggler_per_round: bool = False  # redraw stragglers each round
+    dispatch_batch: int | None = Field(None, ge=1)  # reports reach the server k at a time
+    dispatch_rate: float | None = Field(None, gt=0.0)  # ... or at most this many per second
+    dispatch_drop_p: float = Field(0.0, ge=0.0, lt=1.0)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> AvailabilitySection:
+        if self.kind == "trace" and not self.trace_file:
+            raise ValueError("kind=trace needs trace_file")
+        if self.dispatch_batch is not None and self.dispatch_rate is not None:
+            raise ValueError("dispatch_batch and dispatch_rate are exclusive")
+        lo, hi = self.straggler_slowdown
+        if not 1.0 <= lo <= hi:
+            raise ValueError(f"straggler_slowdown must satisfy 1 <= lo <= hi, got {lo}, {hi}")
+        return self
+
+
 class DevicesSection(Section):
     count: int = Field(8, ge=1, le=100_000)
+    # Fleet: fractions per profile (summing to 1), or one profile name per device; neither
+    # means every device is phone-mid. Profiles: `cotune devices`, or `profile_file` (YAML).
+    mix: dict[str, float] | None = None
+    profiles: list[str] | None = None
+    server: str = "a100"
+    profile_file: str | None = None
+    availability: AvailabilitySection = Field(default_factory=AvailabilitySection)
 
 
 class PeftSection(Section):
@@ -244,7 +280,9 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{p}: the top level must be a mapping of sections, got {type(data).__name__}")
+        raise ConfigError(
+            f"{p}: the top level must be a mapping of sections, got {type(data).__name__}"
+        )
     return data
 
 

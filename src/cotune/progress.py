@@ -13,7 +13,9 @@ class Progress:
     Quiet when ``quiet`` is set or the stream is not a terminal, so logs and CI stay clean.
     """
 
-    def __init__(self, total: int, label: str, *, quiet: bool = False, stream: TextIO | None = None):
+    def __init__(
+        self, total: int, label: str, *, quiet: bool = False, stream: TextIO | None = None
+    ):
         self.total = max(1, total)
         self.label = label
         self.stream = stream or sys.stderr

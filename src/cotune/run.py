@@ -34,7 +34,9 @@ def check_run_dir(run_dir: Path, *, overwrite: bool, resume: bool) -> None:
         return
     if resume:
         if not (run_dir / RUN_MARKER).is_file():
-            raise RunDirError(f"--resume: {run_dir} is not a cotune run directory (no {RUN_MARKER})")
+            raise RunDirError(
+                f"--resume: {run_dir} is not a cotune run directory (no {RUN_MARKER})"
+            )
         return
     if not overwrite:
         raise RunDirError(
@@ -46,7 +48,9 @@ def check_run_dir(run_dir: Path, *, overwrite: bool, resume: bool) -> None:
 def prepare_run_dir(run_dir: Path, *, overwrite: bool, resume: bool) -> None:
     if overwrite and not resume and run_dir.exists():
         if run_dir.is_dir() and not (run_dir / RUN_MARKER).is_file() and any(run_dir.iterdir()):
-            raise RunDirError(f"--overwrite: {run_dir} is not a cotune run directory; refusing to delete it")
+            raise RunDirError(
+                f"--overwrite: {run_dir} is not a cotune run directory; refusing to delete it"
+            )
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
 
@@ -213,7 +217,9 @@ def run_experiment(
     tokenizer.save(run_dir / "tokenizer")
     if exp.data.label_names:
         (run_dir / "labels.json").write_text(json.dumps(exp.data.label_names), encoding="utf-8")
-    exp.checkpoint_fn = lambda step, states, extra: write_checkpoint(run_dir, cfg, step, states, extra)
+    exp.checkpoint_fn = lambda step, states, extra: write_checkpoint(
+        run_dir, cfg, step, states, extra
+    )
 
     started = time.perf_counter()
     result = paradigm(exp)
@@ -256,7 +262,11 @@ def build_summary(exp, result, host_time: float) -> dict[str, Any]:
             up += t.nbytes
         if t.receiver.startswith("device"):
             down += t.nbytes
-    evals = [r for r in exp.log.records if r.get("event") == "eval" and r.get("role") in ("server", "mean")]
+    evals = [
+        r
+        for r in exp.log.records
+        if r.get("event") == "eval" and r.get("role") in ("server", "mean")
+    ]
     best: dict[str, float] = {}
     if evals:
         key = "accuracy" if exp.task == "classification" else "loss"
@@ -268,7 +278,11 @@ def build_summary(exp, result, host_time: float) -> dict[str, Any]:
     if target is not None:
         hits = [r for r in evals if r.get("accuracy", 0.0) >= target]
         reached = {"step": hits[0]["step"], "host_time_s": hits[0]["host_time_s"]} if hits else None
-    labels = [e.label for e in exp.data.train] if exp.task == "classification" else [None] * len(exp.data.train)
+    labels = (
+        [e.label for e in exp.data.train]
+        if exp.task == "classification"
+        else [None] * len(exp.data.train)
+    )
     return {
         "name": cfg.name,
         "paradigm": cfg.paradigm.name,
@@ -308,7 +322,9 @@ def compare(
     names = [c.name for c in cfgs]
     dupes = {n for n in names if names.count(n) > 1}
     if dupes:
-        raise RunDirError(f"compare: run names must differ, {sorted(dupes)} appear twice (set `name:` in each config)")
+        raise RunDirError(
+            f"compare: run names must differ, {sorted(dupes)} appear twice (set `name:` in each config)"
+        )
     for c in cfgs:
         check_run_dir(run_dir_for(c, out), overwrite=overwrite, resume=False)
     run_dirs = []

@@ -26,8 +26,10 @@ def make_tiny(kind: str, task: str, **random_config: object) -> LoadedModel:
     return load_model(cfg, num_labels=3, vocab_size=VOCAB, seed=0)
 
 
-def batch(task: str, lengths: tuple[int, ...] = (7, 5, 3), seed: int = 1) -> tuple[torch.Tensor, ...]:
-    """A right-padded batch of unequal lengths; real tokens avoid the special ids 0-2 (pad is 0)."""
+def batch(
+    task: str, lengths: tuple[int, ...] = (7, 5, 3), seed: int = 1
+) -> tuple[torch.Tensor, ...]:
+    """A right-padded batch of unequal lengths; real tokens avoid the special ids (pad 0, eos 1)."""
     g = torch.Generator().manual_seed(seed)
     T = max(lengths)
     ids = torch.randint(3, VOCAB, (len(lengths), T), generator=g)

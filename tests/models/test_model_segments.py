@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from models_testlib import CASES, LAYERS, batch, make_tiny, tiny
 from torch import nn
 
 from cotune.models import Activations, task_loss
+
+from .models_testlib import CASES, LAYERS, batch, make_tiny, tiny
 
 ATOL = 1e-5
 
@@ -77,7 +78,9 @@ def test_every_two_way_split_matches_forward_and_gradients(kind, task):
         for name, g in want_grads.items():
             assert (got_grads[name] is None) == (g is None), name
             if g is not None:
-                torch.testing.assert_close(got_grads[name], g, atol=ATOL, rtol=0, msg=f"k={k} {name}")
+                torch.testing.assert_close(
+                    got_grads[name], g, atol=ATOL, rtol=0, msg=f"k={k} {name}"
+                )
     lm.model.zero_grad()
 
 
@@ -114,13 +117,23 @@ def test_sliding_window_layers(kind, window_config):
     assert [lm.anatomy.window(i) for i in range(LAYERS)] != [None] * LAYERS
     with torch.no_grad():
         want = hf_logits(lm, ids, mask)
-        assert_logits_close(lm, run_chain([lm.anatomy.segment(0, 2), lm.anatomy.segment(2, 3)], ids, mask, cut=False)[0], want, mask)
+        assert_logits_close(
+            lm,
+            run_chain([lm.anatomy.segment(0, 2), lm.anatomy.segment(2, 3)], ids, mask, cut=False)[
+                0
+            ],
+            want,
+            mask,
+        )
         # The window binds at T=7 > 3: the same weights without it give other logits.
         full_attention = hf_logits(tiny(kind, "causal_lm"), ids, mask)
     assert not torch.allclose(want, full_attention)
 
 
-@pytest.mark.parametrize(("kind", "task"), [("gpt2", "causal_lm"), ("llama", "classification"), ("bert", "classification")])
+@pytest.mark.parametrize(
+    ("kind", "task"),
+    [("gpt2", "causal_lm"), ("llama", "classification"), ("bert", "classification")],
+)
 def test_eager_attention_masks_match(kind, task):
     lm = tiny(kind, task)
     ids, mask, _ = batch(task)
@@ -137,7 +150,9 @@ def test_unpadded_batch_and_single_row():
         lm = tiny(kind, task)
         for ids, mask, _ in (batch(task, lengths=(5, 5)), batch(task, lengths=(6,))):
             with torch.no_grad():
-                assert_logits_close(lm, lm.anatomy.full()(ids, mask), hf_logits(lm, ids, mask), mask)
+                assert_logits_close(
+                    lm, lm.anatomy.full()(ids, mask), hf_logits(lm, ids, mask), mask
+                )
 
 
 class _Shift(nn.Module):
@@ -170,7 +185,12 @@ def test_segment_parts_and_ownership():
     lm = tiny("gpt2", "classification")
     a = lm.anatomy
     first, last = a.segment(0, 1), a.segment(1, 3)
-    assert first.paths == ["transformer.wte", "transformer.wpe", "transformer.h.0"]
+    assert first.paths == [
+        "transformer.wte",
+        "transformer.wpe",
+        "transformer.drop",
+        "transformer.h.0",
+    ]
     assert last.paths[-2:] == ["transformer.ln_f", "score"]
     n_first = sum(p.numel() for p in first.parameters())
     n_last = sum(p.numel() for p in last.parameters())
@@ -193,4 +213,6 @@ def test_task_loss_shifts_and_ignores_padding():
     torch.testing.assert_close(task_loss(logits, labels, "causal_lm"), want)
     cls = torch.randn(3, 4)
     y = torch.tensor([0, 3, 1])
-    torch.testing.assert_close(task_loss(cls, y, "classification"), torch.nn.functional.cross_entropy(cls, y))
+    torch.testing.assert_close(
+        task_loss(cls, y, "classification"), torch.nn.functional.cross_entropy(cls, y)
+    )

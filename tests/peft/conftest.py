@@ -7,8 +7,9 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from peft_cases import ModelCase
 from torch import nn
+
+from .peft_cases import ModelCase
 
 
 @pytest.fixture(scope="session")

@@ -6,12 +6,13 @@ import json
 
 import pytest
 import torch
-from peft_cases import MODEL_CASES, inputs, logits, peft_cfg, perturb
 from safetensors.torch import load_file, save_file
 
 from cotune.errors import AdapterError
 from cotune.peft import inject_adapters, load_adapter, save_adapter
 from cotune.peft.peft_format import CONFIG_NAME, WEIGHTS_NAME, peft_targets
+
+from .peft_cases import MODEL_CASES, inputs, logits, peft_cfg, perturb
 
 
 @pytest.fixture
@@ -31,7 +32,12 @@ def test_written_files_follow_peft_layout(saved_bert):
     assert config["target_modules"] == ["dense", "query", "value"]
     assert config["modules_to_save"] == ["classifier"]
     assert config["base_model_name_or_path"] == "tiny-bert"
-    assert (config["r"], config["lora_alpha"], config["bias"], config["fan_in_fan_out"]) == (4, 8, "none", False)
+    assert (config["r"], config["lora_alpha"], config["bias"], config["fan_in_fan_out"]) == (
+        4,
+        8,
+        "none",
+        False,
+    )
     keys = set(load_file(str(d / WEIGHTS_NAME)))
     assert "base_model.model.bert.encoder.layer.0.attention.self.query.lora_A.weight" in keys
     assert "base_model.model.bert.pooler.dense.lora_B.weight" in keys
@@ -74,7 +80,9 @@ def test_key_matching_no_module_names_file_and_key(saved_bert):
     w = load_file(str(d / WEIGHTS_NAME))
     w["base_model.model.bert.encoder.layer.0.attention.self.key.lora_A.weight"] = torch.zeros(4, 64)
     save_file(w, str(d / WEIGHTS_NAME))
-    with pytest.raises(AdapterError, match=r"adapter_model.safetensors: key '.*self.key.lora_A.weight' matches no"):
+    with pytest.raises(
+        AdapterError, match=r"adapter_model.safetensors: key '.*self.key.lora_A.weight' matches no"
+    ):
         load_adapter(case.build(), d)
 
 
@@ -114,7 +122,9 @@ def test_save_errors(tmp_path):
     with pytest.raises(AdapterError, match="unknown task"):
         save_adapter(adapters, tmp_path, base_model_name_or_path=None, task="regression")
     # PEFT excludes SEQ_CLS heads from targeting, so an adapted classifier cannot be expressed.
-    adapters = inject_adapters(case.build(), peft_cfg("lora", case, r=2, target_modules=["classifier"], train_head=False))
+    adapters = inject_adapters(
+        case.build(), peft_cfg("lora", case, r=2, target_modules=["classifier"], train_head=False)
+    )
     with pytest.raises(AdapterError, match="modules_to_save"):
         save_adapter(adapters, tmp_path, base_model_name_or_path=None, task="classification")
 
@@ -125,4 +135,7 @@ def test_peft_target_rules():
     assert peft_targets(paths, ["q"], layers_to_transform=1) == ["m.layers.1.q"]
     assert peft_targets(paths, ["q"], [0], layers_pattern="layers") == ["m.layers.0.q"]
     assert peft_targets(paths, r".*\.(q|k)") == ["m.layers.0.q", "m.layers.1.q", "m.layers.1.k"]
-    assert peft_targets(paths, ["head", "q"], modules_to_save=["head"]) == ["m.layers.0.q", "m.layers.1.q"]
+    assert peft_targets(paths, ["head", "q"], modules_to_save=["head"]) == [
+        "m.layers.0.q",
+        "m.layers.1.q",
+    ]

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from peft_cases import METHOD_CASES, MODEL_CASES, inputs, logits, peft_cfg, perturb
 
 from cotune.errors import AdapterError
 from cotune.peft import AdapterLayer, inject_adapters
+
+from .peft_cases import METHOD_CASES, MODEL_CASES, inputs, logits, peft_cfg, perturb
 
 CASES = [(m, c) for m in METHOD_CASES for c in MODEL_CASES]
 
@@ -30,7 +31,9 @@ def test_merge_equals_unmerged_and_unmerge_restores(method, case_name):
     assert not adapters.merged
     torch.testing.assert_close(logits(model, batch), unmerged, atol=1e-5, rtol=0)
     for p, lay in adapters.layers.items():
-        torch.testing.assert_close(lay.base_layer.weight, base_weights[f"{p}.weight"], atol=1e-6, rtol=0)
+        torch.testing.assert_close(
+            lay.base_layer.weight, base_weights[f"{p}.weight"], atol=1e-6, rtol=0
+        )
 
 
 @pytest.mark.parametrize(("method", "case_name"), CASES)
@@ -55,7 +58,10 @@ def test_only_adapter_and_head_params_train(method, case_name):
     opt = torch.optim.SGD(adapters.parameters(), lr=0.1)
     batch = inputs()
     model.train()
-    out = model(**batch, labels=torch.tensor([0, 1]) if case.task == "classification" else batch["input_ids"])
+    out = model(
+        **batch,
+        labels=torch.tensor([0, 1]) if case.task == "classification" else batch["input_ids"],
+    )
     out.loss.backward()
     opt.step()
     changed = {n for n, p in model_params.items() if not torch.equal(p, before[n])}
@@ -104,7 +110,9 @@ def test_layers_filter_with_anatomy_and_by_name():
         def layer_of(self, path: str) -> int | None:
             return 1 - int(path.split(".")[2]) if path.startswith("model.layers.") else None
 
-    cfg = peft_cfg("lora", case, layers=[0], rank_pattern={}, target_modules=["q_proj"])
+    cfg = peft_cfg(
+        "lora", case, layers=[0], rank_pattern={}, alpha_pattern={}, target_modules=["q_proj"]
+    )
     adapters = inject_adapters(case.build(), cfg, anatomy=FakeAnatomy())
     assert list(adapters.layers) == ["model.layers.1.self_attn.q_proj"]
     adapters = inject_adapters(case.build(), cfg)
@@ -120,7 +128,9 @@ def test_rank_and_alpha_patterns_and_rslora_scaling():
     assert layers["model.layers.0.self_attn.q_proj"].r == 4
     assert layers["model.layers.1.self_attn.q_proj"].r == 6
     assert layers["model.layers.0.self_attn.v_proj"].r == 2
-    assert layers["model.layers.0.self_attn.q_proj"].scaling == pytest.approx(8 / 2)  # alpha/sqrt(r)
+    assert layers["model.layers.0.self_attn.q_proj"].scaling == pytest.approx(
+        8 / 2
+    )  # alpha/sqrt(r)
     assert layers["model.layers.0.mlp.down_proj"].scaling == pytest.approx(4 / 2)
     assert isinstance(layers["model.layers.0.self_attn.q_proj"], AdapterLayer)
 
@@ -128,15 +138,25 @@ def test_rank_and_alpha_patterns_and_rslora_scaling():
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        ({"target_modules": ["nonexistent"]}, r"'nonexistent' matches no linear module; linear module names: \["),
+        (
+            {"target_modules": ["nonexistent"]},
+            r"'nonexistent' matches no linear module; linear module names: \[",
+        ),
         ({"target_modules": [r"model\.nothing\..*"]}, "matches no linear module"),
         ({"target_modules": ["[bad"]}, "not a valid regex"),
         ({"rank_pattern": {"k_proj": 2}}, r"rank_pattern: key 'k_proj' matches no targeted module"),
         ({"alpha_pattern": {"up_proj": 2.0}}, "alpha_pattern: key 'up_proj'"),
+        ({"rank_pattern": {"(": 2}}, r"rank_pattern: key '\(' is not a valid regex"),
         ({"r": 64}, r"peft.r = 64 is not below min\(in, out\)"),
-        ({"rank_pattern": {"v_proj": 32}}, r"rank_pattern\['v_proj'\] = 32 .* model.layers.0.self_attn.v_proj"),
-        ({"method": "nope"}, r"unknown PEFT method 'nope'; available methods: \['lora'"),
-        ({"options": {"bogus": 1}}, r"unknown option\(s\) \['bogus'\] .* known options: \['init_lora_weights'\]"),
+        (
+            {"rank_pattern": {"v_proj": 32}},
+            r"rank_pattern\['v_proj'\] = 32 .* model.layers.0.self_attn.v_proj",
+        ),
+        ({"method_": "nope"}, r"unknown PEFT method 'nope'; available methods: \['lora'"),
+        (
+            {"options": {"bogus": 1}},
+            r"unknown option\(s\) \['bogus'\] .* known options: \['init_lora_weights'\]",
+        ),
         ({"options": {"init_lora_weights": "pissa"}}, "init_lora_weights must be"),
     ],
 )
@@ -152,3 +172,16 @@ def test_double_injection_is_an_error():
     inject_adapters(model, peft_cfg("lora", case))
     with pytest.raises(AdapterError, match="already has adapters"):
         inject_adapters(model, peft_cfg("lora", case))
+
+
+def test_merge_and_unload_gives_plain_model():
+    case = MODEL_CASES["gpt2_causal"]
+    model = case.build()
+    adapters = inject_adapters(model, peft_cfg("lora", case))
+    perturb(adapters)
+    batch = inputs()
+    expected = logits(model, batch)
+    plain = adapters.merge_and_unload()
+    assert not any(isinstance(m, AdapterLayer) for m in plain.modules())
+    assert not any(".lora_" in n or "base_layer" in n for n, _ in plain.named_parameters())
+    torch.testing.assert_close(logits(plain, batch), expected, atol=1e-5, rtol=0)

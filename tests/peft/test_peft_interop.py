@@ -6,9 +6,10 @@ import json
 
 import pytest
 import torch
-from peft_cases import MODEL_CASES, METHOD_CASES, inputs, logits, peft_cfg, perturb, train_steps
 
 from cotune.peft import inject_adapters, load_adapter, save_adapter
+
+from .peft_cases import METHOD_CASES, MODEL_CASES, inputs, logits, peft_cfg, perturb, train_steps
 
 ATOL = 1e-5
 
@@ -40,7 +41,10 @@ def test_cotune_saved_adapter_loads_in_stock_peft(method, case_name, base_pair, 
     }
     assert peft_ranks == {p: layer.r for p, layer in adapters.layers.items()}
     if case.task == "classification":
-        assert json.loads((tmp_path / "adapter_config.json").read_text())["modules_to_save"] == adapters.head_paths
+        assert (
+            json.loads((tmp_path / "adapter_config.json").read_text())["modules_to_save"]
+            == adapters.head_paths
+        )
 
 
 @pytest.mark.parametrize("case_name", list(MODEL_CASES))
@@ -48,7 +52,11 @@ def test_stock_peft_trained_adapter_loads_in_cotune(case_name, base_pair, hf_pef
     case = MODEL_CASES[case_name]
     model, fresh = base_pair(case)
     extra = {"use_rslora": True, "rank_pattern": {"v_proj": 2}, "layers_to_transform": [1]}
-    targets = {"bert_cls": ["query", "value"], "gpt2_causal": ["c_attn", "c_fc"], "gpt2_cls": ["c_attn"]}
+    targets = {
+        "bert_cls": ["query", "value"],
+        "gpt2_causal": ["c_attn", "c_fc"],
+        "gpt2_cls": ["c_attn"],
+    }
     config = hf_peft.LoraConfig(
         r=4,
         lora_alpha=8,
@@ -73,7 +81,11 @@ def test_stock_peft_trained_adapter_loads_in_cotune(case_name, base_pair, hf_pef
         }
     if case.task == "classification":
         assert adapters.head_paths  # PEFT's SEQ_CLS head is restored and trainable
-        assert all(p.requires_grad for h in adapters.head_paths for p in fresh.get_submodule(h).parameters())
+        assert all(
+            p.requires_grad
+            for h in adapters.head_paths
+            for p in fresh.get_submodule(h).parameters()
+        )
 
 
 def test_round_trip_through_cotune(base_pair, tmp_path):
@@ -92,9 +104,13 @@ def test_default_init_matches_peft_given_same_seed(hf_peft):
     case = MODEL_CASES["bert_cls"]
     ours_model, theirs_model = case.build(), case.build()
     torch.manual_seed(123)
-    adapters = inject_adapters(ours_model, peft_cfg("lora", case, options={}, target_modules=["query", "value"]))
+    adapters = inject_adapters(
+        ours_model, peft_cfg("lora", case, options={}, target_modules=["query", "value"])
+    )
     torch.manual_seed(123)
-    cfg = hf_peft.LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"], task_type="SEQ_CLS")
+    cfg = hf_peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["query", "value"], task_type="SEQ_CLS"
+    )
     peft_model = hf_peft.get_peft_model(theirs_model, cfg)
     for path, layer in adapters.layers.items():
         theirs = peft_model.base_model.model.get_submodule(path)

@@ -27,7 +27,9 @@ def _conv1d(nx: int, nf: int) -> nn.Module:
 def test_lora_delta_matches_delta_weight(kind, rslora):
     torch.manual_seed(0)
     base = nn.Linear(12, 20) if kind == "linear" else _conv1d(12, 20)
-    spec = LayerSpec("x", r=4, alpha=6.0, use_rslora=rslora, options=get_method("lora").parse_options({}))
+    spec = LayerSpec(
+        "x", r=4, alpha=6.0, use_rslora=rslora, options=get_method("lora").parse_options({})
+    )
     layer = get_method("lora").layer_cls(base, spec)
     assert (layer.in_features, layer.out_features) == (12, 20)
     assert layer.fan_in_fan_out == (kind == "conv1d")

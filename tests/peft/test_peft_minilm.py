@@ -6,10 +6,11 @@ import copy
 
 import pytest
 import torch
-from peft_cases import perturb
 
 from cotune.config import PeftSection
 from cotune.peft import inject_adapters, save_adapter
+
+from .peft_cases import perturb
 
 
 @pytest.mark.slow

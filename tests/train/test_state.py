@@ -60,7 +60,13 @@ def test_activation_does_not_copy_and_restores_global_rng():
 
 @pytest.mark.parametrize(
     "schedule,step,expect",
-    [("constant", 50, 1.0), ("linear", 10, 1.0), ("linear", 60, 0.5), ("cosine", 60, 0.5), ("linear", 110, 0.0)],
+    [
+        ("constant", 50, 1.0),
+        ("linear", 10, 1.0),
+        ("linear", 60, 0.5),
+        ("cosine", 60, 0.5),
+        ("linear", 110, 0.0),
+    ],
 )
 def test_lr_schedule(schedule, step, expect):
     assert lr_factor(step, 110, 10, schedule) == pytest.approx(expect)

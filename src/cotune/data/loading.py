@@ -145,4 +145,7 @@ def load_task_data(cfg: DataSection, task: str, seed: int) -> TaskData:
     if cfg.max_examples is not None and cfg.max_examples < len(train):
         keep_idx = sorted(stratified_order([e.label for e in train], rng)[: cfg.max_examples])
         train = [train[i] for i in keep_idx]
+    # Files are often sorted by label: put the test set in a stratified order so any prefix
+    # (``eval.max_examples``) keeps the label mix instead of holding one class.
+    test = [test[i] for i in stratified_order([e.label for e in test], rng)]
     return TaskData(name=name, train=train, test=test, label_names=label_names)

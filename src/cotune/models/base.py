@@ -51,6 +51,10 @@ class Anatomy(ABC):
         """The task head PEFT would train in full (``modules_to_save``); empty for causal LM, whose
         ``lm_head`` is tied to the input embeddings or frozen."""
 
+    def input_paths(self) -> list[str]:
+        """Every module the embedding step runs (``embedding_paths`` plus weightless ones like dropout)."""
+        return self.embedding_paths()
+
     @abstractmethod
     def output_paths(self) -> list[str]:
         """Every module the head step runs: final norm, pooler, classifier or ``lm_head``."""
@@ -118,7 +122,9 @@ class Anatomy(ABC):
         m = self._block_re.search(path)
         return int(m.group(1)) if m else None
 
-    def segment(self, start: int, end: int, *, embed: bool | None = None, head: bool | None = None) -> Segment:
+    def segment(
+        self, start: int, end: int, *, embed: bool | None = None, head: bool | None = None
+    ) -> Segment:
         """Blocks ``[start, end)``; ``embed`` defaults to ``start == 0``, ``head`` to ``end == num_layers``.
 
         ``start == end`` is allowed only with ``embed`` (an embedding-only segment) or ``head`` (a
@@ -133,7 +139,9 @@ class Anatomy(ABC):
         embed = start == 0 if embed is None else embed
         head = end == n if head is None else head
         if embed and start != 0:
-            raise ModelError(f"segment({start}, {end}, embed=True): the embeddings feed block 0, so start must be 0")
+            raise ModelError(
+                f"segment({start}, {end}, embed=True): the embeddings feed block 0, so start must be 0"
+            )
         if head and end != n:
             raise ModelError(
                 f"segment({start}, {end}, head=True): the head follows the last block, so end must be {n}"
@@ -151,7 +159,9 @@ class Anatomy(ABC):
         if not (isinstance(i, int) and 0 <= i < self.num_layers):
             raise ModelError(f"block index {i!r} is out of range: 0 <= i < {self.num_layers}")
 
-    def _mask(self, attention_mask: Tensor, hidden: Tensor, window: int | None = None) -> Tensor | None:
+    def _mask(
+        self, attention_mask: Tensor, hidden: Tensor, window: int | None = None
+    ) -> Tensor | None:
         return attention_bias(
             attention_mask,
             causal=self.causal,

@@ -22,6 +22,10 @@ class GPT2Anatomy(Anatomy):
     def embedding_paths(self) -> list[str]:
         return ["transformer.wte", "transformer.wpe"]
 
+    def input_paths(self) -> list[str]:
+        # The embedding dropout is registered with a segment so that segment.train()/eval() reach it.
+        return [*self.embedding_paths(), "transformer.drop"]
+
     def final_norm_path(self) -> str | None:
         return "transformer.ln_f"
 

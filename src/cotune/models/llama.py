@@ -50,7 +50,10 @@ class LlamaAnatomy(Anatomy):
         positions = torch.arange(hidden.size(1), device=hidden.device)[None, :]
         # The model's own rotary module, so rope scaling variants from the config apply unchanged.
         cos_sin = self.model.model.rotary_emb(hidden, position_ids=positions)
-        masks = {w: self._mask(attention_mask, hidden, w) for w in {self.window(i) for i in range(self.num_layers)}}
+        masks = {
+            w: self._mask(attention_mask, hidden, w)
+            for w in {self.window(i) for i in range(self.num_layers)}
+        }
         return {"positions": positions, "rotary": cos_sin, "masks": masks}
 
     def run_block(self, i: int, hidden: Tensor, context: dict[str, Any]) -> Tensor:

@@ -28,15 +28,28 @@ MODEL_TYPES: dict[str, str] = {
     "bert": "bert",
     "roberta": "bert",
 }
-ANATOMIES: dict[str, type[Anatomy]] = {"gpt2": GPT2Anatomy, "llama": LlamaAnatomy, "bert": BertAnatomy}
+ANATOMIES: dict[str, type[Anatomy]] = {
+    "gpt2": GPT2Anatomy,
+    "llama": LlamaAnatomy,
+    "bert": BertAnatomy,
+}
 
 # One attention implementation for every model, forced at load time. SDPA: segments reproduce the
 # unsplit forward to float precision (tests), it is PyTorch's fused kernel (faster than eager on CPU
 # and GPU), and it accepts boolean masks, so a segment can skip the mask entirely when nothing is padded.
 ATTN_IMPLEMENTATION = "sdpa"
 
-_TINY = {"num_hidden_layers": 2, "hidden_size": 64, "num_attention_heads": 4, "intermediate_size": 128}
-_TINY_DECODER = {**_TINY, "num_key_value_heads": 2, "max_position_embeddings": 512}  # 2 KV heads: GQA
+_TINY = {
+    "num_hidden_layers": 2,
+    "hidden_size": 64,
+    "num_attention_heads": 4,
+    "intermediate_size": 128,
+}
+_TINY_DECODER = {
+    **_TINY,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 512,
+}  # 2 KV heads: GQA
 # Defaults for random:<family>, in each config class's own field names.
 RANDOM_DEFAULTS: dict[str, dict[str, Any]] = {
     "gpt2": {"n_layer": 2, "n_embd": 64, "n_head": 4, "n_inner": 128, "n_positions": 512},
@@ -47,8 +60,9 @@ RANDOM_DEFAULTS: dict[str, dict[str, Any]] = {
     # RoBERTa positions start at pad_token_id + 1, so 512 tokens need 514 positions.
     "roberta": {**_TINY, "max_position_embeddings": 514},
 }
-# Random models have no tokenizer of their own; these ids fit any vocabulary of 3 or more tokens.
-RANDOM_SPECIAL_IDS = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
+# Random models have no tokenizer of their own; these are the ids of cotune's local BPE
+# (0 <pad>, 1 <eos>, which also serves as bos, as in GPT-2).
+RANDOM_SPECIAL_IDS = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 1}
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -80,7 +94,11 @@ def anatomy_for(model: nn.Module, task: str) -> Anatomy:
 
 
 def load_model(
-    cfg: ModelSection, *, num_labels: int | None = None, vocab_size: int | None = None, seed: int = 0
+    cfg: ModelSection,
+    *,
+    num_labels: int | None = None,
+    vocab_size: int | None = None,
+    seed: int = 0,
 ) -> LoadedModel:
     """Load the model named by ``cfg.name_or_path`` for ``cfg.task``; random init is seeded by ``seed``."""
     name = cfg.name_or_path
@@ -89,7 +107,9 @@ def load_model(
         path = None
     else:
         if cfg.random_config:
-            raise ModelError(f"model.random_config is only for random:<family> models, not {name!r}")
+            raise ModelError(
+                f"model.random_config is only for random:<family> models, not {name!r}"
+            )
         path = _resolve_path(name)
         config = _pretrained_config(path)
     model_type = config.model_type
@@ -109,7 +129,9 @@ def load_model(
     _check_max_length(config, cfg.max_length, name)
 
     model = _build(config, path, cfg.task, seed)
-    if path is not None and vocab_size is not None and vocab_size != config.vocab_size:
+    # A pretrained vocabulary only grows (a tokenizer with added tokens); it never shrinks, since
+    # some checkpoints (Qwen2) pad their embedding table beyond the tokenizer's size.
+    if path is not None and vocab_size is not None and vocab_size > config.vocab_size:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model.resize_token_embeddings(vocab_size)
@@ -133,17 +155,21 @@ def load_model(
 
 
 def _random_config(kind: str, overrides: dict[str, Any], vocab_size: int | None) -> Any:
-    from transformers import AutoConfig, CONFIG_MAPPING
+    from transformers import CONFIG_MAPPING, AutoConfig
 
     if kind not in RANDOM_DEFAULTS:
-        raise ModelError(f"unknown random model 'random:{kind}' (allowed: {', '.join(RANDOM_DEFAULTS)})")
+        raise ModelError(
+            f"unknown random model 'random:{kind}' (allowed: {', '.join(RANDOM_DEFAULTS)})"
+        )
     config_cls = CONFIG_MAPPING[kind]
     aliases: dict[str, str] = dict(getattr(config_cls, "attribute_map", {}))
     known = set(config_cls().to_dict()) | set(aliases) | {"num_labels"}
     kwargs = {**RANDOM_DEFAULTS[kind], **RANDOM_SPECIAL_IDS}
     for key, value in overrides.items():
         if key not in known:
-            raise ModelError(f"model.random_config: {key!r} is not a field of {config_cls.__name__}")
+            raise ModelError(
+                f"model.random_config: {key!r} is not a field of {config_cls.__name__}"
+            )
         # Canonical names, so that e.g. hidden_size and n_embd for GPT-2 do not both end up set.
         kwargs[aliases.get(key, key)] = value
     if vocab_size is not None:
@@ -152,7 +178,9 @@ def _random_config(kind: str, overrides: dict[str, Any], vocab_size: int | None)
     for key in RANDOM_SPECIAL_IDS:
         token = getattr(config, key, None)
         if token is not None and not 0 <= token < config.vocab_size:
-            raise ModelError(f"{key}={token} does not fit vocab_size={config.vocab_size} of random:{kind}")
+            raise ModelError(
+                f"{key}={token} does not fit vocab_size={config.vocab_size} of random:{kind}"
+            )
     return config
 
 
@@ -202,7 +230,13 @@ def _build(config: Any, path: str | None, task: str, seed: int) -> nn.Module:
         if path is None:
             return auto.from_config(config, attn_implementation=ATTN_IMPLEMENTATION)
         try:
-            return auto.from_pretrained(path, config=config, attn_implementation=ATTN_IMPLEMENTATION)
+            # A checkpoint's own classifier with another label count is replaced by a fresh one.
+            return auto.from_pretrained(
+                path,
+                config=config,
+                attn_implementation=ATTN_IMPLEMENTATION,
+                ignore_mismatched_sizes=task == "classification",
+            )
         except (OSError, ValueError) as exc:
             raise ModelError(f"cannot load the weights of {path!r}: {exc}") from None
 
@@ -215,7 +249,8 @@ def _tokenizer(path: str) -> Any:
     except (OSError, ValueError) as exc:
         raise ModelError(f"cannot load the tokenizer of {path!r}: {exc}") from None
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
-        tokenizer.pad_token = tokenizer.eos_token  # GPT-2/LLaMA ship without one; match config.pad_token_id
+        # GPT-2/LLaMA tokenizers ship without one; eos matches config.pad_token_id.
+        tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 
 
@@ -227,7 +262,9 @@ def _check_max_length(config: Any, max_length: int, name: str) -> None:
     if config.model_type == "roberta":
         usable -= (config.pad_token_id or 0) + 1
     if max_length > usable:
-        raise ModelError(f"model.max_length={max_length} exceeds the {usable} positions of {name!r}")
+        raise ModelError(
+            f"model.max_length={max_length} exceeds the {usable} positions of {name!r}"
+        )
 
 
 def _first(token_id: int | list[int] | None) -> int | None:

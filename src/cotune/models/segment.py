@@ -49,7 +49,7 @@ class Segment(nn.Module):
         self.end = end
         self.embed = embed
         self.head = head
-        paths: list[str] = list(anatomy.embedding_paths()) if embed else []
+        paths: list[str] = anatomy.input_paths() if embed else []
         paths += [anatomy.block_path(i) for i in range(start, end)]
         if head:
             paths += anatomy.output_paths()
@@ -64,16 +64,20 @@ class Segment(nn.Module):
         layer = self.anatomy.layer_of(name)
         if layer is not None:
             return self.start <= layer < self.end
-        edge = (self.anatomy.embedding_paths() if self.embed else []) + (
+        edge = (self.anatomy.input_paths() if self.embed else []) + (
             self.anatomy.output_paths() if self.head else []
         )
         return any(name == p or name.startswith(p + ".") for p in edge)
 
-    def forward(self, inputs: Tensor | Activations, attention_mask: Tensor | None = None) -> Tensor | Activations:
+    def forward(
+        self, inputs: Tensor | Activations, attention_mask: Tensor | None = None
+    ) -> Tensor | Activations:
         anatomy = self.anatomy
         if self.embed:
             if isinstance(inputs, Activations):
-                raise ModelError("this segment starts with the embeddings: pass input_ids [B,T], not Activations")
+                raise ModelError(
+                    "this segment starts with the embeddings: pass input_ids [B,T], not Activations"
+                )
             if attention_mask is None:
                 attention_mask = torch.ones_like(inputs)
             hidden = anatomy.embed(inputs, attention_mask)
@@ -102,7 +106,9 @@ def task_loss(logits: Tensor, labels: Tensor, task: str) -> Tensor:
     if task == "causal_lm":
         shifted = logits[:, :-1, :].float()
         targets = labels[:, 1:]
-        return F.cross_entropy(shifted.reshape(-1, shifted.size(-1)), targets.reshape(-1), ignore_index=-100)
+        return F.cross_entropy(
+            shifted.reshape(-1, shifted.size(-1)), targets.reshape(-1), ignore_index=-100
+        )
     raise ModelError(f"unknown task {task!r} (allowed: classification, causal_lm)")
 
 
@@ -123,7 +129,7 @@ def attention_bias(
     """
     keep = attention_mask.bool()
     T = keep.size(-1)
-    window_active = causal and window is not None and T > window
+    window_active = causal and window is not None and window < T
     if implementation == "sdpa" and not window_active and bool(keep.all()):
         return None
     mask = keep[:, None, None, :]
@@ -136,4 +142,6 @@ def attention_bias(
         mask = mask & allowed[None, None, :, :]
     if implementation == "sdpa":
         return mask
-    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(
+        ~mask, torch.finfo(dtype).min
+    )

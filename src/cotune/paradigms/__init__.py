@@ -20,5 +20,7 @@ PARADIGMS: dict[str, str] = {
 
 def get_paradigm(name: str) -> Callable[[Experiment], ParadigmResult]:
     if name not in PARADIGMS:
-        raise ConfigError(f"paradigm.name: unknown paradigm {name!r} (allowed: {', '.join(PARADIGMS)})")
+        raise ConfigError(
+            f"paradigm.name: unknown paradigm {name!r} (allowed: {', '.join(PARADIGMS)})"
+        )
     return importlib.import_module(PARADIGMS[name]).run

@@ -78,9 +78,13 @@ class Experiment:
         return [*points, total]
 
     def log_record(self, event: str, step: int, role: str, **values: Any) -> None:
-        self.log.log({"event": event, "step": step, "role": role, **values, "host_time_s": self.host_time()})
+        self.log.log(
+            {"event": event, "step": step, "role": role, **values, "host_time_s": self.host_time()}
+        )
 
-    def maybe_checkpoint(self, step: int, states: dict[str, RoleState], extra: dict[str, Any]) -> None:
+    def maybe_checkpoint(
+        self, step: int, states: dict[str, RoleState], extra: dict[str, Any]
+    ) -> None:
         """Checkpoint at a driver's consistent point once ``checkpoint_every`` steps have passed.
 
         Drivers call this only between rounds/eval points, where every role's state is whole;
@@ -112,7 +116,9 @@ class TrainingRole(Role):
         self.seed = seed
         self.dataset = dataset
         self.state = exp.trainer.new_state(seed, exp.initial_params())
-        self.sampler = BatchSampler(len(dataset), exp.cfg.train.batch_size, seed) if dataset else None
+        self.sampler = (
+            BatchSampler(len(dataset), exp.cfg.train.batch_size, seed) if dataset else None
+        )
         self.loss_fn = full_model_loss(exp.forward, exp.task, exp.adapters.regularization_loss)
 
     def set_dataset(self, dataset: EncodedDataset) -> None:
@@ -141,8 +147,12 @@ def state_tensors(state: RoleState) -> dict[str, torch.Tensor]:
     return {k: v.detach() for k, v in state.params.items()}
 
 
-def reply(msg: Message, kind: str, tensors: dict[str, torch.Tensor] | None = None, **meta: Any) -> Message:
-    return Message(kind=kind, sender=msg.receiver, receiver=msg.sender, tensors=tensors or {}, meta=meta)
+def reply(
+    msg: Message, kind: str, tensors: dict[str, torch.Tensor] | None = None, **meta: Any
+) -> Message:
+    return Message(
+        kind=kind, sender=msg.receiver, receiver=msg.sender, tensors=tensors or {}, meta=meta
+    )
 
 
 def mean(values: list[float]) -> float:

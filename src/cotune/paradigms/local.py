@@ -45,13 +45,20 @@ def run(exp: Experiment) -> ParadigmResult:
                 continue
             chunk = point - step
             replies = exp.engine.request_many(
-                [Message("train", "server", d.role_id, {}, {"steps": chunk, "round": rnd}) for d in devices]
+                [
+                    Message("train", "server", d.role_id, {}, {"steps": chunk, "round": rnd})
+                    for d in devices
+                ]
             )
             losses = [r.meta["losses"] for r in replies]
             for j in range(chunk):
                 step_losses = [ls[j] for ls in losses]
                 exp.log_record(
-                    "train", step + j + 1, "mean", round=rnd, loss=mean(step_losses),
+                    "train",
+                    step + j + 1,
+                    "mean",
+                    round=rnd,
+                    loss=mean(step_losses),
                     lr=replies[0].meta["lrs"][j],
                 )
             for r in replies:
@@ -60,9 +67,14 @@ def run(exp: Experiment) -> ParadigmResult:
             per_device = {d.role_id: exp.evaluate_state(d.state) for d in devices}
             for role, ev in per_device.items():
                 exp.log_record("eval", step, role, round=rnd, **ev)
-            summary = {k: mean([ev[k] for ev in per_device.values()]) for k in next(iter(per_device.values()))}
+            summary = {
+                k: mean([ev[k] for ev in per_device.values()])
+                for k in next(iter(per_device.values()))
+            }
             exp.log_record("eval", step, "mean", round=rnd, **summary)
-            bar.update(chunk, **{k: v for k, v in summary.items() if k in ("accuracy", "perplexity")})
+            bar.update(
+                chunk, **{k: v for k, v in summary.items() if k in ("accuracy", "perplexity")}
+            )
             exp.maybe_checkpoint(step, {d.role_id: d.state for d in devices}, {"round": rnd})
     return ParadigmResult(
         states={d.role_id: d.state for d in devices},

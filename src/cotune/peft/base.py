@@ -21,7 +21,12 @@ from cotune.errors import AdapterError
 def is_conv1d(module: nn.Module) -> bool:
     """GPT-2's fused `Conv1D` (weight stored [in, out]); duck-typed to avoid importing transformers."""
     weight = getattr(module, "weight", None)
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and weight is not None and weight.dim() == 2
+    return (
+        type(module).__name__ == "Conv1D"
+        and hasattr(module, "nf")
+        and weight is not None
+        and weight.dim() == 2
+    )
 
 
 def is_adaptable(module: nn.Module) -> bool:
@@ -69,7 +74,9 @@ class AdapterLayer(nn.Module):
         # Conv1D stores [in, out]; PEFT calls this fan_in_fan_out.
         self.fan_in_fan_out = is_conv1d(base_layer)
         w = base_layer.weight
-        self.in_features, self.out_features = (w.shape[0], w.shape[1]) if self.fan_in_fan_out else (w.shape[1], w.shape[0])
+        self.in_features, self.out_features = (
+            (w.shape[0], w.shape[1]) if self.fan_in_fan_out else (w.shape[1], w.shape[0])
+        )
         self.merged = False
 
     # ---- the method's part -------------------------------------------------------------
@@ -136,7 +143,9 @@ class AdapterLayer(nn.Module):
     @torch.no_grad()
     def merge(self) -> None:
         if not self.mergeable:
-            raise AdapterError(f"{self.path}: method {self.method!r} cannot be merged into the base weight")
+            raise AdapterError(
+                f"{self.path}: method {self.method!r} cannot be merged into the base weight"
+            )
         if self.merged:
             return
         self._write_base(self.merged_weight(self.base_weight_oi().detach().clone()))
@@ -161,7 +170,11 @@ class AdapterLayer(nn.Module):
 
     def adapter_tensors(self) -> dict[str, torch.Tensor]:
         """All adapter state to save: parameters and persistent buffers outside `base_layer`."""
-        return {k: v for k, v in self.state_dict(keep_vars=True).items() if not k.startswith("base_layer.")}
+        return {
+            k: v
+            for k, v in self.state_dict(keep_vars=True).items()
+            if not k.startswith("base_layer.")
+        }
 
     def extra_repr(self) -> str:
         return f"method={self.method}, in={self.in_features}, out={self.out_features}, merged={self.merged}"
@@ -198,14 +211,20 @@ class MethodSpec:
 _REGISTRY: dict[str, MethodSpec] = {}
 
 
-def register_method(name: str, layer_cls: type[AdapterLayer], options_cls: type | None = None) -> None:
+def register_method(
+    name: str, layer_cls: type[AdapterLayer], options_cls: type | None = None
+) -> None:
     """Register a method; `options_cls` is a dataclass whose fields are the allowed `options` keys."""
     if not (isinstance(layer_cls, type) and issubclass(layer_cls, AdapterLayer)):
-        raise AdapterError(f"register_method({name!r}): {layer_cls!r} is not an AdapterLayer subclass")
+        raise AdapterError(
+            f"register_method({name!r}): {layer_cls!r} is not an AdapterLayer subclass"
+        )
     if options_cls is not None and not dataclasses.is_dataclass(options_cls):
         raise AdapterError(f"register_method({name!r}): options_cls must be a dataclass")
     if name in _REGISTRY and _REGISTRY[name].layer_cls is not layer_cls:
-        raise AdapterError(f"method {name!r} is already registered to {_REGISTRY[name].layer_cls.__name__}")
+        raise AdapterError(
+            f"method {name!r} is already registered to {_REGISTRY[name].layer_cls.__name__}"
+        )
     layer_cls.method = name
     _REGISTRY[name] = MethodSpec(name, layer_cls, options_cls)
 
@@ -214,7 +233,9 @@ def get_method(name: str) -> MethodSpec:
     try:
         return _REGISTRY[name]
     except KeyError:
-        raise AdapterError(f"unknown PEFT method {name!r}; available methods: {available_methods()}") from None
+        raise AdapterError(
+            f"unknown PEFT method {name!r}; available methods: {available_methods()}"
+        ) from None
 
 
 def available_methods() -> list[str]:

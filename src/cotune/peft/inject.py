@@ -69,7 +69,9 @@ def _find_heads(model: nn.Module, head_paths: list[str] | None) -> list[str]:
         return [h for h in DEFAULT_HEADS if h in names]
     missing = [h for h in head_paths if h not in names]
     if missing:
-        raise AdapterError(f"head module(s) {missing} not found in the model; top-level modules: {list(dict(model.named_children()))}")
+        raise AdapterError(
+            f"head module(s) {missing} not found in the model; top-level modules: {list(dict(model.named_children()))}"
+        )
     return list(head_paths)
 
 
@@ -77,7 +79,11 @@ class AdapterSet:
     """The adapters injected into one model, plus the trainable head modules (PEFT's modules_to_save)."""
 
     def __init__(
-        self, model: nn.Module, cfg: PeftSection, layers: dict[str, AdapterLayer], head_paths: list[str]
+        self,
+        model: nn.Module,
+        cfg: PeftSection,
+        layers: dict[str, AdapterLayer],
+        head_paths: list[str],
     ) -> None:
         self.model = model
         self.cfg = cfg
@@ -100,7 +106,9 @@ class AdapterSet:
     def named_trainable(self) -> dict[str, nn.Parameter]:
         out: dict[str, nn.Parameter] = {}
         for path, layer in self.layers.items():
-            out.update({f"{path}.{k}": p for k, p in layer.adapter_named_parameters() if p.requires_grad})
+            out.update(
+                {f"{path}.{k}": p for k, p in layer.adapter_named_parameters() if p.requires_grad}
+            )
         for h, mod in self._heads():
             out.update({f"{h}.{k}": p for k, p in mod.named_parameters() if p.requires_grad})
         return out
@@ -128,7 +136,9 @@ class AdapterSet:
             raise AdapterError("cannot load adapter weights while merged; call unmerge() first")
         for k, v in sd.items():
             if own[k].shape != v.shape:
-                raise AdapterError(f"adapter tensor {k}: shape {tuple(v.shape)} does not fit {tuple(own[k].shape)}")
+                raise AdapterError(
+                    f"adapter tensor {k}: shape {tuple(v.shape)} does not fit {tuple(own[k].shape)}"
+                )
             own[k].copy_(v)
 
     @property
@@ -143,8 +153,22 @@ class AdapterSet:
         for layer in self.layers.values():
             layer.unmerge()
 
+    def merge_and_unload(self) -> nn.Module:
+        """Merge every adapter and put the plain base layers back (for export); the set is empty after."""
+        self.merge()
+        for path, layer in self.layers.items():
+            parent_path, _, child = path.rpartition(".")
+            parent = self.model.get_submodule(parent_path) if parent_path else self.model
+            setattr(parent, child, layer.base_layer)
+        self.layers = {}
+        return self.model
+
     def regularization_loss(self) -> torch.Tensor | None:
-        losses = [loss for layer in self.layers.values() if (loss := layer.regularization_loss()) is not None]
+        losses = [
+            loss
+            for layer in self.layers.values()
+            if (loss := layer.regularization_loss()) is not None
+        ]
         return torch.stack(losses).sum() if losses else None
 
 
@@ -169,32 +193,47 @@ def inject_adapters(
     heads = _find_heads(model, head_paths) if cfg.train_head else []
     modules = dict(model.named_modules())
     # Like PEFT, never target inside a module that is trained whole.
-    linear = [p for p, m in modules.items() if p and is_adaptable(m) and not any(p == h or p.startswith(h + ".") for h in heads)]
+    linear = [
+        p
+        for p, m in modules.items()
+        if p and is_adaptable(m) and not any(p == h or p.startswith(h + ".") for h in heads)
+    ]
 
     selected: list[str] = []
     for pattern in cfg.target_modules:
         try:
             hits = [p for p in linear if matches_target(pattern, p)]
         except re.error as e:
-            raise AdapterError(f"peft.target_modules: {pattern!r} is not a valid regex ({e})") from e
+            raise AdapterError(
+                f"peft.target_modules: {pattern!r} is not a valid regex ({e})"
+            ) from e
         if not hits:
-            raise AdapterError(f"peft.target_modules: {pattern!r} matches no linear module; {_candidates_text(linear)}")
+            raise AdapterError(
+                f"peft.target_modules: {pattern!r} matches no linear module; {_candidates_text(linear)}"
+            )
         selected += [p for p in hits if p not in selected]
     selected = [p for p in linear if p in selected]  # model order, so RNG use matches PEFT's
 
     if cfg.layers is not None:
+
         def index(p: str) -> int | None:
             return anatomy.layer_of(p) if anatomy is not None else parse_layer_index(p)
 
         found = {i for p in selected if (i := index(p)) is not None}
         absent = sorted(set(cfg.layers) - found)
         if absent:
-            raise AdapterError(f"peft.layers: block(s) {absent} hold no targeted module; targeted blocks: {sorted(found)}")
+            raise AdapterError(
+                f"peft.layers: block(s) {absent} hold no targeted module; targeted blocks: {sorted(found)}"
+            )
         selected = [p for p in selected if index(p) in cfg.layers]
 
     for attr in ("rank_pattern", "alpha_pattern"):
         for key in getattr(cfg, attr):
-            if not any(pattern_key([key], p) for p in selected):
+            try:
+                hit = any(pattern_key([key], p) for p in selected)
+            except re.error as e:
+                raise AdapterError(f"peft.{attr}: key {key!r} is not a valid regex ({e})") from e
+            if not hit:
                 raise AdapterError(
                     f"peft.{attr}: key {key!r} matches no targeted module; targeted: {_candidates_text(selected)}"
                 )
@@ -208,7 +247,9 @@ def inject_adapters(
         shape = tuple(layer.weight.shape)
         if r >= min(shape):
             src = f"rank_pattern[{rk!r}]" if rk is not None else "peft.r"
-            raise AdapterError(f"{src} = {r} is not below min(in, out) = {min(shape)} of {path} (weight {shape})")
+            raise AdapterError(
+                f"{src} = {r} is not below min(in, out) = {min(shape)} of {path} (weight {shape})"
+            )
         specs[path] = LayerSpec(path, r, alpha, cfg.dropout, cfg.use_rslora, options)
 
     for p in model.parameters():
@@ -225,4 +266,3 @@ def inject_adapters(
     for h in heads:
         model.get_submodule(h).requires_grad_(True)
     return AdapterSet(model, cfg, layers, heads)
-

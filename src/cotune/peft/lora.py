@@ -20,7 +20,9 @@ class LoraOptions:
 
     def __post_init__(self) -> None:
         if self.init_lora_weights not in (True, False, "gaussian"):
-            raise ValueError(f"init_lora_weights must be true, false or 'gaussian', got {self.init_lora_weights!r}")
+            raise ValueError(
+                f"init_lora_weights must be true, false or 'gaussian', got {self.init_lora_weights!r}"
+            )
 
 
 class LoraLayer(AdapterLayer):
@@ -33,7 +35,9 @@ class LoraLayer(AdapterLayer):
         self.r = spec.r
         self.alpha = spec.alpha
         self.scaling = spec.alpha / math.sqrt(spec.r) if spec.use_rslora else spec.alpha / spec.r
-        self.lora_dropout: nn.Module = nn.Dropout(spec.dropout) if spec.dropout > 0 else nn.Identity()
+        self.lora_dropout: nn.Module = (
+            nn.Dropout(spec.dropout) if spec.dropout > 0 else nn.Identity()
+        )
         w = base_layer.weight
         # Like PEFT, keep adapters in float32 when the base is half precision (stable updates).
         dtype = w.dtype if w.dtype in (torch.float32, torch.float64) else torch.float32

@@ -25,7 +25,12 @@ from cotune.peft.inject import AdapterSet, base_module_paths, inject_adapters, i
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
-TASK_TYPES = {"classification": "SEQ_CLS", "causal_lm": "CAUSAL_LM", "SEQ_CLS": "SEQ_CLS", "CAUSAL_LM": "CAUSAL_LM"}
+TASK_TYPES = {
+    "classification": "SEQ_CLS",
+    "causal_lm": "CAUSAL_LM",
+    "SEQ_CLS": "SEQ_CLS",
+    "CAUSAL_LM": "CAUSAL_LM",
+}
 # PeftModelForSequenceClassification always adds these to modules_to_save.
 SEQ_CLS_HEADS = ("classifier", "score")
 # PEFT LoRA features cotune has no equivalent for (unless a registered method claims the field).
@@ -46,7 +51,9 @@ def peft_targets(
     modules_to_save: Sequence[str] | None = None,
 ) -> list[str]:
     """The module paths stock PEFT would adapt, following its `check_target_module_exists` rules."""
-    layer_ids = [layers_to_transform] if isinstance(layers_to_transform, int) else layers_to_transform
+    layer_ids = (
+        [layers_to_transform] if isinstance(layers_to_transform, int) else layers_to_transform
+    )
     lp = [layers_pattern] if isinstance(layers_pattern, str) else (layers_pattern or [])
     out = []
     for key in paths:
@@ -62,7 +69,9 @@ def peft_targets(
         if not any(key.endswith(f".{t}") for t in target_modules):
             continue
         if layer_ids:
-            regexes = [rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\." for p in lp] or [r".*?\.[^.]*\.(?P<idx>\d+)\."]
+            regexes = [rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\." for p in lp] or [
+                r".*?\.[^.]*\.(?P<idx>\d+)\."
+            ]
             m = next((m for r in regexes if (m := re.match(r, key))), None)
             if m is None or int(m.group("idx")) not in layer_ids:
                 continue
@@ -74,7 +83,9 @@ def _num(x: float) -> int | float:
     return int(x) if float(x).is_integer() else x
 
 
-def _peft_target_fields(adapters: AdapterSet, excluded: list[str]) -> tuple[list[str], list[int] | None]:
+def _peft_target_fields(
+    adapters: AdapterSet, excluded: list[str]
+) -> tuple[list[str], list[int] | None]:
     """Write target names (+ layers_to_transform) when PEFT resolves them to exactly our layers, else exact paths."""
     cfg, adapted = adapters.cfg, list(adapters.layers)
     paths = base_module_paths(adapters.model)
@@ -99,13 +110,19 @@ def save_adapter(
     spec = get_method(adapters.method)
     layer_cls = spec.layer_cls
     if layer_cls.peft_type is None:
-        raise AdapterError(f"method {adapters.method!r} has no Hugging Face PEFT equivalent; it cannot be saved in PEFT format")
+        raise AdapterError(
+            f"method {adapters.method!r} has no Hugging Face PEFT equivalent; it cannot be saved in PEFT format"
+        )
     if task not in TASK_TYPES:
-        raise AdapterError(f"save_adapter: unknown task {task!r}; expected one of {sorted(TASK_TYPES)}")
+        raise AdapterError(
+            f"save_adapter: unknown task {task!r}; expected one of {sorted(TASK_TYPES)}"
+        )
     task_type = TASK_TYPES[task]
     cfg = adapters.cfg
     heads = list(adapters.head_paths)
-    excluded = heads + ([h for h in SEQ_CLS_HEADS if h not in heads] if task_type == "SEQ_CLS" else [])
+    excluded = heads + (
+        [h for h in SEQ_CLS_HEADS if h not in heads] if task_type == "SEQ_CLS" else []
+    )
     target_modules, layers = _peft_target_fields(adapters, excluded)
     config: dict[str, Any] = {
         "peft_type": layer_cls.peft_type,
@@ -145,7 +162,9 @@ def save_adapter(
 
 def _read_config(path: Path) -> dict[str, Any]:
     if not path.is_file():
-        raise AdapterError(f"{path}: not found; an adapter directory holds {CONFIG_NAME} and {WEIGHTS_NAME}")
+        raise AdapterError(
+            f"{path}: not found; an adapter directory holds {CONFIG_NAME} and {WEIGHTS_NAME}"
+        )
     try:
         config = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -160,13 +179,17 @@ def _pick_method(config: dict[str, Any], path: Path) -> type[AdapterLayer]:
     methods = [get_method(n).layer_cls for n in available_methods()]
     same = [m for m in methods if m.peft_type is not None and m.peft_type == peft_type]
     if not same:
-        raise AdapterError(f"{path}: peft_type {peft_type!r} is not supported; supported: {sorted({m.peft_type for m in methods if m.peft_type})}")
+        raise AdapterError(
+            f"{path}: peft_type {peft_type!r} is not supported; supported: {sorted({m.peft_type for m in methods if m.peft_type})}"
+        )
     # A variant method (DoRA, KaSA, ...) claims its PEFT field; the plain method takes the rest.
     chosen = next((m for m in same if m.peft_variant and config.get(m.peft_variant)), None)
     chosen = chosen or next((m for m in same if m.peft_variant is None), same[0])
     bad = [f for f in UNSUPPORTED_FIELDS if config.get(f) and f != chosen.peft_variant]
     if bad:
-        raise AdapterError(f"{path}: PEFT feature(s) {bad} are not supported by cotune (method {chosen.method!r})")
+        raise AdapterError(
+            f"{path}: PEFT feature(s) {bad} are not supported by cotune (method {chosen.method!r})"
+        )
     if config.get("init_lora_weights", True) not in SAFE_INITS:
         raise AdapterError(
             f"{path}: init_lora_weights={config['init_lora_weights']!r} also changes the base weights; save it from PEFT "
@@ -176,7 +199,9 @@ def _pick_method(config: dict[str, Any], path: Path) -> type[AdapterLayer]:
 
 
 def _find_heads(paths: Iterable[str], names: Sequence[str]) -> list[str]:
-    return [p for p in paths if any(p.endswith(n) for n in names)]  # PEFT's rule for modules_to_save
+    return [
+        p for p in paths if any(p.endswith(n) for n in names)
+    ]  # PEFT's rule for modules_to_save
 
 
 def load_adapter(model: nn.Module, adapter_dir: str | Path) -> AdapterSet:
@@ -195,16 +220,30 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path) -> AdapterSet:
     heads = _find_heads(paths, mts)
     tm = config.get("target_modules")
     if not tm or tm == "all-linear":
-        raise AdapterError(f"{cfg_path}: target_modules={tm!r} is not supported; list the module names")
-    targets = peft_targets(paths, tm, config.get("layers_to_transform"), config.get("layers_pattern"), mts)
+        raise AdapterError(
+            f"{cfg_path}: target_modules={tm!r} is not supported; list the module names"
+        )
+    targets = peft_targets(
+        paths, tm, config.get("layers_to_transform"), config.get("layers_pattern"), mts
+    )
     modules = dict(model.named_modules())
     for p in targets:
         if not is_adaptable(modules[p]):
-            raise AdapterError(f"{cfg_path}: target {p} is a {type(modules[p]).__name__}; cotune adapts only Linear/Conv1D")
+            raise AdapterError(
+                f"{cfg_path}: target {p} is a {type(modules[p]).__name__}; cotune adapts only Linear/Conv1D"
+            )
     if not targets:
         raise AdapterError(f"{cfg_path}: target_modules {tm!r} match no module of this model")
-    rank_pattern = {k: v for k, v in (config.get("rank_pattern") or {}).items() if any(pattern_key([k], p) for p in targets)}
-    alpha_pattern = {k: v for k, v in (config.get("alpha_pattern") or {}).items() if any(pattern_key([k], p) for p in targets)}
+    rank_pattern = {
+        k: v
+        for k, v in (config.get("rank_pattern") or {}).items()
+        if any(pattern_key([k], p) for p in targets)
+    }
+    alpha_pattern = {
+        k: v
+        for k, v in (config.get("alpha_pattern") or {}).items()
+        if any(pattern_key([k], p) for p in targets)
+    }
     try:
         cfg = PeftSection(
             method=layer_cls.method,
@@ -223,7 +262,9 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path) -> AdapterSet:
         raise AdapterError(f"{cfg_path}: invalid adapter config: {e}") from e
 
     if not w_path.is_file():
-        raise AdapterError(f"{w_path}: not found; an adapter directory holds {CONFIG_NAME} and {WEIGHTS_NAME}")
+        raise AdapterError(
+            f"{w_path}: not found; an adapter directory holds {CONFIG_NAME} and {WEIGHTS_NAME}"
+        )
     try:
         raw = load_file(str(w_path))
     except (SafetensorError, OSError, ValueError) as e:
@@ -233,15 +274,21 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path) -> AdapterSet:
     own = adapters.named_tensors()
     sd: dict[str, torch.Tensor] = {}
     for key, t in raw.items():
-        name = key.removeprefix(PREFIX).replace(".modules_to_save.", ".")  # old PEFT spelled heads so
+        name = key.removeprefix(PREFIX).replace(
+            ".modules_to_save.", "."
+        )  # old PEFT spelled heads so
         layer_path = next((p for p in adapters.layers if name.startswith(p + ".")), None)
         if layer_path is not None:
             name = f"{layer_path}.{layer_cls.tensor_name_from_peft(name[len(layer_path) + 1 :])}"
         if name not in own:
-            raise AdapterError(f"{w_path}: key {key!r} matches no adapter or head tensor; expected keys like {sorted(own)[:3]}")
+            raise AdapterError(
+                f"{w_path}: key {key!r} matches no adapter or head tensor; expected keys like {sorted(own)[:3]}"
+            )
         sd[name] = t
     missing = [k for k in own if k not in sd and not any(k.startswith(h + ".") for h in heads)]
     if missing:
         raise AdapterError(f"{w_path}: missing adapter tensors {missing[:6]}")
-    adapters.load_state_dict(sd, strict=False)  # heads absent from the file keep the base's weights, as in PEFT
+    adapters.load_state_dict(
+        sd, strict=False
+    )  # heads absent from the file keep the base's weights, as in PEFT
     return adapters

@@ -20,7 +20,9 @@ from cotune.train.state import RoleState, Trainer
 LossFn = Callable[[Batch], torch.Tensor]
 
 
-def full_model_loss(forward: nn.Module, task: str, reg_loss: Callable[[], torch.Tensor | None]) -> LossFn:
+def full_model_loss(
+    forward: nn.Module, task: str, reg_loss: Callable[[], torch.Tensor | None]
+) -> LossFn:
     """Task loss of the unsplit model plus the adapter method's regularizer (if it has one)."""
 
     def loss_fn(batch: Batch) -> torch.Tensor:
@@ -40,7 +42,9 @@ class StepResult:
     examples: int
 
 
-def train_step(trainer: Trainer, state: RoleState, loss_fn: LossFn, micro_batches: Sequence[Batch]) -> StepResult:
+def train_step(
+    trainer: Trainer, state: RoleState, loss_fn: LossFn, micro_batches: Sequence[Batch]
+) -> StepResult:
     """One optimizer step of the *active* role over ``micro_batches`` (gradient accumulation)."""
     lr = trainer.set_lr(state.step)
     total = 0.0

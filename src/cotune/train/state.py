@@ -130,7 +130,9 @@ class Trainer:
             self._active = None
 
     def set_lr(self, step: int) -> float:
-        lr = self.cfg.lr * lr_factor(step, self.total_steps, self.cfg.warmup_steps, self.cfg.schedule)
+        lr = self.cfg.lr * lr_factor(
+            step, self.total_steps, self.cfg.warmup_steps, self.cfg.schedule
+        )
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         return lr
