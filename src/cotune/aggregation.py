@@ -12,7 +12,6 @@ This module imports torch but not transformers.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -261,20 +260,17 @@ AGGREGATORS = {
 }
 
 
-def _options_of(factory: Any) -> list[str]:
-    names: list[str] = []
-    for fn in (factory, *(getattr(factory, "__mro__", ())[1:])):
-        target = fn.__init__ if isinstance(fn, type) else fn
-        try:
-            params = inspect.signature(target).parameters.values()
-        except (TypeError, ValueError):
-            continue
-        names += [p.name for p in params if p.kind is p.POSITIONAL_OR_KEYWORD and p.name != "self"]
-    if not isinstance(factory, type):
-        names += ["eta"]  # the wrapped Aggregator's own options
-    return sorted(
-        set(names) - {"reducer", "trim_beta"} if not isinstance(factory, type) else set(names)
-    )
+_ROBUST = ("reducer", "trim_beta")
+_FEDOPT = ("eta", "beta1", "beta2", "tau", *_ROBUST)
+OPTIONS: dict[str, tuple[str, ...]] = {
+    "fedavg": ("eta", *_ROBUST),
+    "fedavgm": ("eta", "momentum", *_ROBUST),
+    "fedadagrad": _FEDOPT,
+    "fedadam": _FEDOPT,
+    "fedyogi": _FEDOPT,
+    "median": ("eta",),
+    "trimmed_mean": ("beta", "eta"),
+}
 
 
 def get_aggregator(name: str, **options: Any) -> Aggregator:
@@ -285,7 +281,7 @@ def get_aggregator(name: str, **options: Any) -> Aggregator:
         raise ConfigError(
             f"unknown aggregator {name!r} (known: {', '.join(AGGREGATORS)})"
         ) from None
-    allowed = _options_of(factory)
+    allowed = OPTIONS[name]
     unknown = sorted(set(options) - set(allowed))
     if unknown:
         raise ConfigError(

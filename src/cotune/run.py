@@ -137,7 +137,6 @@ def build_experiment(cfg: RunConfig, run_dir: Path, *, quiet: bool):
     from cotune.models import load_model
     from cotune.paradigms.base import Experiment
     from cotune.peft import inject_adapters
-    from cotune.report import MetricsLog
     from cotune.runtime import LocalEngine
     from cotune.train import Trainer
 
@@ -175,7 +174,6 @@ def build_experiment(cfg: RunConfig, run_dir: Path, *, quiet: bool):
         test_set=test_set,
         parts=parts,
         engine=LocalEngine(codec=cfg.engine.codec),
-        log=MetricsLog(run_dir / "metrics.jsonl"),
         trainer=trainer,
         run_dir=run_dir,
         quiet=quiet,
@@ -194,6 +192,7 @@ def run_experiment(
 ) -> Path:
     """Run ``cfg`` and return its run directory (``<output.dir>/<name>``)."""
     from cotune.paradigms import get_paradigm
+    from cotune.report import MetricsLog
 
     overwrite = cfg.output.overwrite if overwrite is None else overwrite
     run_dir = run_dir_for(cfg, out_root)
@@ -212,6 +211,8 @@ def run_experiment(
     (run_dir / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
     if resume_payload is not None:
         truncate_metrics(run_dir / "metrics.jsonl", int(resume_payload["step"]))
+    exp.log = MetricsLog(run_dir / "metrics.jsonl")
+    if resume_payload is not None:
         exp.resume = resume_payload
         exp.last_checkpoint_step = int(resume_payload["step"])
     tokenizer.save(run_dir / "tokenizer")

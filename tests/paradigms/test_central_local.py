@@ -137,3 +137,11 @@ def test_bad_data_file_leaves_no_run_dir(tiny_config, tmp_path):
 def test_empty_partition_is_an_error(tiny_config):
     with pytest.raises(DataError):
         run_experiment(tiny_config(name="e", devices={"count": 500}), quiet=True)
+
+
+def test_bad_model_leaves_no_run_dir(tiny_config, tmp_path):
+    from cotune.errors import ModelError
+
+    with pytest.raises(ModelError):
+        run_experiment(tiny_config(name="m", model={"name_or_path": str(tmp_path / "nowhere")}), quiet=True)
+    assert not (tmp_path / "runs" / "m").exists()

@@ -221,7 +221,11 @@ def _pretrained_config(path: str) -> Any:
 
 def _build(config: Any, path: str | None, task: str, seed: int) -> nn.Module:
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers.utils import logging as hf_logging
 
+    # A fresh classification head is expected, not news: keep HF's load report and bars quiet.
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
     auto = AutoModelForSequenceClassification if task == "classification" else AutoModelForCausalLM
     # A private RNG stream: the init (or a fresh head on a pretrained body) depends on seed alone,
     # and the caller's global RNG state is left untouched.

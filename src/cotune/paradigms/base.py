@@ -38,9 +38,9 @@ class Experiment:
     test_set: EncodedDataset
     parts: list[list[int]]
     engine: Engine
-    log: MetricsLog
     trainer: Trainer
     run_dir: Path
+    log: MetricsLog | None = None  # opened by cotune.run once the run directory exists
     quiet: bool = True
     resume: dict[str, Any] | None = None  # a loaded checkpoint, when resuming
     start_time: float = field(default_factory=time.perf_counter)

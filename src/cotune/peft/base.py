@@ -138,7 +138,8 @@ class AdapterLayer(nn.Module):
         y = self.base_forward(x)
         if self.merged:
             return y
-        return y + self.delta(x).to(y.dtype)
+        # In place: the base product is not saved for backward, and this skips one [B,T,out] buffer.
+        return y.add_(self.delta(x).to(y.dtype))
 
     @torch.no_grad()
     def merge(self) -> None:

@@ -59,7 +59,8 @@ class LoraLayer(AdapterLayer):
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.lora_A.weight.dtype)
-        return self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling
+        # Scale the rank-r intermediate rather than the output: r values per token instead of `out`.
+        return self.lora_B(self.lora_A(self.lora_dropout(x)) * self.scaling)
 
     def delta_weight(self) -> torch.Tensor:
         return (self.lora_B.weight @ self.lora_A.weight) * self.scaling

@@ -12,6 +12,7 @@ This module imports neither torch nor transformers (``cotune devices`` uses it a
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
@@ -197,6 +198,9 @@ def profile_from_dict(name: str, data: Mapping[str, Any], where: str = "<dict>")
     values.setdefault("description", "")
     values.setdefault("source", f"user profile from {where}")
     for f in _POSITIVE + _NON_NEGATIVE:
+        if isinstance(values[f], str):  # YAML 1.1 reads "2.0e11" (no sign) as a string
+            with contextlib.suppress(ValueError):
+                values[f] = float(values[f])
         if isinstance(values[f], bool) or not isinstance(values[f], int | float):
             raise ConfigError(f"{where}: profile {name!r}: {f} must be a number, got {values[f]!r}")
     return _check(DeviceProfile(name=name, **values), where)
