@@ -13,6 +13,7 @@ from cotune.errors import (  # noqa: E402
     CotuneError,
     DataError,
     ModelError,
+    PeerUnavailable,
     ProtocolError,
     RunDirError,
 )
@@ -24,6 +25,7 @@ __all__ = [
     "CotuneError",
     "DataError",
     "ModelError",
+    "PeerUnavailable",
     "ProtocolError",
     "RunDirError",
     "__version__",

@@ -81,6 +81,14 @@ def datasets_command() -> int:
     return 0
 
 
+def devices_command(profile_file: Path | None) -> int:
+    """List the device profiles (built-in, plus those in PROFILE_FILE)."""
+    from cotune.sim.profiles import all_profiles, format_profiles_table
+
+    print(format_profiles_table(all_profiles(str(profile_file) if profile_file else None)))
+    return 0
+
+
 def _print_summary(run_dir: Path, quiet: bool) -> None:
     import json
 
@@ -147,6 +155,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--overwrite", action="store_true")
 
     sub.add_parser("datasets", help=datasets_command.__doc__, description=datasets_command.__doc__)
+    dv = sub.add_parser(
+        "devices", help=devices_command.__doc__, description=devices_command.__doc__
+    )
+    dv.add_argument("--profile-file", type=Path, default=None, help="a YAML file of extra profiles")
     return p
 
 
@@ -179,6 +191,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         if args.command == "datasets":
             return datasets_command()
+        if args.command == "devices":
+            return devices_command(args.profile_file)
     except CotuneError as exc:
         print(f"cotune: error: {exc}", file=sys.stderr)
         return 2

@@ -126,7 +126,7 @@ class PeftSection(Section):
 
 
 class ParadigmSection(Section):
-    name: Literal["central", "local"] = "central"
+    name: Literal["central", "local", "fedavg"] = "central"
     # Paradigm-specific options, validated by the paradigm's own module.
     options: dict[str, Any] = Field(default_factory=dict)
 

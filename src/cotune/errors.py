@@ -31,3 +31,10 @@ class CheckpointError(CotuneError):
 
 class RunDirError(CotuneError):
     """A run directory would be overwritten, or is not a run directory."""
+
+
+class PeerUnavailable(CotuneError):
+    """A role did not answer: a device went offline or dropped out mid-round.
+
+    Paradigms catch it per request and carry on with the peers that did answer.
+    """

@@ -63,7 +63,17 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return ckpts[-1] if ckpts else None
 
 
-def write_checkpoint(run_dir: Path, cfg: RunConfig, step: int, states: dict, extra: dict) -> Path:
+def write_checkpoint(
+    run_dir: Path,
+    cfg: RunConfig,
+    step: int,
+    states: dict,
+    extra: dict,
+    *,
+    sim: Any = None,
+    final: bool = False,
+) -> Path:
+    """Every role's state, the driver's extra state and the simulator's clock, atomically."""
     import torch
 
     out = run_dir / "checkpoints" / f"step-{step:07d}"
@@ -75,6 +85,9 @@ def write_checkpoint(run_dir: Path, cfg: RunConfig, step: int, states: dict, ext
         "paradigm": cfg.paradigm.name,
         "states": {k: s.state_dict() for k, s in states.items()},
         "extra": extra,
+        "final": final,
+        # The clock and FLOP meter, so a resumed run's simulated time and costs carry on.
+        "sim": {"clock": vars(sim.clock), "flops": vars(sim.flops)} if sim is not None else None,
     }
     tmp = out / "state.pt.tmp"
     torch.save(payload, tmp)
@@ -138,9 +151,11 @@ def build_experiment(cfg: RunConfig, run_dir: Path, *, quiet: bool):
     from cotune.paradigms.base import Experiment
     from cotune.peft import inject_adapters
     from cotune.runtime import LocalEngine
+    from cotune.sim.simulation import Simulation
     from cotune.train import Trainer
 
     torch.manual_seed(cfg.seed)
+    sim = Simulation.from_config(cfg.devices, cfg.seed)  # fleet errors first: they are cheap
     task = cfg.model.task
     data = load_task_data(cfg.data, task, cfg.seed)
     num_labels = len(data.label_names) if task == "classification" and data.label_names else None
@@ -165,6 +180,8 @@ def build_experiment(cfg: RunConfig, run_dir: Path, *, quiet: bool):
     labels = [e.label for e in data.train] if task == "classification" else [None] * len(data.train)
     parts = partition(labels, cfg.devices.count, cfg.partition, cfg.seed)
     trainer = Trainer(adapters.named_trainable(), cfg.train, cfg.train.steps)
+    engine = LocalEngine(codec=cfg.engine.codec)
+    engine.add_listener(sim.clock.on_transfer)  # every encoded message costs link time
     exp = Experiment(
         cfg=cfg,
         loaded=loaded,
@@ -173,9 +190,10 @@ def build_experiment(cfg: RunConfig, run_dir: Path, *, quiet: bool):
         train_set=train_set,
         test_set=test_set,
         parts=parts,
-        engine=LocalEngine(codec=cfg.engine.codec),
+        engine=engine,
         trainer=trainer,
         run_dir=run_dir,
+        sim=sim,
         quiet=quiet,
     )
     return exp, tokenizer
@@ -204,6 +222,10 @@ def run_experiment(
         if ckpt is None:
             raise CheckpointError(f"--resume: {run_dir / 'checkpoints'} holds no checkpoint")
         resume_payload = load_checkpoint(ckpt, cfg)
+        if resume_payload.get("final"):
+            raise RunDirError(
+                f"--resume: {run_dir} already finished (its last checkpoint is final)"
+            )
 
     exp, tokenizer = build_experiment(cfg, run_dir, quiet=quiet)
 
@@ -215,22 +237,27 @@ def run_experiment(
     if resume_payload is not None:
         exp.resume = resume_payload
         exp.last_checkpoint_step = int(resume_payload["step"])
+        if resume_payload.get("sim"):
+            vars(exp.sim.clock).update(resume_payload["sim"]["clock"])
+            vars(exp.sim.flops).update(resume_payload["sim"]["flops"])
     tokenizer.save(run_dir / "tokenizer")
     if exp.data.label_names:
         (run_dir / "labels.json").write_text(json.dumps(exp.data.label_names), encoding="utf-8")
     exp.checkpoint_fn = lambda step, states, extra: write_checkpoint(
-        run_dir, cfg, step, states, extra
+        run_dir, cfg, step, states, extra, sim=exp.sim
     )
 
     started = time.perf_counter()
     result = paradigm(exp)
     host_time = time.perf_counter() - started
 
-    write_checkpoint(run_dir, cfg, cfg.train.steps, result.states, result.extra)
+    last_step = max([int(r.get("step", 0)) for r in exp.log.records] + [cfg.train.steps])
+    write_checkpoint(run_dir, cfg, last_step, result.states, result.extra, sim=exp.sim, final=True)
     if cfg.output.save_adapter:
         save_adapters(exp, result.states, run_dir / "adapter")
     summary = build_summary(exp, result, host_time)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    write_costs_csv(run_dir / "costs.csv", summary["costs"]["roles"])
     if report:
         from cotune.report import write_run_report
 
@@ -257,12 +284,9 @@ def build_summary(exp, result, host_time: float) -> dict[str, Any]:
     from cotune.data import partition_summary
 
     cfg = exp.cfg
-    up = down = 0
-    for t in exp.engine.transfers:
-        if t.sender.startswith("device"):
-            up += t.nbytes
-        if t.receiver.startswith("device"):
-            down += t.nbytes
+    stats = exp.sim.clock.stats()  # restored on resume, unlike the engine's in-memory log
+    up = sum(st.bytes_up for r, st in stats.items() if r.startswith("device"))
+    down = sum(st.bytes_down for r, st in stats.items() if r.startswith("device"))
     evals = [
         r
         for r in exp.log.records
@@ -278,7 +302,21 @@ def build_summary(exp, result, host_time: float) -> dict[str, Any]:
     reached = None
     if target is not None:
         hits = [r for r in evals if r.get("accuracy", 0.0) >= target]
-        reached = {"step": hits[0]["step"], "host_time_s": hits[0]["host_time_s"]} if hits else None
+        if hits:
+            reached = {
+                k: hits[0][k]
+                for k in ("step", "round", "sim_time_s", "host_time_s")
+                if k in hits[0]
+            }
+    costs = exp.sim.cost_table()
+    devices = [c for r, c in costs.items() if r.startswith("device-")]
+    totals = {
+        k: sum(c[k] for c in costs.values()) for k in ("flops", "energy_j", "compute_s", "comm_s")
+    }
+    device_totals = {
+        k: sum(c[k] for c in devices) for k in ("flops", "bytes_up", "bytes_down", "energy_j")
+    }
+    mems = [c["memory_bytes"] for c in devices if c["memory_bytes"] is not None]
     labels = (
         [e.label for e in exp.data.train]
         if exp.task == "classification"
@@ -298,12 +336,33 @@ def build_summary(exp, result, host_time: float) -> dict[str, Any]:
         "target_accuracy": target,
         "time_to_target": reached,
         "host_time_s": host_time,
+        "sim_time_s": exp.sim.now,
         "bytes": {"up": up, "down": down, "total": up + down},
+        "costs": {
+            "total": totals,
+            "devices": device_totals,
+            "device_peak_memory_bytes": max(mems) if mems else None,
+            "server": costs.get("server"),
+            "roles": costs,
+        },
         "messages": len(exp.engine.transfers),
         "trainable_params": exp.adapters.num_trainable(),
         "partition": partition_summary(exp.parts, labels, exp.data.label_names),
         "extra": {k: v for k, v in result.extra.items() if k != "per_device_eval"},
     }
+
+
+def write_costs_csv(path: Path, roles: dict[str, dict[str, Any]]) -> None:
+    """One row per role: the per-device cost table, readable in any spreadsheet."""
+    import csv
+
+    fields = ["role", "profile", "flops", "bytes_up", "bytes_down", "compute_s", "comm_s",
+              "busy_s", "energy_j", "memory_bytes", "memory_fits"]  # fmt: skip
+    with path.open("w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        w.writeheader()
+        for role, row in roles.items():
+            w.writerow({"role": role, **{k: row.get(k) for k in fields[1:]}})
 
 
 def compare(

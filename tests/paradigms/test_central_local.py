@@ -93,6 +93,7 @@ def test_resume_reaches_the_same_result(tiny_config):
     full = run_experiment(cfg, quiet=True, report=False)
     want = final_params(full)
     # Simulate a kill after the step-4 checkpoint: drop the final checkpoint and the later results.
+    summary_before = json.loads((full / "summary.json").read_text())
     for p in (full / "checkpoints").glob("step-0000008"):
         for f in p.iterdir():
             f.unlink()
@@ -105,6 +106,12 @@ def test_resume_reaches_the_same_result(tiny_config):
             torch.testing.assert_close(got[role][k], want[role][k], atol=0, rtol=0)
     steps = [r["step"] for r in records(resumed, "train", "mean")]
     assert steps == list(range(1, 9))
+    summary = json.loads((resumed / "summary.json").read_text())
+    # The simulated clock and byte counts carry on from the checkpoint.
+    assert summary["sim_time_s"] == pytest.approx(summary_before["sim_time_s"])
+    assert summary["bytes"] == summary_before["bytes"]
+    with pytest.raises(RunDirError, match="already finished"):
+        run_experiment(cfg, resume=True, quiet=True, report=False)
 
 
 def test_existing_run_dir_is_not_clobbered(tiny_config):
@@ -143,5 +150,7 @@ def test_bad_model_leaves_no_run_dir(tiny_config, tmp_path):
     from cotune.errors import ModelError
 
     with pytest.raises(ModelError):
-        run_experiment(tiny_config(name="m", model={"name_or_path": str(tmp_path / "nowhere")}), quiet=True)
+        run_experiment(
+            tiny_config(name="m", model={"name_or_path": str(tmp_path / "nowhere")}), quiet=True
+        )
     assert not (tmp_path / "runs" / "m").exists()

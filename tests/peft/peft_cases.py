@@ -101,6 +101,19 @@ MODEL_CASES = {
 # Per method: PeftSection overrides that make a freshly injected adapter non-zero.
 METHOD_CASES: dict[str, dict[str, Any]] = {
     "lora": {"options": {"init_lora_weights": False}},
+    "dora": {"options": {"init_lora_weights": False}},
+    "bora": {"options": {"init_lora_weights": False}},
+    "kasa": {"options": {"init_lora_weights": False}},
+    "pissa": {},  # A and B start on W's principal part: never zero
+    "olora": {},
+}
+
+# (method, model case) -> regex of the error stock PEFT raises loading cotune's file (it must be loud).
+PEFT_REFUSES: dict[tuple[str, str], str] = {
+    **{("bora", c): "COTUNE_BORA" for c in MODEL_CASES},  # cotune-own format: unknown peft_type
+    # PEFT's KaSA supports nn.Linear only (no fan_in_fan_out); cotune also adapts GPT-2 Conv1D.
+    ("kasa", "gpt2_causal"): "fan_in_fan_out",
+    ("kasa", "gpt2_cls"): "fan_in_fan_out",
 }
 
 

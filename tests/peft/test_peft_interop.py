@@ -9,7 +9,16 @@ import torch
 
 from cotune.peft import inject_adapters, load_adapter, save_adapter
 
-from .peft_cases import METHOD_CASES, MODEL_CASES, inputs, logits, peft_cfg, perturb, train_steps
+from .peft_cases import (
+    METHOD_CASES,
+    MODEL_CASES,
+    PEFT_REFUSES,
+    inputs,
+    logits,
+    peft_cfg,
+    perturb,
+    train_steps,
+)
 
 ATOL = 1e-5
 
@@ -27,6 +36,10 @@ def test_cotune_saved_adapter_loads_in_stock_peft(method, case_name, base_pair, 
     assert (ours - base_out).abs().max() > 1e-3
 
     save_adapter(adapters, tmp_path, base_model_name_or_path="tiny", task=case.task)
+    if (method, case_name) in PEFT_REFUSES:  # a file PEFT cannot express must fail loudly there
+        with pytest.raises((KeyError, ValueError), match=PEFT_REFUSES[method, case_name]):
+            hf_peft.PeftModel.from_pretrained(fresh, str(tmp_path))
+        return
     peft_model = hf_peft.PeftModel.from_pretrained(fresh, str(tmp_path)).eval()
     theirs = logits(peft_model, batch)
     torch.testing.assert_close(theirs, ours, atol=ATOL, rtol=0)
@@ -39,7 +52,8 @@ def test_cotune_saved_adapter_loads_in_stock_peft(method, case_name, base_pair, 
         for n, m in peft_model.named_modules()
         if isinstance(m, PeftLoraLayer)
     }
-    assert peft_ranks == {p: layer.r for p, layer in adapters.layers.items()}
+    factor = type(next(iter(adapters.layers.values()))).peft_rank_factor  # PiSSA: rank-2r export
+    assert peft_ranks == {p: layer.r * factor for p, layer in adapters.layers.items()}
     if case.task == "classification":
         assert (
             json.loads((tmp_path / "adapter_config.json").read_text())["modules_to_save"]

@@ -1,4 +1,5 @@
-"""Models cut by anatomy: ``load_model`` → ``LoadedModel``; ``Anatomy`` per family; ``Segment`` slices.
+"""Models cut by anatomy: ``load_model`` → ``LoadedModel``; ``Anatomy`` per family; ``Segment`` slices;
+``load_segment`` materialises one segment's weights only (a split-learning device).
 
 Importing this package imports torch but not transformers (that happens in ``load_model``).
 """
@@ -16,6 +17,7 @@ from cotune.models.loading import (
     family_of,
     load_model,
 )
+from cotune.models.partial import load_segment, materialized_nbytes
 from cotune.models.segment import Activations, Segment, task_loss
 
 __all__ = [
@@ -32,5 +34,7 @@ __all__ = [
     "anatomy_for",
     "family_of",
     "load_model",
+    "load_segment",
+    "materialized_nbytes",
     "task_loss",
 ]

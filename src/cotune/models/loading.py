@@ -101,6 +101,22 @@ def load_model(
     seed: int = 0,
 ) -> LoadedModel:
     """Load the model named by ``cfg.name_or_path`` for ``cfg.task``; random init is seeded by ``seed``."""
+    config, path, num_labels = prepare_config(cfg, num_labels=num_labels, vocab_size=vocab_size)
+    model = _build(config, path, cfg.task, seed)
+    # A pretrained vocabulary only grows (a tokenizer with added tokens); it never shrinks, since
+    # some checkpoints (Qwen2) pad their embedding table beyond the tokenizer's size.
+    if path is not None and vocab_size is not None and vocab_size > config.vocab_size:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model.resize_token_embeddings(vocab_size)
+    return finish_loading(model, cfg, path, num_labels)
+
+
+def prepare_config(
+    cfg: ModelSection, *, num_labels: int | None = None, vocab_size: int | None = None
+) -> tuple[Any, str | None, int | None]:
+    """The HF config for ``cfg`` (validated), the checkpoint path (``None`` for random models) and
+    the label count; shared by ``load_model`` and ``load_segment``."""
     name = cfg.name_or_path
     if name.startswith("random:"):
         config = _random_config(name.removeprefix("random:"), cfg.random_config, vocab_size)
@@ -127,20 +143,20 @@ def load_model(
     else:
         num_labels = None
     _check_max_length(config, cfg.max_length, name)
+    return config, path, num_labels
 
-    model = _build(config, path, cfg.task, seed)
-    # A pretrained vocabulary only grows (a tokenizer with added tokens); it never shrinks, since
-    # some checkpoints (Qwen2) pad their embedding table beyond the tokenizer's size.
-    if path is not None and vocab_size is not None and vocab_size > config.vocab_size:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            model.resize_token_embeddings(vocab_size)
+
+def finish_loading(
+    model: nn.Module, cfg: ModelSection, path: str | None, num_labels: int | None
+) -> LoadedModel:
+    """Pad id, dtype, eval mode, tokenizer and anatomy: the common tail of every loader."""
     # Set after construction: at construction time LLaMA-like models would make the pad id the
     # embedding's padding_idx, freezing (say) the eos row that GPT-2/LLaMA reuse as padding.
     if model.config.pad_token_id is None:
         model.config.pad_token_id = _first(model.config.eos_token_id) or 0
     model.to(_DTYPES[cfg.dtype]).eval()
-
+    model_type = model.config.model_type
+    family = family_of(model_type)
     tokenizer = _tokenizer(path) if path is not None else None
     return LoadedModel(
         model=model,
@@ -148,7 +164,7 @@ def load_model(
         family=family,
         task=cfg.task,
         anatomy=ANATOMIES[family](model, cfg.task),
-        name_or_path=name,
+        name_or_path=cfg.name_or_path,
         num_labels=num_labels,
         model_type=model_type,
     )
@@ -219,14 +235,19 @@ def _pretrained_config(path: str) -> Any:
         ) from None
 
 
-def _build(config: Any, path: str | None, task: str, seed: int) -> nn.Module:
+def auto_class(task: str) -> Any:
+    """The HF auto class for ``task``; HF's load report and progress bars are kept quiet."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
 
     # A fresh classification head is expected, not news: keep HF's load report and bars quiet.
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-    auto = AutoModelForSequenceClassification if task == "classification" else AutoModelForCausalLM
+    return AutoModelForSequenceClassification if task == "classification" else AutoModelForCausalLM
+
+
+def _build(config: Any, path: str | None, task: str, seed: int) -> nn.Module:
+    auto = auto_class(task)
     # A private RNG stream: the init (or a fresh head on a pretrained body) depends on seed alone,
     # and the caller's global RNG state is left untouched.
     with torch.random.fork_rng(devices=[]):

@@ -15,6 +15,7 @@ if TYPE_CHECKING:
 PARADIGMS: dict[str, str] = {
     "central": "cotune.paradigms.central",
     "local": "cotune.paradigms.local",
+    "fedavg": "cotune.paradigms.fedavg",
 }
 
 

@@ -12,18 +12,24 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
+from pydantic import BaseModel, ValidationError
 
 from cotune.config import RunConfig
 from cotune.data import BatchSampler, EncodedDataset, TaskData
+from cotune.errors import ConfigError
 from cotune.models import LoadedModel, Segment
 from cotune.peft import AdapterSet
 from cotune.progress import Progress
 from cotune.report import MetricsLog
 from cotune.runtime import Engine, Message, Role
+from cotune.sim.costs import MemoryEstimate, MemoryProbe
+from cotune.sim.simulation import Simulation
 from cotune.train import RoleState, StepResult, Trainer, evaluate, full_model_loss, train_step
+
+T = TypeVar("T", bound=BaseModel)
 
 
 @dataclass
@@ -40,6 +46,7 @@ class Experiment:
     engine: Engine
     trainer: Trainer
     run_dir: Path
+    sim: Simulation
     log: MetricsLog | None = None  # opened by cotune.run once the run directory exists
     quiet: bool = True
     resume: dict[str, Any] | None = None  # a loaded checkpoint, when resuming
@@ -78,9 +85,21 @@ class Experiment:
         return [*points, total]
 
     def log_record(self, event: str, step: int, role: str, **values: Any) -> None:
-        self.log.log(
-            {"event": event, "step": step, "role": role, **values, "host_time_s": self.host_time()}
-        )
+        record = {"event": event, "step": step, "role": role, **values}
+        record["sim_time_s"] = self.sim.now
+        record["host_time_s"] = self.host_time()
+        self.log.log(record)
+
+    def full_model_memory(self) -> MemoryEstimate:
+        """Peak training memory of one role holding the whole model, at the largest batch."""
+        cfg = self.cfg
+        ids = torch.ones(cfg.train.batch_size, cfg.model.max_length, dtype=torch.long)
+        was = self.loaded.model.training
+        self.loaded.model.train()
+        try:
+            return MemoryProbe().estimate("full", self.loaded.model, self.forward, ids, ids.clone())
+        finally:
+            self.loaded.model.train(was)
 
     def maybe_checkpoint(
         self, step: int, states: dict[str, RoleState], extra: dict[str, Any]
@@ -125,15 +144,21 @@ class TrainingRole(Role):
         self.dataset = dataset
         self.sampler = BatchSampler(len(dataset), self.exp.cfg.train.batch_size, self.seed)
 
-    def train_steps(self, steps: int) -> list[StepResult]:
+    def train_steps(self, steps: int, *, round: int = 0) -> list[StepResult]:
+        """Train ``steps`` optimizer steps; each step's counted FLOPs go on this role's timeline."""
         if self.dataset is None or self.sampler is None:
             raise RuntimeError(f"{self.role_id} has no data to train on")
         accum = self.exp.cfg.train.grad_accum
+        sim = self.exp.sim
         results = []
         with self.exp.trainer.activate(self.state):
             for _ in range(steps):
                 micro = [self.dataset.batch(self.sampler.next_indices()) for _ in range(accum)]
-                results.append(train_step(self.exp.trainer, self.state, self.loss_fn, micro))
+                r = train_step(
+                    self.exp.trainer, self.state, self.loss_fn, micro, counter=sim.flops, key="full"
+                )
+                sim.charge(self.role_id, r.flops, round=round, label="train")
+                results.append(r)
         self.state.sampler = self.sampler.state_dict()
         return results
 
@@ -141,6 +166,21 @@ class TrainingRole(Role):
         self.state = state
         if state.sampler is not None and self.sampler is not None:
             self.sampler.load_state_dict(state.sampler)
+
+
+def parse_options(model: type[T], options: dict[str, Any], where: str = "paradigm.options") -> T:
+    """Validate a paradigm's free-form ``options`` dict into its typed model, naming bad fields."""
+    try:
+        return model.model_validate(options)
+    except ValidationError as err:
+        lines = [f"invalid {where}:"]
+        for e in err.errors():
+            loc = ".".join(str(p) for p in e["loc"])
+            msg = "unknown option" if e["type"] == "extra_forbidden" else e["msg"]
+            if e["type"] == "extra_forbidden":
+                msg += f" (allowed: {', '.join(sorted(model.model_fields))})"
+            lines.append(f"  {where}.{loc}: {msg}")
+        raise ConfigError("\n".join(lines)) from None
 
 
 def state_tensors(state: RoleState) -> dict[str, torch.Tensor]:

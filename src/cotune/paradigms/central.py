@@ -42,6 +42,7 @@ def run(exp: Experiment) -> ParadigmResult:
         [Message("get_data", "server", o.role_id, {}, {"round": 0}) for o in owners]
     )
     server.set_dataset(server.pool(uploads))
+    exp.sim.memory["server"] = exp.full_model_memory()
 
     start = 0
     if exp.resume is not None:
@@ -54,7 +55,7 @@ def run(exp: Experiment) -> ParadigmResult:
         for point in exp.eval_points():
             if point <= start:
                 continue
-            for r in server.train_steps(point - step):
+            for r in server.train_steps(point - step, round=0):
                 step += 1
                 exp.log_record("train", step, "server", loss=r.loss, lr=r.lr, grad_norm=r.grad_norm)
                 bar.update(1, loss=r.loss)

@@ -12,7 +12,7 @@ from cotune.runtime import Message
 
 class LocalDevice(TrainingRole):
     def on_train(self, msg: Message) -> Message:
-        results = self.train_steps(int(msg.meta["steps"]))
+        results = self.train_steps(int(msg.meta["steps"]), round=int(msg.meta.get("round", 0)))
         return reply(
             msg,
             "train_result",
@@ -29,6 +29,10 @@ def run(exp: Experiment) -> ParadigmResult:
         dev = LocalDevice(f"device-{i}", exp, exp.train_set.subset(idx), seed=cfg.seed + i)
         exp.engine.register(dev)
         devices.append(dev)
+
+    mem = exp.full_model_memory()
+    for dev in devices:
+        exp.sim.memory[dev.role_id] = mem
 
     start = 0
     if exp.resume is not None:

@@ -8,20 +8,38 @@ from cotune.peft.base import (
     get_method,
     register_method,
 )
+from cotune.peft.bora import BoraLayer, BoraOptions
+from cotune.peft.dora import DoraLayer, DoraOptions
 from cotune.peft.inject import AdapterSet, inject_adapters
+from cotune.peft.kasa import KasaLayer, KasaOptions
 from cotune.peft.lora import LoraLayer, LoraOptions
 from cotune.peft.peft_format import load_adapter, save_adapter
+from cotune.peft.pissa import OloraLayer, PissaLayer, PissaOptions
 
 # The method registry: one line per method.
 register_method("lora", LoraLayer, LoraOptions)
+register_method("dora", DoraLayer, DoraOptions)
+register_method("bora", BoraLayer, BoraOptions)
+register_method("kasa", KasaLayer, KasaOptions)
+register_method("pissa", PissaLayer, PissaOptions)
+register_method("olora", OloraLayer)
 
 __all__ = [
     "AdapterLayer",
     "AdapterSet",
+    "BoraLayer",
+    "BoraOptions",
+    "DoraLayer",
+    "DoraOptions",
+    "KasaLayer",
+    "KasaOptions",
     "LayerSpec",
     "LoraLayer",
     "LoraOptions",
     "MethodSpec",
+    "OloraLayer",
+    "PissaLayer",
+    "PissaOptions",
     "available_methods",
     "get_method",
     "inject_adapters",

@@ -58,9 +58,13 @@ class AdapterLayer(nn.Module):
     method: ClassVar[str] = ""
     mergeable: ClassVar[bool] = True
     # PEFT's peft_type for saving; None means the method has no PEFT equivalent (save refuses).
+    # A type PEFT does not know (e.g. "COTUNE_BORA") is a cotune-own format in PEFT's layout:
+    # cotune saves and loads it, stock PEFT refuses it (unknown peft_type).
     peft_type: ClassVar[str | None] = "LORA"
     # PEFT config field that marks this variant (e.g. "use_dora", "kasa_config"); None for the plain method.
     peft_variant: ClassVar[str | None] = None
+    # The saved file's rank relative to the layer's (2 for PiSSA's rank-2r plain-LoRA export).
+    peft_rank_factor: ClassVar[int] = 1
 
     def __init__(self, base_layer: nn.Module, spec: LayerSpec) -> None:
         if not is_adaptable(base_layer):
@@ -109,6 +113,15 @@ class AdapterLayer(nn.Module):
     def options_from_peft(cls, config: Mapping[str, Any]) -> dict[str, Any]:
         """Inverse of `peft_config_fields`: cotune options from a PEFT adapter_config.json."""
         return {}
+
+    @classmethod
+    def peft_claims(cls, config: Mapping[str, Any]) -> bool:
+        """Whether a PEFT adapter_config.json of this `peft_type` is this variant (default: `peft_variant` set)."""
+        return cls.peft_variant is not None and bool(config.get(cls.peft_variant))
+
+    def peft_tensors(self) -> dict[str, torch.Tensor]:
+        """Tensors to write to a PEFT file, by local name (default: the adapter state as it is)."""
+        return self.adapter_tensors()
 
     @classmethod
     def peft_tensor_name(cls, name: str) -> str:

@@ -124,21 +124,24 @@ def save_adapter(
         [h for h in SEQ_CLS_HEADS if h not in heads] if task_type == "SEQ_CLS" else []
     )
     target_modules, layers = _peft_target_fields(adapters, excluded)
+    # A rank-f export keeps each layer's scaling: alpha/r needs alpha*f, alpha/sqrt(r) needs alpha*sqrt(f).
+    f = layer_cls.peft_rank_factor
+    af = f**0.5 if cfg.use_rslora else f
     config: dict[str, Any] = {
         "peft_type": layer_cls.peft_type,
         "task_type": task_type,
         "base_model_name_or_path": base_model_name_or_path,
         "revision": None,
         "inference_mode": True,
-        "r": cfg.r,
-        "lora_alpha": _num(cfg.alpha),
+        "r": cfg.r * f,
+        "lora_alpha": _num(cfg.alpha * af),
         "lora_dropout": cfg.dropout,
         "use_rslora": cfg.use_rslora,
         "target_modules": target_modules,
         "layers_to_transform": layers,
         "layers_pattern": None,
-        "rank_pattern": dict(cfg.rank_pattern),
-        "alpha_pattern": {k: _num(v) for k, v in cfg.alpha_pattern.items()},
+        "rank_pattern": {k: v * f for k, v in cfg.rank_pattern.items()},
+        "alpha_pattern": {k: _num(v * af) for k, v in cfg.alpha_pattern.items()},
         "fan_in_fan_out": any(layer.fan_in_fan_out for layer in adapters.layers.values()),
         "bias": "none",
         "modules_to_save": heads or None,
@@ -147,12 +150,15 @@ def save_adapter(
         "lora_bias": False,
     }
     config.update(layer_cls.peft_config_fields(spec.parse_options(cfg.options)))
-    tensors = {}
+    found: dict[str, torch.Tensor] = {}
+    for path, layer in adapters.layers.items():  # method-specific key spelling and export form
+        found.update(
+            {f"{path}.{layer_cls.peft_tensor_name(k)}": t for k, t in layer.peft_tensors().items()}
+        )
     for name, t in adapters.named_tensors().items():
-        layer_path = next((p for p in adapters.layers if name.startswith(p + ".")), None)
-        if layer_path is not None:  # method-specific key spelling (e.g. DoRA drops ".weight")
-            name = f"{layer_path}.{layer_cls.peft_tensor_name(name[len(layer_path) + 1 :])}"
-        tensors[PREFIX + name] = t.detach().to("cpu").contiguous().clone()
+        if not any(name.startswith(p + ".") for p in adapters.layers):
+            found[name] = t  # heads (modules_to_save)
+    tensors = {PREFIX + k: t.detach().to("cpu").contiguous().clone() for k, t in found.items()}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
@@ -183,14 +189,14 @@ def _pick_method(config: dict[str, Any], path: Path) -> type[AdapterLayer]:
             f"{path}: peft_type {peft_type!r} is not supported; supported: {sorted({m.peft_type for m in methods if m.peft_type})}"
         )
     # A variant method (DoRA, KaSA, ...) claims its PEFT field; the plain method takes the rest.
-    chosen = next((m for m in same if m.peft_variant and config.get(m.peft_variant)), None)
+    chosen = next((m for m in same if m.peft_claims(config)), None)
     chosen = chosen or next((m for m in same if m.peft_variant is None), same[0])
     bad = [f for f in UNSUPPORTED_FIELDS if config.get(f) and f != chosen.peft_variant]
     if bad:
         raise AdapterError(
             f"{path}: PEFT feature(s) {bad} are not supported by cotune (method {chosen.method!r})"
         )
-    if config.get("init_lora_weights", True) not in SAFE_INITS:
+    if config.get("init_lora_weights", True) not in SAFE_INITS and not chosen.peft_claims(config):
         raise AdapterError(
             f"{path}: init_lora_weights={config['init_lora_weights']!r} also changes the base weights; save it from PEFT "
             "with path_initial_model_for_weight_conversion to get a plain LoRA"

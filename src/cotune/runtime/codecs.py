@@ -2,9 +2,13 @@
 
 A codec encodes one tensor into named *parts* (tensors stored in the safetensors body) plus
 JSON-able *side* data (stored in the message's JSON header), and decodes them back to the
-original dtype and shape. ``fp16``/``bf16`` need one part; int8 per-channel quantization
-(``{"q": int8, "scale": fp32}``) or top-k sparsification (``{"idx": int64, "val": fp16}``,
-side ``{"k": ...}``) fit the same interface, so they plug in with :func:`register_codec`.
+original dtype and shape. ``fp16``/``bf16`` need one part; ``int8`` (per-channel quantization,
+parts ``{"q": int8, "scale": fp32}``) and ``topk<fraction>`` (sparsification, parts
+``{"idx": int32, "val": fp16}`` + side ``{"k", "scale"}``) live in :mod:`cotune.runtime.lossy`.
+
+Names are either registered as is (:func:`register_codec`) or built from a *family* prefix and
+an argument (:func:`register_codec_family`): ``topk`` = ``topk0.1``, ``topk0.05`` = ``topk:0.05``.
+A family codec's ``name`` is its canonical spelling, which is what the wire header records.
 
 A codec only touches the tensors it ``applies_to`` (by default: floating point); every other
 tensor (ids, labels, masks) travels as is under the identity codec ``fp32``.
@@ -13,6 +17,7 @@ tensor (ids, labels, masks) travels as is under the identity codec ``fp32``.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -33,6 +38,14 @@ class Codec(ABC):
     def applies_to(self, tensor: torch.Tensor) -> bool:
         """Whether this codec transforms ``tensor``; others travel unchanged (identity codec)."""
         return tensor.is_floating_point()
+
+    def abs_error_bound(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Per-element bound on ``|decode(encode(t)) - t|`` for finite ``tensor`` (same shape).
+
+        The default is ``rel_error_bound * |t|``; codecs whose error is not relative to each element
+        (int8: relative to the channel's max; top-k: dropped elements) override it.
+        """
+        return self.rel_error_bound * tensor.detach().abs().to(torch.float64)
 
     @abstractmethod
     def encode(self, tensor: torch.Tensor) -> tuple[Parts, Side]:
@@ -90,6 +103,9 @@ class CastCodec(Codec):
 
 
 _CODECS: dict[str, Codec] = {}
+# prefix -> (factory taking the argument text or None, human description of the accepted forms)
+_FAMILIES: dict[str, tuple[Callable[[str | None], Codec], str]] = {}
+_BUILT: dict[str, Codec] = {}  # canonical family names already built (codecs are stateless)
 
 
 def register_codec(codec: Codec, *, replace: bool = False) -> None:
@@ -101,22 +117,68 @@ def register_codec(codec: Codec, *, replace: bool = False) -> None:
     _CODECS[codec.name] = codec
 
 
+def register_codec_family(
+    prefix: str, factory: Callable[[str | None], Codec], forms: str, *, replace: bool = False
+) -> None:
+    """Make ``<prefix>``, ``<prefix><arg>`` and ``<prefix>:<arg>`` valid codec names.
+
+    ``factory(arg)`` gets the argument text (``None`` for the bare prefix) and returns a codec
+    whose ``name`` is the canonical spelling; it raises ``ValueError`` on a bad argument.
+    ``forms`` describes the accepted names for error messages.
+    """
+    if not prefix.isalpha() or not prefix.islower():
+        raise ValueError(f"codec family prefix {prefix!r} must be lowercase letters")
+    if (prefix in _FAMILIES or prefix in _CODECS) and not replace:
+        raise ValueError(f"codec family {prefix!r} is already registered (pass replace=True)")
+    _FAMILIES[prefix] = (factory, forms)
+
+
 def get_codec(name: str) -> Codec:
-    """The registered codec called ``name``; unknown names are a ``ProtocolError``."""
-    try:
-        return _CODECS[name]
-    except (KeyError, TypeError):
-        raise ProtocolError(
-            f"unknown codec {name!r}; registered codecs: {', '.join(available_codecs())}"
-        ) from None
+    """The codec called ``name``: a registered one, or a family member such as ``topk0.05``.
+
+    Unknown names and bad family arguments are a ``ProtocolError`` listing the valid forms.
+    """
+    if isinstance(name, str):
+        if name in _CODECS:
+            return _CODECS[name]
+        if name in _BUILT:
+            return _BUILT[name]
+        for prefix, (factory, forms) in _FAMILIES.items():
+            if not name.startswith(prefix):
+                continue
+            rest = name[len(prefix) :]
+            arg = None if rest == "" else rest.removeprefix(":")
+            try:
+                codec = factory(arg)
+            except ValueError as e:
+                raise ProtocolError(f"bad codec {name!r}: {e}; valid forms: {forms}") from None
+            _BUILT[name] = _BUILT[codec.name] = codec
+            return codec
+    raise ProtocolError(f"unknown codec {name!r}; {_valid_forms()}")
 
 
 def available_codecs() -> list[str]:
-    """Names of all registered codecs, sorted."""
+    """Names of all registered codecs, sorted (families are listed by :func:`codec_families`)."""
     return sorted(_CODECS)
+
+
+def codec_families() -> dict[str, str]:
+    """Registered family prefixes and the forms of name each accepts."""
+    return {prefix: forms for prefix, (_, forms) in sorted(_FAMILIES.items())}
+
+
+def _valid_forms() -> str:
+    text = f"registered codecs: {', '.join(available_codecs())}"
+    if _FAMILIES:
+        text += "; parameterized: " + "; ".join(codec_families().values())
+    return text
 
 
 register_codec(IdentityCodec())
 # Unit roundoff of the wire format: 2^-11 for fp16 (10 mantissa bits), 2^-8 for bf16 (7 bits).
 register_codec(CastCodec("fp16", torch.float16, 2.0**-11))
 register_codec(CastCodec("bf16", torch.bfloat16, 2.0**-8))
+
+# Lossy codecs for activations and gradients (int8, topk<fraction>) register themselves on import;
+# imported last because they subclass Codec and call the registry above.
+from cotune.runtime import lossy  # noqa: E402, F401

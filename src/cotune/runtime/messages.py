@@ -107,7 +107,10 @@ def _wire_tensors(msg: Message, codec_name: str) -> tuple[list[dict[str, Any]], 
                 f"{msg.describe()}: tensor {name!r} has unsupported dtype {t.dtype}"
             )
         c = codec if codec.applies_to(t) else identity
-        parts, side = c.encode(t)
+        try:
+            parts, side = c.encode(t)
+        except ProtocolError as e:  # codecs do not know which tensor they encode: say it here
+            raise ProtocolError(f"{msg.describe()}: tensor {name!r}: {e}") from None
         for part, pt in parts.items():
             pt = pt.detach().cpu().contiguous()
             # safetensors refuses two entries sharing storage (e.g. the same tensor sent twice).

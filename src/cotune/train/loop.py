@@ -15,6 +15,7 @@ from torch import nn
 
 from cotune.data import Batch, EncodedDataset
 from cotune.models import task_loss
+from cotune.sim.costs import FlopCounter
 from cotune.train.state import RoleState, Trainer
 
 LossFn = Callable[[Batch], torch.Tensor]
@@ -40,19 +41,40 @@ class StepResult:
     lr: float
     grad_norm: float | None
     examples: int
+    flops: int = 0  # forward + backward FLOPs actually run (0 when not counted)
 
 
 def train_step(
-    trainer: Trainer, state: RoleState, loss_fn: LossFn, micro_batches: Sequence[Batch]
+    trainer: Trainer,
+    state: RoleState,
+    loss_fn: LossFn,
+    micro_batches: Sequence[Batch],
+    *,
+    counter: FlopCounter | None = None,
+    key: str = "train",
 ) -> StepResult:
-    """One optimizer step of the *active* role over ``micro_batches`` (gradient accumulation)."""
+    """One optimizer step of the *active* role over ``micro_batches`` (gradient accumulation).
+
+    With a ``counter``, each micro-batch's forward + backward is counted once per batch shape
+    (cached, so steady-state training pays nothing for the count).
+    """
     lr = trainer.set_lr(state.step)
     total = 0.0
+    flops = 0
     n = len(micro_batches)
-    for batch in micro_batches:
+
+    def fwd_bwd(batch: Batch) -> float:
         loss = loss_fn(batch)
         (loss / n).backward()
-        total += float(loss.detach())
+        return float(loss.detach())
+
+    for batch in micro_batches:
+        if counter is None:
+            total += fwd_bwd(batch)
+        else:
+            value, f = counter.run(key, fwd_bwd, batch)
+            total += value
+            flops += f
     norm = trainer.clip_and_step()
     state.step += 1
     return StepResult(
@@ -60,6 +82,7 @@ def train_step(
         lr=lr,
         grad_norm=norm,
         examples=sum(int(b.input_ids.shape[0]) for b in micro_batches),
+        flops=flops,
     )
 
 

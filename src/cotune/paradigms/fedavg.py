@@ -1,0 +1,238 @@
+"""Federated LoRA (FedLoRA): the FedAvg family over adapters.
+
+Each round the server samples devices, sends them the global adapter, each trains it locally on
+its own shard and uploads the result; the server aggregates the updates that reported in time
+(sample-weighted FedAvg, or a server optimizer: FedAvgM, FedAdam, FedYogi, FedAdagrad; or a
+robust reducer: coordinate median, trimmed mean). FedProx adds a proximal term on the device.
+
+Partial participation: devices online at the round's start are sampled (``random`` availability
+instead drops a sampled device mid-round with probability ``drop_p``); a device that goes
+offline before it uploads raises ``PeerUnavailable`` and the round carries on without it; a
+``quorum`` or ``deadline_s`` closes the round early and late updates are discarded.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from cotune.aggregation import get_aggregator, proximal_loss
+from cotune.errors import PeerUnavailable
+from cotune.paradigms.base import (
+    Experiment,
+    ParadigmResult,
+    TrainingRole,
+    mean,
+    parse_options,
+    reply,
+    state_tensors,
+)
+from cotune.runtime import Message
+from cotune.sim.simulation import SERVER, device_id
+from cotune.train import full_model_loss
+
+
+class FedAvgOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    local_steps: int = Field(5, ge=1)  # optimizer steps per device per round
+    local_epochs: float | None = Field(None, gt=0)  # instead of local_steps (needs rounds)
+    rounds: int | None = Field(None, ge=1)  # default: ceil(train.steps / local_steps)
+    clients_per_round: int | None = Field(None, ge=1)
+    fraction: float = Field(1.0, gt=0.0, le=1.0)  # used when clients_per_round is not set
+    aggregator: str = (
+        "fedavg"  # fedavg | fedavgm | fedadam | fedyogi | fedadagrad | median | trimmed_mean
+    )
+    aggregator_options: dict = Field(default_factory=dict)
+    weighting: Literal["examples", "uniform"] = "examples"
+    prox_mu: float = Field(0.0, ge=0.0)  # FedProx: mu/2 * ||w - w_global||^2 on the device
+    # A device keeps its AdamW moments between the rounds it joins ("keep"), or starts each
+    # round afresh ("reset", like re-creating the trainer every round).
+    optimizer_state: Literal["keep", "reset"] = "keep"
+    quorum: int | None = Field(None, ge=1)  # close the round at the quorum-th report
+    deadline_s: float | None = Field(None, gt=0.0)  # simulated seconds after the round starts
+    min_reports: int = Field(1, ge=1)  # fewer reports: the global adapter stays as it was
+    idle_wait_s: float = Field(60.0, gt=0.0)  # server wait when nobody is online
+
+    @model_validator(mode="after")
+    def _epochs_need_rounds(self) -> FedAvgOptions:
+        if self.local_epochs is not None and self.rounds is None:
+            raise ValueError("local_epochs needs rounds (the number of rounds to run)")
+        return self
+
+
+class FedDevice(TrainingRole):
+    """Trains the global adapter it is sent on its own shard, returns the result."""
+
+    opts: FedAvgOptions
+
+    def local_steps(self) -> int:
+        if self.opts.local_epochs is None:
+            return self.opts.local_steps
+        per_epoch = math.ceil(len(self.dataset) / self.exp.cfg.train.batch_size)
+        return max(1, math.ceil(self.opts.local_epochs * per_epoch))
+
+    def on_train(self, msg: Message) -> Message:
+        rnd = int(msg.meta["round"])
+        with torch.no_grad():
+            for k, v in msg.tensors.items():
+                self.state.params[k].copy_(v)
+        if self.opts.optimizer_state == "reset":
+            self.state.optim = {k: {} for k in self.state.params}
+        self.state.step = int(msg.meta["schedule_step"])  # LR follows the global round
+        if self.opts.prox_mu > 0:
+            self.loss_fn = self._proximal(msg.tensors)
+        results = self.train_steps(self.local_steps(), round=rnd)
+        sim = self.exp.sim
+        if not sim.online(self.role_id, rnd, sim.clock.free_at(self.role_id)):
+            raise PeerUnavailable(f"{self.role_id} went offline in round {rnd} before uploading")
+        return reply(
+            msg,
+            "update",
+            state_tensors(self.state),
+            round=rnd,
+            examples=len(self.dataset),
+            losses=[r.loss for r in results],
+        )
+
+    def _proximal(self, global_params: dict[str, torch.Tensor]):
+        exp, mu = self.exp, self.opts.prox_mu
+        task = full_model_loss(exp.forward, exp.task, exp.adapters.regularization_loss)
+        params = exp.trainer.params  # the shared parameters, holding this device's tensors now
+
+        def loss_fn(batch):
+            return task(batch) + proximal_loss(params, global_params, mu)
+
+        return loss_fn
+
+
+def num_rounds(exp: Experiment, opts: FedAvgOptions) -> int:
+    return opts.rounds or math.ceil(exp.cfg.train.steps / opts.local_steps)
+
+
+def sample_devices(
+    exp: Experiment, opts: FedAvgOptions, devices: list[FedDevice], rnd: int, t0: float
+):
+    """Devices online at the round start, sampled without replacement (seeded per round)."""
+    if exp.cfg.devices.availability.kind == "random":
+        pool = devices  # random drops are not known in advance: they happen mid-round
+    else:
+        pool = [d for d in devices if exp.sim.online(d.role_id, rnd, t0)]
+    k = opts.clients_per_round or max(1, round(opts.fraction * len(devices)))
+    k = min(k, len(pool))
+    rng = np.random.default_rng([exp.cfg.seed, 0xFED, rnd])
+    picked = sorted(rng.choice(len(pool), size=k, replace=False).tolist()) if k else []
+    return [pool[i] for i in picked]
+
+
+def run(exp: Experiment) -> ParadigmResult:
+    cfg = exp.cfg
+    opts = parse_options(FedAvgOptions, cfg.paradigm.options)
+    aggregator = get_aggregator(opts.aggregator, **opts.aggregator_options)
+    devices: list[FedDevice] = []
+    for i, idx in enumerate(exp.parts):
+        dev = FedDevice(device_id(i), exp, exp.train_set.subset(idx), seed=cfg.seed + i)
+        dev.opts = opts
+        exp.engine.register(dev)
+        devices.append(dev)
+    mem = exp.full_model_memory()
+    for dev in devices:
+        exp.sim.memory[dev.role_id] = mem
+    glob = exp.trainer.new_state(cfg.seed, exp.initial_params())
+    rounds = num_rounds(exp, opts)
+    steps_per_round = (
+        opts.local_steps if opts.local_epochs is None else max(d.local_steps() for d in devices)
+    )
+
+    start = 0
+    if exp.resume is not None:
+        glob = exp.resume["states"][SERVER]
+        for dev in devices:
+            dev.restore(exp.resume["states"][dev.role_id])
+        aggregator.load_state_dict(exp.resume["extra"]["aggregator"])
+        start = int(exp.resume["extra"]["round"])
+
+    every = cfg.eval.every
+    last_eval: dict[str, float] = {}
+    with exp.progress(rounds - start, f"fedavg {cfg.name}") as bar:
+        for rnd in range(start + 1, rounds + 1):
+            step = rnd * steps_per_round
+            t0 = exp.sim.clock.free_at(SERVER)
+            chosen = sample_devices(exp, opts, devices, rnd, t0)
+            if not chosen:  # nobody online: the server waits and tries again
+                exp.sim.charge(SERVER, 0.0, after=t0 + opts.idle_wait_s, label="idle")
+                exp.log_record(
+                    "round", step, SERVER, round=rnd, participants=0, reported=0, dropped=0
+                )
+                continue
+            sent_before = len(exp.engine.transfers)
+            updates, weights, losses, failed = [], [], [], []
+            for dev in chosen:
+                msg = Message(
+                    "train",
+                    SERVER,
+                    dev.role_id,
+                    state_tensors(glob),
+                    {"round": rnd, "schedule_step": (rnd - 1) * steps_per_round},
+                )
+                try:
+                    rep = exp.engine.request(msg)
+                except PeerUnavailable:
+                    failed.append(dev.role_id)
+                    continue
+                updates.append((dev.role_id, rep))
+            deadline = t0 + opts.deadline_s if opts.deadline_s is not None else None
+            quorum = min(opts.quorum, len(chosen)) if opts.quorum is not None else None
+            outcome = exp.sim.clock.round_end(
+                [d.role_id for d in chosen], quorum=quorum, deadline=deadline, failed=failed
+            )
+            reported = [(r, m) for r, m in updates if r in outcome.reported]
+            for _, m in reported:
+                weights.append(float(m.meta["examples"]) if opts.weighting == "examples" else 1.0)
+                losses.append(m.meta["losses"])
+            if len(reported) >= opts.min_reports:
+                new = aggregator.aggregate(
+                    state_tensors(glob), [m.tensors for _, m in reported], weights
+                )
+                n_params = sum(v.numel() for v in new.values())
+                exp.sim.charge(
+                    SERVER,
+                    3.0 * n_params * len(reported),
+                    after=outcome.end_time,
+                    label="aggregate",
+                )
+                with torch.no_grad():
+                    for k, v in new.items():
+                        glob.params[k].copy_(v)
+            traffic = exp.engine.transfers[sent_before:]
+            for j in range(max((len(ls) for ls in losses), default=0)):
+                vals = [ls[j] for ls in losses if j < len(ls)]
+                exp.log_record(
+                    "train", (rnd - 1) * steps_per_round + j + 1, "mean", round=rnd, loss=mean(vals)
+                )
+            exp.log_record(
+                "round",
+                step,
+                SERVER,
+                round=rnd,
+                participants=len(chosen),
+                reported=len(reported),
+                dropped=len(chosen) - len(reported),
+                bytes_up=sum(t.nbytes for t in traffic if t.receiver == SERVER),
+                bytes_down=sum(t.nbytes for t in traffic if t.sender == SERVER),
+            )
+            if step // every > (step - steps_per_round) // every or rnd == rounds:
+                last_eval = exp.evaluate_state(glob)
+                exp.log_record("eval", step, SERVER, round=rnd, **last_eval)
+            bar.update(1, **{k: v for k, v in last_eval.items() if k in ("accuracy", "perplexity")})
+            states = {SERVER: glob, **{d.role_id: d.state for d in devices}}
+            exp.maybe_checkpoint(
+                step, states, {"round": rnd, "aggregator": aggregator.state_dict()}
+            )
+    if not last_eval:
+        last_eval = exp.evaluate_state(glob)
+    return ParadigmResult(states={SERVER: glob}, final_eval=last_eval, extra={"rounds": rounds})

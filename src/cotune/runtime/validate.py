@@ -1,0 +1,52 @@
+"""Checks a receiving role runs on tensors before computing with them (a split server's inputs).
+
+Decoding a message already guarantees a well-formed tensor of the dtype and shape its header
+announces; these checks are about whether that is what the receiver *expects*.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from cotune.errors import ProtocolError
+
+
+def check_activation(
+    name: str,
+    tensor: torch.Tensor,
+    *,
+    shape: Sequence[int | None] | None = None,
+    dtype: torch.dtype | None = None,
+    allow_nonfinite: bool = False,
+) -> torch.Tensor:
+    """Return ``tensor`` if it is a dense tensor of the expected ``shape``/``dtype`` with only finite
+    values; otherwise raise ``ProtocolError`` naming ``name`` (e.g. ``"message 'fwd' from
+    'device-1': tensor 'hidden'"``), the expected and the actual value, or the NaN/inf counts.
+
+    ``shape`` entries of ``None`` match any size (a batch or sequence length that varies).
+    """
+    if not isinstance(tensor, torch.Tensor):
+        raise ProtocolError(f"{name}: expected a tensor, got {type(tensor).__name__}")
+    if tensor.layout != torch.strided:
+        raise ProtocolError(f"{name}: expected a dense tensor, got layout {tensor.layout}")
+    if dtype is not None and tensor.dtype != dtype:
+        raise ProtocolError(f"{name}: expected dtype {dtype}, got {tensor.dtype}")
+    if shape is not None and not _shape_matches(tuple(tensor.shape), tuple(shape)):
+        want = "[" + ", ".join("*" if s is None else str(s) for s in shape) + "]"
+        raise ProtocolError(f"{name}: expected shape {want}, got {list(tensor.shape)}")
+    if not allow_nonfinite and tensor.is_floating_point() and not bool(tensor.isfinite().all()):
+        nan = int(tensor.isnan().sum())
+        inf = int(tensor.isinf().sum())
+        raise ProtocolError(
+            f"{name}: {nan} NaN and {inf} inf values among {tensor.numel()} "
+            f"(shape {list(tensor.shape)}); non-finite activations are refused"
+        )
+    return tensor
+
+
+def _shape_matches(actual: tuple[int, ...], expected: tuple[int | None, ...]) -> bool:
+    return len(actual) == len(expected) and all(
+        e is None or a == e for a, e in zip(actual, expected)
+    )
