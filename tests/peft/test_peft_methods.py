@@ -206,3 +206,24 @@ def test_kasa_regularizer_and_pissa_export_shapes(tmp_path):
     )
     assert config["lora_alpha"] == pytest.approx(8 * 2**0.5)
     assert config["alpha_pattern"]["down_proj"] == pytest.approx(4 * 2**0.5)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+@pytest.mark.parametrize("method", NEW)
+def test_delta_and_delta_weight_agree_with_forward(method, kind):
+    """`forward = base + delta(x)` and `delta(x) = x ΔWᵀ` hold for every method (split paradigms rely on it)."""
+    from transformers.pytorch_utils import Conv1D
+
+    from cotune.peft import LayerSpec, get_method
+
+    torch.manual_seed(0)
+    base = torch.nn.Linear(12, 20) if kind == "linear" else Conv1D(20, 12)
+    torch.nn.init.normal_(base.weight, std=0.1)
+    spec = get_method(method)
+    layer = spec.layer_cls(base, LayerSpec("x", r=3, alpha=6.0, options=spec.parse_options({})))
+    with torch.no_grad():
+        for t in layer.adapter_tensors().values():
+            t.add_(torch.randn(t.shape) * 0.1)
+        x = torch.randn(4, 12)
+        torch.testing.assert_close(layer(x), base(x) + layer.delta(x), atol=1e-6, rtol=0)
+        torch.testing.assert_close(layer.delta(x), x @ layer.delta_weight().T, atol=1e-6, rtol=0)

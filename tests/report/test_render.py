@@ -71,7 +71,7 @@ def test_compare_report(tmp_path: Path, make_run) -> None:
     assert {"eval_accuracy_vs_sim_time.png", "eval_accuracy_vs_host_time.png"} <= names
     rows = json.loads((tmp_path / "cmp" / "compare.json").read_text())
     assert [r["name"] for r in rows] == ["central", "fedavg", "split"]
-    assert rows[1]["final_loss"] == pytest.approx(1.17) and rows[1]["bytes_total"] == 777777
+    assert rows[1]["final_loss"] == pytest.approx(1.17) and rows[1]["device_bytes"] == 777777
     assert rows[2]["final_accuracy"] == pytest.approx(0.8)  # recovered from metrics
     assert rows[2]["trainable_params"] is None
     with (tmp_path / "cmp" / "compare.csv").open() as fh:

@@ -1,9 +1,10 @@
 """``load_segment``: a device builds the whole model skeleton but materialises only its segment.
 
 Every parameter the segment does not own stays on the ``meta`` device (shape and dtype, no
-storage). Owned parameters are read one by one from the checkpoint's safetensors file(s) with
-``safe_open`` (sharded checkpoints through ``model.safetensors.index.json``), so a device never
-reads or holds the other layers. Buffers (position ids, rotary tables) are small and kept real.
+storage). Owned parameters are read one by one from the checkpoint's safetensors file(s)
+(:mod:`cotune.models.checkpoint`), so a device never reads or holds the other layers. Shared
+buffers (position ids, rotary tables) are small and kept real; buffers inside foreign blocks go
+to meta too.
 
 Random initialisation must equal ``load_model``'s value for value, yet HF draws the whole model's
 init from one RNG stream. So the RNG is *replayed*: a random op on a meta tensor runs once on a
@@ -15,9 +16,7 @@ single non-owned tensor (while it is drawn), never the whole model.
 from __future__ import annotations
 
 import contextlib
-import json
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -27,6 +26,7 @@ from torch.utils._pytree import tree_map
 
 from cotune.config import ModelSection
 from cotune.errors import ModelError
+from cotune.models.checkpoint import open_checkpoint
 from cotune.models.loading import (
     ANATOMIES,
     ATTN_IMPLEMENTATION,
@@ -69,8 +69,12 @@ def load_segment(
     # A dry build on meta (no RNG, no memory) names every parameter and validates the bounds; it
     # also records the order in which parameters are registered, which the random build follows.
     registered: list[tuple[str, tuple[int, ...], nn.Parameter]] = []
-    record = _on_registration(lambda m, n, p: registered.append((n, tuple(p.shape), p)) or p)
-    with record, torch.device(_META):
+
+    def record(module: nn.Module, name: str, param: nn.Parameter) -> nn.Parameter:
+        registered.append((name, tuple(param.shape), param))  # keeps ids alive and unique
+        return param
+
+    with _on_registration(record), torch.device(_META), torch.random.fork_rng(devices=[]):
         dry = auto.from_config(config, attn_implementation=ATTN_IMPLEMENTATION)
     family = family_of(config.model_type)
     dry_segment = ANATOMIES[family](dry, cfg.task).segment(start, end, embed=embed, head=head)
@@ -143,15 +147,17 @@ def _build_pretrained(
     HF's init for what the checkpoint lacks (a new classifier), with the RNG replayed."""
     from transformers import initialization as hf_init
 
+    index = open_checkpoint(path, getattr(dry_segment.anatomy.model, "base_model_prefix", ""))
+    # HF's dtype="auto": the config's dtype, else the checkpoint's (a fresh head is drawn in it).
+    dtype = config.dtype or index.float_dtype()
     to_meta = _on_registration(
         lambda m, n, p: nn.Parameter(p.detach().to(_META), requires_grad=p.requires_grad)
     )
     with to_meta, hf_init.no_init_weights():
-        model = auto.from_config(config, attn_implementation=ATTN_IMPLEMENTATION)
+        model = auto.from_config(config, attn_implementation=ATTN_IMPLEMENTATION, dtype=dtype)
     model.tie_weights()
-    index = _checkpoint_index(path, getattr(model, "base_model_prefix", ""))
     owns = dry_segment.owns  # names are identical in the dry and the real skeleton
-    wanted: dict[str, list[tuple[str, nn.Parameter, list[str]]]] = {}
+    wanted: dict[str, tuple[nn.Parameter, list[str]]] = {}
     for param, names in _param_groups(model):
         key = next((k for k in map(index.key, names) if k is not None), None)
         if key is not None and index.shapes[key] != tuple(param.shape):
@@ -167,66 +173,20 @@ def _build_pretrained(
         elif key is None:
             _replace(model, names, torch.empty(param.shape, dtype=param.dtype), param, False)
         else:
-            wanted.setdefault(index.files[key], []).append((key, param, names))
-    from safetensors import safe_open
-
-    for file, items in wanted.items():
-        with safe_open(file, framework="pt") as f:  # reads only the requested tensors
-            for key, param, names in items:
-                _replace(model, names, f.get_tensor(key).to(param.dtype), param, True)
+            wanted[key] = (param, names)
+    for key, value in index.read(wanted):
+        param, names = wanted[key]
+        _replace(model, names, value.to(param.dtype), param, True)
+    # Persistent buffers the checkpoint stores (none in today's families; old ones are ignored).
+    persistent = set(model.state_dict(keep_vars=True))
+    for name, buf in list(model.named_buffers()):
+        key = index.key(name)
+        if name in persistent and key is not None and owns(name.rpartition(".")[0]):
+            buf.copy_(dict(index.read([key]))[key])
+            buf._is_hf_initialized = True  # type: ignore[attr-defined]
     with _ReplayRandomOnMeta():
         model.initialize_weights()
     return model
-
-
-class _CheckpointIndex:
-    """Tensor names, shapes and files of a safetensors checkpoint (headers only)."""
-
-    def __init__(self, files: list[Path], prefix: str) -> None:
-        from safetensors import safe_open
-
-        self.files: dict[str, str] = {}
-        self.shapes: dict[str, tuple[int, ...]] = {}
-        self._by_model_name: dict[str, str] = {}
-        for file in files:
-            with safe_open(str(file), framework="pt") as f:
-                for key in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
-                    self.files[key] = str(file)
-                    self.shapes[key] = tuple(f.get_slice(key).get_shape())
-                    # Checkpoints of a bare encoder (MiniLM: a BertModel) lack the "bert." prefix;
-                    # old BERT ones call LayerNorm parameters gamma/beta.
-                    name = key.replace("LayerNorm.gamma", "LayerNorm.weight")
-                    name = name.replace("LayerNorm.beta", "LayerNorm.bias")
-                    self._by_model_name.setdefault(name, key)
-                    if prefix:
-                        self._by_model_name.setdefault(f"{prefix}.{name}", key)
-
-    def key(self, model_name: str) -> str | None:
-        return self._by_model_name.get(model_name)
-
-
-def _checkpoint_index(path: str, prefix: str) -> _CheckpointIndex:
-    root = Path(path)
-    if not root.is_dir():
-        raise ModelError(f"load_segment needs a local model directory, got {path!r}")
-    sharded = root / "model.safetensors.index.json"
-    if sharded.is_file():
-        try:
-            weight_map = json.loads(sharded.read_text(encoding="utf-8"))["weight_map"]
-        except (OSError, ValueError, KeyError) as exc:
-            raise ModelError(f"{sharded}: unreadable shard index: {exc}") from None
-        files = sorted({root / f for f in weight_map.values()})
-    elif (root / "model.safetensors").is_file():
-        files = [root / "model.safetensors"]
-    else:
-        raise ModelError(
-            f"{path}: no model.safetensors or model.safetensors.index.json; load_segment reads "
-            "safetensors checkpoints only (use load_model for others)"
-        )
-    missing = [str(f) for f in files if not f.is_file()]
-    if missing:
-        raise ModelError(f"{path}: shard files listed in the index are missing: {missing}")
-    return _CheckpointIndex(files, prefix)
 
 
 # ---------------------------------------------------------------- shared machinery

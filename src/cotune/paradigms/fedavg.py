@@ -14,6 +14,7 @@ offline before it uploads raises ``PeerUnavailable`` and the round carries on wi
 from __future__ import annotations
 
 import math
+import time
 from typing import Literal
 
 import numpy as np
@@ -69,6 +70,7 @@ class FedDevice(TrainingRole):
     """Trains the global adapter it is sent on its own shard, returns the result."""
 
     opts: FedAvgOptions
+    last_train_host_s: float = 0.0
 
     def local_steps(self) -> int:
         if self.opts.local_epochs is None:
@@ -86,7 +88,11 @@ class FedDevice(TrainingRole):
         self.state.step = int(msg.meta["schedule_step"])  # LR follows the global round
         if self.opts.prox_mu > 0:
             self.loss_fn = self._proximal(msg.tensors)
+        started = time.perf_counter()
         results = self.train_steps(self.local_steps(), round=rnd)
+        # Measurement, not protocol: host timings never ride in a message (they would change
+        # its byte count, and so the simulated time, from one run to the next).
+        self.last_train_host_s = time.perf_counter() - started
         sim = self.exp.sim
         if not sim.online(self.role_id, rnd, sim.clock.free_at(self.role_id)):
             raise PeerUnavailable(f"{self.role_id} went offline in round {rnd} before uploading")
@@ -170,6 +176,7 @@ def run(exp: Experiment) -> ParadigmResult:
                 )
                 continue
             sent_before = len(exp.engine.transfers)
+            round_started = time.perf_counter()
             updates, weights, losses, failed = [], [], [], []
             for dev in chosen:
                 msg = Message(
@@ -208,6 +215,7 @@ def run(exp: Experiment) -> ParadigmResult:
                 with torch.no_grad():
                     for k, v in new.items():
                         glob.params[k].copy_(v)
+            round_host_s = time.perf_counter() - round_started
             traffic = exp.engine.transfers[sent_before:]
             for j in range(max((len(ls) for ls in losses), default=0)):
                 vals = [ls[j] for ls in losses if j < len(ls)]
@@ -224,6 +232,10 @@ def run(exp: Experiment) -> ParadigmResult:
                 dropped=len(chosen) - len(reported),
                 bytes_up=sum(t.nbytes for t in traffic if t.receiver == SERVER),
                 bytes_down=sum(t.nbytes for t in traffic if t.sender == SERVER),
+                # Host seconds of the whole round vs. the devices' own training: the overhead
+                # of the protocol (encoding, aggregation, bookkeeping) is the difference.
+                round_host_s=round_host_s,
+                device_train_host_s=sum(d.last_train_host_s for d in chosen),
             )
             if step // every > (step - steps_per_round) // every or rnd == rounds:
                 last_eval = exp.evaluate_state(glob)

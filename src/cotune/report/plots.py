@@ -21,14 +21,18 @@ from cotune.report.metrics import (
     numeric_fields,
     series_by_role,
 )
+from cotune.report.units import fmt_seconds
 
 #: Fields used as x axes or bookkeeping, never plotted as a metric of their own.
-AXIS_FIELDS = ("step", "round", "epoch", "host_time_s", "sim_time_s")
+AXIS_FIELDS = ("step", "round", "epoch", "host_time_s", "sim_time_s", "examples")
+#: (event, field) pairs drawn by a dedicated plot instead (cost_plots.plot_bytes_per_round).
+DEDICATED = {("round", "bytes_up"), ("round", "bytes_down")}
 #: The order metrics appear in; anything else follows alphabetically.
 METRIC_ORDER = ("loss", "accuracy", "perplexity", "lr")
 EVENT_ORDER = ("train", "eval", "round")
 X_LABELS = {"step": "step", "sim_time_s": "simulated time (s)", "host_time_s": "host time (s)"}
-_PALETTE = [
+X_TITLES = {"step": "step", "sim_time_s": "simulated time", "host_time_s": "host time"}
+PALETTE = [
     "#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd",
     "#8c564b", "#e377c2", "#17becf", "#7f7f7f", "#bcbd22",
 ]  # fmt: skip
@@ -40,6 +44,8 @@ class Plot:
 
     title: str
     path: Path
+    #: Multi-panel figures: shown at full page width rather than in the grid of small plots.
+    wide: bool = False
 
 
 @dataclass
@@ -72,6 +78,12 @@ def _draw(path: Path, title: str, xlabel: str, metric: str, lines: list[_Line]) 
         ax.plot(xs, ys, color=ln.color, label=ln.label, marker=marker, markersize=3, **style)
     if _log_scale(metric, lines):
         ax.set_yscale("log")
+    if xlabel in (X_LABELS["sim_time_s"], X_LABELS["host_time_s"]):
+        # Seconds as ms/s/min/h: a long simulated run would otherwise read "2e4" with an offset.
+        from matplotlib.ticker import FuncFormatter
+
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _p: fmt_seconds(v) if v >= 0 else ""))
+        xlabel = xlabel.removesuffix(" (s)")
     ax.set_title(title, fontsize=11)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(metric)
@@ -99,11 +111,11 @@ def _run_lines(by_role: dict[str, Series]) -> list[_Line]:
     few = len(devices) <= 8
     for i, (role, s) in enumerate(devices.items()):
         label = role if few else (f"devices ({len(devices)})" if i == 0 else None)
-        lines.append(_Line(label, s, _PALETTE[i % len(_PALETTE)] if few else "#7f7f7f", True))
+        lines.append(_Line(label, s, PALETTE[i % len(PALETTE)] if few else "#7f7f7f", True))
     if devices and "mean" not in others:
         lines.append(_Line("device mean", mean_series(list(devices.values())), "black"))
     for j, (role, s) in enumerate(others.items()):
-        color = "black" if role == "mean" else _PALETTE[(j + 1) % len(_PALETTE)]
+        color = "black" if role == "mean" else PALETTE[(j + 1) % len(PALETTE)]
         label = role if (devices or len(others) > 1) else None
         lines.append(_Line(label, s, color))
     return lines
@@ -115,7 +127,14 @@ def plot_run(records: list[dict[str, Any]], plots_dir: Path) -> list[Plot]:
     events = sorted({str(r.get("event")) for r in records if "event" in r}, key=_event_key)
     for event in events:
         recs = [r for r in records if r.get("event") == event]
-        metrics = sorted((m for m in numeric_fields(recs) if m not in AXIS_FIELDS), key=_metric_key)
+        metrics = sorted(
+            (
+                m
+                for m in numeric_fields(recs)
+                if m not in AXIS_FIELDS and (event, m) not in DEDICATED
+            ),
+            key=_metric_key,
+        )
         for metric in metrics:
             # The headline "quality vs simulated time" plots; other fields only vs step.
             quality = event == "eval" and metric in ("loss", "accuracy", "perplexity")
@@ -125,18 +144,19 @@ def plot_run(records: list[dict[str, Any]], plots_dir: Path) -> list[Plot]:
                 if not by_role:
                     continue
                 suffix = "" if x == "step" else f"_vs_{x.removesuffix('_s')}"
-                title = f"{event} {metric}" + ("" if x == "step" else f" vs {X_LABELS[x]}")
+                title = f"{event} {metric}" + ("" if x == "step" else f" vs {X_TITLES[x]}")
                 path = plots_dir / f"{_slug(event)}_{_slug(metric)}{suffix}.png"
                 _draw(path, title, X_LABELS[x], metric, _run_lines(by_role))
                 plots.append(Plot(title, path))
     return plots
 
 
-#: What a comparison plots: (event, metric, x axes).
+#: What a comparison plots: (event, metric, x axes), in display order. Quality vs simulated
+#: time comes first: it is the comparison across paradigms that host time cannot give.
 COMPARE_METRICS = (
-    ("eval", "accuracy", ("step", "sim_time_s", "host_time_s")),
-    ("eval", "perplexity", ("step", "sim_time_s", "host_time_s")),
-    ("eval", "loss", ("step", "sim_time_s", "host_time_s")),
+    ("eval", "accuracy", ("sim_time_s", "step", "host_time_s")),
+    ("eval", "perplexity", ("sim_time_s", "step", "host_time_s")),
+    ("eval", "loss", ("sim_time_s", "step", "host_time_s")),
     ("train", "loss", ("step",)),
 )
 
@@ -150,10 +170,10 @@ def plot_compare(runs: list[tuple[str, list[dict[str, Any]]]], plots_dir: Path) 
             for i, (label, records) in enumerate(runs):
                 s = main_series(series_by_role(records, event, metric, x))
                 if s is not None:
-                    lines.append(_Line(label, s, _PALETTE[i % len(_PALETTE)]))
+                    lines.append(_Line(label, s, PALETTE[i % len(PALETTE)]))
             if not lines:
                 continue
-            title = f"{event} {metric} vs {X_LABELS[x]}"
+            title = f"{event} {metric} vs {X_TITLES[x]}"
             suffix = "" if x == "step" else f"_vs_{x.removesuffix('_s')}"
             path = plots_dir / f"{event}_{metric}{suffix}.png"
             plots.append(Plot(title, _draw(path, title, X_LABELS[x], metric, lines)))

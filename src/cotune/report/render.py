@@ -12,111 +12,33 @@ import csv
 import html
 import json
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from cotune import __version__
-from cotune.report.plots import Plot, plot_compare, plot_run
-from cotune.report.runs import (
-    COMPARE_COLUMNS,
-    RunData,
-    compare_row,
-    fmt_value,
-    load_run,
-    summary_rows,
+from cotune.report.cost_plots import plot_bytes_per_round, plot_compare_costs, plot_device_costs
+from cotune.report.costs import device_costs, device_totals, role_costs
+from cotune.report.page import (
+    Cell,
+    clear_pngs,
+    html_page,
+    html_plots,
+    html_table,
+    md_plots,
+    md_table,
+    rel,
 )
+from cotune.report.plots import Plot, plot_compare, plot_run
+from cotune.report.runs import COMPARE_COLUMNS, RunData, compare_row, load_run, summary_rows
 
-_CSS = """
-body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;max-width:1100px;margin:2em auto;
-padding:0 1em;color:#222;line-height:1.45}
-h1{margin-bottom:.1em}.sub{color:#666;margin-top:0}
-table{border-collapse:collapse;margin:1em 0;font-size:.92em}
-th,td{border:1px solid #ddd;padding:.3em .7em;text-align:left}
-th{background:#f4f4f4}td.num{text-align:right;font-variant-numeric:tabular-nums}
-.plots{display:flex;flex-wrap:wrap;gap:1em}
-figure{margin:0;border:1px solid #eee;padding:.4em}figure img{max-width:520px;width:100%}
-figcaption{font-size:.85em;color:#555;text-align:center}
-pre{background:#f7f7f7;border:1px solid #e3e3e3;padding:1em;overflow:auto;font-size:.85em}
-footer{color:#999;font-size:.8em;margin-top:2em}
-"""
-
-
-def _clear_pngs(plots_dir: Path) -> None:
-    # A re-render may draw fewer plots (fields gone); stale PNGs would be misleading.
-    if plots_dir.is_dir():
-        for p in plots_dir.glob("*.png"):
-            p.unlink()
-
-
-def _is_num(v: Any) -> bool:
-    return isinstance(v, int | float) and not isinstance(v, bool)
-
-
-def _html_table(
-    header: Sequence[str], rows: Iterable[Sequence[tuple[str, Any, str | None]]]
-) -> str:
-    """rows: cells of (key, value, optional link)."""
-    out = ["<table><thead><tr>"]
-    out += [f"<th>{html.escape(h)}</th>" for h in header]
-    out.append("</tr></thead><tbody>")
-    for row in rows:
-        out.append("<tr>")
-        for key, v, link in row:
-            text = html.escape(fmt_value(key, v))
-            if link:
-                text = f'<a href="{html.escape(link)}">{text}</a>'
-            cls = ' class="num"' if _is_num(v) else ""
-            out.append(f"<td{cls}>{text}</td>")
-        out.append("</tr>")
-    out.append("</tbody></table>")
-    return "".join(out)
-
-
-def _md_cell(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", " ")
-
-
-def _md_table(header: Sequence[str], rows: Iterable[Sequence[tuple[str, Any, str | None]]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for row in rows:
-        cells = []
-        for key, v, link in row:
-            text = _md_cell(fmt_value(key, v))
-            cells.append(f"[{text}]({link})" if link else text)
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def _rel(path: Path, start: Path) -> str:
-    return Path(os.path.relpath(path, start)).as_posix()
-
-
-def _html_page(title: str, subtitle: str, sections: list[tuple[str, str]]) -> str:
-    body = "".join(f"<h2>{html.escape(h)}</h2>\n{content}\n" for h, content in sections)
-    return (
-        '<!doctype html>\n<html lang="en"><head><meta charset="utf-8">'
-        f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>\n"
-        f'<h1>{html.escape(title)}</h1><p class="sub">{html.escape(subtitle)}</p>\n{body}'
-        f"<footer>rendered by cotune {html.escape(__version__)}</footer></body></html>\n"
-    )
-
-
-def _html_plots(plots: list[Plot], base: Path) -> str:
-    if not plots:
-        return "<p>No metrics to plot.</p>"
-    figs = [
-        f'<figure><img src="{html.escape(_rel(p.path, base))}" alt="{html.escape(p.title)}">'
-        f"<figcaption>{html.escape(p.title)}</figcaption></figure>"
-        for p in plots
-    ]
-    return '<div class="plots">' + "".join(figs) + "</div>"
-
-
-def _md_plots(plots: list[Plot], base: Path) -> str:
-    if not plots:
-        return "No metrics to plot."
-    return "\n\n".join(f"![{p.title}]({_rel(p.path, base)})" for p in plots)
+#: Device rows shown in a report's cost table; the rest are in costs.csv.
+MAX_TABLE_DEVICES = 20
+#: (header, key) of the per-role cost table.
+COST_COLUMNS = (
+    ("role", "role"), ("profile", "profile"), ("FLOPs", "flops"), ("bytes up", "bytes_up"),
+    ("bytes down", "bytes_down"), ("busy", "busy_s"), ("energy", "energy_j"),
+    ("memory", "memory_bytes"), ("fits", "memory_fits"),
+)  # fmt: skip
 
 
 def _subtitle(summary: dict[str, Any]) -> str:
@@ -124,33 +46,86 @@ def _subtitle(summary: dict[str, Any]) -> str:
     return " · ".join(str(p) for p in parts if p)
 
 
+def _cost_rows(roles: dict[str, dict[str, Any]]) -> tuple[list[list[Cell]], int]:
+    """Cost-table rows: the server, the first ``MAX_TABLE_DEVICES`` devices, then the device
+    totals; and how many device rows were left out."""
+    devices = device_costs(roles)
+    shown = [r for r in roles if r not in devices] + list(devices)[:MAX_TABLE_DEVICES]
+    rows = [[(k, role if k == "role" else roles[role].get(k), None) for _, k in COST_COLUMNS]
+            for role in shown]  # fmt: skip
+    hidden = len(devices) - min(len(devices), MAX_TABLE_DEVICES)
+    if hidden:
+        rows.append([("role", f"… {hidden} more devices", None)]
+                    + [(k, None, None) for _, k in COST_COLUMNS[1:]])  # fmt: skip
+    if len(devices) > 1:
+        tot = {"role": f"all {len(devices)} devices", "profile": "", **device_totals(devices)}
+        rows.append([(k, tot.get(k), None) for _, k in COST_COLUMNS])
+    return rows, hidden
+
+
+def _cost_section(run: RunData, roles: dict[str, dict[str, Any]]) -> tuple[str, str] | None:
+    """(html, md) of the per-role cost table, or None for a run without cost data."""
+    if not roles:
+        return None
+    rows, hidden = _cost_rows(roles)
+    header = [h for h, _ in COST_COLUMNS]
+    has_csv = (run.run_dir / "costs.csv").is_file()
+    note = (
+        "busy: compute + communication time; memory: peak training memory. In the all-devices"
+        " row, memory is the largest device's and fits means every device fits"
+    )
+    if hidden:
+        note = f"showing the first {MAX_TABLE_DEVICES} devices; " + note
+    link_html = ' Every role: <a href="costs.csv">costs.csv</a>.' if has_csv else ""
+    link_md = " Every role: [costs.csv](costs.csv)." if has_csv else ""
+    return (
+        html_table(header, rows) + f"<p>{html.escape(note)}.{link_html}</p>",
+        md_table(header, rows) + f"\n\n{note}.{link_md}",
+    )
+
+
+_HEADLINES = ("eval_accuracy_vs_sim_time.png", "eval_perplexity_vs_sim_time.png")
+
+
+def _headline_first(plots: list[Plot]) -> list[Plot]:
+    # Quality vs simulated time answers "what does this paradigm buy": show it first.
+    return sorted(plots, key=lambda p: p.path.name not in _HEADLINES)  # stable sort
+
+
 def write_run_report(run_dir: str | os.PathLike[str]) -> Path:
     """Render ``plots/*.png``, ``report.html`` and ``report.md`` in ``run_dir``; return the HTML path."""
     run = load_run(run_dir)
     d = run.run_dir
-    _clear_pngs(d / "plots")
-    plots = plot_run(run.records, d / "plots")
-    rows = [[(k, k, None), (k, v, None)] for k, v in summary_rows(run.summary)]
+    clear_pngs(d / "plots")
+    plots = _headline_first(plot_run(run.records, d / "plots"))
+    roles = role_costs(run.summary, d)
+    extra = [plot_device_costs(roles, d / "plots"), plot_bytes_per_round(run.records, d / "plots")]
+    n_head = sum(1 for p in plots if p.path.name in _HEADLINES)
+    plots[n_head:n_head] = [p for p in extra if p is not None]
+    rows = [[(label, label, None), (key, v, None)] for label, key, v in summary_rows(run.summary)]
     n_rec = len(run.records)
-    table_html = _html_table(["field", "value"], rows) if rows else "<p>No summary.json yet.</p>"
-    table_md = _md_table(["field", "value"], rows) if rows else "No summary.json yet."
+    table_html = html_table(["field", "value"], rows) if rows else "<p>No summary.json yet.</p>"
+    table_md = md_table(["field", "value"], rows) if rows else "No summary.json yet."
+    costs = _cost_section(run, roles)
     config = run.config_text if run.config_text is not None else "(no config.yaml)"
     title = f"cotune run: {run.name}"
     sections = [
         ("Summary", table_html + f"<p>{n_rec} metric records.</p>"),
-        ("Plots", _html_plots(plots, d)),
+        *([("Cost per role", costs[0])] if costs else []),
+        ("Plots", html_plots(plots, d)),
         ("Config", f"<pre>{html.escape(config)}</pre>"),
     ]
     html_path = d / "report.html"
-    html_path.write_text(_html_page(title, _subtitle(run.summary), sections), encoding="utf-8")
+    html_path.write_text(html_page(title, _subtitle(run.summary), sections), encoding="utf-8")
     md = [
         f"# {title}",
         _subtitle(run.summary),
         "## Summary",
         table_md,
         f"{n_rec} metric records.",
+        *(["## Cost per role", costs[1]] if costs else []),
         "## Plots",
-        _md_plots(plots, d),
+        md_plots(plots, d),
         "## Config",
         f"```yaml\n{config.rstrip()}\n```",
     ]
@@ -193,14 +168,17 @@ def write_compare_report(
         writer.writeheader()
         writer.writerows({k: ("" if v is None else v) for k, v in r.items()} for r in rows)
 
-    _clear_pngs(out / "plots")
+    clear_pngs(out / "plots")
     plots = plot_compare([(lab, r.records) for r, lab in zip(runs, labels)], out / "plots")
+    cost_plot = plot_compare_costs([(r["name"], r) for r in rows], out / "plots")
+    if cost_plot is not None:  # right after the headline (quality vs simulated time)
+        plots.insert(min(1, len(plots)), cost_plot)
     # Show only columns some run has a value for; the CSV/JSON keep them all.
     cols = [c for c in COMPARE_COLUMNS if c == "name" or any(r[c] is not None for r in rows)]
 
     def cells(row: dict[str, Any], run: RunData) -> list[tuple[str, Any, str | None]]:
         report = run.run_dir / "report.html"
-        link = _rel(report, out) if report.exists() else None
+        link = rel(report, out) if report.exists() else None
         return [(c, row[c], link if c == "name" else None) for c in cols]
 
     table_rows = [cells(row, run) for row, run in zip(rows, runs)]
@@ -210,11 +188,11 @@ def write_compare_report(
     ]
     title = f"cotune comparison: {len(runs)} runs"
     sections = [
-        ("Runs", _html_table(cols, table_rows)),
-        ("Plots", _html_plots(plots, out)),
+        ("Runs", html_table(cols, table_rows)),
+        ("Plots", html_plots(plots, out)),
     ]
     html_path = out / "report.html"
-    html_path.write_text(_html_page(title, ", ".join(labels), sections), encoding="utf-8")
-    md = [f"# {title}", "## Runs", _md_table(cols, md_rows), "## Plots", _md_plots(plots, out)]
+    html_path.write_text(html_page(title, ", ".join(labels), sections), encoding="utf-8")
+    md = [f"# {title}", "## Runs", md_table(cols, md_rows), "## Plots", md_plots(plots, out)]
     (out / "report.md").write_text("\n\n".join(md) + "\n", encoding="utf-8")
     return html_path

@@ -8,24 +8,30 @@ summary field is optional. Missing finals are recovered from the metrics where p
 from __future__ import annotations
 
 import json
-import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from cotune.errors import CotuneError, RunDirError
+from cotune.report.costs import device_costs, device_totals, role_costs
 from cotune.report.metrics import is_number, main_series, read_metrics, series_by_role
+from cotune.report.units import fmt_value
+
+__all__ = ["COMPARE_COLUMNS", "RunData", "compare_row", "fmt_value", "load_run", "summary_rows"]
 
 #: Summary keys in display order; others follow in file order.
 SUMMARY_ORDER = (
     "name", "paradigm", "peft_method", "model", "dataset", "task", "devices", "steps",
-    "final", "best", "host_time_s", "sim_time_s", "bytes", "trainable_params", "partition",
+    "final", "best", "host_time_s", "sim_time_s", "target_accuracy", "time_to_target", "bytes",
+    "costs", "trainable_params", "partition",
 )  # fmt: skip
 #: Columns of the comparison table (compare.json / compare.csv use the same keys).
 COMPARE_COLUMNS = (
     "name", "paradigm", "peft_method", "final_accuracy", "final_perplexity", "final_loss",
-    "best_accuracy", "host_time_s", "sim_time_s", "bytes_total", "trainable_params",
+    "best_accuracy", "host_time_s", "sim_time_s", "time_to_target_sim_s", "time_to_target_step",
+    "device_compute_s", "device_flops", "device_bytes", "device_energy_j",
+    "device_peak_memory_bytes", "trainable_params",
 )  # fmt: skip
 
 
@@ -75,6 +81,32 @@ def _get(d: dict[str, Any], *path: str) -> Any:
     return d
 
 
+def _device_summary(run: RunData) -> dict[str, Any]:
+    """Device totals: the summary's ``costs.devices`` where present, else summed from the
+    per-role costs (summary or costs.csv), else the old ``bytes`` block for traffic."""
+    s = run.summary
+    devs = device_costs(role_costs(s, run.run_dir))
+    tot = device_totals(devs) if devs else {}
+    given = _get(s, "costs", "devices") or {}
+    out = {
+        "compute_s": tot.get("compute_s"),
+        "flops": given.get("flops", tot.get("flops")),
+        "energy_j": given.get("energy_j", tot.get("energy_j")),
+        "peak_memory_bytes": _get(s, "costs", "device_peak_memory_bytes")
+        or tot.get("memory_bytes"),
+        "bytes": None,
+    }
+    if is_number(given.get("bytes_up")) or is_number(given.get("bytes_down")):
+        out["bytes"] = (given.get("bytes_up") or 0) + (given.get("bytes_down") or 0)
+    elif tot:
+        out["bytes"] = tot["bytes_up"] + tot["bytes_down"]
+    elif _get(s, "bytes", "total") is not None:
+        out["bytes"] = _get(s, "bytes", "total")
+    elif is_number(_get(s, "bytes", "up")):
+        out["bytes"] = _get(s, "bytes", "up") + (_get(s, "bytes", "down") or 0)
+    return out
+
+
 def compare_row(run: RunData) -> dict[str, Any]:
     """One comparison-table row; summary values first, metrics as the fallback."""
     s, recs = run.summary, run.records
@@ -82,9 +114,7 @@ def compare_row(run: RunData) -> dict[str, Any]:
         (r["host_time_s"] for r in recs if is_number(r.get("host_time_s"))), default=None
     )
     last_sim = max((r["sim_time_s"] for r in recs if is_number(r.get("sim_time_s"))), default=None)
-    bytes_total = _get(s, "bytes", "total")
-    if bytes_total is None and is_number(_get(s, "bytes", "up")):
-        bytes_total = _get(s, "bytes", "up") + (_get(s, "bytes", "down") or 0)
+    dev = _device_summary(run)
 
     def final(metric: str) -> Any:
         v = _get(s, "final", metric)
@@ -100,53 +130,73 @@ def compare_row(run: RunData) -> dict[str, Any]:
         "best_accuracy": _get(s, "best", "accuracy"),
         "host_time_s": s.get("host_time_s", last_host),
         "sim_time_s": s.get("sim_time_s", last_sim),
-        "bytes_total": bytes_total,
+        "time_to_target_sim_s": _get(s, "time_to_target", "sim_time_s"),
+        "time_to_target_step": _get(s, "time_to_target", "step"),
+        "device_compute_s": dev["compute_s"],
+        "device_flops": dev["flops"],
+        "device_bytes": dev["bytes"],
+        "device_energy_j": dev["energy_j"],
+        "device_peak_memory_bytes": dev["peak_memory_bytes"],
         "trainable_params": s.get("trainable_params"),
     }
     return {k: row[k] for k in COMPARE_COLUMNS}
 
 
-def summary_rows(summary: dict[str, Any]) -> list[tuple[str, Any]]:
-    """Flatten the summary into (dotted key, value) rows, one level of nesting deep."""
-    keys = [k for k in SUMMARY_ORDER if k in summary] + [
-        k for k in summary if k not in SUMMARY_ORDER
-    ]
-    rows: list[tuple[str, Any]] = []
-    for k in keys:
-        v = summary[k]
-        if isinstance(v, dict) and v:
-            rows.extend((f"{k}.{sub}", sv) for sub, sv in v.items())
-        else:
-            rows.append((k, v))
+#: Top-level summary keys shown under a friendlier label.
+_LABELS = {"host_time_s": "host time", "sim_time_s": "simulated time"}
+#: (label, path in summary) of the cost figures the summary table shows.
+_COST_ROWS = (
+    ("device FLOPs", ("devices", "flops")),
+    ("device bytes up", ("devices", "bytes_up")),
+    ("device bytes down", ("devices", "bytes_down")),
+    ("device energy", ("devices", "energy_j")),
+    ("peak device memory", ("device_peak_memory_bytes",)),
+    ("server FLOPs", ("server", "flops")),
+    ("server energy", ("server", "energy_j")),
+    ("total FLOPs", ("total", "flops")),
+    ("total energy", ("total", "energy_j")),
+    ("total compute time", ("total", "compute_s")),
+    ("total comm time", ("total", "comm_s")),
+)
+
+SummaryRow = tuple[str, str, Any]
+
+
+def _time_to_target_rows(summary: dict[str, Any]) -> list[SummaryRow]:
+    target, hit = summary.get("target_accuracy"), summary.get("time_to_target")
+    if target is None and not hit:
+        return []
+    if not isinstance(hit, dict):
+        return [("time to target", "time_to_target", "not reached")]
+    rows: list[SummaryRow] = []
+    for sub, label in (("sim_time_s", "simulated"), ("host_time_s", "host"), ("step", "step"),
+                       ("round", "round")):  # fmt: skip
+        if sub in hit:
+            rows.append((f"time to target ({label})", f"time_to_target.{sub}", hit[sub]))
     return rows
 
 
-def fmt_value(key: str, v: Any) -> str:
-    """Human form of a table value: bytes in KB/MB, seconds, 4 significant digits."""
-    if v is None:
-        return "—"
-    if isinstance(v, bool | str):
-        return str(v)
-    if is_number(v) and math.isfinite(v):
-        last = key.rsplit(".", 1)[-1]
-        if "bytes" in key:
-            return _human_bytes(float(v))
-        if last.endswith("_s"):
-            return f"{v:.4g} s" if abs(v) < 1000 else f"{v:,.0f} s"
-        if isinstance(v, int):
-            return f"{v:,}"
-        return f"{v:.4g}"
-    if is_number(v):
-        return str(v)  # nan / inf
-    text = json.dumps(v, separators=(",", ":"), default=str)
-    return text if len(text) <= 160 else text[:157] + "..."
-
-
-def _human_bytes(n: float) -> str:
-    if abs(n) < 1000:
-        return f"{n:,.0f} B"
-    for unit in ("KB", "MB", "GB", "TB"):
-        n /= 1000
-        if abs(n) < 1000 or unit == "TB":
-            break
-    return f"{n:.4g} {unit}"
+def summary_rows(summary: dict[str, Any]) -> list[SummaryRow]:
+    """(label, key for units, value) rows: one level of nesting flattened into dotted keys;
+    ``costs`` and ``time_to_target`` as a fixed set of readable rows (per-role costs have
+    their own table)."""
+    keys = [k for k in SUMMARY_ORDER if k in summary] + [
+        k for k in summary if k not in SUMMARY_ORDER
+    ]
+    rows: list[SummaryRow] = []
+    for k in keys:
+        v = summary[k]
+        if k == "costs":
+            for label, path in _COST_ROWS:
+                cv = _get(v, *path)
+                if cv is not None:
+                    rows.append((label, f"costs.{'.'.join(path)}", cv))
+        elif k == "bytes" and _get(summary, "costs", "devices", "bytes_up") is not None:
+            continue  # the same device traffic as the cost rows' device bytes up/down
+        elif k == "time_to_target":
+            rows.extend(_time_to_target_rows(summary))
+        elif isinstance(v, dict) and v:
+            rows.extend((f"{k}.{sub}", f"{k}.{sub}", sv) for sub, sv in v.items())
+        else:
+            rows.append((_LABELS.get(k, k), k, v))
+    return rows
