@@ -19,7 +19,7 @@ demo: $(STAMP)
 	$(BIN)/cotune compare configs/demo/central.yaml configs/demo/fedavg.yaml configs/demo/local.yaml --out runs/demo --overwrite
 
 test: $(STAMP)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks scripts

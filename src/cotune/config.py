@@ -126,14 +126,46 @@ class PeftSection(Section):
 
 
 class ParadigmSection(Section):
-    name: Literal["central", "local", "fedavg"] = "central"
+    # One of cotune.paradigms.PARADIGMS (central, local, fedavg, ...).
+    name: str = "central"
     # Paradigm-specific options, validated by the paradigm's own module.
     options: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("name")
+    @classmethod
+    def _known_paradigm(cls, v: str) -> str:
+        from cotune.paradigms import PARADIGMS  # a dict of module paths: imports no torch
+
+        if v not in PARADIGMS:
+            raise ValueError(f"{v!r} is not a paradigm (allowed: {', '.join(PARADIGMS)})")
+        return v
+
+
+CODEC_FORMS = "fp32, fp16, bf16, int8, topk (= topk0.1), topk<fraction>, topk:<fraction>"
+
+
+def _check_codec(v: str) -> str:
+    import re
+
+    if v in ("fp32", "fp16", "bf16", "int8", "topk"):
+        return v
+    m = re.fullmatch(r"topk:?([0-9]*\.?[0-9]+(?:e-?[0-9]+)?)", v)
+    if m and 0.0 < float(m.group(1)) <= 1.0:
+        return v
+    raise ValueError(f"{v!r} is not a codec (allowed: {CODEC_FORMS})")
 
 
 class EngineSection(Section):
     kind: Literal["local"] = "local"
-    codec: Literal["fp32", "fp16", "bf16"] = "fp32"
+    # Wire codec for adapter/parameter messages, and for cut-layer activations and gradients
+    # in split paradigms (lossy codecs such as int8 and topk are meant for those).
+    codec: str = "fp32"
+    activation_codec: str = "fp32"
+
+    @field_validator("codec", "activation_codec")
+    @classmethod
+    def _known_codec(cls, v: str) -> str:
+        return _check_codec(v)
 
 
 class TrainSection(Section):

@@ -166,3 +166,27 @@ def test_simulated_time_and_bytes_are_deterministic(tiny_config):
     sa, sb = (json.loads((d / "summary.json").read_text()) for d in (a, b))
     assert sa["sim_time_s"] == sb["sim_time_s"] and sa["bytes"] == sb["bytes"]
     assert sa["costs"]["roles"] == sb["costs"]["roles"]
+
+
+def test_dispatch_shaper_batches_reports(tiny_config):
+    def rounds_of(name, **availability):
+        cfg = tiny_config(
+            name=name,
+            paradigm={"name": "fedavg", "options": {"local_steps": 1, "quorum": 2}},
+            devices={
+                "count": 4,
+                "profiles": ["laptop-cpu", "phone-mid", "phone-low", "jetson"],
+                "availability": availability,
+            },
+            train={"steps": 2},
+        )
+        return records(run_experiment(cfg, quiet=True, report=False), "round")
+
+    plain = rounds_of("plain")
+    batched = rounds_of("batched", dispatch_batch=3)
+    # With a quorum of 2 a plain round closes at the second report; released three at a time,
+    # the two fastest reports wait for the third, so every round closes later.
+    assert [r["reported"] for r in plain] == [2, 2]
+    assert [r["reported"] for r in batched] == [3, 3]
+    dropping = rounds_of("dropping", dispatch_batch=1, dispatch_drop_p=0.5)
+    assert sum(r["dropped"] for r in dropping) > 0

@@ -135,6 +135,24 @@ def sample_devices(
     return [pool[i] for i in picked]
 
 
+def shape_reports(exp: Experiment, roles: list[str], t0: float, rnd: int) -> list[str]:
+    """Apply the dispatch shaper (SimDC's traffic controller): reports reach the server in
+    batches or at a rate, so a device's report counts from its release time; returns the
+    reports the shaper dropped."""
+    shaper = exp.sim.shaper
+    if shaper is None or not roles:
+        return []
+    clock = exp.sim.clock
+    ready = [clock.free_at(r) for r in roles]
+    dropped = []
+    for role, t in zip(roles, shaper.release(ready, origin=t0, round=rnd)):
+        if t is None:
+            dropped.append(role)
+        else:
+            clock.compute(role, 0.0, after=t, label="dispatch-wait")
+    return dropped
+
+
 def run(exp: Experiment) -> ParadigmResult:
     cfg = exp.cfg
     opts = parse_options(FedAvgOptions, cfg.paradigm.options)
@@ -192,6 +210,7 @@ def run(exp: Experiment) -> ParadigmResult:
                     failed.append(dev.role_id)
                     continue
                 updates.append((dev.role_id, rep))
+            failed += shape_reports(exp, [r for r, _ in updates], t0, rnd)
             deadline = t0 + opts.deadline_s if opts.deadline_s is not None else None
             quorum = min(opts.quorum, len(chosen)) if opts.quorum is not None else None
             outcome = exp.sim.clock.round_end(
