@@ -40,25 +40,57 @@ def shape_signature(*args: Any, **kwargs: Any) -> tuple:
 
 
 class FlopCounter:
-    """Counts the FLOPs of callables once per ``(key, shapes)`` and keeps running totals."""
+    """Counts the FLOPs of callables once per ``(key, shapes)`` and keeps running totals.
+
+    With ``dims=(batch, seq)`` a key also learns its exact FLOP law. A transformer step's counted
+    FLOPs are ``a·B·T + b·B·T² + c·B`` (projections and MLPs, attention scores, the head), so
+    after three counted shapes the integer coefficients are solved for and then *verified*
+    against a fourth counted shape; only a verified law predicts later shapes. Dynamic padding
+    makes many shapes, and counting each one would slow a run by tens of percent at its start.
+    """
 
     def __init__(self) -> None:
         self._cache: dict[tuple, int] = {}
         self.total: int = 0
         self.by_key: dict[str, int] = {}
+        self._samples: dict[str, dict[tuple[int, int], int]] = {}
+        self._law: dict[str, tuple[int, int, int] | None] = {}  # verified coefficients
 
-    def run(self, key: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> tuple[T, int]:
+    def run(
+        self,
+        key: str,
+        fn: Callable[..., T],
+        *args: Any,
+        dims: tuple[int, int] | None = None,
+        **kwargs: Any,
+    ) -> tuple[T, int]:
         """Call ``fn(*args, **kwargs)`` (e.g. forward + backward) and return ``(result, flops)``."""
         cache_key = (key, shape_signature(*args, **kwargs))
         flops = self._cache.get(cache_key)
+        if flops is None and dims is not None and self._law.get(key) is not None:
+            a, b, c = self._law[key]  # type: ignore[misc]
+            bsz, seq = dims
+            flops = self._cache[cache_key] = a * bsz * seq + b * bsz * seq * seq + c * bsz
         if flops is None:
             with FlopCounterMode(display=False) as mode:
                 result = fn(*args, **kwargs)
             flops = self._cache[cache_key] = int(mode.get_total_flops())
+            if dims is not None:
+                self._learn(key, dims, flops)
         else:
             result = fn(*args, **kwargs)
         self.add(key, flops)
         return result, flops
+
+    def _learn(self, key: str, dims: tuple[int, int], flops: int) -> None:
+        samples = self._samples.setdefault(key, {})
+        samples[dims] = flops
+        if self._law.get(key) is not None or len(samples) < 4:
+            return
+        pts = list(samples.items())
+        fit = _solve_law(pts[:3])
+        if fit is not None and all(_predict(fit, d) == f for d, f in pts):
+            self._law[key] = fit
 
     def add(self, key: str, flops: int) -> None:
         """Charge ``flops`` to ``key`` without running anything (e.g. a cached estimate)."""
@@ -68,6 +100,40 @@ class FlopCounter:
     @property
     def cached_shapes(self) -> int:
         return len(self._cache)
+
+    def has_law(self, key: str) -> bool:
+        return self._law.get(key) is not None
+
+
+def _predict(law: tuple[int, int, int], dims: tuple[int, int]) -> int:
+    a, b, c = law
+    bsz, seq = dims
+    return a * bsz * seq + b * bsz * seq * seq + c * bsz
+
+
+def _solve_law(pts: list[tuple[tuple[int, int], int]]) -> tuple[int, int, int] | None:
+    """Integer ``(a, b, c)`` with ``a·B·T + b·B·T² + c·B = flops`` through three points, or None."""
+    from fractions import Fraction
+
+    rows = [[Fraction(bs * t), Fraction(bs * t * t), Fraction(bs)] for (bs, t), _ in pts]
+    rhs = [Fraction(f) for _, f in pts]
+    # Gaussian elimination in exact rationals: the counts are integers and so must the law be.
+    n = 3
+    for col in range(n):
+        piv = next((r for r in range(col, n) if rows[r][col] != 0), None)
+        if piv is None:
+            return None
+        rows[col], rows[piv] = rows[piv], rows[col]
+        rhs[col], rhs[piv] = rhs[piv], rhs[col]
+        for r in range(n):
+            if r != col and rows[r][col] != 0:
+                k = rows[r][col] / rows[col][col]
+                rows[r] = [x - k * y for x, y in zip(rows[r], rows[col])]
+                rhs[r] -= k * rhs[col]
+    sol = [rhs[i] / rows[i][i] for i in range(n)]
+    if any(x.denominator != 1 for x in sol):
+        return None
+    return (int(sol[0]), int(sol[1]), int(sol[2]))
 
 
 def _storage_key(t: torch.Tensor) -> tuple[int, int]:

@@ -72,7 +72,9 @@ def train_step(
         if counter is None:
             total += fwd_bwd(batch)
         else:
-            value, f = counter.run(key, fwd_bwd, batch)
+            # Cached per batch shape; (B, T) lets the counter learn and verify its FLOP law.
+            bsz, seq = batch.input_ids.shape
+            value, f = counter.run(key, fwd_bwd, batch, dims=(int(bsz), int(seq)))
             total += value
             flops += f
     norm = trainer.clip_and_step()
