@@ -28,7 +28,7 @@ def test_learned_law_matches_counted_flops_for_new_shapes():
         )
         forward = loaded.anatomy.full()
 
-        def step(ids):
+        def step(ids, forward=forward, task=task):
             logits = forward(ids, torch.ones_like(ids))
             labels = (
                 torch.zeros(ids.shape[0], dtype=torch.long) if task == "classification" else ids
