@@ -59,3 +59,16 @@ def test_compare_writes_one_report(tmp_path):
     out = tmp_path / "cmp"
     assert main(["compare", *paths, "--out", str(out), "--quiet", "--set", "train.steps=3"]) == 0
     assert (out / "report.html").is_file() and (out / "c" / "summary.json").is_file()
+
+
+def test_devices_lists_profiles(capsys, tmp_path):
+    assert main(["devices"]) == 0
+    out = capsys.readouterr().out
+    assert "phone-low" in out and "jetson" in out and "a100" in out
+    extra = tmp_path / "p.yaml"
+    extra.write_text("profiles:\n  my-board:\n    base: jetson\n    flops: 2.0e12\n")
+    assert main(["devices", "--profile-file", str(extra)]) == 0
+    assert "my-board" in capsys.readouterr().out
+    extra.write_text("profiles:\n  bad-board:\n    base: jetson\n    up_bps: 0\n")
+    assert main(["devices", "--profile-file", str(extra)]) == 2
+    assert "up_bps" in capsys.readouterr().err

@@ -154,3 +154,36 @@ def test_bad_model_leaves_no_run_dir(tiny_config, tmp_path):
             tiny_config(name="m", model={"name_or_path": str(tmp_path / "nowhere")}), quiet=True
         )
     assert not (tmp_path / "runs" / "m").exists()
+
+
+NO_DROPOUT = {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
+
+
+def test_gradient_accumulation_equals_the_larger_batch(tiny_config):
+    model = {"random_config": NO_DROPOUT}
+    big = run_experiment(
+        tiny_config(name="big", model=model, train={"batch_size": 8, "grad_accum": 1}),
+        quiet=True,
+        report=False,
+    )
+    acc = run_experiment(
+        tiny_config(name="acc", model=model, train={"batch_size": 4, "grad_accum": 2}),
+        quiet=True,
+        report=False,
+    )
+    # The sampler's order depends only on (seed, epoch): two micro-batches of 4 are the batch of 8.
+    lb = [r["loss"] for r in records(big, "train", "server")]
+    la = [r["loss"] for r in records(acc, "train", "server")]
+    assert la == pytest.approx(lb, abs=1e-5)
+    pb, pa = final_params(big)["server"], final_params(acc)["server"]
+    for k in pb:
+        torch.testing.assert_close(pa[k], pb[k], atol=1e-5, rtol=1e-4)
+
+
+def test_time_to_target_is_reported(tiny_config):
+    cfg = tiny_config(name="tt", eval={"target_accuracy": 0.01})
+    summary = json.loads(
+        (run_experiment(cfg, quiet=True, report=False) / "summary.json").read_text()
+    )
+    assert summary["time_to_target"]["step"] == 3
+    assert summary["time_to_target"]["sim_time_s"] > 0

@@ -1,4 +1,5 @@
 import json
+import math
 
 import pytest
 import torch
@@ -190,3 +191,37 @@ def test_dispatch_shaper_batches_reports(tiny_config):
     assert [r["reported"] for r in batched] == [3, 3]
     dropping = rounds_of("dropping", dispatch_batch=1, dispatch_drop_p=0.5)
     assert sum(r["dropped"] for r in dropping) > 0
+
+
+def test_periodic_availability_and_stragglers(tiny_config):
+    cfg = tiny_config(
+        name="per",
+        paradigm={"name": "fedavg", "options": {"local_steps": 1}},
+        devices={
+            "count": 4,
+            "availability": {
+                "kind": "periodic",
+                "period_s": 0.4,
+                "on_fraction": 0.5,
+                "stagger": True,
+                "straggler_fraction": 0.5,
+                "straggler_slowdown": [3.0, 3.0],
+            },
+        },
+        train={"steps": 6},
+    )
+    rounds = records(run_experiment(cfg, quiet=True, report=False), "round")
+    # Only devices online at a round's start are sampled, so rounds have fewer than 4.
+    assert any(r["participants"] < 4 for r in rounds)
+    assert all(r["reported"] + r["dropped"] == r["participants"] for r in rounds)
+
+
+def test_local_epochs(tiny_config):
+    cfg = fed(tiny_config, "ep", devices=2, local_epochs=0.5, rounds=2)
+    run_dir = run_experiment(cfg, quiet=True, report=False)
+    sizes = json.loads((run_dir / "summary.json").read_text())["partition"]["sizes"]
+    steps_per_round = max(math.ceil(0.5 * math.ceil(s / 8)) for s in sizes)
+    assert [r["round"] for r in records(run_dir, "round")] == [1, 2]
+    assert max(r["step"] for r in records(run_dir, "train")) == 2 * steps_per_round
+    with pytest.raises(ConfigError, match="local_epochs needs rounds"):
+        run_experiment(fed(tiny_config, "ep2", local_epochs=1.0), quiet=True)
