@@ -171,14 +171,25 @@ def build_experiment(cfg: RunConfig, run_dir: Path, *, quiet: bool):
     )
     if tokenizer is None:
         tokenizer = build_tokenizer(loaded.tokenizer, [], cfg.data.bpe_vocab_size)
-    adapters = inject_adapters(
-        loaded.model, cfg.peft, anatomy=loaded.anatomy, head_paths=loaded.anatomy.head_paths()
-    )
     train_set = encode_dataset(data.train, tokenizer, cfg.model.max_length, task)
     test_examples = data.test[: cfg.eval.max_examples] if cfg.eval.max_examples else data.test
     test_set = encode_dataset(test_examples, tokenizer, cfg.model.max_length, task)
     labels = [e.label for e in data.train] if task == "classification" else [None] * len(data.train)
     parts = partition(labels, cfg.devices.count, cfg.partition, cfg.seed)
+    heads = loaded.anatomy.head_paths()
+    peft_cfg = cfg.peft
+    if peft_cfg.method == "gelora":  # per-layer ranks from the data, before injection
+        from cotune.peft.gelora import gelora_peft_section
+
+        peft_cfg = gelora_peft_section(
+            peft_cfg, loaded.model, loaded.anatomy, train_set, parts, seed=cfg.seed,
+            head_paths=heads, batch_size=cfg.eval.batch_size,
+        )  # fmt: skip
+    adapters = inject_adapters(loaded.model, peft_cfg, anatomy=loaded.anatomy, head_paths=heads)
+    if peft_cfg.method == "d2lora":  # warm-up on public data: every role starts from it
+        from cotune.peft.d2lora import d2lora_stage
+
+        d2lora_stage(cfg, loaded, tokenizer, adapters)
     trainer = Trainer(adapters.named_trainable(), cfg.train, cfg.train.steps)
     engine = LocalEngine(codec=cfg.engine.codec)
     engine.add_listener(sim.clock.on_transfer)  # every encoded message costs link time
@@ -195,6 +206,7 @@ def build_experiment(cfg: RunConfig, run_dir: Path, *, quiet: bool):
         run_dir=run_dir,
         sim=sim,
         quiet=quiet,
+        tokenizer=tokenizer,
     )
     return exp, tokenizer
 

@@ -106,12 +106,19 @@ METHOD_CASES: dict[str, dict[str, Any]] = {
     "kasa": {"options": {"init_lora_weights": False}},
     "pissa": {},  # A and B start on W's principal part: never zero
     "olora": {},
+    "gelora": {"options": {"init_lora_weights": False}},  # plain LoRA once the ranks are chosen
+    "d2lora": {"options": {"init_lora_weights": False}},  # plain LoRA after its warm-up
+    "mosld": {},  # experts B_i start at zero; tests perturb them
+    "modula": {},  # stage "universal" by default
 }
 
 # (method, model case) -> regex of the error stock PEFT raises loading cotune's file (it must be loud).
 PEFT_REFUSES: dict[tuple[str, str], str] = {
     **{("bora", c): "COTUNE_BORA" for c in MODEL_CASES},  # cotune-own format: unknown peft_type
     # PEFT's KaSA supports nn.Linear only (no fan_in_fan_out); cotune also adapts GPT-2 Conv1D.
+    # MoE methods have no PEFT equivalent: cotune-own formats that stock PEFT must refuse.
+    **{("mosld", c): "COTUNE_MOSLD" for c in MODEL_CASES},
+    **{("modula", c): "COTUNE_MODULA" for c in MODEL_CASES},
     ("kasa", "gpt2_causal"): "fan_in_fan_out",
     ("kasa", "gpt2_cls"): "fan_in_fan_out",
 }

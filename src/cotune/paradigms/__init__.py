@@ -16,6 +16,12 @@ PARADIGMS: dict[str, str] = {
     "central": "cotune.paradigms.central",
     "local": "cotune.paradigms.local",
     "fedavg": "cotune.paradigms.fedavg",
+    "split": "cotune.paradigms.split",
+    "splitfed": "cotune.paradigms.splitfed",
+    "splitfrozen": "cotune.paradigms.splitfrozen",
+    "hierfed": "cotune.paradigms.hierfed",
+    "fedbiot": "cotune.paradigms.fedbiot",
+    "dlora": "cotune.paradigms.dlora",
 }
 
 

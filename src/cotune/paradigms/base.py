@@ -53,6 +53,7 @@ class Experiment:
     start_time: float = field(default_factory=time.perf_counter)
     checkpoint_fn: Callable[[int, dict[str, RoleState], dict[str, Any]], None] | None = None
     last_checkpoint_step: int = 0
+    tokenizer: Any = None  # the run's Tokenizer (paradigms that encode extra data, e.g. fedbiot)
 
     @property
     def task(self) -> str:

@@ -9,10 +9,14 @@ from cotune.peft.base import (
     register_method,
 )
 from cotune.peft.bora import BoraLayer, BoraOptions
+from cotune.peft.d2lora import D2loraLayer, D2loraOptions
 from cotune.peft.dora import DoraLayer, DoraOptions
+from cotune.peft.gelora import GeloraLayer, GeloraOptions
 from cotune.peft.inject import AdapterSet, inject_adapters
 from cotune.peft.kasa import KasaLayer, KasaOptions
 from cotune.peft.lora import LoraLayer, LoraOptions
+from cotune.peft.modula import ModulaLayer, ModulaOptions
+from cotune.peft.mosld import MosldLayer, MosldOptions
 from cotune.peft.peft_format import load_adapter, save_adapter
 from cotune.peft.pissa import OloraLayer, PissaLayer, PissaOptions
 
@@ -23,20 +27,32 @@ register_method("bora", BoraLayer, BoraOptions)
 register_method("kasa", KasaLayer, KasaOptions)
 register_method("pissa", PissaLayer, PissaOptions)
 register_method("olora", OloraLayer)
+register_method("gelora", GeloraLayer, GeloraOptions)
+register_method("d2lora", D2loraLayer, D2loraOptions)
+register_method("mosld", MosldLayer, MosldOptions)
+register_method("modula", ModulaLayer, ModulaOptions)
 
 __all__ = [
     "AdapterLayer",
     "AdapterSet",
     "BoraLayer",
     "BoraOptions",
+    "D2loraLayer",
+    "D2loraOptions",
     "DoraLayer",
     "DoraOptions",
+    "GeloraLayer",
+    "GeloraOptions",
     "KasaLayer",
     "KasaOptions",
     "LayerSpec",
     "LoraLayer",
     "LoraOptions",
     "MethodSpec",
+    "ModulaLayer",
+    "ModulaOptions",
+    "MosldLayer",
+    "MosldOptions",
     "OloraLayer",
     "PissaLayer",
     "PissaOptions",

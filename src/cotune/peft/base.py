@@ -96,6 +96,11 @@ class AdapterLayer(nn.Module):
         """Extra training loss of this layer (None: the method has none)."""
         return None
 
+    def set_trainable(self) -> None:
+        """Mark the adapter parameters trainable (called by injection); staged methods (MoDULA) override."""
+        for _, p in self.adapter_named_parameters():
+            p.requires_grad_(True)
+
     def merged_weight(self, weight: torch.Tensor) -> torch.Tensor:
         """Base weight `[out, in]` after merging; override for non-additive methods."""
         return weight + self.delta_weight().to(weight.dtype)

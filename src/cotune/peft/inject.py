@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -163,6 +163,20 @@ class AdapterSet:
         self.layers = {}
         return self.model
 
+    def set_stage(self, stage: str, **options: Any) -> None:
+        """Switch a staged method (MoSLD, MoDULA) to `stage`: changes which parameters require grad.
+
+        The options (and so a saved adapter's config) record the stage. A `Trainer` built before the
+        switch still holds the old trainable set: build a new one for the next stage.
+        """
+        staged = [layer for layer in self.layers.values() if hasattr(layer, "set_stage")]
+        if not staged or len(staged) != len(self.layers):
+            raise AdapterError(f"method {self.method!r} has no training stages")
+        for layer in staged:
+            layer.set_stage(stage, **options)  # type: ignore[operator]
+        new = {**self.cfg.options, "stage": stage, **options}
+        self.cfg = self.cfg.model_copy(update={"options": new})
+
     def regularization_loss(self) -> torch.Tensor | None:
         losses = [
             loss
@@ -260,8 +274,7 @@ def inject_adapters(
         parent = model.get_submodule(parent_path) if parent_path else model
         layer = method.layer_cls(modules[path], spec)
         setattr(parent, child, layer)
-        for _, p in layer.adapter_named_parameters():
-            p.requires_grad_(True)
+        layer.set_trainable()
         layers[path] = layer
     for h in heads:
         model.get_submodule(h).requires_grad_(True)

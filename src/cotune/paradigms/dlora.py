@@ -1,0 +1,357 @@
+"""DLoRA (arXiv 2404.05182) as a parameterizable STAND-IN: the paper's method section and its
+Kill-and-Revive (KR) rules were not available (``methods-distributed.md`` §3.2/3.3, [INFERRED]).
+
+Every device fine-tunes its own, personal LoRA together with the cloud; nothing is averaged.
+The cloud holds the frozen backbone and runs the blocks; the device keeps its data, the
+embeddings and the head, and every *active* LoRA module with its optimizer state. Per step the
+device sends the embedded batch up; at each active module the cloud sends the module's input
+``x`` down and gets the LoRA branch ``Δ(x)`` back; the final hidden state comes down, the device
+computes the loss, and the backward pass retraces the same path (``∂y`` down, ``∂x`` up).
+KR: every ``kill_every`` steps the device kills the active modules whose ``ΔW = s·BA`` moved
+least since the last check until at most ``active_fraction`` remain (a killed module is uploaded
+once and merged into the cloud's backbone: applied, frozen, no traffic); every ``revive_every``
+steps ``revive_count`` killed modules, drawn at random, train again.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from cotune.errors import CheckpointError, ConfigError
+from cotune.models import Activations, task_loss
+from cotune.paradigms.base import (
+    Experiment,
+    ParadigmResult,
+    TrainingRole,
+    mean,
+    parse_options,
+    reply,
+)
+from cotune.runtime import Message, Role
+from cotune.sim.costs import estimate_memory
+from cotune.sim.simulation import SERVER, device_id
+
+
+class DLoRAOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    active_fraction: float = Field(0.125, gt=0.0, le=1.0)  # ρ: 1/8 matches the reported 87.5%
+    kill_every: int = Field(10, ge=1)  # T_k (steps)
+    revive_every: int = Field(20, ge=1)  # T_r (steps)
+    revive_count: int = Field(1, ge=0)
+
+
+def lora_flops(layer: Any, x: torch.Tensor) -> int:
+    """Forward FLOPs of a LoRA branch on ``x`` (the two rank-r products)."""
+    r, fin = layer.lora_A.weight.shape
+    fout = layer.lora_B.weight.shape[0]
+    return 2 * (x.numel() // x.shape[-1]) * r * (fin + fout)
+
+
+class RemoteDelta(torch.autograd.Function):
+    """The LoRA branch computed on the device: forward and backward are message exchanges.
+
+    ``anchor`` (an empty tensor that requires grad) keeps the branch in the graph even where
+    ``x`` needs no gradient (the first block's input), since the device's LoRA still does.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any, x: torch.Tensor, anchor: torch.Tensor, cloud: Cloud, path: str
+    ) -> torch.Tensor:
+        ctx.cloud, ctx.path = cloud, path
+        return cloud.exchange("lora_fwd", path, x, "x", "y")
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, None, None, None]:
+        need = bool(ctx.needs_input_grad[0])
+        gx = ctx.cloud.exchange("lora_bwd", ctx.path, grad, "g", "gx", need_gx=need)
+        return (gx if need else None), None, None, None
+
+
+class Cloud(Role):
+    """Runs the frozen blocks for whichever device is stepping; calls out to it per active module."""
+
+    def __init__(self, exp: Experiment) -> None:
+        super().__init__(SERVER)
+        self.exp = exp
+        n = exp.loaded.anatomy.num_layers
+        self.body = exp.loaded.anatomy.segment(0, n, embed=False, head=False)
+        self.pending: dict[str, tuple[torch.Tensor, tuple[str, ...]]] = {}
+        self.device, self.meta = "", {}
+        self.lora_flops = self.fwd_flops = 0
+        self.anchor = torch.empty(0, requires_grad=True)
+
+    def exchange(
+        self, kind: str, path: str, t: torch.Tensor, key: str, back: str, **meta: Any
+    ) -> torch.Tensor | None:
+        msg = Message(
+            kind, SERVER, self.device, {key: t.detach()}, {**self.meta, **meta, "layer": path}
+        )
+        return self.exp.engine.request(msg).tensors.get(back)
+
+    def _patched(self, active: set[str]) -> list[Any]:
+        layers = self.exp.adapters.layers
+        for path, layer in layers.items():
+
+            def fwd(x: torch.Tensor, layer: Any = layer, path: str = path) -> torch.Tensor:
+                y = layer.base_forward(x)
+                if path in active:
+                    self.lora_flops += 3 * lora_flops(layer, x)  # ran on the device
+                    return y + RemoteDelta.apply(x, self.anchor, self, path).to(y.dtype)
+                with torch.no_grad():  # killed: merged into the backbone, frozen
+                    return y + layer.delta(x).to(y.dtype)
+
+            layer.forward = fwd  # instance attribute: shadows the class's forward
+        return list(layers.values())
+
+    def on_forward(self, msg: Message) -> Message:
+        self.device, self.meta = msg.sender, {"round": msg.meta["round"]}
+        active = tuple(msg.meta["active"])
+        self.lora_flops = 0
+        patched = self._patched(set(active))
+        hidden, mask = msg.tensors["hidden"], msg.tensors["mask"]
+        try:
+            with torch.enable_grad():
+                out, self.fwd_flops = self.exp.sim.flops.run(
+                    "dlora-cloud-fwd",
+                    lambda h, m, a: self.body(Activations(h, m)),
+                    hidden,
+                    mask,
+                    active,
+                )
+        finally:
+            for layer in patched:
+                del layer.forward
+        self.pending[msg.sender] = (out.hidden, active)
+        return reply(msg, "hidden", {"hidden": out.hidden.detach()}, **self.meta)
+
+    def on_backward(self, msg: Message) -> Message:
+        hidden, active = self.pending.pop(msg.sender)
+        grad, sim = msg.tensors["grad"], self.exp.sim
+        bwd = 0
+        if hidden.requires_grad:
+            _, bwd = sim.flops.run("dlora-cloud-bwd", lambda g, a: hidden.backward(g), grad, active)
+        # What ran here, less the LoRA branches the device ran inside these calls.
+        flops = max(self.fwd_flops + bwd - self.lora_flops, 0)
+        sim.charge(
+            SERVER, flops, after=sim.clock.last_arrival(SERVER, msg.sender), label="backbone"
+        )
+        return reply(msg, "ack", **self.meta)
+
+    def on_kill(self, msg: Message) -> Message:
+        # The killed modules' tensors: merged into this device's copy of the backbone.
+        return reply(msg, "merged", round=msg.meta["round"])
+
+
+class DLoRADevice(TrainingRole):
+    """Holds data, embeddings, head and its personal LoRA; runs KR over its modules."""
+
+    opts: DLoRAOptions
+
+    def setup(self) -> None:
+        anatomy = self.exp.loaded.anatomy
+        n = anatomy.num_layers
+        self.embed = anatomy.segment(0, 0, embed=True, head=False)
+        self.head = anatomy.segment(n, n, embed=False, head=True)
+        self.layers = self.exp.adapters.layers
+        self.active = sorted(self.layers)
+        self.killed: list[str] = []
+        self.saved: list[tuple[str, torch.Tensor, torch.Tensor]] = []
+        self.last_dw: dict[str, torch.Tensor] = {}
+        self.target = max(1, math.ceil(self.opts.active_fraction * len(self.layers)))
+        self.rng = np.random.default_rng([self.exp.cfg.seed, 0xD10, self.seed])
+        self.round = self.lora_flops = 0
+
+    def on_train(self, msg: Message) -> Message:
+        self.round = int(msg.meta["round"])
+        losses, fractions = [], []
+        with self.exp.trainer.activate(self.state):
+            if not self.last_dw:
+                self.last_dw = self._dw(self.active)
+            for _ in range(int(msg.meta["steps"])):
+                losses.append(self._step())
+                fractions.append(len(self.active) / len(self.layers))
+                self._kill_and_revive()
+        self.state.sampler = self.sampler.state_dict()
+        return reply(msg, "train_result", losses=losses, active=fractions)
+
+    def _step(self) -> float:
+        exp, sim, trainer = self.exp, self.exp.sim, self.exp.trainer
+        trainer.set_lr(self.state.step)
+        accum = exp.cfg.train.grad_accum
+        total = 0.0
+        for _ in range(accum):
+            b = self.dataset.batch(self.sampler.next_indices())
+            self.lora_flops = 0  # this micro-batch's LoRA branches (counted as they run)
+            h0, f_embed = sim.flops.run("dlora-embed", self.embed, b.input_ids, b.attention_mask)
+            meta = {"round": self.round, "active": list(self.active)}
+            tensors = {"hidden": h0.hidden.detach(), "mask": b.attention_mask}
+            down = exp.engine.request(Message("forward", self.role_id, SERVER, tensors, meta))
+            hidden = down.tensors["hidden"].requires_grad_(True)
+
+            def head_loss(
+                h: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor
+            ) -> torch.Tensor:
+                loss = task_loss(self.head(Activations(h, mask)), labels, exp.task) / accum
+                loss.backward()
+                return loss.detach()
+
+            loss, f_head = sim.flops.run(
+                "dlora-head", head_loss, hidden, b.attention_mask, b.labels
+            )
+            exp.engine.request(
+                Message("backward", self.role_id, SERVER, {"grad": hidden.grad}, meta)
+            )
+            sim.charge(self.role_id, f_embed + f_head + self.lora_flops, round=self.round,
+                       label="train")  # fmt: skip
+            total += float(loss) * accum
+        trainer.clip_and_step()
+        self.state.step += 1
+        return total / accum
+
+    def on_lora_fwd(self, msg: Message) -> Message:
+        path = msg.meta["layer"]
+        x = msg.tensors["x"].requires_grad_(True)
+        with torch.enable_grad():  # called from inside the cloud's autograd.Function forward
+            y = self.layers[path].delta(x)
+        self.lora_flops += 3 * lora_flops(self.layers[path], x)  # forward now, backward later
+        self.saved.append((path, x, y))
+        return reply(msg, "lora_out", {"y": y.detach()}, round=self.round, layer=path)
+
+    def on_lora_bwd(self, msg: Message) -> Message:
+        path, x, y = self.saved.pop()  # backward visits the modules in reverse order
+        if path != msg.meta["layer"]:
+            raise RuntimeError(f"lora_bwd for {msg.meta['layer']} but {path} is next")
+        y.backward(msg.tensors["g"])
+        up = {"gx": x.grad} if msg.meta.get("need_gx") else {}  # block 0's input needs none
+        return reply(msg, "lora_grad", up, round=self.round, layer=path)
+
+    def _dw(self, paths: list[str]) -> dict[str, torch.Tensor]:
+        with torch.no_grad():
+            return {p: self.layers[p].delta_weight().detach().clone() for p in paths}
+
+    def _kill_and_revive(self) -> None:
+        step = self.state.step
+        if step % self.opts.kill_every == 0 and len(self.active) > self.target:
+            now = self._dw(self.active)
+            score = {p: float((now[p] - self.last_dw[p]).norm()) for p in self.active}
+            ranked = sorted(self.active, key=lambda p: (score[p], p))
+            kill = ranked[: len(self.active) - self.target]
+            # Uploaded once so the cloud can merge it into its copy of the backbone.
+            tensors = {f"{p}.{k}": v.detach() for p in kill
+                       for k, v in self.layers[p].adapter_tensors().items()}  # fmt: skip
+            self.exp.engine.request(Message("kill", self.role_id, SERVER, tensors,
+                                            {"round": self.round}))  # fmt: skip
+            self.active = sorted(set(self.active) - set(kill))
+            self.killed = sorted(set(self.killed) | set(kill))
+            self.last_dw = {p: now[p] for p in self.active}
+        if step % self.opts.revive_every == 0 and self.killed and self.opts.revive_count:
+            k = min(self.opts.revive_count, len(self.killed))
+            back = [
+                self.killed[i] for i in sorted(self.rng.choice(len(self.killed), k, replace=False))
+            ]
+            self.active = sorted(set(self.active) | set(back))
+            self.killed = sorted(set(self.killed) - set(back))
+            self.last_dw |= self._dw(back)
+
+
+def run(exp: Experiment) -> ParadigmResult:
+    cfg = exp.cfg
+    opts = parse_options(DLoRAOptions, cfg.paradigm.options)
+    if cfg.peft.method != "lora":
+        raise ConfigError(
+            f"peft.method: dlora runs the LoRA branch apart from the base layer; only 'lora' is "
+            f"supported, got {cfg.peft.method!r}"
+        )
+    if exp.resume is not None:
+        raise CheckpointError("dlora cannot resume yet (the Kill-and-Revive state is not saved)")
+    exp.engine.register(Cloud(exp))
+    devices: list[DLoRADevice] = []
+    for i, idx in enumerate(exp.parts):
+        dev = DLoRADevice(device_id(i), exp, exp.train_set.subset(idx), seed=cfg.seed + i)
+        dev.opts = opts
+        dev.setup()
+        exp.engine.register(dev)
+        devices.append(dev)
+    set_device_memory(exp, devices)
+
+    per_device: dict[str, dict[str, float]] = {}
+    summary: dict[str, float] = {}
+    step = 0
+    with exp.progress(cfg.train.steps, f"dlora {cfg.name}") as bar:
+        for rnd, point in enumerate(exp.eval_points(), start=1):
+            chunk, sent_before, started = (
+                point - step,
+                len(exp.engine.transfers),
+                time.perf_counter(),
+            )
+            replies = exp.engine.request_many(
+                [
+                    Message("train", SERVER, d.role_id, {}, {"steps": chunk, "round": rnd})
+                    for d in devices
+                ]  # fmt: skip
+            )
+            for j in range(chunk):
+                exp.log_record("train", step + j + 1, "mean", round=rnd,
+                               loss=mean([r.meta["losses"][j] for r in replies]),
+                               active_fraction=mean([r.meta["active"][j] for r in replies]))  # fmt: skip
+            traffic = exp.engine.transfers[sent_before:]
+            exp.log_record(
+                "round", point, SERVER, round=rnd, participants=len(devices),
+                reported=len(devices), dropped=0,
+                bytes_up=sum(t.nbytes for t in traffic if t.receiver == SERVER),
+                bytes_down=sum(t.nbytes for t in traffic if t.sender == SERVER),
+                round_host_s=time.perf_counter() - started,
+            )  # fmt: skip
+            step = point
+            per_device = {d.role_id: exp.evaluate_state(d.state) for d in devices}
+            for role, ev in per_device.items():
+                exp.log_record("eval", step, role, round=rnd, **ev)
+            summary = {
+                k: mean([ev[k] for ev in per_device.values()])
+                for k in next(iter(per_device.values()))
+            }
+            exp.log_record("eval", step, "mean", round=rnd, **summary)
+            bar.update(
+                chunk, **{k: v for k, v in summary.items() if k in ("accuracy", "perplexity")}
+            )
+    return ParadigmResult(
+        states={d.role_id: d.state for d in devices},
+        final_eval=summary,
+        extra={
+            "per_device_eval": per_device,
+            "active_modules": {d.role_id: d.active for d in devices},
+        },  # fmt: skip
+    )
+
+
+def set_device_memory(exp: Experiment, devices: list[DLoRADevice]) -> None:
+    """A device holds embeddings, head, its LoRA + AdamW state, and per active module the
+    saved input ``x`` and rank-r intermediate (an analytic estimate at the largest batch)."""
+    anatomy, cfg = exp.loaded.anatomy, exp.cfg
+    mods = [
+        exp.loaded.model.get_submodule(p) for p in anatomy.input_paths() + anatomy.output_paths()
+    ]
+    seen: set[int] = set()
+    frozen = 0
+    for mod in mods:
+        for p in mod.parameters():
+            if id(p) not in seen and not p.requires_grad:
+                seen.add(id(p))
+                frozen += p.numel() * p.element_size()
+    trainable = sum(p.numel() * p.element_size() for p in exp.trainer.params.values())
+    tokens = cfg.train.batch_size * cfg.model.max_length
+    per_module = [tokens * (lay.lora_A.weight.shape[1] + lay.lora_A.weight.shape[0]) * 4
+                  for lay in exp.adapters.layers.values()]  # fmt: skip
+    active = devices[0].target if devices else 0
+    act = int(sum(sorted(per_module)[-active:])) if active else 0
+    mem = estimate_memory(frozen_bytes=frozen, trainable_bytes=trainable, activation_bytes=act)
+    for d in devices:
+        exp.sim.memory[d.role_id] = mem

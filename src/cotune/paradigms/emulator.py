@@ -1,0 +1,224 @@
+"""FedBiOT's model decomposition: adapter (last blocks), emulator (layer-dropped lower blocks),
+the alignment loss, and the public alignment data.
+
+The emulator is its own module: a deep copy of the model in which the kept lower blocks are
+copies (the server aligns them), while the embeddings, final norm, head and the adapter blocks
+are *the same* module objects as in the full model. So the adapter a device trains through the
+emulator is, parameter for parameter, the adapter plugged into the full model for "AdapFu"
+evaluation, and the dropped blocks are never copied.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cotune.config import DataSection
+from cotune.data import Batch, EncodedDataset, encode_dataset, load_task_data, load_tokenizer
+from cotune.errors import ConfigError, DataError
+from cotune.models import Anatomy, Segment
+from cotune.paradigms.base import Experiment
+from cotune.peft import AdapterLayer
+
+
+@dataclass
+class BiOTModels:
+    emulator: nn.Module
+    emu_anatomy: Anatomy
+    emu_forward: Segment  # emulator + adapter, embeddings to logits (what a device runs)
+    full_forward: Segment  # the full model with the adapter (the server's teacher)
+    teacher: Segment  # full model: embeddings + the blocks below the adapter
+    student: Segment  # emulator: embeddings + its kept blocks
+    student_tail: Segment  # emulator: adapter blocks + head
+    kept: list[int]  # indices (in the full model) of the lower blocks the emulator keeps
+    adapter_blocks: list[int]
+    adapter_params: dict[str, nn.Parameter]  # what devices train and upload
+    emulator_named: dict[str, nn.Parameter]  # the emulator's own copied weights (aligned)
+    reg_layers: list[AdapterLayer]  # adapter-method regularizers of the adapter blocks
+    full_mode: bool
+
+    @property
+    def emulator_layers(self) -> int:
+        return self.emu_anatomy.num_layers
+
+    @property
+    def emulator_params(self) -> list[nn.Parameter]:
+        return list(self.emulator_named.values())
+
+    @contextmanager
+    def aligning(self) -> Iterator[None]:
+        """Freeze the adapter and unfreeze the emulator (the server's alignment), then back."""
+        for p in self.adapter_params.values():
+            p.requires_grad_(False)
+        for p in self.emulator_params:
+            p.requires_grad_(True)
+        try:
+            yield
+        finally:
+            for p in self.emulator_params:
+                p.requires_grad_(False)
+                p.grad = None
+            for p in self.adapter_params.values():
+                p.requires_grad_(True)
+
+    def emulator_tensors(self, full: bool) -> dict[str, torch.Tensor]:
+        """What a device downloads besides the adapter: the aligned blocks, or the whole
+        emulator on first contact (embeddings, head, frozen parts of the adapter blocks)."""
+        own = {f"emulator.{n}": p.detach() for n, p in self.emulator_named.items()}
+        if not full:
+            return own
+        skip = {id(p) for p in self.adapter_params.values()}
+        rest = {
+            f"emulator.{n}": p.detach()
+            for n, p in self.emulator.named_parameters()
+            if id(p) not in skip and f"emulator.{n}" not in own
+        }
+        return own | rest
+
+    def adapter_regularization(self) -> torch.Tensor | None:
+        regs = [r for layer in self.reg_layers if (r := layer.regularization_loss()) is not None]
+        return torch.stack(regs).sum() if regs else None
+
+    def release(self) -> None:
+        """Leave the full model as it was found (full mode unfroze the adapter blocks)."""
+        if self.full_mode:
+            for p in self.adapter_params.values():
+                p.requires_grad_(False)
+
+
+def kept_indices(lower: int, keep: int) -> list[int]:
+    """Uniform stride over the lower blocks, as the code's ``int(i·(n−1)/(n'−1))``."""
+    if keep == 1:
+        return [0]
+    return [int(i * (lower - 1) / (keep - 1)) for i in range(keep)]
+
+
+def build_models(
+    exp: Experiment, adapter_layers: int, keep_layers: int | None, drop_ratio: float, mode: str
+) -> BiOTModels:
+    anatomy, model = exp.loaded.anatomy, exp.loaded.model
+    n = anatomy.num_layers
+    if adapter_layers >= n:
+        raise ConfigError(
+            f"paradigm.options.adapter_layers: {adapter_layers} leaves no lower block to emulate "
+            f"(the model has {n} blocks; use 1..{n - 1})"
+        )
+    lower = n - adapter_layers
+    keep = keep_layers if keep_layers is not None else max(1, round(lower * (1 - drop_ratio)))
+    if not 1 <= keep <= lower:
+        raise ConfigError(
+            f"paradigm.options.keep_layers: {keep} is out of range; the emulator keeps 1..{lower} "
+            f"of the {lower} blocks below the {adapter_layers} adapter block(s)"
+        )
+    kept = kept_indices(lower, keep)
+    parts = anatomy.blocks_path.split(".")
+    ancestors = {".".join(parts[:i]) for i in range(len(parts) + 1)}
+    kept_paths = [anatomy.block_path(i) for i in kept]
+    # Everything but the ancestors of the block list and the kept blocks is shared, not copied.
+    memo: dict[int, object] = {
+        id(mod): mod
+        for name, mod in model.named_modules()
+        if name not in ancestors
+        and not any(name == p or name.startswith(p + ".") for p in kept_paths)
+    }
+    emulator = copy.deepcopy(model, memo)
+    copies = [memo[id(anatomy.block(i))] for i in kept]
+    blocks = nn.ModuleList([*copies, *(anatomy.block(i) for i in range(lower, n))])
+    parent, _, leaf = anatomy.blocks_path.rpartition(".")
+    setattr(emulator.get_submodule(parent) if parent else emulator, leaf, blocks)
+    emulator.config.num_hidden_layers = len(blocks)
+    layer_types = getattr(emulator.config, "layer_types", None)
+    if layer_types is not None:  # per-layer attention kinds (Qwen2 sliding windows)
+        emulator.config.layer_types = [layer_types[i] for i in kept] + list(layer_types[lower:])
+    emu_anatomy = type(anatomy)(emulator, anatomy.task)
+    emulator_named = {
+        f"{emu_anatomy.block_path(j)}.{name}": p
+        for j in range(keep)
+        for name, p in blocks[j].named_parameters()
+    }
+    for p in emulator_named.values():
+        p.requires_grad_(False)
+
+    in_adapter = [anatomy.block_path(i) for i in range(lower, n)]
+    outside = {k: p for k, p in exp.trainer.params.items() if anatomy.layer_of(k) is None}
+    if mode == "lora":
+        params = {
+            k: p for k, p in exp.trainer.params.items() if (anatomy.layer_of(k) or -1) >= lower
+        }
+        if not params:
+            raise ConfigError(
+                f"paradigm.options.adapter_layers: no adapter of peft.target_modules/peft.layers "
+                f"lies in the last {adapter_layers} block(s); use adapter_mode: full or target them"
+            )
+    else:  # the blocks' own weights, trained in full (the adapters injected there stay put)
+        params = {
+            f"{path}.{name}": p
+            for path in in_adapter
+            for name, p in model.get_submodule(path).named_parameters()
+            if f"{path}.{name}" not in exp.trainer.params
+        }
+        for p in params.values():
+            p.requires_grad_(True)
+    reg_layers = [
+        layer
+        for path, layer in exp.adapters.layers.items()
+        if (anatomy.layer_of(path) or -1) >= lower and mode == "lora"
+    ]
+    return BiOTModels(
+        emulator=emulator,
+        emu_anatomy=emu_anatomy,
+        emu_forward=emu_anatomy.full(),
+        full_forward=exp.forward,
+        teacher=anatomy.segment(0, lower, embed=True, head=False),
+        student=emu_anatomy.segment(0, keep, embed=True, head=False),
+        student_tail=emu_anatomy.segment(keep, len(blocks), embed=False, head=True),
+        kept=kept,
+        adapter_blocks=list(range(lower, n)),
+        adapter_params=params | outside,
+        emulator_named=emulator_named,
+        reg_layers=reg_layers,
+        full_mode=mode == "full",
+    )
+
+
+def align_loss(m: BiOTModels, batch: Batch, task: str, kl_weight: float) -> torch.Tensor:
+    """``mean(((h_T − h_S) / rms(h_T))²)`` over real tokens, plus ``λ·KL(p_full ‖ p_emu)``.
+
+    ``h_T``: the full model's hidden state entering the adapter; ``h_S``: the emulator's.
+    """
+    ids, mask = batch.input_ids, batch.attention_mask
+    with torch.no_grad():
+        h_t = m.teacher(ids, mask).hidden
+    acts = m.student(ids, mask)
+    h_s = acts.hidden
+    rms = h_t.pow(2).mean(-1, keepdim=True).sqrt().clamp_min(1e-6)
+    w = mask.unsqueeze(-1).to(h_s.dtype)
+    loss = (((h_t - h_s) / rms).pow(2) * w).sum() / (w.sum() * h_s.size(-1)).clamp_min(1.0)
+    if kl_weight > 0:
+        with torch.no_grad():
+            p_full = m.full_forward(ids, mask).float().log_softmax(-1)
+        q_emu = m.student_tail(acts).float().log_softmax(-1)
+        kl = F.kl_div(q_emu, p_full, log_target=True, reduction="none").sum(-1)
+        kl = (kl * mask).sum() / mask.sum().clamp_min(1) if task == "causal_lm" else kl.mean()
+        loss = loss + kl_weight * kl
+    return loss
+
+
+def load_public(exp: Experiment, name: str | None, view: str | None, count: int) -> EncodedDataset:
+    """The public alignment texts, tokenized with the run's tokenizer (labels are not used)."""
+    name = name or ("fortunes" if exp.cfg.data.dataset == "austen" else "austen")
+    try:
+        data = load_task_data(
+            DataSection(dataset=name, view=view, max_examples=count), "causal_lm", exp.cfg.seed
+        )
+    except DataError as err:
+        raise DataError(f"paradigm.options.public_dataset: cannot load {name!r}: {err}") from None
+    tokenizer = exp.tokenizer or load_tokenizer(exp.run_dir / "tokenizer")
+    examples = (data.train + data.test)[:count]
+    return encode_dataset(examples, tokenizer, exp.cfg.model.max_length, "causal_lm")

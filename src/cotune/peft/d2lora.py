@@ -1,0 +1,147 @@
+"""D²LoRA (Seraj et al. 2025, arXiv 2503.18089): data-driven LoRA init by a warm-up on general data.
+
+Phase 1 trains a standard LoRA (A kaiming, B = 0) for `warmup_steps` on a general dataset with the
+task's own objective (SFT cross-entropy); phase 2 is the ordinary task run starting from the warmed
+A, B. In cotune phase 1 runs once at the server on public data, inside `build_experiment`, before any
+role exists, so every role (server and devices, any paradigm) starts from the warmed adapter.
+The result is a plain LoRA; only its starting point differs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from cotune.errors import AdapterError
+from cotune.peft.lora import LoraLayer, LoraOptions
+
+Forward = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class D2loraOptions(LoraOptions):
+    # A built-in dataset name (or a file / hf: spec); its view defaults to the task's view.
+    warmup_dataset: str = "austen"
+    warmup_view: str | None = None
+    warmup_labels: tuple[str, ...] | list[str] | None = None  # classification: labels to keep
+    warmup_steps: int = 20
+    warmup_lr: float = 1e-3
+    warmup_examples: int = 256
+    # The head (modules_to_save) belongs to the task's labels: reset it after the warm-up by default.
+    keep_head: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.warmup_steps < 0 or self.warmup_examples < 1:
+            raise ValueError(
+                f"warmup_steps must be >= 0 and warmup_examples >= 1, got {self.warmup_steps}, "
+                f"{self.warmup_examples}"
+            )
+        if self.warmup_lr <= 0:
+            raise ValueError(f"warmup_lr must be > 0, got {self.warmup_lr}")
+
+
+class D2loraLayer(LoraLayer):
+    """Plain LoRA; D²LoRA is the warm-up that sets its initial A, B."""
+
+    # Never claims a PEFT file: the saved adapter is plain LoRA and reloads as "lora".
+    peft_variant: ClassVar[str | None] = "cotune_d2lora"
+
+
+def d2lora_warmup(
+    forward: Forward,
+    adapters: Any,
+    dataset: Any,
+    task: str,
+    opts: D2loraOptions,
+    *,
+    batch_size: int = 8,
+    seed: int = 0,
+) -> list[float]:
+    """Train `adapters` in place for `opts.warmup_steps` AdamW steps on `dataset`; returns losses.
+
+    Runs on a forked RNG (seeded by `seed`), so the caller's random stream is the same as without
+    the warm-up; the head is restored afterwards unless `keep_head`.
+    """
+    from cotune.data import BatchSampler
+    from cotune.models import task_loss
+
+    if len(dataset) == 0:
+        raise AdapterError("D²LoRA: the warm-up dataset is empty")
+    head_names = [
+        n
+        for n in adapters.named_tensors()
+        if any(n.startswith(h + ".") for h in adapters.head_paths)
+    ]
+    head_before = {n: adapters.named_tensors()[n].detach().clone() for n in head_names}
+    params = adapters.parameters()
+    opt = torch.optim.AdamW(params, lr=opts.warmup_lr, weight_decay=0.0)
+    sampler = BatchSampler(len(dataset), min(batch_size, len(dataset)), seed)
+    model = adapters.model
+    was = model.training
+    losses: list[float] = []
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model.train()
+        try:
+            for _ in range(opts.warmup_steps):
+                batch = dataset.batch(sampler.next_indices())
+                loss = task_loss(forward(batch.input_ids, batch.attention_mask), batch.labels, task)
+                reg = adapters.regularization_loss()
+                loss = loss + reg if reg is not None else loss
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                losses.append(float(loss.detach()))
+        finally:
+            model.train(was)
+            for p in params:
+                p.grad = None
+    if not opts.keep_head and head_before:
+        with torch.no_grad():
+            own = adapters.named_tensors()
+            for n, v in head_before.items():
+                own[n].copy_(v)
+    return losses
+
+
+def d2lora_stage(cfg: Any, loaded: Any, tokenizer: Any, adapters: Any) -> list[float]:
+    """Phase 1 for a run (called by `build_experiment` when `peft.method: d2lora`)."""
+    from cotune.config import DataSection
+    from cotune.data import encode_dataset, load_task_data
+
+    opts = adapters_options(adapters)
+    task = cfg.model.task
+    section = DataSection(
+        dataset=opts.warmup_dataset,
+        view=opts.warmup_view,
+        labels=list(opts.warmup_labels or []),
+        max_examples=opts.warmup_examples,
+        bpe_vocab_size=cfg.data.bpe_vocab_size,
+    )
+    data = load_task_data(section, task, cfg.seed)
+    examples = data.train
+    if task == "classification":
+        # The task head has `num_labels` outputs: keep the warm-up classes that fit it.
+        examples = [e for e in examples if e.label is not None and e.label < loaded.num_labels]
+    encoded = encode_dataset(examples, tokenizer, cfg.model.max_length, task)
+    return d2lora_warmup(
+        loaded.anatomy.full(),
+        adapters,
+        encoded,
+        task,
+        opts,
+        batch_size=cfg.train.batch_size,
+        seed=cfg.seed,
+    )
+
+
+def adapters_options(adapters: Any) -> D2loraOptions:
+    from cotune.peft.base import get_method
+
+    opts = get_method("d2lora").parse_options(adapters.cfg.options)
+    assert isinstance(opts, D2loraOptions)
+    return opts

@@ -1,0 +1,74 @@
+import json
+
+import pytest
+import torch
+
+from cotune.errors import ConfigError
+from cotune.run import run_experiment
+from tests.paradigms.test_central_local import final_params, records
+
+
+def dl(tiny_config, name, **options):
+    return tiny_config(
+        name=name,
+        paradigm={"name": "dlora", "options": options},
+        train={"steps": 4},
+        eval={"every": 4},
+    )
+
+
+def test_all_modules_active_equals_local_training(tiny_config):
+    # Cloud/device split of every LoRA branch, forward and backward through messages, is the
+    # same computation as training the whole model locally.
+    lo = run_experiment(
+        tiny_config(name="lo", paradigm={"name": "local"}, train={"steps": 4}, eval={"every": 4}),
+        quiet=True,
+        report=False,
+    )
+    d = run_experiment(dl(tiny_config, "d", active_fraction=1.0), quiet=True, report=False)
+    lo_loss = [r["loss"] for r in records(lo, "train", "mean")]
+    d_loss = [r["loss"] for r in records(d, "train", "mean")]
+    assert d_loss == pytest.approx(lo_loss, abs=1e-5)
+    pl, pd = final_params(lo), final_params(d)
+    for role in ("device-0", "device-1"):
+        for k in pl[role]:
+            torch.testing.assert_close(pd[role][k], pl[role][k], atol=1e-5, rtol=1e-4)
+
+
+def test_kill_cuts_device_traffic_and_flops(tiny_config):
+    full = run_experiment(dl(tiny_config, "full", active_fraction=1.0), quiet=True, report=False)
+    kr = run_experiment(
+        dl(tiny_config, "kr", active_fraction=0.25, kill_every=1, revive_every=100),
+        quiet=True,
+        report=False,
+    )
+    fractions = [r["active_fraction"] for r in records(kr, "train", "mean")]
+    assert fractions == [1.0, 0.25, 0.25, 0.25]  # 4 modules; killed to 1 after the first step
+    sf, sk = (json.loads((d / "summary.json").read_text()) for d in (full, kr))
+    assert sk["bytes"]["total"] < 0.6 * sf["bytes"]["total"]
+    assert sk["costs"]["devices"]["flops"] < sf["costs"]["devices"]["flops"]
+    assert len(sk["extra"]["active_modules"]["device-0"]) == 1
+    p0 = final_params(kr)["device-0"]
+    assert all(torch.isfinite(v).all() for v in p0.values())
+
+
+def test_revive_brings_modules_back(tiny_config):
+    run_dir = run_experiment(
+        dl(tiny_config, "rv", active_fraction=0.25, kill_every=2, revive_every=3, revive_count=2),
+        quiet=True,
+        report=False,
+    )
+    fractions = [r["active_fraction"] for r in records(run_dir, "train", "mean")]
+    # Killed to 1 of 4 after step 2, two revived after step 3 (the fraction a step trained with).
+    assert fractions == [1.0, 1.0, 0.25, 0.75]
+
+
+def test_bad_input_names_the_option(tiny_config):
+    with pytest.raises(ConfigError, match=r"paradigm.options.active_fraction"):
+        run_experiment(dl(tiny_config, "b1", active_fraction=0.0), quiet=True, report=False)
+    with pytest.raises(ConfigError, match=r"peft.method: dlora"):
+        run_experiment(
+            tiny_config(name="b2", paradigm={"name": "dlora"}, peft={"method": "dora"}),
+            quiet=True,
+            report=False,
+        )

@@ -1,0 +1,197 @@
+import json
+
+import pytest
+import torch
+
+from cotune.errors import ConfigError, ProtocolError
+from cotune.paradigms import splitting
+from cotune.run import run_experiment
+from tests.paradigms.test_central_local import final_params, records
+
+# Dropout off: one full forward and two segments under different role RNGs draw differently.
+FAMILIES = {
+    "bert": ({"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}, ["query", "value"]),
+    "gpt2": ({"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}, ["c_attn"]),
+    "llama": ({"attention_dropout": 0.0}, ["q_proj", "v_proj"]),
+}
+
+
+def family_config(tiny_config, family, name, paradigm, layers=2, task="classification", **kw):
+    rc, targets = FAMILIES[family]
+    return tiny_config(
+        name=name,
+        model={
+            "name_or_path": f"random:{family}",
+            "task": task,
+            "random_config": {**rc, "num_hidden_layers": layers},
+        },
+        peft={"target_modules": targets},
+        paradigm=paradigm,
+        **kw,
+    )
+
+
+# Four steps, a small eval set: the equivalences show from the first step on.
+LEAN = {"train": {"steps": 4}, "eval": {"every": 4, "max_examples": 16}}
+
+
+def run(cfg):
+    return run_experiment(cfg, quiet=True, report=False)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "bert"])
+def test_one_device_equals_central_step_for_step(tiny_config, family):
+    one = {"devices": {"count": 1}, **LEAN}
+    c = run(family_config(tiny_config, family, "c", {"name": "central"}, **one))
+    sf = {"name": "splitfed", "options": {"cut": 1, "aggregate_every": 1}}
+    s = run(family_config(tiny_config, family, "s", sf, **one))
+    c_loss = [r["loss"] for r in records(c, "train", "server")]
+    s_loss = [r["loss"] for r in records(s, "train", "mean")]
+    assert len(s_loss) == 4
+    assert s_loss == pytest.approx(c_loss, abs=1e-5)
+    # Global-norm clipping across the cut: grad norms match central's too.
+    c_norm = [r["grad_norm"] for r in records(c, "train", "server")]
+    assert [r["grad_norm"] for r in records(s, "train", "mean")] == pytest.approx(c_norm, rel=1e-5)
+    pc, ps = final_params(c)["server"], final_params(s)["server"]
+    assert set(pc) == set(ps)
+    for k in pc:
+        torch.testing.assert_close(ps[k], pc[k], atol=1e-5, rtol=0)
+
+
+def test_device_adapters_are_the_sample_weighted_mean(tiny_config, monkeypatch):
+    uploads = []
+    original = splitting.SplitDevice.on_get_adapter
+
+    def spy(self, msg):
+        rep = original(self, msg)
+        uploads.append((self.role_id, {k: v.clone() for k, v in rep.tensors.items()}))
+        return rep
+
+    monkeypatch.setattr(splitting.SplitDevice, "on_get_adapter", spy)
+    cfg = tiny_config(
+        name="agg",
+        paradigm={"name": "splitfed", "options": {"cut": 1, "aggregate_every": 2}},
+        partition={"scheme": "quantity"},
+        **LEAN,
+    )
+    run_dir = run(cfg)
+    sizes = json.loads((run_dir / "summary.json").read_text())["partition"]["sizes"]
+    assert sizes[0] != sizes[1] and len(uploads) == 4  # two rounds x two devices
+    (_, u0), (_, u1) = uploads[-2:]
+    final = final_params(run_dir)["server"]
+    w0, w1 = sizes[0] / sum(sizes), sizes[1] / sum(sizes)
+    for k in u0:
+        torch.testing.assert_close(final[k], w0 * u0[k] + w1 * u1[k], atol=1e-7, rtol=1e-6)
+    assert not torch.equal(u0[k], u1[k])
+
+
+def test_device_trainable_share_is_cut_over_layers(tiny_config):
+    sf = {"name": "splitfed", "options": {"cut": 1, "aggregate_every": 2}}
+    cfg = family_config(tiny_config, "gpt2", "share", sf, layers=4, task="causal_lm",
+                        train={"steps": 2}, eval={"every": 2, "max_examples": 8})  # fmt: skip
+    summary = json.loads((run(cfg) / "summary.json").read_text())
+    extra, total = summary["extra"], summary["trainable_params"]
+    # fedavg trains `total` on every device; splitfed with cut 1 of 4 holds a quarter of it.
+    assert extra["device_trainable_params"] * 4 == total
+    assert extra["device_trainable_params"] + extra["server_trainable_params"] == total
+    roles = summary["costs"]["roles"]
+    assert roles["device-0"]["flops"] > 0 and roles["server"]["flops"] > 0
+    assert roles["device-0"]["memory_bytes"] > 0 and roles["device-0"]["memory_fits"]
+
+
+def test_per_device_server_copies_train(tiny_config):
+    sf = {
+        "name": "splitfed",
+        "options": {"cut": 1, "aggregate_every": 2, "server_side": "per_device"},
+    }
+    summary = json.loads(
+        (run(tiny_config(name="pd", paradigm=sf, **LEAN)) / "summary.json").read_text()
+    )
+    assert 0.0 <= summary["final"]["accuracy"] <= 1.0 and summary["sim_time_s"] > 0
+
+
+@pytest.mark.parametrize(
+    "options, match",
+    [
+        ({"cut": 5}, r"cut: 5 is outside the model"),
+        ({"cut": 0}, r"cut: 0 is outside the model"),
+        ({"cut": 2}, r"leaves the server nothing"),
+        ({"cut": 1, "u_shaped": True, "cut_top": 1}, r"cut_top"),
+        ({"cutt": 1}, r"paradigm.options.cutt: unknown option"),
+    ],
+)
+def test_bad_cuts_are_config_errors(tiny_config, options, match):
+    with pytest.raises(ConfigError, match=match):
+        run(tiny_config(name="bad", paradigm={"name": "splitfed", "options": options}))
+
+
+def corrupt_device_1(monkeypatch, how):
+    original = splitting.SplitDevice.outgoing
+
+    def outgoing(self, acts, labels):
+        out = original(self, acts, labels)
+        if self.role_id == "device-1":
+            out = how(dict(out))
+        return out
+
+    monkeypatch.setattr(splitting.SplitDevice, "outgoing", outgoing)
+
+
+def nan_hidden(out):
+    out["hidden"] = out["hidden"].clone()
+    out["hidden"][0, 0, 0] = float("nan")
+    return out
+
+
+@pytest.mark.parametrize(
+    "how, match",
+    [
+        (nan_hidden, r"'device-1': tensor 'hidden': 1 NaN"),
+        (
+            lambda o: {**o, "hidden": o["hidden"][..., :-1]},
+            r"'hidden': expected shape \[\*, \*, 64\]",
+        ),
+        (lambda o: {**o, "hidden": o["hidden"].double()}, r"expected dtype torch.float32"),
+    ],
+)
+def test_bad_activations_stop_the_run(tiny_config, monkeypatch, how, match):
+    corrupt_device_1(monkeypatch, how)
+    sf = {"name": "splitfed", "options": {"cut": 1}}
+    with pytest.raises(ProtocolError, match=match):
+        run(tiny_config(name="nan", paradigm=sf, train={"steps": 1}))
+
+
+def test_bad_activations_can_be_skipped(tiny_config, monkeypatch):
+    corrupt_device_1(monkeypatch, nan_hidden)
+    sf = {"name": "splitfed", "options": {"cut": 1, "on_bad_message": "skip"}}
+    run_dir = run(
+        tiny_config(
+            name="skip", paradigm=sf, train={"steps": 2}, eval={"every": 2, "max_examples": 16}
+        )
+    )
+    skips = records(run_dir, "skip")
+    assert [(r["step"], r["role"]) for r in skips] == [(1, "device-1"), (2, "device-1")]
+    assert "NaN" in skips[0]["error"]
+    for v in final_params(run_dir)["server"].values():
+        assert torch.isfinite(v).all()
+
+
+def test_resume_mid_run_equals_uninterrupted(tiny_config):
+    opts = {"cut": 1, "aggregate_every": 3, "server_side": "per_device"}
+    cfg = tiny_config(
+        name="res",
+        paradigm={"name": "splitfed", "options": opts},
+        train={"steps": 4},
+        eval={"every": 2, "max_examples": 16},
+        output={"checkpoint_every": 2},
+    )
+    full = run(cfg)
+    want = final_params(full)["server"]
+    final = sorted((full / "checkpoints").iterdir())[-1]
+    for f in final.iterdir():
+        f.unlink()
+    final.rmdir()
+    resumed = run_experiment(cfg, resume=True, quiet=True, report=False)
+    got = final_params(resumed)["server"]
+    for k in want:
+        assert torch.equal(got[k], want[k]), k

@@ -1,0 +1,124 @@
+import json
+
+import pytest
+import torch
+
+from cotune.errors import ConfigError, ProtocolError
+from cotune.paradigms import splitfrozen
+from cotune.run import run_experiment
+from cotune.runtime.local import LocalEngine
+from tests.paradigms.test_central_local import records
+
+
+def frozen(tiny_config, name, layers=2, **kw):
+    opts = kw.pop("options", {"cuts": [1, 1]})
+    return tiny_config(
+        name=name,
+        model={"random_config": {"num_hidden_layers": layers}},
+        paradigm={"name": "splitfrozen", "options": opts},
+        **kw,
+    )
+
+
+def test_devices_never_change_and_never_hear_from_the_server(tiny_config, monkeypatch):
+    seen, snapshots = [], {}
+    transmit = LocalEngine._transmit
+
+    def spy(self, msg, codec, in_reply_to=None):
+        seen.append((msg.sender, msg.receiver, msg.kind))
+        return transmit(self, msg, codec, in_reply_to)
+
+    send = splitfrozen.FrozenDevice.send_activations
+
+    def snap(self, step):
+        # The weights the device actually computes with, as the shared model holds them.
+        with self.exp.trainer.activate(self.state):
+            now = {k: v.detach().clone() for k, v in self.segment.named_parameters()}
+        snapshots.setdefault(self.role_id, []).append(now)
+        return send(self, step)
+
+    monkeypatch.setattr(LocalEngine, "_transmit", spy)
+    monkeypatch.setattr(splitfrozen.FrozenDevice, "send_activations", snap)
+    run_dir = run_experiment(
+        frozen(tiny_config, "fz", train={"steps": 3}, eval={"every": 3, "max_examples": 16}),
+        quiet=True,
+        report=False,
+    )
+    assert seen and all(s[0] != "server" for s in seen)
+    assert {s[2] for s in seen} == {"activations"}
+    for snaps in snapshots.values():
+        assert len(snaps) == 3
+        for k, v in snaps[0].items():
+            assert torch.equal(v, snaps[-1][k]), k
+    train = records(run_dir, "train", "mean")
+    assert len(train) == 3 and all(r["loss"] > 0 for r in train)
+    # Pipelined, a device streams its next batch while the server trains on the previous one;
+    # without pipelining it waits for the server's ack each step, so the run takes longer.
+    monkeypatch.undo()
+    cfg = frozen(tiny_config, "nopipe", train={"steps": 3}, eval={"every": 3, "max_examples": 16},
+                 options={"cuts": [1, 1], "pipeline": False})  # fmt: skip
+    slow = run_experiment(cfg, quiet=True, report=False)
+    fast_s = json.loads((run_dir / "summary.json").read_text())["sim_time_s"]
+    assert json.loads((slow / "summary.json").read_text())["sim_time_s"] > fast_s
+
+
+def test_cuts_follow_device_speed_and_memory(tiny_config, tmp_path):
+    profiles = tmp_path / "profiles.yaml"
+    # "squeezed" is as fast as the laptop but has memory for the embeddings and 1 block only
+    # (estimates of this model: 0.63 MB with 1 block, 0.77 MB with 2).
+    profiles.write_text("squeezed: {base: laptop-cpu, memory_bytes: 700000}\n")
+    cfg = frozen(
+        tiny_config,
+        "het",
+        layers=4,
+        options={"max_cut": 3},
+        devices={"count": 3, "profiles": ["laptop-cpu", "phone-low", "squeezed"],
+                 "profile_file": str(profiles)},
+        train={"steps": 2},
+        eval={"every": 2, "max_examples": 8},
+    )  # fmt: skip
+    summary = json.loads(
+        (run_experiment(cfg, quiet=True, report=False) / "summary.json").read_text()
+    )
+    cuts = summary["extra"]["cuts"]
+    assert cuts[0] == 3 and cuts[1] == 0 and 0 < cuts[2] < 3
+    roles = summary["costs"]["roles"]
+    assert roles["device-0"]["flops"] > roles["device-2"]["flops"] > roles["device-1"]["flops"]
+    assert all(roles[f"device-{i}"]["memory_fits"] for i in range(3))
+
+
+def test_segment_that_does_not_fit_is_a_clear_error(tiny_config, tmp_path):
+    profiles = tmp_path / "profiles.yaml"
+    profiles.write_text("tiny: {base: phone-low, memory_bytes: 1000}\n")
+    cfg = frozen(tiny_config, "oom", devices={"count": 2, "profiles": ["phone-mid", "tiny"],
+                                              "profile_file": str(profiles)})  # fmt: skip
+    with pytest.raises(
+        ConfigError,
+        match=r"device-1 \(profile 'tiny'\).*needs .* MiB but the profile allows 0.00 MiB",
+    ):
+        run_experiment(cfg, quiet=True, report=False)
+
+
+def test_cut_leaving_the_server_nothing_is_an_error(tiny_config):
+    with pytest.raises(ConfigError, match=r"cut 2 of device-1 .*leaves the server nothing"):
+        run_experiment(frozen(tiny_config, "c2", options={"cuts": [1, 2]}), quiet=True)
+
+
+def test_bad_activations_stop_or_are_skipped(tiny_config, monkeypatch):
+    original = splitfrozen.FrozenDevice.outgoing
+
+    def outgoing(self, acts, labels):
+        out = original(self, acts, labels)
+        if self.role_id == "device-1":
+            out["labels"] = out["labels"][:-1]  # one label short of the batch
+        return out
+
+    monkeypatch.setattr(splitfrozen.FrozenDevice, "outgoing", outgoing)
+    lean = {"train": {"steps": 1}, "eval": {"every": 1, "max_examples": 8}}
+    with pytest.raises(ProtocolError, match=r"'device-1': tensor 'labels': expected shape \[8\]"):
+        run_experiment(frozen(tiny_config, "stop", **lean), quiet=True, report=False)
+    opts = {"cuts": [1, 1], "on_bad_message": "skip"}
+    run_dir = run_experiment(
+        frozen(tiny_config, "skip", options=opts, **lean), quiet=True, report=False
+    )
+    assert [r["role"] for r in records(run_dir, "skip")] == ["device-1"]
