@@ -72,3 +72,48 @@ def test_bad_input_names_the_option(tiny_config):
             quiet=True,
             report=False,
         )
+
+
+@pytest.fixture
+def engines(monkeypatch):
+    """Every LocalEngine a run builds, so a test can read its transfer log."""
+    from cotune.runtime.local import LocalEngine
+
+    made = []
+    original = LocalEngine.__init__
+
+    def init(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        made.append(self)
+
+    monkeypatch.setattr(LocalEngine, "__init__", init)
+    return made
+
+
+@pytest.mark.parametrize("score", ["ema_grad_weight", "delta"])
+def test_killed_modules_cost_no_bytes_and_revived_ones_come_back(tiny_config, engines, score):
+    cfg = dl(
+        tiny_config,
+        f"k-{score}",
+        active_fraction=0.25,
+        kill_every=1,
+        revive_every=3,
+        revive_count=1,
+        revive="stale",
+        score=score,
+    )
+    run_experiment(cfg, quiet=True, report=False)
+    transfers = engines[-1].transfers
+    layers_by_step: dict[int, set[str]] = {}
+    step = 0
+    for t in transfers:
+        if t.kind == "forward" and t.sender == "device-0":
+            step += 1
+        if t.kind == "lora_fwd" and t.receiver == "device-0":
+            layers_by_step.setdefault(step, set()).add(t.meta["layer"])
+    # Step 1 runs all 4 modules; then 1 stays active; the revive after step 3 brings one back.
+    assert len(layers_by_step[1]) == 4
+    assert len(layers_by_step[2]) == len(layers_by_step[3]) == 1
+    assert len(layers_by_step[4]) == 2
+    killed_first = sorted(layers_by_step[1] - layers_by_step[2])[0]
+    assert killed_first in layers_by_step[4]  # "stale": the longest-killed module returns

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -45,6 +45,12 @@ class DLoRAOptions(BaseModel):
     kill_every: int = Field(10, ge=1)  # T_k (steps)
     revive_every: int = Field(20, ge=1)  # T_r (steps)
     revive_count: int = Field(1, ge=0)
+    # Sensitivity of a module: an EMA of ||grad|| x ||dW|| over its steps (default), or how far
+    # its dW moved since the last kill check ("delta").
+    score: Literal["ema_grad_weight", "delta"] = "ema_grad_weight"
+    score_beta: float = Field(0.9, ge=0.0, lt=1.0)
+    # Which killed modules come back: drawn at random, or the longest-killed first ("stale").
+    revive: Literal["random", "stale"] = "random"
 
 
 def lora_flops(layer: Any, x: torch.Tensor) -> int:
@@ -165,6 +171,7 @@ class DLoRADevice(TrainingRole):
         self.killed: list[str] = []
         self.saved: list[tuple[str, torch.Tensor, torch.Tensor]] = []
         self.last_dw: dict[str, torch.Tensor] = {}
+        self.ema: dict[str, float] = dict.fromkeys(self.layers, 0.0)
         self.target = max(1, math.ceil(self.opts.active_fraction * len(self.layers)))
         self.rng = np.random.default_rng([self.exp.cfg.seed, 0xD10, self.seed])
         self.round = self.lora_flops = 0
@@ -212,6 +219,8 @@ class DLoRADevice(TrainingRole):
             sim.charge(self.role_id, f_embed + f_head + self.lora_flops, round=self.round,
                        label="train")  # fmt: skip
             total += float(loss) * accum
+        if self.opts.score == "ema_grad_weight":
+            self._update_scores()
         trainer.clip_and_step()
         self.state.step += 1
         return total / accum
@@ -233,6 +242,17 @@ class DLoRADevice(TrainingRole):
         up = {"gx": x.grad} if msg.meta.get("need_gx") else {}  # block 0's input needs none
         return reply(msg, "lora_grad", up, round=self.round, layer=path)
 
+    @torch.no_grad()
+    def _update_scores(self) -> None:
+        """EMA of ||grad|| x ||dW|| per active module: large when a module both moves and matters."""
+        beta = self.opts.score_beta
+        for p in self.active:
+            layer = self.layers[p]
+            grads = [q.grad for _, q in layer.adapter_named_parameters() if q.grad is not None]
+            g = float(torch.sqrt(sum((t.float() ** 2).sum() for t in grads))) if grads else 0.0
+            w = float(layer.delta_weight().norm())
+            self.ema[p] = beta * self.ema[p] + (1.0 - beta) * g * w
+
     def _dw(self, paths: list[str]) -> dict[str, torch.Tensor]:
         with torch.no_grad():
             return {p: self.layers[p].delta_weight().detach().clone() for p in paths}
@@ -241,7 +261,10 @@ class DLoRADevice(TrainingRole):
         step = self.state.step
         if step % self.opts.kill_every == 0 and len(self.active) > self.target:
             now = self._dw(self.active)
-            score = {p: float((now[p] - self.last_dw[p]).norm()) for p in self.active}
+            if self.opts.score == "delta":
+                score = {p: float((now[p] - self.last_dw[p]).norm()) for p in self.active}
+            else:
+                score = {p: self.ema[p] for p in self.active}
             ranked = sorted(self.active, key=lambda p: (score[p], p))
             kill = ranked[: len(self.active) - self.target]
             # Uploaded once so the cloud can merge it into its copy of the backbone.
@@ -250,15 +273,18 @@ class DLoRADevice(TrainingRole):
             self.exp.engine.request(Message("kill", self.role_id, SERVER, tensors,
                                             {"round": self.round}))  # fmt: skip
             self.active = sorted(set(self.active) - set(kill))
-            self.killed = sorted(set(self.killed) | set(kill))
+            self.killed = self.killed + sorted(kill)  # kept in kill order for "stale" revival
             self.last_dw = {p: now[p] for p in self.active}
         if step % self.opts.revive_every == 0 and self.killed and self.opts.revive_count:
             k = min(self.opts.revive_count, len(self.killed))
-            back = [
-                self.killed[i] for i in sorted(self.rng.choice(len(self.killed), k, replace=False))
-            ]
+            if self.opts.revive == "stale":
+                back = self.killed[:k]
+            else:
+                picks = sorted(self.rng.choice(len(self.killed), k, replace=False))
+                back = [self.killed[i] for i in picks]
+            # A revived module trains on from the A, B it kept while killed.
             self.active = sorted(set(self.active) | set(back))
-            self.killed = sorted(set(self.killed) - set(back))
+            self.killed = [p for p in self.killed if p not in back]
             self.last_dw |= self._dw(back)
 
 
