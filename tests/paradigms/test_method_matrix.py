@@ -12,6 +12,7 @@ PARADIGM_OPTIONS = {
     "central": {},
     "local": {},
     "fedavg": {"local_steps": 1},
+    "splitfed": {"cut": 1, "aggregate_every": 1},
 }
 # Methods that need more than a rank to start (a warm-up corpus, domain labels, ...) run in
 # their own tests; everything else is held to the same checks here.
