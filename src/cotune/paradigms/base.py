@@ -79,6 +79,16 @@ class Experiment:
                 self.forward, self.loaded.model, self.test_set, self.task, self.cfg.eval.batch_size
             )
 
+    def evaluate_roles(self, roles: list[TrainingRole], step: int, rnd: int) -> tuple[dict, dict]:
+        """Evaluate each role's own adapter; log one record per role and their mean."""
+        per_role = {r.role_id: self.evaluate_state(r.state) for r in roles}
+        for role, ev in per_role.items():
+            self.log_record("eval", step, role, round=rnd, **ev)
+        first = next(iter(per_role.values()))
+        summary = {k: mean([ev[k] for ev in per_role.values()]) for k in first}
+        self.log_record("eval", step, "mean", round=rnd, **summary)
+        return per_role, summary
+
     def eval_points(self) -> list[int]:
         """Steps after which to evaluate: every ``eval.every`` steps and at the last step."""
         total, every = self.cfg.train.steps, self.cfg.eval.every

@@ -337,14 +337,7 @@ def run(exp: Experiment) -> ParadigmResult:
                 round_host_s=time.perf_counter() - started,
             )  # fmt: skip
             step = point
-            per_device = {d.role_id: exp.evaluate_state(d.state) for d in devices}
-            for role, ev in per_device.items():
-                exp.log_record("eval", step, role, round=rnd, **ev)
-            summary = {
-                k: mean([ev[k] for ev in per_device.values()])
-                for k in next(iter(per_device.values()))
-            }
-            exp.log_record("eval", step, "mean", round=rnd, **summary)
+            per_device, summary = exp.evaluate_roles(devices, step, rnd)
             bar.update(
                 chunk, **{k: v for k, v in summary.items() if k in ("accuracy", "perplexity")}
             )

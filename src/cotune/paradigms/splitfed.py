@@ -25,6 +25,7 @@ from cotune.paradigms.splitting import (
     CutOptions,
     SplitContext,
     SplitDevice,
+    batch_dims,
     clip_coef,
     device_memory,
     owned_by_device,
@@ -103,7 +104,9 @@ class SplitServer(Role):
                     (loss + reg if reg is not None else loss).backward()
                     return float(loss.detach()) + (float(reg.detach()) if reg is not None else 0)
 
-                loss, flops = sim.flops.run("split-server", fwd_bwd, acts, t["labels"])
+                loss, flops = sim.flops.run(
+                    "split-server", fwd_bwd, acts, t["labels"], dims=batch_dims(acts.hidden)
+                )
                 sim.charge(SERVER, flops, round=rnd, after=arrival, label="server")
             else:
                 loss = self._u_turn(acts, dev, step, rnd, arrival)
@@ -132,7 +135,9 @@ class SplitServer(Role):
     def _u_turn(self, acts: Activations, dev: str, step: int, rnd: int, arrival: float) -> float:
         """U-shape: forward the middle, let the device finish (loss stays there), backward."""
         exp, sim, codec = self.ctx.exp, self.ctx.exp.sim, self.ctx.codec
-        out, flops = sim.flops.run("split-server-fwd", self.ctx.layout.server, acts)
+        out, flops = sim.flops.run(
+            "split-server-fwd", self.ctx.layout.server, acts, dims=batch_dims(acts.hidden)
+        )
         sim.charge(SERVER, flops, round=rnd, after=arrival, label="server-fwd")
         tensors = {"hidden": out.hidden.detach(), "attention_mask": out.attention_mask}
         msg = Message("activations", SERVER, dev, tensors, {"step": step, "round": rnd})
@@ -152,7 +157,7 @@ class SplitServer(Role):
                 grads.append(torch.ones_like(reg))
             torch.autograd.backward(outs, grads)
 
-        _, flops = sim.flops.run("split-server-bwd", backward, grad)
+        _, flops = sim.flops.run("split-server-bwd", backward, grad, dims=batch_dims(grad))
         after = sim.clock.last_arrival(SERVER, dev)
         sim.charge(SERVER, flops, round=rnd, after=after, label="server-bwd")
         return float(rep.meta["loss"])

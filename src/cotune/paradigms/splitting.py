@@ -255,7 +255,9 @@ class SplitDevice(Role):
             return self.ctx.layout.bottom(b.input_ids, b.attention_mask), self.reg()
 
         with trainer.activate(self.state):
-            (acts, reg), flops = exp.sim.flops.run("split-device-fwd", forward, batch)
+            (acts, reg), flops = exp.sim.flops.run(
+                "split-device-fwd", forward, batch, dims=batch_dims(batch.input_ids)
+            )
         exp.sim.charge(self.role_id, flops, round=rnd, label="forward")
         self._pending = (acts, reg, batch.labels)
         meta = {"step": step, "round": rnd, "examples": int(batch.input_ids.shape[0])}
@@ -282,7 +284,9 @@ class SplitDevice(Role):
             return float(loss.detach())
 
         with self.ctx.device_trainer.activate(self.state):
-            loss, flops = exp.sim.flops.run("split-device-top", fwd_bwd, acts, self._pending[2])
+            loss, flops = exp.sim.flops.run(
+                "split-device-top", fwd_bwd, acts, self._pending[2], dims=batch_dims(acts.hidden)
+            )
             self._stash()
         exp.sim.charge(self.role_id, flops, round=self.round, label="top")
         return reply(msg, "gradients", {"grad": acts.hidden.grad}, loss=loss)
@@ -306,7 +310,7 @@ class SplitDevice(Role):
             torch.autograd.backward(outs, grads)
 
         with self.ctx.device_trainer.activate(self.state):
-            _, flops = exp.sim.flops.run("split-device-bwd", backward, grad)
+            _, flops = exp.sim.flops.run("split-device-bwd", backward, grad, dims=batch_dims(grad))
             self._stash()
         exp.sim.charge(self.role_id, flops, round=self.round, label="backward")
         self._pending = None
@@ -323,7 +327,8 @@ class SplitDevice(Role):
         # Gradients leave the shared Parameters when the state is deactivated: keep them here.
         for k, p in self.ctx.device_trainer.params.items():
             if p.grad is not None:
-                self.grads[k] = self.grads[k] + p.grad if k in self.grads else p.grad.clone()
+                # deactivation drops the Parameter's reference, so the tensor is ours: no copy
+                self.grads[k] = self.grads[k] + p.grad if k in self.grads else p.grad
 
     def finish_step(self) -> float | None:
         """Apply this step's update (global clip factor from both sides' norms)."""
@@ -358,6 +363,12 @@ class SplitDevice(Role):
         self.state = state
         if state.sampler is not None:
             self.sampler.load_state_dict(state.sampler)
+
+
+def batch_dims(t: torch.Tensor) -> tuple[int, int]:
+    """``(batch, seq)`` of a ``[B, T, ...]`` tensor: lets the FLOP counter learn its exact law
+    after a few counted shapes instead of recounting every new (dynamically padded) length."""
+    return int(t.shape[0]), int(t.shape[1])
 
 
 def owned_by_device(layout: Layout, path: str) -> bool:
