@@ -117,3 +117,16 @@ def test_killed_modules_cost_no_bytes_and_revived_ones_come_back(tiny_config, en
     assert len(layers_by_step[4]) == 2
     killed_first = sorted(layers_by_step[1] - layers_by_step[2])[0]
     assert killed_first in layers_by_step[4]  # "stale": the longest-killed module returns
+
+
+def test_embedding_in_the_cloud_is_the_same_computation_but_ships_tokens(tiny_config):
+    dev = run_experiment(dl(tiny_config, "ed", embed="device"), quiet=True, report=False)
+    cloud = run_experiment(dl(tiny_config, "ec", embed="cloud"), quiet=True, report=False)
+    ld = [r["loss"] for r in records(dev, "train", "mean")]
+    lc = [r["loss"] for r in records(cloud, "train", "mean")]
+    assert lc == pytest.approx(ld, abs=1e-6)
+    sd, sc = (json.loads((d / "summary.json").read_text()) for d in (dev, cloud))
+    # Token ids (int64) are smaller than hidden states, and the device no longer holds the
+    # embedding table: the privacy default costs bytes and memory.
+    assert sc["bytes"]["up"] < sd["bytes"]["up"]
+    assert sc["costs"]["device_peak_memory_bytes"] < sd["costs"]["device_peak_memory_bytes"]

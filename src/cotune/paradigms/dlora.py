@@ -51,6 +51,9 @@ class DLoRAOptions(BaseModel):
     score_beta: float = Field(0.9, ge=0.0, lt=1.0)
     # Which killed modules come back: drawn at random, or the longest-killed first ("stale").
     revive: Literal["random", "stale"] = "random"
+    # Where the (frozen) embedding runs: on the device, so raw tokens never leave it (default),
+    # or in the cloud, which then receives the token ids.
+    embed: Literal["device", "cloud"] = "device"
 
 
 def lora_flops(layer: Any, x: torch.Tensor) -> int:
@@ -89,6 +92,7 @@ class Cloud(Role):
         self.exp = exp
         n = exp.loaded.anatomy.num_layers
         self.body = exp.loaded.anatomy.segment(0, n, embed=False, head=False)
+        self.embed = exp.loaded.anatomy.segment(0, 0, embed=True, head=False)
         self.pending: dict[str, tuple[torch.Tensor, tuple[str, ...]]] = {}
         self.device, self.meta = "", {}
         self.lora_flops = self.fwd_flops = 0
@@ -122,7 +126,12 @@ class Cloud(Role):
         active = tuple(msg.meta["active"])
         self.lora_flops = 0
         patched = self._patched(set(active))
-        hidden, mask = msg.tensors["hidden"], msg.tensors["mask"]
+        mask = msg.tensors["mask"]
+        if "input_ids" in msg.tensors:  # embed: cloud — the device sent its token ids
+            with torch.no_grad():
+                hidden = self.embed(msg.tensors["input_ids"], mask).hidden
+        else:
+            hidden = msg.tensors["hidden"]
         try:
             with torch.enable_grad():
                 out, self.fwd_flops = self.exp.sim.flops.run(
@@ -197,9 +206,14 @@ class DLoRADevice(TrainingRole):
         for _ in range(accum):
             b = self.dataset.batch(self.sampler.next_indices())
             self.lora_flops = 0  # this micro-batch's LoRA branches (counted as they run)
-            h0, f_embed = sim.flops.run("dlora-embed", self.embed, b.input_ids, b.attention_mask)
             meta = {"round": self.round, "active": list(self.active)}
-            tensors = {"hidden": h0.hidden.detach(), "mask": b.attention_mask}
+            if self.opts.embed == "cloud":
+                f_embed, tensors = 0, {"input_ids": b.input_ids, "mask": b.attention_mask}
+            else:
+                h0, f_embed = sim.flops.run(
+                    "dlora-embed", self.embed, b.input_ids, b.attention_mask
+                )
+                tensors = {"hidden": h0.hidden.detach(), "mask": b.attention_mask}
             down = exp.engine.request(Message("forward", self.role_id, SERVER, tensors, meta))
             hidden = down.tensors["hidden"].requires_grad_(True)
 
@@ -355,9 +369,11 @@ def set_device_memory(exp: Experiment, devices: list[DLoRADevice]) -> None:
     """A device holds embeddings, head, its LoRA + AdamW state, and per active module the
     saved input ``x`` and rank-r intermediate (an analytic estimate at the largest batch)."""
     anatomy, cfg = exp.loaded.anatomy, exp.cfg
-    mods = [
-        exp.loaded.model.get_submodule(p) for p in anatomy.input_paths() + anatomy.output_paths()
-    ]
+    opts = devices[0].opts if devices else None
+    paths = anatomy.output_paths()
+    if opts is None or opts.embed == "device":
+        paths = anatomy.input_paths() + paths
+    mods = [exp.loaded.model.get_submodule(p) for p in paths]
     seen: set[int] = set()
     frozen = 0
     for mod in mods:
