@@ -1,0 +1,81 @@
+"""Split-federated step host time vs the central step at the same total batch, in one process.
+
+MiniLM (LoRA r=8 on q/v), max_length 40, in-process engine. Two pairings:
+  * 1 device x batch 16 (splitfed) vs central batch 16 (same data, same sampler: same batches);
+  * 4 devices x batch 4 (splitfed) vs central batch 16 (same examples per step).
+Short runs of the two paradigms alternate (interleaved blocks) so machine noise hits both alike;
+a run evaluates on one example after every step, and its step host time is the mean over steps
+2.. of (train record's host_time_s - previous eval record's host_time_s), i.e. eval excluded. splitfed's step covers the whole protocol: the device forward,
+encoding/decoding the activations and cut gradients, the server's forward/backward and both
+optimizer steps, the clock and the metrics (the FedAvg of the device adapters, every 10 steps,
+falls at the last step, after its train record: outside the measured window).
+
+Run: .venv/bin/python benchmarks/split_step.py [--repeats 2 --steps 8]
+Target: step host time ratio splitfed / central <= 1.05.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+
+COMMON = [
+    "partition.scheme=iid", "partition.min_size=1", "devices.mix=null",
+    "model.max_length=40", "eval.max_examples=1", "output.save_adapter=false",
+]  # fmt: skip
+
+
+def step_time(config: str, sets: list[str], steps: int, out: str) -> float:
+    from cotune.config import load_config
+    from cotune.run import run_experiment
+
+    cfg = load_config(config, [*COMMON, *sets, f"train.steps={steps}", "eval.every=1",
+                               f"output.dir={out}"])  # fmt: skip
+    run_dir = run_experiment(cfg, overwrite=True, quiet=True, report=False)
+    recs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    train = {r["step"]: r["host_time_s"] for r in recs if r["event"] == "train"}
+    evals = {r["step"]: r["host_time_s"] for r in recs if r["event"] == "eval"}
+    d = [train[k] - evals[k - 1] for k in range(2, steps + 1)]
+    return sum(d) / len(d)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=8)
+    args = ap.parse_args()
+    pairs = {
+        "1 device x 16": (
+            ("configs/splitfed.yaml", ["devices.count=1", "train.batch_size=16", "name=sf1"]),
+            ("configs/demo/central.yaml", ["devices.count=1", "train.batch_size=16", "name=c1"]),
+        ),
+        "4 devices x 4": (
+            ("configs/splitfed.yaml", ["devices.count=4", "train.batch_size=4", "name=sf4"]),
+            ("configs/demo/central.yaml", ["devices.count=4", "train.batch_size=16", "name=c4"]),
+        ),
+    }
+    times = {(p, side): [] for p in pairs for side in ("splitfed", "central")}
+    with tempfile.TemporaryDirectory() as out:
+        for _ in range(args.repeats):
+            for p, (sf, ce) in pairs.items():
+                times[(p, "splitfed")].append(step_time(*sf, args.steps, out))
+                times[(p, "central")].append(step_time(*ce, args.steps, out))
+    ok = True
+    for p in pairs:
+        s = statistics.median(times[(p, "splitfed")])
+        c = statistics.median(times[(p, "central")])
+        ratio = s / c
+        ok &= ratio <= 1.05
+        print(
+            f"{p:<14} splitfed {s * 1000:7.1f} ms/step   central {c * 1000:7.1f} ms/step   "
+            f"ratio {ratio:.3f}  (target <= 1.05: {'met' if ratio <= 1.05 else 'NOT met'})"
+        )
+        print(f"{'':<14} runs: splitfed {[round(x * 1000, 1) for x in times[(p, 'splitfed')]]}"
+              f"  central {[round(x * 1000, 1) for x in times[(p, 'central')]]}")  # fmt: skip
+    print(f"all targets {'met' if ok else 'NOT met'}")
+
+
+if __name__ == "__main__":
+    main()
