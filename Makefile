@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/cotune compare configs/demo/central.yaml configs/demo/fedavg.yaml configs/demo/splitfed.yaml configs/demo/splitfrozen.yaml configs/demo/local.yaml --out runs/demo --overwrite
+	$(BIN)/cotune compare configs/demo/central.yaml configs/demo/fedavg.yaml configs/demo/splitfed.yaml configs/demo/splitfrozen.yaml --out runs/demo --overwrite
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

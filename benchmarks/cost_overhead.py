@@ -50,23 +50,27 @@ def main() -> None:
     clock = VirtualClock({"device-0": get_profile("phone-mid")})
     warm = FlopCounter()
 
-    def block(counter: FlopCounter | None) -> float:
+    def block(counter: FlopCounter | None, batches: list) -> float:
         t = time.perf_counter()
         with trainer.activate(state):
-            for _ in range(args.steps):
-                batch = ds.batch(sampler.next_indices())
+            for batch in batches:
                 r = train_step(trainer, state, loss_fn, [batch], counter=counter, key="full")
                 if counter is not None:
                     clock.compute("device-0", r.flops)
         return (time.perf_counter() - t) / args.steps
 
-    block(None)
-    block(warm)  # the run's first shapes
+    def draw() -> list:
+        return [ds.batch(sampler.next_indices()) for _ in range(args.steps)]
+
+    block(None, draw())
+    block(warm, draw())  # the run's first shapes
     times: dict[str, list[float]] = {"plain": [], "warm": [], "cold": []}
-    for _ in range(args.blocks):
-        times["plain"].append(block(None))
-        times["warm"].append(block(warm))
-        times["cold"].append(block(FlopCounter()))
+    variants = ["plain", "warm", "cold"]
+    for i in range(args.blocks):
+        batches = draw()  # the same batches for all three, so only the accounting differs
+        for name in variants[i % 3 :] + variants[: i % 3]:  # rotate: no variant always goes first
+            counter = None if name == "plain" else warm if name == "warm" else FlopCounter()
+            times[name].append(block(counter, batches))
     med = {k: statistics.median(v) for k, v in times.items()}
     for k, v in med.items():
         print(f"{k:<6} {v * 1000:7.1f} ms/step")
