@@ -195,3 +195,123 @@ def test_resume_mid_run_equals_uninterrupted(tiny_config):
     got = final_params(resumed)["server"]
     for k in want:
         assert torch.equal(got[k], want[k]), k
+
+
+def test_devices_without_aggregation_train_as_local_devices(tiny_config, monkeypatch):
+    """Per-device server copies and no FedAvg within the run: every device (with its server copy)
+    trains alone on its shard, exactly as the `local` paradigm does. Catches a device backward
+    that runs through another device's adapter weights (all forwards come before the backwards)."""
+    uploads = {}
+    original = splitting.SplitDevice.on_get_adapter
+
+    def spy(self, msg):
+        rep = original(self, msg)
+        uploads[self.role_id] = {k: v.clone() for k, v in rep.tensors.items()}
+        return rep
+
+    monkeypatch.setattr(splitting.SplitDevice, "on_get_adapter", spy)
+    bert = {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
+    common = dict(model={"random_config": bert}, partition={"scheme": "dirichlet", "alpha": 0.3},
+                  **LEAN)  # fmt: skip
+    sf = {"name": "splitfed",
+          "options": {"cut": 1, "aggregate_every": 100, "server_side": "per_device"}}  # fmt: skip
+    run(tiny_config(name="sf", paradigm=sf, **common))
+    local = final_params(run(tiny_config(name="loc", paradigm={"name": "local"}, **common)))
+    assert set(uploads) == {"device-0", "device-1"}
+    for dev, got in uploads.items():
+        for k, v in got.items():
+            torch.testing.assert_close(v, local[dev][k], atol=1e-5, rtol=0)
+
+
+BERT_NO_DROPOUT = {
+    "random_config": {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
+}
+
+
+def _cohort_runs(tiny_config, monkeypatch, options):
+    from cotune.paradigms import split_cohort
+
+    calls = []
+    original = split_cohort.DeviceCohort.forward
+
+    def spy(self, devices, step, rnd):
+        together = original(self, devices, step, rnd)
+        if together:
+            calls.append(step)
+        return together
+
+    monkeypatch.setattr(split_cohort.DeviceCohort, "forward", spy)
+    out = {}
+    for together in (True, False):
+        sf = {"name": "splitfed", "options": {"cut": 1, "aggregate_every": 3, **options,
+                                              "cohort": together}}  # fmt: skip
+        out[together] = run(tiny_config(name=f"co{together}", paradigm=sf, model=BERT_NO_DROPOUT,
+                                        devices={"count": 3}, train={"steps": 8},
+                                        eval={"every": 8, "max_examples": 16}))  # fmt: skip
+    return out, calls
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"server_batch": "pooled"}, {"server_batch": "sequential", "clip": "per_side"}],
+    ids=["pooled", "sequential"],
+)
+def test_device_cohort_equals_one_device_at_a_time(tiny_config, monkeypatch, options):
+    """Once the FLOP laws are learnt, the devices run as one batch: same losses, same adapters,
+    same FLOPs charged to every device, same bytes."""
+    out, calls = _cohort_runs(tiny_config, monkeypatch, options)
+    assert calls and max(calls) == 8  # the cohort took over once the device shapes were counted
+    a, b = (records(out[x], "train", "mean") for x in (True, False))
+    assert [r["loss"] for r in a] == pytest.approx([r["loss"] for r in b], abs=1e-5)
+    pa, pb = final_params(out[True])["server"], final_params(out[False])["server"]
+    for k in pa:
+        torch.testing.assert_close(pa[k], pb[k], atol=1e-5, rtol=1e-4)
+    sa, sb = (json.loads((out[x] / "summary.json").read_text())["costs"] for x in (True, False))
+    for role in ("device-0", "device-1", "device-2", "server"):
+        assert sa["roles"][role]["flops"] == sb["roles"][role]["flops"], role
+        for key in ("bytes_up", "bytes_down"):
+            assert sa["roles"][role][key] == sb["roles"][role][key], (role, key)
+
+
+def test_pooled_server_with_one_device_equals_central(tiny_config):
+    one = {"devices": {"count": 1}, **LEAN}
+    c = run(family_config(tiny_config, "bert", "c", {"name": "central"}, **one))
+    sf = {"name": "splitfed", "options": {"cut": 1, "aggregate_every": 1, "server_batch": "pooled"}}
+    s = run(family_config(tiny_config, "bert", "s", sf, **one))
+    c_loss = [r["loss"] for r in records(c, "train", "server")]
+    assert [r["loss"] for r in records(s, "train", "mean")] == pytest.approx(c_loss, abs=1e-5)
+    c_norm = [r["grad_norm"] for r in records(c, "train", "server")]
+    assert [r["grad_norm"] for r in records(s, "train", "mean")] == pytest.approx(c_norm, rel=1e-5)
+    pc, ps = final_params(c)["server"], final_params(s)["server"]
+    for k in pc:
+        torch.testing.assert_close(ps[k], pc[k], atol=1e-5, rtol=0)
+
+
+def test_pooled_cut_gradient_is_the_devices_own_loss_gradient(tiny_config, monkeypatch):
+    """Step 1 (same server weights in both modes): under pooling every device receives the cut
+    gradient the sequential server sends the device it serves first."""
+    got = {}
+    original = splitting.SplitDevice.on_gradients
+
+    def spy(self, msg):
+        if msg.meta["step"] == 1:
+            got.setdefault(self.ctx.opts.server_batch, []).append(msg.tensors["grad"].clone())
+        return original(self, msg)
+
+    monkeypatch.setattr(splitting.SplitDevice, "on_gradients", spy)
+    for mode in ("sequential", "pooled"):
+        sf = {"name": "splitfed", "options": {"cut": 1, "server_batch": mode, "cohort": False}}
+        run(tiny_config(name=mode, paradigm=sf, model=BERT_NO_DROPOUT,
+                        train={"steps": 1}, eval={"every": 1, "max_examples": 8}))  # fmt: skip
+    seq, pooled = got["sequential"], got["pooled"]
+    assert len(seq) == len(pooled) == 2
+    matches = [torch.allclose(seq[0], p, atol=1e-6) for p in pooled if p.shape == seq[0].shape]
+    assert any(matches)
+    assert not torch.allclose(seq[1], pooled[1], atol=1e-6) or seq[1].shape != pooled[1].shape
+
+
+def test_pooled_server_needs_a_shared_server_side(tiny_config):
+    sf = {"name": "splitfed",
+          "options": {"cut": 1, "server_batch": "pooled", "server_side": "per_device"}}  # fmt: skip
+    with pytest.raises(ConfigError, match="server_batch"):
+        run(tiny_config(name="bad", paradigm=sf))

@@ -16,11 +16,13 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from pydantic import Field
 
-from cotune.errors import ProtocolError
+from cotune.errors import ConfigError, ProtocolError
 from cotune.models import Activations, task_loss
 from cotune.paradigms.base import Experiment, ParadigmResult, mean, parse_options
+from cotune.paradigms.split_cohort import DeviceCohort
 from cotune.paradigms.splitting import (
     CutOptions,
     SplitContext,
@@ -44,6 +46,11 @@ class SplitFedOptions(CutOptions):
     aggregate_every: int = Field(100, ge=1)  # I: FedAvg of device adapters (reference code: 100)
     weighting: Literal["examples", "uniform"] = "examples"
     server_side: Literal["shared", "per_device"] = "shared"
+    # sequential: SplitLoRA's reference (one server update per device batch, arrival order);
+    # pooled: one server forward/backward/update on all of a step's activations together.
+    server_batch: Literal["sequential", "pooled"] = "sequential"
+    # In-process engine: run the devices' bottom segments as one batch (split_cohort.py).
+    cohort: bool = True
 
 
 @dataclass
@@ -64,6 +71,10 @@ class SplitServer(Role):
         self.queue: list[tuple[float, int, Message]] = []
         self.bad: list[tuple[str, str]] = []
         self.reg = side_reg(ctx.exp, lambda p: not owned_by_device(ctx.layout, p))
+        self.norms: dict[str, float] = {}  # device → squared grad norm (pooled + global clip)
+        self._pending_step: (
+            tuple[RoleState, dict[str, torch.Tensor], float, dict[str, float]] | None
+        ) = None
 
     def on_activations(self, msg: Message) -> None:
         arrival = self.ctx.exp.sim.clock.last_arrival(SERVER, msg.sender)
@@ -77,16 +88,110 @@ class SplitServer(Role):
         self.queue.append((arrival, len(self.queue), msg))
         return None
 
+    def on_norm(self, msg: Message) -> None:
+        self.norms[msg.sender] = float(msg.meta["device_sq"])
+
     def serve(self, step: int) -> list[StepLog]:
-        """Reject bad batches, then train on each queued batch in arrival order."""
+        """Reject bad batches, then train on the queued batches (in arrival order, or pooled)."""
         exp = self.ctx.exp
         for dev, err in self.bad:
             self.ctx.skipped.append((step, dev, err))
             exp.engine.send(Message("rejected", SERVER, dev, {}, {"step": step, "error": err}))
         self.bad = []
-        out = [self._serve_one(arrival, msg, step) for arrival, _, msg in sorted(self.queue)]
-        self.queue = []
-        return out
+        queue, self.queue = sorted(self.queue), []
+        if getattr(self.ctx.opts, "server_batch", "sequential") == "pooled":
+            return self._serve_pooled(queue, step) if queue else []
+        return [self._serve_one(arrival, msg, step) for arrival, _, msg in queue]
+
+    def _serve_pooled(self, queue: list[tuple[float, int, Message]], step: int) -> list[StepLog]:
+        """One forward/backward on all activations of the step (padded to the longest); each
+        device gets the gradient of its *own* mean loss, the server steps on the example-weighted
+        mean of the devices' losses (its gradient is the pooled batch's)."""
+        ctx, exp = self.ctx, self.ctx.exp
+        sim, trainer = exp.sim, ctx.server_trainer
+        msgs = [m for _, _, m in queue]
+        rows = [int(m.tensors["hidden"].shape[0]) for m in msgs]
+        lengths = [int(m.tensors["hidden"].shape[1]) for m in msgs]
+        width, total_rows = max(lengths), sum(rows)
+        weights = [n / total_rows for n in rows]
+        pad = [width - t for t in lengths]
+        hidden = torch.cat([F.pad(m.tensors["hidden"], (0, 0, 0, p)) for m, p in zip(msgs, pad)])
+        mask = torch.cat([F.pad(m.tensors["attention_mask"], (0, p)) for m, p in zip(msgs, pad)])
+        labels = [m.tensors["labels"] for m in msgs]
+        acts = Activations(hidden.requires_grad_(True), mask)
+        rnd = int(msgs[0].meta.get("round", 0))
+        state = self.states[msgs[0].sender]  # shared server side: one state for every device
+
+        def fwd_bwd(a: Activations, labels: list[torch.Tensor]) -> list[float]:
+            out = ctx.layout.server(a)
+            losses, start = [], 0
+            for n, t, y in zip(rows, lengths, labels):
+                part = (
+                    out[start : start + n]
+                    if exp.task == "classification"
+                    else out[start : start + n, :t]
+                )
+                losses.append(task_loss(part, y, exp.task))
+                start += n
+            objective = sum(w * loss for w, loss in zip(weights, losses))
+            reg = self.reg()
+            (objective + reg if reg is not None else objective).backward()
+            extra = float(reg.detach()) if reg is not None else 0.0
+            return [float(loss.detach()) + extra for loss in losses]
+
+        with trainer.activate(state):
+            lr = trainer.set_lr(state.step)
+            losses, flops = sim.flops.run(
+                "split-server-pooled", fwd_bwd, acts, labels, dims=batch_dims(hidden)
+            )
+            grads = {k: p.grad for k, p in trainer.params.items() if p.grad is not None}
+        # The server waits for the last device of the step before it can pool.
+        sim.charge(SERVER, flops, round=rnd, after=max(a for a, _, _ in queue), label="server")
+        server_sq = sq_norm(list(grads.values()))
+        want = ctx.opts.clip == "global" and exp.cfg.train.max_grad_norm is not None
+        start = 0
+        for m, n, t, w in zip(msgs, rows, lengths, weights):
+            cut = acts.hidden.grad[start : start + n, :t] / w
+            meta = {"step": step, "round": rnd, "server_sq": server_sq, "send_norm": want}
+            exp.engine.send(
+                Message("gradients", SERVER, m.sender, {"grad": cut}, meta), codec=ctx.codec
+            )
+            start += n
+        self.norms = {}
+        self._pending_step = (state, grads, server_sq, {m.sender: w for m, w in zip(msgs, weights)})
+        if not want:
+            self.finish_step()
+        return [
+            StepLog(m.sender, loss + float(m.meta.get("device_reg", 0.0)), lr, n)
+            for m, loss, n in zip(msgs, losses, rows)
+        ]
+
+    def finish_step(self) -> None:
+        """Pooled server: apply the step's update once the devices' norms are in (global clip:
+        the server's norm plus each device's, weighted as in the pooled objective)."""
+        if self._pending_step is None:
+            return
+        ctx, exp = self.ctx, self.ctx.exp
+        state, grads, total, weights = self._pending_step
+        self._pending_step = None
+        want = ctx.opts.clip == "global" and exp.cfg.train.max_grad_norm is not None
+        if want:
+            missing = sorted(set(weights) - set(self.norms))
+            if missing:
+                raise ProtocolError(f"server: no 'norm' message from {missing} this step")
+            total += sum(weights[d] ** 2 * self.norms[d] for d in weights)
+            after = max(exp.sim.clock.last_arrival(SERVER, d) for d in weights)
+            exp.sim.charge(SERVER, 0.0, after=after, label="wait")
+        coef = clip_coef(exp.cfg.train.max_grad_norm, total)
+        trainer = ctx.server_trainer
+        with trainer.activate(state):
+            trainer.set_lr(state.step)
+            for k, p in trainer.params.items():
+                g = grads.get(k)
+                p.grad = None if g is None else (g * coef if coef is not None else g)
+            trainer.optimizer.step()
+            trainer.optimizer.zero_grad(set_to_none=True)
+            state.step += 1
 
     def _serve_one(self, arrival: float, msg: Message, step: int) -> StepLog:
         ctx, exp = self.ctx, self.ctx.exp
@@ -168,8 +273,17 @@ def run(exp: Experiment) -> ParadigmResult:
     opts = parse_options(SplitFedOptions, cfg.paradigm.options)
     n_dev = len(exp.parts)
     shared = opts.server_side == "shared"
-    # A shared server steps once per device batch, so its LR schedule spans K x steps.
-    ctx = SplitContext.build(exp, opts, cfg.train.steps * (n_dev if shared else 1))
+    pooled = opts.server_batch == "pooled"
+    if pooled and not shared:
+        raise ConfigError(
+            "paradigm.options.server_batch: 'pooled' needs server_side: shared (one server model "
+            "to pool the devices' activations into)"
+        )
+    if pooled and opts.u_shaped:
+        raise ConfigError("paradigm.options.server_batch: 'pooled' does not support u_shaped")
+    # A sequential shared server steps once per device batch, so its LR schedule spans K x steps.
+    server_steps = cfg.train.steps * (n_dev if shared and not pooled else 1)
+    ctx = SplitContext.build(exp, opts, server_steps)
     devices = []
     for i, idx in enumerate(exp.parts):
         dev = SplitDevice(device_id(i), ctx, exp.train_set.subset(idx), seed=cfg.seed + i)
@@ -184,6 +298,10 @@ def run(exp: Experiment) -> ParadigmResult:
             for i, d in enumerate(devices)
         }
     dev_glob = ctx.device_trainer.new_state(cfg.seed, init)
+    cohort = DeviceCohort(ctx)
+    # A cohort defers every device backward to after the server; the sequential server's global
+    # clipping needs each device's norm before it serves the next device, so it runs one by one.
+    needs_norm_reply = not pooled and opts.clip == "global" and cfg.train.max_grad_norm is not None
     server = SplitServer(ctx, copies)
     exp.engine.register(server)
     mem = device_memory(exp, ctx)
@@ -230,9 +348,20 @@ def run(exp: Experiment) -> ParadigmResult:
     with exp.progress(cfg.train.steps - start, f"splitfed {cfg.name}") as bar:
         for step in range(start + 1, cfg.train.steps + 1):
             rnd = (step - 1) // every + 1
+            together = opts.cohort and not needs_norm_reply and cohort.ready(devices)
             for d in devices:
-                d.send_activations(step, rnd)
+                d.defer_backward = together or pooled
+            if together:
+                together = cohort.forward(devices, step, rnd)
+            else:
+                for d in devices:
+                    d.send_activations(step, rnd)
             logs = server.serve(step)
+            if together:
+                cohort.backward()
+            for d in devices:
+                d.run_deferred_backward()
+            server.finish_step()
             norms = [n for d in devices if (n := d.finish_step()) is not None]
             for s, dev, err in [x for x in ctx.skipped if x[0] == step]:
                 exp.log_record("skip", s, dev, round=rnd, error=err)

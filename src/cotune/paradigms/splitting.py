@@ -28,7 +28,7 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict
 
-from cotune.data import BatchSampler, EncodedDataset
+from cotune.data import Batch, BatchSampler, EncodedDataset
 from cotune.errors import ConfigError, ProtocolError
 from cotune.models import Activations, Segment, task_loss
 from cotune.paradigms.base import Experiment, reply
@@ -237,6 +237,10 @@ class SplitDevice(Role):
         self.server_sq = 0.0
         self.rejected = False
         self.round = 0
+        # Backward waits for `run_deferred_backward` or a cohort (set per step by the paradigm).
+        self.defer_backward = False
+        self.cut_grad: torch.Tensor | None = None
+        self._norm_step: int | None = None  # send a "norm" message after this step's backward
 
     def outgoing(self, acts: Activations, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         """The tensors of the ``activations`` message (a test may corrupt them here)."""
@@ -245,11 +249,16 @@ class SplitDevice(Role):
             out["labels"] = labels  # label-sharing split learning, as SplitLoRA does
         return out
 
-    def send_activations(self, step: int, rnd: int) -> None:
-        exp, trainer = self.ctx.exp, self.ctx.device_trainer
+    def next_batch(self, rnd: int) -> Batch:
+        """This step's batch (the sampler moves on; the step's flags reset)."""
         batch = self.dataset.batch(self.sampler.next_indices())
         self.state.sampler = self.sampler.state_dict()
         self.rejected, self.round = False, rnd
+        return batch
+
+    def send_activations(self, step: int, rnd: int, batch: Batch | None = None) -> None:
+        exp, trainer = self.ctx.exp, self.ctx.device_trainer
+        batch = self.next_batch(rnd) if batch is None else batch
 
         def forward(b):
             return self.ctx.layout.bottom(b.input_ids, b.attention_mask), self.reg()
@@ -258,6 +267,19 @@ class SplitDevice(Role):
             (acts, reg), flops = exp.sim.flops.run(
                 "split-device-fwd", forward, batch, dims=batch_dims(batch.input_ids)
             )
+        self.emit(step, rnd, batch, acts, reg, flops)
+
+    def emit(
+        self,
+        step: int,
+        rnd: int,
+        batch: Batch,
+        acts: Activations,
+        reg: torch.Tensor | None,
+        flops: int,
+    ) -> None:
+        """Charge the forward and send the cut activations (also used by a device cohort)."""
+        exp = self.ctx.exp
         exp.sim.charge(self.role_id, flops, round=rnd, label="forward")
         self._pending = (acts, reg, batch.labels)
         meta = {"step": step, "round": rnd, "examples": int(batch.input_ids.shape[0])}
@@ -292,15 +314,28 @@ class SplitDevice(Role):
         return reply(msg, "gradients", {"grad": acts.hidden.grad}, loss=loss)
 
     def on_gradients(self, msg: Message) -> Message | None:
-        exp = self.ctx.exp
         assert self._pending is not None
-        acts, reg, _ = self._pending
+        acts = self._pending[0]
         grad = check_activation(
             f"message 'gradients' from {msg.sender!r}: tensor 'grad'",
             msg.tensors["grad"],
             shape=list(acts.hidden.shape),
             dtype=acts.hidden.dtype,
         )
+        self.server_sq = float(msg.meta.get("server_sq", 0.0))
+        self._norm_step = int(msg.meta["step"]) if msg.meta.get("send_norm") else None
+        if self.defer_backward:  # a cohort (or the pooled server's protocol) runs it later
+            self.cut_grad = grad
+            return None
+        self._backward(grad)
+        if msg.meta.get("want_norm"):
+            return reply(msg, "norm", device_sq=sq_norm(list(self.grads.values())))
+        return None
+
+    def _backward(self, grad: torch.Tensor) -> None:
+        exp = self.ctx.exp
+        assert self._pending is not None
+        acts, reg, _ = self._pending
 
         def backward(g: torch.Tensor) -> None:
             outs, grads = [acts.hidden], [g]
@@ -312,16 +347,27 @@ class SplitDevice(Role):
         with self.ctx.device_trainer.activate(self.state):
             _, flops = exp.sim.flops.run("split-device-bwd", backward, grad, dims=batch_dims(grad))
             self._stash()
+        self.backward_done(flops)
+
+    def backward_done(self, flops: int) -> None:
+        """Charge the backward; send the norm message when the server asked for one."""
+        exp = self.ctx.exp
         exp.sim.charge(self.role_id, flops, round=self.round, label="backward")
-        self._pending = None
-        self.server_sq = float(msg.meta.get("server_sq", 0.0))
-        if msg.meta.get("want_norm"):
-            return reply(msg, "norm", device_sq=sq_norm(list(self.grads.values())))
-        return None
+        self._pending, self.cut_grad = None, None
+        if self._norm_step is not None:
+            meta = {"step": self._norm_step, "round": self.round}
+            meta["device_sq"] = sq_norm(list(self.grads.values()))
+            exp.engine.send(Message("norm", self.role_id, SERVER, {}, meta))
+            self._norm_step = None
+
+    def run_deferred_backward(self) -> None:
+        """The backward of a deferred cut gradient (no-op when there is none)."""
+        if self.cut_grad is not None:
+            self._backward(self.cut_grad)
 
     def on_rejected(self, msg: Message) -> None:
         """The server dropped this step's batch (on_bad_message: skip): no update this step."""
-        self._pending, self.grads, self.rejected = None, {}, True
+        self._pending, self.grads, self.rejected, self.cut_grad = None, {}, True, None
 
     def _stash(self) -> None:
         # Gradients leave the shared Parameters when the state is deactivated: keep them here.

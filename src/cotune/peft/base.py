@@ -82,6 +82,8 @@ class AdapterLayer(nn.Module):
             (w.shape[0], w.shape[1]) if self.fan_in_fan_out else (w.shape[1], w.shape[0])
         )
         self.merged = False
+        # Set by `cotune.peft.grouped.row_groups`: (rows per group, adapter tensors per group).
+        self.row_groups: tuple[list[int], list[Mapping[str, torch.Tensor]]] | None = None
 
     # ---- the method's part -------------------------------------------------------------
     def delta(self, x: torch.Tensor) -> torch.Tensor:
@@ -153,11 +155,33 @@ class AdapterLayer(nn.Module):
         return self.base_layer(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.row_groups is not None:
+            return self._grouped_forward(x, *self.row_groups)
+        return self.adapted_forward(x)
+
+    def adapted_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The adapted layer's output; methods that are not "base + delta" (DoRA, BoRA) override."""
         y = self.base_forward(x)
         if self.merged:
             return y
         # In place: the base product is not saved for backward, and this skips one [B,T,out] buffer.
         return y.add_(self.delta(x).to(y.dtype))
+
+    def _grouped_forward(
+        self, x: torch.Tensor, rows: list[int], tensors: list[Mapping[str, torch.Tensor]]
+    ) -> torch.Tensor:
+        """Rows ``rows[i]`` of ``x`` run through adapter tensors ``tensors[i]`` (one batched base
+        product for additive methods; per group otherwise). See ``cotune.peft.grouped``."""
+        from cotune.peft.grouped import bind_tensors
+
+        additive = type(self).adapted_forward is AdapterLayer.adapted_forward
+        y = self.base_forward(x) if additive else None
+        parts = []
+        for xs, own in zip(x.split(rows), tensors):
+            with bind_tensors(self, own):
+                parts.append(self.delta(xs) if additive else self.adapted_forward(xs))
+        out = torch.cat(parts)
+        return out if y is None else y.add_(out.to(y.dtype))
 
     @torch.no_grad()
     def merge(self) -> None:

@@ -84,7 +84,7 @@ class BoraLayer(LoraLayer):
         bias = self.base_layer.bias
         return y if bias is None else y + bias.to(dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def adapted_forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
             return self.base_forward(x)
         return self._bora_out(x).to(self.base_layer.weight.dtype)

@@ -68,7 +68,7 @@ class DoraLayer(LoraLayer):
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         return self._dora_term(x, None)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def adapted_forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_forward(x)
         if self.merged:
             return y

@@ -25,7 +25,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any
+from typing import ClassVar, Any
 
 from cotune.errors import ProtocolError
 from cotune.runtime.codecs import get_codec
@@ -85,6 +85,10 @@ Listener = Callable[[Transfer], None]
 
 class Engine(ABC):
     """Carries Messages between registered roles and records every transfer."""
+
+    # Roles live in this process and share its model objects (lets a paradigm batch the work of
+    # several simulated devices; the messages are still real).
+    colocated: ClassVar[bool] = False
 
     def __init__(self, codec: str = "fp32") -> None:
         get_codec(codec)  # fail early on an unknown default codec

@@ -14,6 +14,8 @@ from cotune.runtime.messages import Message, decode_message, encode_message
 class LocalEngine(Engine):
     """Runs each handler synchronously in the caller's thread, in the order of the calls."""
 
+    colocated = True
+
     def _transmit(
         self, msg: Message, codec: str | None, in_reply_to: int | None = None
     ) -> tuple[Message, int]:

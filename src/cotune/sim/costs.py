@@ -104,6 +104,21 @@ class FlopCounter:
     def has_law(self, key: str) -> bool:
         return self._law.get(key) is not None
 
+    def known(self, key: str, dims: tuple[int, int]) -> int | None:
+        """FLOPs of ``key`` at ``dims`` if already counted there or predicted by its verified law."""
+        law = self._law.get(key)
+        if law is not None:
+            return _predict(law, dims)
+        return self._samples.get(key, {}).get(dims)
+
+    def charge_known(self, key: str, dims: tuple[int, int]) -> int:
+        """Charge ``key``'s known FLOPs at ``dims`` without running anything (work that ran batched
+        with other roles' work is charged to each role as if it ran alone)."""
+        flops = self.known(key, dims)
+        if flops is None:
+            raise KeyError(f"FLOPs of {key!r} at {dims} are not known yet")
+        self.add(key, flops)
+        return flops
 
 def _predict(law: tuple[int, int, int], dims: tuple[int, int]) -> int:
     a, b, c = law

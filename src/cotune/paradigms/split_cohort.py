@@ -1,0 +1,122 @@
+"""Device cohorts for split learning in the in-process engine.
+
+Every split step, K simulated devices run the bottom segment on their own batches. One after
+another that is K small forwards and backwards through the same frozen layers, which on a CPU
+costs far more than one forward of all K batches together. A cohort runs them as ONE padded
+batch: each device's rows go through its own adapter tensors (``cotune.peft.grouped``), one
+backward gives each device exactly its own gradient. Everything a device does is otherwise
+unchanged: it sends its own activations message (sliced to its own length), receives its own
+cut gradient, is charged its own FLOPs (known from an earlier counted run at the same shape or from the key's
+verified FLOP law; a step with an unknown shape runs one device at a time and counts it) and applies its own optimizer step.
+
+Differences from one-at-a-time execution, both documented in docs/methods.md: float results
+agree to ~1e-6 (different batch shapes), and dropout masks of the whole cohort are drawn from
+the first device's RNG stream (statistically the same; bitwise different when dropout > 0).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from cotune.models import Activations
+from cotune.paradigms.splitting import SplitContext, SplitDevice
+from cotune.peft.grouped import bind_state, row_groups, split_by_layer
+
+FWD, BWD = "split-device-fwd", "split-device-bwd"
+
+
+@dataclass
+class _Run:
+    devices: list[SplitDevice]
+    rows: list[int]
+    lengths: list[int]
+    leaves: list[dict[str, torch.Tensor]]
+    hidden: torch.Tensor  # [sum rows, max length, d]: the joint output (graph root)
+    regs: list[torch.Tensor | None]
+
+
+class DeviceCohort:
+    """Runs the devices of one step as one batch (see the module docstring)."""
+
+    def __init__(self, ctx: SplitContext):
+        self.ctx = ctx
+        self._run: _Run | None = None
+        layers = ctx.exp.adapters.layers
+        _, rest = split_by_layer(layers, {k: torch.empty(0) for k in ctx.layout.device_names})
+        # A device-side tensor outside the adapter layers (e.g. a trainable embedding) cannot
+        # differ per row group: such runs go one device at a time.
+        self.supported = ctx.exp.engine.colocated and ctx.layout.top is None and not rest
+
+    def ready(self, devices: Sequence[SplitDevice]) -> bool:
+        return self.supported and len(devices) > 1
+
+    def forward(self, devices: Sequence[SplitDevice], step: int, rnd: int) -> bool:
+        """Every device draws its batch and sends its activations; they run as one forward when
+        every device's FLOPs are already known (else one by one, which counts them). Returns
+        whether they ran as one."""
+        ctx, exp = self.ctx, self.ctx.exp
+        batches = [d.next_batch(rnd) for d in devices]
+        rows = [int(b.input_ids.shape[0]) for b in batches]
+        lengths = [int(b.input_ids.shape[1]) for b in batches]
+        flops = exp.sim.flops
+        dims = list(zip(rows, lengths))
+        if any(flops.known(k, d) is None for k in (FWD, BWD) for d in dims):
+            for d, b in zip(devices, batches):
+                d.send_activations(step, rnd, batch=b)
+            return False
+        width = max(lengths)
+        # Right padding (the collator's): a row's real positions never see the extra columns.
+        ids = torch.cat([F.pad(b.input_ids, (0, width - b.input_ids.shape[1])) for b in batches])
+        mask = torch.cat(
+            [F.pad(b.attention_mask, (0, width - b.attention_mask.shape[1])) for b in batches]
+        )
+        names = ctx.layout.device_names
+        leaves = [
+            {k: d.state.params[k].detach().requires_grad_(True) for k in names} for d in devices
+        ]
+        layers = exp.adapters.layers
+        with ctx.device_trainer.activate(devices[0].state):  # its RNG draws the dropout masks
+            with row_groups(layers, rows, leaves):
+                acts = ctx.layout.bottom(ids, mask)
+            regs = []
+            for d, own in zip(devices, leaves):
+                with bind_state(layers, own):
+                    regs.append(d.reg())
+        self._run = _Run(list(devices), rows, lengths, leaves, acts.hidden, regs)
+        start = 0
+        for d, b, n, t, reg in zip(devices, batches, rows, lengths, regs):
+            mine = Activations(acts.hidden[start : start + n, :t], b.attention_mask)
+            d.emit(step, rnd, b, mine, reg, flops.charge_known(FWD, (n, t)))
+            start += n
+        return True
+
+    def backward(self) -> None:
+        """One backward of every device's cut gradient; each device keeps its own gradients."""
+        run, self._run = self._run, None
+        if run is None:
+            return
+        grad = torch.zeros_like(run.hidden)
+        outs, grads = [run.hidden], [grad]
+        live = []
+        start = 0
+        for d, n, t, reg in zip(run.devices, run.rows, run.lengths, run.regs):
+            if d.cut_grad is not None:  # a rejected batch has none: its rows get no gradient
+                grad[start : start + n, :t] = d.cut_grad
+                live.append(d)
+                if reg is not None:
+                    outs.append(reg)
+                    grads.append(torch.ones_like(reg))
+            start += n
+        if not live:
+            return
+        torch.autograd.backward(outs, grads)
+        flops = self.ctx.exp.sim.flops
+        for d, n, t, own in zip(run.devices, run.rows, run.lengths, run.leaves):
+            if d not in live:
+                continue
+            d.grads = {k: leaf.grad for k, leaf in own.items() if leaf.grad is not None}
+            d.backward_done(flops.charge_known(BWD, (n, t)))
