@@ -176,11 +176,24 @@ def test_bad_activations_can_be_skipped(tiny_config, monkeypatch):
         assert torch.isfinite(v).all()
 
 
-def test_resume_mid_run_equals_uninterrupted(tiny_config):
-    opts = {"cut": 1, "aggregate_every": 3, "server_side": "per_device"}
+@pytest.mark.parametrize(
+    "paradigm",
+    [
+        {
+            "name": "splitfed",
+            "options": {"cut": 1, "aggregate_every": 3, "server_side": "per_device"},
+        },
+        # The cohort's "FLOPs known?" decisions come from the checkpointed FLOP counter.
+        {"name": "splitfed", "options": {"cut": 1, "aggregate_every": 3, "server_batch": "pooled"}},
+        {"name": "split", "options": {"cut": 1, "turn_steps": 1}},
+        {"name": "splitfrozen", "options": {"cuts": [1, 1]}},
+    ],
+    ids=["splitfed-per-device", "splitfed-pooled-cohort", "split", "splitfrozen"],
+)
+def test_resume_mid_run_equals_uninterrupted(tiny_config, paradigm):
     cfg = tiny_config(
         name="res",
-        paradigm={"name": "splitfed", "options": opts},
+        paradigm=paradigm,
         train={"steps": 4},
         eval={"every": 2, "max_examples": 16},
         output={"checkpoint_every": 2},
