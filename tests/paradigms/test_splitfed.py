@@ -241,7 +241,7 @@ BERT_NO_DROPOUT = {
 }
 
 
-def _cohort_runs(tiny_config, monkeypatch, options):
+def _cohort_runs(tiny_config, monkeypatch, options, family="bert"):
     from cotune.paradigms import split_cohort
 
     calls = []
@@ -258,21 +258,26 @@ def _cohort_runs(tiny_config, monkeypatch, options):
     for together in (True, False):
         sf = {"name": "splitfed", "options": {"cut": 1, "aggregate_every": 3, **options,
                                               "cohort": together}}  # fmt: skip
-        out[together] = run(tiny_config(name=f"co{together}", paradigm=sf, model=BERT_NO_DROPOUT,
-                                        devices={"count": 3}, train={"steps": 8},
-                                        eval={"every": 8, "max_examples": 16}))  # fmt: skip
+        task = "causal_lm" if family == "gpt2" else "classification"
+        out[together] = run(family_config(tiny_config, family, f"co{together}", sf, task=task,
+                                          devices={"count": 3}, train={"steps": 8},
+                                          eval={"every": 8, "max_examples": 16}))  # fmt: skip
     return out, calls
 
 
 @pytest.mark.parametrize(
-    "options",
-    [{"server_batch": "pooled"}, {"server_batch": "sequential", "clip": "per_side"}],
-    ids=["pooled", "sequential"],
+    "family, options",
+    [
+        ("bert", {"server_batch": "pooled"}),
+        ("bert", {"server_batch": "sequential", "clip": "per_side"}),
+        ("gpt2", {"server_batch": "pooled"}),  # causal LM: per-token labels, padded pooling
+    ],
+    ids=["pooled", "sequential", "pooled-gpt2-lm"],
 )
-def test_device_cohort_equals_one_device_at_a_time(tiny_config, monkeypatch, options):
-    """Once the FLOP laws are learnt, the devices run as one batch: same losses, same adapters,
-    same FLOPs charged to every device, same bytes."""
-    out, calls = _cohort_runs(tiny_config, monkeypatch, options)
+def test_device_cohort_equals_one_device_at_a_time(tiny_config, monkeypatch, family, options):
+    """Once the device shapes' FLOPs are known, the devices run as one batch: same losses, same
+    adapters, same FLOPs charged to every device, same bytes."""
+    out, calls = _cohort_runs(tiny_config, monkeypatch, options, family)
     assert calls and max(calls) == 8  # the cohort took over once the device shapes were counted
     a, b = (records(out[x], "train", "mean") for x in (True, False))
     assert [r["loss"] for r in a] == pytest.approx([r["loss"] for r in b], abs=1e-5)
