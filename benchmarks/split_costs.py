@@ -1,16 +1,16 @@
 """Split learning's costs on the demo task, all runs in one script (one process, in turn).
 
 MiniLM (LoRA r=8 on q/v), 5 `fortunes` classes, max_length 40, the demo fleet's mix
-(phone-low/phone-mid/jetson, A100 server) with 4 devices, Dirichlet alpha=0.5, batch 8 per device.
+(phone-low/phone-mid/jetson, A100 server) with 8 devices (`--devices`), Dirichlet alpha=0.5, batch 8 per device.
   * device FLOPs per step: `splitfrozen` (frozen bottom, forward only) vs `splitfed` at the same
     cut (every device cut 2 of 6 blocks); expect <= 0.35 (no backward, no optimizer on devices);
   * device trainable parameters: `splitfed` (cut 2) vs `fedavg` (whole adapter); expect cut/L;
   * bytes per step and accuracy after an equal budget (15 steps) for each activation codec;
-  * simulated time to a target accuracy: `splitfed` (fp32) vs `fedavg` (4 devices, half of them
-    per round, 5 local steps) at the same number of training examples (480);
+  * simulated time to a target accuracy: `splitfed` (fp32) vs `fedavg` (half of the devices
+    per round, 5 local steps) at the same number of training examples (steps x devices x 8);
     the target is 0.5 when both reach it, else the highest level both reach (printed).
 
-Run: .venv/bin/python benchmarks/split_costs.py [--steps 15]
+Run: .venv/bin/python benchmarks/split_costs.py [--steps 15 --devices 8]
 Targets: device FLOPs splitfrozen/splitfed <= 0.35; device params splitfed/fedavg ~ cut/L;
          sim time to target splitfed/fedavg < 1 (SplitLoRA: split-federated reaches it sooner).
 """
@@ -21,9 +21,10 @@ import argparse
 import json
 import tempfile
 
+N_DEV = 8
 CODECS = ["fp32", "fp16", "bf16", "int8", "topk0.1"]
 COMMON = [
-    "devices.count=4", "model.max_length=40", "train.batch_size=8", "eval.max_examples=64",
+    "model.max_length=40", "train.batch_size=8", "eval.max_examples=64",
     "output.save_adapter=false",
 ]  # fmt: skip
 
@@ -32,7 +33,7 @@ def run(config: str, sets: list[str], out: str) -> tuple[dict, list[dict]]:
     from cotune.config import load_config
     from cotune.run import run_experiment
 
-    cfg = load_config(config, [*COMMON, *sets, f"output.dir={out}"])
+    cfg = load_config(config, [*COMMON, *sets, f"output.dir={out}", f"devices.count={N_DEV}"])
     run_dir = run_experiment(cfg, overwrite=True, quiet=True, report=False)
     summary = json.loads((run_dir / "summary.json").read_text())
     recs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -46,8 +47,11 @@ def first_hit(evals: list[dict], target: float) -> float | None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=15)
+    ap.add_argument("--devices", type=int, default=8, help="the demo fleet has 8")
     args = ap.parse_args()
-    s, cut, n_dev = args.steps, 2, 4
+    global N_DEV
+    s, cut, n_dev = args.steps, 2, args.devices
+    N_DEV = n_dev
     every = max(1, s // 4)
     split = [f"train.steps={s}", f"eval.every={every}", f"paradigm.options.cut={cut}",
              f"paradigm.options.aggregate_every={every}", "train.warmup_steps=2"]  # fmt: skip
@@ -60,8 +64,8 @@ def main() -> None:
              f"paradigm.options.cuts=[{','.join([str(cut)] * n_dev)}]"],
             out,
         )  # fmt: skip
-        # fedavg: 2 of 4 devices x 5 local steps per round, 2s/5 rounds: 4s device batches,
-        # the same number of training examples as splitfed's s steps x 4 devices.
+        # fedavg: n/2 devices x 5 local steps per round, 2s/5 rounds: n*s device batches,
+        # the same number of training examples as splitfed's s steps x n devices.
         fed, fed_evals = run(
             "configs/demo/fedavg.yaml",
             [f"train.steps={2 * s}", "eval.every=5", "name=fedavg", "train.warmup_steps=2",
