@@ -141,8 +141,38 @@ class Aggregator:
     ) -> dict[str, Tensor]:
         """Next global state from the current one and the clients' returned states."""
         _check_updates(updates, global_state)
-        reduced = self.reduce(updates, weights)
         self.rounds += 1
+        return self._apply(global_state, self.reduce(updates, weights))
+
+    def aggregate_partial(
+        self, global_state: State, updates: Sequence[State], weights: Sequence[float] | None = None
+    ) -> dict[str, Tensor]:
+        """Like `aggregate`, for clients that each return only some tensors (those they train):
+        each tensor is combined over the updates that hold it; a tensor no update holds keeps
+        its global value. With full updates this is `aggregate`."""
+        if not updates:
+            raise ProtocolError("aggregation needs at least one client update, got none")
+        w = list(weights) if weights is not None else [1.0] * len(updates)
+        groups: dict[tuple[int, ...], list[str]] = {}
+        for i, u in enumerate(updates):
+            extra = sorted(set(u) - set(global_state))
+            if extra:
+                raise ProtocolError(f"update {i}: tensors {extra[:3]} are not in the global state")
+        for k in global_state:
+            groups.setdefault(tuple(i for i, u in enumerate(updates) if k in u), []).append(k)
+        self.rounds += 1
+        out = {k: global_state[k] for k in groups.get((), [])}
+        for holders, keys in groups.items():
+            if not holders:
+                continue
+            part = [{k: updates[i][k] for k in keys} for i in holders]
+            sub = {k: global_state[k] for k in keys}
+            _check_updates(part, sub)
+            out.update(self._apply(sub, self.reduce(part, [w[i] for i in holders])))
+        return {k: out[k] for k in global_state}
+
+    def _apply(self, global_state: State, reduced: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The server step from the reduced client state."""
         if type(self) is Aggregator and self.eta == 1.0:
             return reduced  # exactly the (weighted) mean: no x − (x − avg) rounding
         out = {}

@@ -105,6 +105,20 @@ class DevicesSection(Section):
     availability: AvailabilitySection = Field(default_factory=AvailabilitySection)
 
 
+class WarmupSection(Section):
+    """D²LoRA's warm-up as a pre-stage of any LoRA-shaped method: train the fresh adapter on
+    general data before the task run, so every role starts from it (docs/methods.md)."""
+
+    # A built-in dataset name, a file, or "hf:<name>"; the view defaults to the task's.
+    dataset: str = "austen"
+    view: str | None = None
+    labels: list[str] = Field(default_factory=list)  # classification: classes to keep
+    examples: int = Field(256, ge=1)
+    steps: int = Field(20, ge=0)
+    lr: float = Field(1e-3, gt=0.0)
+    keep_head: bool = False  # the head belongs to the task's labels: reset it by default
+
+
 class PeftSection(Section):
     method: str = "lora"
     r: int = Field(8, ge=1)
@@ -123,6 +137,25 @@ class PeftSection(Section):
     train_head: bool = True
     # Method-specific options, validated by the method's own module.
     options: dict[str, Any] = Field(default_factory=dict)
+    # Staged methods (modula, mosld): steps per stage, run in the method's own stage order
+    # (modula: universal, domain, router) within one run; train.steps is their sum.
+    stages: dict[str, int] | None = None
+    # D²LoRA warm-up before the task run, for any non-staged method (None: no warm-up).
+    warmup: WarmupSection | None = None
+
+    @field_validator("stages")
+    @classmethod
+    def _stages_train(cls, v: dict[str, int] | None) -> dict[str, int] | None:
+        if v is None:
+            return v
+        if not v:
+            raise ValueError("name at least one stage with its steps, e.g. {universal: 20}")
+        bad = {k: n for k, n in v.items() if not isinstance(n, int) or n < 0}
+        if bad:
+            raise ValueError(f"steps per stage must be integers >= 0, got {bad}")
+        if sum(v.values()) < 1:
+            raise ValueError(f"the stages must train at least one step in all, got {v}")
+        return v
 
 
 class ParadigmSection(Section):
@@ -219,6 +252,15 @@ class RunConfig(Section):
     def _cross_checks(self) -> RunConfig:
         if self.eval.target_accuracy is not None and self.model.task != "classification":
             raise ValueError("eval.target_accuracy needs model.task=classification")
+        if self.peft.stages is not None:
+            total = sum(self.peft.stages.values())
+            if "steps" not in self.train.model_fields_set:  # unset: the stages decide
+                self.train = self.train.model_copy(update={"steps": total})
+            elif self.train.steps != total:
+                raise ValueError(
+                    f"train.steps = {self.train.steps} but peft.stages sum to {total}; "
+                    "set train.steps to the sum or leave it out"
+                )
         return self
 
     def to_dict(self) -> dict[str, Any]:

@@ -185,8 +185,12 @@ def build_experiment(cfg: RunConfig, run_dir: Path, *, quiet: bool):
             peft_cfg, loaded.model, loaded.anatomy, train_set, parts, seed=cfg.seed,
             head_paths=heads, batch_size=cfg.eval.batch_size,
         )  # fmt: skip
+    if cfg.peft.stages is not None:  # stage names, paradigm and domains: before any work
+        from cotune.stages import check_stages
+
+        check_stages(cfg, labels, parts, data.label_names)
     adapters = inject_adapters(loaded.model, peft_cfg, anatomy=loaded.anatomy, head_paths=heads)
-    if peft_cfg.method == "d2lora":  # warm-up on public data: every role starts from it
+    if peft_cfg.method == "d2lora" or cfg.peft.warmup is not None:  # every role starts warmed
         from cotune.peft.d2lora import d2lora_stage
 
         d2lora_stage(cfg, loaded, tokenizer, adapters)
@@ -234,6 +238,10 @@ def run_experiment(
         if ckpt is None:
             raise CheckpointError(f"--resume: {run_dir / 'checkpoints'} holds no checkpoint")
         resume_payload = load_checkpoint(ckpt, cfg)
+        if cfg.peft.stages is not None:
+            raise CheckpointError(
+                f"--resume: {run_dir} is a staged run (peft.stages); they cannot resume yet"
+            )
         if resume_payload.get("final"):
             raise RunDirError(
                 f"--resume: {run_dir} already finished (its last checkpoint is final)"
@@ -260,7 +268,12 @@ def run_experiment(
     )
 
     started = time.perf_counter()
-    result = paradigm(exp)
+    if cfg.peft.stages is not None:
+        from cotune.stages import run_stages
+
+        result = run_stages(exp, paradigm)
+    else:
+        result = paradigm(exp)
     host_time = time.perf_counter() - started
 
     last_step = max([int(r.get("step", 0)) for r in exp.log.records] + [cfg.train.steps])
@@ -360,7 +373,9 @@ def build_summary(exp, result, host_time: float) -> dict[str, Any]:
         "messages": len(exp.engine.transfers),
         "trainable_params": exp.adapters.num_trainable(),
         "partition": partition_summary(exp.parts, labels, exp.data.label_names),
-        "extra": {k: v for k, v in result.extra.items() if k != "per_device_eval"},
+        "extra": {
+            k: v for k, v in result.extra.items() if k not in ("per_device_eval", "adapters")
+        },
     }
 
 

@@ -83,25 +83,27 @@ def test_row_groups_refuse_head_tensors_and_merged_layers():
     model = case.build()
     adapters = inject_adapters(model, peft_cfg("lora", case, options={}))
     named = adapters.named_trainable()
-    with pytest.raises(AdapterError, match="not adapter-layer tensors"):
-        with row_groups(adapters.layers, [2], [named]):
-            pass
+    with (
+        pytest.raises(AdapterError, match="not adapter-layer tensors"),
+        row_groups(adapters.layers, [2], [named]),
+    ):
+        pass
     layer = next(iter(adapters.layers.values()))
     own = {f"{layer.path}.{k}": p for k, p in layer.adapter_named_parameters()}
     layer.merge()
-    with pytest.raises(AdapterError, match="merged"):
-        with row_groups(adapters.layers, [2], [own]):
-            pass
+    with pytest.raises(AdapterError, match="merged"), row_groups(adapters.layers, [2], [own]):
+        pass
 
 
 def test_bind_tensors_restores_on_error():
     lin = torch.nn.Linear(2, 2)
     original = lin.weight
-    with pytest.raises(RuntimeError):
-        with bind_tensors(lin, {"weight": torch.zeros(2, 2)}):
-            assert torch.equal(lin.weight, torch.zeros(2, 2))
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError), bind_tensors(lin, {"weight": torch.zeros(2, 2)}):
+        assert torch.equal(lin.weight, torch.zeros(2, 2))
+        raise RuntimeError("boom")
     assert lin.weight is original
-    with pytest.raises(AdapterError, match="no parameter or buffer"):
-        with bind_tensors(lin, {"nope": torch.zeros(1)}):
-            pass
+    with (
+        pytest.raises(AdapterError, match="no parameter or buffer"),
+        bind_tensors(lin, {"nope": torch.zeros(1)}),
+    ):
+        pass

@@ -18,16 +18,18 @@ import torch
 from pydantic import BaseModel, ValidationError
 
 from cotune.config import RunConfig
-from cotune.data import BatchSampler, EncodedDataset, TaskData
+from cotune.data import Batch, BatchSampler, EncodedDataset, TaskData
 from cotune.errors import ConfigError
 from cotune.models import LoadedModel, Segment
 from cotune.peft import AdapterSet
+from cotune.peft.domains import DomainPlan, route_domains
 from cotune.progress import Progress
 from cotune.report import MetricsLog
 from cotune.runtime import Engine, Message, Role
 from cotune.sim.costs import MemoryEstimate, MemoryProbe
 from cotune.sim.simulation import Simulation
 from cotune.train import RoleState, StepResult, Trainer, evaluate, full_model_loss, train_step
+from cotune.train.loop import LossFn
 
 T = TypeVar("T", bound=BaseModel)
 
@@ -54,6 +56,9 @@ class Experiment:
     checkpoint_fn: Callable[[int, dict[str, RoleState], dict[str, Any]], None] | None = None
     last_checkpoint_step: int = 0
     tokenizer: Any = None  # the run's Tokenizer (paradigms that encode extra data, e.g. fedbiot)
+    # Set by the stage driver (cotune.stages) for MoDULA's domain stage: each device's expert.
+    domains: DomainPlan | None = None
+    flop_key: str = "full"  # FLOP-counter key of a whole-model step (one per training stage)
 
     @property
     def task(self) -> str:
@@ -72,6 +77,15 @@ class Experiment:
     def initial_params(self) -> dict[str, torch.Tensor]:
         """The adapter values every role starts from (the server's initialization)."""
         return {k: p.data for k, p in self.trainer.params.items()}
+
+    def role_tensors(
+        self, role_id: str, tensors: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """The part of an adapter state `role_id` trains (all of it outside a domain stage):
+        what a device downloads and uploads, so an expert is averaged only over its domain."""
+        if self.domains is None:
+            return tensors
+        return {k: v for k, v in tensors.items() if self.domains.owns(role_id, k)}
 
     def evaluate_state(self, state: RoleState) -> dict[str, float]:
         with self.trainer.activate(state):
@@ -150,10 +164,29 @@ class TrainingRole(Role):
             BatchSampler(len(dataset), exp.cfg.train.batch_size, seed) if dataset else None
         )
         self.loss_fn = full_model_loss(exp.forward, exp.task, exp.adapters.regularization_loss)
+        # Per-example domain experts (MoDULA's domain stage); None: no domain routing.
+        self.example_domains: list[int] | None = None
+        if dataset is not None and exp.domains is not None:
+            self.example_domains = exp.domains.example_experts(role_id, len(dataset))
 
-    def set_dataset(self, dataset: EncodedDataset) -> None:
+    def set_dataset(self, dataset: EncodedDataset, domains: list[int] | None = None) -> None:
         self.dataset = dataset
+        self.example_domains = domains
         self.sampler = BatchSampler(len(dataset), self.exp.cfg.train.batch_size, self.seed)
+
+    def _loss_for(self, micro_indices: list[list[int]]) -> LossFn:
+        """The loss for one step's micro-batches, routing each example to its domain expert."""
+        if self.example_domains is None:
+            return self.loss_fn
+        doms = self.example_domains
+        routes = iter([[doms[j] for j in idx] for idx in micro_indices])
+        adapters, inner = self.exp.adapters, self.loss_fn
+
+        def loss_fn(batch: Batch) -> torch.Tensor:  # called once per micro-batch, in order
+            with route_domains(adapters, next(routes)):
+                return inner(batch)
+
+        return loss_fn
 
     def train_steps(self, steps: int, *, round: int = 0) -> list[StepResult]:
         """Train ``steps`` optimizer steps; each step's counted FLOPs go on this role's timeline."""
@@ -164,9 +197,15 @@ class TrainingRole(Role):
         results = []
         with self.exp.trainer.activate(self.state):
             for _ in range(steps):
-                micro = [self.dataset.batch(self.sampler.next_indices()) for _ in range(accum)]
+                idx = [self.sampler.next_indices() for _ in range(accum)]
+                micro = [self.dataset.batch(i) for i in idx]
                 r = train_step(
-                    self.exp.trainer, self.state, self.loss_fn, micro, counter=sim.flops, key="full"
+                    self.exp.trainer,
+                    self.state,
+                    self._loss_for(idx),
+                    micro,
+                    counter=sim.flops,
+                    key=self.exp.flop_key,
                 )
                 sim.charge(self.role_id, r.flops, round=round, label="train")
                 results.append(r)

@@ -27,6 +27,13 @@ class CentralServer(TrainingRole):
         parts = [EncodedDataset.from_tensors(m.tensors, self.exp.task) for m in messages]
         return EncodedDataset.concat(parts)
 
+    def pool_domains(self, messages: list[Message]) -> list[int] | None:
+        """Each pooled example's domain expert: its sender's (MoDULA's domain stage)."""
+        plan = self.exp.domains
+        if plan is None:
+            return None
+        return [d for m in messages for d in plan.example_experts(m.sender, m.meta["examples"])]
+
 
 def run(exp: Experiment) -> ParadigmResult:
     cfg = exp.cfg
@@ -41,7 +48,7 @@ def run(exp: Experiment) -> ParadigmResult:
     uploads = exp.engine.request_many(
         [Message("get_data", "server", o.role_id, {}, {"round": 0}) for o in owners]
     )
-    server.set_dataset(server.pool(uploads))
+    server.set_dataset(server.pool(uploads), server.pool_domains(uploads))
     exp.sim.memory["server"] = exp.full_model_memory()
 
     start = 0

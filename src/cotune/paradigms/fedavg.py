@@ -99,7 +99,7 @@ class FedDevice(TrainingRole):
         return reply(
             msg,
             "update",
-            state_tensors(self.state),
+            self.exp.role_tensors(self.role_id, state_tensors(self.state)),
             round=rnd,
             examples=len(self.dataset),
             losses=[r.loss for r in results],
@@ -201,7 +201,7 @@ def run(exp: Experiment) -> ParadigmResult:
                     "train",
                     SERVER,
                     dev.role_id,
-                    state_tensors(glob),
+                    exp.role_tensors(dev.role_id, state_tensors(glob)),
                     {"round": rnd, "schedule_step": (rnd - 1) * steps_per_round},
                 )
                 try:
@@ -221,9 +221,11 @@ def run(exp: Experiment) -> ParadigmResult:
                 weights.append(float(m.meta["examples"]) if opts.weighting == "examples" else 1.0)
                 losses.append(m.meta["losses"])
             if len(reported) >= opts.min_reports:
-                new = aggregator.aggregate(
-                    state_tensors(glob), [m.tensors for _, m in reported], weights
+                # In a domain stage each device sends only what it trains: average per tensor.
+                combine = (
+                    aggregator.aggregate if exp.domains is None else aggregator.aggregate_partial
                 )
+                new = combine(state_tensors(glob), [m.tensors for _, m in reported], weights)
                 n_params = sum(v.numel() for v in new.values())
                 exp.sim.charge(
                     SERVER,

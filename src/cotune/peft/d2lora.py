@@ -4,7 +4,9 @@ Phase 1 trains a standard LoRA (A kaiming, B = 0) for `warmup_steps` on a genera
 task's own objective (SFT cross-entropy); phase 2 is the ordinary task run starting from the warmed
 A, B. In cotune phase 1 runs once at the server on public data, inside `build_experiment`, before any
 role exists, so every role (server and devices, any paradigm) starts from the warmed adapter.
-The result is a plain LoRA; only its starting point differs.
+The result is a plain LoRA; only its starting point differs. The same warm-up is a pre-stage of
+any non-staged method (DoRA, PiSSA, KaSA, ...) through `peft.warmup`: it trains whatever that
+method's adapter holds (magnitudes, `lora_diag`, ...) with the method's own regularizer.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from cotune.errors import AdapterError
+from cotune.errors import AdapterError, ConfigError
 from cotune.peft.lora import LoraLayer, LoraOptions
 
 Forward = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -108,12 +110,40 @@ def d2lora_warmup(
     return losses
 
 
+def warmup_options(cfg: Any, adapters: Any) -> D2loraOptions:
+    """The warm-up's settings: `peft.warmup` (any non-staged method) or d2lora's own options."""
+    warm = cfg.peft.warmup
+    if warm is None:
+        return adapters_options(adapters)
+    if cfg.peft.method == "d2lora":
+        raise ConfigError(
+            "peft.warmup: method 'd2lora' already warms up (peft.options.warmup_*); "
+            "set one of the two, or use peft.method=lora with peft.warmup"
+        )
+    layer = next(iter(adapters.layers.values()), None)
+    if layer is not None and hasattr(layer, "set_stage"):
+        raise ConfigError(
+            f"peft.warmup: method {cfg.peft.method!r} trains in stages, so a warm-up would train "
+            "only its current stage; use peft.stages instead (MoDULA's universal stage is a "
+            "warm-up of the universal expert on general data)"
+        )
+    return D2loraOptions(
+        warmup_dataset=warm.dataset,
+        warmup_view=warm.view,
+        warmup_labels=tuple(warm.labels) or None,
+        warmup_steps=warm.steps,
+        warmup_lr=warm.lr,
+        warmup_examples=warm.examples,
+        keep_head=warm.keep_head,
+    )
+
+
 def d2lora_stage(cfg: Any, loaded: Any, tokenizer: Any, adapters: Any) -> list[float]:
-    """Phase 1 for a run (called by `build_experiment` when `peft.method: d2lora`)."""
+    """Phase 1 for a run (called by `build_experiment` for `peft.method: d2lora` or `peft.warmup`)."""
     from cotune.config import DataSection
     from cotune.data import encode_dataset, load_task_data
 
-    opts = adapters_options(adapters)
+    opts = warmup_options(cfg, adapters)
     task = cfg.model.task
     section = DataSection(
         dataset=opts.warmup_dataset,

@@ -37,6 +37,45 @@ def topk_gates(logits: torch.Tensor, top_k: int) -> torch.Tensor:
     return g
 
 
+def balance_loss(logits: torch.Tensor, top_k: int) -> torch.Tensor:
+    """Switch-Transformer load balancing `E · Σ_i f_i · P_i` over every token position.
+
+    `f_i`: share of the routing slots that went to expert i (the top-k picks; the argmax for a
+    dense mixture), not differentiable; `P_i`: mean router probability of i, which carries the
+    gradient. Equals 1 for a perfectly balanced router and grows towards E as it collapses.
+    """
+    probs = torch.softmax(logits.reshape(-1, logits.shape[-1]), dim=-1)
+    e = probs.shape[-1]
+    k = top_k if 0 < top_k < e else 1
+    picked = torch.zeros_like(probs).scatter(-1, probs.detach().topk(k, dim=-1).indices, 1.0)
+    f = picked.mean(0) / k
+    return e * (f * probs.mean(0)).sum()
+
+
+class BalancedRouterMixin:
+    """Keeps the latest training forward's balance loss and hands it out once through
+    `regularization_loss`, so every paradigm's training loop adds it to the task loss."""
+
+    balance_coef: float = 0.0
+    _balance: torch.Tensor | None = None
+
+    def track_balance(self, router: nn.Linear, logits: torch.Tensor) -> None:
+        self._balance = None
+        active = self.training and torch.is_grad_enabled() and router.weight.requires_grad  # type: ignore[attr-defined]
+        if self.balance_coef > 0 and active:
+            self._balance = self.balance_coef * balance_loss(logits, self.top_k)  # type: ignore[attr-defined]
+
+    def regularization_loss(self) -> torch.Tensor | None:
+        # Read once: a layer skipped in a later forward must not hand back a freed graph.
+        loss, self._balance = self._balance, None
+        return loss
+
+
+def check_balance(coef: float) -> None:
+    if not isinstance(coef, (int, float)) or coef < 0:
+        raise ValueError(f"balance_coef must be a number >= 0 (0 = off), got {coef!r}")
+
+
 def check_moe(num_experts: int, top_k: int, stage: str, stages: Iterable[str]) -> None:
     if not isinstance(num_experts, int) or num_experts < 1:
         raise ValueError(f"num_experts must be an integer >= 1, got {num_experts!r}")
@@ -61,9 +100,11 @@ class MosldOptions:
     shared_dropout: float | None = None  # None: peft.dropout
     dropout_mode: str = "input"  # "input": dropout(x) before A; "weight": DropConnect on A
     stage: str = "joint"  # joint: everything; experts: A and B_i; router: W_g only
+    balance_coef: float = 0.01  # Switch-style load-balancing loss weight while the router trains
 
     def __post_init__(self) -> None:
         check_moe(self.num_experts, self.top_k, self.stage, MOSLD_STAGES)
+        check_balance(self.balance_coef)
         if self.dropout_mode not in ("input", "weight"):
             raise ValueError(f"dropout_mode must be 'input' or 'weight', got {self.dropout_mode!r}")
         if self.shared_dropout is not None and not 0.0 <= self.shared_dropout < 1.0:
@@ -97,7 +138,7 @@ class StagedMixin:
         )
 
 
-class MosldLayer(StagedMixin, AdapterLayer):
+class MosldLayer(BalancedRouterMixin, StagedMixin, AdapterLayer):
     mergeable: ClassVar[bool] = False
     peft_type: ClassVar[str | None] = "COTUNE_MOSLD"
     peft_variant: ClassVar[str | None] = "mosld_config"
@@ -111,6 +152,7 @@ class MosldLayer(StagedMixin, AdapterLayer):
         super().__init__(base_layer, spec)
         opts = spec.options if isinstance(spec.options, MosldOptions) else MosldOptions()
         self.r, self.top_k, self.stage = spec.r, opts.top_k, opts.stage
+        self.balance_coef = float(opts.balance_coef)
         self.scaling = spec.alpha / math.sqrt(spec.r) if spec.use_rslora else spec.alpha / spec.r
         p = spec.dropout if opts.shared_dropout is None else opts.shared_dropout
         self.dropout_mode, self.p = opts.dropout_mode, p
@@ -135,7 +177,9 @@ class MosldLayer(StagedMixin, AdapterLayer):
         if self.dropout_mode == "weight" and self.training and self.p > 0:
             a = F.dropout(a, self.p)  # DropConnect: damps A's update, fed by every expert
         z = F.linear(self.lora_dropout(x), a) * self.scaling  # [..., r]
-        g = topk_gates(self.lora_router(x), self.top_k)  # [..., E]
+        logits = self.lora_router(x)
+        g = topk_gates(logits, self.top_k)  # [..., E]
+        self.track_balance(self.lora_router, logits)
         b = self.lora_B.weight  # [E, out, r] -> [out, E·r]; one matmul for all experts
         mixed = (g[..., :, None] * z[..., None, :]).flatten(-2)
         return F.linear(mixed, b.permute(1, 0, 2).reshape(b.shape[1], -1))

@@ -25,7 +25,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import ClassVar, Any
+from typing import Any, ClassVar
 
 from cotune.errors import ProtocolError
 from cotune.runtime.codecs import get_codec

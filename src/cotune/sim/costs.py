@@ -120,6 +120,7 @@ class FlopCounter:
         self.add(key, flops)
         return flops
 
+
 def _predict(law: tuple[int, int, int], dims: tuple[int, int]) -> int:
     a, b, c = law
     bsz, seq = dims

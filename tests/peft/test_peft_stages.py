@@ -1,0 +1,192 @@
+"""Staged MoDULA/MoSLD runs (`peft.stages`): one run chains the stages through any paradigm."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from cotune.aggregation import Aggregator
+from cotune.config import config_from_dict
+from cotune.errors import ConfigError, ProtocolError
+
+from ..conftest import tiny_config_dict
+
+DOMAINS = {"partition": {"scheme": "shards", "classes_per_device": 1}, "devices": {"count": 3}}
+
+
+def staged(tmp_path, stages, paradigm="central", options=None, **sections):
+    d = tiny_config_dict(
+        tmp_path,
+        name=f"staged-{paradigm}-{'-'.join(map(str, stages.values()))}",
+        peft={"method": "modula", "options": {"num_experts": 3, **(options or {})}},
+        paradigm={"name": paradigm, "options": {"local_steps": 1} if paradigm == "fedavg" else {}},
+        eval={"every": 2, "max_examples": 16},
+        **{**DOMAINS, **sections},
+    )
+    d["peft"]["stages"] = stages
+    d["train"].pop("steps")  # the stages decide
+    return config_from_dict(d)
+
+
+def run(cfg):
+    from cotune.run import run_experiment
+
+    run_dir = run_experiment(cfg, quiet=True, report=False)
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return run_dir, records, load_file(run_dir / "adapter" / "adapter_model.safetensors")
+
+
+def kinds_moved(tensors, like):
+    """Which parts of a MoDULA adapter left their zero init (B matrices and the router)."""
+    moved = {k for k, v in tensors.items() if like in k and v.abs().sum() > 0}
+    return moved
+
+
+def test_universal_only_stages_equal_a_plain_universal_run(tmp_path):
+    cfg = staged(tmp_path, {"universal": 4, "domain": 0, "router": 0})
+    assert cfg.train.steps == 4
+    _, recs, staged_w = run(cfg)
+    plain = config_from_dict(
+        {**cfg.to_dict(), "name": "plain", "peft": {**cfg.to_dict()["peft"], "stages": None}}
+    )
+    _, plain_recs, plain_w = run(plain)
+    losses = [(r["step"], r["loss"]) for r in recs if r["event"] == "train"]
+    assert losses == [(r["step"], r["loss"]) for r in plain_recs if r["event"] == "train"]
+    assert {r["stage"] for r in recs} == {"universal"}
+    assert staged_w.keys() == plain_w.keys()
+    assert all(torch.equal(staged_w[k], plain_w[k]) for k in plain_w)
+
+
+def test_three_stages_in_one_central_run(tmp_path):
+    run_dir, recs, w = run(staged(tmp_path, {"universal": 2, "domain": 2, "router": 2}))
+    train = [(r["step"], r["stage"]) for r in recs if r["event"] == "train"]
+    assert train == [(1, "universal"), (2, "universal"), (3, "domain"), (4, "domain")] + [
+        (5, "router"),
+        (6, "router"),
+    ]  # steps counted across stages
+    assert [r["stage"] for r in recs if r["event"] == "eval"] == ["universal", "domain", "router"]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["steps"] == 6 and [s["stage"] for s in summary["extra"]["stages"]] == [
+        "universal",
+        "domain",
+        "router",
+    ]
+    devices = summary["extra"]["domains"]["devices"]
+    assert sorted(devices.values()) == [0, 1, 2]  # one domain per device: one expert each
+    # Every part trained in its stage: universal B, each domain expert's B, the router.
+    uni = {k for k in kinds_moved(w, "lora_B") if "lora_domain" not in k}
+    assert uni and all(kinds_moved(w, f"lora_domain.{d}.lora_B") for d in range(3))
+    assert kinds_moved(w, "lora_router")
+    config = json.loads((run_dir / "adapter" / "adapter_config.json").read_text())
+    assert config["modula_config"]["stage"] == "router"  # reloads in its inference form
+
+
+def test_stages_train_only_their_parts(tmp_path):
+    """Domain stage alone: the universal expert and the router stay at their init."""
+    _, _, w = run(staged(tmp_path, {"universal": 0, "domain": 2, "router": 0}))
+    assert not {k for k in kinds_moved(w, "lora_B") if "lora_domain" not in k}
+    assert not kinds_moved(w, "lora_router")
+    assert all(kinds_moved(w, f"lora_domain.{d}.lora_B") for d in range(3))
+
+
+def test_fedavg_domain_stage_averages_each_expert_over_its_domain(tmp_path, monkeypatch):
+    calls = []
+    real = Aggregator.aggregate_partial
+
+    def spy(self, glob, updates, weights=None):
+        out = real(self, glob, updates, weights)
+        calls.append((dict(glob), [dict(u) for u in updates], list(weights), out))
+        return out
+
+    monkeypatch.setattr(Aggregator, "aggregate_partial", spy)
+    cfg = staged(tmp_path, {"domain": 2}, "fedavg", devices={"count": 4})
+    run_dir, recs, _ = run(cfg)
+    devices = json.loads((run_dir / "summary.json").read_text())["extra"]["domains"]["devices"]
+    assert len(calls) == 2 and len(set(devices.values())) == 3  # 4 devices, 3 domains
+    glob, updates, weights, out = calls[0]
+    for u in updates:  # each device uploads its own expert only (plus the shared head)
+        assert len({k.split("lora_domain.")[1][0] for k in u if "lora_domain." in k}) == 1
+    for key in [k for k in glob if "lora_domain." in k and "lora_B" in k]:
+        holders = [(u[key], w) for u, w in zip(updates, weights, strict=True) if key in u]
+        assert holders  # every domain has a device
+        mean = sum(v.double() * w for v, w in holders) / sum(w for _, w in holders)
+        torch.testing.assert_close(out[key].double(), mean, atol=1e-7, rtol=0)
+        assert out[key].abs().sum() > 0  # not diluted back towards 0 by the other domains
+
+
+def test_aggregate_partial():
+    glob = {"a": torch.zeros(2), "b": torch.zeros(2), "c": torch.ones(2)}
+    ups = [{"a": torch.tensor([1.0, 1.0]), "b": torch.tensor([3.0, 3.0])}, {"a": torch.ones(2) * 3}]
+    out = Aggregator().aggregate_partial(glob, ups, [1.0, 3.0])
+    torch.testing.assert_close(out["a"], torch.full((2,), 2.5))  # (1·1 + 3·3) / 4
+    torch.testing.assert_close(out["b"], torch.full((2,), 3.0))  # its only holder
+    torch.testing.assert_close(out["c"], torch.ones(2))  # nobody trained it: global value
+    full = [{**u, "b": torch.ones(2), "c": torch.ones(2)} for u in ups]
+    agg = Aggregator(eta=0.5)
+    expect = Aggregator(eta=0.5).aggregate(glob, full, [1.0, 3.0])
+    got = agg.aggregate_partial(glob, full, [1.0, 3.0])
+    assert all(torch.equal(got[k], expect[k]) for k in glob)
+    with pytest.raises(ProtocolError, match="not in the global state"):
+        agg.aggregate_partial(glob, [{"z": torch.ones(1)}])
+
+
+def test_mosld_stages(tmp_path):
+    d = tiny_config_dict(tmp_path, name="mosld-stages", peft={"method": "mosld"})
+    d["peft"]["stages"] = {"experts": 2, "router": 1}
+    d["train"].pop("steps")
+    _, recs, w = run(config_from_dict(d))
+    assert [r["stage"] for r in recs if r["event"] == "train"] == ["experts"] * 2 + ["router"]
+    assert kinds_moved(w, "lora_router") and kinds_moved(w, "lora_B")
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"peft": {"stages": {}}}, r"peft.stages: .*at least one stage"),
+        ({"peft": {"stages": {"universal": 2}}, "train": {"steps": 3}}, "sum to 2"),
+    ],
+)
+def test_bad_stage_config(tmp_path, change, message):
+    d = tiny_config_dict(tmp_path)
+    for k, v in change.items():
+        d[k] = {**d[k], **v}
+    with pytest.raises(ConfigError, match=message):
+        config_from_dict(d)
+
+
+@pytest.mark.parametrize(
+    ("stages", "sections", "message"),
+    [
+        ({"universal": 1, "experts": 1}, {}, r"peft.stages.experts: not a stage of 'modula'"),
+        ({"domain": 1}, {"peft": {"options": {"num_experts": 2}}}, r"num_experts >= 3"),
+        ({"domain": 1}, {"paradigm": {"name": "splitfed"}}, "domain stage .* not 'splitfed'"),
+        ({"router": 1}, {"paradigm": {"name": "local"}}, "one adapter per device"),
+        ({"router": 1}, {"peft": {"method": "lora", "options": {}}}, "has no training stages"),
+    ],
+)
+def test_bad_stages_fail_before_the_run_dir(tmp_path, stages, sections, message):
+    from cotune.run import run_experiment
+
+    cfg = staged(tmp_path, stages)
+    d = cfg.to_dict()
+    for k, v in sections.items():
+        d[k] = {**d[k], **v}
+    with pytest.raises(ConfigError, match=message):
+        run_experiment(config_from_dict(d), quiet=True, report=False)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_domain_stage_needs_labels(tmp_path):
+    from cotune.run import build_experiment
+
+    cfg = staged(tmp_path, {"domain": 1})
+    d = cfg.to_dict()
+    d["model"] = {**d["model"], "name_or_path": "random:gpt2", "task": "causal_lm"}
+    d["data"] = {**d["data"], "labels": [], "max_examples": 60}
+    d["partition"] = {"scheme": "iid"}
+    d["peft"]["target_modules"] = ["c_attn"]
+    with pytest.raises(ConfigError, match="causal_lm examples carry none"):
+        build_experiment(config_from_dict(d), tmp_path / "x", quiet=True)

@@ -1,0 +1,67 @@
+"""`peft.warmup`: D²LoRA's warm-up on general data as a pre-stage of any non-staged method."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from cotune.errors import ConfigError
+
+WARM = {"steps": 4, "lr": 1e-2, "examples": 64}
+
+
+def _state(tiny_config, method, warmup):
+    from cotune.run import build_experiment
+
+    cfg = tiny_config(peft={"method": method, "warmup": warmup})
+    return build_experiment(cfg, Path("unused"), quiet=True)[0].adapters.state_dict()
+
+
+@pytest.mark.parametrize(
+    ("method", "extra"),
+    [("dora", "lora_magnitude_vector"), ("pissa", "lora_B.weight"), ("kasa", "lora_diag")],
+)
+def test_warmup_trains_the_methods_own_tensors(tiny_config, method, extra):
+    plain = _state(tiny_config, method, None)
+    warmed = _state(tiny_config, method, WARM)
+    zero = _state(tiny_config, method, {**WARM, "steps": 0})
+    assert all(torch.equal(zero[k], plain[k]) for k in plain)  # 0 steps: the method's own init
+    moved = {k for k in plain if not torch.equal(warmed[k], plain[k])}
+    assert any(k.endswith(extra) for k in moved), sorted(moved)[:6]
+    assert any(k.endswith("lora_A.weight") for k in moved)
+    # The head belongs to the task's labels: back to its initial value after the warm-up.
+    assert torch.equal(warmed["classifier.weight"], plain["classifier.weight"])
+
+
+def test_warmup_run_end_to_end_with_dora(tiny_config):
+    import json
+
+    from cotune.run import run_experiment
+
+    cfg = tiny_config(
+        name="dora-warm",
+        peft={"method": "dora", "warmup": WARM},
+        paradigm={"name": "fedavg", "options": {"local_steps": 1}},
+        train={"steps": 2},
+        eval={"every": 2, "max_examples": 16},
+    )
+    run_dir = run_experiment(cfg, quiet=True, report=False)
+    config = json.loads((run_dir / "adapter" / "adapter_config.json").read_text())
+    assert config["use_dora"] is True
+
+
+@pytest.mark.parametrize(
+    ("peft", "message"),
+    [
+        ({"method": "d2lora", "warmup": WARM}, "already warms up"),
+        ({"method": "modula", "warmup": WARM}, "trains in stages"),
+        ({"method": "mosld", "warmup": WARM}, "trains in stages"),
+    ],
+)
+def test_warmup_errors(tiny_config, peft, message):
+    from cotune.run import build_experiment
+
+    with pytest.raises(ConfigError, match=rf"peft.warmup: .*{message}"):
+        build_experiment(tiny_config(peft=peft), Path("unused"), quiet=True)
