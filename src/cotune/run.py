@@ -193,7 +193,7 @@ def build_experiment(cfg: RunConfig, run_dir: Path, *, quiet: bool):
     if peft_cfg.method == "d2lora" or cfg.peft.warmup is not None:  # every role starts warmed
         from cotune.peft.d2lora import d2lora_stage
 
-        d2lora_stage(cfg, loaded, tokenizer, adapters)
+        d2lora_stage(cfg, loaded, tokenizer, adapters, sim)
     trainer = Trainer(adapters.named_trainable(), cfg.train, cfg.train.steps)
     engine = LocalEngine(codec=cfg.engine.codec)
     engine.add_listener(sim.clock.on_transfer)  # every encoded message costs link time

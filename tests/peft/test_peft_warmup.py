@@ -50,6 +50,22 @@ def test_warmup_run_end_to_end_with_dora(tiny_config):
     run_dir = run_experiment(cfg, quiet=True, report=False)
     config = json.loads((run_dir / "adapter" / "adapter_config.json").read_text())
     assert config["use_dora"] is True
+    # The warm-up is the server's work: its FLOPs are on the server's bill and timeline.
+    cold = run_experiment(
+        cfg.model_copy(
+            update={"name": "dora-cold", "peft": cfg.peft.model_copy(update={"warmup": None})}
+        ),
+        quiet=True,
+        report=False,
+    )
+    warm_costs, cold_costs = (json.loads((d / "summary.json").read_text()) for d in (run_dir, cold))
+    extra = (
+        warm_costs["costs"]["roles"]["server"]["flops"]
+        - cold_costs["costs"]["roles"]["server"]["flops"]
+    )
+    step = warm_costs["costs"]["roles"]["device-0"]["flops"] / 2  # device-0 trained 2 steps
+    assert extra > WARM["steps"] * 0.5 * step
+    assert warm_costs["sim_time_s"] > cold_costs["sim_time_s"]
 
 
 @pytest.mark.parametrize(

@@ -62,11 +62,13 @@ def d2lora_warmup(
     *,
     batch_size: int = 8,
     seed: int = 0,
+    counter: Any = None,
 ) -> list[float]:
     """Train `adapters` in place for `opts.warmup_steps` AdamW steps on `dataset`; returns losses.
 
     Runs on a forked RNG (seeded by `seed`), so the caller's random stream is the same as without
-    the warm-up; the head is restored afterwards unless `keep_head`.
+    the warm-up; the head is restored afterwards unless `keep_head`. With a `FlopCounter`, each
+    step's forward + backward is counted under the key ``"warmup"`` (for the server's costs).
     """
     from cotune.data import BatchSampler
     from cotune.models import task_loss
@@ -91,13 +93,22 @@ def d2lora_warmup(
         try:
             for _ in range(opts.warmup_steps):
                 batch = dataset.batch(sampler.next_indices())
-                loss = task_loss(forward(batch.input_ids, batch.attention_mask), batch.labels, task)
-                reg = adapters.regularization_loss()
-                loss = loss + reg if reg is not None else loss
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
+
+                def fwd_bwd(b: Any) -> float:
+                    loss = task_loss(forward(b.input_ids, b.attention_mask), b.labels, task)
+                    reg = adapters.regularization_loss()
+                    loss = loss + reg if reg is not None else loss
+                    loss.backward()
+                    return float(loss.detach())
+
+                if counter is None:
+                    value = fwd_bwd(batch)
+                else:
+                    bsz, seq = batch.input_ids.shape
+                    value, _ = counter.run("warmup", fwd_bwd, batch, dims=(int(bsz), int(seq)))
                 opt.step()
-                losses.append(float(loss.detach()))
+                losses.append(value)
         finally:
             model.train(was)
             for p in params:
@@ -138,8 +149,13 @@ def warmup_options(cfg: Any, adapters: Any) -> D2loraOptions:
     )
 
 
-def d2lora_stage(cfg: Any, loaded: Any, tokenizer: Any, adapters: Any) -> list[float]:
-    """Phase 1 for a run (called by `build_experiment` for `peft.method: d2lora` or `peft.warmup`)."""
+def d2lora_stage(
+    cfg: Any, loaded: Any, tokenizer: Any, adapters: Any, sim: Any = None
+) -> list[float]:
+    """Phase 1 for a run (called by `build_experiment` for `peft.method: d2lora` or `peft.warmup`).
+
+    With the run's `Simulation`, the warm-up's FLOPs and time go on the server's timeline (round
+    0, label "warmup"): it is work the server does before any device starts."""
     from cotune.config import DataSection
     from cotune.data import encode_dataset, load_task_data
 
@@ -158,7 +174,8 @@ def d2lora_stage(cfg: Any, loaded: Any, tokenizer: Any, adapters: Any) -> list[f
         # The task head has `num_labels` outputs: keep the warm-up classes that fit it.
         examples = [e for e in examples if e.label is not None and e.label < loaded.num_labels]
     encoded = encode_dataset(examples, tokenizer, cfg.model.max_length, task)
-    return d2lora_warmup(
+    before = sim.flops.by_key.get("warmup", 0) if sim is not None else 0
+    losses = d2lora_warmup(
         loaded.anatomy.full(),
         adapters,
         encoded,
@@ -166,7 +183,13 @@ def d2lora_stage(cfg: Any, loaded: Any, tokenizer: Any, adapters: Any) -> list[f
         opts,
         batch_size=cfg.train.batch_size,
         seed=cfg.seed,
+        counter=sim.flops if sim is not None else None,
     )
+    if sim is not None:
+        from cotune.sim.simulation import SERVER
+
+        sim.charge(SERVER, sim.flops.by_key.get("warmup", 0) - before, round=0, label="warmup")
+    return losses
 
 
 def adapters_options(adapters: Any) -> D2loraOptions:
