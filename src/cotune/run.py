@@ -183,7 +183,7 @@ def build_experiment(cfg: RunConfig, run_dir: Path, *, quiet: bool):
 
         peft_cfg = gelora_peft_section(
             peft_cfg, loaded.model, loaded.anatomy, train_set, parts, seed=cfg.seed,
-            head_paths=heads, batch_size=cfg.eval.batch_size,
+            head_paths=heads, batch_size=cfg.eval.batch_size, sim=sim,
         )  # fmt: skip
     if cfg.peft.stages is not None:  # stage names, paradigm and domains: before any work
         from cotune.stages import check_stages

@@ -146,6 +146,9 @@ def test_run_hook_server_and_federated(tiny_config):
     opts = {"sample_examples": 24, "budget": 3, "budget_unit": "mean_rank"}
     cfg = tiny_config(peft={"method": "gelora", "options": opts})
     exp, _ = build_experiment(cfg, Path("unused"), quiet=True)
+    # The rank computation is the server's work, charged before anything else happens.
+    assert exp.sim.flops.by_key["gelora:server"] > 0
+    assert exp.sim.clock.free_at("server") > 0 and exp.sim.clock.free_at("device-0") == 0
     ranks = {re.escape(p): lay.r for p, lay in exp.adapters.layers.items()}
     assert exp.adapters.cfg.rank_pattern == ranks and cfg.peft.rank_pattern == {}
     again, _ = build_experiment(
@@ -156,6 +159,10 @@ def test_run_hook_server_and_federated(tiny_config):
     fed = tiny_config(peft={"method": "gelora", "options": {**opts, "source": "federated"}})
     exp, _ = build_experiment(fed, Path("unused"), quiet=True)
     assert set(exp.adapters.cfg.rank_pattern) == set(ranks)
+    # Federated: each device's forward over its own sample is on that device's bill.
+    assert "gelora:server" not in exp.sim.flops.by_key
+    for dev in ("device-0", "device-1"):
+        assert exp.sim.flops.by_key[f"gelora:{dev}"] > 0 and exp.sim.clock.free_at(dev) > 0
     # What each device sends: two numbers per hidden-state boundary, no raw data.
     shard = exp.train_set.subset(exp.parts[0][:12])
     stats = layer_stats(exp.loaded.model, [shard.batch(list(range(12)))])

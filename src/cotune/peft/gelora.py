@@ -244,31 +244,39 @@ def gelora_peft_section(
     seed: int,
     head_paths: list[str] | None = None,
     batch_size: int = 32,
+    sim: Any = None,
 ) -> PeftSection:
     """The run's PeftSection with GeLoRA's `rank_pattern` (called by `build_experiment`).
 
     `server`: a seeded sample of the pooled training data. `federated`: each device forwards
     `ceil(sample_examples / devices)` of its own examples and reports only `(Σ log μ, N)` per
     boundary; the server adds them up (nearest neighbours are then found within each device).
+    With the run's `Simulation`, the forwards are charged (round 0, label "gelora") to whoever runs
+    them: the server, or each reporting device.
     """
+    from cotune.sim.simulation import SERVER, device_id
+
+    def charged(role: str, fn: Any, *args: Any) -> Any:
+        if sim is None:
+            return fn(*args)
+        out, flops = sim.flops.run(f"gelora:{role}", fn, *args)
+        sim.charge(role, flops, round=0, label="gelora")
+        return out
+
     opts = gelora_options(cfg)
     g = torch.Generator().manual_seed(seed)
     if opts.source == "server":
         idx = torch.randperm(len(train_set), generator=g)[: opts.sample_examples].tolist()
-        dims = layer_dimensions(model, _batches(train_set, idx, batch_size), opts)
+        batches = _batches(train_set, idx, batch_size)
+        dims = charged(SERVER, layer_dimensions, model, batches, opts)
     else:
         per = math.ceil(opts.sample_examples / max(1, len(parts)))
         reports = []
-        for part in parts:
+        for i, part in enumerate(parts):
             pick = torch.randperm(len(part), generator=g)[:per].tolist()
             if len(pick) >= 3:  # a device with fewer than 3 examples has no TwoNN ratio to send
-                reports.append(
-                    layer_stats(
-                        model,
-                        _batches(train_set, [part[i] for i in pick], batch_size),
-                        opts.pooling,
-                    )
-                )
+                batches = _batches(train_set, [part[j] for j in pick], batch_size)
+                reports.append(charged(device_id(i), layer_stats, model, batches, opts.pooling))
         if not reports:
             raise AdapterError("GeLoRA federated: no device holds 3 or more examples")
         dims = [TwoNNStats.combine(s).dimension() for s in zip(*reports, strict=True)]
