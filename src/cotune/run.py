@@ -312,6 +312,8 @@ def build_summary(exp, result, host_time: float) -> dict[str, Any]:
     stats = exp.sim.clock.stats()  # restored on resume, unlike the engine's in-memory log
     up = sum(st.bytes_up for r, st in stats.items() if r.startswith("device"))
     down = sum(st.bytes_down for r, st in stats.items() if r.startswith("device"))
+    # Between infrastructure roles (edge aggregators ↔ cloud): what they sent minus what reached devices.
+    backhaul = sum(st.bytes_up for r, st in stats.items() if not r.startswith("device")) - down
     evals = [
         r
         for r in exp.log.records
@@ -362,7 +364,8 @@ def build_summary(exp, result, host_time: float) -> dict[str, Any]:
         "time_to_target": reached,
         "host_time_s": host_time,
         "sim_time_s": exp.sim.now,
-        "bytes": {"up": up, "down": down, "total": up + down},
+        # up/down/total: device links; backhaul: edge aggregators ↔ cloud (hierfed), else 0.
+        "bytes": {"up": up, "down": down, "total": up + down, "backhaul": backhaul},
         "costs": {
             "total": totals,
             "devices": device_totals,

@@ -131,8 +131,17 @@ def test_heterogeneous_fleet_runs_with_edge_roles(tiny_config):
     groups = json.loads((run_dir / "summary.json").read_text())["extra"]["groups"]
     assert len(groups) == 2
     assert all(r["reported"] > 0 for r in records(run_dir, "group"))
-    roles = json.loads((run_dir / "summary.json").read_text())["costs"]["roles"]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    roles = summary["costs"]["roles"]
     assert roles["edge-0"]["profile"] == "jetson"
+    # Edge ↔ cloud traffic is reported apart from the device links, and adds up exactly.
+    edges = [r for r in roles if r.startswith("edge-")]
+    to_cloud = (
+        sum(roles[e]["bytes_up"] for e in edges)
+        - sum(roles[d]["bytes_down"] for d in roles if d.startswith("device-"))
+        + roles["server"]["bytes_up"]
+    )
+    assert summary["bytes"]["backhaul"] == to_cloud > 0
 
 
 @pytest.mark.parametrize(
