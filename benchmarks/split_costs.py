@@ -10,7 +10,7 @@ MiniLM (LoRA r=8 on q/v), 5 `fortunes` classes, max_length 40, the demo fleet's 
     per round, 5 local steps) at the same number of training examples (steps x devices x 8);
     the target is 0.5 when both reach it, else the highest level both reach (printed).
 
-Run: .venv/bin/python benchmarks/split_costs.py [--steps 15 --devices 8]
+Run: .venv/bin/python benchmarks/split_costs.py [--steps 15 --devices 8 --lr 1e-2]
 Targets: device FLOPs splitfrozen/splitfed <= 0.35; device params splitfed/fedavg ~ cut/L;
          sim time to target splitfed/fedavg < 1 (SplitLoRA: split-federated reaches it sooner).
 """
@@ -22,6 +22,7 @@ import json
 import tempfile
 
 N_DEV = 8
+LR = 1e-2
 CODECS = ["fp32", "fp16", "bf16", "int8", "topk0.1"]
 COMMON = [
     "model.max_length=40", "train.batch_size=8", "eval.max_examples=64",
@@ -33,7 +34,8 @@ def run(config: str, sets: list[str], out: str) -> tuple[dict, list[dict]]:
     from cotune.config import load_config
     from cotune.run import run_experiment
 
-    cfg = load_config(config, [*COMMON, *sets, f"output.dir={out}", f"devices.count={N_DEV}"])
+    cfg = load_config(config, [*COMMON, *sets, f"output.dir={out}", f"devices.count={N_DEV}",
+                                      f"train.lr={LR}"])  # fmt: skip
     run_dir = run_experiment(cfg, overwrite=True, quiet=True, report=False)
     summary = json.loads((run_dir / "summary.json").read_text())
     recs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -48,10 +50,11 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=15)
     ap.add_argument("--devices", type=int, default=8, help="the demo fleet has 8")
+    ap.add_argument("--lr", type=float, default=1e-2, help="the same for every run")
     args = ap.parse_args()
-    global N_DEV
+    global N_DEV, LR
     s, cut, n_dev = args.steps, 2, args.devices
-    N_DEV = n_dev
+    N_DEV, LR = n_dev, args.lr
     every = max(1, s // 4)
     split = [f"train.steps={s}", f"eval.every={every}", f"paradigm.options.cut={cut}",
              f"paradigm.options.aggregate_every={every}", "train.warmup_steps=2"]  # fmt: skip
