@@ -11,7 +11,7 @@ Delivery semantics (shared by every engine):
 
 Senders need not be registered (a paradigm's driver loop may speak as ``"server"``); receivers
 must be. Every message and every reply is encoded, and each encoding is one :class:`Transfer`
-in ``engine.transfers``; listeners see each transfer as it happens, so a simulated clock can
+in ``engine.transfers`` (a ``TransferLog``: totals of all, the last million in full); listeners see each transfer as it happens, so a simulated clock can
 place the request before the handler's work and the reply after it.
 
 Codec choice per message: ``msg.meta["codec"]`` if present, else the ``codec`` argument of the
@@ -30,6 +30,7 @@ from typing import Any, ClassVar
 from cotune.errors import ProtocolError
 from cotune.runtime.codecs import get_codec
 from cotune.runtime.messages import Message
+from cotune.runtime.transfers import TransferLog
 
 #: Scalar meta entries copied into each Transfer, so cost accounting can group by them.
 TRANSFER_META_KEYS = ("round", "step", "epoch", "layer", "group", "phase")
@@ -93,7 +94,7 @@ class Engine(ABC):
     def __init__(self, codec: str = "fp32") -> None:
         get_codec(codec)  # fail early on an unknown default codec
         self.codec = codec
-        self.transfers: list[Transfer] = []
+        self.transfers = TransferLog()  # totals of all, the most recent ones in full
         self._roles: dict[str, Role] = {}
         self._listeners: list[Listener] = []
         self._inbox: dict[str, list[Message]] = defaultdict(list)
@@ -173,12 +174,13 @@ class Engine(ABC):
 
     def bytes_by_role(self) -> dict[str, dict[str, int]]:
         """Per role: ``up`` = bytes it sent, ``down`` = bytes it received (encoded lengths)."""
-        out: dict[str, dict[str, int]] = {r: {"up": 0, "down": 0} for r in self._roles}
-        for t in self.transfers:
-            out.setdefault(t.sender, {"up": 0, "down": 0})["up"] += t.nbytes
-            out.setdefault(t.receiver, {"up": 0, "down": 0})["down"] += t.nbytes
+        roles = dict.fromkeys([*self._roles, *self.transfers.roles()])
+        out = {}
+        for r in roles:
+            up, down = self.transfers.bytes_of(r)
+            out[r] = {"up": up, "down": down}
         return out
 
     def total_bytes(self) -> int:
         """Sum of all encoded transfers."""
-        return sum(t.nbytes for t in self.transfers)
+        return self.transfers.total_bytes
