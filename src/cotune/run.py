@@ -174,7 +174,7 @@ def build_experiment(cfg: RunConfig, run_dir: Path, *, quiet: bool):
     train_set = encode_dataset(data.train, tokenizer, cfg.model.max_length, task)
     test_examples = data.test[: cfg.eval.max_examples] if cfg.eval.max_examples else data.test
     test_set = encode_dataset(test_examples, tokenizer, cfg.model.max_length, task)
-    labels = [e.label for e in data.train] if task == "classification" else [None] * len(data.train)
+    labels = [e.group for e in data.train]  # class ids, or a causal LM's domains (or None)
     parts = partition(labels, cfg.devices.count, cfg.partition, cfg.seed)
     heads = loaded.anatomy.head_paths()
     peft_cfg = cfg.peft
@@ -188,7 +188,7 @@ def build_experiment(cfg: RunConfig, run_dir: Path, *, quiet: bool):
     if cfg.peft.stages is not None:  # stage names, paradigm and domains: before any work
         from cotune.stages import check_stages
 
-        check_stages(cfg, labels, parts, data.label_names)
+        check_stages(cfg, labels, parts, data.group_names)
     adapters = inject_adapters(loaded.model, peft_cfg, anatomy=loaded.anatomy, head_paths=heads)
     if peft_cfg.method == "d2lora" or cfg.peft.warmup is not None:  # every role starts warmed
         from cotune.peft.d2lora import d2lora_stage
@@ -344,11 +344,7 @@ def build_summary(exp, result, host_time: float) -> dict[str, Any]:
         k: sum(c[k] for c in devices) for k in ("flops", "bytes_up", "bytes_down", "energy_j")
     }
     mems = [c["memory_bytes"] for c in devices if c["memory_bytes"] is not None]
-    labels = (
-        [e.label for e in exp.data.train]
-        if exp.task == "classification"
-        else [None] * len(exp.data.train)
-    )
+    labels = [e.group for e in exp.data.train]
     return {
         "name": cfg.name,
         "paradigm": cfg.paradigm.name,
@@ -375,7 +371,7 @@ def build_summary(exp, result, host_time: float) -> dict[str, Any]:
         },
         "messages": len(exp.engine.transfers),
         "trainable_params": exp.adapters.num_trainable(),
-        "partition": partition_summary(exp.parts, labels, exp.data.label_names),
+        "partition": partition_summary(exp.parts, labels, exp.data.group_names),
         "extra": {
             k: v for k, v in result.extra.items() if k not in ("per_device_eval", "adapters")
         },

@@ -139,8 +139,8 @@ def run_stages(exp: Any, paradigm: Callable[[Any], Any]) -> Any:
     plan = stage_plan(cfg)
     domains = None
     if dict(plan).get("domain"):
-        labels = [e.label for e in exp.data.train]
-        domains = domain_plan(cfg, labels, exp.parts, exp.data.label_names)
+        labels = [e.group for e in exp.data.train]
+        domains = domain_plan(cfg, labels, exp.parts, exp.data.group_names)
     offset, result, done = 0, None, []
     for stage, steps in plan:
         if steps == 0:

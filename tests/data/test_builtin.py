@@ -53,7 +53,16 @@ def test_austen_views():
     assert cls.name == "austen/novel" and cls.label_names == novels
     lm = load_task_data(DataSection(dataset="austen"), "causal_lm", seed=0)
     assert lm.label_names is None and all(e.label is None for e in lm.train[:50])
+    assert lm.domain_names is None and all(e.domain is None for e in lm.train)
     assert len(lm.train) + len(lm.test) == info.size
+    # Language modelling on the labelled view: the novel is each passage's domain, and the
+    # split keeps every novel's share (stratified by domain).
+    by_novel = load_task_data(DataSection(dataset="austen", view="novel"), "causal_lm", seed=0)
+    assert by_novel.label_names is None and by_novel.domain_names == novels
+    assert all(e.label is None and e.domain is not None for e in by_novel.train)
+    assert by_novel.group_names == novels and by_novel.train[0].group == by_novel.train[0].domain
+    share = [sum(e.domain == i for e in by_novel.test) / len(by_novel.test) for i in range(6)]
+    assert all(0.1 < x < 0.25 for x in share), share  # 1168..1500 passages per novel
     with pytest.raises(DataError, match="no labels"):
         load_task_data(DataSection(dataset="austen", view="text"), "classification", seed=0)
     with pytest.raises(DataError, match="no view 'bogus'"):

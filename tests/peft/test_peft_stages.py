@@ -179,14 +179,35 @@ def test_bad_stages_fail_before_the_run_dir(tmp_path, stages, sections, message)
     assert not (tmp_path / "runs").exists()
 
 
-def test_domain_stage_needs_labels(tmp_path):
-    from cotune.run import build_experiment
-
-    cfg = staged(tmp_path, {"domain": 1})
+def _causal(cfg, **data):
     d = cfg.to_dict()
     d["model"] = {**d["model"], "name_or_path": "random:gpt2", "task": "causal_lm"}
-    d["data"] = {**d["data"], "labels": [], "max_examples": 60}
-    d["partition"] = {"scheme": "iid"}
+    d["data"] = {**d["data"], "max_examples": 60, **data}
     d["peft"]["target_modules"] = ["c_attn"]
-    with pytest.raises(ConfigError, match="causal_lm examples carry none"):
+    return d
+
+
+def test_domain_stage_needs_domains(tmp_path):
+    from cotune.run import build_experiment
+
+    # austen's language-modelling view holds bare passages: no novel per example.
+    d = _causal(staged(tmp_path, {"domain": 1}), dataset="austen", labels=[])
+    d["partition"] = {"scheme": "iid"}
+    with pytest.raises(ConfigError, match="these examples carry none"):
         build_experiment(config_from_dict(d), tmp_path / "x", quiet=True)
+
+
+def test_causal_lm_domain_stage_routes_each_device_to_its_category(tmp_path):
+    """Causal LM on fortunes: the category is each example's domain, the shards partition gives
+    every device one category, and each device trains its own category's expert."""
+    d = _causal(staged(tmp_path, {"universal": 1, "domain": 2}, "fedavg", devices={"count": 3}))
+    d["partition"] = {"scheme": "shards", "classes_per_device": 1}
+    run_dir, recs, _ = run(config_from_dict(d))
+    summary = json.loads((run_dir / "summary.json").read_text())
+    plan = summary["extra"]["domains"]
+    categories = ["computers", "politics", "science"]  # tiny_config's fortunes labels
+    assert sorted(plan["experts"].values()) == categories
+    assert sorted(plan["devices"].values()) == [0, 1, 2]  # one device per category
+    assert summary["partition"]["label_names"] == categories
+    assert {r.get("stage") for r in recs if r["event"] == "train"} == {"universal", "domain"}
+    assert all("perplexity" in r for r in recs if r["event"] == "eval")

@@ -30,6 +30,8 @@ def _read(cfg: DataSection, task: str) -> tuple[str, list[Record], list[Record] 
     if is_builtin(src):
         info = get_dataset_info(src)
         view = info.view(cfg.view or info.default_view[task])
+        # Causal LM on a labelled view: the label becomes the example's domain.
+        want_labels = want_labels or view.label_key is not None
         if task == "classification" and view.label_key is None:
             raise DataError(
                 f"dataset {src!r} view {view.name!r} has no labels; use it with model.task=causal_lm"
@@ -90,7 +92,7 @@ def _split(
     if len(examples) < 2:
         raise DataError(f"only {len(examples)} example(s): too few to split into train and test")
     test_idx: set[int] = set()
-    for members in _strata([e.label for e in examples]).values():
+    for members in _strata([e.group for e in examples]).values():
         shuffled = rng.permutation(members)
         test_idx.update(int(i) for i in shuffled[: int(round(fraction * len(members)))])
     if not test_idx:  # tiny data: take one example rather than an empty test set
@@ -105,8 +107,9 @@ def _split(
 def load_task_data(cfg: DataSection, task: str, seed: int) -> TaskData:
     """Load ``cfg.dataset`` for ``task`` and split it deterministically under ``seed``.
 
-    Classification labels become ids in ``label_order``; causal LM drops them (after the
-    ``labels`` filter, so one can model a single class). ``max_examples`` caps the training set
+    Classification labels become ids in ``label_order``; for causal LM a labelled source's labels
+    become *domain* ids (``Example.domain``, ``TaskData.domain_names``: the novel, the category),
+    which splits, subsamples and partitions stratify by, and MoDULA's domain stage routes by. ``max_examples`` caps the training set
     with a stratified, seeded subsample; the test set is ``test_file`` when given (or the
     dataset's own test split for ``hf:``), else a stratified ``test_fraction`` of the data.
     """
@@ -125,16 +128,26 @@ def load_task_data(cfg: DataSection, task: str, seed: int) -> TaskData:
         if test_recs is not None:
             test_recs = _filter(test_recs, keep, f"the test file of {name}")
     label_names: list[str] | None = None
+    domain_names: list[str] | None = None
     ids: dict[str, int] = {}
-    if task == "classification":
-        label_names = label_order([r[1] for r in train_recs])  # type: ignore[misc]
-        ids = {s: i for i, s in enumerate(label_names)}
-        unknown = sorted({r[1] for r in test_recs or []} - set(ids))  # type: ignore[type-var]
+    labelled = all(r[1] is not None for r in train_recs)
+    if task == "classification" or labelled:
+        names = label_order([r[1] for r in train_recs])  # type: ignore[misc]
+        ids = {s: i for i, s in enumerate(names)}
+        unknown = sorted({r[1] for r in test_recs or []} - set(ids) - {None})  # type: ignore[type-var]
         if unknown:
             raise DataError(f"test labels {unknown} never occur in the training data of {name}")
+        if task == "classification":
+            label_names = names
+        else:  # causal LM: labels name each example's domain (novel, category)
+            domain_names = names
 
     def to_examples(recs: list[Record]) -> list[Example]:
-        return [Example(t, ids[y] if label_names is not None else None) for t, y in recs]  # type: ignore[index]
+        if label_names is not None:
+            return [Example(t, ids[y]) for t, y in recs]  # type: ignore[index]
+        if domain_names is not None:
+            return [Example(t, None, ids.get(y)) for t, y in recs]  # type: ignore[arg-type]
+        return [Example(t) for t, _ in recs]
 
     rng = np.random.default_rng([seed, 0x5EED])
     train = to_examples(train_recs)
@@ -143,9 +156,9 @@ def load_task_data(cfg: DataSection, task: str, seed: int) -> TaskData:
     else:
         test = to_examples(test_recs)
     if cfg.max_examples is not None and cfg.max_examples < len(train):
-        keep_idx = sorted(stratified_order([e.label for e in train], rng)[: cfg.max_examples])
+        keep_idx = sorted(stratified_order([e.group for e in train], rng)[: cfg.max_examples])
         train = [train[i] for i in keep_idx]
     # Files are often sorted by label: put the test set in a stratified order so any prefix
     # (``eval.max_examples``) keeps the label mix instead of holding one class.
-    test = [test[i] for i in stratified_order([e.label for e in test], rng)]
-    return TaskData(name=name, train=train, test=test, label_names=label_names)
+    test = [test[i] for i in stratified_order([e.group for e in test], rng)]
+    return TaskData(name, train, test, label_names, domain_names)

@@ -237,7 +237,7 @@ def make_plan(exp: Experiment, opts: HierFedOptions, edges: list[str]) -> list[G
             )
     if opts.controller == "balanced" and opts.min_depth > depth:
         raise ConfigError(f"paradigm.options.min_depth: {opts.min_depth} > depth {depth}")
-    labels = [e.label for e in exp.data.train] if exp.task == "classification" else []
+    labels = [e.group for e in exp.data.train]  # causal LM: its domains, if the data has them
     hists = label_histograms(exp.parts, labels)
     groups = group_devices(hists, opts.num_groups, opts.grouping, exp.cfg.seed)
     fwd = step_flops(exp) * exp.cfg.train.grad_accum

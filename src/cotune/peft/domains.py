@@ -54,8 +54,8 @@ def plan_domains(
     if label_names is None or any(labels[i] is None for p in parts for i in p):
         raise ConfigError(
             "peft.stages.domain: the domain stage needs a domain per device, taken from its "
-            "examples' labels; model.task=causal_lm examples carry none. Use labelled data "
-            "(e.g. data.dataset=fortunes, or austen with data.view=novel)"
+            "examples' labels (classification) or domains (causal LM on a labelled source: "
+            "data.dataset=fortunes, or austen with data.view=novel); these examples carry none"
         )
     dominant = [Counter(labels[i] for i in p).most_common(1)[0][0] for p in parts]
     distinct = sorted(set(dominant))
