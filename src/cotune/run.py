@@ -238,10 +238,6 @@ def run_experiment(
         if ckpt is None:
             raise CheckpointError(f"--resume: {run_dir / 'checkpoints'} holds no checkpoint")
         resume_payload = load_checkpoint(ckpt, cfg)
-        if cfg.peft.stages is not None:
-            raise CheckpointError(
-                f"--resume: {run_dir} is a staged run (peft.stages); they cannot resume yet"
-            )
         if resume_payload.get("final"):
             raise RunDirError(
                 f"--resume: {run_dir} already finished (its last checkpoint is final)"

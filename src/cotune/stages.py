@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from cotune.config import RunConfig
-from cotune.errors import ConfigError
+from cotune.errors import CheckpointError, ConfigError
 
 # Paradigms whose product is one adapter (the next stage starts from it).
 MULTI_PRODUCT = {"local": "one adapter per device", "dlora": "one adapter per device"}
@@ -104,8 +104,26 @@ def carry_forward(params: dict[str, torch.nn.Parameter], states: dict[str, Any])
                     params[k].data = v.detach().clone()
 
 
-def stage_experiment(exp: Any, stage: str, steps: int, offset: int, domains: Any) -> Any:
-    """A copy of `exp` for one stage: its trainer, engine, step budget, log view, domains."""
+def stage_checkpoint(exp: Any, stage: str, offset: int) -> Callable[..., None] | None:
+    """The stage's checkpoint writer: the run's, with the step counted from the run's start and
+    what a resume needs beyond the paradigm's states (the stage, and the whole adapter: the
+    earlier stages' tensors are not in this stage's role states)."""
+    write = exp.checkpoint_fn
+    if write is None:
+        return None
+
+    def checkpoint(step: int, states: dict[str, Any], extra: dict[str, Any]) -> None:
+        info = {"name": stage, "step": step}
+        write(offset + step, states, {**extra, "stage": info, "adapters": exp.adapters.state_dict()})
+
+    return checkpoint
+
+
+def stage_experiment(
+    exp: Any, stage: str, steps: int, offset: int, domains: Any, resume: dict | None = None
+) -> Any:
+    """A copy of `exp` for one stage: its trainer, engine, step budget, log view, domains, and the
+    paradigm's resume payload when the run resumes inside this stage."""
     from cotune.runtime import LocalEngine
     from cotune.train import Trainer
 
@@ -126,10 +144,25 @@ def stage_experiment(exp: Any, stage: str, steps: int, offset: int, domains: Any
         log=StageLog(exp.log, stage, offset) if exp.log is not None else None,
         domains=domains if stage == "domain" else None,
         flop_key=f"full:{stage}",  # each stage's forward differs (experts, router)
-        checkpoint_fn=None,  # a staged run writes only its final checkpoint
-        last_checkpoint_step=0,
-        resume=None,
+        checkpoint_fn=stage_checkpoint(exp, stage, offset),
+        last_checkpoint_step=0 if resume is None else int(resume["step"]),
+        resume=resume,
     )
+
+
+def resume_point(exp: Any, stages: list[str]) -> tuple[str, int] | None:
+    """(stage, step within it) of the checkpoint a resumed run continues from; restores the whole
+    adapter (every stage's tensors) from it. None for a fresh run."""
+    if exp.resume is None:
+        return None
+    info = exp.resume.get("extra", {}).get("stage")
+    if info is None or info.get("name") not in stages:
+        raise CheckpointError(
+            f"--resume: the checkpoint at step {exp.resume.get('step')} names no stage of this "
+            f"run's peft.stages ({', '.join(stages)})"
+        )
+    exp.adapters.load_state_dict(exp.resume["extra"]["adapters"])
+    return str(info["name"]), int(info["step"])
 
 
 def run_stages(exp: Any, paradigm: Callable[[Any], Any]) -> Any:
@@ -142,10 +175,19 @@ def run_stages(exp: Any, paradigm: Callable[[Any], Any]) -> Any:
         labels = [e.group for e in exp.data.train]
         domains = domain_plan(cfg, labels, exp.parts, exp.data.group_names)
     offset, result, done = 0, None, []
+    resume_at = resume_point(exp, [s for s, n in plan if n > 0])
     for stage, steps in plan:
         if steps == 0:
             continue
-        sexp = stage_experiment(exp, stage, steps, offset, domains)
+        sresume = None
+        if resume_at is not None:
+            if stage != resume_at[0]:  # finished before the checkpoint: its tensors are restored
+                offset += steps
+                done.append({"stage": stage, "steps": steps, "final": None, "resumed": True})
+                continue
+            sresume = {**exp.resume, "step": resume_at[1]}
+            resume_at = None
+        sexp = stage_experiment(exp, stage, steps, offset, domains, sresume)
         result = paradigm(sexp)
         carry_forward(sexp.trainer.params, result.states)
         exp.trainer = sexp.trainer

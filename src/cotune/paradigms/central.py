@@ -45,9 +45,11 @@ def run(exp: Experiment) -> ParadigmResult:
         exp.engine.register(owner)
         owners.append(owner)
 
-    uploads = exp.engine.request_many(
-        [Message("get_data", "server", o.role_id, {}, {"round": 0}) for o in owners]
-    )
+    asks = [Message("get_data", "server", o.role_id, {}, {"round": 0}) for o in owners]
+    if exp.resume is None:
+        uploads = exp.engine.request_many(asks)
+    else:  # uploaded before the checkpoint (its bytes and time are in the restored clock)
+        uploads = [o.handle(m) for o, m in zip(owners, asks, strict=True)]
     server.set_dataset(server.pool(uploads), server.pool_domains(uploads))
     exp.sim.memory["server"] = exp.full_model_memory()
 
