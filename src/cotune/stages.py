@@ -114,7 +114,9 @@ def stage_checkpoint(exp: Any, stage: str, offset: int) -> Callable[..., None] |
 
     def checkpoint(step: int, states: dict[str, Any], extra: dict[str, Any]) -> None:
         info = {"name": stage, "step": step}
-        write(offset + step, states, {**extra, "stage": info, "adapters": exp.adapters.state_dict()})
+        write(
+            offset + step, states, {**extra, "stage": info, "adapters": exp.adapters.state_dict()}
+        )
 
     return checkpoint
 

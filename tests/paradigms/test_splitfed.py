@@ -333,3 +333,23 @@ def test_pooled_server_needs_a_shared_server_side(tiny_config):
           "options": {"cut": 1, "server_batch": "pooled", "server_side": "per_device"}}  # fmt: skip
     with pytest.raises(ConfigError, match="server_batch"):
         run(tiny_config(name="bad", paradigm=sf))
+
+
+@pytest.mark.parametrize("coef, batched", [(0.01, False), (0.0, True)])
+def test_router_balance_loss_keeps_devices_one_at_a_time(tiny_config, monkeypatch, coef, batched):
+    """MoSLD's load-balancing loss is computed from the last forward's router inputs: a batched
+    forward would mix the devices' rows into it, so the cohort stands aside while it is on."""
+    from cotune.paradigms import split_cohort
+
+    ran = []
+    original = split_cohort.DeviceCohort.forward
+    monkeypatch.setattr(
+        split_cohort.DeviceCohort,
+        "forward",
+        lambda self, *a: ran.append(True) or original(self, *a),
+    )
+    sf = {"name": "splitfed", "options": {"cut": 1, "server_batch": "pooled"}}
+    peft = {"method": "mosld", "options": {"balance_coef": coef}}
+    run(tiny_config(name=f"bal{coef}", paradigm=sf, peft=peft, model=BERT_NO_DROPOUT,
+                    devices={"count": 3}, train={"steps": 3}, eval={"every": 3, "max_examples": 8}))  # fmt: skip
+    assert bool(ran) is batched

@@ -46,10 +46,16 @@ class DeviceCohort:
         self.ctx = ctx
         self._run: _Run | None = None
         layers = ctx.exp.adapters.layers
-        _, rest = split_by_layer(layers, {k: torch.empty(0) for k in ctx.layout.device_names})
+        per_layer, rest = split_by_layer(
+            layers, {k: torch.empty(0) for k in ctx.layout.device_names}
+        )
         # A device-side tensor outside the adapter layers (e.g. a trainable embedding) cannot
-        # differ per row group: such runs go one device at a time.
-        self.supported = ctx.exp.engine.colocated and ctx.layout.top is None and not rest
+        # differ per row group, nor can a regularizer computed from the last forward (a router's
+        # load balance would mix the devices' rows): such runs go one device at a time.
+        stateful = any(getattr(layers[p], "reg_from_forward", False) for p in per_layer)
+        self.supported = (
+            ctx.exp.engine.colocated and ctx.layout.top is None and not rest and not stateful
+        )
 
     def ready(self, devices: Sequence[SplitDevice]) -> bool:
         return self.supported and len(devices) > 1

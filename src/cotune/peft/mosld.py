@@ -59,6 +59,12 @@ class BalancedRouterMixin:
     balance_coef: float = 0.0
     _balance: torch.Tensor | None = None
 
+    @property
+    def reg_from_forward(self) -> bool:
+        """The regularizer depends on the last forward's inputs (row-grouped runs, which
+        forward several roles' rows at once, must not use it)."""
+        return self.balance_coef > 0
+
     def track_balance(self, router: nn.Linear, logits: torch.Tensor) -> None:
         self._balance = None
         active = self.training and torch.is_grad_enabled() and router.weight.requires_grad  # type: ignore[attr-defined]
