@@ -130,3 +130,42 @@ def test_embedding_in_the_cloud_is_the_same_computation_but_ships_tokens(tiny_co
     # embedding table: the privacy default costs bytes and memory.
     assert sc["bytes"]["up"] < sd["bytes"]["up"]
     assert sc["costs"]["device_peak_memory_bytes"] < sd["costs"]["device_peak_memory_bytes"]
+
+
+def test_resume_mid_run_equals_uninterrupted(tiny_config, monkeypatch):
+    """Kill-and-Revive's state (active and killed modules, scores, the revive RNG) is in the
+    checkpoint: a run killed mid-way ends exactly as the uninterrupted one."""
+    cfg = tiny_config(
+        name="dres",
+        paradigm={"name": "dlora", "options": {"active_fraction": 0.25, "kill_every": 1,
+                                                "revive_every": 3, "revive_count": 1}},
+        train={"steps": 8},
+        eval={"every": 2, "max_examples": 16},
+        output={"checkpoint_every": 2},
+    )  # fmt: skip
+    full = run_experiment(cfg, quiet=True, report=False)
+    want = final_params(full)
+    before = json.loads((full / "summary.json").read_text())
+    fractions = [r["active_fraction"] for r in records(full, "train", "mean")]
+    assert 0.25 in fractions and len(set(fractions)) > 1  # modules were killed and revived
+    for c in sorted((full / "checkpoints").iterdir()):
+        if c.name > "step-0000004":
+            for f in c.iterdir():
+                f.unlink()
+            c.rmdir()
+    (full / "summary.json").unlink()
+    from cotune.paradigms import dlora
+
+    steps, real = [], dlora.DLoRADevice._step
+    monkeypatch.setattr(dlora.DLoRADevice, "_step", lambda self: steps.append(1) or real(self))
+    resumed = run_experiment(cfg, resume=True, quiet=True, report=False)
+    assert len(steps) == 2 * 4  # two devices, steps 5..8 only
+    got = final_params(resumed)
+    for role in ("device-0", "device-1"):
+        for k in want[role]:
+            assert torch.equal(got[role][k], want[role][k]), (role, k)
+    after = json.loads((resumed / "summary.json").read_text())
+    assert after["extra"]["active_modules"] == before["extra"]["active_modules"]
+    assert after["sim_time_s"] == pytest.approx(before["sim_time_s"])
+    assert after["bytes"] == before["bytes"]
+    assert [r["active_fraction"] for r in records(resumed, "train", "mean")] == fractions

@@ -213,7 +213,7 @@ def test_causal_lm_domain_stage_routes_each_device_to_its_category(tmp_path):
 
 
 @pytest.mark.parametrize("paradigm", ["central", "fedavg"])
-def test_staged_run_resumes_mid_stage_bit_for_bit(tmp_path, paradigm):
+def test_staged_run_resumes_mid_stage_bit_for_bit(tmp_path, paradigm, monkeypatch):
     """Killed in the domain stage: the resumed run restores the earlier stages' tensors from the
     checkpoint, finishes the stage from its role states and runs the router stage, ending with
     exactly the uninterrupted run's adapter, metrics and simulated time."""
@@ -232,7 +232,17 @@ def test_staged_run_resumes_mid_stage_bit_for_bit(tmp_path, paradigm):
                 f.unlink()
             c.rmdir()
     (run_dir / "summary.json").unlink()
+    import cotune.stages
+
+    ran, real = [], cotune.stages.stage_experiment
+
+    def spy(exp, stage, steps, offset, domains, resume=None):
+        ran.append((stage, None if resume is None else resume["step"]))
+        return real(exp, stage, steps, offset, domains, resume)
+
+    monkeypatch.setattr(cotune.stages, "stage_experiment", spy)
     resumed = run_experiment(cfg, resume=True, quiet=True, report=False)
+    assert ran == [("domain", 1), ("router", None)]  # the universal stage is not run again
     got = load_file(resumed / "adapter" / "adapter_model.safetensors")
     assert set(got) == set(want)
     for k in want:

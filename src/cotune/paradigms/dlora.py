@@ -185,6 +185,24 @@ class DLoRADevice(TrainingRole):
         self.rng = np.random.default_rng([self.exp.cfg.seed, 0xD10, self.seed])
         self.round = self.lora_flops = 0
 
+    def kr_state(self) -> dict[str, Any]:
+        """Kill-and-Revive's state, for checkpoints (the role state holds the rest)."""
+        return {
+            "active": list(self.active),
+            "killed": list(self.killed),
+            "last_dw": {p: t.clone() for p, t in self.last_dw.items()},
+            "ema": dict(self.ema),
+            "rng": self.rng.bit_generator.state,
+        }
+
+    def load_kr_state(self, st: dict[str, Any]) -> None:
+        unknown = sorted(set(st["active"]) - set(self.layers))
+        if unknown:
+            raise CheckpointError(f"dlora checkpoint names modules this model lacks: {unknown[:3]}")
+        self.active, self.killed = list(st["active"]), list(st["killed"])
+        self.last_dw, self.ema = dict(st["last_dw"]), dict(st["ema"])
+        self.rng.bit_generator.state = st["rng"]
+
     def on_train(self, msg: Message) -> Message:
         self.round = int(msg.meta["round"])
         losses, fractions = [], []
@@ -310,8 +328,6 @@ def run(exp: Experiment) -> ParadigmResult:
             f"peft.method: dlora runs the LoRA branch apart from the base layer; only 'lora' is "
             f"supported, got {cfg.peft.method!r}"
         )
-    if exp.resume is not None:
-        raise CheckpointError("dlora cannot resume yet (the Kill-and-Revive state is not saved)")
     exp.engine.register(Cloud(exp))
     devices: list[DLoRADevice] = []
     for i, idx in enumerate(exp.parts):
@@ -325,8 +341,15 @@ def run(exp: Experiment) -> ParadigmResult:
     per_device: dict[str, dict[str, float]] = {}
     summary: dict[str, float] = {}
     step = 0
-    with exp.progress(cfg.train.steps, f"dlora {cfg.name}") as bar:
+    if exp.resume is not None:
+        for d in devices:
+            d.restore(exp.resume["states"][d.role_id])
+            d.load_kr_state(exp.resume["extra"]["kr"][d.role_id])
+        step = int(exp.resume["step"])
+    with exp.progress(cfg.train.steps - step, f"dlora {cfg.name}") as bar:
         for rnd, point in enumerate(exp.eval_points(), start=1):
+            if point <= step:
+                continue
             chunk, sent_before, started = (
                 point - step,
                 len(exp.engine.transfers),
@@ -355,6 +378,10 @@ def run(exp: Experiment) -> ParadigmResult:
             bar.update(
                 chunk, **{k: v for k, v in summary.items() if k in ("accuracy", "perplexity")}
             )
+            exp.maybe_checkpoint(
+                step, {d.role_id: d.state for d in devices},
+                {"kr": {d.role_id: d.kr_state() for d in devices}},
+            )  # fmt: skip
     return ParadigmResult(
         states={d.role_id: d.state for d in devices},
         final_eval=summary,
