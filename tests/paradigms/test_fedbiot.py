@@ -100,3 +100,38 @@ def test_device_memory_and_flops_come_from_the_emulator(tiny_config):
 def test_bad_options_name_the_option(tiny_config, options, error, match):
     with pytest.raises(error, match=match):
         run_experiment(lm(tiny_config, "bad", **options), quiet=True, report=False)
+
+
+def test_resume_mid_run_equals_uninterrupted(tiny_config, monkeypatch):
+    """The aligned emulator, the alignment optimizer and every device's adapter state are in the
+    checkpoint: a run killed after round 2 of 4 ends exactly as the uninterrupted one."""
+    from cotune.paradigms import fedbiot
+    from tests.paradigms.test_central_local import final_params
+
+    base = lm(tiny_config, "bres", initial_align_steps=3, align_steps=2, local_steps=1)
+    cfg = base.model_copy(update={"output": base.output.model_copy(update={"checkpoint_every": 2}),
+                                  "eval": base.eval.model_copy(update={"every": 1})})  # fmt: skip
+    full = run_experiment(cfg, quiet=True, report=False)
+    want, before = final_params(full), json.loads((full / "summary.json").read_text())
+    align_before = [r["loss_after"] for r in records(full, "align")]
+    for c in sorted((full / "checkpoints").iterdir()):
+        if c.name > "step-0000002":
+            for f in c.iterdir():
+                f.unlink()
+            c.rmdir()
+    (full / "summary.json").unlink()
+    rounds, real = [], fedbiot.Aligner.run
+    monkeypatch.setattr(
+        fedbiot.Aligner,
+        "run",
+        lambda self, steps, g, t, rnd: rounds.append(rnd) or real(self, steps, g, t, rnd),
+    )
+    resumed = run_experiment(cfg, resume=True, quiet=True, report=False)
+    assert rounds == [3, 4]  # no initial alignment, rounds 1-2 not run again
+    got = final_params(resumed)
+    for k in want["server"]:
+        assert torch.equal(got["server"][k], want["server"][k]), k
+    after = json.loads((resumed / "summary.json").read_text())
+    assert after["final"] == before["final"] and after["bytes"] == before["bytes"]
+    assert after["sim_time_s"] == pytest.approx(before["sim_time_s"])
+    assert [r["loss_after"] for r in records(resumed, "align")] == align_before

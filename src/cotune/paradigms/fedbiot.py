@@ -98,6 +98,26 @@ class Aligner:
     def _probe(self) -> float:
         return float(self.loss(self.probe))
 
+    def state_dict(self) -> dict:
+        """What a resume needs: the aligned emulator, the alignment optimizer and sampler."""
+        return {
+            "emulator": {k: p.detach().clone() for k, p in self.m.emulator_named.items()},
+            "optimizer": self.optimizer.state_dict(),
+            "sampler": self.sampler.state_dict(),
+            "version": self.version,
+        }
+
+    @torch.no_grad()
+    def load_state_dict(self, st: dict) -> None:
+        missing = sorted(set(self.m.emulator_named) - set(st["emulator"]))
+        if missing:
+            raise CheckpointError(f"fedbiot checkpoint lacks emulator tensors: {missing[:3]}")
+        for k, p in self.m.emulator_named.items():
+            p.copy_(st["emulator"][k])
+        self.optimizer.load_state_dict(st["optimizer"])
+        self.sampler.load_state_dict(st["sampler"])
+        self.version = int(st["version"])
+
 
 class BiOTDevice(Role):
     """Holds only the emulator + adapter; trains the adapter on its shard with a proximal term."""
@@ -142,6 +162,7 @@ class BiOTDevice(Role):
                                counter=exp.sim.flops, key="emulator")  # fmt: skip
                 exp.sim.charge(self.role_id, r.flops, round=rnd, label="train")
                 results.append(r)
+        self.state.sampler = self.sampler.state_dict()
         if not exp.sim.online(self.role_id, rnd, exp.sim.clock.free_at(self.role_id)):
             raise PeerUnavailable(f"{self.role_id} went offline in round {rnd} before uploading")
         up = {k: v.detach() for k, v in self.state.params.items()}
@@ -163,10 +184,6 @@ def evaluate_both(
 def run(exp: Experiment) -> ParadigmResult:
     cfg = exp.cfg
     opts = parse_options(FedBiOTOptions, cfg.paradigm.options)
-    if exp.resume is not None:
-        raise CheckpointError(
-            "fedbiot cannot resume yet (the aligned emulator is not checkpointed)"
-        )
     m = build_models(exp, opts.adapter_layers, opts.keep_layers, opts.drop_ratio, opts.adapter_mode)
     public = load_public(exp, opts.public_dataset, opts.public_view, opts.public_examples)
     trainer = Trainer(m.adapter_params, cfg.train, cfg.train.steps)
@@ -187,14 +204,26 @@ def run(exp: Experiment) -> ParadigmResult:
         exp.sim.memory[dev.role_id] = mem
 
     aligner = Aligner(exp, m, public, opts)
-    first = aligner.run(opts.initial_align_steps, glob, trainer, 0)
-    if first:
-        exp.log_record("align", 0, SERVER, round=0, steps=opts.initial_align_steps, **first)
+    start = 0
+    if exp.resume is None:
+        first = aligner.run(opts.initial_align_steps, glob, trainer, 0)
+        if first:
+            exp.log_record("align", 0, SERVER, round=0, steps=opts.initial_align_steps, **first)
+    else:  # the aligned emulator, the global and every device's adapter state, as checkpointed
+        res = exp.resume
+        glob = res["states"][SERVER]
+        aligner.load_state_dict(res["extra"]["aligner"])
+        for dev in devices:
+            dev.state = res["states"][dev.role_id]
+            if dev.state.sampler is not None:
+                dev.sampler.load_state_dict(dev.state.sampler)
+            dev.emulator_version = int(res["extra"]["emulator_versions"][dev.role_id])
+        start = int(res["extra"]["round"])
     rounds = opts.rounds or math.ceil(cfg.train.steps / opts.local_steps)
     spr = opts.local_steps
     last: dict[str, float] = {}
-    with exp.progress(rounds, f"fedbiot {cfg.name}") as bar:
-        for rnd in range(1, rounds + 1):
+    with exp.progress(rounds - start, f"fedbiot {cfg.name}") as bar:
+        for rnd in range(start + 1, rounds + 1):
             step = rnd * spr
             aligned = aligner.run(opts.align_steps, glob, trainer, rnd)
             if aligned:
@@ -246,6 +275,12 @@ def run(exp: Experiment) -> ParadigmResult:
                 exp.log_record("eval", step, "emulator", round=rnd, **emu)
                 last = {**full, **{f"emulator_{k}": v for k, v in emu.items() if k != "examples"}}
             bar.update(1, **{k: v for k, v in last.items() if k in ("accuracy", "perplexity")})
+            exp.maybe_checkpoint(
+                step,
+                {SERVER: glob, **{d.role_id: d.state for d in devices}},
+                {"round": rnd, "aligner": aligner.state_dict(),
+                 "emulator_versions": {d.role_id: d.emulator_version for d in devices}},
+            )  # fmt: skip
     # The product in the run's adapter layout: the initial adapter set with the trained part.
     product = exp.trainer.new_state(cfg.seed, {**exp.initial_params(), **{
         k: v for k, v in glob.params.items() if k in exp.trainer.params}})  # fmt: skip
