@@ -2,7 +2,7 @@
 
 MiniLM (all-MiniLM-L6-v2) sequence classification on the demo config (configs/demo/central.yaml),
 every method on the same targets (query, value) with the same rank 8 / alpha 16 (+ classification
-head), batch 16 x 40 tokens (the demo's shape), AdamW (lr 2e-3) over the method's trainable set,
+head), batch 16 x 40 tokens (the demo's shape), AdamW (the demo's lr) over the method's trainable set,
 loss = task loss + the method's regularizer (KaSA). Each method is built by cotune's own
 `build_experiment`, so its setup runs first and is NOT timed: GeLoRA's TwoNN rank computation
 (its default: equal parameter budget to LoRA r=8), D²LoRA's warm-up on `austen` (default 20

@@ -66,11 +66,37 @@ def _log_scale(metric: str, lines: list[_Line]) -> bool:
     return metric == "perplexity" and bool(ys) and min(ys) > 0 and max(ys) / min(ys) > 20
 
 
-def _draw(path: Path, title: str, xlabel: str, metric: str, lines: list[_Line]) -> Path:
+def stage_marks(records: list[dict[str, Any]], x: str) -> list[tuple[float, str]]:
+    """(x where a training stage starts, stage name) for staged runs (`peft.stages`), the first
+    stage excepted: the report draws each as a labelled vertical line."""
+    marks: list[tuple[float, str]] = []
+    current = None
+    for r in records:
+        stage = r.get("stage")
+        if stage is None or stage == current or not isinstance(r.get(x), int | float):
+            continue
+        if current is not None:
+            marks.append((float(r[x]), str(stage)))
+        current = stage
+    return marks
+
+
+def _draw(
+    path: Path,
+    title: str,
+    xlabel: str,
+    metric: str,
+    lines: list[_Line],
+    marks: list[tuple[float, str]] = (),  # type: ignore[assignment]
+) -> Path:
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(6.4, 3.8), dpi=110, layout="constrained")
     ax = fig.subplots()
+    for at, name in marks:
+        ax.axvline(at, color="#999999", linestyle="--", linewidth=0.9)
+        ax.annotate(name, (at, 1.0), xycoords=("data", "axes fraction"), xytext=(3, -10),
+                    textcoords="offset points", fontsize=8, color="#666666")  # fmt: skip
     for ln in lines:
         xs, ys = ln.series
         style = {"linewidth": 0.8, "alpha": 0.35} if ln.thin else {"linewidth": 1.8}
@@ -146,7 +172,8 @@ def plot_run(records: list[dict[str, Any]], plots_dir: Path) -> list[Plot]:
                 suffix = "" if x == "step" else f"_vs_{x.removesuffix('_s')}"
                 title = f"{event} {metric}" + ("" if x == "step" else f" vs {X_TITLES[x]}")
                 path = plots_dir / f"{_slug(event)}_{_slug(metric)}{suffix}.png"
-                _draw(path, title, X_LABELS[x], metric, _run_lines(by_role))
+                marks = stage_marks(records, x)
+                _draw(path, title, X_LABELS[x], metric, _run_lines(by_role), marks)
                 plots.append(Plot(title, path))
     return plots
 
