@@ -67,7 +67,7 @@ def build(method: str, options: dict, run_dir: str):
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return float(loss)
+        return float(loss.detach())
 
     return step, sum(p.numel() for p in params), setup
 
