@@ -45,13 +45,18 @@ from cotune.run import run_experiment
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def make_cfg(yaml: str, name: str, steps: int, every: int, out: str, options: dict, lr: float):
+def make_cfg(
+    yaml: str, name: str, steps: int, every: int, out: str, options: dict, lr: float,
+    schedule: str | None = None,
+):  # fmt: skip
     d = read_yaml(ROOT / yaml)
     d["name"] = name
     d["partition"]["alpha"] = 0.3
     d["paradigm"].setdefault("options", {}).update(options)
     d["train"]["steps"] = steps
     d["train"]["lr"] = lr
+    if schedule is not None:
+        d["train"]["schedule"] = schedule
     d["eval"]["every"] = every
     d["output"] = {"dir": out, "save_adapter": False}
     return config_from_dict(d)
@@ -74,6 +79,16 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=2e-3, help="both paradigms")
     ap.add_argument("--local-steps", type=int, default=5, help="both paradigms")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (shared machine)")
+    ap.add_argument("--groups", type=int, default=None, help="hierfed num_groups (config: 2)")
+    ap.add_argument(
+        "--fedavg-fraction",
+        type=float,
+        default=None,
+        help="devices per fedavg round (config: 0.5; 1.0 = full participation)",
+    )
+    ap.add_argument("--schedule", default=None,
+                    help="lr schedule for both (constant: a group with tau > 1 outruns a "
+                         "schedule sized for tau = 1)")  # fmt: skip
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     out = tempfile.mkdtemp(prefix="hierfed_")
@@ -82,11 +97,14 @@ def main() -> None:
         # steps only set the lr schedule's length (ls per round at tau=1); every=1: every round
         "hierfed": make_cfg(
             "configs/hierfed.yaml", "hierfed", ls * args.hier_rounds, 1, out,
-            {"rounds": args.hier_rounds, "local_steps": ls}, args.lr,
+            {"rounds": args.hier_rounds, "local_steps": ls,
+             **({"num_groups": args.groups} if args.groups else {})}, args.lr, args.schedule,
         ),
         "fedavg": make_cfg(
             "configs/demo/fedavg.yaml", "fedavg", ls * args.fedavg_rounds, ls, out,
-            {"local_steps": ls}, args.lr,
+            {"local_steps": ls,
+             **({"fraction": args.fedavg_fraction} if args.fedavg_fraction else {})},
+            args.lr, args.schedule,
         ),
     }  # fmt: skip
     cfg0 = runs["fedavg"]
@@ -104,7 +122,7 @@ def main() -> None:
     if res["hierfed"]["groups"]:
         for g in res["hierfed"]["groups"]:
             print("hierfed group:", {k: g[k] for k in g if k in ("members", "tau", "depth")})
-        if any(g["tau"] != 1 for g in res["hierfed"]["groups"]):
+        if any(g["tau"] != 1 for g in res["hierfed"]["groups"]) and args.schedule != "constant":
             print("WARNING: a group has tau > 1; the lr schedule was sized for tau = 1")
     horizon = min(v["sim"] for v in res.values())
     if args.target is None:  # the highest multiple of 0.05 that both runs reach, if > majority
