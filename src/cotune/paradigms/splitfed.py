@@ -148,7 +148,7 @@ class SplitServer(Role):
         # The server waits for the last device of the step before it can pool.
         sim.charge(SERVER, flops, round=rnd, after=max(a for a, _, _ in queue), label="server")
         server_sq = sq_norm(list(grads.values()))
-        want = ctx.opts.clip == "global" and exp.cfg.train.max_grad_norm is not None
+        want = ctx.global_clip
         start = 0
         for m, n, t, w in zip(msgs, rows, lengths, weights):
             cut = acts.hidden.grad[start : start + n, :t] / w
@@ -174,8 +174,7 @@ class SplitServer(Role):
         ctx, exp = self.ctx, self.ctx.exp
         state, grads, total, weights = self._pending_step
         self._pending_step = None
-        want = ctx.opts.clip == "global" and exp.cfg.train.max_grad_norm is not None
-        if want:
+        if ctx.global_clip:
             missing = sorted(set(weights) - set(self.norms))
             if missing:
                 raise ProtocolError(f"server: no 'norm' message from {missing} this step")
@@ -218,7 +217,7 @@ class SplitServer(Role):
             loss += float(msg.meta.get("device_reg", 0.0))
             grads = [p.grad for p in trainer.params.values() if p.grad is not None]
             server_sq = sq_norm(grads)
-            want = ctx.opts.clip == "global" and exp.cfg.train.max_grad_norm is not None
+            want = ctx.global_clip
             meta = {"step": step, "round": rnd, "server_sq": server_sq, "want_norm": want}
             back = Message("gradients", SERVER, dev, {"grad": acts.hidden.grad}, meta)
             if want:
@@ -301,7 +300,7 @@ def run(exp: Experiment) -> ParadigmResult:
     cohort = DeviceCohort(ctx)
     # A cohort defers every device backward to after the server; the sequential server's global
     # clipping needs each device's norm before it serves the next device, so it runs one by one.
-    needs_norm_reply = not pooled and opts.clip == "global" and cfg.train.max_grad_norm is not None
+    needs_norm_reply = not pooled and ctx.global_clip
     server = SplitServer(ctx, copies)
     exp.engine.register(server)
     mem = device_memory(exp, ctx)

@@ -205,6 +205,11 @@ class SplitContext:
         srv = Trainer({k: params[k] for k in layout.server_names}, cfg.train, server_steps)
         return cls(exp, opts, layout, dev, srv, cfg.engine.activation_codec)
 
+    @property
+    def global_clip(self) -> bool:
+        """Clipping by the norm across the cut is on: server and devices exchange squared norms."""
+        return self.opts.clip == "global" and self.exp.cfg.train.max_grad_norm is not None
+
     def extra(self) -> dict[str, object]:
         params = self.exp.trainer.params
         return {
