@@ -1,4 +1,5 @@
 import json
+import shutil
 
 import pytest
 import torch
@@ -14,6 +15,16 @@ def records(run_dir, event, role=None):
         if r["event"] == event and (role is None or r["role"] == role):
             out.append(r)
     return out
+
+
+def kill_after(run_dir, step):
+    """Simulate a run killed right after its step-``step`` checkpoint: later checkpoints go."""
+    keep = f"step-{step:07d}"
+    ckpts = sorted((run_dir / "checkpoints").iterdir())
+    assert any(c.name == keep for c in ckpts), [c.name for c in ckpts]
+    for c in ckpts:
+        if c.name > keep:
+            shutil.rmtree(c)
 
 
 def final_params(run_dir):
@@ -94,10 +105,7 @@ def test_resume_reaches_the_same_result(tiny_config):
     want = final_params(full)
     # Simulate a kill after the step-4 checkpoint: drop the final checkpoint and the later results.
     summary_before = json.loads((full / "summary.json").read_text())
-    for p in (full / "checkpoints").glob("step-0000008"):
-        for f in p.iterdir():
-            f.unlink()
-        p.rmdir()
+    kill_after(full, 4)
     (full / "summary.json").unlink()
     resumed = run_experiment(cfg, resume=True, quiet=True, report=False)
     got = final_params(resumed)

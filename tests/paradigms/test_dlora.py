@@ -5,7 +5,7 @@ import torch
 
 from cotune.errors import ConfigError
 from cotune.run import run_experiment
-from tests.paradigms.test_central_local import final_params, records
+from tests.paradigms.test_central_local import final_params, kill_after, records
 
 
 def dl(tiny_config, name, **options):
@@ -148,11 +148,7 @@ def test_resume_mid_run_equals_uninterrupted(tiny_config, monkeypatch):
     before = json.loads((full / "summary.json").read_text())
     fractions = [r["active_fraction"] for r in records(full, "train", "mean")]
     assert 0.25 in fractions and len(set(fractions)) > 1  # modules were killed and revived
-    for c in sorted((full / "checkpoints").iterdir()):
-        if c.name > "step-0000004":
-            for f in c.iterdir():
-                f.unlink()
-            c.rmdir()
+    kill_after(full, 4)
     (full / "summary.json").unlink()
     from cotune.paradigms import dlora
 

@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 from cotune.aggregation import Aggregator
 from cotune.config import config_from_dict
 from cotune.errors import ConfigError, ProtocolError
+from tests.paradigms.test_central_local import kill_after
 
 from ..conftest import tiny_config_dict
 
@@ -223,14 +224,7 @@ def test_staged_run_resumes_mid_stage_bit_for_bit(tmp_path, paradigm, monkeypatc
                  eval={"every": 1, "max_examples": 16}, output={"checkpoint_every": 1})  # fmt: skip
     run_dir, recs, want = run(cfg)
     before = json.loads((run_dir / "summary.json").read_text())
-    ckpts = sorted((run_dir / "checkpoints").iterdir())
-    kept = [c for c in ckpts if c.name == "step-0000003"]
-    assert kept, [c.name for c in ckpts]  # step 3 = the domain stage's first step
-    for c in ckpts:
-        if c.name > kept[0].name:
-            for f in c.iterdir():
-                f.unlink()
-            c.rmdir()
+    kill_after(run_dir, 3)  # step 3 = the domain stage's first step
     (run_dir / "summary.json").unlink()
     import cotune.stages
 
