@@ -109,9 +109,10 @@ def load_task_data(cfg: DataSection, task: str, seed: int) -> TaskData:
 
     Classification labels become ids in ``label_order``; for causal LM a labelled source's labels
     become *domain* ids (``Example.domain``, ``TaskData.domain_names``: the novel, the category),
-    which splits, subsamples and partitions stratify by, and MoDULA's domain stage routes by. ``max_examples`` caps the training set
-    with a stratified, seeded subsample; the test set is ``test_file`` when given (or the
-    dataset's own test split for ``hf:``), else a stratified ``test_fraction`` of the data.
+    which splits, subsamples and partitions stratify by, and MoDULA's domain stage routes by.
+    ``max_examples`` caps the training set with a stratified, seeded subsample; the test set is
+    ``test_file`` when given (or the dataset's own test split for ``hf:``), else a stratified
+    ``test_fraction`` of the data.
     """
     if task not in TASKS:
         raise DataError(f"unknown task {task!r} (tasks: {', '.join(TASKS)})")

@@ -6,8 +6,9 @@ costs far more than one forward of all K batches together. A cohort runs them as
 batch: each device's rows go through its own adapter tensors (``cotune.peft.grouped``), one
 backward gives each device exactly its own gradient. Everything a device does is otherwise
 unchanged: it sends its own activations message (sliced to its own length), receives its own
-cut gradient, is charged its own FLOPs (known from an earlier counted run at the same shape or from the key's
-verified FLOP law; a step with an unknown shape runs one device at a time and counts it) and applies its own optimizer step.
+cut gradient, is charged its own FLOPs (known from an earlier counted run at the same shape or
+from the key's verified FLOP law; a step with an unknown shape runs one device at a time and
+counts it) and applies its own optimizer step.
 
 Differences from one-at-a-time execution, both documented in docs/methods.md: float results
 agree to ~1e-6 (different batch shapes), and dropout masks of the whole cohort are drawn from
