@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from cotune import __version__
-from cotune.errors import CotuneError
+from cotune.errors import CotuneError, Interrupted
 
 
 def run_command(
@@ -193,14 +193,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             return datasets_command()
         if args.command == "devices":
             return devices_command(args.profile_file)
+    except Interrupted as exc:
+        print(f"cotune: {exc}", file=sys.stderr)
+        return 130
     except CotuneError as exc:
         print(f"cotune: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(
-            "cotune: interrupted; the run directory keeps its last checkpoint (use --resume)",
-            file=sys.stderr,
-        )
+    except KeyboardInterrupt:  # outside a run (loading, reporting): nothing was left half-done
+        print("cotune: interrupted", file=sys.stderr)
         return 130
     return 1
 

@@ -211,6 +211,9 @@ class TrainSection(Section):
     schedule: Literal["constant", "linear", "cosine"] = "linear"
     max_grad_norm: float | None = Field(1.0, gt=0.0)
     betas: tuple[float, float] = (0.9, 0.999)
+    # A non-finite loss, gradient or update: stop the run naming the step and role (keeping the
+    # last good checkpoint), or skip that step (the role's weights stay as they were).
+    on_nonfinite: Literal["stop", "skip"] = "stop"
 
 
 class EvalSection(Section):
@@ -223,8 +226,18 @@ class EvalSection(Section):
 class OutputSection(Section):
     dir: str = "runs"
     overwrite: bool = False
-    checkpoint_every: int = Field(0, ge=0)  # 0: only the final checkpoint
+    # "eval": at every evaluation point (federated paradigms: the first round boundary at or
+    # after it); N: every N steps; 0: only the final checkpoint.
+    checkpoint_every: int | Literal["eval"] = "eval"
+    keep_checkpoints: int = Field(2, ge=1)  # the newest K; a torn newest falls back to the next
     save_adapter: bool = True
+
+    @field_validator("checkpoint_every")
+    @classmethod
+    def _every(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and v < 0:
+            raise ValueError(f"must be 'eval' or an integer >= 0, got {v}")
+        return v
 
 
 class RunConfig(Section):
@@ -352,7 +365,10 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         where = f"{p}:{mark.line + 1}" if mark is not None else str(p)
         raise ConfigError(f"{where}: not valid YAML: {getattr(exc, 'problem', exc)}") from None
     if data is None:
-        return {}
+        raise ConfigError(
+            f"{p}: the config file is empty; give at least one section (e.g. `paradigm: "
+            "{name: central}`), or copy one from configs/"
+        )
     if not isinstance(data, dict):
         raise ConfigError(
             f"{p}: the top level must be a mapping of sections, got {type(data).__name__}"
@@ -361,10 +377,14 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 
 
 def config_from_dict(data: dict[str, Any], source: str = "<dict>") -> RunConfig:
+    from cotune.paradigms.options import check_paradigm_options  # pydantic only, no torch
+
     try:
-        return RunConfig.model_validate(data)
+        cfg = RunConfig.model_validate(data)
     except ValidationError as err:
         raise ConfigError(_format_validation_error(err, source)) from None
+    check_paradigm_options(cfg, source)
+    return cfg
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:

@@ -1,5 +1,7 @@
 """The error hierarchy. Every message says what was wrong, where, and what to do."""
 
+from __future__ import annotations
+
 
 class CotuneError(Exception):
     """Base of every error cotune raises on purpose; the CLI prints these without a traceback."""
@@ -38,3 +40,21 @@ class PeerUnavailable(CotuneError):
 
     Paradigms catch it per request and carry on with the peers that did answer.
     """
+
+
+class DivergenceError(CotuneError):
+    """Training produced a non-finite loss, gradient or update (``train.on_nonfinite: stop``)."""
+
+    def __init__(self, message: str, *, role: str | None = None, step: int | None = None):
+        super().__init__(message)
+        self.role, self.step = role, step
+
+    def for_role(self, role: str) -> DivergenceError:
+        """The same error naming the role it happened in (the trainer does not know it)."""
+        if self.role is not None:
+            return self
+        return DivergenceError(f"{self} in role {role!r}", role=role, step=self.step)
+
+
+class Interrupted(CotuneError):
+    """The user pressed Ctrl-C; the message says whether there is a checkpoint to resume."""

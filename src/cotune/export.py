@@ -29,11 +29,44 @@ def adapter_dir_of(run_dir: Path, role: str | None) -> Path:
     return base / role
 
 
-def _prepare_out(out: Path, overwrite: bool) -> None:
-    if out.exists() and any(out.iterdir()) if out.is_dir() else out.exists():
-        if not overwrite:
-            raise RunDirError(f"{out} already exists; pass --overwrite to replace it")
-        shutil.rmtree(out) if out.is_dir() else out.unlink()
+EXPORT_MARKER = ".cotune-export"
+
+
+def _is_previous_export(out: Path) -> bool:
+    return out.is_dir() and (out / EXPORT_MARKER).is_file()
+
+
+def _check_out(run_dir: Path, out: Path, overwrite: bool) -> None:
+    """Refuse any OUT whose replacement could lose something that is not a previous export."""
+    run, target = run_dir.resolve(), out.resolve()
+    if target == run or run.is_relative_to(target):
+        raise RunDirError(
+            f"{out} is the run directory {run_dir} or contains it; export somewhere else"
+        )
+    if not out.exists() and not out.is_symlink():
+        return
+    if out.is_dir() and not any(out.iterdir()):
+        return
+    if not overwrite:
+        raise RunDirError(f"{out} already exists; pass --overwrite to replace a previous export")
+    if not _is_previous_export(out):
+        kind = "a file" if not out.is_dir() else "a directory that is not a cotune export"
+        raise RunDirError(
+            f"--overwrite: {out} is {kind} (no {EXPORT_MARKER}); refusing to delete it. "
+            "Pick a new output path or remove it yourself"
+        )
+
+
+def _install(tmp: Path, out: Path) -> None:
+    """Swap the finished export in: the previous one goes only once the new one is complete."""
+    if out.exists():
+        old = out.with_name(f".{out.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(out)
 
 
 def export_run(
@@ -48,11 +81,23 @@ def export_run(
     if not (run_dir / "config.yaml").is_file():
         raise RunDirError(f"{run_dir} is not a cotune run directory (no config.yaml)")
     src = adapter_dir_of(run_dir, role)
-    _prepare_out(out, overwrite)
-    if not merge:
-        shutil.copytree(src, out)
-        return out
-    return _export_merged(run_dir, src, out)
+    _check_out(run_dir, out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        if merge:
+            _export_merged(run_dir, src, tmp)
+        else:
+            shutil.copytree(src, tmp)
+        marker = {"run": str(run_dir.resolve()), "role": role, "merged": merge}
+        (tmp / EXPORT_MARKER).write_text(json.dumps(marker) + "\n", encoding="utf-8")
+        if out.exists() and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+        _install(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
 
 
 def _export_merged(run_dir: Path, adapter_dir: Path, out: Path) -> Path:

@@ -15,129 +15,21 @@ from pathlib import Path
 from typing import Any
 
 from cotune.config import RunConfig, dump_config
-from cotune.errors import CheckpointError, RunDirError
+from cotune.errors import CotuneError, DivergenceError, Interrupted, RunDirError
+from cotune.report.metrics import strict_json
+from cotune.rundir import (  # noqa: F401 - re-exported: cotune.run was their home
+    RUN_MARKER,
+    RunDirTxn,
+    check_run_dir,
+    latest_checkpoint,
+    load_checkpoint,
+    load_latest_checkpoint,
+    run_dir_for,
+    truncate_metrics,
+    write_checkpoint,
+)
 
 log = logging.getLogger(__name__)
-
-RUN_MARKER = "config.yaml"
-
-
-def run_dir_for(cfg: RunConfig, out_root: str | Path | None = None) -> Path:
-    return Path(out_root if out_root is not None else cfg.output.dir) / cfg.name
-
-
-def check_run_dir(run_dir: Path, *, overwrite: bool, resume: bool) -> None:
-    """Refuse to touch an existing run unless told to overwrite or resume it."""
-    if not run_dir.exists() or not any(run_dir.iterdir()):
-        if resume:
-            raise RunDirError(f"--resume: {run_dir} holds no run to resume")
-        return
-    if resume:
-        if not (run_dir / RUN_MARKER).is_file():
-            raise RunDirError(
-                f"--resume: {run_dir} is not a cotune run directory (no {RUN_MARKER})"
-            )
-        return
-    if not overwrite:
-        raise RunDirError(
-            f"run directory {run_dir} already exists and is not empty; "
-            "pass --overwrite to replace it or --resume to continue it"
-        )
-
-
-def prepare_run_dir(run_dir: Path, *, overwrite: bool, resume: bool) -> None:
-    if overwrite and not resume and run_dir.exists():
-        if run_dir.is_dir() and not (run_dir / RUN_MARKER).is_file() and any(run_dir.iterdir()):
-            raise RunDirError(
-                f"--overwrite: {run_dir} is not a cotune run directory; refusing to delete it"
-            )
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-
-
-# ---------------------------------------------------------------- checkpoints
-
-
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    ckpts = sorted((run_dir / "checkpoints").glob("step-*/state.pt"))
-    return ckpts[-1] if ckpts else None
-
-
-def write_checkpoint(
-    run_dir: Path,
-    cfg: RunConfig,
-    step: int,
-    states: dict,
-    extra: dict,
-    *,
-    sim: Any = None,
-    final: bool = False,
-) -> Path:
-    """Every role's state, the driver's extra state and the simulator's clock, atomically."""
-    import torch
-
-    out = run_dir / "checkpoints" / f"step-{step:07d}"
-    out.mkdir(parents=True, exist_ok=True)
-    payload = {
-        "fingerprint": cfg.fingerprint(),
-        "config": cfg.to_dict(),
-        "step": step,
-        "paradigm": cfg.paradigm.name,
-        "states": {k: s.state_dict() for k, s in states.items()},
-        "extra": extra,
-        "final": final,
-        # The clock and FLOP meter, so a resumed run's simulated time and costs carry on.
-        "sim": {"clock": vars(sim.clock), "flops": vars(sim.flops)} if sim is not None else None,
-    }
-    tmp = out / "state.pt.tmp"
-    torch.save(payload, tmp)
-    tmp.replace(out / "state.pt")  # atomic: a killed run never leaves a half checkpoint
-    return out
-
-
-def load_checkpoint(path: Path, cfg: RunConfig) -> dict[str, Any]:
-    import torch
-
-    from cotune.train import RoleState
-
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # noqa: BLE001 - any unpickling failure means the same thing here
-        raise CheckpointError(f"{path}: cannot read checkpoint ({exc})") from None
-    if payload.get("fingerprint") != cfg.fingerprint():
-        diffs = _config_diff(payload.get("config", {}), cfg.to_dict())
-        raise CheckpointError(
-            f"{path} was written by another config; differing fields: {', '.join(diffs[:8]) or 'unknown'}"
-        )
-    payload["states"] = {k: RoleState.from_state_dict(v) for k, v in payload["states"].items()}
-    return payload
-
-
-def _config_diff(a: dict, b: dict, prefix: str = "") -> list[str]:
-    out = []
-    for key in sorted(set(a) | set(b)):
-        va, vb = a.get(key), b.get(key)
-        if isinstance(va, dict) and isinstance(vb, dict):
-            out += _config_diff(va, vb, f"{prefix}{key}.")
-        elif va != vb and key not in ("output", "eval", "name"):
-            out.append(f"{prefix}{key} ({va!r} vs {vb!r})")
-    return out
-
-
-def truncate_metrics(path: Path, step: int) -> None:
-    """On resume, drop records logged after the checkpoint so the log reads as one run."""
-    if not path.is_file():
-        return
-    kept = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if int(rec.get("step", 0)) <= step:
-            kept.append(line)
-    path.write_text("".join(k + "\n" for k in kept), encoding="utf-8")
-
 
 # ---------------------------------------------------------------- the run
 
@@ -148,6 +40,7 @@ def build_experiment(cfg: RunConfig, run_dir: Path, *, quiet: bool):
 
     from cotune.data import build_tokenizer, encode_dataset, load_task_data, partition
     from cotune.models import load_model
+    from cotune.paradigms import get_preflight
     from cotune.paradigms.base import Experiment
     from cotune.peft import inject_adapters
     from cotune.runtime import LocalEngine
@@ -212,7 +105,23 @@ def build_experiment(cfg: RunConfig, run_dir: Path, *, quiet: bool):
         quiet=quiet,
         tokenizer=tokenizer,
     )
+    preflight = get_preflight(cfg.paradigm.name)
+    if preflight is not None:  # cuts, depths, memory: the checks that need the model
+        preflight(exp)
     return exp, tokenizer
+
+
+def check_methods(cfg: RunConfig) -> None:
+    """PEFT method names and options: before any data or model is loaded (seconds, not minutes)."""
+    from cotune.peft import get_method
+
+    for where, name, options in [
+        ("peft.method", cfg.peft.method, cfg.peft.options),
+    ]:
+        try:
+            get_method(name).parse_options(options)
+        except CotuneError as err:
+            raise type(err)(f"{where}: {err}") from None
 
 
 def run_experiment(
@@ -224,66 +133,150 @@ def run_experiment(
     quiet: bool = False,
     report: bool = True,
 ) -> Path:
-    """Run ``cfg`` and return its run directory (``<output.dir>/<name>``)."""
+    """Run ``cfg`` and return its run directory (``<output.dir>/<name>``).
+
+    Everything that can fail on the inputs is checked before the run directory is touched; an
+    old run replaced with ``overwrite`` is deleted only once the new run has started (see
+    ``cotune.rundir``). ``resume`` continues from the newest good checkpoint, starts afresh
+    when none was written yet, and completes the outputs of a run killed after its final one.
+    """
     from cotune.paradigms import get_paradigm
-    from cotune.report import MetricsLog
 
     overwrite = cfg.output.overwrite if overwrite is None else overwrite
     run_dir = run_dir_for(cfg, out_root)
     check_run_dir(run_dir, overwrite=overwrite, resume=resume)
+    check_methods(cfg)
     paradigm = get_paradigm(cfg.paradigm.name)
-    resume_payload = None
+    payload = None
     if resume:
-        ckpt = latest_checkpoint(run_dir)
-        if ckpt is None:
-            raise CheckpointError(f"--resume: {run_dir / 'checkpoints'} holds no checkpoint")
-        resume_payload = load_checkpoint(ckpt, cfg)
-        if resume_payload.get("final"):
+        payload = load_latest_checkpoint(run_dir, cfg) if run_dir.is_dir() else None
+        if payload is None:
+            log.warning("--resume: %s holds no checkpoint yet; starting the run afresh", run_dir)
+        elif payload.get("final") and not missing_outputs(run_dir, cfg):
             raise RunDirError(
-                f"--resume: {run_dir} already finished (its last checkpoint is final)"
+                f"--resume: {run_dir} already finished (its last checkpoint is final and every "
+                "output is there)"
             )
 
     exp, tokenizer = build_experiment(cfg, run_dir, quiet=quiet)
 
-    prepare_run_dir(run_dir, overwrite=overwrite, resume=resume)
+    txn = RunDirTxn(run_dir, overwrite=overwrite, resume=resume)
+    txn.begin()
+    try:
+        return _run_in(exp, tokenizer, paradigm, payload, txn, report=report)
+    except KeyboardInterrupt:
+        txn.abort()
+        raise Interrupted(_interrupted_message(run_dir, cfg)) from None
+    except DivergenceError as err:
+        txn.abort()
+        ckpt = latest_checkpoint(run_dir) if run_dir.is_dir() else None
+        keep = (
+            f"the last good checkpoint is {ckpt.parent.name} (nothing non-finite was saved)"
+            if ckpt is not None
+            else "no checkpoint was written before it (nothing non-finite was saved)"
+        )
+        raise DivergenceError(
+            f"{err}; the run stopped and {keep}. Lower train.lr, set train.max_grad_norm, or set "
+            "train.on_nonfinite=skip to skip such steps"
+        ) from None
+    except BaseException:
+        txn.abort()
+        raise
+
+
+def _interrupted_message(run_dir: Path, cfg: RunConfig) -> str:
+    ckpt = latest_checkpoint(run_dir) if run_dir.is_dir() else None
+    if ckpt is None:
+        return "interrupted before the first checkpoint: nothing to resume (run it again)"
+    return (
+        f"interrupted; {run_dir} keeps its checkpoint {ckpt.parent.name} (continue with --resume)"
+    )
+
+
+def missing_outputs(run_dir: Path, cfg: RunConfig) -> list[str]:
+    """The outputs a finished run writes after its final checkpoint that are not there."""
+    names = ["summary.json", "costs.csv"] + (["adapter"] if cfg.output.save_adapter else [])
+    return [n for n in names if not (run_dir / n).exists()]
+
+
+def _run_in(exp, tokenizer, paradigm, payload, txn: RunDirTxn, *, report: bool) -> Path:
+    from cotune.paradigms.base import ParadigmResult
+    from cotune.report import MetricsLog
+
+    cfg, run_dir = exp.cfg, exp.run_dir
     (run_dir / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
-    if resume_payload is not None:
-        truncate_metrics(run_dir / "metrics.jsonl", int(resume_payload["step"]))
-    exp.log = MetricsLog(run_dir / "metrics.jsonl")
-    if resume_payload is not None:
-        exp.resume = resume_payload
-        exp.last_checkpoint_step = int(resume_payload["step"])
-        if resume_payload.get("sim"):
-            vars(exp.sim.clock).update(resume_payload["sim"]["clock"])
-            vars(exp.sim.flops).update(resume_payload["sim"]["flops"])
+    metrics = run_dir / "metrics.jsonl"
+    if payload is not None:
+        truncate_metrics(metrics, int(payload["step"]))
+    elif metrics.exists():  # --resume of a run killed before its first checkpoint: afresh
+        metrics.unlink()
+    exp.log = MetricsLog(metrics)
+    exp.log.on_write = txn.started
+    if payload is not None:
+        txn.started()  # continuing a run: its files are its own already
+        exp.resume = payload
+        exp.last_checkpoint_step = int(payload["step"])
+        if payload.get("sim"):
+            vars(exp.sim.clock).update(payload["sim"]["clock"])
+            vars(exp.sim.flops).update(payload["sim"]["flops"])
     tokenizer.save(run_dir / "tokenizer")
     if exp.data.label_names:
         (run_dir / "labels.json").write_text(json.dumps(exp.data.label_names), encoding="utf-8")
-    exp.checkpoint_fn = lambda step, states, extra: write_checkpoint(
-        run_dir, cfg, step, states, extra, sim=exp.sim
-    )
+
+    def checkpoint(step: int, states: dict, extra: dict) -> None:
+        write_checkpoint(run_dir, cfg, step, states, extra, sim=exp.sim)
+        txn.started()
+
+    exp.checkpoint_fn = checkpoint
 
     started = time.perf_counter()
-    if cfg.peft.stages is not None:
-        from cotune.stages import run_stages
-
-        result = run_stages(exp, paradigm)
+    if payload is not None and payload.get("final"):
+        log.info("%s finished training; completing its outputs", run_dir)
+        result = ParadigmResult(
+            states=payload["states"],
+            final_eval=payload.get("final_eval") or _last_eval(exp.log.records),
+            extra=payload["extra"],
+        )
+        messages = payload.get("messages")
     else:
-        result = paradigm(exp)
+        if cfg.peft.stages is not None:
+            from cotune.stages import run_stages
+
+            result = run_stages(exp, paradigm)
+        else:
+            result = paradigm(exp)
+        messages = len(exp.engine.transfers)
+        last_step = max([int(r.get("step", 0)) for r in exp.log.records] + [cfg.train.steps])
+        write_checkpoint(
+            run_dir, cfg, last_step, result.states, result.extra, sim=exp.sim, final=True,
+            final_eval=result.final_eval, messages=messages,
+        )  # fmt: skip
+        txn.started()
     host_time = time.perf_counter() - started
 
-    last_step = max([int(r.get("step", 0)) for r in exp.log.records] + [cfg.train.steps])
-    write_checkpoint(run_dir, cfg, last_step, result.states, result.extra, sim=exp.sim, final=True)
     if cfg.output.save_adapter:
-        save_adapters(exp, result.states, run_dir / "adapter")
-    summary = build_summary(exp, result, host_time)
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+        tmp = run_dir / "adapter.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        save_adapters(exp, result.states, tmp)
+        shutil.rmtree(run_dir / "adapter", ignore_errors=True)
+        tmp.rename(run_dir / "adapter")  # a killed export never leaves half an adapter
+    summary = build_summary(exp, result, host_time, messages=messages)
+    (run_dir / "summary.json").write_text(strict_json(summary, indent=2), encoding="utf-8")
     write_costs_csv(run_dir / "costs.csv", summary["costs"]["roles"])
     if report:
         from cotune.report import write_run_report
 
         write_run_report(run_dir)
     return run_dir
+
+
+def _last_eval(records: list[dict]) -> dict[str, float]:
+    """The final evaluation from the log (checkpoints written before it was stored there)."""
+    evals = [r for r in records if r.get("event") == "eval" and r.get("role") in ("server", "mean")]
+    if not evals:
+        return {}
+    keys = ("loss", "accuracy", "perplexity", "examples")
+    return {k: evals[-1][k] for k in keys if isinstance(evals[-1].get(k), float | int)}
 
 
 def save_adapters(exp, states: dict, out: Path) -> None:
@@ -301,7 +294,7 @@ def save_adapters(exp, states: dict, out: Path) -> None:
             )
 
 
-def build_summary(exp, result, host_time: float) -> dict[str, Any]:
+def build_summary(exp, result, host_time: float, *, messages: int | None = None) -> dict[str, Any]:
     from cotune.data import partition_summary
 
     cfg = exp.cfg
@@ -365,7 +358,7 @@ def build_summary(exp, result, host_time: float) -> dict[str, Any]:
             "server": costs.get("server"),
             "roles": costs,
         },
-        "messages": len(exp.engine.transfers),
+        "messages": messages if messages is not None else len(exp.engine.transfers),
         "trainable_params": exp.adapters.num_trainable(),
         "partition": partition_summary(exp.parts, labels, exp.data.group_names),
         "extra": {

@@ -99,7 +99,7 @@ def test_resume_reaches_the_same_result(tiny_config):
         paradigm={"name": "local"},
         train={"steps": 8},
         eval={"every": 2},
-        output={"checkpoint_every": 4},
+        output={"checkpoint_every": 4, "keep_checkpoints": 100},
     )
     full = run_experiment(cfg, quiet=True, report=False)
     want = final_params(full)

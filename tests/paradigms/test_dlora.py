@@ -141,7 +141,7 @@ def test_resume_mid_run_equals_uninterrupted(tiny_config, monkeypatch):
                                                 "revive_every": 3, "revive_count": 1}},
         train={"steps": 8},
         eval={"every": 2, "max_examples": 16},
-        output={"checkpoint_every": 2},
+        output={"checkpoint_every": 2, "keep_checkpoints": 100},
     )  # fmt: skip
     full = run_experiment(cfg, quiet=True, report=False)
     want = final_params(full)

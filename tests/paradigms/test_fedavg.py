@@ -139,7 +139,7 @@ def test_resume_mid_run_equals_uninterrupted(tiny_config):
         },
         devices={"count": 3},
         train={"steps": 8},
-        output={"checkpoint_every": 4},
+        output={"checkpoint_every": 4, "keep_checkpoints": 100},
     )
     full = run_experiment(cfg, quiet=True, report=False)
     want = final_params(full)["server"]

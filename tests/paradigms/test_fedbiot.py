@@ -109,7 +109,7 @@ def test_resume_mid_run_equals_uninterrupted(tiny_config, monkeypatch):
     from tests.paradigms.test_central_local import final_params, kill_after
 
     base = lm(tiny_config, "bres", initial_align_steps=3, align_steps=2, local_steps=1)
-    cfg = base.model_copy(update={"output": base.output.model_copy(update={"checkpoint_every": 2}),
+    cfg = base.model_copy(update={"output": base.output.model_copy(update={"checkpoint_every": 2, "keep_checkpoints": 100}),
                                   "eval": base.eval.model_copy(update={"every": 1})})  # fmt: skip
     full = run_experiment(cfg, quiet=True, report=False)
     want, before = final_params(full), json.loads((full / "summary.json").read_text())

@@ -169,7 +169,7 @@ def test_resume_mid_run_equals_uninterrupted(tiny_config):
         },
         devices={"count": 2},
         train={"steps": 4},
-        output={"checkpoint_every": 2},
+        output={"checkpoint_every": 2, "keep_checkpoints": 100},
     )
     full = run_experiment(cfg, quiet=True, report=False)
     want = final_params(full)["server"]

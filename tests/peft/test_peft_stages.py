@@ -221,7 +221,7 @@ def test_staged_run_resumes_mid_stage_bit_for_bit(tmp_path, paradigm, monkeypatc
     from cotune.run import run_experiment
 
     cfg = staged(tmp_path, {"universal": 2, "domain": 2, "router": 2}, paradigm,
-                 eval={"every": 1, "max_examples": 16}, output={"checkpoint_every": 1})  # fmt: skip
+                 eval={"every": 1, "max_examples": 16}, output={"checkpoint_every": 1, "keep_checkpoints": 100})  # fmt: skip
     run_dir, recs, want = run(cfg)
     before = json.loads((run_dir / "summary.json").read_text())
     kill_after(run_dir, 3)  # step 3 = the domain stage's first step

@@ -108,11 +108,27 @@ def _csv_rows(
         yield where, row
 
 
+def _builtin_hint(name: str) -> str:
+    """For a name that looks like a mistyped built-in dataset: the closest one."""
+    import difflib
+
+    from cotune.data.registry import list_datasets
+
+    if any(c in name for c in "/\\."):
+        return ""
+    names = [d.name for d in list_datasets()]
+    close = difflib.get_close_matches(name, names, n=1, cutoff=0.5)
+    guess = f"did you mean the built-in dataset {close[0]!r}? " if close else ""
+    return f" ({guess}`cotune datasets` lists the built-in ones: {', '.join(names)})"
+
+
 def read_file(path: str | Path, text_field: str, label_field: str | None) -> list[Record]:
     """Read a JSONL / CSV / TSV file; ``label_field=None`` reads texts only."""
     p = Path(path)
+    if p.is_dir():
+        raise DataError(f"{p} is a directory, not a data file (give a .jsonl, .csv or .tsv file)")
     if not p.is_file():
-        raise DataError(f"data file not found: {p}")
+        raise DataError(f"data file not found: {p}{_builtin_hint(str(path))}")
     kind = _kind(p)
     try:
         with _open_text(p) as fh:

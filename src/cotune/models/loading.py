@@ -212,6 +212,43 @@ def _resolve_path(name: str) -> str:
     return name
 
 
+def hub_reachable(timeout_s: float = 3.0) -> bool:
+    """Whether the Hugging Face hub answers a TCP connect within ``timeout_s`` (no retries)."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    try:
+        with socket.create_connection((url.hostname, url.port or 443), timeout=timeout_s):
+            return True
+    except OSError:
+        return False
+
+
+def _check_hub_reachable(name: str) -> None:
+    """Fail in seconds, not after ~30 s of retries, when a hub id can be neither found in the
+    local cache nor downloaded (no network, or ``HF_HUB_OFFLINE``)."""
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    try:
+        cached = try_to_load_from_cache(name, "config.json")
+    except Exception:  # noqa: BLE001 - an id the hub would reject: let AutoConfig say why
+        return
+    if isinstance(cached, str):
+        return
+    why = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else None
+    if why is None and not hub_reachable():
+        why = "the Hugging Face hub cannot be reached"
+    if why is not None:
+        raise ModelError(
+            f"model.name_or_path: {name!r} is not a local directory nor in the Hugging Face cache, "
+            f"and {why}. Give a local model directory (with config.json), or a tiny random model "
+            "such as 'random:gpt2' / 'random:llama' / 'random:bert'"
+        )
+
+
 def _pretrained_config(path: str) -> Any:
     from transformers import AutoConfig
 
@@ -226,6 +263,8 @@ def _pretrained_config(path: str) -> Any:
         except (OSError, ValueError) as exc:
             raise ModelError(f"{config_file}: unreadable config: {exc}") from None
         family_of(model_type)
+    else:
+        _check_hub_reachable(path)
     try:
         return AutoConfig.from_pretrained(path)
     except (OSError, ValueError, KeyError) as exc:

@@ -31,3 +31,10 @@ def get_paradigm(name: str) -> Callable[[Experiment], ParadigmResult]:
             f"paradigm.name: unknown paradigm {name!r} (allowed: {', '.join(PARADIGMS)})"
         )
     return importlib.import_module(PARADIGMS[name]).run
+
+
+def get_preflight(name: str) -> Callable[[Experiment], None] | None:
+    """The paradigm's checks that need the model (cuts, depths, memory), if it has any: run
+    before the run directory is touched, so a bad option never leaves files behind."""
+    get_paradigm(name)
+    return getattr(importlib.import_module(PARADIGMS[name]), "preflight", None)

@@ -8,6 +8,7 @@ directly and is never counted as traffic.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -15,11 +16,11 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 
 from cotune.config import RunConfig
 from cotune.data import Batch, BatchSampler, EncodedDataset, TaskData
-from cotune.errors import ConfigError
+from cotune.errors import DivergenceError
 from cotune.models import LoadedModel, Segment
 from cotune.peft import AdapterSet
 from cotune.peft.domains import DomainPlan, route_domains
@@ -32,6 +33,7 @@ from cotune.train import RoleState, StepResult, Trainer, evaluate, full_model_lo
 from cotune.train.loop import LossFn
 
 T = TypeVar("T", bound=BaseModel)
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -129,12 +131,16 @@ class Experiment:
     def maybe_checkpoint(
         self, step: int, states: dict[str, RoleState], extra: dict[str, Any]
     ) -> None:
-        """Checkpoint at a driver's consistent point once ``checkpoint_every`` steps have passed.
+        """Checkpoint at a driver's consistent point when ``output.checkpoint_every`` says so.
 
         Drivers call this only between rounds/eval points, where every role's state is whole;
-        the final checkpoint is written by ``cotune.run`` after the paradigm returns.
+        ``"eval"`` (the default) checkpoints at the first such point at or after each
+        evaluation step. The final checkpoint is written by ``cotune.run`` after the paradigm
+        returns.
         """
         every = self.cfg.output.checkpoint_every
+        if every == "eval":
+            every = self.cfg.eval.every
         if self.checkpoint_fn is None or not every or step >= self.cfg.train.steps:
             return
         if step - self.last_checkpoint_step >= every:
@@ -199,14 +205,17 @@ class TrainingRole(Role):
             for _ in range(steps):
                 idx = [self.sampler.next_indices() for _ in range(accum)]
                 micro = [self.dataset.batch(i) for i in idx]
-                r = train_step(
-                    self.exp.trainer,
-                    self.state,
-                    self._loss_for(idx),
-                    micro,
-                    counter=sim.flops,
-                    key=self.exp.flop_key,
-                )
+                try:
+                    r = train_step(
+                        self.exp.trainer,
+                        self.state,
+                        self._loss_for(idx),
+                        micro,
+                        counter=sim.flops,
+                        key=self.exp.flop_key,
+                    )
+                except DivergenceError as err:
+                    raise err.for_role(self.role_id) from None
                 sim.charge(self.role_id, r.flops, round=round, label="train")
                 results.append(r)
         self.state.sampler = self.sampler.state_dict()
@@ -219,18 +228,51 @@ class TrainingRole(Role):
 
 
 def parse_options(model: type[T], options: dict[str, Any], where: str = "paradigm.options") -> T:
-    """Validate a paradigm's free-form ``options`` dict into its typed model, naming bad fields."""
-    try:
-        return model.model_validate(options)
-    except ValidationError as err:
-        lines = [f"invalid {where}:"]
-        for e in err.errors():
-            loc = ".".join(str(p) for p in e["loc"])
-            msg = "unknown option" if e["type"] == "extra_forbidden" else e["msg"]
-            if e["type"] == "extra_forbidden":
-                msg += f" (allowed: {', '.join(sorted(model.model_fields))})"
-            lines.append(f"  {where}.{loc}: {msg}")
-        raise ConfigError("\n".join(lines)) from None
+    """Validate a paradigm's free-form ``options`` dict into its typed model, naming bad fields.
+
+    ``load_config`` has already validated them (``cotune.paradigms.options``); this gives the
+    driver its typed copy.
+    """
+    from cotune.paradigms.options import parse_paradigm_options
+
+    return parse_paradigm_options("", options, model)
+
+
+def update_problem(msg: Message, reference: dict[str, torch.Tensor]) -> str | None:
+    """Why a device's uploaded adapter must not enter an aggregate (None: it may).
+
+    A buggy or hostile peer (or a diverged device) must not poison the global adapter nor crash
+    the server: tensors must be exactly the expected names and shapes, finite, and a report's
+    ``examples`` a positive number.
+    """
+    got, want = set(msg.tensors), set(reference)
+    if got != want:
+        return f"tensors {sorted(got ^ want)[:4]} missing or unexpected"
+    for k, ref in reference.items():
+        t = msg.tensors[k]
+        if t.shape != ref.shape or not t.is_floating_point():
+            return f"tensor {k!r} is {t.dtype}{list(t.shape)}, expected {list(ref.shape)}"
+        if not bool(torch.isfinite(t).all()):
+            return f"tensor {k!r} has non-finite values"
+    examples = msg.meta.get("examples", 1)
+    if not isinstance(examples, int | float) or isinstance(examples, bool) or not examples > 0:
+        return f"'examples' is {examples!r}, expected a positive number"
+    return None
+
+
+def screen_updates(
+    exp: Experiment, msgs: list[Message], reference: Callable[[str], dict[str, torch.Tensor]]
+) -> tuple[list[Message], list[str]]:
+    """The uploads that may be aggregated, and the senders rejected (each logged with why)."""
+    good, rejected = [], []
+    for m in msgs:
+        problem = update_problem(m, reference(m.sender))
+        if problem is None:
+            good.append(m)
+        else:
+            rejected.append(m.sender)
+            log.warning("rejected the update of %s: %s", m.sender, problem)
+    return good, rejected
 
 
 def state_tensors(state: RoleState) -> dict[str, torch.Tensor]:
@@ -245,5 +287,7 @@ def reply(
     )
 
 
-def mean(values: list[float]) -> float:
-    return sum(values) / len(values) if values else float("nan")
+def mean(values: list[float | None]) -> float:
+    """The mean of the values that exist (a skipped step's loss travels as None)."""
+    present = [v for v in values if v is not None]
+    return sum(present) / len(present) if present else float("nan")

@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 
-from cotune.errors import CheckpointError, ConfigError
+from cotune.errors import CheckpointError
 from cotune.models import Activations, task_loss
 from cotune.paradigms.base import (
     Experiment,
@@ -33,27 +32,10 @@ from cotune.paradigms.base import (
     parse_options,
     reply,
 )
+from cotune.paradigms.options import DLoRAOptions
 from cotune.runtime import Message, Role
 from cotune.sim.costs import estimate_memory
 from cotune.sim.simulation import SERVER, device_id
-
-
-class DLoRAOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    active_fraction: float = Field(0.125, gt=0.0, le=1.0)  # ρ: 1/8 matches the reported 87.5%
-    kill_every: int = Field(10, ge=1)  # T_k (steps)
-    revive_every: int = Field(20, ge=1)  # T_r (steps)
-    revive_count: int = Field(1, ge=0)
-    # Sensitivity of a module: an EMA of ||grad|| x ||dW|| over its steps (default), or how far
-    # its dW moved since the last kill check ("delta").
-    score: Literal["ema_grad_weight", "delta"] = "ema_grad_weight"
-    score_beta: float = Field(0.9, ge=0.0, lt=1.0)
-    # Which killed modules come back: drawn at random, or the longest-killed first ("stale").
-    revive: Literal["random", "stale"] = "random"
-    # Where the (frozen) embedding runs: on the device, so raw tokens never leave it (default),
-    # or in the cloud, which then receives the token ids.
-    embed: Literal["device", "cloud"] = "device"
 
 
 def lora_flops(layer: Any, x: torch.Tensor) -> int:
@@ -323,11 +305,6 @@ class DLoRADevice(TrainingRole):
 def run(exp: Experiment) -> ParadigmResult:
     cfg = exp.cfg
     opts = parse_options(DLoRAOptions, cfg.paradigm.options)
-    if cfg.peft.method != "lora":
-        raise ConfigError(
-            f"peft.method: dlora runs the LoRA branch apart from the base layer; only 'lora' is "
-            f"supported, got {cfg.peft.method!r}"
-        )
     exp.engine.register(Cloud(exp))
     devices: list[DLoRADevice] = []
     for i, idx in enumerate(exp.parts):

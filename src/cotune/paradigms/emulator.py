@@ -99,10 +99,12 @@ def kept_indices(lower: int, keep: int) -> list[int]:
     return [int(i * (lower - 1) / (keep - 1)) for i in range(keep)]
 
 
-def build_models(
+def emulator_shape(
     exp: Experiment, adapter_layers: int, keep_layers: int | None, drop_ratio: float, mode: str
-) -> BiOTModels:
-    anatomy, model = exp.loaded.anatomy, exp.loaded.model
+) -> tuple[int, int, int]:
+    """``(blocks, lower blocks, blocks the emulator keeps)``; ConfigError if the options do not
+    fit the model. Also the paradigm's preflight: it touches no module."""
+    anatomy = exp.loaded.anatomy
     n = anatomy.num_layers
     if adapter_layers >= n:
         raise ConfigError(
@@ -116,6 +118,19 @@ def build_models(
             f"paradigm.options.keep_layers: {keep} is out of range; the emulator keeps 1..{lower} "
             f"of the {lower} blocks below the {adapter_layers} adapter block(s)"
         )
+    if mode == "lora" and not any((anatomy.layer_of(k) or -1) >= lower for k in exp.trainer.params):
+        raise ConfigError(
+            f"paradigm.options.adapter_layers: no adapter of peft.target_modules/peft.layers "
+            f"lies in the last {adapter_layers} block(s); use adapter_mode: full or target them"
+        )
+    return n, lower, keep
+
+
+def build_models(
+    exp: Experiment, adapter_layers: int, keep_layers: int | None, drop_ratio: float, mode: str
+) -> BiOTModels:
+    anatomy, model = exp.loaded.anatomy, exp.loaded.model
+    n, lower, keep = emulator_shape(exp, adapter_layers, keep_layers, drop_ratio, mode)
     kept = kept_indices(lower, keep)
     parts = anatomy.blocks_path.split(".")
     ancestors = {".".join(parts[:i]) for i in range(len(parts) + 1)}

@@ -15,11 +15,9 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from cotune.aggregation import get_aggregator, proximal_loss
 from cotune.errors import PeerUnavailable
@@ -30,40 +28,13 @@ from cotune.paradigms.base import (
     mean,
     parse_options,
     reply,
+    screen_updates,
     state_tensors,
 )
+from cotune.paradigms.options import FedAvgOptions
 from cotune.runtime import Message
 from cotune.sim.simulation import SERVER, device_id
 from cotune.train import full_model_loss
-
-
-class FedAvgOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    local_steps: int = Field(5, ge=1)  # optimizer steps per device per round
-    local_epochs: float | None = Field(None, gt=0)  # instead of local_steps (needs rounds)
-    rounds: int | None = Field(None, ge=1)  # default: ceil(train.steps / local_steps)
-    clients_per_round: int | None = Field(None, ge=1)
-    fraction: float = Field(1.0, gt=0.0, le=1.0)  # used when clients_per_round is not set
-    aggregator: str = (
-        "fedavg"  # fedavg | fedavgm | fedadam | fedyogi | fedadagrad | median | trimmed_mean
-    )
-    aggregator_options: dict = Field(default_factory=dict)
-    weighting: Literal["examples", "uniform"] = "examples"
-    prox_mu: float = Field(0.0, ge=0.0)  # FedProx: mu/2 * ||w - w_global||^2 on the device
-    # A device keeps its AdamW moments between the rounds it joins ("keep"), or starts each
-    # round afresh ("reset", like re-creating the trainer every round).
-    optimizer_state: Literal["keep", "reset"] = "keep"
-    quorum: int | None = Field(None, ge=1)  # close the round at the quorum-th report
-    deadline_s: float | None = Field(None, gt=0.0)  # simulated seconds after the round starts
-    min_reports: int = Field(1, ge=1)  # fewer reports: the global adapter stays as it was
-    idle_wait_s: float = Field(60.0, gt=0.0)  # server wait when nobody is online
-
-    @model_validator(mode="after")
-    def _epochs_need_rounds(self) -> FedAvgOptions:
-        if self.local_epochs is not None and self.rounds is None:
-            raise ValueError("local_epochs needs rounds (the number of rounds to run)")
-        return self
 
 
 class FedDevice(TrainingRole):
@@ -153,6 +124,12 @@ def shape_reports(exp: Experiment, roles: list[str], t0: float, rnd: int) -> lis
     return dropped
 
 
+def preflight(exp: Experiment) -> None:
+    """Checks that need more than the config, run before the run directory is touched."""
+    opts = parse_options(FedAvgOptions, exp.cfg.paradigm.options)
+    get_aggregator(opts.aggregator, **opts.aggregator_options)  # option values
+
+
 def run(exp: Experiment) -> ParadigmResult:
     cfg = exp.cfg
     opts = parse_options(FedAvgOptions, cfg.paradigm.options)
@@ -182,6 +159,7 @@ def run(exp: Experiment) -> ParadigmResult:
 
     every = cfg.eval.every
     last_eval: dict[str, float] = {}
+    rejected_total = 0  # uploads refused (non-finite or malformed): counted, never aggregated
     with exp.progress(rounds - start, f"fedavg {cfg.name}") as bar:
         for rnd in range(start + 1, rounds + 1):
             step = rnd * steps_per_round
@@ -196,6 +174,7 @@ def run(exp: Experiment) -> ParadigmResult:
             sent_before = len(exp.engine.transfers)
             round_started = time.perf_counter()
             updates, weights, losses, failed = [], [], [], []
+            rejected: list[str] = []
             for dev in chosen:
                 msg = Message(
                     "train",
@@ -216,7 +195,12 @@ def run(exp: Experiment) -> ParadigmResult:
             outcome = exp.sim.clock.round_end(
                 [d.role_id for d in chosen], quorum=quorum, deadline=deadline, failed=failed
             )
-            reported = [(r, m) for r, m in updates if r in outcome.reported]
+            arrived = [m for r, m in updates if r in outcome.reported]
+            good, rejected = screen_updates(
+                exp, arrived, lambda r: exp.role_tensors(r, state_tensors(glob))
+            )
+            rejected_total += len(rejected)
+            reported = [(m.sender, m) for m in good]
             for _, m in reported:
                 weights.append(float(m.meta["examples"]) if opts.weighting == "examples" else 1.0)
                 losses.append(m.meta["losses"])
@@ -250,7 +234,8 @@ def run(exp: Experiment) -> ParadigmResult:
                 round=rnd,
                 participants=len(chosen),
                 reported=len(reported),
-                dropped=len(chosen) - len(reported),
+                dropped=len(chosen) - len(reported) - len(rejected),
+                rejected=len(rejected),
                 bytes_up=sum(t.nbytes for t in traffic if t.receiver == SERVER),
                 bytes_down=sum(t.nbytes for t in traffic if t.sender == SERVER),
                 # Host seconds of the whole round vs. the devices' own training: the overhead
@@ -268,4 +253,8 @@ def run(exp: Experiment) -> ParadigmResult:
             )
     if not last_eval:
         last_eval = exp.evaluate_state(glob)
-    return ParadigmResult(states={SERVER: glob}, final_eval=last_eval, extra={"rounds": rounds})
+    return ParadigmResult(
+        states={SERVER: glob},
+        final_eval=last_eval,
+        extra={"rounds": rounds, "rejected_updates": rejected_total},
+    )

@@ -16,44 +16,34 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 
 from cotune.aggregation import weighted_average
 from cotune.data import Batch, BatchSampler, EncodedDataset
 from cotune.errors import CheckpointError, PeerUnavailable
 from cotune.models import task_loss
-from cotune.paradigms.base import Experiment, ParadigmResult, mean, parse_options, reply
-from cotune.paradigms.emulator import BiOTModels, align_loss, build_models, load_public
+from cotune.paradigms.base import (
+    Experiment,
+    ParadigmResult,
+    mean,
+    parse_options,
+    reply,
+    screen_updates,
+)
+from cotune.paradigms.emulator import (
+    BiOTModels,
+    align_loss,
+    build_models,
+    emulator_shape,
+    load_public,
+)
+from cotune.paradigms.options import FedBiOTOptions
 from cotune.runtime import Message, Role
 from cotune.sim.costs import MemoryProbe
 from cotune.sim.simulation import SERVER, device_id
 from cotune.train import RoleState, Trainer, evaluate, train_step
-
-
-class FedBiOTOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    adapter_layers: int = Field(2, ge=1)  # the last blocks, trained on devices ("adpt2")
-    adapter_mode: Literal["lora", "full"] = "lora"  # LoRA of those blocks, or the blocks in full
-    keep_layers: int | None = Field(None, ge=1)  # lower blocks the emulator keeps ...
-    drop_ratio: float = Field(0.5, ge=0.0, lt=1.0)  # ... or round(n_lower * (1 - drop_ratio))
-    public_dataset: str | None = None  # default: austen (fortunes when the task data is austen)
-    public_view: str | None = None
-    public_examples: int = Field(200, ge=2)
-    initial_align_steps: int = Field(50, ge=0)  # the code: 50 rounds x 10 steps before FL
-    align_steps: int = Field(10, ge=0)  # before every FL round
-    align_lr: float = Field(1e-3, gt=0.0)
-    kl_weight: float = Field(0.0, ge=0.0)  # λ of the KL term (0 in every FedBiOT config)
-    local_steps: int = Field(5, ge=1)
-    rounds: int | None = Field(None, ge=1)  # default: ceil(train.steps / local_steps)
-    clients_per_round: int | None = Field(None, ge=1)
-    fraction: float = Field(1.0, gt=0.0, le=1.0)
-    prox_mu: float = Field(1.0, ge=0.0)  # ε·||w_A − w_A^(t)||² (the code's lm_loss_weight)
-    weighting: Literal["examples", "uniform"] = "examples"
 
 
 class Aligner:
@@ -181,6 +171,12 @@ def evaluate_both(
     return full, emu
 
 
+def preflight(exp: Experiment) -> None:
+    """Checks that need the model, run before the run directory is touched."""
+    opts = parse_options(FedBiOTOptions, exp.cfg.paradigm.options)
+    emulator_shape(exp, opts.adapter_layers, opts.keep_layers, opts.drop_ratio, opts.adapter_mode)
+
+
 def run(exp: Experiment) -> ParadigmResult:
     cfg = exp.cfg
     opts = parse_options(FedBiOTOptions, cfg.paradigm.options)
@@ -222,6 +218,7 @@ def run(exp: Experiment) -> ParadigmResult:
     rounds = opts.rounds or math.ceil(cfg.train.steps / opts.local_steps)
     spr = opts.local_steps
     last: dict[str, float] = {}
+    rejected_total = 0  # uploads refused (non-finite or malformed): counted, never aggregated
     with exp.progress(rounds - start, f"fedbiot {cfg.name}") as bar:
         for rnd in range(start + 1, rounds + 1):
             step = rnd * spr
@@ -245,6 +242,9 @@ def run(exp: Experiment) -> ParadigmResult:
                 except PeerUnavailable:
                     failed.append(dev.role_id)
             outcome = exp.sim.clock.round_end([d.role_id for d in chosen], failed=failed)
+            ref = {k: glob.params[k] for k in glob.params}
+            updates, rejected = screen_updates(exp, updates, lambda _, ref=ref: ref)
+            rejected_total += len(rejected)
             if updates:
                 w = [
                     float(u.meta["examples"]) if opts.weighting == "examples" else 1.0
@@ -284,7 +284,7 @@ def run(exp: Experiment) -> ParadigmResult:
     # The product in the run's adapter layout: the initial adapter set with the trained part.
     product = exp.trainer.new_state(cfg.seed, {**exp.initial_params(), **{
         k: v for k, v in glob.params.items() if k in exp.trainer.params}})  # fmt: skip
-    extra = {"rounds": rounds, "emulator_layers": m.emulator_layers, "kept_blocks": m.kept,
+    extra = {"rounds": rounds, "rejected_updates": rejected_total, "emulator_layers": m.emulator_layers, "kept_blocks": m.kept,
              "adapter_blocks": m.adapter_blocks, "adapter_mode": opts.adapter_mode}  # fmt: skip
     if opts.adapter_mode == "full":  # the trained blocks do not fit the PEFT adapter layout
         torch.save(

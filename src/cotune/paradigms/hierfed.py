@@ -14,10 +14,8 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 from torch.utils.flop_counter import FlopCounterMode
 
 from cotune.aggregation import weighted_average
@@ -31,6 +29,7 @@ from cotune.paradigms.base import (
     mean,
     parse_options,
     reply,
+    screen_updates,
     state_tensors,
 )
 from cotune.paradigms.hierfed_plan import (
@@ -40,27 +39,12 @@ from cotune.paradigms.hierfed_plan import (
     label_histograms,
     plan_groups,
 )
+from cotune.paradigms.options import HierFedOptions
 from cotune.runtime import Message, Role
 from cotune.sim.costs import MemoryEstimate, estimate_memory, saved_activation_bytes
-from cotune.sim.profiles import get_profile
+from cotune.sim.profiles import DeviceProfile, get_profile
 from cotune.sim.simulation import SERVER, device_id
 from cotune.train import StepResult, full_model_loss, train_step
-
-
-class HierFedOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    num_groups: int = Field(2, ge=1)
-    grouping: Literal["balanced", "random"] = "balanced"
-    controller: Literal["balanced", "fixed"] = "balanced"
-    tau: int | None = Field(None, ge=1)  # fixed: every group's τ (1); balanced: the largest τ (4)
-    depth: int | None = Field(None, ge=1)  # fixed: every group's D; balanced: the deepest D (all)
-    min_depth: int = Field(1, ge=1)  # balanced: the shallowest D
-    local_steps: int = Field(5, ge=1)  # optimizer steps per device per group round
-    rounds: int | None = Field(None, ge=1)  # cloud rounds (default: train.steps / steps per round)
-    weighting: Literal["examples", "uniform"] = "examples"
-    optimizer_state: Literal["keep", "reset"] = "keep"
-    edge_profile: str = "jetson"  # device profile of the group aggregators (hub links)
 
 
 def trained_keys(exp: Experiment, depth: int) -> list[str]:
@@ -152,6 +136,7 @@ class EdgeAggregator(Role):
         self.exp, self.members, self.plan = exp, members, plan
         self.keys = trained_keys(exp, plan.depth)
         self.reported = 0
+        self.rejected = 0  # member uploads refused (non-finite or malformed), over the run
 
     def on_cloud_round(self, msg: Message) -> Message:
         exp, sim = self.exp, self.exp.sim
@@ -178,6 +163,9 @@ class EdgeAggregator(Role):
                 losses[dev.role_id] += rep.meta["losses"]
             ids = [d.role_id for d in self.members]
             end = sim.clock.round_end(ids, failed=failed, server=self.role_id).end_time
+            ref = {k: group[k] for k in self.keys}
+            updates, rejected = screen_updates(exp, updates, lambda _, ref=ref: ref)
+            self.rejected += len(rejected)
             if not updates:
                 continue
             self.reported += len(updates)
@@ -227,7 +215,8 @@ def depth_memory(exp: Experiment, depth: int) -> MemoryEstimate:
     )
 
 
-def make_plan(exp: Experiment, opts: HierFedOptions, edges: list[str]) -> list[GroupPlan]:
+def check_depths(exp: Experiment, opts: HierFedOptions) -> int:
+    """The deepest depth a group may train; ConfigError when the options exceed the model."""
     n = exp.loaded.anatomy.num_layers
     depth = opts.depth if opts.depth is not None else n
     for name, value in (("depth", depth), ("min_depth", opts.min_depth)):
@@ -237,6 +226,19 @@ def make_plan(exp: Experiment, opts: HierFedOptions, edges: list[str]) -> list[G
             )
     if opts.controller == "balanced" and opts.min_depth > depth:
         raise ConfigError(f"paradigm.options.min_depth: {opts.min_depth} > depth {depth}")
+    return depth
+
+
+def edge_profile(opts: HierFedOptions) -> DeviceProfile:
+    try:
+        return get_profile(opts.edge_profile)
+    except Exception as err:  # noqa: BLE001 - the profile registry's own message says why
+        raise ConfigError(f"paradigm.options.edge_profile: {err}") from None
+
+
+def make_plan(exp: Experiment, opts: HierFedOptions, edges: list[str]) -> list[GroupPlan]:
+    n = exp.loaded.anatomy.num_layers
+    depth = check_depths(exp, opts)
     labels = [e.group for e in exp.data.train]  # causal LM: its domains, if the data has them
     hists = label_histograms(exp.parts, labels)
     groups = group_devices(hists, opts.num_groups, opts.grouping, exp.cfg.seed)
@@ -267,13 +269,17 @@ def make_plan(exp: Experiment, opts: HierFedOptions, edges: list[str]) -> list[G
     return plans
 
 
+def preflight(exp: Experiment) -> None:
+    """Depths inside the model and a known edge profile (before any file is written)."""
+    opts = parse_options(HierFedOptions, exp.cfg.paradigm.options)
+    edge_profile(opts)
+    check_depths(exp, opts)
+
+
 def run(exp: Experiment) -> ParadigmResult:
     cfg = exp.cfg
     opts = parse_options(HierFedOptions, cfg.paradigm.options)
-    try:
-        edge_prof = get_profile(opts.edge_profile)
-    except Exception as err:  # noqa: BLE001 - the profile registry's own message says why
-        raise ConfigError(f"paradigm.options.edge_profile: {err}") from None
+    edge_prof = edge_profile(opts)
     edges = [f"edge-{g}" for g in range(opts.num_groups)]
     for e in edges:  # edge aggregators are hubs: parallel links, one compute timeline
         if e not in exp.sim.clock.roles:  # a resumed clock has them already
@@ -337,7 +343,8 @@ def run(exp: Experiment) -> ParadigmResult:
             exp.maybe_checkpoint(step, states, {"round": rnd})
     if not last_eval:
         last_eval = exp.evaluate_state(glob)
-    extra = {"rounds": rounds, "groups": [p.as_dict() for p in plans]}
+    extra = {"rounds": rounds, "groups": [p.as_dict() for p in plans],
+             "rejected_updates": sum(a.rejected for a in aggregators)}  # fmt: skip
     return ParadigmResult(states={SERVER: glob}, final_eval=last_eval, extra=extra)
 
 

@@ -12,30 +12,22 @@ concatenated sequence of their batches.
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
-from pydantic import Field
 
 from cotune.paradigms.base import Experiment, ParadigmResult, parse_options, reply
+from cotune.paradigms.options import SplitOptions
 from cotune.paradigms.splitfed import SplitServer
 from cotune.paradigms.splitting import (
-    CutOptions,
     SplitContext,
     SplitDevice,
     device_memory,
+    make_layout,
     segment_memory,
 )
 from cotune.runtime import Message
 from cotune.sim.simulation import SERVER, device_id
 
 _AVG, _SQ = "exp_avg::", "exp_avg_sq::"
-
-
-class SplitOptions(CutOptions):
-    turn_steps: int = Field(1, ge=1)  # steps a device trains before handing the adapter on
-    relay: Literal["server", "p2p"] = "server"
-    relay_optimizer: bool = True  # AdamW moments travel with the adapter
 
 
 class TurnDevice(SplitDevice):
@@ -72,6 +64,11 @@ class TurnDevice(SplitDevice):
                     "exp_avg_sq": t[_SQ + k].clone(),
                 }
         self.state.step = int(msg.meta["step"])  # the LR schedule follows the adapter
+
+
+def preflight(exp: Experiment) -> None:
+    """The cut must fit the model, with adapters on both sides (before any file is written)."""
+    make_layout(exp, parse_options(SplitOptions, exp.cfg.paradigm.options))
 
 
 def run(exp: Experiment) -> ParadigmResult:

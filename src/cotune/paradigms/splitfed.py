@@ -13,23 +13,22 @@ paper and what is reconstructed.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
 
-from cotune.errors import ConfigError, ProtocolError
+from cotune.errors import ProtocolError
 from cotune.models import Activations, task_loss
-from cotune.paradigms.base import Experiment, ParadigmResult, mean, parse_options
+from cotune.paradigms.base import Experiment, ParadigmResult, mean, parse_options, screen_updates
+from cotune.paradigms.options import SplitFedOptions
 from cotune.paradigms.split_cohort import DeviceCohort
 from cotune.paradigms.splitting import (
-    CutOptions,
     SplitContext,
     SplitDevice,
     batch_dims,
     clip_coef,
     device_memory,
+    make_layout,
     owned_by_device,
     segment_memory,
     side_reg,
@@ -40,17 +39,6 @@ from cotune.runtime import Message, Role
 from cotune.runtime.validate import check_activation
 from cotune.sim.simulation import SERVER, device_id
 from cotune.train import RoleState
-
-
-class SplitFedOptions(CutOptions):
-    aggregate_every: int = Field(100, ge=1)  # I: FedAvg of device adapters (reference code: 100)
-    weighting: Literal["examples", "uniform"] = "examples"
-    server_side: Literal["shared", "per_device"] = "shared"
-    # sequential: SplitLoRA's reference (one server update per device batch, arrival order);
-    # pooled: one server forward/backward/update on all of a step's activations together.
-    server_batch: Literal["sequential", "pooled"] = "sequential"
-    # In-process engine: run the devices' bottom segments as one batch (split_cohort.py).
-    cohort: bool = True
 
 
 @dataclass
@@ -186,10 +174,8 @@ class SplitServer(Role):
         with trainer.activate(state):
             trainer.set_lr(state.step)
             for k, p in trainer.params.items():
-                g = grads.get(k)
-                p.grad = None if g is None else (g * coef if coef is not None else g)
-            trainer.optimizer.step()
-            trainer.optimizer.zero_grad(set_to_none=True)
+                p.grad = grads.get(k)
+            trainer.step(coef, clip=False)
             state.step += 1
 
     def _serve_one(self, arrival: float, msg: Message, step: int) -> StepLog:
@@ -227,12 +213,7 @@ class SplitServer(Role):
             else:
                 exp.engine.send(back, codec=ctx.codec)
                 total = server_sq
-            coef = clip_coef(exp.cfg.train.max_grad_norm, total)
-            if coef is not None:
-                for g in grads:
-                    g.mul_(coef)
-            trainer.optimizer.step()
-            trainer.optimizer.zero_grad(set_to_none=True)
+            trainer.step(clip_coef(exp.cfg.train.max_grad_norm, total), clip=False, loss=loss)
             state.step += 1
         return StepLog(dev, loss, lr, int(acts.hidden.shape[0]))
 
@@ -267,19 +248,17 @@ class SplitServer(Role):
         return float(rep.meta["loss"])
 
 
+def preflight(exp: Experiment) -> None:
+    """The cut must fit the model, with adapters on both sides (before any file is written)."""
+    make_layout(exp, parse_options(SplitFedOptions, exp.cfg.paradigm.options))
+
+
 def run(exp: Experiment) -> ParadigmResult:
     cfg = exp.cfg
     opts = parse_options(SplitFedOptions, cfg.paradigm.options)
     n_dev = len(exp.parts)
     shared = opts.server_side == "shared"
     pooled = opts.server_batch == "pooled"
-    if pooled and not shared:
-        raise ConfigError(
-            "paradigm.options.server_batch: 'pooled' needs server_side: shared (one server model "
-            "to pool the devices' activations into)"
-        )
-    if pooled and opts.u_shaped:
-        raise ConfigError("paradigm.options.server_batch: 'pooled' does not support u_shaped")
     # A sequential shared server steps once per device batch, so its LR schedule spans K x steps.
     server_steps = cfg.train.steps * (n_dev if shared and not pooled else 1)
     ctx = SplitContext.build(exp, opts, server_steps)
@@ -326,7 +305,13 @@ def run(exp: Experiment) -> ParadigmResult:
         reps = exp.engine.request_many(
             [Message("get_adapter", SERVER, d.role_id, {}, {"round": rnd}) for d in devices]
         )
-        avg = weighted_mean([r.tensors for r in reps], weights)
+        ref = {k: dev_glob.params[k] for k in ctx.layout.device_names}
+        good, rejected = screen_updates(exp, reps, lambda _: ref)
+        ctx.rejected_updates += len(rejected)
+        w = [wt for r, wt in zip(reps, weights) if r.sender not in rejected]
+        if not good:
+            return
+        avg = weighted_mean([r.tensors for r in good], w)
         n = sum(v.numel() for v in avg.values()) * len(reps)
         after = max(exp.sim.clock.last_arrival(SERVER, d.role_id) for d in devices)
         exp.sim.charge(SERVER, 3.0 * n, round=rnd, after=after, label="aggregate")

@@ -15,15 +15,13 @@ Only the abstract of the paper was available: see docs/methods.md (SplitFrozen).
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 
 from cotune.data import BatchSampler, EncodedDataset
 from cotune.errors import ConfigError, ProtocolError
 from cotune.models import Activations, Segment, task_loss
 from cotune.paradigms.base import Experiment, ParadigmResult, mean, parse_options
+from cotune.paradigms.options import SplitFrozenOptions
 from cotune.paradigms.splitting import check_cut_message, segment_memory, side_reg
 from cotune.runtime import Message, Role
 from cotune.sim.costs import MemoryEstimate
@@ -31,16 +29,6 @@ from cotune.sim.simulation import SERVER, device_id
 from cotune.train import RoleState, Trainer
 
 MIB = 1024**2
-
-
-class SplitFrozenOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    cuts: list[int] | None = None  # one cut per device; default: chosen from the profiles
-    max_cut: int | None = Field(None, ge=0)  # the fastest device's cut (default: L // 2)
-    min_cut: int = Field(0, ge=0)  # never fewer device blocks than this (0: embeddings only)
-    pipeline: bool = True
-    on_bad_message: Literal["stop", "skip"] = "stop"
 
 
 def choose_cuts(
@@ -83,6 +71,17 @@ def choose_cuts(
                 f"allows {prof.memory_bytes / MIB:.2f} MiB; lower the cut or pick a larger profile"
             )
     return cuts, [mem(k) for k in cuts]
+
+
+def server_names(exp: Experiment, cuts: list[int]) -> list[str]:
+    """Adapter tensors above every device's cut: what the server trains (ConfigError if none)."""
+    lower = exp.loaded.anatomy.segment(0, min(cuts), embed=True, head=False)
+    names = [k for k in exp.trainer.params if not lower.owns(k)]
+    if not names:
+        raise ConfigError(
+            "paradigm.options: the server side owns no adapter parameter above the cuts"
+        )
+    return names
 
 
 class FrozenDevice(Role):
@@ -170,7 +169,7 @@ class FrozenServer(Role):
                 trainer.set_lr(self.state.step)
                 loss, flops = sim.flops.run(f"frozen-server-{cut}", fwd_bwd, acts, t["labels"])
                 iv = sim.charge(SERVER, flops, round=step, after=arrival, label="server")
-                trainer.clip_and_step()
+                trainer.clip_and_step(loss=loss)
                 self.state.step += 1
             losses.append(loss)
             if not self.opts.pipeline:  # the device waits for its batch to be served
@@ -179,19 +178,18 @@ class FrozenServer(Role):
         return losses
 
 
+def preflight(exp: Experiment) -> None:
+    """Cuts inside the model and fitting each device's memory (before any file is written)."""
+    opts = parse_options(SplitFrozenOptions, exp.cfg.paradigm.options)
+    server_names(exp, choose_cuts(exp, opts)[0])
+
+
 def run(exp: Experiment) -> ParadigmResult:
     cfg = exp.cfg
     opts = parse_options(SplitFrozenOptions, cfg.paradigm.options)
-    if cfg.train.grad_accum != 1:
-        raise ConfigError("train.grad_accum: split paradigms support only grad_accum: 1")
     cuts, mems = choose_cuts(exp, opts)
-    lower = exp.loaded.anatomy.segment(0, min(cuts), embed=True, head=False)
     params = exp.trainer.params
-    names = [k for k in params if not lower.owns(k)]
-    if not names:
-        raise ConfigError(
-            "paradigm.options: the server side owns no adapter parameter above the cuts"
-        )
+    names = server_names(exp, cuts)
     trainer = Trainer({k: params[k] for k in names}, cfg.train, cfg.train.steps * len(exp.parts))
     devices = []
     for i, idx in enumerate(exp.parts):

@@ -23,30 +23,19 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict
 
 from cotune.data import Batch, BatchSampler, EncodedDataset
 from cotune.errors import ConfigError, ProtocolError
 from cotune.models import Activations, Segment, task_loss
 from cotune.paradigms.base import Experiment, reply
+from cotune.paradigms.options import CutOptions
 from cotune.runtime import Message, Role
 from cotune.runtime.validate import check_activation
 from cotune.sim.costs import MemoryEstimate, MemoryProbe
 from cotune.sim.simulation import SERVER
 from cotune.train import RoleState, Trainer
-
-
-class CutOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    cut: int = 1  # device: embeddings + blocks [0, cut); server: blocks [cut, L) (+ head)
-    u_shaped: bool = False  # head (and blocks [cut_top, L)) stay on the device; labels too
-    cut_top: int | None = None  # U-shape only; default L (the device keeps just the head)
-    clip: Literal["global", "per_side"] = "global"  # how train.max_grad_norm is applied
-    on_bad_message: Literal["stop", "skip"] = "stop"
 
 
 def check_cut_message(exp: Experiment, msg: Message, *, labels: bool) -> Message:
@@ -193,6 +182,7 @@ class SplitContext:
     server_trainer: Trainer
     codec: str
     skipped: list[tuple[int, str, str]] = field(default_factory=list)  # (step, device, error)
+    rejected_updates: int = 0  # device adapters refused at aggregation (non-finite, malformed)
 
     @classmethod
     def build(cls, exp: Experiment, opts: CutOptions, server_steps: int) -> SplitContext:
@@ -218,6 +208,7 @@ class SplitContext:
             "device_trainable_params": sum(params[k].numel() for k in self.layout.device_names),
             "server_trainable_params": sum(params[k].numel() for k in self.layout.server_names),
             "skipped_batches": len(self.skipped),
+            "rejected_updates": self.rejected_updates,
         }
 
     def combined(self, device: RoleState, server: RoleState) -> RoleState:
@@ -393,10 +384,8 @@ class SplitDevice(Role):
         with trainer.activate(self.state):
             trainer.set_lr(self.state.step)
             for k, p in trainer.params.items():
-                g = self.grads.get(k)
-                p.grad = None if g is None else (g * coef if coef is not None else g)
-            trainer.optimizer.step()
-            trainer.optimizer.zero_grad(set_to_none=True)
+                p.grad = self.grads.get(k)
+            trainer.step(coef, clip=False)
             self.state.step += 1
         self.grads = {}
         return total**0.5

@@ -14,7 +14,7 @@ import json
 import logging
 import math
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -39,6 +39,8 @@ class MetricsLog:
         _drop_partial_last_line(self.path)
         self.records: list[dict[str, Any]] = read_metrics(self.path) if self.path.exists() else []
         self._fh = self.path.open("a", encoding="utf-8")
+        # Called after each record is written (cotune.run: the first record means "started").
+        self.on_write: Callable[[], None] | None = None
 
     def log(self, record: dict[str, Any]) -> None:
         """Write one record as one line and flush it."""
@@ -47,7 +49,7 @@ class MetricsLog:
                 f"metrics record must be a dict with an 'event' field, got {record!r}"
             )
         try:
-            line = json.dumps(record, separators=(",", ":"))
+            line = strict_json(record, separators=(",", ":"))
         except (TypeError, ValueError) as e:
             raise CotuneError(
                 f"metrics record is not JSON-serialisable ({e}): {record!r}"
@@ -55,6 +57,8 @@ class MetricsLog:
         self._fh.write(line + "\n")
         self._fh.flush()
         self.records.append(json.loads(line))  # a copy, as a reader would see it
+        if self.on_write is not None:
+            self.on_write()
 
     def close(self) -> None:
         self._fh.close()
@@ -69,6 +73,22 @@ class MetricsLog:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+def finite_or_none(value: Any) -> Any:
+    """``value`` with every NaN/inf float replaced by ``None`` (recursively), so it is strict JSON."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite_or_none(v) for v in value]
+    return value
+
+
+def strict_json(value: Any, **kwargs: Any) -> str:
+    """JSON that any parser reads: non-finite numbers become ``null`` (never a bare ``NaN``)."""
+    return json.dumps(finite_or_none(value), allow_nan=False, **kwargs)
 
 
 def _drop_partial_last_line(path: Path) -> None:

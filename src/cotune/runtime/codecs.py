@@ -34,6 +34,11 @@ class Codec(ABC):
     name: str = ""
     #: Worst-case relative error per element for normal-range values (0.0 = lossless).
     rel_error_bound: float = 0.0
+    #: The parts and side keys a message must carry for a tensor under this codec; a decoder
+    #: refuses anything else (the peer may be buggy or hostile). ``None``: not declared, the
+    #: codec's ``decode`` alone checks what it gets.
+    part_names: tuple[str, ...] | None = None
+    side_keys: tuple[str, ...] | None = None
 
     def applies_to(self, tensor: torch.Tensor) -> bool:
         """Whether this codec transforms ``tensor``; others travel unchanged (identity codec)."""
@@ -63,6 +68,8 @@ class IdentityCodec(Codec):
 
     name = "fp32"
     rel_error_bound = 0.0
+    part_names = ("data",)
+    side_keys = ()
 
     def applies_to(self, tensor: torch.Tensor) -> bool:
         return True
@@ -73,11 +80,31 @@ class IdentityCodec(Codec):
     def decode(
         self, parts: Parts, side: Side, dtype: torch.dtype, shape: tuple[int, ...]
     ) -> torch.Tensor:
-        return parts["data"]
+        data = parts["data"]
+        if data.dtype != dtype or tuple(data.shape) != tuple(shape):
+            raise ValueError(
+                f"data is {data.dtype}{list(data.shape)}, header says {dtype}{list(shape)}"
+            )
+        return data
+
+
+def reject_nonfinite(codec: str, tensor: torch.Tensor) -> None:
+    """``ProtocolError`` counting the NaN and inf values of ``tensor`` (the caller adds its name)."""
+    if not tensor.is_floating_point() or bool(torch.isfinite(tensor).all()):
+        return
+    nan = int(torch.isnan(tensor).sum())
+    inf = int(torch.isinf(tensor).sum())
+    raise ProtocolError(
+        f"codec {codec!r}: {nan} NaN and {inf} inf values among {tensor.numel()}; lossy codecs "
+        "refuse non-finite values (fix the producer, or send with 'fp32' to inspect them)"
+    )
 
 
 class CastCodec(Codec):
     """Cast floating tensors to a narrower float for the wire; restore the dtype on decode."""
+
+    part_names = ("data",)
+    side_keys = ()
 
     def __init__(self, name: str, wire_dtype: torch.dtype, rel_error_bound: float) -> None:
         self.name = name
@@ -85,6 +112,7 @@ class CastCodec(Codec):
         self.rel_error_bound = rel_error_bound
 
     def encode(self, tensor: torch.Tensor) -> tuple[Parts, Side]:
+        reject_nonfinite(self.name, tensor)  # as every lossy codec does (docs/architecture.md)
         wire = tensor.to(self.wire_dtype)
         # fp16 overflows to inf above 65504: a silent inf would poison training later, so fail
         # here with the fix instead.
@@ -99,7 +127,12 @@ class CastCodec(Codec):
     def decode(
         self, parts: Parts, side: Side, dtype: torch.dtype, shape: tuple[int, ...]
     ) -> torch.Tensor:
-        return parts["data"].to(dtype)
+        data = parts["data"]
+        if data.dtype != self.wire_dtype or tuple(data.shape) != tuple(shape):
+            raise ValueError(
+                f"data is {data.dtype}{list(data.shape)}, expected {self.wire_dtype}{list(shape)}"
+            )
+        return data.to(dtype)
 
 
 _CODECS: dict[str, Codec] = {}

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, ClassVar
 
-from cotune.errors import ProtocolError
+from cotune.errors import DivergenceError, ProtocolError
 from cotune.runtime.codecs import get_codec
 from cotune.runtime.messages import Message
 from cotune.runtime.transfers import TransferLog
@@ -53,7 +53,10 @@ class Role:
                 f"role {self.role_id!r} ({type(self).__name__}) cannot handle {msg.describe()}; "
                 f"kinds it handles: {', '.join(known) or '(none)'}"
             )
-        return handler(msg)
+        try:
+            return handler(msg)
+        except DivergenceError as err:  # the trainer knows the step, the role knows its name
+            raise err.for_role(self.role_id) from None
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.role_id!r})"

@@ -23,8 +23,14 @@ import math
 
 import torch
 
-from cotune.errors import ProtocolError
-from cotune.runtime.codecs import Codec, Parts, Side, register_codec, register_codec_family
+from cotune.runtime.codecs import (
+    Codec,
+    Parts,
+    Side,
+    register_codec,
+    register_codec_family,
+    reject_nonfinite,
+)
 
 _FP16_REL = 2.0**-11  # fp16 unit roundoff (10 mantissa bits)
 _FP16_MIN_NORMAL = 2.0**-14
@@ -32,18 +38,6 @@ DEFAULT_TOPK_FRACTION = 0.1
 TOPK_FORMS = (
     "topk (= topk0.1), topk<fraction> or topk:<fraction> with 0 < fraction <= 1, e.g. topk0.05"
 )
-
-
-def reject_nonfinite(codec: str, tensor: torch.Tensor) -> None:
-    """``ProtocolError`` counting the NaN and inf values of ``tensor`` (the caller adds its name)."""
-    if not tensor.is_floating_point() or bool(torch.isfinite(tensor).all()):
-        return
-    nan = int(torch.isnan(tensor).sum())
-    inf = int(torch.isinf(tensor).sum())
-    raise ProtocolError(
-        f"codec {codec!r}: {nan} NaN and {inf} inf values among {tensor.numel()}; non-finite "
-        "activations or gradients are refused (fix the producer, or send with 'fp32' to inspect them)"
-    )
 
 
 def _out_rounding(dtype: torch.dtype, ref: torch.Tensor) -> torch.Tensor:
@@ -66,6 +60,7 @@ class Int8Codec(Codec):
     """Symmetric int8 with one fp32 scale per channel along the last dimension."""
 
     name = "int8"
+    part_names = ("q", "scale")
     #: Relative to the channel's max magnitude, not to each element: half a step of 127 levels.
     rel_error_bound = 1.0 / 254
 
@@ -108,6 +103,8 @@ class TopKCodec(Codec):
     """The ``ceil(fraction · n)`` largest-magnitude elements, as int32 flat indices + fp16 values."""
 
     rel_error_bound = _FP16_REL  # on kept values; dropped ones are zeroed
+    part_names = ("idx", "val")
+    side_keys = ("k", "scale")
 
     def __init__(self, fraction: float) -> None:
         if not (isinstance(fraction, float | int) and 0 < fraction <= 1):
@@ -162,12 +159,18 @@ class TopKCodec(Codec):
         n = math.prod(shape)
         if idx.dtype not in (torch.int32, torch.int64) or val.dtype != torch.float16:
             raise ValueError(f"idx/val are {idx.dtype}/{val.dtype}, expected int32|int64/float16")
+        if not isinstance(k, int) or isinstance(k, bool) or k != self.k_for(n):
+            raise ValueError(f"k={k!r}, but {self.name} keeps {self.k_for(n)} of {n} elements")
         if not (idx.dim() == val.dim() == 1 and idx.numel() == val.numel() == k <= n):
             raise ValueError(f"{idx.numel()} indices and {val.numel()} values for k={k}, n={n}")
-        if not (isinstance(scale, float | int) and math.isfinite(scale) and scale >= 0):
+        if isinstance(scale, bool) or not (
+            isinstance(scale, float | int) and math.isfinite(scale) and scale >= 0
+        ):
             raise ValueError(f"scale {scale!r} must be a finite non-negative number")
         if k and (int(idx.min()) < 0 or int(idx.max()) >= n):
             raise ValueError(f"indices outside [0, {n})")
+        if k > 1 and not bool((idx[1:] > idx[:-1]).all()):
+            raise ValueError("indices must be strictly increasing (as the encoder writes them)")
         out = torch.zeros(n, dtype=torch.float32)
         out[idx.long()] = val.to(torch.float32) * scale
         return out.reshape(shape).to(dtype)

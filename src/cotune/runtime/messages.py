@@ -15,6 +15,7 @@ says, in order, which parts rebuild which tensor.
 from __future__ import annotations
 
 import json
+import math
 import re
 import struct
 import zlib
@@ -132,6 +133,16 @@ def _wire_tensors(msg: Message, codec_name: str) -> tuple[list[dict[str, Any]], 
     return entries, body
 
 
+def _finite_or_none(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite_or_none(v) for v in value]
+    return value
+
+
 def encode_message(msg: Message, codec: str = "fp32") -> bytes:
     """The bytes that travel for ``msg``: header + JSON + safetensors body + CRC32."""
     entries, body_tensors = _wire_tensors(msg, codec)
@@ -140,11 +151,13 @@ def encode_message(msg: Message, codec: str = "fp32") -> bytes:
         "sender": msg.sender,
         "receiver": msg.receiver,
         "codec": codec,
-        "meta": msg.meta,
+        # JSON has no NaN or infinity: a non-finite number (a skipped step's loss) goes as null.
+        "meta": _finite_or_none(msg.meta),
         "tensors": entries,
     }
     try:
-        js = json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        js = json.dumps(doc, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+        js = js.encode("utf-8")
     except (TypeError, ValueError) as e:
         raise ProtocolError(f"{msg.describe()}: meta is not JSON-serialisable ({e})") from None
     body = st_save(body_tensors)
@@ -197,20 +210,115 @@ def _check_frame(data: bytes) -> tuple[bytes, bytes]:
     return js, data[HEADER_SIZE + js_len : expected - CRC_SIZE]
 
 
+_DOC_KEYS = {"kind", "sender", "receiver", "codec", "meta", "tensors"}
+_ENTRY_KEYS = {"name", "codec", "dtype", "shape", "parts", "side"}
+
+
+def _reject_constant(name: str) -> float:
+    raise ValueError(f"non-finite number {name} in the metadata (JSON has no NaN or infinity)")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text} overflows to {value} (metadata numbers must be finite)")
+    return value
+
+
+def _parse_doc(js: bytes) -> dict[str, Any]:
+    """The JSON header, with every top-level field checked; ``ProtocolError`` names the field."""
+    try:
+        doc = json.loads(
+            js.decode("utf-8"), parse_constant=_reject_constant, parse_float=_finite_float
+        )
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise ProtocolError(f"message metadata is malformed: {e}") from None
+    if not isinstance(doc, dict):
+        raise ProtocolError(f"message metadata must be a JSON object, got {type(doc).__name__}")
+    if set(doc) != _DOC_KEYS:
+        missing, extra = sorted(_DOC_KEYS - set(doc)), sorted(set(doc) - _DOC_KEYS)
+        raise ProtocolError(
+            f"message metadata fields are wrong (missing {missing}, unknown {extra})"
+        )
+    for key in ("kind", "sender", "receiver", "codec"):
+        if not isinstance(doc[key], str):
+            raise ProtocolError(
+                f"message metadata field {key!r} must be a string, got {doc[key]!r}"
+            )
+    where = f"message {doc['kind']!r} from {doc['sender']!r}"
+    if not isinstance(doc["meta"], dict):
+        raise ProtocolError(f"{where}: field 'meta' must be an object")
+    if not isinstance(doc["tensors"], list):
+        raise ProtocolError(f"{where}: field 'tensors' must be a list")
+    try:
+        get_codec(doc["codec"])
+    except ProtocolError as e:
+        raise ProtocolError(f"{where}: field 'codec': {e}") from None
+    return doc
+
+
+def _check_entry(where: str, i: int, entry: Any, message_codec: str) -> tuple:
+    """One tensor entry of the header, checked field by field against its codec."""
+    at = f"{where}: tensors[{i}]"
+    if not isinstance(entry, dict) or set(entry) != _ENTRY_KEYS:
+        keys = sorted(entry) if isinstance(entry, dict) else type(entry).__name__
+        raise ProtocolError(f"{at}: expected fields {sorted(_ENTRY_KEYS)}, got {keys}")
+    name, codec_name, dtype_name = entry["name"], entry["codec"], entry["dtype"]
+    shape, part_names, side = entry["shape"], entry["parts"], entry["side"]
+    if not isinstance(name, str):
+        raise ProtocolError(f"{at}.name: must be a string, got {name!r}")
+    at = f"{where}: tensor {name!r}"
+    if not isinstance(dtype_name, str) or dtype_name not in _DTYPES:
+        raise ProtocolError(f"{at}: field 'dtype' {dtype_name!r} is not one of {sorted(_DTYPES)}")
+    dtype = _DTYPES[dtype_name]
+    if not isinstance(shape, list) or not all(
+        isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+    ):
+        raise ProtocolError(f"{at}: field 'shape' must be a list of sizes >= 0, got {shape!r}")
+    if not isinstance(codec_name, str):
+        raise ProtocolError(f"{at}: field 'codec' must be a string, got {codec_name!r}")
+    try:
+        codec = get_codec(codec_name)
+    except ProtocolError as e:
+        raise ProtocolError(f"{at}: field 'codec': {e}") from None
+    # A sender encodes a tensor with the message's codec if the codec applies to its dtype,
+    # else as is: anything else means the header was altered.
+    wanted = get_codec(message_codec)
+    probe = torch.empty(0, dtype=dtype)
+    expected = wanted if wanted.applies_to(probe) else get_codec("fp32")
+    if codec.name != expected.name:
+        raise ProtocolError(
+            f"{at}: field 'codec' is {codec.name!r}, but a {dtype_name} tensor in a "
+            f"{message_codec!r} message travels as {expected.name!r}"
+        )
+    if not isinstance(part_names, list) or not all(isinstance(n, str) for n in part_names):
+        raise ProtocolError(f"{at}: field 'parts' must be a list of strings, got {part_names!r}")
+    if codec.part_names is not None and part_names != list(codec.part_names):
+        raise ProtocolError(
+            f"{at}: field 'parts' is {part_names!r}, codec {codec.name!r} writes "
+            f"{list(codec.part_names)}"
+        )
+    if not isinstance(side, dict) or (
+        codec.side_keys is not None and sorted(side) != sorted(codec.side_keys)
+    ):
+        raise ProtocolError(
+            f"{at}: field 'side' is {side!r}, codec {codec.name!r} writes keys "
+            f"{sorted(codec.side_keys or [])}"
+        )
+    return name, codec, dtype, tuple(shape), part_names, side
+
+
 def decode_message(data: bytes) -> Message:
-    """Rebuild a :class:`Message` from :func:`encode_message` bytes; damage is a ``ProtocolError``."""
+    """Rebuild a :class:`Message` from :func:`encode_message` bytes; damage is a ``ProtocolError``.
+
+    Every header field is checked (types, known codecs and dtypes, parts and side data as the
+    codec writes them, shapes consistent with the body, finite metadata numbers): a peer may be
+    buggy or hostile, and nothing it sends may crash the receiver with anything else.
+    """
     data = bytes(data)
     js, body = _check_frame(data)
-    try:
-        doc = json.loads(js.decode("utf-8"))
-        kind, sender, receiver = doc["kind"], doc["sender"], doc["receiver"]
-        meta, entries = doc["meta"], doc["tensors"]
-        if not all(isinstance(x, str) for x in (kind, sender, receiver)):
-            raise TypeError("kind/sender/receiver must be strings")
-        if not isinstance(meta, dict) or not isinstance(entries, list):
-            raise TypeError("meta must be an object and tensors a list")
-    except (UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
-        raise ProtocolError(f"message metadata is malformed: {e}") from None
+    doc = _parse_doc(js)
+    kind, sender, receiver = doc["kind"], doc["sender"], doc["receiver"]
     where = f"message {kind!r} from {sender!r}"
     if not body:
         raise ProtocolError(
@@ -222,19 +330,14 @@ def decode_message(data: bytes) -> Message:
         raise ProtocolError(f"{where}: tensor body is not valid safetensors ({e})") from None
     tensors: dict[str, torch.Tensor] = {}
     used = 0
-    for i, entry in enumerate(entries):
-        try:
-            name, dtype_name = entry["name"], entry["dtype"]
-            shape, part_names, side = tuple(entry["shape"]), entry["parts"], entry["side"]
-            codec = get_codec(entry["codec"])
-            dtype = _DTYPES[dtype_name]
-            parts = {p: flat[f"{i}:{p}"] for p in part_names}
-        except ProtocolError as e:
-            raise ProtocolError(f"{where}: {e}") from None
-        except (KeyError, TypeError) as e:
-            raise ProtocolError(
-                f"{where}: tensor entry {i} is malformed or incomplete ({e})"
-            ) from None
+    for i, entry in enumerate(doc["tensors"]):
+        name, codec, dtype, shape, part_names, side = _check_entry(where, i, entry, doc["codec"])
+        if name in tensors:
+            raise ProtocolError(f"{where}: tensor {name!r} appears twice")
+        missing = [p for p in part_names if f"{i}:{p}" not in flat]
+        if missing:
+            raise ProtocolError(f"{where}: tensor {name!r}: body lacks part(s) {missing}")
+        parts = {p: flat[f"{i}:{p}"] for p in part_names}
         used += len(parts)
         # Clone: safetensors returns views over the immutable input bytes; the receiver must
         # own writable memory independent of anything else.
@@ -249,12 +352,10 @@ def decode_message(data: bytes) -> Message:
                 f"{where}: tensor {name!r} decoded as {t.dtype}{list(t.shape)}, "
                 f"header says {dtype}{list(shape)}"
             )
-        if name in tensors:
-            raise ProtocolError(f"{where}: tensor {name!r} appears twice")
         tensors[name] = t
     if used != len(flat):
         raise ProtocolError(f"{where}: body holds {len(flat)} parts, header lists {used}")
     try:
-        return Message(kind, sender, receiver, tensors, meta)
+        return Message(kind, sender, receiver, tensors, doc["meta"])
     except ProtocolError as e:
         raise ProtocolError(f"received {e}") from None

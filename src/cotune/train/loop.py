@@ -77,7 +77,7 @@ def train_step(
             value, f = counter.run(key, fwd_bwd, batch, dims=(int(bsz), int(seq)))
             total += value
             flops += f
-    norm = trainer.clip_and_step()
+    norm = trainer.clip_and_step(loss=total / n)
     state.step += 1
     return StepResult(
         loss=total / n,

@@ -10,6 +10,7 @@ costs no copy and memory grows with the adapters, not with the number of devices
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -20,7 +21,9 @@ import torch
 from torch import nn
 
 from cotune.config import TrainSection
-from cotune.errors import CheckpointError
+from cotune.errors import CheckpointError, DivergenceError
+
+log = logging.getLogger(__name__)
 
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str) -> float:
@@ -91,6 +94,7 @@ class Trainer:
             foreach=True,
         )
         self._active: RoleState | None = None
+        self.skipped = 0  # updates skipped for a non-finite value (train.on_nonfinite: skip)
 
     def new_state(self, seed: int, params: dict[str, torch.Tensor] | None = None) -> RoleState:
         """A fresh role state starting from ``params`` (default: the shared parameters' values)."""
@@ -137,12 +141,55 @@ class Trainer:
             group["lr"] = lr
         return lr
 
-    def clip_and_step(self) -> float | None:
+    def clip_and_step(self, loss: float | None = None) -> float | None:
         """Clip (when configured), step and zero the gradients; returns the pre-clip grad norm."""
+        return self.step(loss=loss)
+
+    def step(
+        self, coef: float | None = None, *, clip: bool = True, loss: float | None = None
+    ) -> float | None:
+        """The one optimizer step every paradigm takes, guarded against divergence.
+
+        ``coef`` is an external clip factor (split paradigms clip by the norm across the cut,
+        which neither side sees alone; they pass ``clip=False``); otherwise
+        ``train.max_grad_norm`` clips here. A
+        non-finite loss, gradient or resulting weight stops the run (``DivergenceError`` naming
+        the step) or, with ``train.on_nonfinite: skip``, leaves the weights as they were.
+        Returns the gradient norm before clipping (None when nothing was measured or skipped).
+        """
+        with_grad = [p for p in self.params.values() if p.grad is not None]
+        grads = [p.grad for p in with_grad]
+        step = self._active.step + 1 if self._active is not None else None
+        if loss is not None and not math.isfinite(loss):
+            return self._nonfinite(f"non-finite loss ({loss})", step)
         norm = None
-        if self.cfg.max_grad_norm is not None:
-            grads = [p for p in self.params.values() if p.grad is not None]
-            norm = float(torch.nn.utils.clip_grad_norm_(grads, self.cfg.max_grad_norm))
+        if grads:
+            total = torch.nn.utils.get_total_norm(grads)
+            norm = float(total)
+            if not math.isfinite(norm):
+                return self._nonfinite(f"non-finite gradient (norm {norm})", step)
+        if coef is not None:
+            torch._foreach_mul_(grads, coef)
+        elif clip and self.cfg.max_grad_norm is not None and grads:
+            torch.nn.utils.clip_grads_with_norm_(with_grad, self.cfg.max_grad_norm, total)
+        skip = self.cfg.on_nonfinite == "skip"
+        backup = [p.data.clone() for p in self.params.values()] if skip else None
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return norm
+        weights = [p.data for p in self.params.values()]
+        if not bool(torch.stack(torch._foreach_norm(weights)).isfinite().all()):
+            if backup is not None:
+                for w, b in zip(weights, backup):
+                    w.copy_(b)
+            return self._nonfinite("the update made the adapter weights non-finite", step)
+        return norm if clip and self.cfg.max_grad_norm is not None and coef is None else None
+
+    def _nonfinite(self, what: str, step: int | None) -> None:
+        where = f" at step {step}" if step is not None else ""
+        if self.cfg.on_nonfinite == "stop":
+            self.optimizer.zero_grad(set_to_none=True)
+            raise DivergenceError(f"training diverged: {what}{where}", step=step)
+        log.warning("skipping the update%s: %s (train.on_nonfinite: skip)", where, what)
+        self.skipped += 1
+        self.optimizer.zero_grad(set_to_none=True)
+        return None

@@ -1,0 +1,293 @@
+"""Every paradigm's options, as typed models validated when the config is loaded.
+
+``paradigm.options`` is free-form in YAML; each paradigm registers its model here (one line in
+``OPTIONS``) so ``load_config`` can reject a bad option before anything runs or is written, with
+the same ``paradigm.options.<field>: ... (got ...)`` message as every other config field.
+Checks that need only the config (pooled server needs a shared server side, one cut per device,
+...) live in each model's ``check_config``; checks that need the model (a cut inside the
+model's blocks, whether a segment fits a device's memory) run in the paradigm's ``preflight``,
+still before the run directory is touched.
+
+This module imports only pydantic: the CLI validates configs without loading torch.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from cotune.errors import ConfigError
+
+if TYPE_CHECKING:
+    from cotune.config import RunConfig
+
+T = TypeVar("T", bound="ParadigmOptions")
+
+# Aggregator name -> the options it takes (cotune.aggregation builds them; values are checked by
+# the aggregator itself in the paradigm's preflight).
+_ROBUST = ("reducer", "trim_beta")
+_FEDOPT = ("eta", "beta1", "beta2", "tau", *_ROBUST)
+AGGREGATOR_OPTIONS: dict[str, tuple[str, ...]] = {
+    "fedavg": ("eta", *_ROBUST),
+    "fedavgm": ("eta", "momentum", *_ROBUST),
+    "fedadagrad": _FEDOPT,
+    "fedadam": _FEDOPT,
+    "fedyogi": _FEDOPT,
+    "median": ("eta",),
+    "trimmed_mean": ("beta", "eta"),
+}
+
+
+class ParadigmOptions(BaseModel):
+    """Base of a paradigm's options: unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    def check_config(self, cfg: RunConfig) -> None:
+        """Cross-checks against the rest of the config; raise ``ValueError("field: why")``."""
+
+
+class NoOptions(ParadigmOptions):
+    """Paradigms without options (central, local): any option given is a mistake."""
+
+
+# ---------------------------------------------------------------- federated
+
+
+class FedAvgOptions(ParadigmOptions):
+    local_steps: int = Field(5, ge=1)  # optimizer steps per device per round
+    local_epochs: float | None = Field(None, gt=0)  # instead of local_steps (needs rounds)
+    rounds: int | None = Field(None, ge=1)  # default: ceil(train.steps / local_steps)
+    clients_per_round: int | None = Field(None, ge=1)
+    fraction: float = Field(1.0, gt=0.0, le=1.0)  # used when clients_per_round is not set
+    # fedavg | fedavgm | fedadam | fedyogi | fedadagrad | median | trimmed_mean
+    aggregator: str = "fedavg"
+    aggregator_options: dict[str, Any] = Field(default_factory=dict)
+    weighting: Literal["examples", "uniform"] = "examples"
+    prox_mu: float = Field(0.0, ge=0.0)  # FedProx: mu/2 * ||w - w_global||^2 on the device
+    # A device keeps its AdamW moments between the rounds it joins ("keep"), or starts each
+    # round afresh ("reset", like re-creating the trainer every round).
+    optimizer_state: Literal["keep", "reset"] = "keep"
+    quorum: int | None = Field(None, ge=1)  # close the round at the quorum-th report
+    deadline_s: float | None = Field(None, gt=0.0)  # simulated seconds after the round starts
+    min_reports: int = Field(1, ge=1)  # fewer reports: the global adapter stays as it was
+    idle_wait_s: float = Field(60.0, gt=0.0)  # server wait when nobody is online
+
+    @field_validator("aggregator")
+    @classmethod
+    def _known_aggregator(cls, v: str) -> str:
+        if v not in AGGREGATOR_OPTIONS:
+            raise ValueError(
+                f"{v!r} is not an aggregator (allowed: {', '.join(AGGREGATOR_OPTIONS)})"
+            )
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> FedAvgOptions:
+        if self.local_epochs is not None and self.rounds is None:
+            raise ValueError("local_epochs needs rounds (the number of rounds to run)")
+        allowed = AGGREGATOR_OPTIONS[self.aggregator]
+        unknown = sorted(set(self.aggregator_options) - set(allowed))
+        if unknown:
+            raise ValueError(
+                f"aggregator_options: {', '.join(unknown)} not taken by {self.aggregator} "
+                f"(allowed: {', '.join(allowed)})"
+            )
+        return self
+
+
+class HierFedOptions(ParadigmOptions):
+    num_groups: int = Field(2, ge=1)
+    grouping: Literal["balanced", "random"] = "balanced"
+    controller: Literal["balanced", "fixed"] = "balanced"
+    tau: int | None = Field(None, ge=1)  # fixed: every group's τ (1); balanced: the largest τ (4)
+    depth: int | None = Field(None, ge=1)  # fixed: every group's D; balanced: the deepest D (all)
+    min_depth: int = Field(1, ge=1)  # balanced: the shallowest D
+    local_steps: int = Field(5, ge=1)  # optimizer steps per device per group round
+    rounds: int | None = Field(None, ge=1)  # cloud rounds (default: train.steps / steps per round)
+    weighting: Literal["examples", "uniform"] = "examples"
+    optimizer_state: Literal["keep", "reset"] = "keep"
+    edge_profile: str = "jetson"  # device profile of the group aggregators (hub links)
+
+    def check_config(self, cfg: RunConfig) -> None:
+        if self.num_groups > cfg.devices.count:
+            raise ValueError(
+                f"num_groups: {self.num_groups} groups for {cfg.devices.count} devices "
+                "(every group needs at least one device)"
+            )
+        if self.controller == "balanced" and self.depth is not None and self.min_depth > self.depth:
+            raise ValueError(f"min_depth: {self.min_depth} > depth {self.depth}")
+
+
+class FedBiOTOptions(ParadigmOptions):
+    adapter_layers: int = Field(2, ge=1)  # the last blocks, trained on devices ("adpt2")
+    adapter_mode: Literal["lora", "full"] = "lora"  # LoRA of those blocks, or the blocks in full
+    keep_layers: int | None = Field(None, ge=1)  # lower blocks the emulator keeps ...
+    drop_ratio: float = Field(0.5, ge=0.0, lt=1.0)  # ... or round(n_lower * (1 - drop_ratio))
+    public_dataset: str | None = None  # default: austen (fortunes when the task data is austen)
+    public_view: str | None = None
+    public_examples: int = Field(200, ge=2)
+    initial_align_steps: int = Field(50, ge=0)  # the code: 50 rounds x 10 steps before FL
+    align_steps: int = Field(10, ge=0)  # before every FL round
+    align_lr: float = Field(1e-3, gt=0.0)
+    kl_weight: float = Field(0.0, ge=0.0)  # λ of the KL term (0 in every FedBiOT config)
+    local_steps: int = Field(5, ge=1)
+    rounds: int | None = Field(None, ge=1)  # default: ceil(train.steps / local_steps)
+    clients_per_round: int | None = Field(None, ge=1)
+    fraction: float = Field(1.0, gt=0.0, le=1.0)
+    prox_mu: float = Field(1.0, ge=0.0)  # ε·||w_A − w_A^(t)||² (the code's lm_loss_weight)
+    weighting: Literal["examples", "uniform"] = "examples"
+
+
+class DLoRAOptions(ParadigmOptions):
+    active_fraction: float = Field(0.125, gt=0.0, le=1.0)  # ρ: 1/8 matches the reported 87.5%
+    kill_every: int = Field(10, ge=1)  # T_k (steps)
+    revive_every: int = Field(20, ge=1)  # T_r (steps)
+    revive_count: int = Field(1, ge=0)
+    # Sensitivity of a module: an EMA of ||grad|| x ||dW|| over its steps (default), or how far
+    # its dW moved since the last kill check ("delta").
+    score: Literal["ema_grad_weight", "delta"] = "ema_grad_weight"
+    score_beta: float = Field(0.9, ge=0.0, lt=1.0)
+    # Which killed modules come back: drawn at random, or the longest-killed first ("stale").
+    revive: Literal["random", "stale"] = "random"
+    # Where the (frozen) embedding runs: on the device, so raw tokens never leave it (default),
+    # or in the cloud, which then receives the token ids.
+    embed: Literal["device", "cloud"] = "device"
+
+    def check_config(self, cfg: RunConfig) -> None:
+        if cfg.peft.method != "lora":
+            raise ValueError(
+                "peft.method: dlora runs the LoRA branch apart from the base layer; only 'lora' "
+                f"is supported, got {cfg.peft.method!r}"
+            )
+
+
+# ---------------------------------------------------------------- split family
+
+
+class CutOptions(ParadigmOptions):
+    cut: int = Field(1, ge=1)  # device: embeddings + blocks [0, cut); server: [cut, L) (+ head)
+    u_shaped: bool = False  # head (and blocks [cut_top, L)) stay on the device; labels too
+    cut_top: int | None = None  # U-shape only; default L (the device keeps just the head)
+    clip: Literal["global", "per_side"] = "global"  # how train.max_grad_norm is applied
+    on_bad_message: Literal["stop", "skip"] = "stop"
+
+    def check_config(self, cfg: RunConfig) -> None:
+        if self.cut_top is not None and not self.u_shaped:
+            raise ValueError("cut_top: only used with u_shaped: true")
+        if self.cut_top is not None and self.cut_top <= self.cut:
+            raise ValueError(
+                f"cut_top: {self.cut_top} must be above cut ({self.cut}) so the server keeps a block"
+            )
+        if cfg.train.grad_accum != 1:
+            raise ValueError("train.grad_accum: split paradigms support only grad_accum: 1")
+
+
+class SplitOptions(CutOptions):
+    turn_steps: int = Field(1, ge=1)  # steps a device trains before handing the adapter on
+    relay: Literal["server", "p2p"] = "server"
+    relay_optimizer: bool = True  # AdamW moments travel with the adapter
+
+
+class SplitFedOptions(CutOptions):
+    aggregate_every: int = Field(100, ge=1)  # I: FedAvg of device adapters (reference code: 100)
+    weighting: Literal["examples", "uniform"] = "examples"
+    server_side: Literal["shared", "per_device"] = "shared"
+    # sequential: SplitLoRA's reference (one server update per device batch, arrival order);
+    # pooled: one server forward/backward/update on all of a step's activations together.
+    server_batch: Literal["sequential", "pooled"] = "sequential"
+    # In-process engine: run the devices' bottom segments as one batch (split_cohort.py).
+    cohort: bool = True
+
+    def check_config(self, cfg: RunConfig) -> None:
+        super().check_config(cfg)
+        if self.server_batch == "pooled" and self.server_side != "shared":
+            raise ValueError(
+                "server_batch: 'pooled' needs server_side: shared (one server model to pool the "
+                "devices' activations into)"
+            )
+        if self.server_batch == "pooled" and self.u_shaped:
+            raise ValueError("server_batch: 'pooled' does not support u_shaped")
+
+
+class SplitFrozenOptions(ParadigmOptions):
+    cuts: list[int] | None = None  # one cut per device; default: chosen from the profiles
+    max_cut: int | None = Field(None, ge=0)  # the fastest device's cut (default: L // 2)
+    min_cut: int = Field(0, ge=0)  # never fewer device blocks than this (0: embeddings only)
+    pipeline: bool = True
+    on_bad_message: Literal["stop", "skip"] = "stop"
+
+    def check_config(self, cfg: RunConfig) -> None:
+        if self.cuts is not None:
+            if len(self.cuts) != cfg.devices.count:
+                raise ValueError(
+                    f"cuts: {len(self.cuts)} cuts for {cfg.devices.count} devices (one per device)"
+                )
+            if any(k < 0 for k in self.cuts):
+                raise ValueError(f"cuts: must be >= 0, got {self.cuts}")
+        if self.max_cut is not None and self.min_cut > self.max_cut:
+            raise ValueError(f"min_cut: {self.min_cut} > max_cut {self.max_cut}")
+        if cfg.train.grad_accum != 1:
+            raise ValueError("train.grad_accum: split paradigms support only grad_accum: 1")
+
+
+# name -> options model. One line per paradigm (the same names as cotune.paradigms.PARADIGMS).
+OPTIONS: dict[str, type[ParadigmOptions]] = {
+    "central": NoOptions,
+    "local": NoOptions,
+    "fedavg": FedAvgOptions,
+    "split": SplitOptions,
+    "splitfed": SplitFedOptions,
+    "splitfrozen": SplitFrozenOptions,
+    "hierfed": HierFedOptions,
+    "fedbiot": FedBiOTOptions,
+    "dlora": DLoRAOptions,
+}
+
+
+def _format(err: ValidationError, model: type[BaseModel], where: str) -> list[str]:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"])
+        field = f"{where}.{loc}" if loc else where
+        if e["type"] == "extra_forbidden":
+            allowed = ", ".join(sorted(model.model_fields)) or "none"
+            lines.append(f"  {field}: unknown option (allowed: {allowed})")
+            continue
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "literal_error":
+            msg = f"{e.get('input')!r} is not allowed (allowed: {e.get('ctx', {}).get('expected')})"
+        elif "input" in e and not isinstance(e["input"], dict) and e["type"] != "value_error":
+            msg += f" (got {e['input']!r})"
+        lines.append(f"  {field}: {msg}")
+    return lines
+
+
+def parse_paradigm_options(name: str, options: dict[str, Any], model: type[T] | None = None) -> T:
+    """``options`` as the paradigm's typed model; ``ConfigError`` naming each bad field."""
+    model = model or OPTIONS[name]  # type: ignore[assignment]
+    where = "paradigm.options"
+    try:
+        return model.model_validate(options)
+    except ValidationError as err:
+        raise ConfigError("\n".join([f"invalid {where}:", *_format(err, model, where)])) from None
+
+
+def check_paradigm_options(cfg: RunConfig, source: str) -> ParadigmOptions:
+    """Validate ``cfg.paradigm.options`` (and its cross-checks) as part of loading the config."""
+    model = OPTIONS[cfg.paradigm.name]
+    try:
+        opts = model.model_validate(cfg.paradigm.options)
+    except ValidationError as err:
+        lines = _format(err, model, "paradigm.options")
+        raise ConfigError("\n".join([f"invalid config ({source}):", *lines])) from None
+    try:
+        opts.check_config(cfg)
+    except ValueError as err:
+        text = str(err)
+        field = text.split(":", 1)[0]
+        # Messages start with the field they are about: an option, or another section's field.
+        prefix = "" if "." in field else "paradigm.options."
+        raise ConfigError(f"invalid config ({source}):\n  {prefix}{text}") from None
+    return opts
