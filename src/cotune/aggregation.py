@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from cotune.errors import ConfigError, ProtocolError
+from cotune.paradigms.options import AGGREGATOR_OPTIONS
 
 State = Mapping[str, Tensor]
 
@@ -290,17 +291,7 @@ AGGREGATORS = {
 }
 
 
-_ROBUST = ("reducer", "trim_beta")
-_FEDOPT = ("eta", "beta1", "beta2", "tau", *_ROBUST)
-OPTIONS: dict[str, tuple[str, ...]] = {
-    "fedavg": ("eta", *_ROBUST),
-    "fedavgm": ("eta", "momentum", *_ROBUST),
-    "fedadagrad": _FEDOPT,
-    "fedadam": _FEDOPT,
-    "fedyogi": _FEDOPT,
-    "median": ("eta",),
-    "trimmed_mean": ("beta", "eta"),
-}
+OPTIONS = AGGREGATOR_OPTIONS  # name -> the options it takes (validated at config load)
 
 
 def get_aggregator(name: str, **options: Any) -> Aggregator:

@@ -115,13 +115,11 @@ def check_methods(cfg: RunConfig) -> None:
     """PEFT method names and options: before any data or model is loaded (seconds, not minutes)."""
     from cotune.peft import get_method
 
-    for where, name, options in [
-        ("peft.method", cfg.peft.method, cfg.peft.options),
-    ]:
-        try:
-            get_method(name).parse_options(options)
-        except CotuneError as err:
-            raise type(err)(f"{where}: {err}") from None
+    try:
+        get_method(cfg.peft.method).parse_options(cfg.peft.options)
+    except CotuneError as err:
+        text = str(err)
+        raise type(err)(text if text.startswith("peft.") else f"peft.method: {text}") from None
 
 
 def run_experiment(
@@ -177,7 +175,9 @@ def run_experiment(
         )
         raise DivergenceError(
             f"{err}; the run stopped and {keep}. Lower train.lr, set train.max_grad_norm, or set "
-            "train.on_nonfinite=skip to skip such steps"
+            "train.on_nonfinite=skip to skip such steps",
+            role=err.role,
+            step=err.step,
         ) from None
     except BaseException:
         txn.abort()

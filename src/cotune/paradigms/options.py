@@ -256,6 +256,9 @@ def _format(err: ValidationError, model: type[BaseModel], where: str) -> list[st
             lines.append(f"  {field}: unknown option (allowed: {allowed})")
             continue
         msg = e["msg"].removeprefix("Value error, ")
+        head, sep, rest = msg.partition(": ")
+        if not loc and sep and head.isidentifier():  # a model check naming its own field
+            field, msg = f"{where}.{head}", rest
         if e["type"] == "literal_error":
             msg = f"{e.get('input')!r} is not allowed (allowed: {e.get('ctx', {}).get('expected')})"
         elif "input" in e and not isinstance(e["input"], dict) and e["type"] != "value_error":

@@ -20,6 +20,7 @@ from types import TracebackType
 from typing import Any
 
 from cotune.errors import CotuneError
+from cotune.jsonsafe import finite_or_none, strict_json  # noqa: F401 - re-exported
 
 log = logging.getLogger(__name__)
 
@@ -73,22 +74,6 @@ class MetricsLog:
         tb: TracebackType | None,
     ) -> None:
         self.close()
-
-
-def finite_or_none(value: Any) -> Any:
-    """``value`` with every NaN/inf float replaced by ``None`` (recursively), so it is strict JSON."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: finite_or_none(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [finite_or_none(v) for v in value]
-    return value
-
-
-def strict_json(value: Any, **kwargs: Any) -> str:
-    """JSON that any parser reads: non-finite numbers become ``null`` (never a bare ``NaN``)."""
-    return json.dumps(finite_or_none(value), allow_nan=False, **kwargs)
 
 
 def _drop_partial_last_line(path: Path) -> None:

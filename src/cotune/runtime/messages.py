@@ -27,6 +27,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from cotune.errors import ProtocolError
+from cotune.jsonsafe import finite_or_none
 from cotune.runtime.codecs import get_codec
 
 MAGIC = b"COTM"
@@ -133,16 +134,6 @@ def _wire_tensors(msg: Message, codec_name: str) -> tuple[list[dict[str, Any]], 
     return entries, body
 
 
-def _finite_or_none(value: Any) -> Any:
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _finite_or_none(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_finite_or_none(v) for v in value]
-    return value
-
-
 def encode_message(msg: Message, codec: str = "fp32") -> bytes:
     """The bytes that travel for ``msg``: header + JSON + safetensors body + CRC32."""
     entries, body_tensors = _wire_tensors(msg, codec)
@@ -152,7 +143,7 @@ def encode_message(msg: Message, codec: str = "fp32") -> bytes:
         "receiver": msg.receiver,
         "codec": codec,
         # JSON has no NaN or infinity: a non-finite number (a skipped step's loss) goes as null.
-        "meta": _finite_or_none(msg.meta),
+        "meta": finite_or_none(msg.meta),
         "tensors": entries,
     }
     try:
