@@ -191,13 +191,19 @@ def interrupt_after(monkeypatch, steps):
 
 
 def test_ctrl_c_says_resume_only_when_a_checkpoint_exists(tmp_path, monkeypatch, capsys):
-    """Case 5: the Ctrl-C message is true."""
+    """Case 5: the Ctrl-C message is true in each situation."""
     cfg_file = write_cfg(tmp_path, train={"steps": 9}, eval={"every": 3})
-    interrupt_after(monkeypatch, 1)  # before the first checkpoint (step 3)
+    interrupt_after(monkeypatch, 1)  # inside the first chunk: nothing logged yet
     assert main(["run", str(cfg_file), "--quiet"]) == 130
     err = capsys.readouterr().err
+    assert "before the run started: nothing was kept" in err and "--resume" not in err
+    assert not (tmp_path / "runs" / "tiny").exists()
+    monkeypatch.undo()
+    interrupt_after(monkeypatch, 4)  # records logged, but only the final checkpoint is asked for
+    argv = ["run", str(cfg_file), "--quiet", "--set", "output.checkpoint_every=0"]
+    assert main(argv) == 130
+    err = capsys.readouterr().err
     assert "nothing to resume" in err and "--resume" not in err
-    # The run had started (it logged steps): its directory stays for inspection.
     monkeypatch.undo()
     interrupt_after(monkeypatch, 4)  # after the step-3 checkpoint
     assert main(["run", str(cfg_file), "--quiet", "--overwrite"]) == 130
@@ -210,20 +216,21 @@ def test_ctrl_c_says_resume_only_when_a_checkpoint_exists(tmp_path, monkeypatch,
 
 def test_resume_without_a_checkpoint_starts_afresh(tmp_path, monkeypatch, caplog):
     """Case 6: a run killed before its first checkpoint restarts on --resume (and says so)."""
-    cfg_file = write_cfg(tmp_path, train={"steps": 6}, eval={"every": 3})
-    interrupt_after(monkeypatch, 1)
+    cfg_file = write_cfg(
+        tmp_path, train={"steps": 6}, eval={"every": 3}, output={"checkpoint_every": 0}
+    )
+    interrupt_after(monkeypatch, 4)
     assert main(["run", str(cfg_file), "--quiet"]) == 130
+    run_dir = tmp_path / "runs" / "tiny"
+    assert (run_dir / "metrics.jsonl").is_file() and not checkpoints(run_dir)
     monkeypatch.undo()
     cfg = load_config(cfg_file)
     with caplog.at_level(logging.WARNING):
-        run_dir = run_experiment(cfg, quiet=True, resume=True, report=False)
+        run_experiment(cfg, quiet=True, resume=True, report=False)
     assert "starting the run afresh" in caplog.text
-    steps = [
-        r["step"]
-        for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
-        if r["event"] == "train"
-    ]
-    assert steps == sorted(steps) and steps.count(1) == 1  # the aborted attempt's records went
+    recs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in recs if r["event"] == "train"]
+    assert steps == [1, 2, 3, 4, 5, 6]  # the killed attempt's records went
 
 
 def test_resume_completes_the_outputs_of_a_run_killed_while_reporting(tmp_path):

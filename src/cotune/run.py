@@ -163,16 +163,18 @@ def run_experiment(
     try:
         return _run_in(exp, tokenizer, paradigm, payload, txn, report=report)
     except KeyboardInterrupt:
+        message = _interrupted_message(run_dir, txn.is_started)
         txn.abort()
-        raise Interrupted(_interrupted_message(run_dir, cfg)) from None
+        raise Interrupted(message) from None
     except DivergenceError as err:
+        ckpt = latest_checkpoint(run_dir) if txn.is_started else None
         txn.abort()
-        ckpt = latest_checkpoint(run_dir) if run_dir.is_dir() else None
-        keep = (
-            f"the last good checkpoint is {ckpt.parent.name} (nothing non-finite was saved)"
-            if ckpt is not None
-            else "no checkpoint was written before it (nothing non-finite was saved)"
-        )
+        if ckpt is not None:
+            keep = f"the last good checkpoint is {ckpt.parent.name} (nothing non-finite was saved)"
+        elif txn.is_started:
+            keep = "no checkpoint was written before it (nothing non-finite was saved)"
+        else:  # it never started: undone like any failed start (a replaced run is back)
+            keep = "nothing of it was kept (a run it was to replace is back in place)"
         raise DivergenceError(
             f"{err}; the run stopped and {keep}. Lower train.lr, set train.max_grad_norm, or set "
             "train.on_nonfinite=skip to skip such steps",
@@ -184,12 +186,18 @@ def run_experiment(
         raise
 
 
-def _interrupted_message(run_dir: Path, cfg: RunConfig) -> str:
-    ckpt = latest_checkpoint(run_dir) if run_dir.is_dir() else None
+def _interrupted_message(run_dir: Path, started: bool) -> str:
+    if not started:
+        return (
+            "interrupted before the run started: nothing was kept (a run it was to replace is "
+            "back in place)"
+        )
+    ckpt = latest_checkpoint(run_dir)
     if ckpt is None:
         return "interrupted before the first checkpoint: nothing to resume (run it again)"
     return (
-        f"interrupted; {run_dir} keeps its checkpoint {ckpt.parent.name} (continue with --resume)"
+        f"interrupted; {run_dir} keeps its checkpoint {ckpt.parent.name} "
+        "(continue with --resume)"
     )
 
 

@@ -32,7 +32,7 @@ def strict_load(path):
 def test_divergence_stops_naming_step_and_role_and_saves_nothing_nonfinite(tiny_config):
     cfg = tiny_config(train={"steps": 6, **DIVERGE}, eval={"every": 1})
     with pytest.raises(
-        DivergenceError, match=r"non-finite at step 1 in role 'server'.*no checkpoint"
+        DivergenceError, match=r"non-finite at step 1 in role 'server'.*nothing of it was kept"
     ) as err:
         run_experiment(cfg, quiet=True)
     assert err.value.step == 1 and err.value.role == "server"
