@@ -29,6 +29,7 @@ import tempfile
 COMMON = [
     "partition.scheme=iid", "partition.min_size=1", "devices.mix=null",
     "model.max_length=40", "eval.max_examples=1", "output.save_adapter=false",
+    "output.checkpoint_every=0",  # measure steps, not checkpoint writes
 ]  # fmt: skip
 
 

@@ -189,7 +189,10 @@ def _check_codec(v: str) -> str:
 
 
 class EngineSection(Section):
-    kind: Literal["local"] = "local"
+    # local: roles share this process and its one model (one frozen base, many role states);
+    # isolated: every role on its own node copy, sharing no Python object (proves the Grid
+    # contract; one model per node, so small fleets only).
+    kind: Literal["local", "isolated"] = "local"
     # Wire codec for adapter/parameter messages, and for cut-layer activations and gradients
     # in split paradigms (lossy codecs such as int8 and topk are meant for those).
     codec: str = "fp32"
@@ -265,6 +268,16 @@ class RunConfig(Section):
     def _cross_checks(self) -> RunConfig:
         if self.eval.target_accuracy is not None and self.model.task != "classification":
             raise ValueError("eval.target_accuracy needs model.task=classification")
+        if self.engine.kind == "isolated":
+            from cotune.paradigms import GRID_PARADIGMS
+
+            if self.paradigm.name not in GRID_PARADIGMS:
+                raise ValueError(
+                    f"engine.kind 'isolated' runs {', '.join(GRID_PARADIGMS)} so far; "
+                    f"{self.paradigm.name!r} still runs on engine.kind 'local' only"
+                )
+            if self.peft.stages is not None:
+                raise ValueError("engine.kind 'isolated' does not run peft.stages yet (use local)")
         if self.peft.stages is not None:
             total = sum(self.peft.stages.values())
             if "steps" not in self.train.model_fields_set:  # unset: the stages decide

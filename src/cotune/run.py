@@ -40,6 +40,7 @@ def build_experiment(cfg: RunConfig, run_dir: Path, *, quiet: bool):
 
     from cotune.data import build_tokenizer, encode_dataset, load_task_data, partition
     from cotune.models import load_model
+    from cotune.nodes import make_grid
     from cotune.paradigms import get_preflight
     from cotune.paradigms.base import Experiment
     from cotune.peft import inject_adapters
@@ -105,6 +106,7 @@ def build_experiment(cfg: RunConfig, run_dir: Path, *, quiet: bool):
         quiet=quiet,
         tokenizer=tokenizer,
     )
+    exp.grid = make_grid(exp)
     preflight = get_preflight(cfg.paradigm.name)
     if preflight is not None:  # cuts, depths, memory: the checks that need the model
         preflight(exp)
@@ -196,8 +198,7 @@ def _interrupted_message(run_dir: Path, started: bool) -> str:
     if ckpt is None:
         return "interrupted before the first checkpoint: nothing to resume (run it again)"
     return (
-        f"interrupted; {run_dir} keeps its checkpoint {ckpt.parent.name} "
-        "(continue with --resume)"
+        f"interrupted; {run_dir} keeps its checkpoint {ckpt.parent.name} (continue with --resume)"
     )
 
 

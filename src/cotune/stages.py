@@ -126,6 +126,7 @@ def stage_experiment(
 ) -> Any:
     """A copy of `exp` for one stage: its trainer, engine, step budget, log view, domains, and the
     paradigm's resume payload when the run resumes inside this stage."""
+    from cotune.nodes import make_grid
     from cotune.runtime import LocalEngine
     from cotune.train import Trainer
 
@@ -138,7 +139,7 @@ def stage_experiment(
             layer.train_domains(experts)
     engine = LocalEngine(codec=cfg.engine.codec)
     engine.add_listener(exp.sim.clock.on_transfer)
-    return dataclasses.replace(
+    sexp = dataclasses.replace(
         exp,
         cfg=scfg,
         trainer=Trainer(exp.adapters.named_trainable(), scfg.train, steps),
@@ -150,6 +151,8 @@ def stage_experiment(
         last_checkpoint_step=0 if resume is None else int(resume["step"]),
         resume=resume,
     )
+    sexp.grid = make_grid(sexp)  # the stage's roles see the stage's trainer, domains and key
+    return sexp
 
 
 def resume_point(exp: Any, stages: list[str]) -> tuple[str, int] | None:

@@ -15,21 +15,19 @@ from .peft_cases import MODEL_CASES, peft_cfg
 WARM = {"warmup_steps": 4, "warmup_lr": 1e-2, "warmup_examples": 64}
 
 
-def test_warmup_seeds_every_role_and_leaves_the_rng_alone(tiny_config):
+@pytest.mark.parametrize("engine", ["local", "isolated"])
+def test_warmup_seeds_every_role_and_leaves_the_rng_alone(tiny_config, engine):
     from cotune.paradigms.base import TrainingRole
     from cotune.run import build_experiment
 
-    cfg = tiny_config(peft={"method": "d2lora", "options": WARM})
+    cfg = tiny_config(peft={"method": "d2lora", "options": WARM}, engine={"kind": engine})
     exp, _ = build_experiment(cfg, Path("unused"), quiet=True)
     warmed = exp.adapters.state_dict()
     b_keys = [k for k in warmed if k.endswith("lora_B.weight")]
     assert b_keys and all(warmed[k].abs().sum() > 0 for k in b_keys)  # B moved off zero
-    # Every role (server and each device) starts from the warmed adapter.
-    roles = [
-        TrainingRole(f"device-{i}", exp, exp.train_set.subset(p), i)
-        for i, p in enumerate(exp.parts)
-    ]
-    roles.append(TrainingRole("server", exp, None, 99))
+    # Every role (server and each device) starts from the warmed adapter, on its own node.
+    ids = [f"device-{i}" for i in range(len(exp.parts))] + ["server"]
+    roles = [TrainingRole(exp.grid.context(r)) for r in ids]
     for role in roles:
         assert set(role.state.params) == set(exp.trainer.params)
         for k, v in role.state.params.items():

@@ -27,6 +27,9 @@ from cotune.peft.domains import DomainPlan, route_domains
 from cotune.progress import Progress
 from cotune.report import MetricsLog
 from cotune.runtime import Engine, Message, Role
+from cotune.runtime.grid import Grid
+from cotune.runtime.ids import SERVER
+from cotune.runtime.node import Meter, NodeContext, NodeModel
 from cotune.sim.costs import MemoryEstimate, MemoryProbe
 from cotune.sim.simulation import Simulation
 from cotune.train import RoleState, StepResult, Trainer, evaluate, full_model_loss, train_step
@@ -61,6 +64,7 @@ class Experiment:
     # Set by the stage driver (cotune.stages) for MoDULA's domain stage: each device's expert.
     domains: DomainPlan | None = None
     flop_key: str = "full"  # FLOP-counter key of a whole-model step (one per training stage)
+    grid: Grid | None = None  # the driver's view of the other roles (cotune.nodes.make_grid)
 
     @property
     def task(self) -> str:
@@ -95,9 +99,17 @@ class Experiment:
                 self.forward, self.loaded.model, self.test_set, self.task, self.cfg.eval.batch_size
             )
 
-    def evaluate_roles(self, roles: list[TrainingRole], step: int, rnd: int) -> tuple[dict, dict]:
-        """Evaluate each role's own adapter; log one record per role and their mean."""
-        per_role = {r.role_id: self.evaluate_state(r.state) for r in roles}
+    def evaluate_roles(
+        self, roles: list[TrainingRole] | list[str], step: int, rnd: int
+    ) -> tuple[dict, dict]:
+        """Evaluate each role's own adapter (a role, or a role id read through the grid's
+        snapshot); log one record per role and their mean."""
+        states = {
+            r: self.grid.snapshot(r) if isinstance(r, str) else r.state  # type: ignore[union-attr]
+            for r in roles
+        }
+        per_role = {(r if isinstance(r, str) else r.role_id): self.evaluate_state(st)
+                    for r, st in states.items()}  # fmt: skip
         for role, ev in per_role.items():
             self.log_record("eval", step, role, round=rnd, **ev)
         first = next(iter(per_role.values()))
@@ -119,14 +131,15 @@ class Experiment:
 
     def full_model_memory(self) -> MemoryEstimate:
         """Peak training memory of one role holding the whole model, at the largest batch."""
-        cfg = self.cfg
-        ids = torch.ones(cfg.train.batch_size, cfg.model.max_length, dtype=torch.long)
-        was = self.loaded.model.training
-        self.loaded.model.train()
-        try:
-            return MemoryProbe().estimate("full", self.loaded.model, self.forward, ids, ids.clone())
-        finally:
-            self.loaded.model.train(was)
+        from cotune.nodes import SharedModel
+
+        return full_model_memory(SharedModel(self), self.cfg)
+
+    @property
+    def meter(self) -> Meter:
+        """The server node's meter: the driver reports its own work (aggregation) on it."""
+        assert self.grid is not None
+        return self.grid.meter(SERVER)
 
     def maybe_checkpoint(
         self, step: int, states: dict[str, RoleState], extra: dict[str, Any]
@@ -158,27 +171,38 @@ class ParadigmResult:
 
 
 class TrainingRole(Role):
-    """A role that trains the shared model on its own data with its own ``RoleState``."""
+    """A role that trains its node's model on its node's data with its own ``RoleState``.
 
-    def __init__(self, role_id: str, exp: Experiment, dataset: EncodedDataset | None, seed: int):
-        super().__init__(role_id)
-        self.exp = exp
-        self.seed = seed
-        self.dataset = dataset
-        self.state = exp.trainer.new_state(seed, exp.initial_params())
-        self.sampler = (
-            BatchSampler(len(dataset), exp.cfg.train.batch_size, seed) if dataset else None
-        )
-        self.loss_fn = full_model_loss(exp.forward, exp.task, exp.adapters.regularization_loss)
+    Built on its node from a ``NodeContext`` (``TrainingRole(ctx)``): the model, data, seed and
+    meter are the node's own. Its state is read for measurement through ``snapshot``.
+    """
+
+    def __init__(self, ctx: NodeContext) -> None:
+        super().__init__(ctx.node_id)
+        self.ctx = ctx
+        self.seed = ctx.seed
+        model = ctx.model
+        self.state = model.trainer.new_state(ctx.seed, model.initial_params())
+        self.sampler: BatchSampler | None = None
+        self.dataset: EncodedDataset | None = None
+        self.loss_fn = full_model_loss(model.forward, ctx.task, model.adapters.regularization_loss)
         # Per-example domain experts (MoDULA's domain stage); None: no domain routing.
         self.example_domains: list[int] | None = None
-        if dataset is not None and exp.domains is not None:
-            self.example_domains = exp.domains.example_experts(role_id, len(dataset))
+        if ctx.data is not None:
+            domains = None
+            if ctx.domains is not None:
+                domains = ctx.domains.example_experts(self.role_id, len(ctx.data))
+            self.set_dataset(ctx.data, domains)
 
     def set_dataset(self, dataset: EncodedDataset, domains: list[int] | None = None) -> None:
         self.dataset = dataset
         self.example_domains = domains
-        self.sampler = BatchSampler(len(dataset), self.exp.cfg.train.batch_size, self.seed)
+        self.sampler = BatchSampler(len(dataset), self.ctx.cfg.train.batch_size, self.seed)
+
+    def probe_memory(self) -> None:
+        """Report the peak training memory of this node holding the whole model."""
+        model, cfg = self.ctx.model, self.ctx.cfg
+        self.ctx.meter.memory("full", lambda: full_model_memory(model, cfg))
 
     def _loss_for(self, micro_indices: list[list[int]]) -> LossFn:
         """The loss for one step's micro-batches, routing each example to its domain expert."""
@@ -186,7 +210,7 @@ class TrainingRole(Role):
             return self.loss_fn
         doms = self.example_domains
         routes = iter([[doms[j] for j in idx] for idx in micro_indices])
-        adapters, inner = self.exp.adapters, self.loss_fn
+        adapters, inner = self.ctx.model.adapters, self.loss_fn
 
         def loss_fn(batch: Batch) -> torch.Tensor:  # called once per micro-batch, in order
             with route_domains(adapters, next(routes)):
@@ -195,36 +219,69 @@ class TrainingRole(Role):
         return loss_fn
 
     def train_steps(self, steps: int, *, round: int = 0) -> list[StepResult]:
-        """Train ``steps`` optimizer steps; each step's counted FLOPs go on this role's timeline."""
+        """Train ``steps`` optimizer steps; each step's counted FLOPs go to this node's meter."""
         if self.dataset is None or self.sampler is None:
             raise RuntimeError(f"{self.role_id} has no data to train on")
-        accum = self.exp.cfg.train.grad_accum
-        sim = self.exp.sim
+        accum = self.ctx.cfg.train.grad_accum
+        model, meter = self.ctx.model, self.ctx.meter
         results = []
-        with self.exp.trainer.activate(self.state):
+        with model.trainer.activate(self.state):
             for _ in range(steps):
                 idx = [self.sampler.next_indices() for _ in range(accum)]
                 micro = [self.dataset.batch(i) for i in idx]
                 try:
                     r = train_step(
-                        self.exp.trainer,
+                        model.trainer,
                         self.state,
                         self._loss_for(idx),
                         micro,
-                        counter=sim.flops,
-                        key=self.exp.flop_key,
+                        counter=meter.flops,
+                        key=model.flop_key,
                     )
                 except DivergenceError as err:
                     raise err.for_role(self.role_id) from None
-                sim.charge(self.role_id, r.flops, round=round, label="train")
+                meter.compute(r.flops, round=round, label="train")
                 results.append(r)
         self.state.sampler = self.sampler.state_dict()
         return results
+
+    def snapshot(self) -> RoleState:
+        return self.state
 
     def restore(self, state: RoleState) -> None:
         self.state = state
         if state.sampler is not None and self.sampler is not None:
             self.sampler.load_state_dict(state.sampler)
+
+
+class LegacyTrainingRole(TrainingRole):
+    """A ``TrainingRole`` for paradigms not yet ported to the Grid contract (hierfed, dlora):
+    built from the run's ``Experiment``, which it keeps as ``self.exp``."""
+
+    def __init__(self, role_id: str, exp: Experiment, dataset: EncodedDataset | None, seed: int):
+        from cotune.nodes import SharedModel
+
+        meter = exp.grid.meter(role_id) if exp.grid is not None else None
+        if meter is None:
+            from cotune.runtime.node import Meter
+
+            meter = Meter(role_id, exp.sim.flops)
+        ctx = NodeContext(role_id, exp.cfg, seed, meter, dataset, exp.grid, exp.domains)
+        ctx._model = SharedModel(exp)
+        super().__init__(ctx)
+        self.exp = exp
+
+
+def full_model_memory(model: NodeModel, cfg: RunConfig) -> MemoryEstimate:
+    """Peak training memory of one node holding the whole model, at the largest batch."""
+    ids = torch.ones(cfg.train.batch_size, cfg.model.max_length, dtype=torch.long)
+    net = model.loaded.model
+    was = net.training
+    net.train()
+    try:
+        return MemoryProbe().estimate("full", net, model.forward, ids, ids.clone())
+    finally:
+        net.train(was)
 
 
 def parse_options(model: type[T], options: dict[str, Any], where: str = "paradigm.options") -> T:

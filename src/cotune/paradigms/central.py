@@ -1,62 +1,80 @@
 """Centralized LoRA: every device uploads its raw (tokenized) shard, the server trains on the pool.
 
 The upper bound on accuracy and the lower bound on privacy: the upload of every device's data
-is a real message, so its bytes are counted like any other paradigm's traffic.
+is a real message, so its bytes are counted like any other paradigm's traffic. The server keeps
+what it received (its checkpoints hold the pool), so a resumed run does not upload again.
 """
 
 from __future__ import annotations
 
 from cotune.data import EncodedDataset
+from cotune.errors import CheckpointError
 from cotune.paradigms.base import Experiment, ParadigmResult, TrainingRole, reply
 from cotune.runtime import Message, Role
+from cotune.runtime.ids import SERVER
+from cotune.runtime.node import NodeContext
 
 
 class DataOwner(Role):
     """A device in the centralized baseline: it only hands over its shard when asked."""
 
-    def __init__(self, role_id: str, shard: EncodedDataset):
-        super().__init__(role_id)
-        self.shard = shard
+    def __init__(self, ctx: NodeContext):
+        super().__init__(ctx.node_id)
+        if ctx.data is None:
+            raise RuntimeError(f"{ctx.node_id} holds no data")
+        self.shard = ctx.data
 
     def on_get_data(self, msg: Message) -> Message:
         return reply(msg, "data", self.shard.to_tensors(), examples=len(self.shard))
 
 
 class CentralServer(TrainingRole):
-    def pool(self, messages: list[Message]) -> EncodedDataset:
-        parts = [EncodedDataset.from_tensors(m.tensors, self.exp.task) for m in messages]
-        return EncodedDataset.concat(parts)
+    """The server's own training role: it lives on the driver's node."""
 
-    def pool_domains(self, messages: list[Message]) -> list[int] | None:
-        """Each pooled example's domain expert: its sender's (MoDULA's domain stage)."""
-        plan = self.exp.domains
-        if plan is None:
-            return None
-        return [d for m in messages for d in plan.example_experts(m.sender, m.meta["examples"])]
+    def receive(self, pool: dict, senders: list[tuple[str, int]]) -> None:
+        """Train on the pooled shards (``pool``: tensors; ``senders``: who sent how many)."""
+        self.pool = pool
+        self.senders = senders
+        data = EncodedDataset.from_tensors(pool, self.ctx.task)
+        plan = self.ctx.domains  # MoDULA's domain stage: each example's expert is its sender's
+        domains = None
+        if plan is not None:
+            domains = [d for s, n in senders for d in plan.example_experts(s, n)]
+        self.set_dataset(data, domains)
+
+
+def pool_uploads(messages: list[Message], task: str) -> dict:
+    parts = [EncodedDataset.from_tensors(m.tensors, task) for m in messages]
+    return EncodedDataset.concat(parts).to_tensors()
 
 
 def run(exp: Experiment) -> ParadigmResult:
-    cfg = exp.cfg
-    server = CentralServer("server", exp, None, seed=cfg.seed)
-    exp.engine.register(server)
-    owners = []
-    for i, idx in enumerate(exp.parts):
-        owner = DataOwner(f"device-{i}", exp.train_set.subset(idx))
-        exp.engine.register(owner)
-        owners.append(owner)
-
-    asks = [Message("get_data", "server", o.role_id, {}, {"round": 0}) for o in owners]
-    if exp.resume is None:
-        uploads = exp.engine.request_many(asks)
-    else:  # uploaded before the checkpoint (its bytes and time are in the restored clock)
-        uploads = [o.handle(m) for o, m in zip(owners, asks, strict=True)]
-    server.set_dataset(server.pool(uploads), server.pool_domains(uploads))
-    exp.sim.memory["server"] = exp.full_model_memory()
+    cfg, grid = exp.cfg, exp.grid
+    owners = grid.node_ids("device-")
+    for o in owners:
+        grid.start(o, DataOwner)
+    server = CentralServer(grid.context(SERVER))
 
     start = 0
+    if exp.resume is None:
+        asks = [Message("get_data", SERVER, o, {}, {"round": 0}) for o in owners]
+        uploads = grid.request_many(asks)
+        pool = pool_uploads(uploads, exp.task)
+        senders = [(m.sender, int(m.meta["examples"])) for m in uploads]
+    else:  # uploaded before the checkpoint (its bytes and time are in the restored clock)
+        held = exp.resume["extra"].get("pool")
+        if held is None:
+            raise CheckpointError(
+                "--resume: this central checkpoint does not hold the server's pooled data "
+                "(written by an older cotune); start the run afresh"
+            )
+        pool, senders = held["tensors"], [tuple(s) for s in held["senders"]]
+    server.receive(pool, senders)
+    server.probe_memory()
     if exp.resume is not None:
-        server.restore(exp.resume["states"]["server"])
+        server.restore(exp.resume["states"][SERVER])
         start = int(exp.resume["step"])
+    held = {"pool": {"tensors": pool, "senders": [list(s) for s in senders]}}
 
     last_eval: dict[str, float] = {}
     with exp.progress(cfg.train.steps - start, f"central {cfg.name}") as bar:
@@ -66,10 +84,10 @@ def run(exp: Experiment) -> ParadigmResult:
                 continue
             for r in server.train_steps(point - step, round=0):
                 step += 1
-                exp.log_record("train", step, "server", loss=r.loss, lr=r.lr, grad_norm=r.grad_norm)
+                exp.log_record("train", step, SERVER, loss=r.loss, lr=r.lr, grad_norm=r.grad_norm)
                 bar.update(1, loss=r.loss)
             last_eval = exp.evaluate_state(server.state)
-            exp.log_record("eval", step, "server", **last_eval)
+            exp.log_record("eval", step, SERVER, **last_eval)
             bar.update(0, **{k: v for k, v in last_eval.items() if k in ("accuracy", "perplexity")})
-            exp.maybe_checkpoint(step, {"server": server.state}, {})
-    return ParadigmResult(states={"server": server.state}, final_eval=last_eval)
+            exp.maybe_checkpoint(step, {SERVER: server.state}, held)
+    return ParadigmResult(states={SERVER: server.state}, final_eval=last_eval)

@@ -26,8 +26,8 @@ from cotune.errors import CheckpointError
 from cotune.models import Activations, task_loss
 from cotune.paradigms.base import (
     Experiment,
+    LegacyTrainingRole,
     ParadigmResult,
-    TrainingRole,
     mean,
     parse_options,
     reply,
@@ -147,7 +147,7 @@ class Cloud(Role):
         return reply(msg, "merged", round=msg.meta["round"])
 
 
-class DLoRADevice(TrainingRole):
+class DLoRADevice(LegacyTrainingRole):
     """Holds data, embeddings, head and its personal LoRA; runs KR over its modules."""
 
     opts: DLoRAOptions

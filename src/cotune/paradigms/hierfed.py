@@ -24,8 +24,8 @@ from cotune.errors import ConfigError, PeerUnavailable
 from cotune.models import task_loss
 from cotune.paradigms.base import (
     Experiment,
+    LegacyTrainingRole,
     ParadigmResult,
-    TrainingRole,
     mean,
     parse_options,
     reply,
@@ -75,7 +75,7 @@ def depth_loss(exp: Experiment, depth: int) -> Callable[[Batch], torch.Tensor]:
     return loss_fn
 
 
-class HierDevice(TrainingRole):
+class HierDevice(LegacyTrainingRole):
     """Trains the group adapter it is sent at its group's depth; returns the trained part."""
 
     opts: HierFedOptions

@@ -8,9 +8,14 @@ from __future__ import annotations
 
 from cotune.paradigms.base import Experiment, ParadigmResult, TrainingRole, mean, reply
 from cotune.runtime import Message
+from cotune.runtime.ids import SERVER
 
 
 class LocalDevice(TrainingRole):
+    def __init__(self, ctx):
+        super().__init__(ctx)
+        self.probe_memory()
+
     def on_train(self, msg: Message) -> Message:
         results = self.train_steps(int(msg.meta["steps"]), round=int(msg.meta.get("round", 0)))
         return reply(
@@ -23,21 +28,15 @@ class LocalDevice(TrainingRole):
 
 
 def run(exp: Experiment) -> ParadigmResult:
-    cfg = exp.cfg
-    devices = []
-    for i, idx in enumerate(exp.parts):
-        dev = LocalDevice(f"device-{i}", exp, exp.train_set.subset(idx), seed=cfg.seed + i)
-        exp.engine.register(dev)
-        devices.append(dev)
-
-    mem = exp.full_model_memory()
-    for dev in devices:
-        exp.sim.memory[dev.role_id] = mem
+    cfg, grid = exp.cfg, exp.grid
+    devices = grid.node_ids("device-")
+    for d in devices:
+        grid.start(d, LocalDevice)
 
     start = 0
     if exp.resume is not None:
-        for dev in devices:
-            dev.restore(exp.resume["states"][dev.role_id])
+        for d in devices:
+            grid.restore(d, exp.resume["states"][d])
         start = int(exp.resume["step"])
 
     per_device: dict[str, dict[str, float]] = {}
@@ -48,11 +47,8 @@ def run(exp: Experiment) -> ParadigmResult:
             if point <= start:
                 continue
             chunk = point - step
-            replies = exp.engine.request_many(
-                [
-                    Message("train", "server", d.role_id, {}, {"steps": chunk, "round": rnd})
-                    for d in devices
-                ]
+            replies = grid.request_many(
+                [Message("train", SERVER, d, {}, {"steps": chunk, "round": rnd}) for d in devices]
             )
             losses = [r.meta["losses"] for r in replies]
             for j in range(chunk):
@@ -72,9 +68,9 @@ def run(exp: Experiment) -> ParadigmResult:
             bar.update(
                 chunk, **{k: v for k, v in summary.items() if k in ("accuracy", "perplexity")}
             )
-            exp.maybe_checkpoint(step, {d.role_id: d.state for d in devices}, {"round": rnd})
+            exp.maybe_checkpoint(step, {d: grid.snapshot(d) for d in devices}, {"round": rnd})
     return ParadigmResult(
-        states={d.role_id: d.state for d in devices},
+        states={d: grid.snapshot(d) for d in devices},
         final_eval=summary,
         extra={"per_device_eval": per_device},
     )

@@ -58,6 +58,19 @@ class Role:
         except DivergenceError as err:  # the trainer knows the step, the role knows its name
             raise err.for_role(self.role_id) from None
 
+    # --- measurement (the engine's snapshot/restore channel, never counted as traffic) ---
+    def snapshot(self) -> Any:
+        """The role's state, for evaluation and checkpoints."""
+        raise ProtocolError(f"role {self.role_id!r} ({type(self).__name__}) keeps no state")
+
+    def restore(self, state: Any) -> None:
+        """Put a checkpointed state back."""
+        raise ProtocolError(f"role {self.role_id!r} ({type(self).__name__}) keeps no state")
+
+    def measurements(self) -> dict[str, float]:
+        """Host-side numbers the role keeps (they never ride in messages)."""
+        return {}
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.role_id!r})"
 
@@ -101,6 +114,10 @@ class Engine(ABC):
         self._roles: dict[str, Role] = {}
         self._listeners: list[Listener] = []
         self._inbox: dict[str, list[Message]] = defaultdict(list)
+        # Asked after a handler replied, before the reply leaves: a reason to drop it (the
+        # receiver went offline mid-round: the simulator decides) or None. Raises
+        # PeerUnavailable in the requester.
+        self.before_reply: Callable[[str, Message, Message], str | None] | None = None
 
     # --- roles -------------------------------------------------------------------------
     def register(self, role: Role) -> None:

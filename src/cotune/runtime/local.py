@@ -6,7 +6,7 @@ each transfer is counted as ``len(encoded)`` — exactly what a network engine w
 
 from __future__ import annotations
 
-from cotune.errors import ProtocolError
+from cotune.errors import PeerUnavailable, ProtocolError
 from cotune.runtime.engine import Engine
 from cotune.runtime.messages import Message, decode_message, encode_message
 
@@ -41,6 +41,10 @@ class LocalEngine(Engine):
                 f"role {role.role_id!r} answered {msg.describe()} with a {reply.describe()}; "
                 "a reply must go from the receiver back to the sender (use msg.reply(...))"
             )
+        if self.before_reply is not None:
+            why = self.before_reply(role.role_id, delivered, reply)
+            if why is not None:
+                raise PeerUnavailable(why)
         received, _ = self._transmit(reply, codec, in_reply_to=seq)
         return received
 

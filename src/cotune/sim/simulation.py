@@ -11,25 +11,11 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from cotune.runtime.ids import SERVER, device_id, device_index  # noqa: F401 - re-exported
 from cotune.sim.availability import Behaviour, DispatchShaper, behaviour_from_config
 from cotune.sim.clock import Interval, VirtualClock
 from cotune.sim.costs import FlopCounter, MemoryEstimate
 from cotune.sim.profiles import DeviceProfile, fleet_from_config
-
-SERVER = "server"
-
-
-def device_id(i: int) -> str:
-    return f"device-{i}"
-
-
-def device_index(role: str) -> int | None:
-    if role.startswith("device-"):
-        try:
-            return int(role.split("-", 1)[1])
-        except ValueError:
-            return None
-    return None
 
 
 @dataclass

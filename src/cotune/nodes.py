@@ -1,0 +1,130 @@
+"""Nodes of an in-process run: what each role's ``NodeContext`` holds, for ``local`` and
+``isolated`` engines, and the grid a run's driver talks to.
+
+``local``: every node's model is the run's one model (one frozen base, many role states: roles
+swap their tensors in). ``isolated``: every node gets its own copy of the config, its data shard
+and the model with its adapters and trainer, taken from a pristine template of the run's model
+(as a real node loads the same checkpoint), so no two roles share any Python object and only
+decoded messages pass between them. It exists to prove the contract and test it cheaply; it
+holds one model per node, so it is not for large fleets.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from typing import TYPE_CHECKING, Any
+
+from cotune.runtime.grid import EngineGrid, Grid
+from cotune.runtime.ids import SERVER, device_id, device_index
+from cotune.runtime.node import Meter, NodeContext, NodeModel
+
+if TYPE_CHECKING:
+    import torch
+
+    from cotune.models import LoadedModel, Segment
+    from cotune.paradigms.base import Experiment
+    from cotune.peft import AdapterSet
+    from cotune.train import Trainer
+
+
+class SharedModel:
+    """``local``: a live view of the run's one model (a staged run swaps the trainer)."""
+
+    def __init__(self, exp: Experiment) -> None:
+        self.exp = exp
+
+    @property
+    def loaded(self) -> LoadedModel:
+        return self.exp.loaded
+
+    @property
+    def adapters(self) -> AdapterSet:
+        return self.exp.adapters
+
+    @property
+    def trainer(self) -> Trainer:
+        return self.exp.trainer
+
+    @property
+    def flop_key(self) -> str:
+        return self.exp.flop_key
+
+    @property
+    def forward(self) -> Segment:
+        return self.exp.forward
+
+    def initial_params(self) -> dict[str, torch.Tensor]:
+        return self.exp.initial_params()
+
+
+@dataclasses.dataclass
+class OwnModel:
+    """``isolated``: a node's own model, adapters and trainer."""
+
+    loaded: LoadedModel
+    adapters: AdapterSet
+    trainer: Trainer
+    flop_key: str
+
+    @property
+    def forward(self) -> Segment:
+        return self.loaded.anatomy.full()
+
+    def initial_params(self) -> dict[str, torch.Tensor]:
+        return {k: p.data for k, p in self.trainer.params.items()}
+
+
+class RunNodes:
+    """The ``NodeHost`` of an in-process run: the server and ``device-<i>`` with shard ``i``."""
+
+    def __init__(self, exp: Experiment, *, isolated: bool) -> None:
+        self.exp, self.isolated = exp, isolated
+        self._template: tuple[Any, Any] | None = None
+
+    def node_ids(self) -> list[str]:
+        return [SERVER, *(device_id(i) for i in range(len(self.exp.parts)))]
+
+    def info(self, role_id: str) -> dict[str, Any]:
+        i = device_index(role_id)
+        return {"examples": len(self.exp.parts[i])} if i is not None else {}
+
+    def context(self, role_id: str, *, grid: Grid, meter: Meter) -> NodeContext:
+        exp, i = self.exp, device_index(role_id)
+        if i is not None and not 0 <= i < len(exp.parts):
+            raise KeyError(f"no node {role_id!r} in this run ({len(exp.parts)} devices)")
+        data = exp.train_set.subset(exp.parts[i]) if i is not None else None
+        cfg, domains = exp.cfg, exp.domains
+        if self.isolated:
+            data, cfg, domains = copy.deepcopy((data, cfg, domains))
+        return NodeContext(
+            node_id=role_id,
+            cfg=cfg,
+            seed=exp.cfg.seed + i if i is not None else exp.cfg.seed,
+            meter=meter,
+            data=data,
+            grid=grid,
+            domains=domains,
+            load_model=self._own_model if self.isolated else lambda: SharedModel(exp),
+        )
+
+    def _own_model(self) -> NodeModel:
+        exp = self.exp
+        if self._template is None:  # taken before any role trains: the seeded initial state
+            self._template = copy.deepcopy((exp.loaded.model, exp.adapters))
+        model, adapters = copy.deepcopy(self._template)
+        anatomy = type(exp.loaded.anatomy)(model, exp.loaded.anatomy.task)
+        loaded = dataclasses.replace(exp.loaded, model=model, anatomy=anatomy, tokenizer=None)
+        from cotune.train import Trainer
+
+        trainer = Trainer(adapters.named_trainable(), exp.cfg.train, exp.trainer.total_steps)
+        return OwnModel(loaded, adapters, trainer, exp.flop_key)
+
+
+def make_grid(exp: Experiment) -> Grid:
+    """The grid a run's driver talks to: the engine's, with the simulator underneath."""
+    from cotune.sim.grid import SimulatedGrid
+
+    host = RunNodes(exp, isolated=exp.cfg.engine.kind == "isolated")
+    inner = EngineGrid(exp.engine, host, exp.sim.flops)
+    return SimulatedGrid(inner, exp.sim, exp.cfg.devices.availability.kind)

@@ -1,0 +1,136 @@
+"""What the federated paradigms share: the device that trains what it is sent and reports it,
+device sampling per round, the mean-loss records of a round and the round record.
+
+Written once here so the FedAvg family, FedBiOT and HierFedLoRA cannot drift apart (FedBiOT's
+own sampling once ignored mid-round drops under ``random`` availability).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from cotune.aggregation import proximal_loss
+from cotune.paradigms.base import Experiment, TrainingRole, mean, reply, state_tensors
+from cotune.paradigms.options import FedAvgOptions, ParadigmOptions, parse_paradigm_options
+from cotune.runtime import Message
+from cotune.runtime.grid import Grid
+from cotune.runtime.ids import SERVER
+from cotune.runtime.node import NodeContext
+from cotune.train import full_model_loss
+
+
+class FedDevice(TrainingRole):
+    """Loads the global adapter it is sent, trains it on its own shard, reports the result.
+
+    Reads its options (``local_steps`` / ``local_epochs``, ``optimizer_state``, ``prox_mu``)
+    from its node's config (``paradigm.options``, as ``options_model`` types them).
+    """
+
+    options_model: type[ParadigmOptions] = FedAvgOptions
+
+    def __init__(self, ctx: NodeContext) -> None:
+        super().__init__(ctx)
+        opts = parse_paradigm_options("", ctx.cfg.paradigm.options, self.options_model)
+        self.steps = int(opts.local_steps)
+        self.epochs: float | None = getattr(opts, "local_epochs", None)
+        self.reset_optimizer = getattr(opts, "optimizer_state", "keep") == "reset"
+        self.prox_mu = float(getattr(opts, "prox_mu", 0.0))
+        self.train_host_s = 0.0
+        self.probe_memory()
+
+    def local_steps(self) -> int:
+        if self.epochs is None:
+            return self.steps
+        assert self.dataset is not None
+        per_epoch = math.ceil(len(self.dataset) / self.ctx.cfg.train.batch_size)
+        return max(1, math.ceil(self.epochs * per_epoch))
+
+    def on_train(self, msg: Message) -> Message:
+        rnd = int(msg.meta["round"])
+        with torch.no_grad():
+            for k, v in msg.tensors.items():
+                self.state.params[k].copy_(v)
+        if self.reset_optimizer:
+            self.state.optim = {k: {} for k in self.state.params}
+        self.state.step = int(msg.meta["schedule_step"])  # LR follows the global round
+        if self.prox_mu > 0:
+            self.loss_fn = self._proximal(msg.tensors)
+        started = time.perf_counter()
+        results = self.train_steps(self.local_steps(), round=rnd)
+        # Measurement, not protocol: host timings never ride in a message (they would change
+        # its byte count, and so the simulated time, from one run to the next).
+        self.train_host_s = time.perf_counter() - started
+        assert self.dataset is not None
+        return reply(
+            msg,
+            "update",
+            self.ctx.role_tensors(state_tensors(self.state)),
+            round=rnd,
+            examples=len(self.dataset),
+            losses=[r.loss for r in results],
+        )
+
+    def measurements(self) -> dict[str, float]:
+        return {"train_host_s": self.train_host_s}
+
+    def _proximal(self, global_params: dict[str, torch.Tensor]):
+        model, mu = self.ctx.model, self.prox_mu
+        task = full_model_loss(model.forward, self.ctx.task, model.adapters.regularization_loss)
+        params = model.trainer.params  # the node's parameters, holding this role's tensors now
+
+        def loss_fn(batch):
+            return task(batch) + proximal_loss(params, global_params, mu)
+
+        return loss_fn
+
+
+def sample_round(
+    grid: Grid,
+    devices: list[str],
+    rnd: int,
+    seed: int,
+    *,
+    clients_per_round: int | None,
+    fraction: float,
+) -> list[str]:
+    """Devices connected at the round's start, sampled without replacement (seeded per round)."""
+    pool = grid.connected(devices, round=rnd)
+    k = clients_per_round or max(1, round(fraction * len(devices)))
+    k = min(k, len(pool))
+    rng = np.random.default_rng([seed, 0xFED, rnd])
+    picked = sorted(rng.choice(len(pool), size=k, replace=False).tolist()) if k else []
+    return [pool[i] for i in picked]
+
+
+def log_mean_losses(exp: Experiment, losses: list[list[float]], first_step: int, rnd: int) -> None:
+    """One ``train`` record per local step: the mean over the devices that reported."""
+    for j in range(max((len(ls) for ls in losses), default=0)):
+        vals = [ls[j] for ls in losses if j < len(ls)]
+        exp.log_record("train", first_step + j, "mean", round=rnd, loss=mean(vals))
+
+
+class RoundTraffic:
+    """Bytes and host seconds of one round, for its ``round`` record."""
+
+    def __init__(self, grid: Grid) -> None:
+        self.grid = grid
+        self.mark = len(grid.transfers)
+        self.started = time.perf_counter()
+
+    def record(self, chosen: list[str]) -> dict[str, Any]:
+        traffic = self.grid.transfers[self.mark :]
+        return {
+            "bytes_up": sum(t.nbytes for t in traffic if t.receiver == SERVER),
+            "bytes_down": sum(t.nbytes for t in traffic if t.sender == SERVER),
+            # Host seconds of the whole round vs. the devices' own training: the overhead of
+            # the protocol (encoding, aggregation, bookkeeping) is the difference.
+            "round_host_s": time.perf_counter() - self.started,
+            "device_train_host_s": sum(
+                self.grid.measurements(d).get("train_host_s", 0.0) for d in chosen
+            ),
+        }

@@ -1,0 +1,251 @@
+"""The Grid: a driver's only view of the other roles (in the spirit of Flower's ``Grid``).
+
+A paradigm's driver runs on the server node. It starts roles on their nodes (``start``: the
+engine builds each role from its own ``NodeContext``), talks to them only with messages
+(``submit`` → ``Future``, ``gather``, one-way ``send``), and reads them for measurement only
+through ``snapshot`` / ``measurements`` (never counted as traffic). Timeouts and failures are
+data: ``gather`` returns one ``Reply`` per future with an outcome (``ok`` / ``failed`` /
+``late``) and never raises because a peer failed.
+
+``EngineGrid`` implements the contract over any message ``Engine`` (in-process today; Ray and
+gRPC engines implement the same contract). ``cotune.sim.grid.SimulatedGrid`` wraps a grid and
+puts everything on the virtual clock; paradigms never see the clock.
+"""
+
+from __future__ import annotations
+
+import copy
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal, Protocol
+
+from cotune.errors import PeerUnavailable, ProtocolError
+from cotune.runtime.messages import Message
+from cotune.runtime.node import Meter, MeterSink, NodeContext
+
+if TYPE_CHECKING:
+    from cotune.runtime.engine import Engine, Listener, Role
+    from cotune.sim.costs import FlopCounter
+
+Outcome = Literal["ok", "failed", "late"]
+RoleFactory = Callable[[NodeContext], "Role"]
+
+
+@dataclass
+class Reply:
+    """What came back for one submitted message."""
+
+    role: str
+    outcome: Outcome
+    message: Message | None = None
+    error: str | None = None
+    arrival: float | None = None  # when it reached the sender (simulated seconds; None if real)
+
+    @property
+    def ok(self) -> bool:
+        return self.outcome == "ok"
+
+
+@dataclass
+class Future:
+    """A submitted message's pending reply. In-process engines resolve it at once."""
+
+    request: Message
+    round: int | None = None
+    submitted_at: float | None = None  # simulated seconds (SimulatedGrid), else None
+    _reply: Reply | None = field(default=None, repr=False)
+
+    def done(self) -> bool:
+        return self._reply is not None
+
+    def result(self) -> Reply:
+        if self._reply is None:
+            raise RuntimeError(f"no reply yet for {self.request.describe()}")
+        return self._reply
+
+
+@dataclass
+class Gathered:
+    """The replies of one ``gather``, in submission order, and when the wait ended."""
+
+    replies: list[Reply]
+    closed_at: float | None = None  # simulated seconds when the gather closed (None if real)
+
+    def with_outcome(self, outcome: Outcome) -> list[Reply]:
+        return [r for r in self.replies if r.outcome == outcome]
+
+    @property
+    def ok(self) -> list[Reply]:
+        return self.with_outcome("ok")
+
+
+class NodeHost(Protocol):
+    """Builds node contexts: which nodes exist, what each holds (engine-specific)."""
+
+    isolated: bool  # every node holds its own copy of everything (no shared Python object)
+
+    def node_ids(self) -> list[str]: ...
+
+    def info(self, role_id: str) -> dict[str, Any]: ...
+
+    def context(self, role_id: str, *, grid: Grid, meter: Meter) -> NodeContext: ...
+
+
+class Grid(ABC):
+    """The contract every engine implements for drivers (and for nested calls from roles)."""
+
+    #: Roles share this process and its model objects: a role class may batch colocated
+    #: roles' work (splitfed's device cohort). False on ``isolated`` and network engines.
+    colocated: bool = False
+
+    @abstractmethod
+    def node_ids(self, prefix: str = "device-") -> list[str]:
+        """The nodes of this run whose id starts with ``prefix``, connected or not."""
+
+    @abstractmethod
+    def node_info(self, role_id: str) -> dict[str, Any]:
+        """What a node declared when it joined (``examples``: the size of its data)."""
+
+    @abstractmethod
+    def start(self, role_id: str, factory: RoleFactory) -> None:
+        """Build a role on node ``role_id`` from that node's own context."""
+
+    @abstractmethod
+    def context(self, role_id: str) -> NodeContext:
+        """A node context for a role the driver keeps on its own node (the server's)."""
+
+    @abstractmethod
+    def meter(self, role_id: str) -> Meter:
+        """The compute meter of node ``role_id`` (the driver reports its own work on it)."""
+
+    @abstractmethod
+    def submit(self, msg: Message, *, codec: str | None = None, round: int | None = None) -> Future:
+        """Send ``msg`` as a request. ``round``: it belongs to that federated round, so the
+        receiver may drop out of it (the reply is then ``failed``)."""
+
+    @abstractmethod
+    def gather(
+        self, futures: list[Future], *, quorum: int | None = None, deadline_s: float | None = None
+    ) -> Gathered:
+        """Wait for the replies as a round: closes at the ``quorum``-th reply or ``deadline_s``
+        after the first submission; later replies are ``late``. Never raises for a peer."""
+
+    @abstractmethod
+    def send(self, msg: Message, *, codec: str | None = None) -> None:
+        """One-way: deliver ``msg``; a reply, if the handler gives one, waits in the sender's
+        inbox (the engine's ``pull``)."""
+
+    def request(self, msg: Message, *, codec: str | None = None) -> Message:
+        """One request, its reply; a failed peer is a ``PeerUnavailable``."""
+        reply = self.submit(msg, codec=codec).result()
+        if not reply.ok or reply.message is None:
+            raise PeerUnavailable(reply.error or f"{msg.receiver} did not answer")
+        return reply.message
+
+    def request_many(self, msgs: Iterable[Message], *, codec: str | None = None) -> list[Message]:
+        """Requests answered in order, without round semantics (the sender does not wait)."""
+        return [self.request(m, codec=codec) for m in msgs]
+
+    def connected(self, role_ids: list[str], *, round: int) -> list[str]:
+        """Those of ``role_ids`` that can be reached at the start of ``round``."""
+        return list(role_ids)
+
+    def wait(self, seconds: float, *, label: str = "idle") -> None:  # noqa: B027 - optional
+        """The driver has nothing to do for ``seconds`` (nobody connected, ...)."""
+
+    @abstractmethod
+    def snapshot(self, role_id: str) -> Any:
+        """Measurement: the role's state (for evaluation and checkpoints), not counted."""
+
+    @abstractmethod
+    def restore(self, role_id: str, state: Any) -> None:
+        """Measurement: put a checkpointed state back into the role (resume)."""
+
+    @abstractmethod
+    def measurements(self, role_id: str) -> dict[str, float]:
+        """Measurement: host-side numbers a role keeps (e.g. its training host seconds)."""
+
+    # --- accounting, as the engine keeps it -----------------------------------------------
+    @property
+    @abstractmethod
+    def transfers(self) -> Any: ...
+
+    @abstractmethod
+    def add_listener(self, listener: Listener) -> None: ...
+
+
+class EngineGrid(Grid):
+    """The Grid over a message ``Engine`` whose roles run in this process (``local`` and
+    ``isolated``): requests are exchanged synchronously, in submission order."""
+
+    def __init__(self, engine: Engine, host: NodeHost, flops: FlopCounter) -> None:
+        self.engine, self.host, self.flops = engine, host, flops
+        self.colocated = engine.colocated and not host.isolated
+        self.sink: MeterSink | None = None  # set by a SimulatedGrid before roles start
+
+    def node_ids(self, prefix: str = "device-") -> list[str]:
+        return [n for n in self.host.node_ids() if n.startswith(prefix)]
+
+    def node_info(self, role_id: str) -> dict[str, Any]:
+        return self.host.info(role_id)
+
+    def meter(self, role_id: str) -> Meter:
+        return Meter(role_id, self.flops, self.sink)
+
+    def context(self, role_id: str) -> NodeContext:
+        return self.host.context(role_id, grid=self, meter=self.meter(role_id))
+
+    def start(self, role_id: str, factory: RoleFactory) -> None:
+        role = factory(self.context(role_id))
+        if role.role_id != role_id:
+            raise ProtocolError(f"factory for {role_id!r} built a role named {role.role_id!r}")
+        self.engine.register(role)
+
+    def submit(self, msg: Message, *, codec: str | None = None, round: int | None = None) -> Future:
+        fut = Future(msg, round)
+        try:
+            fut._reply = Reply(msg.receiver, "ok", self.engine.request(msg, codec=codec))
+        except PeerUnavailable as err:
+            fut._reply = Reply(msg.receiver, "failed", error=str(err))
+        return fut
+
+    def gather(
+        self, futures: list[Future], *, quorum: int | None = None, deadline_s: float | None = None
+    ) -> Gathered:
+        replies = [f.result() for f in futures]
+        if quorum is not None:  # no clock: the first `quorum` answers in submission order
+            seen = 0
+            for r in replies:
+                if r.ok:
+                    seen += 1
+                    if seen > quorum:
+                        r.outcome = "late"
+        return Gathered(replies)
+
+    def send(self, msg: Message, *, codec: str | None = None) -> None:
+        self.engine.send(msg, codec=codec)
+
+    def _role(self, role_id: str) -> Role:
+        try:
+            return self.engine.roles[role_id]
+        except KeyError:
+            raise ProtocolError(f"no role {role_id!r} was started on this grid") from None
+
+    def snapshot(self, role_id: str) -> Any:
+        state = self._role(role_id).snapshot()
+        # Isolated nodes share nothing, not even with the experimenter's view of them.
+        return copy.deepcopy(state) if self.host.isolated else state
+
+    def restore(self, role_id: str, state: Any) -> None:
+        self._role(role_id).restore(copy.deepcopy(state) if self.host.isolated else state)
+
+    def measurements(self, role_id: str) -> dict[str, float]:
+        return dict(self._role(role_id).measurements())
+
+    @property
+    def transfers(self) -> Any:
+        return self.engine.transfers
+
+    def add_listener(self, listener: Listener) -> None:
+        self.engine.add_listener(listener)

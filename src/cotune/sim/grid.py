@@ -1,0 +1,165 @@
+"""The simulator under the Grid: the virtual clock, availability and quorum, outside any paradigm.
+
+``SimulatedGrid`` wraps any grid. Every encoded message already reaches the clock through the
+engine's listener (bytes on the links); on top of that this wrapper
+
+- takes each node's meter reports (counted FLOPs, memory probes) and charges them to that
+  node's timeline (stragglers run slower), out of band;
+- decides availability: which devices are connected at a round's start (``connected``), and
+  which drop out mid-round (``random`` availability: the device trains, then goes offline
+  before uploading, so its reply is ``failed`` and never travels);
+- closes a ``gather`` as a round in simulated time: the dispatch shaper releases reports in
+  batches or at a rate (or drops them), the round ends at the quorum-th report or the
+  deadline, later reports are ``late``;
+- gives replies their simulated ``arrival`` and a gather its ``closed_at``, which a role may
+  pass back to its meter (``after=``) without ever reading the clock.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from cotune.runtime.grid import EngineGrid, Future, Gathered, Grid, Reply, RoleFactory
+from cotune.runtime.ids import SERVER
+from cotune.runtime.messages import Message
+from cotune.runtime.node import Meter, NodeContext
+from cotune.sim.costs import MemoryEstimate
+from cotune.sim.simulation import Simulation
+
+
+class SimSink:
+    """Meter reports → the simulator: compute on the node's timeline, memory estimates."""
+
+    def __init__(self, sim: Simulation) -> None:
+        self.sim = sim
+        self._probes: dict[str, MemoryEstimate] = {}  # one probe per key (same model, same shape)
+
+    def compute(
+        self, role: str, flops: float, *, round: int, after: float | None, label: str
+    ) -> None:
+        self.sim.charge(role, flops, round=round, after=after or 0.0, label=label)
+
+    def memory(self, role: str, key: str, probe: Callable[[], MemoryEstimate]) -> None:
+        if key not in self._probes:
+            self._probes[key] = probe()
+        self.sim.memory[role] = self._probes[key]
+
+
+class SimulatedGrid(Grid):
+    """``inner`` with the simulator underneath (see the module docstring)."""
+
+    def __init__(self, inner: EngineGrid, sim: Simulation, availability: str = "always") -> None:
+        self.inner, self.sim, self.availability = inner, sim, availability
+        self.colocated = inner.colocated
+        inner.sink = SimSink(sim)
+        inner.engine.before_reply = self._before_reply
+        self._round: tuple[str, int] | None = None  # (receiver, round) of the request in flight
+
+    # --- roles and nodes: as the inner grid ----------------------------------------------
+    def node_ids(self, prefix: str = "device-") -> list[str]:
+        return self.inner.node_ids(prefix)
+
+    def node_info(self, role_id: str) -> dict[str, Any]:
+        return self.inner.node_info(role_id)
+
+    def start(self, role_id: str, factory: RoleFactory) -> None:
+        self.inner.start(role_id, factory)
+
+    def context(self, role_id: str) -> NodeContext:
+        return self.inner.context(role_id)
+
+    def meter(self, role_id: str) -> Meter:
+        return self.inner.meter(role_id)
+
+    def snapshot(self, role_id: str) -> Any:
+        return self.inner.snapshot(role_id)
+
+    def restore(self, role_id: str, state: Any) -> None:
+        self.inner.restore(role_id, state)
+
+    def measurements(self, role_id: str) -> dict[str, float]:
+        return self.inner.measurements(role_id)
+
+    @property
+    def transfers(self) -> Any:
+        return self.inner.transfers
+
+    def add_listener(self, listener: Any) -> None:
+        self.inner.add_listener(listener)
+
+    # --- messages on the clock -----------------------------------------------------------
+    def _before_reply(self, role: str, request: Message, reply: Message) -> str | None:
+        """A device in a round may go offline after its work, before its upload leaves."""
+        if self._round is None or self._round[0] != role:
+            return None
+        rnd = self._round[1]
+        if not self.sim.online(role, rnd, self.sim.clock.free_at(role)):
+            return f"{role} went offline in round {rnd} before uploading"
+        return None
+
+    def submit(self, msg: Message, *, codec: str | None = None, round: int | None = None) -> Future:
+        at = self.sim.clock.free_at(msg.sender)
+        outer, self._round = self._round, (msg.receiver, round) if round is not None else None
+        try:
+            fut = self.inner.submit(msg, codec=codec, round=round)
+        finally:
+            self._round = outer
+        fut.submitted_at = at
+        reply = fut.result()
+        if reply.ok:
+            reply.arrival = self.sim.clock.last_arrival(msg.sender, msg.receiver)
+        return fut
+
+    def gather(
+        self, futures: list[Future], *, quorum: int | None = None, deadline_s: float | None = None
+    ) -> Gathered:
+        replies = [f.result() for f in futures]
+        if not futures:
+            return Gathered(replies, closed_at=self.sim.clock.free_at(SERVER))
+        server = futures[0].request.sender
+        t0 = min(f.submitted_at for f in futures if f.submitted_at is not None)
+        rnd = futures[0].round or 0
+        ok = [r for r in replies if r.ok]
+        for reply, why in zip(ok, self._shape(ok, t0, rnd)):
+            if why is not None:
+                reply.outcome, reply.error = "failed", why
+        failed = [r.role for r in replies if r.outcome == "failed"]
+        outcome = self.sim.clock.round_end(
+            [r.role for r in replies],
+            quorum=min(quorum, len(replies)) if quorum is not None else None,
+            deadline=t0 + deadline_s if deadline_s is not None else None,
+            failed=failed,
+            server=server,
+        )
+        reported = set(outcome.reported)
+        for r in replies:
+            if r.ok and r.role not in reported:
+                r.outcome, r.error = "late", "arrived after the round closed"
+        return Gathered(replies, closed_at=outcome.end_time)
+
+    def _shape(self, ok: list[Reply], t0: float, rnd: int) -> list[str | None]:
+        """The dispatch shaper (SimDC's traffic controller): reports reach the server in batches
+        or at a rate, so a report counts from its release time; a dropped one is a failure."""
+        shaper, clock = self.sim.shaper, self.sim.clock
+        why: dict[str, str] = {}
+        if shaper is not None and ok:
+            ready = [clock.free_at(r.role) for r in ok]
+            for reply, t in zip(ok, shaper.release(ready, origin=t0, round=rnd)):
+                if t is None:
+                    why[reply.role] = "dropped by the dispatch shaper"
+                else:
+                    clock.compute(reply.role, 0.0, after=t, label="dispatch-wait")
+        return [why.get(r.role) for r in ok]
+
+    def send(self, msg: Message, *, codec: str | None = None) -> None:
+        self.inner.send(msg, codec=codec)
+
+    def connected(self, role_ids: list[str], *, round: int) -> list[str]:
+        if self.availability == "random":  # random drops are not known in advance: mid-round
+            return list(role_ids)
+        t = self.sim.clock.free_at(SERVER)
+        return [r for r in role_ids if self.sim.online(r, round, t)]
+
+    def wait(self, seconds: float, *, label: str = "idle") -> None:
+        self.sim.charge(SERVER, 0.0, after=self.sim.clock.free_at(SERVER) + seconds, label=label)
