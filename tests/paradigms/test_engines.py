@@ -92,6 +92,7 @@ def test_isolated_roles_share_no_python_object(tiny_config, monkeypatch):
     a, b = seen
     assert a.ctx.model.loaded.model is not b.ctx.model.loaded.model
     assert a.ctx.model.trainer is not b.ctx.model.trainer and a.ctx.cfg is not b.ctx.cfg
+
     def storages(role):
         return {p.untyped_storage().data_ptr() for p in role.ctx.model.loaded.model.parameters()}
 
