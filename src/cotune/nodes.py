@@ -83,7 +83,8 @@ class RunNodes:
         self._template: tuple[Any, Any] | None = None
 
     def node_ids(self) -> list[str]:
-        return [SERVER, *(device_id(i) for i in range(len(self.exp.parts)))]
+        devices = [device_id(i) for i in range(len(self.exp.parts))]
+        return [SERVER, *devices, *infrastructure(self.exp.cfg)]
 
     def info(self, role_id: str) -> dict[str, Any]:
         i = device_index(role_id)
@@ -94,15 +95,18 @@ class RunNodes:
         if i is not None and not 0 <= i < len(exp.parts):
             raise KeyError(f"no node {role_id!r} in this run ({len(exp.parts)} devices)")
         data = exp.train_set.subset(exp.parts[i]) if i is not None else None
+        # Each example's group (class, or a causal LM's domain; None: neither): the node's own.
+        groups = [exp.data.train[j].group for j in exp.parts[i]] if i is not None else None
         cfg, domains = exp.cfg, exp.domains
         if self.isolated:
-            data, cfg, domains = copy.deepcopy((data, cfg, domains))
+            data, groups, cfg, domains = copy.deepcopy((data, groups, cfg, domains))
         return NodeContext(
             node_id=role_id,
             cfg=cfg,
             seed=exp.cfg.seed + i if i is not None else exp.cfg.seed,
             meter=meter,
             data=data,
+            groups=groups,
             grid=grid,
             domains=domains,
             load_model=self._own_model if self.isolated else lambda: SharedModel(exp),
@@ -121,10 +125,28 @@ class RunNodes:
         return OwnModel(loaded, adapters, trainer, exp.flop_key)
 
 
+def infrastructure(cfg: Any) -> dict[str, str]:
+    """The run's nodes besides the server and devices (hierfed's edges): node → profile."""
+    from cotune.paradigms.options import OPTIONS
+
+    return OPTIONS[cfg.paradigm.name].model_validate(cfg.paradigm.options).infrastructure()
+
+
 def make_grid(exp: Experiment) -> Grid:
     """The grid a run's driver talks to: the engine's, with the simulator underneath."""
+    from cotune.errors import ConfigError
     from cotune.sim.grid import SimulatedGrid
+    from cotune.sim.profiles import all_profiles, get_profile
 
+    known = all_profiles(exp.cfg.devices.profile_file)
+    for node, profile in infrastructure(exp.cfg).items():
+        try:
+            prof = get_profile(profile, known)
+        except Exception as err:  # noqa: BLE001 - the profile registry's own message says why
+            raise ConfigError(f"paradigm.options: node {node}: {err}") from None
+        if node not in exp.sim.clock.roles:  # a resumed clock has them already
+            exp.sim.clock.add_role(node, prof, hub=True)  # aggregators: parallel links
+        exp.sim.profiles[node] = prof
     host = RunNodes(exp, isolated=exp.cfg.engine.kind == "isolated")
     inner = EngineGrid(exp.engine, host, exp.sim.flops)
     return SimulatedGrid(inner, exp.sim, exp.cfg.devices.availability.kind)

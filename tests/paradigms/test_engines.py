@@ -33,6 +33,13 @@ CASES = {
         "devices": {"count": 3, "availability": {"kind": "periodic", "period_s": 20.0, "on_fraction": 0.6, "stagger": True}},
         "partition": {"scheme": "quantity"},
     },
+    "hierfed": {"paradigm": {"name": "hierfed", "options": {"local_steps": 1, "num_groups": 2}}},
+    "hierfed-balanced-drops": {
+        "paradigm": {"name": "hierfed", "options": {"local_steps": 1, "num_groups": 2, "tau": 2}},
+        "devices": {"count": 4, "mix": {"phone-low": 0.5, "jetson": 0.5},
+                    "availability": {"kind": "random", "drop_p": 0.2}},
+        "partition": {"scheme": "dirichlet", "alpha": 0.3},
+    },
 }  # fmt: skip
 
 
@@ -70,11 +77,17 @@ def test_local_and_isolated_engines_give_the_same_run(tiny_config, case):
 def test_the_cases_exercise_failures_quorum_and_deadline(tiny_config):
     """The matrix above is only convincing if its runs drop, cut and wait: check they do."""
     rounds = {}
-    for case in ("fedavg-drops-quorum-shaper", "fedavg-deadline-fedadam-prox"):
+    for case in (
+        "fedavg-drops-quorum-shaper",
+        "fedavg-deadline-fedadam-prox",
+        "hierfed-balanced-drops",
+    ):
         recs = outcome(run(tiny_config, case, "isolated", **CASES[case]))[0]
         rounds[case] = [r for r in recs if r["event"] == "round"]
     assert sum(r["dropped"] for r in rounds["fedavg-drops-quorum-shaper"]) > 0
     assert any(r["reported"] < r["participants"] for r in rounds["fedavg-deadline-fedadam-prox"])
+    # An edge's own requests to its members are simulated too (drops inside group rounds).
+    assert sum(r["dropped"] for r in rounds["hierfed-balanced-drops"]) > 0
 
 
 def test_isolated_roles_share_no_python_object(tiny_config, monkeypatch):

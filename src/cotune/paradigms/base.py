@@ -136,6 +136,13 @@ class Experiment:
         return full_model_memory(SharedModel(self), self.cfg)
 
     @property
+    def model(self) -> NodeModel:
+        """The server node's model (the run's one model), as a node sees its own."""
+        from cotune.nodes import SharedModel
+
+        return SharedModel(self)
+
+    @property
     def meter(self) -> Meter:
         """The server node's meter: the driver reports its own work (aggregation) on it."""
         assert self.grid is not None
@@ -218,8 +225,11 @@ class TrainingRole(Role):
 
         return loss_fn
 
-    def train_steps(self, steps: int, *, round: int = 0) -> list[StepResult]:
-        """Train ``steps`` optimizer steps; each step's counted FLOPs go to this node's meter."""
+    def train_steps(
+        self, steps: int, *, round: int = 0, key: str | None = None
+    ) -> list[StepResult]:
+        """Train ``steps`` optimizer steps; each step's counted FLOPs go to this node's meter
+        (``key``: the FLOP counter's cache key, default the model's whole-step key)."""
         if self.dataset is None or self.sampler is None:
             raise RuntimeError(f"{self.role_id} has no data to train on")
         accum = self.ctx.cfg.train.grad_accum
@@ -236,7 +246,7 @@ class TrainingRole(Role):
                         self._loss_for(idx),
                         micro,
                         counter=meter.flops,
-                        key=model.flop_key,
+                        key=key or model.flop_key,
                     )
                 except DivergenceError as err:
                     raise err.for_role(self.role_id) from None
@@ -318,7 +328,7 @@ def update_problem(msg: Message, reference: dict[str, torch.Tensor]) -> str | No
 
 
 def screen_updates(
-    exp: Experiment, msgs: list[Message], reference: Callable[[str], dict[str, torch.Tensor]]
+    msgs: list[Message], reference: Callable[[str], dict[str, torch.Tensor]]
 ) -> tuple[list[Message], list[str]]:
     """The uploads that may be aggregated, and the senders rejected (each logged with why)."""
     good, rejected = [], []

@@ -97,7 +97,6 @@ def run(exp: Experiment) -> ParadigmResult:
             ]
             done = grid.gather(futures, quorum=opts.quorum, deadline_s=opts.deadline_s)
             good, rejected = screen_updates(
-                exp,
                 [r.message for r in done.ok if r.message is not None],
                 lambda r: exp.role_tensors(r, state_tensors(glob)),
             )

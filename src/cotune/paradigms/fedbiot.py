@@ -243,7 +243,7 @@ def run(exp: Experiment) -> ParadigmResult:
                     failed.append(dev.role_id)
             outcome = exp.sim.clock.round_end([d.role_id for d in chosen], failed=failed)
             ref = {k: glob.params[k] for k in glob.params}
-            updates, rejected = screen_updates(exp, updates, lambda _, ref=ref: ref)
+            updates, rejected = screen_updates(updates, lambda _, ref=ref: ref)
             rejected_total += len(rejected)
             if updates:
                 w = [

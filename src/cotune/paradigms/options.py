@@ -47,6 +47,11 @@ class ParadigmOptions(BaseModel):
     def check_config(self, cfg: RunConfig) -> None:
         """Cross-checks against the rest of the config; raise ``ValueError("field: why")``."""
 
+    def infrastructure(self) -> dict[str, str]:
+        """Nodes besides the server and the devices (node id → device profile name): part of
+        the deployment's topology, so engines and the simulator know them before any role."""
+        return {}
+
 
 class NoOptions(ParadigmOptions):
     """Paradigms without options (central, local): any option given is a mistake."""
@@ -110,6 +115,9 @@ class HierFedOptions(ParadigmOptions):
     optimizer_state: Literal["keep", "reset"] = "keep"
     edge_profile: str = "jetson"  # device profile of the group aggregators (hub links)
 
+    def infrastructure(self) -> dict[str, str]:
+        return {f"edge-{g}": self.edge_profile for g in range(self.num_groups)}
+
     def check_config(self, cfg: RunConfig) -> None:
         if self.num_groups > cfg.devices.count:
             raise ValueError(
@@ -118,6 +126,14 @@ class HierFedOptions(ParadigmOptions):
             )
         if self.controller == "balanced" and self.depth is not None and self.min_depth > self.depth:
             raise ValueError(f"min_depth: {self.min_depth} > depth {self.depth}")
+        from cotune.sim.profiles import all_profiles  # torch-free, like this module
+
+        known = all_profiles(cfg.devices.profile_file)
+        if self.edge_profile not in known:
+            raise ValueError(
+                f"edge_profile: unknown device profile {self.edge_profile!r} "
+                f"(known: {', '.join(known)})"
+            )
 
 
 class FedBiOTOptions(ParadigmOptions):

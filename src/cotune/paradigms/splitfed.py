@@ -306,7 +306,7 @@ def run(exp: Experiment) -> ParadigmResult:
             [Message("get_adapter", SERVER, d.role_id, {}, {"round": rnd}) for d in devices]
         )
         ref = {k: dev_glob.params[k] for k in ctx.layout.device_names}
-        good, rejected = screen_updates(exp, reps, lambda _: ref)
+        good, rejected = screen_updates(reps, lambda _: ref)
         ctx.rejected_updates += len(rejected)
         w = [wt for r, wt in zip(reps, weights) if r.sender not in rejected]
         if not good:

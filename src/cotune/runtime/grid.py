@@ -183,6 +183,9 @@ class EngineGrid(Grid):
         self.engine, self.host, self.flops = engine, host, flops
         self.colocated = engine.colocated and not host.isolated
         self.sink: MeterSink | None = None  # set by a SimulatedGrid before roles start
+        # The grid roles get for nested calls: the outermost wrapper (the simulated grid), so
+        # a role's own requests are simulated exactly like the driver's.
+        self.outer: Grid = self
 
     def node_ids(self, prefix: str = "device-") -> list[str]:
         return [n for n in self.host.node_ids() if n.startswith(prefix)]
@@ -194,7 +197,7 @@ class EngineGrid(Grid):
         return Meter(role_id, self.flops, self.sink)
 
     def context(self, role_id: str) -> NodeContext:
-        return self.host.context(role_id, grid=self, meter=self.meter(role_id))
+        return self.host.context(role_id, grid=self.outer, meter=self.meter(role_id))
 
     def start(self, role_id: str, factory: RoleFactory) -> None:
         role = factory(self.context(role_id))

@@ -54,7 +54,14 @@ class MeterSink(Protocol):
     """Receives a node's reports (the simulator, or nothing)."""
 
     def compute(
-        self, role: str, flops: float, *, round: int, after: float | None, label: str
+        self,
+        role: str,
+        flops: float,
+        *,
+        round: int,
+        after: float | None,
+        waits_for: str | None,
+        label: str,
     ) -> None: ...
 
     def memory(self, role: str, key: str, probe: Callable[[], MemoryEstimate]) -> None: ...
@@ -69,12 +76,21 @@ class Meter:
         self.role, self.flops, self.sink = role, flops, sink
 
     def compute(
-        self, flops: float, *, round: int = 0, after: float | None = None, label: str = ""
+        self,
+        flops: float,
+        *,
+        round: int = 0,
+        after: float | None = None,
+        waits_for: str | None = None,
+        label: str = "",
     ) -> None:
-        """``flops`` of work done now; ``after``: it could not start before that (simulated)
-        time, e.g. a reply's ``arrival`` or a round's ``closed_at``."""
+        """``flops`` of work done now. It could not start before ``after`` (simulated seconds:
+        a reply's ``arrival``, a round's ``closed_at``) nor before the last message from
+        ``waits_for`` arrived here (a hub relaying what it was sent)."""
         if self.sink is not None:
-            self.sink.compute(self.role, flops, round=round, after=after, label=label)
+            self.sink.compute(
+                self.role, flops, round=round, after=after, waits_for=waits_for, label=label
+            )
 
     def memory(self, key: str, probe: Callable[[], MemoryEstimate]) -> None:
         if self.sink is not None:
@@ -90,6 +106,7 @@ class NodeContext:
     seed: int
     meter: Meter
     data: EncodedDataset | None = None  # this node's own shard (None: it holds no data)
+    groups: list[int | None] | None = None  # each example's class or domain (None: unknown)
     grid: Grid | None = None  # for nested calls (an edge asking its devices, ...)
     domains: DomainPlan | None = None  # MoDULA's domain stage: which expert each device trains
     load_model: Callable[[], NodeModel] | None = field(default=None, repr=False)

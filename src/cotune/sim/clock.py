@@ -116,6 +116,10 @@ class VirtualClock:
         times = [t for (d, s), t in self._arrivals.items() if d == role and src in (None, s)]
         return max(times, default=0.0)
 
+    def arrival(self, role: str, src: str) -> float:
+        """Latest arrival at ``role`` from ``src`` (0.0 if none), in constant time."""
+        return self._arrivals.get((role, src), 0.0)
+
     @property
     def now(self) -> float:
         """The latest time any timeline or transfer reaches."""

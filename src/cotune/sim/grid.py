@@ -36,9 +36,19 @@ class SimSink:
         self._probes: dict[str, MemoryEstimate] = {}  # one probe per key (same model, same shape)
 
     def compute(
-        self, role: str, flops: float, *, round: int, after: float | None, label: str
+        self,
+        role: str,
+        flops: float,
+        *,
+        round: int,
+        after: float | None,
+        waits_for: str | None,
+        label: str,
     ) -> None:
-        self.sim.charge(role, flops, round=round, after=after or 0.0, label=label)
+        start = after or 0.0
+        if waits_for is not None:
+            start = max(start, self.sim.clock.arrival(role, waits_for))
+        self.sim.charge(role, flops, round=round, after=start, label=label)
 
     def memory(self, role: str, key: str, probe: Callable[[], MemoryEstimate]) -> None:
         if key not in self._probes:
@@ -53,6 +63,7 @@ class SimulatedGrid(Grid):
         self.inner, self.sim, self.availability = inner, sim, availability
         self.colocated = inner.colocated
         inner.sink = SimSink(sim)
+        inner.outer = self
         inner.engine.before_reply = self._before_reply
         self._round: tuple[str, int] | None = None  # (receiver, round) of the request in flight
 
@@ -61,7 +72,17 @@ class SimulatedGrid(Grid):
         return self.inner.node_ids(prefix)
 
     def node_info(self, role_id: str) -> dict[str, Any]:
-        return self.inner.node_info(role_id)
+        """What the node declared, with the capabilities of its simulated profile (what a real
+        node reports when it joins: compute speed, link bandwidths and latency)."""
+        prof = self.sim.profiles[role_id]
+        return {
+            **self.inner.node_info(role_id),
+            "flops": prof.flops,
+            "up_bps": prof.up_bps,
+            "down_bps": prof.down_bps,
+            "latency_s": prof.latency_s,
+            "memory_bytes": prof.memory_bytes,
+        }
 
     def start(self, role_id: str, factory: RoleFactory) -> None:
         self.inner.start(role_id, factory)
@@ -108,7 +129,7 @@ class SimulatedGrid(Grid):
         fut.submitted_at = at
         reply = fut.result()
         if reply.ok:
-            reply.arrival = self.sim.clock.last_arrival(msg.sender, msg.receiver)
+            reply.arrival = self.sim.clock.arrival(msg.sender, msg.receiver)
         return fut
 
     def gather(
