@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from cotune.runtime.grid import EngineGrid, Grid
 from cotune.runtime.ids import SERVER, device_id, device_index
-from cotune.runtime.node import Meter, NodeContext, NodeModel
+from cotune.runtime.node import CACHE_ATTR, Meter, NodeContext, NodeModel
 
 if TYPE_CHECKING:
     import torch
@@ -115,7 +115,10 @@ class RunNodes:
     def _own_model(self) -> NodeModel:
         exp = self.exp
         if self._template is None:  # taken before any role trains: the seeded initial state
-            self._template = copy.deepcopy((exp.loaded.model, exp.adapters))
+            # What the server built on its own model (an emulator, ...) is not a node's.
+            cache = exp.loaded.model.__dict__.get(CACHE_ATTR)
+            memo = {id(cache): {}} if cache is not None else {}
+            self._template = copy.deepcopy((exp.loaded.model, exp.adapters), memo)
         model, adapters = copy.deepcopy(self._template)
         anatomy = type(exp.loaded.anatomy)(model, exp.loaded.anatomy.task)
         loaded = dataclasses.replace(exp.loaded, model=model, anatomy=anatomy, tokenizer=None)

@@ -30,7 +30,7 @@ def test_emulator_layers_and_sharing(tiny_config, tmp_path):
 
     cfg = lm(tiny_config, "emu", layers=6)
     exp, _ = build_experiment(cfg, tmp_path / "x", quiet=True)
-    m = build_models(exp, adapter_layers=2, keep_layers=None, drop_ratio=0.5, mode="lora")
+    m = build_models(exp.model, adapter_layers=2, keep_layers=None, drop_ratio=0.5, mode="lora")
     assert m.kept == [0, 3] and m.adapter_blocks == [4, 5]
     assert m.emulator_layers == 4 and exp.loaded.anatomy.num_layers == 6
     emu_blocks, full_blocks = m.emu_anatomy.blocks, exp.loaded.anatomy.blocks
@@ -41,7 +41,7 @@ def test_emulator_layers_and_sharing(tiny_config, tmp_path):
     )
     assert all(".h.4." in k or ".h.5." in k for k in m.adapter_params)
     assert m.emu_forward(torch.ones(2, 8, dtype=torch.long)).shape[:2] == (2, 8)
-    m3 = build_models(exp, adapter_layers=1, keep_layers=3, drop_ratio=0.5, mode="full")
+    m3 = build_models(exp.model, adapter_layers=1, keep_layers=3, drop_ratio=0.5, mode="full")
     assert m3.emulator_layers == 4 and m3.kept == [0, 2, 4]
     assert all(not k.endswith(("lora_A.weight", "lora_B.weight")) for k in m3.adapter_params)
 

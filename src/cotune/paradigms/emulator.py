@@ -25,6 +25,8 @@ from cotune.errors import ConfigError, DataError
 from cotune.models import Anatomy, Segment
 from cotune.paradigms.base import Experiment
 from cotune.peft import AdapterLayer
+from cotune.runtime.node import NodeModel, node_cache
+from cotune.train import Trainer
 
 
 @dataclass
@@ -81,6 +83,20 @@ class BiOTModels:
         }
         return own | rest
 
+    @contextmanager
+    def holding(self, weights: dict[str, torch.Tensor]) -> Iterator[None]:
+        """Run with ``weights`` (a device's own copy of the aligned blocks) in the emulator; the
+        module's own tensors come back on exit (colocated roles share one emulator module)."""
+        params = self.emulator_named
+        saved = {k: p.data for k, p in params.items()}
+        for k, p in params.items():
+            p.data = weights[k]
+        try:
+            yield
+        finally:
+            for k, p in params.items():
+                p.data = saved[k]
+
     def adapter_regularization(self) -> torch.Tensor | None:
         regs = [r for layer in self.reg_layers if (r := layer.regularization_loss()) is not None]
         return torch.stack(regs).sum() if regs else None
@@ -100,11 +116,11 @@ def kept_indices(lower: int, keep: int) -> list[int]:
 
 
 def emulator_shape(
-    exp: Experiment, adapter_layers: int, keep_layers: int | None, drop_ratio: float, mode: str
+    model: NodeModel, adapter_layers: int, keep_layers: int | None, drop_ratio: float, mode: str
 ) -> tuple[int, int, int]:
     """``(blocks, lower blocks, blocks the emulator keeps)``; ConfigError if the options do not
     fit the model. Also the paradigm's preflight: it touches no module."""
-    anatomy = exp.loaded.anatomy
+    anatomy = model.loaded.anatomy
     n = anatomy.num_layers
     if adapter_layers >= n:
         raise ConfigError(
@@ -118,7 +134,9 @@ def emulator_shape(
             f"paradigm.options.keep_layers: {keep} is out of range; the emulator keeps 1..{lower} "
             f"of the {lower} blocks below the {adapter_layers} adapter block(s)"
         )
-    if mode == "lora" and not any((anatomy.layer_of(k) or -1) >= lower for k in exp.trainer.params):
+    if mode == "lora" and not any(
+        (anatomy.layer_of(k) or -1) >= lower for k in model.trainer.params
+    ):
         raise ConfigError(
             f"paradigm.options.adapter_layers: no adapter of peft.target_modules/peft.layers "
             f"lies in the last {adapter_layers} block(s); use adapter_mode: full or target them"
@@ -127,10 +145,10 @@ def emulator_shape(
 
 
 def build_models(
-    exp: Experiment, adapter_layers: int, keep_layers: int | None, drop_ratio: float, mode: str
+    node: NodeModel, adapter_layers: int, keep_layers: int | None, drop_ratio: float, mode: str
 ) -> BiOTModels:
-    anatomy, model = exp.loaded.anatomy, exp.loaded.model
-    n, lower, keep = emulator_shape(exp, adapter_layers, keep_layers, drop_ratio, mode)
+    anatomy, model = node.loaded.anatomy, node.loaded.model
+    n, lower, keep = emulator_shape(node, adapter_layers, keep_layers, drop_ratio, mode)
     kept = kept_indices(lower, keep)
     parts = anatomy.blocks_path.split(".")
     ancestors = {".".join(parts[:i]) for i in range(len(parts) + 1)}
@@ -161,10 +179,10 @@ def build_models(
         p.requires_grad_(False)
 
     in_adapter = [anatomy.block_path(i) for i in range(lower, n)]
-    outside = {k: p for k, p in exp.trainer.params.items() if anatomy.layer_of(k) is None}
+    outside = {k: p for k, p in node.trainer.params.items() if anatomy.layer_of(k) is None}
     if mode == "lora":
         params = {
-            k: p for k, p in exp.trainer.params.items() if (anatomy.layer_of(k) or -1) >= lower
+            k: p for k, p in node.trainer.params.items() if (anatomy.layer_of(k) or -1) >= lower
         }
         if not params:
             raise ConfigError(
@@ -176,20 +194,20 @@ def build_models(
             f"{path}.{name}": p
             for path in in_adapter
             for name, p in model.get_submodule(path).named_parameters()
-            if f"{path}.{name}" not in exp.trainer.params
+            if f"{path}.{name}" not in node.trainer.params
         }
         for p in params.values():
             p.requires_grad_(True)
     reg_layers = [
         layer
-        for path, layer in exp.adapters.layers.items()
+        for path, layer in node.adapters.layers.items()
         if (anatomy.layer_of(path) or -1) >= lower and mode == "lora"
     ]
     return BiOTModels(
         emulator=emulator,
         emu_anatomy=emu_anatomy,
         emu_forward=emu_anatomy.full(),
-        full_forward=exp.forward,
+        full_forward=node.forward,
         teacher=anatomy.segment(0, lower, embed=True, head=False),
         student=emu_anatomy.segment(0, keep, embed=True, head=False),
         student_tail=emu_anatomy.segment(keep, len(blocks), embed=False, head=True),
@@ -200,6 +218,20 @@ def build_models(
         reg_layers=reg_layers,
         full_mode=mode == "full",
     )
+
+
+def node_models(
+    node: NodeModel, adapter_layers: int, keep_layers: int | None, drop_ratio: float, mode: str
+) -> tuple[BiOTModels, Trainer]:
+    """The emulator and the adapter's trainer on a node, built once per base model: on the
+    ``local`` engine the server and every device share one emulator module (each device swaps
+    its own copy of the aligned blocks in, ``holding``); on ``isolated`` each node has its own."""
+    key = ("fedbiot", adapter_layers, keep_layers, drop_ratio, mode)
+    per_base = node_cache(node.loaded.model)
+    if key not in per_base:
+        m = build_models(node, adapter_layers, keep_layers, drop_ratio, mode)
+        per_base[key] = (m, Trainer(m.adapter_params, node.trainer.cfg, node.trainer.total_steps))
+    return per_base[key]
 
 
 def align_loss(m: BiOTModels, batch: Batch, task: str, kl_weight: float) -> torch.Tensor:

@@ -10,24 +10,28 @@ round's global adapter; the server averages the adapters (FedAvg). Evaluation pl
 adapter into the emulator ("AdapEmu", role ``emulator``) and into the full model ("AdapFu",
 role ``server``, the run's product). Follows the official code (HarliWu/FedBiOT) as summarised
 in ``shared/reference/methods-distributed.md`` §6.
+
+On the Grid: a device holds the emulator it was sent (its own copy of the aligned blocks, applied
+from the message; on ``local`` devices share one emulator *module* and swap their copy in), and
+reports the emulator version it trained with; the server resends the emulator to a device whose
+last report it did not get.
 """
 
 from __future__ import annotations
 
 import math
 import time
+from typing import Any
 
-import numpy as np
 import torch
 
 from cotune.aggregation import weighted_average
 from cotune.data import Batch, BatchSampler, EncodedDataset
-from cotune.errors import CheckpointError, PeerUnavailable
+from cotune.errors import CheckpointError, ProtocolError
 from cotune.models import task_loss
 from cotune.paradigms.base import (
     Experiment,
     ParadigmResult,
-    mean,
     parse_options,
     reply,
     screen_updates,
@@ -35,15 +39,24 @@ from cotune.paradigms.base import (
 from cotune.paradigms.emulator import (
     BiOTModels,
     align_loss,
-    build_models,
     emulator_shape,
     load_public,
+    node_models,
 )
-from cotune.paradigms.options import FedBiOTOptions
+from cotune.paradigms.federated import log_mean_losses, sample_round
+from cotune.paradigms.options import FedBiOTOptions, parse_paradigm_options
 from cotune.runtime import Message, Role
-from cotune.sim.costs import MemoryProbe
-from cotune.sim.simulation import SERVER, device_id
+from cotune.runtime.ids import SERVER
+from cotune.runtime.node import NodeContext
 from cotune.train import RoleState, Trainer, evaluate, train_step
+from cotune.train.memory import MemoryProbe
+
+EMU = "emulator."  # message keys of emulator tensors
+
+
+def models_for(model: Any, opts: FedBiOTOptions) -> tuple[BiOTModels, Trainer]:
+    return node_models(model, opts.adapter_layers, opts.keep_layers, opts.drop_ratio,
+                       opts.adapter_mode)  # fmt: skip
 
 
 class Aligner:
@@ -53,6 +66,7 @@ class Aligner:
         self, exp: Experiment, m: BiOTModels, public: EncodedDataset, opts: FedBiOTOptions
     ) -> None:
         self.exp, self.m, self.public, self.opts = exp, m, public, opts
+        self.meter = exp.meter
         self.optimizer = torch.optim.AdamW(m.emulator_params, lr=opts.align_lr, weight_decay=0.0)
         self.sampler = BatchSampler(len(public), exp.cfg.train.batch_size, exp.cfg.seed + 7919)
         self.probe = public.batch(list(range(min(len(public), 32))))  # fixed: before/after
@@ -64,7 +78,6 @@ class Aligner:
     def run(self, steps: int, glob: RoleState, trainer: Trainer, rnd: int) -> dict[str, float]:
         if steps == 0:
             return {}
-        sim = self.exp.sim
         out = {}
         with trainer.activate(glob), self.m.aligning():
             out["loss_before"] = self._probe()
@@ -76,10 +89,10 @@ class Aligner:
                     loss.backward()
                     return float(loss.detach())
 
-                _, flops = sim.flops.run("align", fwd_bwd, batch)
+                _, flops = self.meter.flops.run("align", fwd_bwd, batch)
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
-                sim.charge(SERVER, flops, round=rnd, label="align")
+                self.meter.compute(flops, round=rnd, label="align")
             out["loss_after"] = self._probe()
         self.version += 1
         return out
@@ -110,33 +123,37 @@ class Aligner:
 
 
 class BiOTDevice(Role):
-    """Holds only the emulator + adapter; trains the adapter on its shard with a proximal term."""
+    """Holds the emulator it was sent + the adapter; trains the adapter on its shard with a
+    proximal term to the round's global adapter."""
 
-    def __init__(self, role_id: str, exp: Experiment, m: BiOTModels, trainer: Trainer,
-                 dataset: EncodedDataset, seed: int, init: dict[str, torch.Tensor],
-                 opts: FedBiOTOptions) -> None:  # fmt: skip
-        super().__init__(role_id)
-        self.exp, self.m, self.trainer, self.dataset, self.opts = exp, m, trainer, dataset, opts
-        self.state = trainer.new_state(seed, init)
-        self.sampler = BatchSampler(len(dataset), exp.cfg.train.batch_size, seed)
-        self.emulator_version = -1  # the emulator version this device holds (-1: none yet)
+    def __init__(self, ctx: NodeContext) -> None:
+        super().__init__(ctx.node_id)
+        assert ctx.data is not None
+        self.ctx, self.dataset = ctx, ctx.data
+        self.opts = parse_paradigm_options("", ctx.cfg.paradigm.options, FedBiOTOptions)
+        self.m, self.trainer = models_for(ctx.model, self.opts)
+        init = {k: p.data.detach().clone() for k, p in self.m.adapter_params.items()}
+        self.state = self.trainer.new_state(ctx.seed, init)
+        self.sampler = BatchSampler(len(self.dataset), ctx.cfg.train.batch_size, ctx.seed)
+        self.weights: dict[str, torch.Tensor] | None = None  # the aligned blocks it holds
+        self.version = -1  # the emulator version it holds (-1: none yet)
+        m, cfg = self.m, ctx.cfg
+        ctx.meter.memory("emulator", lambda: emulator_memory(m, cfg))
 
     def on_train(self, msg: Message) -> Message:
-        rnd, exp = int(msg.meta["round"]), self.exp
-        self.emulator_version = int(msg.meta["emulator_version"])
-        # Emulator tensors in the message equal the shared emulator already (one copy in memory),
-        # so only the adapter is loaded; the emulator bytes were still counted on the link.
+        rnd = int(msg.meta["round"])
+        self._apply_emulator(msg)
         anchor = {k: msg.tensors[k] for k in self.trainer.params}
         with torch.no_grad():
             for k, v in anchor.items():
                 self.state.params[k].copy_(v)
         self.state.step = int(msg.meta["schedule_step"])
-        params, mu = self.trainer.params, self.opts.prox_mu
+        params, mu, m, task = self.trainer.params, self.opts.prox_mu, self.m, self.ctx.task
 
         def loss_fn(batch: Batch) -> torch.Tensor:
-            loss = task_loss(self.m.emu_forward(batch.input_ids, batch.attention_mask),
-                             batch.labels, exp.task)  # fmt: skip
-            reg = self.m.adapter_regularization()
+            loss = task_loss(m.emu_forward(batch.input_ids, batch.attention_mask),
+                             batch.labels, task)  # fmt: skip
+            reg = m.adapter_regularization()
             if reg is not None:
                 loss = loss + reg
             if mu > 0:
@@ -144,20 +161,59 @@ class BiOTDevice(Role):
             return loss
 
         results = []
-        accum = exp.cfg.train.grad_accum
-        with self.trainer.activate(self.state):
+        accum, meter = self.ctx.cfg.train.grad_accum, self.ctx.meter
+        assert self.weights is not None
+        with self.m.holding(self.weights), self.trainer.activate(self.state):
             for _ in range(self.opts.local_steps):
                 micro = [self.dataset.batch(self.sampler.next_indices()) for _ in range(accum)]
                 r = train_step(self.trainer, self.state, loss_fn, micro,
-                               counter=exp.sim.flops, key="emulator")  # fmt: skip
-                exp.sim.charge(self.role_id, r.flops, round=rnd, label="train")
+                               counter=meter.flops, key="emulator")  # fmt: skip
+                meter.compute(r.flops, round=rnd, label="train")
                 results.append(r)
         self.state.sampler = self.sampler.state_dict()
-        if not exp.sim.online(self.role_id, rnd, exp.sim.clock.free_at(self.role_id)):
-            raise PeerUnavailable(f"{self.role_id} went offline in round {rnd} before uploading")
         up = {k: v.detach() for k, v in self.state.params.items()}
         return reply(msg, "update", up, round=rnd, examples=len(self.dataset),
-                     losses=[r.loss for r in results])  # fmt: skip
+                     losses=[r.loss for r in results], emulator_version=self.version)  # fmt: skip
+
+    def _apply_emulator(self, msg: Message) -> None:
+        """Take the emulator tensors the message carries: the aligned blocks become this
+        device's copy; on first contact the rest (embeddings, head, frozen parts of the adapter
+        blocks) goes into the node's own model (colocated nodes share the frozen base it came
+        from, so there is nothing to apply)."""
+        own = {k[len(EMU) :]: v for k, v in msg.tensors.items() if k.startswith(EMU)}
+        if own:
+            missing = sorted(set(self.m.emulator_named) - set(own))
+            if missing:
+                raise ProtocolError(f"{msg.describe()}: emulator lacks {missing[:3]}")
+            self.weights = {k: own[k] for k in self.m.emulator_named}
+            if not self.ctx.grid or not self.ctx.grid.colocated:
+                named = dict(self.m.emulator.named_parameters())
+                with torch.no_grad():
+                    for k, v in own.items():
+                        if k not in self.m.emulator_named and k in named:
+                            named[k].copy_(v)
+            self.version = int(msg.meta["emulator_version"])
+        if self.weights is None:
+            raise ProtocolError(f"{msg.describe()}: no emulator yet (first contact sends it)")
+
+    def snapshot(self) -> dict[str, Any]:
+        return {"state": self.state, "weights": self.weights, "version": self.version}
+
+    def restore(self, st: dict[str, Any]) -> None:
+        self.state, self.weights, self.version = st["state"], st["weights"], int(st["version"])
+        if self.state.sampler is not None:
+            self.sampler.load_state_dict(self.state.sampler)
+
+
+def emulator_memory(m: BiOTModels, cfg: Any) -> Any:
+    """Peak training memory of a device holding the emulator + adapter, at the largest batch."""
+    ids = torch.ones(cfg.train.batch_size, cfg.model.max_length, dtype=torch.long)
+    was = m.emulator.training
+    m.emulator.train()
+    try:
+        return MemoryProbe().estimate("emulator", m.emulator, m.emu_forward, ids, ids.clone())
+    finally:
+        m.emulator.train(was)
 
 
 def evaluate_both(
@@ -174,30 +230,21 @@ def evaluate_both(
 def preflight(exp: Experiment) -> None:
     """Checks that need the model, run before the run directory is touched."""
     opts = parse_options(FedBiOTOptions, exp.cfg.paradigm.options)
-    emulator_shape(exp, opts.adapter_layers, opts.keep_layers, opts.drop_ratio, opts.adapter_mode)
+    emulator_shape(exp.model, opts.adapter_layers, opts.keep_layers, opts.drop_ratio,
+                   opts.adapter_mode)  # fmt: skip
 
 
 def run(exp: Experiment) -> ParadigmResult:
-    cfg = exp.cfg
+    cfg, grid = exp.cfg, exp.grid
     opts = parse_options(FedBiOTOptions, cfg.paradigm.options)
-    m = build_models(exp, opts.adapter_layers, opts.keep_layers, opts.drop_ratio, opts.adapter_mode)
+    m, trainer = models_for(exp.model, opts)
     public = load_public(exp, opts.public_dataset, opts.public_view, opts.public_examples)
-    trainer = Trainer(m.adapter_params, cfg.train, cfg.train.steps)
     init = {k: p.data.detach().clone() for k, p in m.adapter_params.items()}
     glob = trainer.new_state(cfg.seed, init)
-    devices = []
-    for i, idx in enumerate(exp.parts):
-        dev = BiOTDevice(device_id(i), exp, m, trainer, exp.train_set.subset(idx), cfg.seed + i,
-                         init, opts)  # fmt: skip
-        exp.engine.register(dev)
-        devices.append(dev)
-    ids = torch.ones(cfg.train.batch_size, cfg.model.max_length, dtype=torch.long)
-    was = m.emulator.training
-    m.emulator.train()
-    mem = MemoryProbe().estimate("emulator", m.emulator, m.emu_forward, ids, ids.clone())
-    m.emulator.train(was)
-    for dev in devices:  # devices hold the emulator + adapter, never the full model
-        exp.sim.memory[dev.role_id] = mem
+    devices = grid.node_ids("device-")
+    for d in devices:
+        grid.start(d, BiOTDevice)
+    held = dict.fromkeys(devices, -1)  # the emulator version each device last reported
 
     aligner = Aligner(exp, m, public, opts)
     start = 0
@@ -205,15 +252,14 @@ def run(exp: Experiment) -> ParadigmResult:
         first = aligner.run(opts.initial_align_steps, glob, trainer, 0)
         if first:
             exp.log_record("align", 0, SERVER, round=0, steps=opts.initial_align_steps, **first)
-    else:  # the aligned emulator, the global and every device's adapter state, as checkpointed
+    else:  # the aligned emulator, the global and every device's state, as checkpointed
         res = exp.resume
         glob = res["states"][SERVER]
         aligner.load_state_dict(res["extra"]["aligner"])
-        for dev in devices:
-            dev.state = res["states"][dev.role_id]
-            if dev.state.sampler is not None:
-                dev.sampler.load_state_dict(dev.state.sampler)
-            dev.emulator_version = int(res["extra"]["emulator_versions"][dev.role_id])
+        for d in devices:
+            dev = res["extra"]["devices"][d]
+            grid.restore(d, {"state": res["states"][d], **dev})
+        held = {d: int(v) for d, v in res["extra"]["held"].items()}
         start = int(res["extra"]["round"])
     rounds = opts.rounds or math.ceil(cfg.train.steps / opts.local_steps)
     spr = opts.local_steps
@@ -225,25 +271,27 @@ def run(exp: Experiment) -> ParadigmResult:
             aligned = aligner.run(opts.align_steps, glob, trainer, rnd)
             if aligned:
                 exp.log_record("align", step, SERVER, round=rnd, steps=opts.align_steps, **aligned)
-            sent_before, started = len(exp.engine.transfers), time.perf_counter()
-            chosen = sample(exp, opts, devices, rnd)
-            updates, failed = [], []
-            for dev in chosen:
+            sent_before, started = len(grid.transfers), time.perf_counter()
+            chosen = sample_round(grid, devices, rnd, cfg.seed,
+                                  clients_per_round=opts.clients_per_round,
+                                  fraction=opts.fraction, salt=0xB107)  # fmt: skip
+            futures = []
+            for d in chosen:
                 tensors = {k: v.detach() for k, v in glob.params.items()}
-                if dev.emulator_version < aligner.version or dev.emulator_version < 0:
+                if held[d] < aligner.version or held[d] < 0:
                     # First contact: the whole emulator; later: only what alignment changed.
-                    tensors |= m.emulator_tensors(full=dev.emulator_version < 0)
+                    tensors |= m.emulator_tensors(full=held[d] < 0)
                 meta = {"round": rnd, "schedule_step": (rnd - 1) * spr,
                         "emulator_version": aligner.version}  # fmt: skip
-                try:
-                    updates.append(
-                        exp.engine.request(Message("train", SERVER, dev.role_id, tensors, meta))
-                    )
-                except PeerUnavailable:
-                    failed.append(dev.role_id)
-            outcome = exp.sim.clock.round_end([d.role_id for d in chosen], failed=failed)
+                futures.append(grid.submit(Message("train", SERVER, d, tensors, meta), round=rnd))
+            done = grid.gather(futures)
+            for r in done.replies:  # what a device holds, as far as the server knows
+                if r.message is not None:
+                    held[r.role] = int(r.message.meta["emulator_version"])
             ref = {k: glob.params[k] for k in glob.params}
-            updates, rejected = screen_updates(updates, lambda _, ref=ref: ref)
+            updates, rejected = screen_updates(
+                [r.message for r in done.ok if r.message is not None], lambda _, ref=ref: ref
+            )
             rejected_total += len(rejected)
             if updates:
                 w = [
@@ -252,19 +300,16 @@ def run(exp: Experiment) -> ParadigmResult:
                 ]
                 new = weighted_average([u.tensors for u in updates], w)
                 n_params = sum(v.numel() for v in new.values())
-                exp.sim.charge(SERVER, 3.0 * n_params * len(updates), after=outcome.end_time,
-                               label="aggregate")  # fmt: skip
+                exp.meter.compute(3.0 * n_params * len(updates), after=done.closed_at,
+                                  label="aggregate")  # fmt: skip
                 with torch.no_grad():
                     for k, v in new.items():
                         glob.params[k].copy_(v)
-            losses = [u.meta["losses"] for u in updates]
-            for j in range(max((len(ls) for ls in losses), default=0)):
-                vals = [ls[j] for ls in losses if j < len(ls)]
-                exp.log_record("train", (rnd - 1) * spr + j + 1, "mean", round=rnd, loss=mean(vals))
-            traffic = exp.engine.transfers[sent_before:]
+            log_mean_losses(exp, [u.meta["losses"] for u in updates], (rnd - 1) * spr + 1, rnd)
+            traffic = grid.transfers[sent_before:]
             exp.log_record(
                 "round", step, SERVER, round=rnd, participants=len(chosen), reported=len(updates),
-                dropped=len(chosen) - len(updates),
+                dropped=len(chosen) - len(updates) - len(rejected), rejected=len(rejected),
                 bytes_up=sum(t.nbytes for t in traffic if t.receiver == SERVER),
                 bytes_down=sum(t.nbytes for t in traffic if t.sender == SERVER),
                 round_host_s=time.perf_counter() - started,
@@ -275,16 +320,19 @@ def run(exp: Experiment) -> ParadigmResult:
                 exp.log_record("eval", step, "emulator", round=rnd, **emu)
                 last = {**full, **{f"emulator_{k}": v for k, v in emu.items() if k != "examples"}}
             bar.update(1, **{k: v for k, v in last.items() if k in ("accuracy", "perplexity")})
+            snaps = {d: grid.snapshot(d) for d in devices}
             exp.maybe_checkpoint(
                 step,
-                {SERVER: glob, **{d.role_id: d.state for d in devices}},
-                {"round": rnd, "aligner": aligner.state_dict(),
-                 "emulator_versions": {d.role_id: d.emulator_version for d in devices}},
+                {SERVER: glob, **{d: s["state"] for d, s in snaps.items()}},
+                {"round": rnd, "aligner": aligner.state_dict(), "held": held,
+                 "devices": {d: {"weights": s["weights"], "version": s["version"]}
+                             for d, s in snaps.items()}},
             )  # fmt: skip
     # The product in the run's adapter layout: the initial adapter set with the trained part.
     product = exp.trainer.new_state(cfg.seed, {**exp.initial_params(), **{
         k: v for k, v in glob.params.items() if k in exp.trainer.params}})  # fmt: skip
-    extra = {"rounds": rounds, "rejected_updates": rejected_total, "emulator_layers": m.emulator_layers, "kept_blocks": m.kept,
+    extra = {"rounds": rounds, "rejected_updates": rejected_total,
+             "emulator_layers": m.emulator_layers, "kept_blocks": m.kept,
              "adapter_blocks": m.adapter_blocks, "adapter_mode": opts.adapter_mode}  # fmt: skip
     if opts.adapter_mode == "full":  # the trained blocks do not fit the PEFT adapter layout
         torch.save(
@@ -292,18 +340,3 @@ def run(exp: Experiment) -> ParadigmResult:
         )
     m.release()
     return ParadigmResult(states={SERVER: product}, final_eval=last, extra=extra)
-
-
-def sample(
-    exp: Experiment, opts: FedBiOTOptions, devices: list[BiOTDevice], rnd: int
-) -> list[BiOTDevice]:
-    """Devices online at the round start, sampled without replacement (seeded per round)."""
-    t0 = exp.sim.clock.free_at(SERVER)
-    pool = [d for d in devices if exp.sim.online(d.role_id, rnd, t0)]
-    k = min(opts.clients_per_round or max(1, round(opts.fraction * len(devices))), len(pool))
-    rng = np.random.default_rng([exp.cfg.seed, 0xB107, rnd])
-    return (
-        [pool[i] for i in sorted(rng.choice(len(pool), size=k, replace=False).tolist())]
-        if k
-        else []
-    )

@@ -97,12 +97,14 @@ def sample_round(
     *,
     clients_per_round: int | None,
     fraction: float,
+    salt: int = 0xFED,
 ) -> list[str]:
-    """Devices connected at the round's start, sampled without replacement (seeded per round)."""
+    """Devices connected at the round's start, sampled without replacement (seeded per round;
+    ``salt`` keeps each paradigm's own random stream)."""
     pool = grid.connected(devices, round=rnd)
     k = clients_per_round or max(1, round(fraction * len(devices)))
     k = min(k, len(pool))
-    rng = np.random.default_rng([seed, 0xFED, rnd])
+    rng = np.random.default_rng([seed, salt, rnd])
     picked = sorted(rng.choice(len(pool), size=k, replace=False).tolist()) if k else []
     return [pool[i] for i in picked]
 

@@ -130,3 +130,15 @@ class NodeContext:
         if self.domains is None:
             return tensors
         return {k: v for k, v in tensors.items() if self.domains.owns(self.node_id, k)}
+
+
+CACHE_ATTR = "_cotune_node_cache"
+
+
+def node_cache(base: Any) -> dict[Any, Any]:
+    """Objects a node builds once per base model (fedbiot's emulator), kept on the base module
+    itself so they live exactly as long as it does. Node copies do not inherit it."""
+    cache = base.__dict__.get(CACHE_ATTR)
+    if cache is None:
+        cache = base.__dict__[CACHE_ATTR] = {}
+    return cache
