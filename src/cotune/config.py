@@ -268,16 +268,6 @@ class RunConfig(Section):
     def _cross_checks(self) -> RunConfig:
         if self.eval.target_accuracy is not None and self.model.task != "classification":
             raise ValueError("eval.target_accuracy needs model.task=classification")
-        if self.engine.kind == "isolated":
-            from cotune.paradigms import GRID_PARADIGMS
-
-            if self.paradigm.name not in GRID_PARADIGMS:
-                raise ValueError(
-                    f"engine.kind 'isolated' runs {', '.join(GRID_PARADIGMS)} so far; "
-                    f"{self.paradigm.name!r} still runs on engine.kind 'local' only"
-                )
-            if self.peft.stages is not None:
-                raise ValueError("engine.kind 'isolated' does not run peft.stages yet (use local)")
         if self.peft.stages is not None:
             total = sum(self.peft.stages.values())
             if "steps" not in self.train.model_fields_set:  # unset: the stages decide

@@ -313,7 +313,7 @@ def test_pooled_cut_gradient_is_the_devices_own_loss_gradient(tiny_config, monke
 
     def spy(self, msg):
         if msg.meta["step"] == 1:
-            got.setdefault(self.ctx.opts.server_batch, []).append(msg.tensors["grad"].clone())
+            got.setdefault(self.opts.server_batch, []).append(msg.tensors["grad"].clone())
         return original(self, msg)
 
     monkeypatch.setattr(splitting.SplitDevice, "on_gradients", spy)

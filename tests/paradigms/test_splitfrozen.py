@@ -28,24 +28,26 @@ def test_devices_never_change_and_never_hear_from_the_server(tiny_config, monkey
         seen.append((msg.sender, msg.receiver, msg.kind))
         return transmit(self, msg, codec, in_reply_to)
 
-    send = splitfrozen.FrozenDevice.send_activations
+    send = splitfrozen.FrozenDevice.tick_step
 
-    def snap(self, step):
+    def snap(self, meta):
         # The weights the device actually computes with, as the shared model holds them.
-        with self.exp.trainer.activate(self.state):
+        with self.ctx.model.trainer.activate(self.state):
             now = {k: v.detach().clone() for k, v in self.segment.named_parameters()}
         snapshots.setdefault(self.role_id, []).append(now)
-        return send(self, step)
+        return send(self, meta)
 
     monkeypatch.setattr(LocalEngine, "_transmit", spy)
-    monkeypatch.setattr(splitfrozen.FrozenDevice, "send_activations", snap)
+    monkeypatch.setattr(splitfrozen.FrozenDevice, "tick_step", snap)
     run_dir = run_experiment(
         frozen(tiny_config, "fz", train={"steps": 3}, eval={"every": 3, "max_examples": 16}),
         quiet=True,
         report=False,
     )
-    assert seen and all(s[0] != "server" for s in seen)
-    assert {s[2] for s in seen} == {"activations"}
+    # The server tells each device its cut once, before training; then only uploads travel.
+    told = [s for s in seen if s[0] == "server"]
+    assert [s[2] for s in told] == ["configure", "configure"] and seen[:2] == told
+    assert {s[2] for s in seen[2:]} == {"activations"}
     for snaps in snapshots.values():
         assert len(snaps) == 3
         for k, v in snaps[0].items():

@@ -24,10 +24,6 @@ PARADIGMS: dict[str, str] = {
     "dlora": "cotune.paradigms.dlora",
 }
 
-# Paradigms written on the Grid contract (cotune.runtime.grid): they run on every engine. The
-# others still drive roles through the in-process engine and run on engine.kind local only.
-GRID_PARADIGMS: tuple[str, ...] = ("central", "local", "fedavg", "hierfed", "fedbiot")
-
 
 def get_paradigm(name: str) -> Callable[[Experiment], ParadigmResult]:
     if name not in PARADIGMS:

@@ -1,171 +1,35 @@
-"""What every paradigm shares: the experiment context, roles that train, checkpoints, logging.
+"""What every paradigm shares: roles that train, the result, update screening, small helpers.
 
 A paradigm is a driver function ``run(exp) -> ParadigmResult`` written like a server app: it
-registers roles with ``exp.engine`` and talks to them only through ``Message``s. Measurement
-(evaluation on the held-out set) is the experimenter's privilege: it reads a role's state
-directly and is never counted as traffic.
+starts roles on their nodes through ``exp.grid`` and talks to them only through ``Message``s.
+Measurement (evaluation on the held-out set) is the experimenter's privilege: it reads a role's
+state through the grid's snapshot channel and is never counted as traffic. The ``Experiment``
+(the run's context, ``cotune.experiment``) is re-exported here for the drivers.
 """
 
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
 from pydantic import BaseModel
 
 from cotune.config import RunConfig
-from cotune.data import Batch, BatchSampler, EncodedDataset, TaskData
+from cotune.data import Batch, BatchSampler, EncodedDataset
 from cotune.errors import DivergenceError
-from cotune.models import LoadedModel, Segment
-from cotune.peft import AdapterSet
-from cotune.peft.domains import DomainPlan, route_domains
-from cotune.progress import Progress
-from cotune.report import MetricsLog
-from cotune.runtime import Engine, Message, Role
-from cotune.runtime.grid import Grid
-from cotune.runtime.ids import SERVER
-from cotune.runtime.node import Meter, NodeContext, NodeModel
-from cotune.sim.costs import MemoryEstimate, MemoryProbe
-from cotune.sim.simulation import Simulation
-from cotune.train import RoleState, StepResult, Trainer, evaluate, full_model_loss, train_step
+from cotune.experiment import Experiment  # noqa: F401 - re-exported for the drivers
+from cotune.peft.domains import route_domains
+from cotune.runtime import Message, Role
+from cotune.runtime.node import NodeContext, NodeModel
+from cotune.train import RoleState, StepResult, full_model_loss, train_step
 from cotune.train.loop import LossFn
+from cotune.train.memory import MemoryEstimate, MemoryProbe
 
 T = TypeVar("T", bound=BaseModel)
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Experiment:
-    """Everything a paradigm needs, built once from a ``RunConfig`` by ``cotune.run``."""
-
-    cfg: RunConfig
-    loaded: LoadedModel
-    adapters: AdapterSet
-    data: TaskData
-    train_set: EncodedDataset
-    test_set: EncodedDataset
-    parts: list[list[int]]
-    engine: Engine
-    trainer: Trainer
-    run_dir: Path
-    sim: Simulation
-    log: MetricsLog | None = None  # opened by cotune.run once the run directory exists
-    quiet: bool = True
-    resume: dict[str, Any] | None = None  # a loaded checkpoint, when resuming
-    start_time: float = field(default_factory=time.perf_counter)
-    checkpoint_fn: Callable[[int, dict[str, RoleState], dict[str, Any]], None] | None = None
-    last_checkpoint_step: int = 0
-    tokenizer: Any = None  # the run's Tokenizer (paradigms that encode extra data, e.g. fedbiot)
-    # Set by the stage driver (cotune.stages) for MoDULA's domain stage: each device's expert.
-    domains: DomainPlan | None = None
-    flop_key: str = "full"  # FLOP-counter key of a whole-model step (one per training stage)
-    grid: Grid | None = None  # the driver's view of the other roles (cotune.nodes.make_grid)
-
-    @property
-    def task(self) -> str:
-        return self.cfg.model.task
-
-    @property
-    def forward(self) -> Segment:
-        return self.loaded.anatomy.full()
-
-    def host_time(self) -> float:
-        return time.perf_counter() - self.start_time
-
-    def progress(self, total: int, label: str) -> Progress:
-        return Progress(total, label, quiet=self.quiet)
-
-    def initial_params(self) -> dict[str, torch.Tensor]:
-        """The adapter values every role starts from (the server's initialization)."""
-        return {k: p.data for k, p in self.trainer.params.items()}
-
-    def role_tensors(
-        self, role_id: str, tensors: dict[str, torch.Tensor]
-    ) -> dict[str, torch.Tensor]:
-        """The part of an adapter state `role_id` trains (all of it outside a domain stage):
-        what a device downloads and uploads, so an expert is averaged only over its domain."""
-        if self.domains is None:
-            return tensors
-        return {k: v for k, v in tensors.items() if self.domains.owns(role_id, k)}
-
-    def evaluate_state(self, state: RoleState) -> dict[str, float]:
-        with self.trainer.activate(state):
-            return evaluate(
-                self.forward, self.loaded.model, self.test_set, self.task, self.cfg.eval.batch_size
-            )
-
-    def evaluate_roles(
-        self, roles: list[TrainingRole] | list[str], step: int, rnd: int
-    ) -> tuple[dict, dict]:
-        """Evaluate each role's own adapter (a role, or a role id read through the grid's
-        snapshot); log one record per role and their mean."""
-        states = {
-            r: self.grid.snapshot(r) if isinstance(r, str) else r.state  # type: ignore[union-attr]
-            for r in roles
-        }
-        per_role = {(r if isinstance(r, str) else r.role_id): self.evaluate_state(st)
-                    for r, st in states.items()}  # fmt: skip
-        for role, ev in per_role.items():
-            self.log_record("eval", step, role, round=rnd, **ev)
-        first = next(iter(per_role.values()))
-        summary = {k: mean([ev[k] for ev in per_role.values()]) for k in first}
-        self.log_record("eval", step, "mean", round=rnd, **summary)
-        return per_role, summary
-
-    def eval_points(self) -> list[int]:
-        """Steps after which to evaluate: every ``eval.every`` steps and at the last step."""
-        total, every = self.cfg.train.steps, self.cfg.eval.every
-        points = list(range(every, total, every))
-        return [*points, total]
-
-    def log_record(self, event: str, step: int, role: str, **values: Any) -> None:
-        record = {"event": event, "step": step, "role": role, **values}
-        record["sim_time_s"] = self.sim.now
-        record["host_time_s"] = self.host_time()
-        self.log.log(record)
-
-    def full_model_memory(self) -> MemoryEstimate:
-        """Peak training memory of one role holding the whole model, at the largest batch."""
-        from cotune.nodes import SharedModel
-
-        return full_model_memory(SharedModel(self), self.cfg)
-
-    @property
-    def model(self) -> NodeModel:
-        """The server node's model (the run's one model), as a node sees its own."""
-        from cotune.nodes import SharedModel
-
-        return SharedModel(self)
-
-    @property
-    def meter(self) -> Meter:
-        """The server node's meter: the driver reports its own work (aggregation) on it."""
-        assert self.grid is not None
-        return self.grid.meter(SERVER)
-
-    def maybe_checkpoint(
-        self, step: int, states: dict[str, RoleState], extra: dict[str, Any]
-    ) -> None:
-        """Checkpoint at a driver's consistent point when ``output.checkpoint_every`` says so.
-
-        Drivers call this only between rounds/eval points, where every role's state is whole;
-        ``"eval"`` (the default) checkpoints at the first such point at or after each
-        evaluation step. The final checkpoint is written by ``cotune.run`` after the paradigm
-        returns.
-        """
-        every = self.cfg.output.checkpoint_every
-        if every == "eval":
-            every = self.cfg.eval.every
-        if self.checkpoint_fn is None or not every or step >= self.cfg.train.steps:
-            return
-        if step - self.last_checkpoint_step >= every:
-            self.checkpoint_fn(step, states, extra)
-            self.last_checkpoint_step = step
 
 
 @dataclass
@@ -262,24 +126,6 @@ class TrainingRole(Role):
         self.state = state
         if state.sampler is not None and self.sampler is not None:
             self.sampler.load_state_dict(state.sampler)
-
-
-class LegacyTrainingRole(TrainingRole):
-    """A ``TrainingRole`` for paradigms not yet ported to the Grid contract (hierfed, dlora):
-    built from the run's ``Experiment``, which it keeps as ``self.exp``."""
-
-    def __init__(self, role_id: str, exp: Experiment, dataset: EncodedDataset | None, seed: int):
-        from cotune.nodes import SharedModel
-
-        meter = exp.grid.meter(role_id) if exp.grid is not None else None
-        if meter is None:
-            from cotune.runtime.node import Meter
-
-            meter = Meter(role_id, exp.sim.flops)
-        ctx = NodeContext(role_id, exp.cfg, seed, meter, dataset, exp.grid, exp.domains)
-        ctx._model = SharedModel(exp)
-        super().__init__(ctx)
-        self.exp = exp
 
 
 def full_model_memory(model: NodeModel, cfg: RunConfig) -> MemoryEstimate:

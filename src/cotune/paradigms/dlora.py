@@ -22,20 +22,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from cotune.errors import CheckpointError
+from cotune.errors import CheckpointError, ProtocolError
 from cotune.models import Activations, task_loss
-from cotune.paradigms.base import (
-    Experiment,
-    LegacyTrainingRole,
-    ParadigmResult,
-    mean,
-    parse_options,
-    reply,
-)
-from cotune.paradigms.options import DLoRAOptions
+from cotune.paradigms.base import Experiment, ParadigmResult, TrainingRole, mean, reply
+from cotune.paradigms.options import DLoRAOptions, parse_paradigm_options
+from cotune.peft.grouped import bind_state
 from cotune.runtime import Message, Role
-from cotune.sim.costs import estimate_memory
-from cotune.sim.simulation import SERVER, device_id
+from cotune.runtime.ids import SERVER
+from cotune.runtime.node import NodeContext
+from cotune.train.memory import estimate_memory
 
 
 def lora_flops(layer: Any, x: torch.Tensor) -> int:
@@ -67,15 +62,22 @@ class RemoteDelta(torch.autograd.Function):
 
 
 class Cloud(Role):
-    """Runs the frozen blocks for whichever device is stepping; calls out to it per active module."""
+    """Runs the frozen blocks for whichever device is stepping; calls out to it per active module.
 
-    def __init__(self, exp: Experiment) -> None:
-        super().__init__(SERVER)
-        self.exp = exp
-        n = exp.loaded.anatomy.num_layers
-        self.body = exp.loaded.anatomy.segment(0, n, embed=False, head=False)
-        self.embed = exp.loaded.anatomy.segment(0, 0, embed=True, head=False)
+    The cloud's own role, on the driver's node. Per device it keeps the tensors of the modules
+    that device killed (merged into "its copy of the backbone"), and computes those with them.
+    """
+
+    def __init__(self, ctx: NodeContext) -> None:
+        super().__init__(ctx.node_id)
+        self.ctx = ctx
+        anatomy = ctx.model.loaded.anatomy
+        n = anatomy.num_layers
+        self.body = anatomy.segment(0, n, embed=False, head=False)
+        self.embed = anatomy.segment(0, 0, embed=True, head=False)
+        self.layers = ctx.model.adapters.layers
         self.pending: dict[str, tuple[torch.Tensor, tuple[str, ...]]] = {}
+        self.merged: dict[str, dict[str, torch.Tensor]] = {}  # device → killed modules' tensors
         self.device, self.meta = "", {}
         self.lora_flops = self.fwd_flops = 0
         self.anchor = torch.empty(0, requires_grad=True)
@@ -86,28 +88,39 @@ class Cloud(Role):
         msg = Message(
             kind, SERVER, self.device, {key: t.detach()}, {**self.meta, **meta, "layer": path}
         )
-        return self.exp.engine.request(msg).tensors.get(back)
+        assert self.ctx.grid is not None
+        return self.ctx.grid.request(msg).tensors.get(back)
 
-    def _patched(self, active: set[str]) -> list[Any]:
-        layers = self.exp.adapters.layers
-        for path, layer in layers.items():
+    def _patched(self, active: set[str], merged: dict[str, torch.Tensor]) -> list[Any]:
+        """Route the cloud's own layers for this forward: active modules to the device, killed
+        ones through the device's merged tensors (the instance attribute is removed after)."""
+        for path, layer in self.layers.items():
+            own = {k: v for k, v in merged.items() if k.startswith(path + ".")}
 
-            def fwd(x: torch.Tensor, layer: Any = layer, path: str = path) -> torch.Tensor:
+            def fwd(x: torch.Tensor, layer: Any = layer, path: str = path, own=own) -> torch.Tensor:
                 y = layer.base_forward(x)
                 if path in active:
                     self.lora_flops += 3 * lora_flops(layer, x)  # ran on the device
                     return y + RemoteDelta.apply(x, self.anchor, self, path).to(y.dtype)
-                with torch.no_grad():  # killed: merged into the backbone, frozen
+                # Killed: merged into this device's backbone, frozen.
+                with torch.no_grad(), bind_state({path: layer}, own):
                     return y + layer.delta(x).to(y.dtype)
 
             layer.forward = fwd  # instance attribute: shadows the class's forward
-        return list(layers.values())
+        return list(self.layers.values())
 
     def on_forward(self, msg: Message) -> Message:
         self.device, self.meta = msg.sender, {"round": msg.meta["round"]}
         active = tuple(msg.meta["active"])
         self.lora_flops = 0
-        patched = self._patched(set(active))
+        killed = set(self.layers) - set(active)
+        merged = self.merged.get(msg.sender, {})
+        missing = sorted(p for p in killed if not any(k.startswith(p + ".") for k in merged))
+        if missing:
+            raise ProtocolError(
+                f"{msg.describe()}: modules {missing[:3]} are neither active nor killed"
+            )
+        patched = self._patched(set(active), merged)
         mask = msg.tensors["mask"]
         if "input_ids" in msg.tensors:  # embed: cloud — the device sent its token ids
             with torch.no_grad():
@@ -116,7 +129,7 @@ class Cloud(Role):
             hidden = msg.tensors["hidden"]
         try:
             with torch.enable_grad():
-                out, self.fwd_flops = self.exp.sim.flops.run(
+                out, self.fwd_flops = self.ctx.meter.flops.run(
                     "dlora-cloud-fwd",
                     lambda h, m, a: self.body(Activations(h, m)),
                     hidden,
@@ -131,41 +144,53 @@ class Cloud(Role):
 
     def on_backward(self, msg: Message) -> Message:
         hidden, active = self.pending.pop(msg.sender)
-        grad, sim = msg.tensors["grad"], self.exp.sim
+        grad, meter = msg.tensors["grad"], self.ctx.meter
         bwd = 0
         if hidden.requires_grad:
-            _, bwd = sim.flops.run("dlora-cloud-bwd", lambda g, a: hidden.backward(g), grad, active)
+            _, bwd = meter.flops.run(
+                "dlora-cloud-bwd", lambda g, a: hidden.backward(g), grad, active
+            )
         # What ran here, less the LoRA branches the device ran inside these calls.
         flops = max(self.fwd_flops + bwd - self.lora_flops, 0)
-        sim.charge(
-            SERVER, flops, after=sim.clock.last_arrival(SERVER, msg.sender), label="backbone"
-        )
+        meter.compute(flops, waits_for=msg.sender, label="backbone")
         return reply(msg, "ack", **self.meta)
 
     def on_kill(self, msg: Message) -> Message:
         # The killed modules' tensors: merged into this device's copy of the backbone.
+        self.merged.setdefault(msg.sender, {}).update(
+            {k: v.detach().clone() for k, v in msg.tensors.items()}
+        )
         return reply(msg, "merged", round=msg.meta["round"])
 
 
-class DLoRADevice(LegacyTrainingRole):
+class DLoRADevice(TrainingRole):
     """Holds data, embeddings, head and its personal LoRA; runs KR over its modules."""
 
-    opts: DLoRAOptions
-
-    def setup(self) -> None:
-        anatomy = self.exp.loaded.anatomy
+    def __init__(self, ctx: NodeContext) -> None:
+        super().__init__(ctx)
+        self.opts = parse_paradigm_options("", ctx.cfg.paradigm.options, DLoRAOptions)
+        anatomy = ctx.model.loaded.anatomy
         n = anatomy.num_layers
         self.embed = anatomy.segment(0, 0, embed=True, head=False)
         self.head = anatomy.segment(n, n, embed=False, head=True)
-        self.layers = self.exp.adapters.layers
+        self.layers = ctx.model.adapters.layers
         self.active = sorted(self.layers)
         self.killed: list[str] = []
         self.saved: list[tuple[str, torch.Tensor, torch.Tensor]] = []
         self.last_dw: dict[str, torch.Tensor] = {}
         self.ema: dict[str, float] = dict.fromkeys(self.layers, 0.0)
         self.target = max(1, math.ceil(self.opts.active_fraction * len(self.layers)))
-        self.rng = np.random.default_rng([self.exp.cfg.seed, 0xD10, self.seed])
+        self.rng = np.random.default_rng([ctx.cfg.seed, 0xD10, self.seed])
         self.round = self.lora_flops = 0
+        model, cfg, opts, target = ctx.model, ctx.cfg, self.opts, self.target
+        ctx.meter.memory("dlora-device", lambda: device_memory(model, cfg, opts, target))
+
+    def snapshot(self) -> dict[str, Any]:
+        return {"state": self.state, "kr": self.kr_state()}
+
+    def restore(self, st: dict[str, Any]) -> None:
+        super().restore(st["state"])
+        self.load_kr_state(st["kr"])
 
     def kr_state(self) -> dict[str, Any]:
         """Kill-and-Revive's state, for checkpoints (the role state holds the rest)."""
@@ -188,7 +213,7 @@ class DLoRADevice(LegacyTrainingRole):
     def on_train(self, msg: Message) -> Message:
         self.round = int(msg.meta["round"])
         losses, fractions = [], []
-        with self.exp.trainer.activate(self.state):
+        with self.ctx.model.trainer.activate(self.state):
             if not self.last_dw:
                 self.last_dw = self._dw(self.active)
             for _ in range(int(msg.meta["steps"])):
@@ -199,9 +224,11 @@ class DLoRADevice(LegacyTrainingRole):
         return reply(msg, "train_result", losses=losses, active=fractions)
 
     def _step(self) -> float:
-        exp, sim, trainer = self.exp, self.exp.sim, self.exp.trainer
+        meter, trainer, grid = self.ctx.meter, self.ctx.model.trainer, self.ctx.grid
+        assert grid is not None and self.dataset is not None and self.sampler is not None
+        task = self.ctx.task
         trainer.set_lr(self.state.step)
-        accum = exp.cfg.train.grad_accum
+        accum = self.ctx.cfg.train.grad_accum
         total = 0.0
         for _ in range(accum):
             b = self.dataset.batch(self.sampler.next_indices())
@@ -210,28 +237,25 @@ class DLoRADevice(LegacyTrainingRole):
             if self.opts.embed == "cloud":
                 f_embed, tensors = 0, {"input_ids": b.input_ids, "mask": b.attention_mask}
             else:
-                h0, f_embed = sim.flops.run(
+                h0, f_embed = meter.flops.run(
                     "dlora-embed", self.embed, b.input_ids, b.attention_mask
                 )
                 tensors = {"hidden": h0.hidden.detach(), "mask": b.attention_mask}
-            down = exp.engine.request(Message("forward", self.role_id, SERVER, tensors, meta))
+            down = grid.request(Message("forward", self.role_id, SERVER, tensors, meta))
             hidden = down.tensors["hidden"].requires_grad_(True)
 
             def head_loss(
                 h: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor
             ) -> torch.Tensor:
-                loss = task_loss(self.head(Activations(h, mask)), labels, exp.task) / accum
+                loss = task_loss(self.head(Activations(h, mask)), labels, task) / accum
                 loss.backward()
                 return loss.detach()
 
-            loss, f_head = sim.flops.run(
+            loss, f_head = meter.flops.run(
                 "dlora-head", head_loss, hidden, b.attention_mask, b.labels
             )
-            exp.engine.request(
-                Message("backward", self.role_id, SERVER, {"grad": hidden.grad}, meta)
-            )
-            sim.charge(self.role_id, f_embed + f_head + self.lora_flops, round=self.round,
-                       label="train")  # fmt: skip
+            grid.request(Message("backward", self.role_id, SERVER, {"grad": hidden.grad}, meta))
+            meter.compute(f_embed + f_head + self.lora_flops, round=self.round, label="train")
             total += float(loss) * accum
         if self.opts.score == "ema_grad_weight":
             self._update_scores()
@@ -284,8 +308,9 @@ class DLoRADevice(LegacyTrainingRole):
             # Uploaded once so the cloud can merge it into its copy of the backbone.
             tensors = {f"{p}.{k}": v.detach() for p in kill
                        for k, v in self.layers[p].adapter_tensors().items()}  # fmt: skip
-            self.exp.engine.request(Message("kill", self.role_id, SERVER, tensors,
-                                            {"round": self.round}))  # fmt: skip
+            assert self.ctx.grid is not None
+            self.ctx.grid.request(Message("kill", self.role_id, SERVER, tensors,
+                                          {"round": self.round}))  # fmt: skip
             self.active = sorted(set(self.active) - set(kill))
             self.killed = self.killed + sorted(kill)  # kept in kill order for "stale" revival
             self.last_dw = {p: now[p] for p in self.active}
@@ -303,46 +328,34 @@ class DLoRADevice(LegacyTrainingRole):
 
 
 def run(exp: Experiment) -> ParadigmResult:
-    cfg = exp.cfg
-    opts = parse_options(DLoRAOptions, cfg.paradigm.options)
-    exp.engine.register(Cloud(exp))
-    devices: list[DLoRADevice] = []
-    for i, idx in enumerate(exp.parts):
-        dev = DLoRADevice(device_id(i), exp, exp.train_set.subset(idx), seed=cfg.seed + i)
-        dev.opts = opts
-        dev.setup()
-        exp.engine.register(dev)
-        devices.append(dev)
-    set_device_memory(exp, devices)
+    cfg, grid = exp.cfg, exp.grid
+    cloud = Cloud(grid.context(SERVER))
+    grid.host(cloud)
+    devices = grid.node_ids("device-")
+    for d in devices:
+        grid.start(d, DLoRADevice)
 
     per_device: dict[str, dict[str, float]] = {}
     summary: dict[str, float] = {}
     step = 0
     if exp.resume is not None:
         for d in devices:
-            d.restore(exp.resume["states"][d.role_id])
-            d.load_kr_state(exp.resume["extra"]["kr"][d.role_id])
+            grid.restore(d, {"state": exp.resume["states"][d], "kr": exp.resume["extra"]["kr"][d]})
+        cloud.merged = dict(exp.resume["extra"]["cloud"])
         step = int(exp.resume["step"])
     with exp.progress(cfg.train.steps - step, f"dlora {cfg.name}") as bar:
         for rnd, point in enumerate(exp.eval_points(), start=1):
             if point <= step:
                 continue
-            chunk, sent_before, started = (
-                point - step,
-                len(exp.engine.transfers),
-                time.perf_counter(),
-            )
-            replies = exp.engine.request_many(
-                [
-                    Message("train", SERVER, d.role_id, {}, {"steps": chunk, "round": rnd})
-                    for d in devices
-                ]  # fmt: skip
+            chunk, sent_before, started = point - step, len(grid.transfers), time.perf_counter()
+            replies = grid.request_many(
+                [Message("train", SERVER, d, {}, {"steps": chunk, "round": rnd}) for d in devices]
             )
             for j in range(chunk):
                 exp.log_record("train", step + j + 1, "mean", round=rnd,
                                loss=mean([r.meta["losses"][j] for r in replies]),
                                active_fraction=mean([r.meta["active"][j] for r in replies]))  # fmt: skip
-            traffic = exp.engine.transfers[sent_before:]
+            traffic = grid.transfers[sent_before:]
             exp.log_record(
                 "round", point, SERVER, round=rnd, participants=len(devices),
                 reported=len(devices), dropped=0,
@@ -351,33 +364,36 @@ def run(exp: Experiment) -> ParadigmResult:
                 round_host_s=time.perf_counter() - started,
             )  # fmt: skip
             step = point
-            per_device, summary = exp.evaluate_roles(devices, step, rnd)
+            snaps = {d: grid.snapshot(d) for d in devices}
+            per_device, summary = exp.evaluate_states(
+                {d: s["state"] for d, s in snaps.items()}, step, rnd
+            )
             bar.update(
                 chunk, **{k: v for k, v in summary.items() if k in ("accuracy", "perplexity")}
             )
             exp.maybe_checkpoint(
-                step, {d.role_id: d.state for d in devices},
-                {"kr": {d.role_id: d.kr_state() for d in devices}},
+                step, {d: s["state"] for d, s in snaps.items()},
+                {"kr": {d: s["kr"] for d, s in snaps.items()}, "cloud": cloud.merged},
             )  # fmt: skip
+    snaps = {d: grid.snapshot(d) for d in devices}
     return ParadigmResult(
-        states={d.role_id: d.state for d in devices},
+        states={d: s["state"] for d, s in snaps.items()},
         final_eval=summary,
         extra={
             "per_device_eval": per_device,
-            "active_modules": {d.role_id: d.active for d in devices},
+            "active_modules": {d: s["kr"]["active"] for d, s in snaps.items()},
         },  # fmt: skip
     )
 
 
-def set_device_memory(exp: Experiment, devices: list[DLoRADevice]) -> None:
+def device_memory(model: Any, cfg: Any, opts: DLoRAOptions, active: int) -> Any:
     """A device holds embeddings, head, its LoRA + AdamW state, and per active module the
     saved input ``x`` and rank-r intermediate (an analytic estimate at the largest batch)."""
-    anatomy, cfg = exp.loaded.anatomy, exp.cfg
-    opts = devices[0].opts if devices else None
+    anatomy = model.loaded.anatomy
     paths = anatomy.output_paths()
-    if opts is None or opts.embed == "device":
+    if opts.embed == "device":
         paths = anatomy.input_paths() + paths
-    mods = [exp.loaded.model.get_submodule(p) for p in paths]
+    mods = [model.loaded.model.get_submodule(p) for p in paths]
     seen: set[int] = set()
     frozen = 0
     for mod in mods:
@@ -385,12 +401,9 @@ def set_device_memory(exp: Experiment, devices: list[DLoRADevice]) -> None:
             if id(p) not in seen and not p.requires_grad:
                 seen.add(id(p))
                 frozen += p.numel() * p.element_size()
-    trainable = sum(p.numel() * p.element_size() for p in exp.trainer.params.values())
+    trainable = sum(p.numel() * p.element_size() for p in model.trainer.params.values())
     tokens = cfg.train.batch_size * cfg.model.max_length
     per_module = [tokens * (lay.lora_A.weight.shape[1] + lay.lora_A.weight.shape[0]) * 4
-                  for lay in exp.adapters.layers.values()]  # fmt: skip
-    active = devices[0].target if devices else 0
+                  for lay in model.adapters.layers.values()]  # fmt: skip
     act = int(sum(sorted(per_module)[-active:])) if active else 0
-    mem = estimate_memory(frozen_bytes=frozen, trainable_bytes=trainable, activation_bytes=act)
-    for d in devices:
-        exp.sim.memory[d.role_id] = mem
+    return estimate_memory(frozen_bytes=frozen, trainable_bytes=trainable, activation_bytes=act)

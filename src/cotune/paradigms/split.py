@@ -8,24 +8,31 @@ the next device (round robin). The hand-over is a real message, relayed through 
 device to device (``relay: p2p``). With ``relay_optimizer`` the AdamW moments and step count
 travel with the weights, so K devices taking turns train exactly like one optimizer over the
 concatenated sequence of their batches.
+
+On the Grid: a device's step is a local event on it; with ``relay: p2p`` the device whose turn
+ends hands the adapter on itself (a local event: its turn is over), with ``relay: server`` the
+server asks it for the adapter and forwards it.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 
 from cotune.paradigms.base import Experiment, ParadigmResult, parse_options, reply
 from cotune.paradigms.options import SplitOptions
-from cotune.paradigms.splitfed import SplitServer
+from cotune.paradigms.splitfed import SplitServer, server_side
 from cotune.paradigms.splitting import (
-    SplitContext,
     SplitDevice,
-    device_memory,
+    combined,
     make_layout,
     segment_memory,
+    split_extra,
 )
 from cotune.runtime import Message
-from cotune.sim.simulation import SERVER, device_id
+from cotune.runtime.ids import SERVER
+from cotune.runtime.node import NodeContext
 
 _AVG, _SQ = "exp_avg::", "exp_avg_sq::"
 
@@ -33,7 +40,9 @@ _AVG, _SQ = "exp_avg::", "exp_avg_sq::"
 class TurnDevice(SplitDevice):
     """A split device that can hand its adapter (and optimizer state) to the next one."""
 
-    relay_optimizer: bool = True
+    def __init__(self, ctx: NodeContext) -> None:
+        super().__init__(ctx)
+        self.relay_optimizer = bool(getattr(self.opts, "relay_optimizer", True))
 
     def relay_payload(self) -> tuple[dict[str, torch.Tensor], dict]:
         tensors = {k: v.detach() for k, v in self.state.params.items()}
@@ -44,6 +53,13 @@ class TurnDevice(SplitDevice):
                     tensors[_AVG + k], tensors[_SQ + k] = st["exp_avg"], st["exp_avg_sq"]
                     adam_steps[k] = float(st["step"])
         return tensors, {"step": self.state.step, "adam_steps": adam_steps}
+
+    def tick_hand_over(self, meta: dict[str, Any]) -> None:
+        """Its turn is over: send the adapter straight to the next device (``relay: p2p``)."""
+        tensors, info = self.relay_payload()
+        assert self.ctx.grid is not None
+        msg = Message("relay", self.role_id, meta["to"], tensors, {**info, "round": meta["round"]})
+        self.ctx.grid.send(msg)
 
     def on_get_relay(self, msg: Message) -> Message:
         tensors, meta = self.relay_payload()
@@ -68,78 +84,70 @@ class TurnDevice(SplitDevice):
 
 def preflight(exp: Experiment) -> None:
     """The cut must fit the model, with adapters on both sides (before any file is written)."""
-    make_layout(exp, parse_options(SplitOptions, exp.cfg.paradigm.options))
+    make_layout(exp.model, exp.cfg, parse_options(SplitOptions, exp.cfg.paradigm.options))
 
 
 def run(exp: Experiment) -> ParadigmResult:
-    cfg = exp.cfg
+    cfg, grid = exp.cfg, exp.grid
     opts = parse_options(SplitOptions, cfg.paradigm.options)
-    ctx = SplitContext.build(exp, opts, cfg.train.steps)
-    devices: list[TurnDevice] = []
-    for i, idx in enumerate(exp.parts):
-        dev = TurnDevice(device_id(i), ctx, exp.train_set.subset(idx), seed=cfg.seed + i)
-        dev.relay_optimizer = opts.relay_optimizer
-        exp.engine.register(dev)
-        devices.append(dev)
-    srv_state = ctx.server_trainer.new_state(cfg.seed, exp.initial_params())
-    server = SplitServer(ctx, {d.role_id: srv_state for d in devices})
-    exp.engine.register(server)
-    mem = device_memory(exp, ctx)
+    devices = grid.node_ids("device-")
     for d in devices:
-        exp.sim.memory[d.role_id] = mem
-    exp.sim.memory[SERVER] = segment_memory(exp, ctx.layout.server, train=True)
+        grid.start(d, TurnDevice)
+    ctx, layout, trainer = server_side(exp, opts, cfg.train.steps)
+    srv_state = trainer.new_state(cfg.seed, ctx.model.initial_params())
+    server = SplitServer(ctx, opts, layout, trainer, dict.fromkeys(devices, srv_state))
+    grid.host(server)
+    exp.meter.memory(
+        "split-server", lambda: segment_memory(ctx.model.loaded, cfg, layout.server, train=True)
+    )
 
     start = 0
     if exp.resume is not None:
         st = exp.resume["states"]
         for d in devices:
-            d.restore(st[d.role_id])
+            grid.restore(d, st[d])
         srv_state = st["server-side"]
-        server.states = {d.role_id: srv_state for d in devices}
+        server.states = dict.fromkeys(devices, srv_state)
         start = int(exp.resume["step"])
 
-    def holder(step: int) -> TurnDevice:  # step is 1-based
+    def holder(step: int) -> str:  # step is 1-based
         return devices[((step - 1) // opts.turn_steps) % len(devices)]
 
-    def hand_over(src: TurnDevice, dst: TurnDevice, rnd: int) -> None:
+    def hand_over(src: str, dst: str, rnd: int) -> None:
         if opts.relay == "p2p":
-            tensors, meta = src.relay_payload()
-            exp.engine.send(
-                Message("relay", src.role_id, dst.role_id, tensors, {**meta, "round": rnd})
-            )
+            grid.tick([src], "hand_over", {"to": dst, "round": rnd})
             return
-        rep = exp.engine.request(Message("get_relay", SERVER, src.role_id, {}, {"round": rnd}))
+        rep = grid.request(Message("get_relay", SERVER, src, {}, {"round": rnd}))
         meta = {k: rep.meta[k] for k in ("step", "adam_steps")}
-        exp.engine.send(Message("relay", SERVER, dst.role_id, rep.tensors, {**meta, "round": rnd}))
+        grid.send(Message("relay", SERVER, dst, rep.tensors, {**meta, "round": rnd}))
 
     last_eval: dict[str, float] = {}
     points = set(exp.eval_points())
     with exp.progress(cfg.train.steps - start, f"split {cfg.name}") as bar:
         for step in range(start + 1, cfg.train.steps + 1):
             dev, rnd = holder(step), (step - 1) // opts.turn_steps + 1
-            dev.send_activations(step, rnd)
+            grid.tick([dev], "step", {"step": step, "round": rnd})
             logs = server.serve(step)
-            norm = dev.finish_step()
-            for s, who, err in [x for x in ctx.skipped if x[0] == step]:
+            norm = grid.tick([dev], "update")[0]
+            for s, who, err in [x for x in server.skipped if x[0] == step]:
                 exp.log_record("skip", s, who, round=rnd, error=err)
             loss = logs[0].loss if logs else float("nan")
             lr = logs[0].lr if logs else None
             exp.log_record("train", step, "mean", round=rnd, loss=loss, lr=lr,
-                           grad_norm=norm, device=dev.role_id)  # fmt: skip
+                           grad_norm=norm, device=dev)  # fmt: skip
             bar.update(1, loss=loss)
             nxt = holder(step + 1)
-            if step < cfg.train.steps and nxt is not dev:
+            if step < cfg.train.steps and nxt != dev:
                 hand_over(dev, nxt, rnd)
             if step in points:
-                last_eval = exp.evaluate_state(ctx.combined(dev.state, srv_state))
+                last_eval = exp.evaluate_state(combined(grid.snapshot(dev), srv_state))
                 exp.log_record("eval", step, SERVER, round=rnd, **last_eval)
-            states = {"server-side": srv_state, **{d.role_id: d.state for d in devices}}
+            states = {"server-side": srv_state, **{d: grid.snapshot(d) for d in devices}}
             exp.maybe_checkpoint(step, states, {})
-    final = holder(cfg.train.steps)
+    final = grid.snapshot(holder(cfg.train.steps))
     if not last_eval:
-        last_eval = exp.evaluate_state(ctx.combined(final.state, srv_state))
+        last_eval = exp.evaluate_state(combined(final, srv_state))
+    extra = split_extra(opts, layout, ctx.model.trainer.params, len(server.skipped), 0)
     return ParadigmResult(
-        states={SERVER: ctx.combined(final.state, srv_state)},
-        final_eval=last_eval,
-        extra=ctx.extra(),
+        states={SERVER: combined(final, srv_state)}, final_eval=last_eval, extra=extra
     )

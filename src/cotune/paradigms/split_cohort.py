@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from cotune.models import Activations
-from cotune.paradigms.splitting import SplitContext, SplitDevice
+from cotune.paradigms.splitting import SplitDevice
 from cotune.peft.grouped import bind_state, row_groups, split_by_layer
 
 FWD, BWD = "split-device-fwd", "split-device-bwd"
@@ -41,22 +41,40 @@ class _Run:
 
 
 class DeviceCohort:
-    """Runs the devices of one step as one batch (see the module docstring)."""
+    """Runs the devices of one step as one batch (see the module docstring).
 
-    def __init__(self, ctx: SplitContext):
-        self.ctx = ctx
+    The engine offers it to colocated devices (``SplitDevice.batch_step``): they share one
+    model, so their rows can run through it together, each through its own adapter tensors.
+    """
+
+    def __init__(self, first: SplitDevice):
+        self.first = first
+        self.layout = first.layout
+        self.flops = first.ctx.meter.flops
         self._run: _Run | None = None
-        layers = ctx.exp.adapters.layers
+        layers = first.ctx.model.adapters.layers
+        self.layers = layers
         per_layer, rest = split_by_layer(
-            layers, {k: torch.empty(0) for k in ctx.layout.device_names}
+            layers, {k: torch.empty(0) for k in self.layout.device_names}
         )
         # A device-side tensor outside the adapter layers (e.g. a trainable embedding) cannot
         # differ per row group, nor can a regularizer computed from the last forward (a router's
         # load balance would mix the devices' rows): such runs go one device at a time.
         stateful = any(getattr(layers[p], "reg_from_forward", False) for p in per_layer)
+        grid = first.ctx.grid
+        opts = first.opts
+        # Sequential server with global clipping needs each device's norm before it serves the
+        # next device: the backwards cannot wait for the cohort.
+        pooled = getattr(opts, "server_batch", "sequential") == "pooled"
         self.supported = (
-            ctx.exp.engine.colocated and ctx.layout.top is None and not rest and not stateful
-        )
+            grid is not None and grid.colocated and self.layout.top is None and not rest
+            and not stateful and getattr(opts, "cohort", False)
+            and (pooled or not first.global_clip)
+        )  # fmt: skip
+
+    @classmethod
+    def for_roles(cls, roles: Sequence[SplitDevice]) -> DeviceCohort | None:
+        return cls(roles[0]) if roles else None
 
     def ready(self, devices: Sequence[SplitDevice]) -> bool:
         return self.supported and len(devices) > 1
@@ -65,11 +83,10 @@ class DeviceCohort:
         """Every device draws its batch and sends its activations; they run as one forward when
         every device's FLOPs are already known (else one by one, which counts them). Returns
         whether they ran as one."""
-        ctx, exp = self.ctx, self.ctx.exp
         batches = [d.next_batch(rnd) for d in devices]
         rows = [int(b.input_ids.shape[0]) for b in batches]
         lengths = [int(b.input_ids.shape[1]) for b in batches]
-        flops = exp.sim.flops
+        flops = self.flops
         dims = list(zip(rows, lengths))
         if any(flops.known(k, d) is None for k in (FWD, BWD) for d in dims):
             for d, b in zip(devices, batches):
@@ -81,14 +98,14 @@ class DeviceCohort:
         mask = torch.cat(
             [F.pad(b.attention_mask, (0, width - b.attention_mask.shape[1])) for b in batches]
         )
-        names = ctx.layout.device_names
+        names = self.layout.device_names
         leaves = [
             {k: d.state.params[k].detach().requires_grad_(True) for k in names} for d in devices
         ]
-        layers = exp.adapters.layers
-        with ctx.device_trainer.activate(devices[0].state):  # its RNG draws the dropout masks
+        layers = self.layers
+        with devices[0].trainer.activate(devices[0].state):  # its RNG draws the dropout masks
             with row_groups(layers, rows, leaves):
-                acts = ctx.layout.bottom(ids, mask)
+                acts = self.layout.bottom(ids, mask)
             regs = []
             for d, own in zip(devices, leaves):
                 with bind_state(layers, own):
@@ -121,7 +138,7 @@ class DeviceCohort:
         if not live:
             return
         torch.autograd.backward(outs, grads)
-        flops = self.ctx.exp.sim.flops
+        flops = self.flops
         for d, n, t, own in zip(run.devices, run.rows, run.lengths, run.leaves):
             if d not in live:
                 continue

@@ -11,22 +11,29 @@ devices get fewer layers), at least ``min_cut``, then lowered until the device's
 fits its profile; ``cuts`` sets them by hand. Pipelining: a device starts its next forward as soon
 as its upload is out (``pipeline: false`` waits for a one-line ``ack`` from the server instead).
 Only the abstract of the paper was available: see docs/methods.md (SplitFrozen).
+
+On the Grid: the server chooses the cuts from what the devices declared (speed, memory) and tells
+each device its cut (``configure``); every step is a local event on each device (its own loop:
+next batch, forward, upload); the server serves the uploads in the order they arrived.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
-from cotune.data import BatchSampler, EncodedDataset
+from cotune.data import BatchSampler
 from cotune.errors import ConfigError, ProtocolError
 from cotune.models import Activations, Segment, task_loss
 from cotune.paradigms.base import Experiment, ParadigmResult, mean, parse_options
 from cotune.paradigms.options import SplitFrozenOptions
-from cotune.paradigms.splitting import check_cut_message, segment_memory, side_reg
+from cotune.paradigms.splitting import check_cut, segment_memory, side_reg
 from cotune.runtime import Message, Role
-from cotune.sim.costs import MemoryEstimate
-from cotune.sim.simulation import SERVER, device_id
+from cotune.runtime.ids import SERVER
+from cotune.runtime.node import NodeContext
 from cotune.train import RoleState, Trainer
+from cotune.train.memory import MemoryEstimate
 
 MIB = 1024**2
 
@@ -34,22 +41,24 @@ MIB = 1024**2
 def choose_cuts(
     exp: Experiment, opts: SplitFrozenOptions
 ) -> tuple[list[int], list[MemoryEstimate]]:
-    """Per-device cuts (explicit or from the profiles) whose segment fits the device's memory."""
-    n, n_dev = exp.loaded.anatomy.num_layers, len(exp.parts)
+    """Per-device cuts (explicit or from the devices' declared speed) whose segment fits the
+    memory each device declared."""
+    n = exp.loaded.anatomy.num_layers
     where = "paradigm.options"
-    profiles = [exp.sim.profiles[device_id(i)] for i in range(n_dev)]
+    devices = exp.grid.node_ids("device-")
+    info = [exp.grid.node_info(d) for d in devices]
     if opts.cuts is not None:
-        if len(opts.cuts) != n_dev:
-            raise ConfigError(f"{where}.cuts: {len(opts.cuts)} cuts for {n_dev} devices")
+        if len(opts.cuts) != len(devices):
+            raise ConfigError(f"{where}.cuts: {len(opts.cuts)} cuts for {len(devices)} devices")
         cuts = list(opts.cuts)
     else:
         top = n // 2 if opts.max_cut is None else opts.max_cut
-        fastest = max(p.flops for p in profiles)
-        cuts = [max(opts.min_cut, round(top * p.flops / fastest)) for p in profiles]
-    for i, k in enumerate(cuts):
+        fastest = max(i["flops"] for i in info)
+        cuts = [max(opts.min_cut, round(top * i["flops"] / fastest)) for i in info]
+    for d, k in zip(devices, cuts):
         if not 0 <= k < n:
             raise ConfigError(
-                f"{where}: cut {k} of device-{i} is outside the model or leaves the server nothing "
+                f"{where}: cut {k} of {d} is outside the model or leaves the server nothing "
                 f"({exp.cfg.model.name_or_path} has {n} blocks: need 0 <= cut < {n})"
             )
     memo: dict[int, MemoryEstimate] = {}
@@ -57,18 +66,19 @@ def choose_cuts(
     def mem(k: int) -> MemoryEstimate:
         if k not in memo:
             seg = exp.loaded.anatomy.segment(0, k, embed=True, head=False)
-            memo[k] = segment_memory(exp, seg, train=False)
+            memo[k] = segment_memory(exp.loaded, exp.cfg, seg, train=False)
         return memo[k]
 
-    for i, prof in enumerate(profiles):
+    for i, (d, node) in enumerate(zip(devices, info)):
+        allowed = node["memory_bytes"]
         if opts.cuts is None:  # heterogeneity-aware: shed layers until the segment fits
-            while cuts[i] > opts.min_cut and not mem(cuts[i]).fits(prof):
+            while cuts[i] > opts.min_cut and mem(cuts[i]).total > allowed:
                 cuts[i] -= 1
-        if not mem(cuts[i]).fits(prof):
+        if mem(cuts[i]).total > allowed:
             raise ConfigError(
-                f"device-{i} (profile {prof.name!r}): its frozen segment (embeddings + "
+                f"{d} (profile {node.get('profile', '?')!r}): its frozen segment (embeddings + "
                 f"{cuts[i]} blocks) needs {mem(cuts[i]).total / MIB:.2f} MiB but the profile "
-                f"allows {prof.memory_bytes / MIB:.2f} MiB; lower the cut or pick a larger profile"
+                f"allows {allowed / MIB:.2f} MiB; lower the cut or pick a larger profile"
             )
     return cuts, [mem(k) for k in cuts]
 
@@ -85,29 +95,52 @@ def server_names(exp: Experiment, cuts: list[int]) -> list[str]:
 
 
 class FrozenDevice(Role):
-    def __init__(self, role_id: str, exp: Experiment, dataset: EncodedDataset, seed: int, cut: int):
-        super().__init__(role_id)
-        self.exp, self.dataset, self.cut = exp, dataset, cut
-        self.segment: Segment = exp.loaded.anatomy.segment(0, cut, embed=True, head=False)
-        # The adapters inside the device's blocks stay at their initial value (frozen).
-        self.state = exp.trainer.new_state(seed, exp.initial_params())
-        self.sampler = BatchSampler(len(dataset), exp.cfg.train.batch_size, seed)
+    """Runs its frozen bottom segment forward only and uploads the cut activations + labels."""
 
-    def send_activations(self, step: int) -> None:
-        exp = self.exp
+    def __init__(self, ctx: NodeContext) -> None:
+        super().__init__(ctx.node_id)
+        assert ctx.data is not None
+        self.ctx, self.dataset = ctx, ctx.data
+        model = ctx.model
+        # The adapters inside the device's blocks stay at their initial value (frozen).
+        self.state = model.trainer.new_state(ctx.seed, model.initial_params())
+        self.sampler = BatchSampler(len(self.dataset), ctx.cfg.train.batch_size, ctx.seed)
+        self.cut: int | None = None
+        self.segment: Segment | None = None
+
+    def on_configure(self, msg: Message) -> None:
+        """The cut the server chose for this device."""
+        self.set_cut(int(msg.meta["cut"]))
+
+    def set_cut(self, cut: int) -> None:
+        model, cfg = self.ctx.model, self.ctx.cfg
+        self.cut = cut
+        self.segment = model.loaded.anatomy.segment(0, self.cut, embed=True, head=False)
+        seg = self.segment
+        self.ctx.meter.memory(
+            f"frozen-{self.cut}", lambda: segment_memory(model.loaded, cfg, seg, train=False)
+        )
+
+    def tick_step(self, meta: dict[str, Any]) -> None:
+        """This device's next step: a batch, the frozen forward, the upload."""
+        if self.segment is None:
+            raise ProtocolError(f"{self.role_id} has no cut yet (no configure message)")
+        step, meter, trainer = int(meta["step"]), self.ctx.meter, self.ctx.model.trainer
         batch = self.dataset.batch(self.sampler.next_indices())
         self.state.sampler = self.sampler.state_dict()
+        seg = self.segment
 
         @torch.no_grad()
         def forward(b):
-            return self.segment(b.input_ids, b.attention_mask)
+            return seg(b.input_ids, b.attention_mask)
 
-        with exp.trainer.activate(self.state):
-            acts, flops = exp.sim.flops.run(f"frozen-device-fwd-{self.cut}", forward, batch)
-        exp.sim.charge(self.role_id, flops, round=step, label="forward")
+        with trainer.activate(self.state):
+            acts, flops = meter.flops.run(f"frozen-device-fwd-{self.cut}", forward, batch)
+        meter.compute(flops, round=step, label="forward")
         tensors = self.outgoing(acts, batch.labels)
         msg = Message("activations", self.role_id, SERVER, tensors, {"step": step, "cut": self.cut})
-        exp.engine.send(msg, codec=exp.cfg.engine.activation_codec)
+        assert self.ctx.grid is not None
+        self.ctx.grid.send(msg, codec=self.ctx.cfg.engine.activation_codec)
 
     def outgoing(self, acts: Activations, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         """The tensors of the ``activations`` message (a test may corrupt them here)."""
@@ -116,40 +149,52 @@ class FrozenDevice(Role):
     def on_ack(self, msg: Message) -> None:  # pipeline: false only
         return None
 
-    def restore(self, state: RoleState) -> None:
-        self.state = state
-        if state.sampler is not None:
-            self.sampler.load_state_dict(state.sampler)
+    def snapshot(self) -> RoleState:
+        return self.state
+
+    def restore(self, st: dict[str, Any]) -> None:
+        """A checkpointed state and the cut this device was configured with."""
+        self.state = st["state"]
+        self.set_cut(int(st["cut"]))
+        if self.state.sampler is not None:
+            self.sampler.load_state_dict(self.state.sampler)
 
 
 class FrozenServer(Role):
-    def __init__(self, exp: Experiment, trainer: Trainer, cuts: dict[str, int], opts, min_cut: int):
-        super().__init__(SERVER)
-        self.exp, self.trainer, self.cuts, self.opts = exp, trainer, cuts, opts
-        n = exp.loaded.anatomy.num_layers
+    """The server's own role (on the driver's node): queues uploads, trains on them in order."""
+
+    def __init__(
+        self, ctx: NodeContext, trainer: Trainer, cuts: dict[str, int], opts, min_cut: int
+    ) -> None:
+        super().__init__(ctx.node_id)
+        self.ctx, self.trainer, self.cuts, self.opts = ctx, trainer, cuts, opts
+        anatomy = ctx.model.loaded.anatomy
+        n = anatomy.num_layers
         self.segments = {
-            k: exp.loaded.anatomy.segment(k, n, embed=False, head=True) for k in set(cuts.values())
+            k: anatomy.segment(k, n, embed=False, head=True) for k in set(cuts.values())
         }
-        self.state = trainer.new_state(exp.cfg.seed, exp.initial_params())
-        lower = exp.loaded.anatomy.segment(0, min_cut, embed=True, head=False)
-        self.reg = side_reg(exp, lambda p: not lower.owns(p))
+        self.state = trainer.new_state(ctx.seed, ctx.model.initial_params())
+        lower = anatomy.segment(0, min_cut, embed=True, head=False)
+        self.reg = side_reg(ctx.model.adapters, lambda p: not lower.owns(p))
         self.queue: list[tuple[float, int, Message]] = []
         self.skipped: list[tuple[str, str]] = []
+        self.dtype = next(iter(trainer.params.values())).dtype
 
     def on_activations(self, msg: Message) -> None:
-        arrival = self.exp.sim.clock.last_arrival(SERVER, msg.sender)
         try:
-            check_cut_message(self.exp, msg, labels=True)
+            check_cut(msg, hidden_size=self.ctx.model.loaded.anatomy.hidden_size,
+                      dtype=self.dtype, task=self.ctx.task, labels=True)  # fmt: skip
         except ProtocolError as err:
             if self.opts.on_bad_message == "stop":
                 raise
             self.skipped.append((msg.sender, str(err)))
             return None
-        self.queue.append((arrival, len(self.queue), msg))
+        self.queue.append((msg.arrival or 0.0, len(self.queue), msg))
         return None
 
     def serve(self, step: int) -> list[float]:
-        exp, sim, trainer = self.exp, self.exp.sim, self.trainer
+        trainer, meter, grid, task = self.trainer, self.ctx.meter, self.ctx.grid, self.ctx.task
+        assert grid is not None
         losses = []
         for arrival, _, msg in sorted(self.queue):
             cut = self.cuts[msg.sender]
@@ -159,7 +204,7 @@ class FrozenServer(Role):
             def fwd_bwd(
                 a: Activations, labels: torch.Tensor, seg: Segment = self.segments[cut]
             ) -> float:
-                loss = task_loss(seg(a), labels, exp.task)
+                loss = task_loss(seg(a), labels, task)
                 reg = self.reg()
                 total = loss + reg if reg is not None else loss
                 total.backward()
@@ -167,13 +212,13 @@ class FrozenServer(Role):
 
             with trainer.activate(self.state):
                 trainer.set_lr(self.state.step)
-                loss, flops = sim.flops.run(f"frozen-server-{cut}", fwd_bwd, acts, t["labels"])
-                iv = sim.charge(SERVER, flops, round=step, after=arrival, label="server")
+                loss, flops = meter.flops.run(f"frozen-server-{cut}", fwd_bwd, acts, t["labels"])
+                meter.compute(flops, round=step, after=arrival, label="server")
                 trainer.clip_and_step(loss=loss)
                 self.state.step += 1
             losses.append(loss)
             if not self.opts.pipeline:  # the device waits for its batch to be served
-                exp.engine.send(Message("ack", SERVER, msg.sender, {}, {"step": step, "t": iv.end}))
+                grid.send(Message("ack", SERVER, msg.sender, {}, {"step": step}))
         self.queue = []
         return losses
 
@@ -185,23 +230,27 @@ def preflight(exp: Experiment) -> None:
 
 
 def run(exp: Experiment) -> ParadigmResult:
-    cfg = exp.cfg
+    cfg, grid = exp.cfg, exp.grid
     opts = parse_options(SplitFrozenOptions, cfg.paradigm.options)
     cuts, mems = choose_cuts(exp, opts)
     params = exp.trainer.params
     names = server_names(exp, cuts)
-    trainer = Trainer({k: params[k] for k in names}, cfg.train, cfg.train.steps * len(exp.parts))
-    devices = []
-    for i, idx in enumerate(exp.parts):
-        dev = FrozenDevice(device_id(i), exp, exp.train_set.subset(idx), cfg.seed + i, cuts[i])
-        exp.engine.register(dev)
-        exp.sim.memory[dev.role_id] = mems[i]
-        devices.append(dev)
-    server = FrozenServer(exp, trainer, {d.role_id: d.cut for d in devices}, opts, min(cuts))
-    exp.engine.register(server)
+    devices = grid.node_ids("device-")
+    for d in devices:
+        grid.start(d, FrozenDevice)
+    # The server's role and its trainer live on the server node's own model.
+    ctx = grid.context(SERVER)
+    own = ctx.model.trainer.params
+    trainer = Trainer({k: own[k] for k in names}, cfg.train, cfg.train.steps * len(devices))
+    server = FrozenServer(ctx, trainer, dict(zip(devices, cuts)), opts, min(cuts))
+    grid.host(server)
+    if exp.resume is None:  # on resume the devices get their cut back with their state
+        for d, k in zip(devices, cuts):
+            grid.send(Message("configure", SERVER, d, {}, {"cut": k}))
     n = exp.loaded.anatomy.num_layers
-    exp.sim.memory[SERVER] = segment_memory(
-        exp, exp.loaded.anatomy.segment(min(cuts), n), train=True
+    server_seg = exp.loaded.anatomy.segment(min(cuts), n)
+    exp.meter.memory(
+        "frozen-server", lambda: segment_memory(exp.loaded, cfg, server_seg, train=True)
     )
     frozen = {k: v.clone() for k, v in exp.initial_params().items()}
 
@@ -211,16 +260,15 @@ def run(exp: Experiment) -> ParadigmResult:
     start = 0
     if exp.resume is not None:
         st = exp.resume["states"]
-        for d in devices:
-            d.restore(st[d.role_id])
+        for d, k in zip(devices, cuts):
+            grid.restore(d, {"state": st[d], "cut": k})
         server.state = st["server-side"]
         start = int(exp.resume["step"])
     last_eval: dict[str, float] = {}
     points = set(exp.eval_points())
     with exp.progress(cfg.train.steps - start, f"splitfrozen {cfg.name}") as bar:
         for step in range(start + 1, cfg.train.steps + 1):
-            for d in devices:
-                d.send_activations(step)
+            grid.tick(devices, "step", {"step": step})
             losses = server.serve(step)
             for dev, err in server.skipped:
                 exp.log_record("skip", step, dev, error=err)
@@ -230,7 +278,7 @@ def run(exp: Experiment) -> ParadigmResult:
             if step in points:
                 last_eval = exp.evaluate_state(combined())
                 exp.log_record("eval", step, SERVER, **last_eval)
-            states = {"server-side": server.state, **{d.role_id: d.state for d in devices}}
+            states = {"server-side": server.state, **{d: grid.snapshot(d) for d in devices}}
             exp.maybe_checkpoint(step, states, {})
     if not last_eval:
         last_eval = exp.evaluate_state(combined())

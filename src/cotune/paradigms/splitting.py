@@ -1,55 +1,62 @@
 """Machinery shared by the split-learning paradigms (``split``, ``splitfed``; ``splitfrozen``
 reuses the layout checks and the server's message validation).
 
-One training step of one device, as messages through ``exp.engine``::
+One training step of one device, as messages on the grid::
 
-    device: forward to the cut ──activations (hidden, mask[, labels])──▶ server
+    device (local event "step"): forward to the cut ──activations (hidden, mask[, labels])──▶ server
     server: forward (+ loss, backward) of its blocks
        U-shaped only: ──activations──▶ device (top + loss + backward) ──gradients──▶ server backward
     server ──gradients (cut gradient, server's squared grad norm)──▶ device backward
     device ──norm (device's squared grad norm)──▶ server        (global clipping only)
+    device (local event "update"): its optimizer step
 
 Both sides clip with the same global norm, so one device with aggregation every step equals
-central training. Device and server each own a ``Trainer`` (their own AdamW states).
+central training. Device and server each own a ``Trainer`` on their own node.
 
 Autograd keeps a version counter per ``Parameter``: an optimizer step of *any* role between a
-device's forward and its backward invalidates the graph. So within a step every device first
-runs its forward, the server then serves the queue in arrival order (simulated time) and every
-device backward runs; device optimizer steps come last. The math equals serving devices one by
-one in arrival order; the clock sees devices in parallel and a FIFO server.
+device's forward and its backward invalidates the graph (colocated roles share the Parameters).
+So within a step every device first runs its forward, the server then serves the queue in
+arrival order (simulated time) and every device backward runs; device optimizer steps come
+last. The math equals serving devices one by one in arrival order; the clock sees devices in
+parallel and a FIFO server.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from cotune.data import Batch, BatchSampler, EncodedDataset
+from cotune.config import RunConfig
+from cotune.data import Batch, BatchSampler
 from cotune.errors import ConfigError, ProtocolError
-from cotune.models import Activations, Segment, task_loss
-from cotune.paradigms.base import Experiment, reply
-from cotune.paradigms.options import CutOptions
+from cotune.models import Activations, LoadedModel, Segment, task_loss
+from cotune.paradigms.base import reply
+from cotune.paradigms.options import OPTIONS, CutOptions, parse_paradigm_options
+from cotune.peft import AdapterSet
 from cotune.runtime import Message, Role
+from cotune.runtime.ids import SERVER
+from cotune.runtime.node import NodeContext, NodeModel
 from cotune.runtime.validate import check_activation
-from cotune.sim.costs import MemoryEstimate, MemoryProbe
-from cotune.sim.simulation import SERVER
 from cotune.train import RoleState, Trainer
+from cotune.train.memory import MemoryEstimate, MemoryProbe
 
 
-def check_cut_message(exp: Experiment, msg: Message, *, labels: bool) -> Message:
+def check_cut(
+    msg: Message, *, hidden_size: int, dtype: torch.dtype, task: str, labels: bool
+) -> Message:
     """Shape/dtype/NaN checks of a device's cut activations (ProtocolError naming them)."""
     name = f"message {msg.kind!r} from {msg.sender!r}"
     want = ["hidden", "attention_mask"] + (["labels"] if labels else [])
     for key in want:
         if key not in msg.tensors:
             raise ProtocolError(f"{name}: missing tensor {key!r} (has {sorted(msg.tensors)})")
-    dtype = next(iter(exp.trainer.params.values())).dtype
-    d = exp.loaded.anatomy.hidden_size
     h = check_activation(
-        f"{name}: tensor 'hidden'", msg.tensors["hidden"], shape=[None, None, d], dtype=dtype
-    )
+        f"{name}: tensor 'hidden'", msg.tensors["hidden"], shape=[None, None, hidden_size],
+        dtype=dtype,
+    )  # fmt: skip
     b, t = h.shape[:2]
     check_activation(
         f"{name}: tensor 'attention_mask'",
@@ -58,7 +65,7 @@ def check_cut_message(exp: Experiment, msg: Message, *, labels: bool) -> Message
         dtype=torch.long,
     )
     if labels:
-        shape = [b] if exp.task == "classification" else [b, t]
+        shape = [b] if task == "classification" else [b, t]
         check_activation(
             f"{name}: tensor 'labels'", msg.tensors["labels"], shape=shape, dtype=torch.long
         )
@@ -74,14 +81,14 @@ class Layout:
     server_names: list[str]
 
 
-def make_layout(exp: Experiment, opts: CutOptions) -> Layout:
+def make_layout(model: NodeModel, cfg: RunConfig, opts: CutOptions) -> Layout:
     """Segments for ``opts`` and which adapter parameters live on which side (ConfigError if bad)."""
-    anatomy = exp.loaded.anatomy
+    anatomy = model.loaded.anatomy
     n, cut = anatomy.num_layers, opts.cut
     where = "paradigm.options"
     if not 1 <= cut <= n:
         raise ConfigError(
-            f"{where}.cut: {cut} is outside the model ({exp.cfg.model.name_or_path} has {n} "
+            f"{where}.cut: {cut} is outside the model ({cfg.model.name_or_path} has {n} "
             f"blocks; the device needs at least one block: 1 <= cut < {n})"
         )
     top_start = n
@@ -102,7 +109,7 @@ def make_layout(exp: Experiment, opts: CutOptions) -> Layout:
     bottom = anatomy.segment(0, cut, embed=True, head=False)
     server = anatomy.segment(cut, top_start, embed=False, head=not opts.u_shaped)
     top = anatomy.segment(top_start, n, embed=False, head=True) if opts.u_shaped else None
-    names = list(exp.trainer.params)
+    names = list(model.trainer.params)
     dev = [k for k in names if bottom.owns(k) or (top is not None and top.owns(k))]
     srv = [k for k in names if k not in set(dev)]
     for side, got in (("device", dev), ("server", srv)):
@@ -114,9 +121,21 @@ def make_layout(exp: Experiment, opts: CutOptions) -> Layout:
     return Layout(bottom, server, top, dev, srv)
 
 
-def side_reg(exp: Experiment, owns: Callable[[str], bool]) -> Callable[[], torch.Tensor | None]:
+def cut_options(cfg: RunConfig) -> CutOptions:
+    """The run's split options (``split`` or ``splitfed``), as every node reads them."""
+    return parse_paradigm_options("", cfg.paradigm.options, OPTIONS[cfg.paradigm.name])  # type: ignore[return-value]
+
+
+def global_clip(opts: CutOptions, cfg: RunConfig) -> bool:
+    """Clipping by the norm across the cut is on: server and devices exchange squared norms."""
+    return opts.clip == "global" and cfg.train.max_grad_norm is not None
+
+
+def side_reg(
+    adapters: AdapterSet, owns: Callable[[str], bool]
+) -> Callable[[], torch.Tensor | None]:
     """The adapter method's regularizer over the layers one side holds (None: nothing to add)."""
-    layers = [layer for path, layer in exp.adapters.layers.items() if owns(path)]
+    layers = [layer for path, layer in adapters.layers.items() if owns(path)]
 
     def reg() -> torch.Tensor | None:
         losses = [x for layer in layers if (x := layer.regularization_loss()) is not None]
@@ -136,112 +155,145 @@ def clip_coef(max_norm: float | None, total_sq: float) -> float | None:
     return min(1.0, max_norm / (total_sq**0.5 + 1e-6))
 
 
-def segment_memory(exp: Experiment, segment: Segment, *, train: bool) -> MemoryEstimate:
+def segment_memory(
+    loaded: LoadedModel, cfg: RunConfig, segment: Segment, *, train: bool
+) -> MemoryEstimate:
     """Peak memory of the role running ``segment``: only its weights, adapters, optimizer state
     and saved activations (forward-only segments: no grads, no optimizer, no saved tensors)."""
-    cfg = exp.cfg
     ids = torch.ones(cfg.train.batch_size, cfg.model.max_length, dtype=torch.long)
     mask = ids.clone()
     inputs: torch.Tensor | Activations = ids
     if not segment.embed:
-        d = exp.loaded.anatomy.hidden_size
+        d = loaded.anatomy.hidden_size
         hidden = torch.zeros(*ids.shape, d, requires_grad=True)
         inputs = Activations(hidden, mask)
-    was = exp.loaded.model.training
-    exp.loaded.model.train(train)
+    was = loaded.model.training
+    loaded.model.train(train)
     try:
         est = MemoryProbe().estimate("segment", segment, segment, inputs, mask)
     finally:
-        exp.loaded.model.train(was)
+        loaded.model.train(was)
     if train:
         return est
     # Forward only: no gradients, optimizer state or saved tensors; working set ≈ a few hidden
     # states of the batch (input, residual, attention/MLP output).
-    act = 4 * ids.numel() * exp.loaded.anatomy.hidden_size * 4
+    act = 4 * ids.numel() * loaded.anatomy.hidden_size * 4
     weights = est.weights
     return MemoryEstimate(weights, 0, 0, act, weights + act)
 
 
-def device_memory(exp: Experiment, ctx: SplitContext) -> MemoryEstimate:
+def device_memory(loaded: LoadedModel, cfg: RunConfig, layout: Layout) -> MemoryEstimate:
     """A training device's estimate: its bottom segment, plus its top one when U-shaped."""
-    parts = [segment_memory(exp, ctx.layout.bottom, train=True)]
-    if ctx.layout.top is not None:
-        parts.append(segment_memory(exp, ctx.layout.top, train=True))
+    parts = [segment_memory(loaded, cfg, layout.bottom, train=True)]
+    if layout.top is not None:
+        parts.append(segment_memory(loaded, cfg, layout.top, train=True))
     fields = ("weights", "grads", "optimizer", "activations", "total")
     return MemoryEstimate(*(sum(getattr(m, f) for m in parts) for f in fields))
 
 
-@dataclass
-class SplitContext:
-    """What the device and server roles of one split run share."""
+def combined(device: RoleState, server: RoleState) -> RoleState:
+    """The whole adapter (device side + server side) as one state, for eval and export."""
+    return RoleState(params={**device.params, **server.params})
 
-    exp: Experiment
-    opts: CutOptions
-    layout: Layout
-    device_trainer: Trainer
-    server_trainer: Trainer
-    codec: str
-    skipped: list[tuple[int, str, str]] = field(default_factory=list)  # (step, device, error)
-    rejected_updates: int = 0  # device adapters refused at aggregation (non-finite, malformed)
 
-    @classmethod
-    def build(cls, exp: Experiment, opts: CutOptions, server_steps: int) -> SplitContext:
-        cfg = exp.cfg
-        if cfg.train.grad_accum != 1:
-            raise ConfigError("train.grad_accum: split paradigms support only grad_accum: 1")
-        layout = make_layout(exp, opts)
-        params = exp.trainer.params
-        dev = Trainer({k: params[k] for k in layout.device_names}, cfg.train, cfg.train.steps)
-        srv = Trainer({k: params[k] for k in layout.server_names}, cfg.train, server_steps)
-        return cls(exp, opts, layout, dev, srv, cfg.engine.activation_codec)
-
-    @property
-    def global_clip(self) -> bool:
-        """Clipping by the norm across the cut is on: server and devices exchange squared norms."""
-        return self.opts.clip == "global" and self.exp.cfg.train.max_grad_norm is not None
-
-    def extra(self) -> dict[str, object]:
-        params = self.exp.trainer.params
-        return {
-            "cut": self.opts.cut,
-            "u_shaped": self.opts.u_shaped,
-            "device_trainable_params": sum(params[k].numel() for k in self.layout.device_names),
-            "server_trainable_params": sum(params[k].numel() for k in self.layout.server_names),
-            "skipped_batches": len(self.skipped),
-            "rejected_updates": self.rejected_updates,
-        }
-
-    def combined(self, device: RoleState, server: RoleState) -> RoleState:
-        """The whole adapter (device side + server side) as one state, for eval and export."""
-        return RoleState(params={**device.params, **server.params})
-
-    def check_incoming(self, msg: Message, *, labels: bool) -> Message:
-        return check_cut_message(self.exp, msg, labels=labels)
+def split_extra(
+    opts: CutOptions, layout: Layout, params: dict[str, torch.Tensor], skipped: int, rejected: int
+) -> dict[str, object]:
+    return {
+        "cut": opts.cut,
+        "u_shaped": opts.u_shaped,
+        "device_trainable_params": sum(params[k].numel() for k in layout.device_names),
+        "server_trainable_params": sum(params[k].numel() for k in layout.server_names),
+        "skipped_batches": skipped,
+        "rejected_updates": rejected,
+    }
 
 
 class SplitDevice(Role):
-    """A device holding the bottom (and, U-shaped, the top) of the model with its adapters."""
+    """A device holding the bottom (and, U-shaped, the top) of the model with its adapters.
 
-    def __init__(self, role_id: str, ctx: SplitContext, dataset: EncodedDataset, seed: int):
-        super().__init__(role_id)
-        self.ctx, self.dataset = ctx, dataset
-        self.state = ctx.device_trainer.new_state(seed, ctx.exp.initial_params())
-        self.sampler = BatchSampler(len(dataset), ctx.exp.cfg.train.batch_size, seed)
-        self.reg = side_reg(ctx.exp, lambda p: owned_by_device(ctx.layout, p))
+    Its step is driven by local events (its own loop): ``step`` (next batch, forward, upload),
+    ``backward`` (a cut gradient it was told to hold back), ``update`` (its optimizer step).
+    """
+
+    def __init__(self, ctx: NodeContext) -> None:
+        super().__init__(ctx.node_id)
+        assert ctx.data is not None
+        self.ctx, self.dataset = ctx, ctx.data
+        cfg, model = ctx.cfg, ctx.model
+        self.opts = cut_options(cfg)
+        self.layout = make_layout(model, cfg, self.opts)
+        self.trainer = Trainer(
+            {k: model.trainer.params[k] for k in self.layout.device_names},
+            cfg.train,
+            cfg.train.steps,
+        )
+        self.codec = cfg.engine.activation_codec
+        self.global_clip = global_clip(self.opts, cfg)
+        self.state = self.trainer.new_state(ctx.seed, model.initial_params())
+        self.sampler = BatchSampler(len(self.dataset), cfg.train.batch_size, ctx.seed)
+        layout = self.layout
+        self.reg = side_reg(model.adapters, lambda p: owned_by_device(layout, p))
         self._pending: tuple[Activations, torch.Tensor | None, torch.Tensor] | None = None
         self.grads: dict[str, torch.Tensor] = {}
         self.server_sq = 0.0
         self.rejected = False
         self.round = 0
-        # Backward waits for `run_deferred_backward` or a cohort (set per step by the paradigm).
+        # Backward waits for the "backward" event (a cohort, or the pooled server's protocol).
         self.defer_backward = False
         self.cut_grad: torch.Tensor | None = None
         self._norm_step: int | None = None  # send a "norm" message after this step's backward
+        self.cohort: Any = None  # the cohort run this device's forward belongs to (colocated)
+        ctx.meter.memory("split-device", lambda: device_memory(model.loaded, cfg, layout))
 
+    # --- local events ---------------------------------------------------------------------
+    def tick_step(self, meta: dict[str, Any]) -> None:
+        """This step: a batch, the forward to the cut, the upload."""
+        self.defer_backward = bool(meta.get("defer", False))
+        self.send_activations(int(meta["step"]), int(meta["round"]))
+
+    def tick_backward(self, meta: dict[str, Any]) -> None:
+        self.run_deferred_backward()
+
+    def tick_update(self, meta: dict[str, Any]) -> float | None:
+        return self.finish_step()
+
+    @classmethod
+    def batch_step(cls, roles: list[SplitDevice], meta: dict[str, Any]) -> list[None]:
+        """Colocated devices: the step's forwards as one batch when a cohort can run them."""
+        from cotune.paradigms.split_cohort import DeviceCohort
+
+        cohort = DeviceCohort.for_roles(roles)
+        together = cohort is not None and cohort.ready(roles)
+        pooled = bool(meta.get("defer", False))
+        for r in roles:
+            r.defer_backward = together or pooled
+        step, rnd = int(meta["step"]), int(meta["round"])
+        if together and cohort is not None:
+            # One forward when every device's FLOPs are known; else it sends one by one.
+            if cohort.forward(roles, step, rnd):
+                for r in roles:
+                    r.cohort = cohort
+        else:
+            for r in roles:
+                r.send_activations(step, rnd)
+        return [None] * len(roles)
+
+    @classmethod
+    def batch_backward(cls, roles: list[SplitDevice], meta: dict[str, Any]) -> list[None]:
+        cohorts = {id(r.cohort): r.cohort for r in roles if r.cohort is not None}
+        for cohort in cohorts.values():
+            cohort.backward()
+        for r in roles:
+            r.cohort = None
+            r.run_deferred_backward()
+        return [None] * len(roles)
+
+    # --- the step -------------------------------------------------------------------------
     def outgoing(self, acts: Activations, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         """The tensors of the ``activations`` message (a test may corrupt them here)."""
         out = {"hidden": acts.hidden.detach(), "attention_mask": acts.attention_mask}
-        if not self.ctx.opts.u_shaped:
+        if not self.opts.u_shaped:
             out["labels"] = labels  # label-sharing split learning, as SplitLoRA does
         return out
 
@@ -253,14 +305,14 @@ class SplitDevice(Role):
         return batch
 
     def send_activations(self, step: int, rnd: int, batch: Batch | None = None) -> None:
-        exp, trainer = self.ctx.exp, self.ctx.device_trainer
         batch = self.next_batch(rnd) if batch is None else batch
+        bottom = self.layout.bottom
 
         def forward(b):
-            return self.ctx.layout.bottom(b.input_ids, b.attention_mask), self.reg()
+            return bottom(b.input_ids, b.attention_mask), self.reg()
 
-        with trainer.activate(self.state):
-            (acts, reg), flops = exp.sim.flops.run(
+        with self.trainer.activate(self.state):
+            (acts, reg), flops = self.ctx.meter.flops.run(
                 "split-device-fwd", forward, batch, dims=batch_dims(batch.input_ids)
             )
         self.emit(step, rnd, batch, acts, reg, flops)
@@ -275,17 +327,17 @@ class SplitDevice(Role):
         flops: int,
     ) -> None:
         """Charge the forward and send the cut activations (also used by a device cohort)."""
-        exp = self.ctx.exp
-        exp.sim.charge(self.role_id, flops, round=rnd, label="forward")
+        self.ctx.meter.compute(flops, round=rnd, label="forward")
         self._pending = (acts, reg, batch.labels)
         meta = {"step": step, "round": rnd, "examples": int(batch.input_ids.shape[0])}
         meta["device_reg"] = float(reg.detach()) if reg is not None else 0.0
         msg = Message("activations", self.role_id, SERVER, self.outgoing(acts, batch.labels), meta)
-        exp.engine.send(msg, codec=self.ctx.codec)
+        assert self.ctx.grid is not None
+        self.ctx.grid.send(msg, codec=self.codec)
 
     def on_activations(self, msg: Message) -> Message:
         """U-shaped: the server's output comes back; run the top, the loss and its backward."""
-        exp, top = self.ctx.exp, self.ctx.layout.top
+        top = self.layout.top
         assert self._pending is not None and top is not None
         mine = self._pending[0]
         hidden = check_activation(
@@ -295,18 +347,19 @@ class SplitDevice(Role):
             dtype=mine.hidden.dtype,
         )
         acts = Activations(hidden.requires_grad_(True), mine.attention_mask)
+        task = self.ctx.task
 
         def fwd_bwd(a: Activations, labels: torch.Tensor) -> float:
-            loss = task_loss(top(a), labels, exp.task)
+            loss = task_loss(top(a), labels, task)
             loss.backward()
             return float(loss.detach())
 
-        with self.ctx.device_trainer.activate(self.state):
-            loss, flops = exp.sim.flops.run(
+        with self.trainer.activate(self.state):
+            loss, flops = self.ctx.meter.flops.run(
                 "split-device-top", fwd_bwd, acts, self._pending[2], dims=batch_dims(acts.hidden)
             )
             self._stash()
-        exp.sim.charge(self.role_id, flops, round=self.round, label="top")
+        self.ctx.meter.compute(flops, round=self.round, label="top")
         return reply(msg, "gradients", {"grad": acts.hidden.grad}, loss=loss)
 
     def on_gradients(self, msg: Message) -> Message | None:
@@ -329,7 +382,6 @@ class SplitDevice(Role):
         return None
 
     def _backward(self, grad: torch.Tensor) -> None:
-        exp = self.ctx.exp
         assert self._pending is not None
         acts, reg, _ = self._pending
 
@@ -340,20 +392,22 @@ class SplitDevice(Role):
                 grads.append(torch.ones_like(reg))
             torch.autograd.backward(outs, grads)
 
-        with self.ctx.device_trainer.activate(self.state):
-            _, flops = exp.sim.flops.run("split-device-bwd", backward, grad, dims=batch_dims(grad))
+        with self.trainer.activate(self.state):
+            _, flops = self.ctx.meter.flops.run(
+                "split-device-bwd", backward, grad, dims=batch_dims(grad)
+            )
             self._stash()
         self.backward_done(flops)
 
     def backward_done(self, flops: int) -> None:
         """Charge the backward; send the norm message when the server asked for one."""
-        exp = self.ctx.exp
-        exp.sim.charge(self.role_id, flops, round=self.round, label="backward")
+        self.ctx.meter.compute(flops, round=self.round, label="backward")
         self._pending, self.cut_grad = None, None
         if self._norm_step is not None:
             meta = {"step": self._norm_step, "round": self.round}
             meta["device_sq"] = sq_norm(list(self.grads.values()))
-            exp.engine.send(Message("norm", self.role_id, SERVER, {}, meta))
+            assert self.ctx.grid is not None
+            self.ctx.grid.send(Message("norm", self.role_id, SERVER, {}, meta))
             self._norm_step = None
 
     def run_deferred_backward(self) -> None:
@@ -367,7 +421,7 @@ class SplitDevice(Role):
 
     def _stash(self) -> None:
         # Gradients leave the shared Parameters when the state is deactivated: keep them here.
-        for k, p in self.ctx.device_trainer.params.items():
+        for k, p in self.trainer.params.items():
             if p.grad is not None:
                 # deactivation drops the Parameter's reference, so the tensor is ours: no copy
                 self.grads[k] = self.grads[k] + p.grad if k in self.grads else p.grad
@@ -377,9 +431,9 @@ class SplitDevice(Role):
         if self.rejected or not self.grads:
             self.grads = {}
             return None
-        cfg, trainer = self.ctx.exp.cfg.train, self.ctx.device_trainer
+        cfg, trainer = self.ctx.cfg.train, self.trainer
         own = sq_norm(list(self.grads.values()))
-        total = own + self.server_sq if self.ctx.opts.clip == "global" else own
+        total = own + self.server_sq if self.opts.clip == "global" else own
         coef = clip_coef(cfg.max_grad_norm, total)
         with trainer.activate(self.state):
             trainer.set_lr(self.state.step)
@@ -398,6 +452,9 @@ class SplitDevice(Role):
         with torch.no_grad():
             for k, v in msg.tensors.items():
                 self.state.params[k].copy_(v)
+
+    def snapshot(self) -> RoleState:
+        return self.state
 
     def restore(self, state: RoleState) -> None:
         self.state = state

@@ -118,6 +118,9 @@ class Engine(ABC):
         # receiver went offline mid-round: the simulator decides) or None. Raises
         # PeerUnavailable in the requester.
         self.before_reply: Callable[[str, Message, Message], str | None] | None = None
+        # Called with each delivered copy before its handler runs (the simulator stamps its
+        # arrival time on it).
+        self.on_deliver: Callable[[Message], None] | None = None
 
     # --- roles -------------------------------------------------------------------------
     def register(self, role: Role) -> None:

@@ -132,6 +132,19 @@ class Grid(ABC):
         after the first submission; later replies are ``late``. Never raises for a peer."""
 
     @abstractmethod
+    def tick(self, role_ids: list[str], kind: str, meta: dict[str, Any] | None = None) -> list[Any]:
+        """A node-local event on each of ``role_ids``: its own loop deciding to do ``kind``
+        now (a split device's next step). Nothing travels and nothing is counted; on a network
+        engine it is the device's own loop. Calls ``tick_<kind>(meta)`` on each role, or, where
+        the roles share this process (``colocated``) and their class offers a batched handler
+        ``batch_<kind>(roles, meta)``, that once. Returns each role's result (measurement)."""
+
+    @abstractmethod
+    def host(self, role: Role) -> None:
+        """Register a role the driver built on its own node (``context(SERVER)``), so other
+        roles' messages reach it."""
+
+    @abstractmethod
     def send(self, msg: Message, *, codec: str | None = None) -> None:
         """One-way: deliver ``msg``; a reply, if the handler gives one, waits in the sender's
         inbox (the engine's ``pull``)."""
@@ -180,7 +193,7 @@ class EngineGrid(Grid):
     ``isolated``): requests are exchanged synchronously, in submission order."""
 
     def __init__(self, engine: Engine, host: NodeHost, flops: FlopCounter) -> None:
-        self.engine, self.host, self.flops = engine, host, flops
+        self.engine, self.nodes, self.flops = engine, host, flops
         self.colocated = engine.colocated and not host.isolated
         self.sink: MeterSink | None = None  # set by a SimulatedGrid before roles start
         # The grid roles get for nested calls: the outermost wrapper (the simulated grid), so
@@ -188,16 +201,16 @@ class EngineGrid(Grid):
         self.outer: Grid = self
 
     def node_ids(self, prefix: str = "device-") -> list[str]:
-        return [n for n in self.host.node_ids() if n.startswith(prefix)]
+        return [n for n in self.nodes.node_ids() if n.startswith(prefix)]
 
     def node_info(self, role_id: str) -> dict[str, Any]:
-        return self.host.info(role_id)
+        return self.nodes.info(role_id)
 
     def meter(self, role_id: str) -> Meter:
         return Meter(role_id, self.flops, self.sink)
 
     def context(self, role_id: str) -> NodeContext:
-        return self.host.context(role_id, grid=self.outer, meter=self.meter(role_id))
+        return self.nodes.context(role_id, grid=self.outer, meter=self.meter(role_id))
 
     def start(self, role_id: str, factory: RoleFactory) -> None:
         role = factory(self.context(role_id))
@@ -229,6 +242,25 @@ class EngineGrid(Grid):
     def send(self, msg: Message, *, codec: str | None = None) -> None:
         self.engine.send(msg, codec=codec)
 
+    def tick(self, role_ids: list[str], kind: str, meta: dict[str, Any] | None = None) -> list[Any]:
+        roles = [self._role(r) for r in role_ids]
+        if not roles:
+            return []
+        meta = dict(meta or {})
+        batch = getattr(type(roles[0]), f"batch_{kind}", None)
+        if self.colocated and batch is not None and len({type(r) for r in roles}) == 1:
+            return list(batch(roles, meta))
+        out = []
+        for role in roles:
+            handler = getattr(role, f"tick_{kind}", None)
+            if handler is None:
+                raise ProtocolError(f"role {role.role_id!r} has no local event {kind!r}")
+            out.append(handler(meta))
+        return out
+
+    def host(self, role: Role) -> None:
+        self.engine.register(role)
+
     def _role(self, role_id: str) -> Role:
         try:
             return self.engine.roles[role_id]
@@ -238,10 +270,10 @@ class EngineGrid(Grid):
     def snapshot(self, role_id: str) -> Any:
         state = self._role(role_id).snapshot()
         # Isolated nodes share nothing, not even with the experimenter's view of them.
-        return copy.deepcopy(state) if self.host.isolated else state
+        return copy.deepcopy(state) if self.nodes.isolated else state
 
     def restore(self, role_id: str, state: Any) -> None:
-        self._role(role_id).restore(copy.deepcopy(state) if self.host.isolated else state)
+        self._role(role_id).restore(copy.deepcopy(state) if self.nodes.isolated else state)
 
     def measurements(self, role_id: str) -> dict[str, float]:
         return dict(self._role(role_id).measurements())

@@ -28,6 +28,8 @@ class LocalEngine(Engine):
     def _exchange(self, msg: Message, codec: str | None) -> Message | None:
         role = self._receiver(msg)
         delivered, seq = self._transmit(msg, codec)
+        if self.on_deliver is not None:
+            self.on_deliver(delivered)
         reply = role.handle(delivered)
         if reply is None:
             return None
@@ -46,6 +48,8 @@ class LocalEngine(Engine):
             if why is not None:
                 raise PeerUnavailable(why)
         received, _ = self._transmit(reply, codec, in_reply_to=seq)
+        if self.on_deliver is not None:
+            self.on_deliver(received)
         return received
 
     def send(self, msg: Message, *, codec: str | None = None) -> None:

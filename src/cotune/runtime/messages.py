@@ -67,6 +67,9 @@ class Message:
     receiver: str
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
+    # When it reached its receiver, set by whoever delivers it (the simulator: simulated
+    # seconds); never on the wire, never compared.
+    arrival: float | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.kind, str) or not _KIND_RE.match(self.kind):

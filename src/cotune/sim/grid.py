@@ -65,6 +65,7 @@ class SimulatedGrid(Grid):
         inner.sink = SimSink(sim)
         inner.outer = self
         inner.engine.before_reply = self._before_reply
+        inner.engine.on_deliver = self._stamp
         self._round: tuple[str, int] | None = None  # (receiver, round) of the request in flight
 
     # --- roles and nodes: as the inner grid ----------------------------------------------
@@ -77,6 +78,7 @@ class SimulatedGrid(Grid):
         prof = self.sim.profiles[role_id]
         return {
             **self.inner.node_info(role_id),
+            "profile": prof.name,
             "flops": prof.flops,
             "up_bps": prof.up_bps,
             "down_bps": prof.down_bps,
@@ -109,7 +111,16 @@ class SimulatedGrid(Grid):
     def add_listener(self, listener: Any) -> None:
         self.inner.add_listener(listener)
 
+    def tick(self, role_ids: list[str], kind: str, meta: dict[str, Any] | None = None) -> list[Any]:
+        return self.inner.tick(role_ids, kind, meta)
+
+    def host(self, role: Any) -> None:
+        self.inner.host(role)
+
     # --- messages on the clock -----------------------------------------------------------
+    def _stamp(self, msg: Message) -> None:
+        msg.arrival = self.sim.clock.arrival(msg.receiver, msg.sender)
+
     def _before_reply(self, role: str, request: Message, reply: Message) -> str | None:
         """A device in a round may go offline after its work, before its upload leaves."""
         if self._round is None or self._round[0] != role:
