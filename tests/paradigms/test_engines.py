@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from cotune.run import latest_checkpoint, run_experiment
+from cotune.rundir import checkpoints
 from tests.paradigms.test_central_local import kill_after
 
 FED = {"name": "fedavg", "options": {"local_steps": 2}}
@@ -186,19 +187,36 @@ def test_local_engine_shares_one_model(tiny_config, monkeypatch):
     assert seen[0].ctx.model.loaded.model is seen[1].ctx.model.loaded.model
 
 
-@pytest.mark.parametrize("engine", ["local", "isolated"])
-def test_resume_equals_the_uninterrupted_run_on_each_engine(tiny_config, engine):
-    sections = {"paradigm": FED, "output": {"checkpoint_every": 2, "keep_checkpoints": 100}}
-    whole = outcome(run(tiny_config, "whole", engine, **sections))
-    cfg = tiny_config(name=f"part-{engine}", engine={"kind": engine}, **sections)
+RESUMABLE = [
+    "central",
+    "local",
+    "fedavg",
+    "hierfed",
+    "fedbiot",
+    "splitfed-pooled-global-clip",
+    "split-p2p",
+    "splitfrozen",
+    "dlora-kill-revive",
+]  # one case per paradigm
+
+
+@pytest.mark.parametrize("case", RESUMABLE)
+def test_resume_on_isolated_equals_the_uninterrupted_run(tiny_config, case):
+    """Every paradigm resumes on the isolated engine exactly (local: the paradigms' own tests)."""
+    sections = {**CASES[case], "output": {"checkpoint_every": 2, "keep_checkpoints": 100}}
+    whole = outcome(run(tiny_config, f"whole-{case}", "isolated", **sections))
+    cfg = tiny_config(name=f"part-{case}", **{**sections, "engine": {"kind": "isolated"}})
     run_dir = run_experiment(cfg, quiet=True, report=False)
-    kill_after(run_dir, 2)
+    first = checkpoints(run_dir)[0].parent.name  # the earliest mid-run checkpoint
+    kill_after(run_dir, int(first.removeprefix("step-")))
     (run_dir / "summary.json").unlink()
     run_experiment(cfg, quiet=True, report=False, resume=True)
     part = outcome(run_dir)
     assert part[1]["sim_time_s"] == whole[1]["sim_time_s"]
-    for k, v in whole[2]["server"].items():
-        assert torch.equal(v, part[2]["server"][k])
+    assert part[1]["final"] == whole[1]["final"]
+    for role in whole[2]:
+        for k, v in whole[2][role].items():
+            assert torch.equal(v, part[2][role][k]), (role, k)
 
 
 def test_staged_modula_run_is_the_same_on_both_engines(tiny_config):
