@@ -61,6 +61,9 @@ class Experiment:
     domains: DomainPlan | None = None
     flop_key: str = "full"  # FLOP-counter key of a whole-model step (one per training stage)
     grid: Grid | None = None  # the driver's view of the other roles (cotune.nodes.make_grid)
+    # The adapter config as injected (GeLoRA's per-layer ranks filled in): what a node that
+    # loads only its own segment injects into it.
+    peft_section: Any = None
 
     @property
     def task(self) -> str:

@@ -110,6 +110,7 @@ class RunNodes:
             grid=grid,
             domains=domains,
             load_model=self._own_model if self.isolated else lambda: SharedModel(exp),
+            load_segment=self._own_segment if self.isolated else None,
         )
 
     def _own_model(self) -> NodeModel:
@@ -125,6 +126,40 @@ class RunNodes:
         from cotune.train import Trainer
 
         trainer = Trainer(adapters.named_trainable(), exp.cfg.train, exp.trainer.total_steps)
+        return OwnModel(loaded, adapters, trainer, exp.flop_key)
+
+    def _template_adapters(self) -> Any:
+        self._own_model()  # takes the template if it was not taken yet
+        assert self._template is not None
+        return self._template[1]
+
+    def _own_segment(self, start: int, end: int, embed: bool, head: bool) -> NodeModel:
+        """Only the segment's weights, read as a real node reads them (``load_segment``); the
+        adapters injected into it start from the run's initial values (the seeded init, or the
+        warm-up's) for the layers it holds."""
+        import torch
+
+        from cotune.models.partial import load_segment
+        from cotune.peft import inject_adapters
+        from cotune.train import Trainer
+
+        exp = self.exp
+        cfg = exp.cfg
+        vocab = exp.tokenizer.vocab_size if cfg.model.name_or_path.startswith("random:") else None
+        loaded, _ = load_segment(
+            cfg.model, start, end, embed=embed, head=head,
+            num_labels=exp.loaded.num_labels, vocab_size=vocab, seed=cfg.seed,
+        )  # fmt: skip
+        peft = exp.peft_section if exp.peft_section is not None else cfg.peft
+        adapters = inject_adapters(
+            loaded.model, peft, anatomy=loaded.anatomy, head_paths=loaded.anatomy.head_paths()
+        )
+        initial = self._template_adapters().named_trainable()
+        with torch.no_grad():
+            for name, p in adapters.named_trainable().items():
+                if not p.is_meta:
+                    p.copy_(initial[name])
+        trainer = Trainer(adapters.named_trainable(), cfg.train, exp.trainer.total_steps)
         return OwnModel(loaded, adapters, trainer, exp.flop_key)
 
 

@@ -105,6 +105,7 @@ def build_experiment(cfg: RunConfig, run_dir: Path, *, quiet: bool):
         sim=sim,
         quiet=quiet,
         tokenizer=tokenizer,
+        peft_section=peft_cfg,
     )
     exp.grid = make_grid(exp)
     preflight = get_preflight(cfg.paradigm.name)

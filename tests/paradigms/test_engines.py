@@ -175,6 +175,29 @@ def test_isolated_roles_share_no_python_object(tiny_config, monkeypatch):
     )
 
 
+@pytest.mark.parametrize("paradigm", ["splitfed", "splitfrozen"])
+def test_isolated_split_devices_load_only_their_segment(tiny_config, monkeypatch, paradigm):
+    """An isolated split device reads only the embeddings and its blocks (load_segment): every
+    weight above its cut stays on the meta device, never materialised."""
+    from cotune.paradigms import splitfrozen, splitting
+
+    cls = splitting.SplitDevice if paradigm == "splitfed" else splitfrozen.FrozenDevice
+    seen = []
+    real = cls.__init__
+    monkeypatch.setattr(cls, "__init__", lambda s, c: (real(s, c), seen.append(s))[0])
+    options = {"cut": 1} if paradigm == "splitfed" else {"cuts": [1, 1]}
+    run(tiny_config, f"seg-{paradigm}", "isolated", paradigm={"name": paradigm, "options": options})
+    assert len(seen) == 2
+    for dev in seen:
+        model = dev.ctx.model.loaded.model
+        anatomy = dev.ctx.model.loaded.anatomy
+        params = dict(model.named_parameters())
+        below = [k for k in params if anatomy.layer_of(k) == 0]
+        above = [k for k in params if (anatomy.layer_of(k) or -1) >= 1]
+        assert below and not any(params[k].is_meta for k in below)
+        assert above and all(params[k].is_meta for k in above)
+
+
 def test_local_engine_shares_one_model(tiny_config, monkeypatch):
     from cotune.paradigms import federated
 

@@ -101,20 +101,23 @@ class FrozenDevice(Role):
         super().__init__(ctx.node_id)
         assert ctx.data is not None
         self.ctx, self.dataset = ctx, ctx.data
-        model = ctx.model
-        # The adapters inside the device's blocks stay at their initial value (frozen).
-        self.state = model.trainer.new_state(ctx.seed, model.initial_params())
         self.sampler = BatchSampler(len(self.dataset), ctx.cfg.train.batch_size, ctx.seed)
         self.cut: int | None = None
         self.segment: Segment | None = None
+        self.state: RoleState | None = None  # made once the cut (so the model it holds) is known
 
     def on_configure(self, msg: Message) -> None:
         """The cut the server chose for this device."""
         self.set_cut(int(msg.meta["cut"]))
 
     def set_cut(self, cut: int) -> None:
-        model, cfg = self.ctx.model, self.ctx.cfg
+        # The device loads only the embeddings and its frozen blocks.
+        model = self.ctx.segment_model(0, cut, embed=True, head=False)
+        cfg = self.ctx.cfg
         self.cut = cut
+        if self.state is None:
+            # The adapters inside the device's blocks stay at their initial value (frozen).
+            self.state = model.trainer.new_state(self.ctx.seed, model.initial_params())
         self.segment = model.loaded.anatomy.segment(0, self.cut, embed=True, head=False)
         seg = self.segment
         self.ctx.meter.memory(
@@ -123,7 +126,7 @@ class FrozenDevice(Role):
 
     def tick_step(self, meta: dict[str, Any]) -> None:
         """This device's next step: a batch, the frozen forward, the upload."""
-        if self.segment is None:
+        if self.segment is None or self.state is None:
             raise ProtocolError(f"{self.role_id} has no cut yet (no configure message)")
         step, meter, trainer = int(meta["step"]), self.ctx.meter, self.ctx.model.trainer
         batch = self.dataset.batch(self.sampler.next_indices())
@@ -150,12 +153,13 @@ class FrozenDevice(Role):
         return None
 
     def snapshot(self) -> RoleState:
+        assert self.state is not None, f"{self.role_id} was not configured"
         return self.state
 
     def restore(self, st: dict[str, Any]) -> None:
         """A checkpointed state and the cut this device was configured with."""
-        self.state = st["state"]
         self.set_cut(int(st["cut"]))
+        self.state = st["state"]
         if self.state.sampler is not None:
             self.sampler.load_state_dict(self.state.sampler)
 

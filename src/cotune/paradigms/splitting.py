@@ -220,8 +220,14 @@ class SplitDevice(Role):
         super().__init__(ctx.node_id)
         assert ctx.data is not None
         self.ctx, self.dataset = ctx, ctx.data
-        cfg, model = ctx.cfg, ctx.model
+        cfg = ctx.cfg
         self.opts = cut_options(cfg)
+        # A device runs only its bottom (U-shaped: also the top, so it holds the whole model).
+        model = (
+            ctx.model
+            if self.opts.u_shaped
+            else ctx.segment_model(0, self.opts.cut, embed=True, head=False)
+        )
         self.layout = make_layout(model, cfg, self.opts)
         self.trainer = Trainer(
             {k: model.trainer.params[k] for k in self.layout.device_names},

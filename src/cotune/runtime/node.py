@@ -109,7 +109,13 @@ class NodeContext:
     groups: list[int | None] | None = None  # each example's class or domain (None: unknown)
     grid: Grid | None = None  # for nested calls (an edge asking its devices, ...)
     domains: DomainPlan | None = None  # MoDULA's domain stage: which expert each device trains
+    device: str = "cpu"  # the torch device this node computes on
     load_model: Callable[[], NodeModel] | None = field(default=None, repr=False)
+    # Loads only what anatomy.segment(start, end, embed=, head=) runs (None: this node shares
+    # a whole model, so a segment is a view of it).
+    load_segment: Callable[[int, int, bool, bool], NodeModel] | None = field(
+        default=None, repr=False
+    )
     _model: NodeModel | None = field(default=None, repr=False)
 
     @property
@@ -120,6 +126,14 @@ class NodeContext:
                 raise RuntimeError(f"node {self.node_id!r} has no model")
             self._model = self.load_model()
         return self._model
+
+    def segment_model(self, start: int, end: int, *, embed: bool, head: bool) -> NodeModel:
+        """The model with only blocks ``[start, end)`` (and the embeddings / head as asked)
+        materialised, for a role that runs just that segment (a split device's bottom). Nodes
+        that share the run's model get the whole model (the segment is a view of it)."""
+        if self._model is None and self.load_segment is not None:
+            self._model = self.load_segment(start, end, embed, head)
+        return self.model
 
     @property
     def task(self) -> str:
