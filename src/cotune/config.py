@@ -386,7 +386,17 @@ def config_from_dict(data: dict[str, Any], source: str = "<dict>") -> RunConfig:
         cfg = RunConfig.model_validate(data)
     except ValidationError as err:
         raise ConfigError(_format_validation_error(err, source)) from None
-    check_paradigm_options(cfg, source)
+    opts = check_paradigm_options(cfg, source)
+    if opts.profile_fields():
+        from cotune.sim.profiles import all_profiles  # torch-free, like this module
+
+        known = all_profiles(cfg.devices.profile_file)
+        for field, name in opts.profile_fields().items():
+            if name not in known:
+                raise ConfigError(
+                    f"invalid config ({source}):\n  paradigm.options.{field}: unknown device "
+                    f"profile {name!r} (known: {', '.join(known)})"
+                )
     return cfg
 
 

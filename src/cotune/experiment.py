@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
@@ -27,12 +27,8 @@ from cotune.runtime import Engine
 from cotune.runtime.grid import Grid
 from cotune.runtime.ids import SERVER
 from cotune.runtime.node import Meter, NodeModel
-from cotune.sim.costs import MemoryEstimate
 from cotune.sim.simulation import Simulation
 from cotune.train import RoleState, Trainer, evaluate
-
-if TYPE_CHECKING:
-    from cotune.paradigms.base import TrainingRole
 
 
 @dataclass
@@ -110,18 +106,11 @@ class Experiment:
         self.log_record("eval", step, "mean", round=rnd, **summary)
         return per_role, summary
 
-    def evaluate_roles(
-        self, roles: list[TrainingRole] | list[str], step: int, rnd: int
-    ) -> tuple[dict, dict]:
-        """Evaluate each role's own adapter (a role, or a role id read through the grid's
-        snapshot); log one record per role and their mean."""
-        states = {
-            (r if isinstance(r, str) else r.role_id): (
-                self.grid.snapshot(r) if isinstance(r, str) else r.state  # type: ignore[union-attr]
-            )
-            for r in roles
-        }
-        return self.evaluate_states(states, step, rnd)
+    def evaluate_roles(self, role_ids: list[str], step: int, rnd: int) -> tuple[dict, dict]:
+        """Evaluate each role's own adapter, read through the grid's snapshot channel; log one
+        record per role and their mean."""
+        assert self.grid is not None
+        return self.evaluate_states({r: self.grid.snapshot(r) for r in role_ids}, step, rnd)
 
     def eval_points(self) -> list[int]:
         """Steps after which to evaluate: every ``eval.every`` steps and at the last step."""
@@ -134,13 +123,6 @@ class Experiment:
         record["sim_time_s"] = self.sim.now
         record["host_time_s"] = self.host_time()
         self.log.log(record)
-
-    def full_model_memory(self) -> MemoryEstimate:
-        """Peak training memory of one role holding the whole model, at the largest batch."""
-        from cotune.nodes import SharedModel
-        from cotune.paradigms.base import full_model_memory
-
-        return full_model_memory(SharedModel(self), self.cfg)
 
     @property
     def model(self) -> NodeModel:

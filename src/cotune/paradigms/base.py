@@ -140,7 +140,7 @@ def full_model_memory(model: NodeModel, cfg: RunConfig) -> MemoryEstimate:
         net.train(was)
 
 
-def parse_options(model: type[T], options: dict[str, Any], where: str = "paradigm.options") -> T:
+def parse_options(model: type[T], options: dict[str, Any]) -> T:
     """Validate a paradigm's free-form ``options`` dict into its typed model, naming bad fields.
 
     ``load_config`` has already validated them (``cotune.paradigms.options``); this gives the

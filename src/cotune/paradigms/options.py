@@ -52,6 +52,11 @@ class ParadigmOptions(BaseModel):
         the deployment's topology, so engines and the simulator know them before any role."""
         return {}
 
+    def profile_fields(self) -> dict[str, str]:
+        """Options that name a device profile (field → name): ``load_config`` checks them
+        against the known profiles (built-in and ``devices.profile_file``)."""
+        return {}
+
 
 class NoOptions(ParadigmOptions):
     """Paradigms without options (central, local): any option given is a mistake."""
@@ -118,6 +123,9 @@ class HierFedOptions(ParadigmOptions):
     def infrastructure(self) -> dict[str, str]:
         return {f"edge-{g}": self.edge_profile for g in range(self.num_groups)}
 
+    def profile_fields(self) -> dict[str, str]:
+        return {"edge_profile": self.edge_profile}
+
     def check_config(self, cfg: RunConfig) -> None:
         if self.num_groups > cfg.devices.count:
             raise ValueError(
@@ -126,14 +134,6 @@ class HierFedOptions(ParadigmOptions):
             )
         if self.controller == "balanced" and self.depth is not None and self.min_depth > self.depth:
             raise ValueError(f"min_depth: {self.min_depth} > depth {self.depth}")
-        from cotune.sim.profiles import all_profiles  # torch-free, like this module
-
-        known = all_profiles(cfg.devices.profile_file)
-        if self.edge_profile not in known:
-            raise ValueError(
-                f"edge_profile: unknown device profile {self.edge_profile!r} "
-                f"(known: {', '.join(known)})"
-            )
 
 
 class FedBiOTOptions(ParadigmOptions):
