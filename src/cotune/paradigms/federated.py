@@ -28,7 +28,9 @@ class FedDevice(TrainingRole):
     """Loads the global adapter it is sent, trains it on its own shard, reports the result.
 
     Reads its options (``local_steps`` / ``local_epochs``, ``optimizer_state``, ``prox_mu``)
-    from its node's config (``paradigm.options``, as ``options_model`` types them).
+    from its node's config (``paradigm.options``, as ``options_model`` types them). Paradigms
+    whose devices train a part of the model (hierfed's depth) override ``prepare``,
+    ``flop_key`` and ``upload``; everything else is this one round protocol.
     """
 
     options_model: type[ParadigmOptions] = FedAvgOptions
@@ -41,6 +43,10 @@ class FedDevice(TrainingRole):
         self.reset_optimizer = getattr(opts, "optimizer_state", "keep") == "reset"
         self.prox_mu = float(getattr(opts, "prox_mu", 0.0))
         self.train_host_s = 0.0
+        self.report_memory()
+
+    def report_memory(self) -> None:
+        """This device's memory estimate (the whole model by default)."""
         self.probe_memory()
 
     def local_steps(self) -> int:
@@ -50,8 +56,20 @@ class FedDevice(TrainingRole):
         per_epoch = math.ceil(len(self.dataset) / self.ctx.cfg.train.batch_size)
         return max(1, math.ceil(self.epochs * per_epoch))
 
+    def prepare(self, msg: Message) -> None:
+        """Read what the round's message says beyond the adapter (nothing by default)."""
+
+    def flop_key(self) -> str | None:
+        """The FLOP counter's key of a local step (None: the whole model's)."""
+        return None
+
+    def upload(self) -> dict[str, torch.Tensor]:
+        """What goes back to the aggregator: the part of the adapter this device trains."""
+        return self.ctx.role_tensors(state_tensors(self.state))
+
     def on_train(self, msg: Message) -> Message:
         rnd = int(msg.meta["round"])
+        self.prepare(msg)
         with torch.no_grad():
             for k, v in msg.tensors.items():
                 self.state.params[k].copy_(v)
@@ -61,7 +79,7 @@ class FedDevice(TrainingRole):
         if self.prox_mu > 0:
             self.loss_fn = self._proximal(msg.tensors)
         started = time.perf_counter()
-        results = self.train_steps(self.local_steps(), round=rnd)
+        results = self.train_steps(self.local_steps(), round=rnd, key=self.flop_key())
         # Measurement, not protocol: host timings never ride in a message (they would change
         # its byte count, and so the simulated time, from one run to the next).
         self.train_host_s = time.perf_counter() - started
@@ -69,7 +87,7 @@ class FedDevice(TrainingRole):
         return reply(
             msg,
             "update",
-            self.ctx.role_tensors(state_tensors(self.state)),
+            self.upload(),
             round=rnd,
             examples=len(self.dataset),
             losses=[r.loss for r in results],

@@ -28,13 +28,13 @@ from cotune.models import task_loss
 from cotune.paradigms.base import (
     Experiment,
     ParadigmResult,
-    TrainingRole,
     mean,
     parse_options,
     reply,
     screen_updates,
     state_tensors,
 )
+from cotune.paradigms.federated import FedDevice
 from cotune.paradigms.hierfed_plan import (
     GroupPlan,
     group_devices,
@@ -77,14 +77,19 @@ def depth_loss(model: NodeModel, task: str, depth: int) -> Callable[[Batch], tor
     return loss_fn
 
 
-class HierDevice(TrainingRole):
-    """Trains the group adapter it is sent at the depth it is told; returns the trained part."""
+class HierDevice(FedDevice):
+    """A federated device that trains the group adapter at the depth it is told and returns
+    only the part it trained."""
+
+    options_model = HierFedOptions
 
     def __init__(self, ctx: NodeContext) -> None:
-        super().__init__(ctx)
-        self.opts = parse_paradigm_options("", ctx.cfg.paradigm.options, HierFedOptions)
         self.depth: int | None = None
         self.keys: list[str] = []
+        super().__init__(ctx)
+
+    def report_memory(self) -> None:  # reported per depth, once the device knows its depth
+        return None
 
     def on_describe(self, msg: Message) -> Message:
         """What the cloud plans groups from: the size and label (or domain) mix of the data."""
@@ -95,31 +100,22 @@ class HierDevice(TrainingRole):
             counts = {str(g): int(n) for g, n in zip(*np.unique(groups, return_counts=True))}
         return reply(msg, "description", examples=len(self.dataset), groups=counts)
 
-    def set_depth(self, depth: int) -> None:
+    def prepare(self, msg: Message) -> None:
+        depth = int(msg.meta["depth"])
+        if depth == self.depth:
+            return
         model, cfg = self.ctx.model, self.ctx.cfg
         self.depth = depth
         self.keys = trained_keys(model, depth)
         self.loss_fn = depth_loss(model, self.ctx.task, depth)
         self.ctx.meter.memory(f"depth-{depth}", lambda: depth_memory(model, cfg, depth))
 
-    def on_train(self, msg: Message) -> Message:
-        rnd = int(msg.meta["round"])
-        if msg.meta["depth"] != self.depth:
-            self.set_depth(int(msg.meta["depth"]))
-        with torch.no_grad():
-            for k, v in msg.tensors.items():
-                self.state.params[k].copy_(v)
-        if self.opts.optimizer_state == "reset":
-            self.state.optim = {k: {} for k in self.state.params}
-        self.state.step = int(msg.meta["schedule_step"])
-        # The FLOP counter's key names the depth: the same batch shape costs less shallower.
-        results = self.train_steps(self.opts.local_steps, round=rnd, key=f"depth-{self.depth}")
-        assert self.dataset is not None
-        up = {k: self.state.params[k].detach() for k in self.keys}
-        return reply(
-            msg, "update", up, round=rnd, examples=len(self.dataset),
-            losses=[r.loss for r in results],
-        )  # fmt: skip
+    def flop_key(self) -> str | None:
+        # The same batch shape costs less at a smaller depth: one key per depth.
+        return f"depth-{self.depth}"
+
+    def upload(self) -> dict[str, torch.Tensor]:
+        return {k: self.state.params[k].detach() for k in self.keys}
 
 
 class EdgeAggregator(Role):
