@@ -113,25 +113,25 @@ class RunNodes:
             load_segment=self._own_segment if self.isolated else None,
         )
 
-    def _own_model(self) -> NodeModel:
-        exp = self.exp
-        if self._template is None:  # taken before any role trains: the seeded initial state
+    def _pristine(self) -> tuple[Any, Any]:
+        """(model, adapters) as the run built them, copied once before any role trains."""
+        if self._template is None:
+            exp = self.exp
             # What the server built on its own model (an emulator, ...) is not a node's.
             cache = exp.loaded.model.__dict__.get(CACHE_ATTR)
             memo = {id(cache): {}} if cache is not None else {}
             self._template = copy.deepcopy((exp.loaded.model, exp.adapters), memo)
-        model, adapters = copy.deepcopy(self._template)
+        return self._template
+
+    def _own_model(self) -> NodeModel:
+        exp = self.exp
+        model, adapters = copy.deepcopy(self._pristine())
         anatomy = type(exp.loaded.anatomy)(model, exp.loaded.anatomy.task)
         loaded = dataclasses.replace(exp.loaded, model=model, anatomy=anatomy, tokenizer=None)
         from cotune.train import Trainer
 
         trainer = Trainer(adapters.named_trainable(), exp.cfg.train, exp.trainer.total_steps)
         return OwnModel(loaded, adapters, trainer, exp.flop_key)
-
-    def _template_adapters(self) -> Any:
-        self._own_model()  # takes the template if it was not taken yet
-        assert self._template is not None
-        return self._template[1]
 
     def _own_segment(self, start: int, end: int, embed: bool, head: bool) -> NodeModel:
         """Only the segment's weights, read as a real node reads them (``load_segment``); the
@@ -154,7 +154,7 @@ class RunNodes:
         adapters = inject_adapters(
             loaded.model, peft, anatomy=loaded.anatomy, head_paths=loaded.anatomy.head_paths()
         )
-        initial = self._template_adapters().named_trainable()
+        initial = self._pristine()[1].named_trainable()
         with torch.no_grad():
             for name, p in adapters.named_trainable().items():
                 if not p.is_meta:

@@ -21,6 +21,7 @@ from cotune.config import RunConfig
 from cotune.data import Batch, BatchSampler, EncodedDataset
 from cotune.errors import DivergenceError
 from cotune.experiment import Experiment  # noqa: F401 - re-exported for the drivers
+from cotune.paradigms.options import parse_options  # noqa: F401 - re-exported for the drivers
 from cotune.peft.domains import route_domains
 from cotune.runtime import Message, Role
 from cotune.runtime.node import NodeContext, NodeModel
@@ -138,17 +139,6 @@ def full_model_memory(model: NodeModel, cfg: RunConfig) -> MemoryEstimate:
         return MemoryProbe().estimate("full", net, model.forward, ids, ids.clone())
     finally:
         net.train(was)
-
-
-def parse_options(model: type[T], options: dict[str, Any]) -> T:
-    """Validate a paradigm's free-form ``options`` dict into its typed model, naming bad fields.
-
-    ``load_config`` has already validated them (``cotune.paradigms.options``); this gives the
-    driver its typed copy.
-    """
-    from cotune.paradigms.options import parse_paradigm_options
-
-    return parse_paradigm_options("", options, model)
 
 
 def update_problem(msg: Message, reference: dict[str, torch.Tensor]) -> str | None:

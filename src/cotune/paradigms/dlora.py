@@ -25,7 +25,7 @@ import torch
 from cotune.errors import CheckpointError, ProtocolError
 from cotune.models import Activations, task_loss
 from cotune.paradigms.base import Experiment, ParadigmResult, TrainingRole, mean, reply
-from cotune.paradigms.options import DLoRAOptions, parse_paradigm_options
+from cotune.paradigms.options import DLoRAOptions, parse_options
 from cotune.peft.grouped import bind_state
 from cotune.runtime import Message, Role
 from cotune.runtime.ids import SERVER
@@ -168,7 +168,7 @@ class DLoRADevice(TrainingRole):
 
     def __init__(self, ctx: NodeContext) -> None:
         super().__init__(ctx)
-        self.opts = parse_paradigm_options("", ctx.cfg.paradigm.options, DLoRAOptions)
+        self.opts = parse_options(DLoRAOptions, ctx.cfg.paradigm.options)
         anatomy = ctx.model.loaded.anatomy
         n = anatomy.num_layers
         self.embed = anatomy.segment(0, 0, embed=True, head=False)

@@ -44,7 +44,7 @@ from cotune.paradigms.emulator import (
     node_models,
 )
 from cotune.paradigms.federated import log_mean_losses, sample_round
-from cotune.paradigms.options import FedBiOTOptions, parse_paradigm_options
+from cotune.paradigms.options import FedBiOTOptions
 from cotune.runtime import Message, Role
 from cotune.runtime.ids import SERVER
 from cotune.runtime.node import NodeContext
@@ -130,7 +130,7 @@ class BiOTDevice(Role):
         super().__init__(ctx.node_id)
         assert ctx.data is not None
         self.ctx, self.dataset = ctx, ctx.data
-        self.opts = parse_paradigm_options("", ctx.cfg.paradigm.options, FedBiOTOptions)
+        self.opts = parse_options(FedBiOTOptions, ctx.cfg.paradigm.options)
         self.m, self.trainer = models_for(ctx.model, self.opts)
         init = {k: p.data.detach().clone() for k, p in self.m.adapter_params.items()}
         self.state = self.trainer.new_state(ctx.seed, init)

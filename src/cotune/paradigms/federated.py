@@ -16,7 +16,7 @@ import torch
 
 from cotune.aggregation import proximal_loss
 from cotune.paradigms.base import Experiment, TrainingRole, mean, reply, state_tensors
-from cotune.paradigms.options import FedAvgOptions, ParadigmOptions, parse_paradigm_options
+from cotune.paradigms.options import FedAvgOptions, ParadigmOptions, parse_options
 from cotune.runtime import Message
 from cotune.runtime.grid import Grid
 from cotune.runtime.ids import SERVER
@@ -37,7 +37,7 @@ class FedDevice(TrainingRole):
 
     def __init__(self, ctx: NodeContext) -> None:
         super().__init__(ctx)
-        opts = parse_paradigm_options("", ctx.cfg.paradigm.options, self.options_model)
+        opts = parse_options(self.options_model, ctx.cfg.paradigm.options)
         self.steps = int(opts.local_steps)
         self.epochs: float | None = getattr(opts, "local_epochs", None)
         self.reset_optimizer = getattr(opts, "optimizer_state", "keep") == "reset"

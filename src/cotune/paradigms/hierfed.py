@@ -41,7 +41,7 @@ from cotune.paradigms.hierfed_plan import (
     group_divergence,
     plan_groups,
 )
-from cotune.paradigms.options import HierFedOptions, parse_paradigm_options
+from cotune.paradigms.options import HierFedOptions
 from cotune.runtime import Message, Role
 from cotune.runtime.ids import SERVER
 from cotune.runtime.node import NodeContext, NodeModel
@@ -128,7 +128,7 @@ class EdgeAggregator(Role):
     def __init__(self, ctx: NodeContext) -> None:
         super().__init__(ctx.node_id)
         self.ctx = ctx
-        self.opts = parse_paradigm_options("", ctx.cfg.paradigm.options, HierFedOptions)
+        self.opts = parse_options(HierFedOptions, ctx.cfg.paradigm.options)
         self.plan: dict[str, Any] = {}
         self.rejected = 0  # member uploads refused (non-finite or malformed), over the run
 

@@ -283,9 +283,9 @@ def _format(err: ValidationError, model: type[BaseModel], where: str) -> list[st
     return lines
 
 
-def parse_paradigm_options(name: str, options: dict[str, Any], model: type[T] | None = None) -> T:
-    """``options`` as the paradigm's typed model; ``ConfigError`` naming each bad field."""
-    model = model or OPTIONS[name]  # type: ignore[assignment]
+def parse_options(model: type[T], options: dict[str, Any]) -> T:
+    """``options`` as ``model`` types them; ``ConfigError`` naming each bad field. (``load_config``
+    has validated them already: drivers and roles call this for their typed copy.)"""
     where = "paradigm.options"
     try:
         return model.model_validate(options)

@@ -34,7 +34,7 @@ from cotune.data import Batch, BatchSampler
 from cotune.errors import ConfigError, ProtocolError
 from cotune.models import Activations, LoadedModel, Segment, task_loss
 from cotune.paradigms.base import reply
-from cotune.paradigms.options import OPTIONS, CutOptions, parse_paradigm_options
+from cotune.paradigms.options import OPTIONS, CutOptions, parse_options
 from cotune.peft import AdapterSet
 from cotune.runtime import Message, Role
 from cotune.runtime.ids import SERVER
@@ -123,7 +123,7 @@ def make_layout(model: NodeModel, cfg: RunConfig, opts: CutOptions) -> Layout:
 
 def cut_options(cfg: RunConfig) -> CutOptions:
     """The run's split options (``split`` or ``splitfed``), as every node reads them."""
-    return parse_paradigm_options("", cfg.paradigm.options, OPTIONS[cfg.paradigm.name])  # type: ignore[return-value]
+    return parse_options(OPTIONS[cfg.paradigm.name], cfg.paradigm.options)  # type: ignore[return-value]
 
 
 def global_clip(opts: CutOptions, cfg: RunConfig) -> bool:

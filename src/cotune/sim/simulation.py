@@ -7,7 +7,6 @@ encoded message; memory is estimated once per role kind from a probe at the larg
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -69,7 +68,3 @@ class Simulation:
                 "memory_fits": (mem.total <= prof.memory_bytes) if mem else None,
             }
         return out
-
-
-def finite_or_none(x: float) -> float | None:
-    return x if math.isfinite(x) else None
