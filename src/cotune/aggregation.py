@@ -43,8 +43,14 @@ def _check_updates(updates: Sequence[State], reference: State | None = None) -> 
     return keys
 
 
+def _wide(device: torch.device) -> torch.dtype:
+    """Accumulation dtype: float64, except where the device has none (Apple's MPS)."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
 def _stack(updates: Sequence[State], key: str) -> Tensor:
-    return torch.stack([u[key].detach().to(torch.float64) for u in updates])
+    wide = _wide(updates[0][key].device)
+    return torch.stack([u[key].detach().to(wide) for u in updates])
 
 
 def weighted_average(
@@ -65,7 +71,7 @@ def weighted_average(
     out = {}
     for k in keys:
         s = _stack(updates, k)
-        out[k] = torch.tensordot(w, s, dims=1).to(updates[0][k].dtype)
+        out[k] = torch.tensordot(w.to(s.device, s.dtype), s, dims=1).to(updates[0][k].dtype)
     return out
 
 
@@ -178,8 +184,8 @@ class Aggregator:
             return reduced  # exactly the (weighted) mean: no x − (x − avg) rounding
         out = {}
         for k, x in global_state.items():
-            x64 = x.detach().to(torch.float64)
-            g = x64 - reduced[k].to(torch.float64)
+            x64 = x.detach().to(_wide(x.device))
+            g = x64 - reduced[k].to(x64.dtype)
             out[k] = (x64 - self.step(k, g)).to(x.dtype)
         return out
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -36,7 +37,12 @@ class ModelSection(Section):
     task: TaskName = "classification"
     # Extra fields for the HF config of a random:<family> model (n_layer, hidden_size, ...).
     random_config: dict[str, Any] = Field(default_factory=dict)
+    # The frozen base's dtype (adapters, their gradients and optimizer state stay float32).
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    # Quantize the frozen base's block linears with bitsandbytes (QLoRA-style: the adapters and
+    # their math stay in float32/bf16): int8 (LLM.int8), nf4 or fp4 (4-bit). Runs on CUDA and on
+    # CPU (bitsandbytes' portable kernels: slow); the simulator counts the quantized bytes.
+    quantize: Literal["none", "int8", "nf4", "fp4"] = "none"
     max_length: int = Field(128, ge=8, le=8192)
 
 
@@ -178,8 +184,6 @@ CODEC_FORMS = "fp32, fp16, bf16, int8, topk (= topk0.1), topk<fraction>, topk:<f
 
 
 def _check_codec(v: str) -> str:
-    import re
-
     if v in ("fp32", "fp16", "bf16", "int8", "topk"):
         return v
     m = re.fullmatch(r"topk:?([0-9]*\.?[0-9]+(?:e-?[0-9]+)?)", v)
@@ -217,6 +221,46 @@ class TrainSection(Section):
     # A non-finite loss, gradient or update: stop the run naming the step and role (keeping the
     # last good checkpoint), or skip that step (the role's weights stay as they were).
     on_nonfinite: Literal["stop", "skip"] = "stop"
+    # Where nodes compute: auto (cuda if present, else mps, else cpu) | cpu | cuda | cuda:N | mps.
+    device: str = "auto"
+    # Per node kind (server, devices, edges) or node id (device-3): overrides `device`. On the
+    # local engine every role shares one model, so all must resolve to one device.
+    node_devices: dict[str, str] = Field(default_factory=dict)
+    # Mixed precision of the forward pass: bf16 or fp16 matmuls with fp32 adapter weights and
+    # optimizer state; fp16 scales the loss (a per-role GradScaler, swapped like the RNG).
+    autocast: Literal["none", "bf16", "fp16"] = "none"
+    # Recompute each block's activations in backward instead of keeping them (less memory,
+    # about one more forward of compute); the simulator's memory estimate counts it.
+    gradient_checkpointing: bool = False
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        return _check_device(v)
+
+    @field_validator("node_devices")
+    @classmethod
+    def _node_devices(cls, v: dict[str, str]) -> dict[str, str]:
+        for key, spec in v.items():
+            if key not in NODE_KINDS and not re.fullmatch(r"[a-z]+-\d+", key):
+                raise ValueError(
+                    f"key {key!r} is not a node kind ({', '.join(NODE_KINDS)}) nor a node id "
+                    "such as device-3"
+                )
+            try:
+                _check_device(spec)
+            except ValueError as err:
+                raise ValueError(f"{key}: {err}") from None
+        return v
+
+
+NODE_KINDS = ("server", "devices", "edges")
+
+
+def _check_device(v: str) -> str:
+    if v in ("auto", "cpu", "cuda", "mps") or re.fullmatch(r"cuda:\d+", v):
+        return v
+    raise ValueError(f"{v!r} is not a device (allowed: auto, cpu, cuda, cuda:N, mps)")
 
 
 class EvalSection(Section):
@@ -287,6 +331,15 @@ class RunConfig(Section):
         d = self.to_dict()
         for k in ("output", "eval", "name"):
             d.pop(k, None)
+        # Where a run computes and whether it recomputes activations do not change what it
+        # learns: a run may resume on another machine. Precision and quantization do; they
+        # join the hash only when set, so runs from before they existed still resume.
+        for k in ("device", "node_devices", "gradient_checkpointing"):
+            d["train"].pop(k, None)
+        if d["train"].get("autocast") == "none":
+            d["train"].pop("autocast")
+        if d["model"].get("quantize") == "none":
+            d["model"].pop("quantize")
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 

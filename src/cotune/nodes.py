@@ -81,6 +81,19 @@ class RunNodes:
     def __init__(self, exp: Experiment, *, isolated: bool) -> None:
         self.exp, self.isolated = exp, isolated
         self._template: tuple[Any, Any] | None = None
+        self._devices: dict[str, torch.device] = {}
+
+    def device_of(self, role_id: str) -> torch.device:
+        """Where ``role_id`` computes (``train.device`` / ``train.node_devices``; on the local
+        engine every node is where the shared model is)."""
+        if role_id not in self._devices:
+            from cotune.accel.placement import node_device
+
+            if self.isolated:
+                self._devices[role_id] = node_device(self.exp.cfg.train, role_id)
+            else:
+                self._devices[role_id] = self.exp.trainer.device
+        return self._devices[role_id]
 
     def node_ids(self) -> list[str]:
         devices = [device_id(i) for i in range(len(self.exp.parts))]
@@ -100,6 +113,9 @@ class RunNodes:
         cfg, domains = exp.cfg, exp.domains
         if self.isolated:
             data, groups, cfg, domains = copy.deepcopy((data, groups, cfg, domains))
+        device = self.device_of(role_id)
+        if data is not None:
+            data = data.on(device)
         return NodeContext(
             node_id=role_id,
             cfg=cfg,
@@ -109,8 +125,11 @@ class RunNodes:
             groups=groups,
             grid=grid,
             domains=domains,
-            load_model=self._own_model if self.isolated else lambda: SharedModel(exp),
-            load_segment=self._own_segment if self.isolated else None,
+            device=str(device),
+            load_model=(
+                (lambda: self._own_model(role_id)) if self.isolated else (lambda: SharedModel(exp))
+            ),
+            load_segment=(lambda *a: self._own_segment(role_id, *a)) if self.isolated else None,
         )
 
     def _pristine(self) -> tuple[Any, Any]:
@@ -123,9 +142,12 @@ class RunNodes:
             self._template = copy.deepcopy((exp.loaded.model, exp.adapters), memo)
         return self._template
 
-    def _own_model(self) -> NodeModel:
+    def _own_model(self, role_id: str) -> NodeModel:
+        from cotune.accel.placement import move_to
+
         exp = self.exp
         model, adapters = copy.deepcopy(self._pristine())
+        move_to(model, self.device_of(role_id))
         anatomy = type(exp.loaded.anatomy)(model, exp.loaded.anatomy.task)
         loaded = dataclasses.replace(exp.loaded, model=model, anatomy=anatomy, tokenizer=None)
         from cotune.train import Trainer
@@ -133,12 +155,15 @@ class RunNodes:
         trainer = Trainer(adapters.named_trainable(), exp.cfg.train, exp.trainer.total_steps)
         return OwnModel(loaded, adapters, trainer, exp.flop_key)
 
-    def _own_segment(self, start: int, end: int, embed: bool, head: bool) -> NodeModel:
+    def _own_segment(
+        self, role_id: str, start: int, end: int, embed: bool, head: bool
+    ) -> NodeModel:
         """Only the segment's weights, read as a real node reads them (``load_segment``); the
         adapters injected into it start from the run's initial values (the seeded init, or the
         warm-up's) for the layers it holds."""
         import torch
 
+        from cotune.accel.placement import place_model
         from cotune.models.partial import load_segment
         from cotune.peft import inject_adapters
         from cotune.train import Trainer
@@ -150,6 +175,7 @@ class RunNodes:
             cfg.model, start, end, embed=embed, head=head,
             num_labels=exp.loaded.num_labels, vocab_size=vocab, seed=cfg.seed,
         )  # fmt: skip
+        place_model(loaded, cfg, self.device_of(role_id))
         peft = exp.peft_section if exp.peft_section is not None else cfg.peft
         adapters = inject_adapters(
             loaded.model, peft, anatomy=loaded.anatomy, head_paths=loaded.anatomy.head_paths()

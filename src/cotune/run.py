@@ -38,6 +38,7 @@ def build_experiment(cfg: RunConfig, run_dir: Path, *, quiet: bool):
     """Load data, tokenizer, model and adapters; partition; wire the engine. Touches no files."""
     import torch
 
+    from cotune.accel.placement import place_model
     from cotune.data import build_tokenizer, encode_dataset, load_task_data, partition
     from cotune.models import load_model
     from cotune.nodes import make_grid
@@ -50,6 +51,7 @@ def build_experiment(cfg: RunConfig, run_dir: Path, *, quiet: bool):
 
     torch.manual_seed(cfg.seed)
     sim = Simulation.from_config(cfg.devices, cfg.seed)  # fleet errors first: they are cheap
+    device = check_devices(cfg)  # the server's; every node's is resolved (and checked) here
     task = cfg.model.task
     data = load_task_data(cfg.data, task, cfg.seed)
     num_labels = len(data.label_names) if task == "classification" and data.label_names else None
@@ -63,11 +65,12 @@ def build_experiment(cfg: RunConfig, run_dir: Path, *, quiet: bool):
         vocab_size=tokenizer.vocab_size if tokenizer is not None else None,
         seed=cfg.seed,
     )
+    place_model(loaded, cfg, device)  # quantized, on the server's device, computing as asked
     if tokenizer is None:
         tokenizer = build_tokenizer(loaded.tokenizer, [], cfg.data.bpe_vocab_size)
-    train_set = encode_dataset(data.train, tokenizer, cfg.model.max_length, task)
+    train_set = encode_dataset(data.train, tokenizer, cfg.model.max_length, task).on(device)
     test_examples = data.test[: cfg.eval.max_examples] if cfg.eval.max_examples else data.test
-    test_set = encode_dataset(test_examples, tokenizer, cfg.model.max_length, task)
+    test_set = encode_dataset(test_examples, tokenizer, cfg.model.max_length, task).on(device)
     labels = [e.group for e in data.train]  # class ids, or a causal LM's domains (or None)
     parts = partition(labels, cfg.devices.count, cfg.partition, cfg.seed)
     heads = loaded.anatomy.head_paths()
@@ -114,6 +117,22 @@ def build_experiment(cfg: RunConfig, run_dir: Path, *, quiet: bool):
     return exp, tokenizer
 
 
+def check_devices(cfg: RunConfig) -> Any:
+    """Every node's ``train.device`` / ``train.node_devices`` resolved on this machine, and what
+    runs there checked (quantization, autocast, paradigm support); returns the server's device."""
+    from cotune.accel.placement import check_placement, node_device
+    from cotune.accel.precision import check_precision
+    from cotune.nodes import infrastructure
+    from cotune.runtime.ids import SERVER, device_id
+
+    nodes = [SERVER, *(device_id(i) for i in range(cfg.devices.count)), *infrastructure(cfg)]
+    server = check_placement(cfg, nodes)
+    placed = {node_device(cfg.train, n) for n in nodes} if cfg.engine.kind == "isolated" else set()
+    for device in {server, *placed}:
+        check_precision(cfg, device)
+    return server
+
+
 def check_methods(cfg: RunConfig) -> None:
     """PEFT method names and options: before any data or model is loaded (seconds, not minutes)."""
     from cotune.peft import get_method
@@ -150,7 +169,8 @@ def run_experiment(
     paradigm = get_paradigm(cfg.paradigm.name)
     payload = None
     if resume:
-        payload = load_latest_checkpoint(run_dir, cfg) if run_dir.is_dir() else None
+        device = check_devices(cfg)  # the server's: the checkpoint's tensors go there
+        payload = load_latest_checkpoint(run_dir, cfg, device) if run_dir.is_dir() else None
         if payload is None:
             log.warning("--resume: %s holds no checkpoint yet; starting the run afresh", run_dir)
         elif payload.get("final") and not missing_outputs(run_dir, cfg):

@@ -176,13 +176,15 @@ def prune_checkpoints(run_dir: Path, keep: int) -> None:
         shutil.rmtree(old.parent, ignore_errors=True)
 
 
-def load_checkpoint(path: Path, cfg: RunConfig) -> dict[str, Any]:
+def load_checkpoint(path: Path, cfg: RunConfig, map_location: Any = "cpu") -> dict[str, Any]:
+    """A checkpoint's payload, its tensors on ``map_location`` (the server's device; a role on
+    another node moves its own state there when it next trains)."""
     import torch
 
     from cotune.train import RoleState
 
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=False)
+        payload = torch.load(path, map_location=map_location, weights_only=False)
     except Exception as exc:  # noqa: BLE001 - any unpickling failure means the same thing here
         raise CheckpointError(f"{path}: cannot read checkpoint ({exc})") from None
     if not isinstance(payload, dict) or "states" not in payload or "step" not in payload:
@@ -196,13 +198,15 @@ def load_checkpoint(path: Path, cfg: RunConfig) -> dict[str, Any]:
     return payload
 
 
-def load_latest_checkpoint(run_dir: Path, cfg: RunConfig) -> dict[str, Any] | None:
+def load_latest_checkpoint(
+    run_dir: Path, cfg: RunConfig, map_location: Any = "cpu"
+) -> dict[str, Any] | None:
     """The newest readable checkpoint; a torn newest one falls back to the previous with a
     warning. A config mismatch is not damage: it is raised at once."""
     ckpts = checkpoints(run_dir)
     for i, path in enumerate(reversed(ckpts)):
         try:
-            payload = load_checkpoint(path, cfg)
+            payload = load_checkpoint(path, cfg, map_location)
         except CheckpointError as err:
             if "another config" in str(err) or i == len(ckpts) - 1:
                 raise

@@ -30,21 +30,34 @@ class Batch:
 
 
 class EncodedDataset:
-    """Token ids (and class ids) of a list of examples; cheap to subset and batch."""
+    """Token ids (and class ids) of a list of examples; cheap to subset and batch. Batches are
+    built on ``device`` (the node's: ``on(device)``), so a role never moves its own inputs."""
 
     def __init__(
-        self, ids: list[list[int]], labels: list[int] | None, task: str, pad_id: int
+        self,
+        ids: list[list[int]],
+        labels: list[int] | None,
+        task: str,
+        pad_id: int,
+        device: torch.device | str | None = None,
     ) -> None:
         if labels is not None and len(labels) != len(ids):
             raise DataError(f"{len(ids)} encoded texts but {len(labels)} labels")
         self.ids, self.labels, self.task, self.pad_id = ids, labels, task, pad_id
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
 
     def __len__(self) -> int:
         return len(self.ids)
 
+    def on(self, device: torch.device | str) -> EncodedDataset:
+        """The same examples, batched on ``device`` (the ids stay plain Python lists)."""
+        return EncodedDataset(self.ids, self.labels, self.task, self.pad_id, device)
+
     def subset(self, indices: Sequence[int]) -> EncodedDataset:
         labels = None if self.labels is None else [self.labels[i] for i in indices]
-        return EncodedDataset([self.ids[i] for i in indices], labels, self.task, self.pad_id)
+        return EncodedDataset(
+            [self.ids[i] for i in indices], labels, self.task, self.pad_id, self.device
+        )
 
     def to_tensors(self) -> dict[str, torch.Tensor]:
         """Unpadded wire form: all ids back to back plus per-row lengths (and class ids)."""
@@ -86,7 +99,7 @@ class EncodedDataset:
             raise DataError("cannot concatenate encoded datasets of different tasks or pad ids")
         ids = [r for p in parts for r in p.ids]
         labels = None if first.labels is None else [y for p in parts for y in p.labels or []]
-        return EncodedDataset(ids, labels, first.task, first.pad_id)
+        return EncodedDataset(ids, labels, first.task, first.pad_id, first.device)
 
     def num_tokens(self, indices: Sequence[int]) -> int:
         return sum(len(self.ids[i]) for i in indices)
@@ -107,7 +120,8 @@ class EncodedDataset:
         else:
             assert self.labels is not None
             labels = torch.tensor([self.labels[i] for i in indices], dtype=torch.long)
-        return Batch(input_ids, mask, labels)
+        batch = Batch(input_ids, mask, labels)
+        return batch if self.device.type == "cpu" else batch.to(self.device)
 
 
 def encode_dataset(

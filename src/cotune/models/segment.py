@@ -11,8 +11,10 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import Tensor, nn
 
+from cotune.accel.compute import compute_of, note_checkpoint_input
 from cotune.errors import ModelError
 
 if TYPE_CHECKING:
@@ -72,6 +74,14 @@ class Segment(nn.Module):
     def forward(
         self, inputs: Tensor | Activations, attention_mask: Tensor | None = None
     ) -> Tensor | Activations:
+        compute = compute_of(self.anatomy.model)
+        device = inputs.hidden.device if isinstance(inputs, Activations) else inputs.device
+        with compute.forward_context(device):
+            return self._forward(inputs, attention_mask, compute.checkpoint_blocks())
+
+    def _forward(
+        self, inputs: Tensor | Activations, attention_mask: Tensor | None, checkpoint: bool
+    ) -> Tensor | Activations:
         anatomy = self.anatomy
         if self.embed:
             if isinstance(inputs, Activations):
@@ -93,7 +103,13 @@ class Segment(nn.Module):
             # crosses a split, whatever side of it this segment runs on.
             context = anatomy.block_context(hidden, attention_mask)
             for i in range(self.start, self.end):
-                hidden = anatomy.run_block(i, hidden, context)
+                if checkpoint:  # keep only the block's input; recompute the rest in backward
+                    note_checkpoint_input(hidden)
+                    hidden = torch.utils.checkpoint.checkpoint(
+                        anatomy.run_block, i, hidden, context, use_reentrant=False
+                    )
+                else:
+                    hidden = anatomy.run_block(i, hidden, context)
         if self.head:
             return anatomy.run_head(hidden, attention_mask)
         return Activations(hidden, attention_mask)

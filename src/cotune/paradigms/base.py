@@ -27,7 +27,7 @@ from cotune.runtime import Message, Role
 from cotune.runtime.node import NodeContext, NodeModel
 from cotune.train import RoleState, StepResult, full_model_loss, train_step
 from cotune.train.loop import LossFn
-from cotune.train.memory import MemoryEstimate, MemoryProbe
+from cotune.train.memory import MemoryEstimate, MemoryProbe, probe_ids
 
 T = TypeVar("T", bound=BaseModel)
 log = logging.getLogger(__name__)
@@ -131,7 +131,7 @@ class TrainingRole(Role):
 
 def full_model_memory(model: NodeModel, cfg: RunConfig) -> MemoryEstimate:
     """Peak training memory of one node holding the whole model, at the largest batch."""
-    ids = torch.ones(cfg.train.batch_size, cfg.model.max_length, dtype=torch.long)
+    ids = probe_ids(cfg, model.loaded.model)
     net = model.loaded.model
     was = net.training
     net.train()

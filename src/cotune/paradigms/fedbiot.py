@@ -49,7 +49,7 @@ from cotune.runtime import Message, Role
 from cotune.runtime.ids import SERVER
 from cotune.runtime.node import NodeContext
 from cotune.train import RoleState, Trainer, evaluate, train_step
-from cotune.train.memory import MemoryProbe
+from cotune.train.memory import MemoryProbe, probe_ids
 
 EMU = "emulator."  # message keys of emulator tensors
 
@@ -207,7 +207,7 @@ class BiOTDevice(Role):
 
 def emulator_memory(m: BiOTModels, cfg: Any) -> Any:
     """Peak training memory of a device holding the emulator + adapter, at the largest batch."""
-    ids = torch.ones(cfg.train.batch_size, cfg.model.max_length, dtype=torch.long)
+    ids = probe_ids(cfg, m.emulator)
     was = m.emulator.training
     m.emulator.train()
     try:

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from cotune.accel.quantize import stored_bytes
 from cotune.aggregation import weighted_average
 from cotune.config import RunConfig
 from cotune.data import Batch
@@ -46,7 +47,13 @@ from cotune.runtime import Message, Role
 from cotune.runtime.ids import SERVER
 from cotune.runtime.node import NodeContext, NodeModel
 from cotune.train import full_model_loss
-from cotune.train.memory import MemoryEstimate, estimate_memory, saved_activation_bytes
+from cotune.train.memory import (
+    MemoryEstimate,
+    estimate_memory,
+    model_param_bytes,
+    probe_ids,
+    saved_activation_bytes,
+)
 
 
 def trained_keys(model: NodeModel, depth: int) -> list[str]:
@@ -184,7 +191,7 @@ class EdgeAggregator(Role):
 
 def step_flops(model: NodeModel, cfg: RunConfig) -> float:
     """Forward FLOPs of one full-model training micro-batch (counted once, no graph)."""
-    ids = torch.ones(cfg.train.batch_size, cfg.model.max_length, dtype=torch.long)
+    ids = probe_ids(cfg, model.loaded.model)
     with torch.no_grad(), FlopCounterMode(display=False) as mode:
         model.forward(ids, torch.ones_like(ids))
     return float(mode.get_total_flops())
@@ -193,8 +200,12 @@ def step_flops(model: NodeModel, cfg: RunConfig) -> float:
 def depth_memory(model: NodeModel, cfg: RunConfig, depth: int) -> MemoryEstimate:
     """Peak training memory of a device at ``depth``: only the top blocks save activations."""
     task = cfg.model.task
-    ids = torch.ones(cfg.train.batch_size, cfg.model.max_length, dtype=torch.long)
-    labels = torch.zeros(len(ids), dtype=torch.long) if task == "classification" else ids
+    ids = probe_ids(cfg, model.loaded.model)
+    labels = (
+        torch.zeros(len(ids), dtype=torch.long, device=ids.device)
+        if task == "classification"
+        else ids
+    )
     net = model.loaded.model
     params = list(net.parameters())
     was = net.training
@@ -206,10 +217,8 @@ def depth_memory(model: NodeModel, cfg: RunConfig, depth: int) -> MemoryEstimate
     finally:
         net.train(was)
     keys = set(trained_keys(model, depth))
-    trained = sum(
-        p.numel() * p.element_size() for k, p in model.trainer.params.items() if k in keys
-    )
-    total = sum(p.numel() * p.element_size() for p in params)
+    trained = sum(stored_bytes(p) for k, p in model.trainer.params.items() if k in keys)
+    total = sum(model_param_bytes(net))
     return estimate_memory(
         frozen_bytes=total - trained, trainable_bytes=trained, activation_bytes=act
     )

@@ -211,7 +211,7 @@ class FrozenServer(Role):
                 loss = task_loss(seg(a), labels, task)
                 reg = self.reg()
                 total = loss + reg if reg is not None else loss
-                total.backward()
+                trainer.backward(total)
                 return float(total.detach())
 
             with trainer.activate(self.state):

@@ -41,7 +41,7 @@ from cotune.runtime.ids import SERVER
 from cotune.runtime.node import NodeContext, NodeModel
 from cotune.runtime.validate import check_activation
 from cotune.train import RoleState, Trainer
-from cotune.train.memory import MemoryEstimate, MemoryProbe
+from cotune.train.memory import MemoryEstimate, MemoryProbe, probe_ids
 
 
 def check_cut(
@@ -160,12 +160,12 @@ def segment_memory(
 ) -> MemoryEstimate:
     """Peak memory of the role running ``segment``: only its weights, adapters, optimizer state
     and saved activations (forward-only segments: no grads, no optimizer, no saved tensors)."""
-    ids = torch.ones(cfg.train.batch_size, cfg.model.max_length, dtype=torch.long)
+    ids = probe_ids(cfg, loaded.model)
     mask = ids.clone()
     inputs: torch.Tensor | Activations = ids
     if not segment.embed:
         d = loaded.anatomy.hidden_size
-        hidden = torch.zeros(*ids.shape, d, requires_grad=True)
+        hidden = torch.zeros(*ids.shape, d, device=ids.device, requires_grad=True)
         inputs = Activations(hidden, mask)
     was = loaded.model.training
     loaded.model.train(train)

@@ -17,6 +17,9 @@ from torch import nn
 
 from cotune.errors import AdapterError
 
+# bitsandbytes' quantized parameter types (duck-typed: bitsandbytes is optional).
+QUANTIZED_PARAMS = ("Params4bit", "Int8Params")
+
 
 def is_conv1d(module: nn.Module) -> bool:
     """GPT-2's fused `Conv1D` (weight stored [in, out]); duck-typed to avoid importing transformers."""
@@ -27,6 +30,14 @@ def is_conv1d(module: nn.Module) -> bool:
         and weight is not None
         and weight.dim() == 2
     )
+
+
+def in_out_features(module: nn.Module) -> tuple[int, int]:
+    """``(in, out)`` of a linear layer, also when its weight is stored packed (bitsandbytes)."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    w = module.weight  # GPT-2 Conv1D: [in, out]
+    return int(w.shape[0]), int(w.shape[1])
 
 
 def is_adaptable(module: nn.Module) -> bool:
@@ -77,10 +88,7 @@ class AdapterLayer(nn.Module):
         self.path = spec.path
         # Conv1D stores [in, out]; PEFT calls this fan_in_fan_out.
         self.fan_in_fan_out = is_conv1d(base_layer)
-        w = base_layer.weight
-        self.in_features, self.out_features = (
-            (w.shape[0], w.shape[1]) if self.fan_in_fan_out else (w.shape[1], w.shape[0])
-        )
+        self.in_features, self.out_features = in_out_features(base_layer)
         self.merged = False
         # Set by `cotune.peft.grouped.row_groups`: (rows per group, adapter tensors per group).
         self.row_groups: tuple[list[int], list[Mapping[str, torch.Tensor]]] | None = None
@@ -147,8 +155,12 @@ class AdapterLayer(nn.Module):
         return self.base_layer.weight
 
     def base_weight_oi(self) -> torch.Tensor:
-        """The base weight as `[out, in]` (a view for Conv1D)."""
+        """The base weight as `[out, in]` (a view for Conv1D; dequantized for a quantized base)."""
         w = self.base_layer.weight
+        if type(w).__name__ in QUANTIZED_PARAMS:
+            from cotune.accel.quantize import dense_weight
+
+            return dense_weight(self.base_layer)
         return w.t() if self.fan_in_fan_out else w
 
     def base_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -164,8 +176,10 @@ class AdapterLayer(nn.Module):
         y = self.base_forward(x)
         if self.merged:
             return y
-        # In place: the base product is not saved for backward, and this skips one [B,T,out] buffer.
-        return y.add_(self.delta(x).to(y.dtype))
+        # In place: the base product is not saved for backward, and this skips one [B,T,out] buffer
+        # (not when the base returns a view, as bitsandbytes' 4-bit matmul does).
+        d = self.delta(x).to(y.dtype)
+        return y + d if y._is_view() else y.add_(d)
 
     def _grouped_forward(
         self, x: torch.Tensor, rows: list[int], tensors: list[Mapping[str, torch.Tensor]]
@@ -181,7 +195,9 @@ class AdapterLayer(nn.Module):
             with bind_tensors(self, own):
                 parts.append(self.delta(xs) if additive else self.adapted_forward(xs))
         out = torch.cat(parts)
-        return out if y is None else y.add_(out.to(y.dtype))
+        if y is None:
+            return out
+        return y + out.to(y.dtype) if y._is_view() else y.add_(out.to(y.dtype))
 
     @torch.no_grad()
     def merge(self) -> None:
@@ -203,6 +219,11 @@ class AdapterLayer(nn.Module):
 
     def _write_base(self, weight_oi: torch.Tensor) -> None:
         w = self.base_layer.weight
+        if type(w).__name__ in QUANTIZED_PARAMS:
+            raise AdapterError(
+                f"{self.path}: {self.method} rewrites the base weight (an SVD init or a merge), "
+                "which a quantized base cannot take; use model.quantize: none"
+            )
         w.data.copy_(weight_oi.t() if self.fan_in_fan_out else weight_oi)
 
     def adapter_named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:

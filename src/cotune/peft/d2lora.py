@@ -63,8 +63,10 @@ def d2lora_warmup(
     batch_size: int = 8,
     seed: int = 0,
     counter: Any = None,
+    fp16: bool = False,
 ) -> list[float]:
     """Train `adapters` in place for `opts.warmup_steps` AdamW steps on `dataset`; returns losses.
+    ``fp16``: the forward runs in fp16 autocast, so the loss is scaled (a GradScaler).
 
     Runs on a forked RNG (seeded by `seed`), so the caller's random stream is the same as without
     the warm-up; the head is restored afterwards unless `keep_head`. With a `FlopCounter`, each
@@ -87,7 +89,9 @@ def d2lora_warmup(
     model = adapters.model
     was = model.training
     losses: list[float] = []
-    with torch.random.fork_rng(devices=[]):
+    device = params[0].device
+    scaler = torch.amp.GradScaler(device.type, enabled=fp16)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
         model.train()
         try:
@@ -99,7 +103,7 @@ def d2lora_warmup(
                     loss = task_loss(forward(b.input_ids, b.attention_mask), b.labels, task)
                     reg = adapters.regularization_loss()
                     loss = loss + reg if reg is not None else loss
-                    loss.backward()
+                    scaler.scale(loss).backward()
                     return float(loss.detach())
 
                 if counter is None:
@@ -107,7 +111,8 @@ def d2lora_warmup(
                 else:
                     bsz, seq = batch.input_ids.shape
                     value, _ = counter.run("warmup", fwd_bwd, batch, dims=(int(bsz), int(seq)))
-                opt.step()
+                scaler.step(opt)
+                scaler.update()
                 losses.append(value)
         finally:
             model.train(was)
@@ -174,6 +179,7 @@ def d2lora_stage(
         # The task head has `num_labels` outputs: keep the warm-up classes that fit it.
         examples = [e for e in examples if e.label is not None and e.label < loaded.num_labels]
     encoded = encode_dataset(examples, tokenizer, cfg.model.max_length, task)
+    encoded = encoded.on(next(iter(adapters.parameters())).device)
     before = sim.flops.by_key.get("warmup", 0) if sim is not None else 0
     losses = d2lora_warmup(
         loaded.anatomy.full(),
@@ -184,6 +190,7 @@ def d2lora_stage(
         batch_size=cfg.train.batch_size,
         seed=cfg.seed,
         counter=sim.flops if sim is not None else None,
+        fp16=cfg.train.autocast == "fp16",
     )
     if sim is not None:
         from cotune.sim.simulation import SERVER

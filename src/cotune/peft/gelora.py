@@ -141,10 +141,9 @@ def target_paths(
 
 
 def _in_out(module: nn.Module) -> tuple[int, int]:
-    w = module.weight
-    return (
-        (w.shape[0], w.shape[1]) if type(module).__name__ == "Conv1D" else (w.shape[1], w.shape[0])
-    )
+    from cotune.peft.base import in_out_features
+
+    return in_out_features(module)
 
 
 def ranks_from_dimensions(

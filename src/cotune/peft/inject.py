@@ -11,7 +11,7 @@ from torch import nn
 
 from cotune.config import PeftSection
 from cotune.errors import AdapterError
-from cotune.peft.base import AdapterLayer, LayerSpec, get_method, is_adaptable
+from cotune.peft.base import AdapterLayer, LayerSpec, get_method, in_out_features, is_adaptable
 
 _PLAIN = re.compile(r"[A-Za-z0-9_]+")
 _LAYER_CONTAINERS = ("layer", "layers", "h", "block", "blocks")
@@ -258,7 +258,8 @@ def inject_adapters(
         r = cfg.rank_pattern[rk] if rk is not None else cfg.r
         alpha = cfg.alpha_pattern[ak] if ak is not None else cfg.alpha
         layer = modules[path]
-        shape = tuple(layer.weight.shape)
+        fan_in, fan_out = in_out_features(layer)
+        shape = (fan_out, fan_in)
         if r >= min(shape):
             src = f"rank_pattern[{rk!r}]" if rk is not None else "peft.r"
             raise AdapterError(

@@ -121,6 +121,9 @@ class Engine(ABC):
         # Called with each delivered copy before its handler runs (the simulator stamps its
         # arrival time on it).
         self.on_deliver: Callable[[Message], None] | None = None
+        # Where a role computes (its node's torch device; None: the CPU). Decoded tensors land
+        # there, so a handler never moves what it was sent; the wire form is device-free.
+        self.placement: Callable[[str], Any] | None = None
 
     # --- roles -------------------------------------------------------------------------
     def register(self, role: Role) -> None:
@@ -171,6 +174,13 @@ class Engine(ABC):
         chosen = msg.meta.get("codec", codec if codec is not None else self.codec)
         get_codec(chosen)
         return chosen
+
+    def _place(self, msg: Message) -> Message:
+        """``msg`` with its tensors on the receiving node's device."""
+        device = self.placement(msg.receiver) if self.placement is not None else None
+        if device is not None and device.type != "cpu":
+            msg.tensors = {k: v.to(device) for k, v in msg.tensors.items()}
+        return msg
 
     def _record(
         self, msg: Message, nbytes: int, codec: str, in_reply_to: int | None = None

@@ -91,6 +91,10 @@ class NodeHost(Protocol):
 
     def context(self, role_id: str, *, grid: Grid, meter: Meter) -> NodeContext: ...
 
+    def device_of(self, role_id: str) -> Any:
+        """The torch device node ``role_id`` computes on (decoded messages land there)."""
+        ...
+
 
 class Grid(ABC):
     """The contract every engine implements for drivers (and for nested calls from roles)."""
@@ -195,6 +199,8 @@ class EngineGrid(Grid):
     def __init__(self, engine: Engine, host: NodeHost, flops: FlopCounter) -> None:
         self.engine, self.nodes, self.flops = engine, host, flops
         self.colocated = engine.colocated and not host.isolated
+        # A host that places no node elsewhere (all on the CPU) may leave device_of out.
+        engine.placement = getattr(host, "device_of", None)
         self.sink: MeterSink | None = None  # set by a SimulatedGrid before roles start
         # The grid roles get for nested calls: the outermost wrapper (the simulated grid), so
         # a role's own requests are simulated exactly like the driver's.

@@ -23,7 +23,7 @@ class LocalEngine(Engine):
         chosen = self._codec_for(msg, codec)
         data = encode_message(msg, chosen)
         transfer = self._record(msg, len(data), chosen, in_reply_to)
-        return decode_message(data), transfer.seq
+        return self._place(decode_message(data)), transfer.seq
 
     def _exchange(self, msg: Message, codec: str | None) -> Message | None:
         role = self._receiver(msg)

@@ -1,5 +1,5 @@
-"""Costs of what actually ran: FLOPs (counted by torch, cached per shape), a per-device peak
-memory estimate, and energy.
+"""Costs of what actually ran: FLOPs (counted by torch, cached per shape) and energy (the
+per-device peak memory estimate is ``cotune.sim.memory``).
 
 FLOPs come from ``torch.utils.flop_counter.FlopCounterMode`` (matmuls, convolutions and
 attention; element-wise ops are not counted, as in the usual ``6·params·tokens`` rule). The
@@ -9,14 +9,19 @@ callable untouched and reuse the count, so steady-state training pays nothing.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from cotune.errors import ConfigError
+from cotune.sim.memory import (  # noqa: F401 - the memory model lives beside; re-exported
+    MemoryEstimate,
+    MemoryProbe,
+    estimate_memory,
+    model_param_bytes,
+    saved_activation_bytes,
+)
 from cotune.sim.profiles import DeviceProfile
 
 T = TypeVar("T")
@@ -150,103 +155,6 @@ def _solve_law(pts: list[tuple[tuple[int, int], int]]) -> tuple[int, int, int] |
     if any(x.denominator != 1 for x in sol):
         return None
     return (int(sol[0]), int(sol[1]), int(sol[2]))
-
-
-def _storage_key(t: torch.Tensor) -> tuple[int, int]:
-    s = t.untyped_storage()
-    return (s.data_ptr(), s.nbytes())
-
-
-def saved_activation_bytes(fn: Callable[[], Any], exclude: Iterable[torch.Tensor] = ()) -> int:
-    """Bytes of the distinct storages autograd saves for backward while ``fn()`` runs its
-    forward, leaving out ``exclude`` (the parameters: they are counted as weights). Views and
-    tensors saved twice share a storage and count once."""
-    skip = {_storage_key(p) for p in exclude}
-    seen: dict[tuple[int, int], int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        if t.device.type != "meta" and not t.is_sparse:
-            key = _storage_key(t)
-            if key not in skip:
-                seen[key] = key[1]
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return sum(seen.values())
-
-
-@dataclass(frozen=True)
-class MemoryEstimate:
-    weights: int  # every parameter the device holds (frozen and trainable)
-    grads: int  # one gradient per trainable parameter
-    optimizer: int  # optimizer state (AdamW: 2 × trainable)
-    activations: int  # tensors saved for backward
-    total: int
-
-    def fits(self, profile: DeviceProfile) -> bool:
-        return self.total <= profile.memory_bytes
-
-
-OPTIMIZER_STATE_FACTOR = {"adamw": 2, "adam": 2, "sgd_momentum": 1, "sgd": 0}
-
-
-def estimate_memory(
-    *,
-    frozen_bytes: int,
-    trainable_bytes: int,
-    activation_bytes: int,
-    optimizer: str = "adamw",
-) -> MemoryEstimate:
-    """Peak-memory estimate of one training step: weights + grads + optimizer state +
-    saved activations. Conservative: in reality activations are freed while gradients and
-    (lazily) optimizer state appear, but all must fit at some point of the first step."""
-    try:
-        factor = OPTIMIZER_STATE_FACTOR[optimizer]
-    except KeyError:
-        raise ConfigError(
-            f"unknown optimizer {optimizer!r} for the memory estimate "
-            f"(known: {', '.join(OPTIMIZER_STATE_FACTOR)})"
-        ) from None
-    weights = frozen_bytes + trainable_bytes
-    grads, opt = trainable_bytes, factor * trainable_bytes
-    return MemoryEstimate(
-        weights, grads, opt, activation_bytes, weights + grads + opt + activation_bytes
-    )
-
-
-def model_param_bytes(model: torch.nn.Module) -> tuple[int, int]:
-    """``(frozen_bytes, trainable_bytes)`` of a module's parameters."""
-    frozen = trainable = 0
-    for p in model.parameters():
-        n = p.numel() * p.element_size()
-        if p.requires_grad:
-            trainable += n
-        else:
-            frozen += n
-    return frozen, trainable
-
-
-class MemoryProbe:
-    """Measures saved activations once per ``(key, shapes)`` and builds the estimate."""
-
-    def __init__(self) -> None:
-        self._cache: dict[tuple, int] = {}
-
-    def estimate(
-        self, key: str, model: torch.nn.Module, forward: Callable[..., Any], *args: Any,
-        optimizer: str = "adamw", **kwargs: Any,
-    ) -> MemoryEstimate:  # fmt: skip
-        """Runs ``forward(*args, **kwargs)`` once per shape (its result is discarded)."""
-        ck = (key, shape_signature(*args, **kwargs))
-        if ck not in self._cache:
-            params = list(model.parameters())
-            self._cache[ck] = saved_activation_bytes(lambda: forward(*args, **kwargs), params)
-        frozen, trainable = model_param_bytes(model)
-        return estimate_memory(
-            frozen_bytes=frozen, trainable_bytes=trainable, activation_bytes=self._cache[ck],
-            optimizer=optimizer,
-        )  # fmt: skip
 
 
 def energy_j(profile: DeviceProfile, flops: float, nbytes: float) -> float:

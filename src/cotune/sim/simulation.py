@@ -67,4 +67,6 @@ class Simulation:
                 "memory_bytes": mem.total if mem else None,
                 "memory_fits": (mem.total <= prof.memory_bytes) if mem else None,
             }
+            if mem is not None and mem.measured is not None:  # a CUDA node's allocator peak
+                out[role]["memory_measured_bytes"] = mem.measured
         return out

@@ -65,7 +65,7 @@ def train_step(
 
     def fwd_bwd(batch: Batch) -> float:
         loss = loss_fn(batch)
-        (loss / n).backward()
+        trainer.backward(loss / n)
         return float(loss.detach())
 
     for batch in micro_batches:

@@ -48,8 +48,10 @@ class RoleState:
     params: dict[str, torch.Tensor]
     optim: dict[str, dict[str, Any]] = field(default_factory=dict)
     step: int = 0
-    rng: torch.Tensor | None = None
+    rng: torch.Tensor | None = None  # the CPU generator's state
     sampler: dict[str, Any] | None = None
+    cuda_rng: torch.Tensor | None = None  # the node's CUDA generator's state (GPU nodes)
+    scaler: dict[str, Any] | None = None  # fp16 loss scaling (train.autocast: fp16)
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -58,6 +60,8 @@ class RoleState:
             "step": self.step,
             "rng": self.rng,
             "sampler": self.sampler,
+            "cuda_rng": self.cuda_rng,
+            "scaler": self.scaler,
         }
 
     @classmethod
@@ -69,6 +73,8 @@ class RoleState:
                 step=int(d["step"]),
                 rng=d["rng"],
                 sampler=d["sampler"],
+                cuda_rng=d.get("cuda_rng"),  # absent from checkpoints of CPU-only versions
+                scaler=d.get("scaler"),
             )
         except KeyError as exc:
             raise CheckpointError(f"role state is missing {exc.args[0]!r}") from None
@@ -76,9 +82,36 @@ class RoleState:
     def clone_params(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().clone() for k, v in self.params.items()}
 
+    def place(self, device: torch.device) -> None:
+        """Move the tensors this role trains to ``device`` (a state restored from a CPU
+        checkpoint, or built on another node), once; already placed tensors stay as they are."""
+        for k, v in self.params.items():
+            if _misplaced(v, device):
+                self.params[k] = v.to(device)
+        for moments in self.optim.values():
+            for k, v in moments.items():
+                # AdamW keeps its step count on the CPU (capturable=False): leave scalars be.
+                if isinstance(v, torch.Tensor) and v.dim() > 0 and _misplaced(v, device):
+                    moments[k] = v.to(device)
+
+
+def _misplaced(t: torch.Tensor, device: torch.device) -> bool:
+    # Meta tensors (layers a partially loaded node does not hold) have no data to move.
+    return t.device != device and not t.is_meta
+
+
+def _own_copy(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    t = t.detach()
+    return t.to(device, copy=True) if _misplaced(t, device) else t.clone()
+
 
 class Trainer:
-    """One AdamW over the shared trainable parameters; roles take turns through ``activate``."""
+    """One AdamW over the shared trainable parameters; roles take turns through ``activate``.
+
+    The trainer computes where its parameters live (the node's device). With
+    ``train.autocast: fp16`` it scales the loss (``backward``) and unscales before clipping; a
+    gradient overflow then only skips the step and lowers the scale, as loss scaling intends.
+    """
 
     def __init__(self, params: dict[str, nn.Parameter], cfg: TrainSection, total_steps: int):
         if not params:
@@ -86,6 +119,11 @@ class Trainer:
         self.params = params
         self.cfg = cfg
         self.total_steps = total_steps
+        # (A node that loaded only its segment holds the other layers' adapters on meta.)
+        held = [p.device for p in params.values() if not p.is_meta]
+        self.device = held[0] if held else torch.device("cpu")
+        self.scaler: torch.amp.GradScaler | None = None
+        self.overflow_skips = 0  # fp16 steps skipped for a gradient overflow (scale lowered)
         self.optimizer = torch.optim.AdamW(
             list(params.values()),
             lr=cfg.lr,
@@ -103,10 +141,14 @@ class Trainer:
         if missing:
             raise CheckpointError(f"state lacks parameters: {sorted(missing)[:5]}")
         gen = torch.Generator().manual_seed(seed)
+        cuda_rng = None
+        if self.device.type == "cuda":
+            cuda_rng = torch.Generator(device=self.device).manual_seed(seed).get_state()
         return RoleState(
-            params={k: src[k].detach().clone() for k in self.params},
+            params={k: _own_copy(src[k], self.device) for k in self.params},
             optim={k: {} for k in self.params},
             rng=gen.get_state(),
+            cuda_rng=cuda_rng,
         )
 
     @contextmanager
@@ -114,20 +156,35 @@ class Trainer:
         """Swap ``state`` into the shared parameters, optimizer and global RNG for the block."""
         if self._active is not None:
             raise RuntimeError("another role state is already active")
+        state.place(self.device)
+        cuda = self.device.type == "cuda"
         outer_rng = torch.get_rng_state()
+        outer_cuda = torch.cuda.get_rng_state(self.device) if cuda else None
         for name, p in self.params.items():
             p.data = state.params[name]
             p.grad = None
             self.optimizer.state[p] = state.optim.setdefault(name, {})
         if state.rng is not None:
             torch.set_rng_state(state.rng)
+        if cuda and state.cuda_rng is not None:
+            torch.cuda.set_rng_state(state.cuda_rng, self.device)
+        if self.cfg.autocast == "fp16":  # each role's own loss scale, like its RNG
+            self.scaler = torch.amp.GradScaler(self.device.type)
+            if state.scaler is not None:
+                self.scaler.load_state_dict(state.scaler)
         self._active = state
         try:
             yield state
         finally:
-            # AdamW mutated the role's own dicts in place; only the RNG needs to be read back.
+            # AdamW mutated the role's own dicts in place; the RNG and scale are read back.
             state.rng = torch.get_rng_state()
             torch.set_rng_state(outer_rng)
+            if cuda:
+                state.cuda_rng = torch.cuda.get_rng_state(self.device)
+                torch.cuda.set_rng_state(outer_cuda, self.device)
+            if self.scaler is not None:
+                state.scaler = self.scaler.state_dict()
+                self.scaler = None
             for p in self.params.values():
                 p.grad = None
                 self.optimizer.state.pop(p, None)
@@ -140,6 +197,10 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         return lr
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """``loss.backward()``, scaled when fp16 loss scaling is on."""
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
 
     def clip_and_step(self, loss: float | None = None) -> float | None:
         """Clip (when configured), step and zero the gradients; returns the pre-clip grad norm."""
@@ -163,10 +224,18 @@ class Trainer:
         if loss is not None and not math.isfinite(loss):
             return self._nonfinite(f"non-finite loss ({loss})", step)
         norm = None
+        scaler = self.scaler
+        if scaler is not None and grads:
+            scaler.unscale_(self.optimizer)
         if grads:
             total = torch.nn.utils.get_total_norm(grads)
             norm = float(total)
             if not math.isfinite(norm):
+                if scaler is not None:  # an fp16 overflow: skip the step, lower the scale
+                    scaler.update()
+                    self.overflow_skips += 1
+                    self.optimizer.zero_grad(set_to_none=True)
+                    return None
                 return self._nonfinite(f"non-finite gradient (norm {norm})", step)
         if coef is not None:
             torch._foreach_mul_(grads, coef)
@@ -174,7 +243,11 @@ class Trainer:
             torch.nn.utils.clip_grads_with_norm_(with_grad, self.cfg.max_grad_norm, total)
         skip = self.cfg.on_nonfinite == "skip"
         backup = [p.data.clone() for p in self.params.values()] if skip else None
-        self.optimizer.step()
+        if scaler is not None and grads:
+            scaler.step(self.optimizer)
+            scaler.update()
+        else:
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         weights = [p.data for p in self.params.values()]
         if not bool(torch.stack(torch._foreach_norm(weights)).isfinite().all()):
