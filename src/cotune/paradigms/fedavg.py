@@ -88,13 +88,13 @@ def run(exp: Experiment) -> ParadigmResult:
                 continue
             traffic = RoundTraffic(grid)
             meta = {"round": rnd, "schedule_step": (rnd - 1) * spr}
-            futures = [
-                grid.submit(
-                    Message("train", SERVER, d, exp.role_tensors(d, state_tensors(glob)), meta),
-                    round=rnd,
-                )
-                for d in chosen
-            ]
+            futures = grid.submit_many(
+                [
+                    Message("train", SERVER, d, exp.role_tensors(d, state_tensors(glob)), meta)
+                    for d in chosen
+                ],
+                round=rnd,
+            )
             done = grid.gather(futures, quorum=opts.quorum, deadline_s=opts.deadline_s)
             good, rejected = screen_updates(
                 [r.message for r in done.ok if r.message is not None],

@@ -15,13 +15,15 @@ import numpy as np
 import torch
 
 from cotune.aggregation import proximal_loss
+from cotune.data import Batch
+from cotune.errors import DivergenceError
 from cotune.paradigms.base import Experiment, TrainingRole, mean, reply, state_tensors
 from cotune.paradigms.options import FedAvgOptions, ParadigmOptions, parse_options
 from cotune.runtime import Message
 from cotune.runtime.grid import Grid
 from cotune.runtime.ids import SERVER
 from cotune.runtime.node import NodeContext
-from cotune.train import full_model_loss
+from cotune.train import StepResult, full_model_loss, train_step
 
 
 class FedDevice(TrainingRole):
@@ -42,6 +44,10 @@ class FedDevice(TrainingRole):
         self.epochs: float | None = getattr(opts, "local_epochs", None)
         self.reset_optimizer = getattr(opts, "optimizer_state", "keep") == "reset"
         self.prox_mu = float(getattr(opts, "prox_mu", 0.0))
+        self.prox_global: dict[str, torch.Tensor] | None = None
+        self.cohort = bool(getattr(opts, "cohort", False))
+        self.round = 0
+        self.results: list[StepResult] = []  # a cohort round's steps, as they complete
         self.train_host_s = 0.0
         self.report_memory()
 
@@ -68,7 +74,42 @@ class FedDevice(TrainingRole):
         return self.ctx.role_tensors(state_tensors(self.state))
 
     def on_train(self, msg: Message) -> Message:
-        rnd = int(msg.meta["round"])
+        self.begin_round(msg)
+        started = time.perf_counter()
+        results = self.train_steps(self.local_steps(), round=self.round, key=self.flop_key())
+        # Measurement, not protocol: host timings never ride in a message (they would change
+        # its byte count, and so the simulated time, from one run to the next).
+        self.train_host_s = time.perf_counter() - started
+        return self.report(msg, results)
+
+    @classmethod
+    def can_batch_train(cls, devices: list[FedDevice]) -> bool:
+        from cotune.paradigms.fed_cohort import cohort_supported
+
+        # Subclasses train their own way (hierfed's depth): their rounds run one by one.
+        return cls is FedDevice and cohort_supported(devices)
+
+    @classmethod
+    def batch_on_train(cls, devices: list[FedDevice], msgs: list[Message]) -> list[Message]:
+        """Colocated devices' round as one cohort (``cohort: true``; see ``fed_cohort``)."""
+        from cotune.paradigms.fed_cohort import train_cohort
+
+        for d, m in zip(devices, msgs):
+            d.begin_round(m)
+            d.results, d.train_host_s = [], 0.0
+        steps = [d.local_steps() for d in devices]
+        key = devices[0].ctx.model.flop_key
+        try:
+            train_cohort(devices, steps, devices[0].round, key)
+        finally:
+            for d in devices:
+                assert d.sampler is not None
+                d.state.sampler = d.sampler.state_dict()
+        return [d.report(m, d.results) for d, m in zip(devices, msgs)]
+
+    def begin_round(self, msg: Message) -> None:
+        """Load the global adapter the round's message carries; set the step and loss."""
+        self.round = int(msg.meta["round"])
         self.prepare(msg)
         with torch.no_grad():
             for k, v in msg.tensors.items():
@@ -76,22 +117,39 @@ class FedDevice(TrainingRole):
         if self.reset_optimizer:
             self.state.optim = {k: {} for k in self.state.params}
         self.state.step = int(msg.meta["schedule_step"])  # LR follows the global round
-        if self.prox_mu > 0:
-            self.loss_fn = self._proximal(msg.tensors)
-        started = time.perf_counter()
-        results = self.train_steps(self.local_steps(), round=rnd, key=self.flop_key())
-        # Measurement, not protocol: host timings never ride in a message (they would change
-        # its byte count, and so the simulated time, from one run to the next).
-        self.train_host_s = time.perf_counter() - started
+        self.prox_global = msg.tensors if self.prox_mu > 0 else None
+        if self.prox_global is not None:
+            self.loss_fn = self._proximal(self.prox_global)
+
+    def report(self, msg: Message, results: list[StepResult]) -> Message:
         assert self.dataset is not None
         return reply(
             msg,
             "update",
             self.upload(),
-            round=rnd,
+            round=self.round,
             examples=len(self.dataset),
             losses=[r.loss for r in results],
         )
+
+    def step_on(self, micro: list[Batch], rnd: int, key: str | None) -> StepResult:
+        """One local step on the given micro-batches (a cohort's one-by-one fallback)."""
+        model = self.ctx.model
+        with model.trainer.activate(self.state):
+            try:
+                r = train_step(model.trainer, self.state, self.loss_fn, micro,
+                               counter=self.ctx.meter.flops, key=key or model.flop_key)  # fmt: skip
+            except DivergenceError as err:
+                raise err.for_role(self.role_id) from None
+        self.ctx.meter.compute(r.flops, round=rnd, label="train")
+        return r
+
+    def apply_grads(
+        self, grads: dict[str, torch.Tensor], loss: float, flops: int, n: int, rnd: int
+    ) -> StepResult:
+        from cotune.paradigms.fed_cohort import apply_grads
+
+        return apply_grads(self, grads, loss, flops, n, rnd)
 
     def measurements(self) -> dict[str, float]:
         return {"train_host_s": self.train_host_s}

@@ -83,6 +83,9 @@ class FedAvgOptions(ParadigmOptions):
     deadline_s: float | None = Field(None, gt=0.0)  # simulated seconds after the round starts
     min_reports: int = Field(1, ge=1)  # fewer reports: the global adapter stays as it was
     idle_wait_s: float = Field(60.0, gt=0.0)  # server wait when nobody is online
+    # In-process engine: each local step of a round's devices as one batch (fed_cohort.py);
+    # the same messages and costs, float results ~1e-6 apart from one by one.
+    cohort: bool = False
 
     @field_validator("aggregator")
     @classmethod

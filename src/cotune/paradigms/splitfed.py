@@ -28,6 +28,7 @@ from cotune.paradigms.options import SplitFedOptions
 from cotune.paradigms.splitting import (
     Layout,
     SplitDevice,
+    activation_dtype,
     batch_dims,
     check_cut,
     clip_coef,
@@ -75,7 +76,7 @@ class SplitServer(Role):
         self.bad: list[tuple[str, str]] = []
         self.skipped: list[tuple[int, str, str]] = []  # (step, device, error), over the run
         self.reg = side_reg(ctx.model.adapters, lambda p: not owned_by_device(layout, p))
-        self.dtype = next(iter(trainer.params.values())).dtype
+        self.dtype = activation_dtype(ctx.cfg)
         self.norms: dict[str, float] = {}  # device → squared grad norm (pooled + global clip)
         self.norm_arrival: dict[str, float] = {}
         self._pending_step: (

@@ -28,7 +28,7 @@ from cotune.errors import ConfigError, ProtocolError
 from cotune.models import Activations, Segment, task_loss
 from cotune.paradigms.base import Experiment, ParadigmResult, mean, parse_options
 from cotune.paradigms.options import SplitFrozenOptions
-from cotune.paradigms.splitting import check_cut, segment_memory, side_reg
+from cotune.paradigms.splitting import activation_dtype, check_cut, segment_memory, side_reg
 from cotune.runtime import Message, Role
 from cotune.runtime.ids import SERVER
 from cotune.runtime.node import NodeContext
@@ -182,7 +182,7 @@ class FrozenServer(Role):
         self.reg = side_reg(ctx.model.adapters, lambda p: not lower.owns(p))
         self.queue: list[tuple[float, int, Message]] = []
         self.skipped: list[tuple[str, str]] = []
-        self.dtype = next(iter(trainer.params.values())).dtype
+        self.dtype = activation_dtype(ctx.cfg)
 
     def on_activations(self, msg: Message) -> None:
         try:

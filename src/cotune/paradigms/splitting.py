@@ -44,6 +44,12 @@ from cotune.train import RoleState, Trainer
 from cotune.train.memory import MemoryEstimate, MemoryProbe, probe_ids
 
 
+def activation_dtype(cfg: RunConfig) -> torch.dtype:
+    """The dtype of the residual stream a segment hands on: the base's (``model.dtype``; the
+    adapters' float32 and autocast's matmuls do not change it)."""
+    return getattr(torch, cfg.model.dtype)
+
+
 def check_cut(
     msg: Message, *, hidden_size: int, dtype: torch.dtype, task: str, labels: bool
 ) -> Message:

@@ -128,6 +128,14 @@ class Grid(ABC):
         """Send ``msg`` as a request. ``round``: it belongs to that federated round, so the
         receiver may drop out of it (the reply is then ``failed``)."""
 
+    def submit_many(
+        self, msgs: list[Message], *, codec: str | None = None, round: int | None = None
+    ) -> list[Future]:
+        """``submit`` each message (a round's requests, sent together). An engine whose roles
+        are colocated may let their class answer them in one batch (``batch_on_<kind>``:
+        several simulated devices' work as one computation); the messages are the same."""
+        return [self.submit(m, codec=codec, round=round) for m in msgs]
+
     @abstractmethod
     def gather(
         self, futures: list[Future], *, quorum: int | None = None, deadline_s: float | None = None
@@ -231,6 +239,41 @@ class EngineGrid(Grid):
         except PeerUnavailable as err:
             fut._reply = Reply(msg.receiver, "failed", error=str(err))
         return fut
+
+    def batch_handler(self, msgs: list[Message]) -> Any:
+        """The class-level ``batch_on_<kind>`` that may answer ``msgs`` together (None: not
+        here: roles on their own nodes, one message, mixed kinds or role types, no handler)."""
+        if not self.colocated or len(msgs) < 2 or not hasattr(self.engine, "request_batch"):
+            return None
+        if len({m.kind for m in msgs}) != 1 or len({m.receiver for m in msgs}) != len(msgs):
+            return None
+        roles = [self._role(m.receiver) for m in msgs]
+        if len({type(r) for r in roles}) != 1:
+            return None
+        cls, kind = type(roles[0]), msgs[0].kind
+        batch = getattr(cls, f"batch_on_{kind}", None)
+        # The class may decline these roles (its own options say one by one): then nothing,
+        # not even the order of the transfers, differs from submitting them one by one.
+        wants = getattr(cls, f"can_batch_{kind}", None)
+        if batch is None or (wants is not None and not wants(roles)):
+            return None
+        return lambda delivered: batch(roles, delivered)
+
+    def submit_many(
+        self, msgs: list[Message], *, codec: str | None = None, round: int | None = None
+    ) -> list[Future]:
+        handler = self.batch_handler(msgs)
+        if handler is None:
+            return [self.submit(m, codec=codec, round=round) for m in msgs]
+        futures = []
+        for m, answer in zip(msgs, self.engine.request_batch(msgs, handler, codec=codec)):
+            fut = Future(m, round)
+            if isinstance(answer, PeerUnavailable):
+                fut._reply = Reply(m.receiver, "failed", error=str(answer))
+            else:
+                fut._reply = Reply(m.receiver, "ok", answer)
+            futures.append(fut)
+        return futures
 
     def gather(
         self, futures: list[Future], *, quorum: int | None = None, deadline_s: float | None = None

@@ -6,8 +6,10 @@ each transfer is counted as ``len(encoded)`` — exactly what a network engine w
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+
 from cotune.errors import PeerUnavailable, ProtocolError
-from cotune.runtime.engine import Engine
+from cotune.runtime.engine import Engine, Role
 from cotune.runtime.messages import Message, decode_message, encode_message
 
 
@@ -33,6 +35,18 @@ class LocalEngine(Engine):
         reply = role.handle(delivered)
         if reply is None:
             return None
+        return self._answer(role, msg, delivered, reply, seq, codec)
+
+    def _answer(
+        self,
+        role: Role,
+        msg: Message,
+        delivered: Message,
+        reply: object,
+        seq: int,
+        codec: str | None,
+    ) -> Message:
+        """Check ``role``'s reply to ``msg`` and carry it back (or raise PeerUnavailable)."""
         if not isinstance(reply, Message):
             raise ProtocolError(
                 f"role {role.role_id!r} answered {msg.describe()} with {type(reply).__name__}, "
@@ -51,6 +65,35 @@ class LocalEngine(Engine):
         if self.on_deliver is not None:
             self.on_deliver(received)
         return received
+
+    def request_batch(
+        self,
+        msgs: Sequence[Message],
+        handler: Callable[[list[Message]], Sequence[Message]],
+        *,
+        codec: str | None = None,
+    ) -> list[Message | PeerUnavailable]:
+        """Deliver every request, let ``handler`` answer them all at once (colocated roles
+        batching their work), carry each reply back. Each message and reply is encoded and
+        counted exactly as one ``request`` would; a reply its peer could not send comes back
+        as the ``PeerUnavailable`` that one ``request`` would raise."""
+        roles = [self._receiver(m) for m in msgs]
+        delivered = []
+        for m in msgs:
+            d, seq = self._transmit(m, codec)
+            if self.on_deliver is not None:
+                self.on_deliver(d)
+            delivered.append((d, seq))
+        replies = list(handler([d for d, _ in delivered]))
+        if len(replies) != len(msgs):
+            raise ProtocolError(f"a batch handler answered {len(replies)} of {len(msgs)} requests")
+        out: list[Message | PeerUnavailable] = []
+        for role, m, (d, seq), reply in zip(roles, msgs, delivered, replies):
+            try:
+                out.append(self._answer(role, m, d, reply, seq, codec))
+            except PeerUnavailable as err:
+                out.append(err)
+        return out
 
     def send(self, msg: Message, *, codec: str | None = None) -> None:
         reply = self._exchange(msg, codec)

@@ -66,7 +66,8 @@ class SimulatedGrid(Grid):
         inner.outer = self
         inner.engine.before_reply = self._before_reply
         inner.engine.on_deliver = self._stamp
-        self._round: tuple[str, int] | None = None  # (receiver, round) of the request in flight
+        # receiver → round of the requests in flight (one, or a batch submitted together)
+        self._rounds: dict[str, int] = {}
 
     # --- roles and nodes: as the inner grid ----------------------------------------------
     def node_ids(self, prefix: str = "device-") -> list[str]:
@@ -123,25 +124,45 @@ class SimulatedGrid(Grid):
 
     def _before_reply(self, role: str, request: Message, reply: Message) -> str | None:
         """A device in a round may go offline after its work, before its upload leaves."""
-        if self._round is None or self._round[0] != role:
+        if role not in self._rounds:
             return None
-        rnd = self._round[1]
+        rnd = self._rounds[role]
         if not self.sim.online(role, rnd, self.sim.clock.free_at(role)):
             return f"{role} went offline in round {rnd} before uploading"
         return None
 
     def submit(self, msg: Message, *, codec: str | None = None, round: int | None = None) -> Future:
-        at = self.sim.clock.free_at(msg.sender)
-        outer, self._round = self._round, (msg.receiver, round) if round is not None else None
+        return self._submitted(
+            [msg], round, lambda: [self.inner.submit(msg, codec=codec, round=round)]
+        )[0]
+
+    def submit_many(
+        self, msgs: list[Message], *, codec: str | None = None, round: int | None = None
+    ) -> list[Future]:
+        if self.inner.batch_handler(msgs) is None:
+            return [self.submit(m, codec=codec, round=round) for m in msgs]
+        # One batch: every device's download, work and upload land on its own timeline as
+        # they would one by one (the hub's sends do not queue), so the clock is unchanged.
+        return self._submitted(
+            msgs, round, lambda: self.inner.submit_many(msgs, codec=codec, round=round)
+        )
+
+    def _submitted(
+        self, msgs: list[Message], round: int | None, submit: Callable[[], list[Future]]
+    ) -> list[Future]:
+        at = self.sim.clock.free_at(msgs[0].sender)
+        outer = self._rounds
+        self._rounds = {m.receiver: round for m in msgs} if round is not None else {}
         try:
-            fut = self.inner.submit(msg, codec=codec, round=round)
+            futures = submit()
         finally:
-            self._round = outer
-        fut.submitted_at = at
-        reply = fut.result()
-        if reply.ok:
-            reply.arrival = self.sim.clock.arrival(msg.sender, msg.receiver)
-        return fut
+            self._rounds = outer
+        for msg, fut in zip(msgs, futures):
+            fut.submitted_at = at
+            reply = fut.result()
+            if reply.ok:
+                reply.arrival = self.sim.clock.arrival(msg.sender, msg.receiver)
+        return futures
 
     def gather(
         self, futures: list[Future], *, quorum: int | None = None, deadline_s: float | None = None

@@ -1,0 +1,90 @@
+"""FedAvg round throughput with device cohorts vs one device at a time (side by side).
+
+The same fedavg run twice per repeat, alternating: `paradigm.options.cohort: false` (each
+device's local steps run one after another over the shared base) and `cohort: true` (local
+step j of all the round's devices runs as one padded batch, each device's rows through its own
+LoRA tensors; see src/cotune/paradigms/fed_cohort.py). Causal LM on the austen text, LoRA r=8
+on q/v. Throughput = token slots trained (devices x local steps x batch x max_length per round)
+per host second of the rounds (the `round_host_s` of each round record), so the ratio is the
+rounds' wall-time ratio.
+
+Defaults fit a 2-core CPU (a 4-block random LLaMA, hidden 256, 8 devices). `--qwen05b` uses the
+Qwen2.5-0.5B architecture (random weights) for a GPU (`--device cuda`).
+
+Run: .venv/bin/python benchmarks/fedavg_cohort.py [--repeats 3] [--device cuda --qwen05b]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+
+from cotune.config import config_from_dict
+from cotune.run import run_experiment
+
+SMALL = {"hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 4,
+         "num_attention_heads": 4, "num_key_value_heads": 2}  # fmt: skip
+QWEN05B = {"hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24,
+           "num_attention_heads": 14, "num_key_value_heads": 2}  # fmt: skip
+
+
+def config(args, cohort: bool, out: str, i: int):
+    return config_from_dict(
+        {
+            "name": f"{'cohort' if cohort else 'seq'}-{i}",
+            "seed": 0,
+            "model": {"name_or_path": "random:qwen2" if args.qwen05b else "random:llama",
+                      "task": "causal_lm", "max_length": args.seq,
+                      "dtype": "bfloat16" if args.device != "cpu" else "float32",
+                      "random_config": QWEN05B if args.qwen05b else SMALL},
+            "data": {"dataset": "austen", "view": "text", "bpe_vocab_size": 2000},
+            "partition": {"scheme": "iid"},
+            "devices": {"count": args.devices},
+            "peft": {"r": 8, "alpha": 16, "target_modules": ["q_proj", "v_proj"]},
+            "paradigm": {"name": "fedavg",
+                         "options": {"local_steps": args.local_steps, "cohort": cohort}},
+            "train": {"steps": args.local_steps * args.rounds, "batch_size": args.batch,
+                      "device": args.device},
+            "eval": {"every": 10_000, "max_examples": 8},
+            "output": {"dir": out, "checkpoint_every": 0, "save_adapter": False},
+        }
+    )  # fmt: skip
+
+
+def rounds_host_s(run_dir) -> float:
+    recs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return sum(r["round_host_s"] for r in recs if r["event"] == "round")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--qwen05b", action="store_true")
+    ap.add_argument("--devices", type=int, default=8)
+    ap.add_argument("--local-steps", type=int, default=4)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+    out = tempfile.mkdtemp(prefix="fedavg_cohort_")
+    slots = args.devices * args.local_steps * args.batch * args.seq * args.rounds
+    times: dict[str, list[float]] = {"one by one": [], "cohort": []}
+    for i in range(args.repeats):
+        for name, cohort in (("one by one", False), ("cohort", True)):
+            run_dir = run_experiment(config(args, cohort, out, i), quiet=True, report=False)
+            times[name].append(rounds_host_s(run_dir))
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print(f"fedavg on {args.device}, {'Qwen2.5-0.5B-shaped' if args.qwen05b else 'small'} "
+          f"model, {args.devices} devices x {args.local_steps} local steps x batch "
+          f"{args.batch} x {args.seq}, {args.rounds} rounds, median of {args.repeats}")  # fmt: skip
+    for k, v in med.items():
+        print(f"  {k:<10} {slots / v:9.0f} token slots/s  ({v:.2f} s of rounds; runs "
+              f"{[round(x, 2) for x in times[k]]})")  # fmt: skip
+    print(f"cohort / one by one throughput: {med['one by one'] / med['cohort']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
