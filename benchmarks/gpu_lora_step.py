@@ -26,7 +26,7 @@ import torch
 QWEN25_05B = {
     "num_hidden_layers": 24, "hidden_size": 896, "intermediate_size": 4864,
     "num_attention_heads": 14, "num_key_value_heads": 2, "max_position_embeddings": 32768,
-    "vocab_size": 151936, "tie_word_embeddings": True, "rope_theta": 1000000.0,
+    "vocab_size": 151936, "tie_word_embeddings": True,
 }  # fmt: skip
 TINY = {"num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 128,
         "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 1000}  # fmt: skip

@@ -77,7 +77,8 @@ def plan_domains(
 def route_domains(adapters: Any, experts: Sequence[int] | None) -> Iterator[None]:
     """Send each example of the next forward through its own domain expert (MoDULA layers)."""
     layers = [layer for layer in adapters.layers.values() if hasattr(layer, "domain_ids")]
-    ids = None if experts is None else torch.tensor(list(experts), dtype=torch.long)
+    device = next((p.device for layer in layers for p in layer.parameters()), None)
+    ids = None if experts is None else torch.tensor(list(experts), dtype=torch.long, device=device)
     for layer in layers:
         layer.domain_ids = ids
     try:

@@ -95,12 +95,14 @@ def hidden_points(
                     pts = (h * m[..., None]).sum(1) / m.sum(1, keepdim=True).clamp(min=1)
                 elif pooling == "last":
                     last = (m.sum(1).long() - 1).clamp(min=0)
-                    pts = h[torch.arange(h.shape[0]), last]
+                    pts = h[torch.arange(h.shape[0], device=h.device), last]
                 else:
                     pts = h[mask.bool()]
                 if len(clouds) <= i:
                     clouds.append([])
-                clouds[i].append(pts)
+                # The dimension estimate is float64 work on a small cloud: on the CPU (MPS has
+                # no float64), whatever device the model runs on.
+                clouds[i].append(pts.cpu())
     finally:
         model.train(was)
     if not clouds:
