@@ -73,6 +73,82 @@ def export_command(
     return 0
 
 
+def _deploy_overrides(
+    listen: str | None, tls: Path | None, mutual_tls: bool, tokens: Path | None, insecure: bool
+) -> list[str]:
+    out = ["engine.kind=grpc"]
+    if listen:
+        out.append(f"engine.listen={listen}")
+    if tls:
+        out.append(f"engine.tls_dir={tls}")
+    if mutual_tls:
+        out.append("engine.mutual_tls=true")
+    if tokens:
+        out.append(f"engine.tokens_file={tokens}")
+    if insecure:
+        out.append("engine.insecure=true")
+    return out
+
+
+def serve_command(
+    config: Path, overrides: list[str], *, listen: str | None, tls: Path | None,
+    mutual_tls: bool, tokens: Path | None, insecure: bool, overwrite: bool, resume: bool,
+    quiet: bool, out: Path | None,
+) -> int:  # fmt: skip
+    """Serve CONFIG's run over gRPC: wait for its devices (`cotune device`), run, write the run directory."""
+    from cotune.config import load_config
+    from cotune.run import run_experiment
+
+    deploy = _deploy_overrides(listen, tls, mutual_tls, tokens, insecure)
+    cfg = load_config(config, [*overrides, *deploy])
+    run_dir = run_experiment(cfg, out_root=out, overwrite=overwrite, resume=resume, quiet=quiet)
+    _print_summary(run_dir, quiet)
+    return 0
+
+
+def device_command(
+    server: str, node: str, *, tls: Path | None, mutual_tls: bool, insecure: bool,
+    token: str | None, timeout: float,
+) -> int:  # fmt: skip
+    """Run one device of a served run: dial SERVER as device ID and train until the run ends."""
+    import os
+
+    from cotune.deploy.device import run_device
+    from cotune.deploy.transport import Security
+
+    token = token or os.environ.get("COTUNE_TOKEN", "")
+    security = Security(tls_dir=tls, mutual=mutual_tls, insecure=insecure)
+    run_device(server, node, token, security, connect_timeout=timeout)
+    print(f"{node}: the run is over")
+    return 0
+
+
+def launch_command(
+    config: Path, overrides: list[str], *, overwrite: bool, quiet: bool, out: Path | None,
+    insecure: bool,
+) -> int:  # fmt: skip
+    """Run CONFIG for real on this machine: a gRPC server and every device as its own process."""
+    from cotune.config import load_config
+    from cotune.deploy.launch import launch
+
+    extra = ["engine.insecure=true"] if insecure else []
+    cfg = load_config(config, [*overrides, *extra])
+    run_dir = launch(cfg, quiet=quiet, overwrite=overwrite, out_root=out)
+    _print_summary(run_dir, quiet)
+    return 0
+
+
+def certs_command(out: Path, *, devices: int, hosts: list[str]) -> int:
+    """Make a test CA, a server certificate, device certificates and tokens in OUT."""
+    from cotune.deploy.launch import make_certs
+
+    ids = [f"device-{i}" for i in range(devices)]
+    make_certs(out, ids, hosts or ["localhost", "127.0.0.1"])
+    print(f"certificates and tokens for {devices} devices in {out} (engine.tokens_file: "
+          f"{out / 'tokens.yaml'}; device tokens: {out}/device-N.token)")  # fmt: skip
+    return 0
+
+
 def datasets_command() -> int:
     """List the built-in datasets."""
     from cotune.data.registry import format_datasets_table
@@ -154,6 +230,47 @@ def build_parser() -> argparse.ArgumentParser:
     )
     e.add_argument("--overwrite", action="store_true")
 
+    def add_security(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument(
+            "--tls", type=Path, default=None, help="directory of ca.pem, server/device certs"
+        )
+        sp.add_argument("--mutual-tls", action="store_true", help="devices present certificates")
+        sp.add_argument(
+            "--insecure", action="store_true", help="plain text: a trusted network only"
+        )
+
+    sv = sub.add_parser("serve", help=serve_command.__doc__, description=serve_command.__doc__)
+    sv.add_argument("config", type=Path)
+    add_set(sv)
+    sv.add_argument("--listen", default=None, help="HOST:PORT (default: engine.listen)")
+    add_security(sv)
+    sv.add_argument("--tokens", type=Path, default=None, help="device id -> token SHA-256 (YAML)")
+    sv.add_argument("--out", type=Path, default=None)
+    sv.add_argument("--overwrite", action="store_true")
+    sv.add_argument("--resume", action="store_true")
+    sv.add_argument("--quiet", action="store_true")
+
+    d = sub.add_parser("device", help=device_command.__doc__, description=device_command.__doc__)
+    d.add_argument("--server", required=True, help="HOST:PORT of `cotune serve`")
+    d.add_argument("--id", required=True, dest="node", help="this device's id, e.g. device-3")
+    add_security(d)
+    d.add_argument("--token", default=None, help="this device's token (default: $COTUNE_TOKEN)")
+    d.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the server")
+
+    la = sub.add_parser("launch", help=launch_command.__doc__, description=launch_command.__doc__)
+    la.add_argument("config", type=Path)
+    add_set(la)
+    la.add_argument("--out", type=Path, default=None)
+    la.add_argument("--overwrite", action="store_true")
+    la.add_argument("--quiet", action="store_true")
+    la.add_argument("--insecure", action="store_true", help="no TLS (default: made for the run)")
+
+    ce = sub.add_parser("certs", help=certs_command.__doc__, description=certs_command.__doc__)
+    ce.add_argument("out", type=Path)
+    ce.add_argument("--devices", type=int, default=4)
+    ce.add_argument("--host", dest="hosts", action="append", default=[],
+                    help="a name or IP of the server (repeatable; default localhost, 127.0.0.1)")  # fmt: skip
+
     sub.add_parser("datasets", help=datasets_command.__doc__, description=datasets_command.__doc__)
     dv = sub.add_parser(
         "devices", help=devices_command.__doc__, description=devices_command.__doc__
@@ -189,6 +306,24 @@ def main(argv: Sequence[str] | None = None) -> int:
             return export_command(
                 args.run_dir, args.out, merge=args.merge, role=args.role, overwrite=args.overwrite
             )
+        if args.command == "serve":
+            return serve_command(
+                args.config, args.overrides, listen=args.listen, tls=args.tls,
+                mutual_tls=args.mutual_tls, tokens=args.tokens, insecure=args.insecure,
+                overwrite=args.overwrite, resume=args.resume, quiet=args.quiet, out=args.out,
+            )  # fmt: skip
+        if args.command == "device":
+            return device_command(
+                args.server, args.node, tls=args.tls, mutual_tls=args.mutual_tls,
+                insecure=args.insecure, token=args.token, timeout=args.timeout,
+            )  # fmt: skip
+        if args.command == "launch":
+            return launch_command(
+                args.config, args.overrides, overwrite=args.overwrite, quiet=args.quiet,
+                out=args.out, insecure=args.insecure,
+            )  # fmt: skip
+        if args.command == "certs":
+            return certs_command(args.out, devices=args.devices, hosts=args.hosts)
         if args.command == "datasets":
             return datasets_command()
         if args.command == "devices":

@@ -196,11 +196,18 @@ class EngineSection(Section):
     # local: roles share this process and its one model (one frozen base, many role states);
     # isolated: every role on its own node copy, sharing no Python object (proves the Grid
     # contract; one model per node, so small fleets only).
-    kind: Literal["local", "isolated"] = "local"
+    kind: Literal["local", "isolated", "grpc"] = "local"
     # Wire codec for adapter/parameter messages, and for cut-layer activations and gradients
     # in split paradigms (lossy codecs such as int8 and topk are meant for those).
     codec: str = "fp32"
     activation_codec: str = "fp32"
+    # grpc: the server listens here; devices dial in (`cotune device --server HOST:PORT`).
+    listen: str = "127.0.0.1:50051"
+    tls_dir: str | None = None  # ca.pem, server.pem/.key (+ <device>.pem/.key): `cotune certs`
+    mutual_tls: bool = False  # devices must show a certificate whose name is their id
+    insecure: bool = False  # plain text, no TLS (a trusted network only)
+    tokens_file: str | None = None  # YAML/JSON: device id -> SHA-256 hex of its token
+    join_timeout_s: float = Field(300.0, gt=0.0)  # how long the server waits for the devices
 
     @field_validator("codec", "activation_codec")
     @classmethod
@@ -336,6 +343,8 @@ class RunConfig(Section):
         # join the hash only when set, so runs from before they existed still resume.
         for k in ("device", "node_devices", "gradient_checkpointing"):
             d["train"].pop(k, None)
+        for k in ("listen", "tls_dir", "mutual_tls", "insecure", "tokens_file", "join_timeout_s"):
+            d["engine"].pop(k, None)  # how a deployment connects, not what it computes
         if d["train"].get("autocast") == "none":
             d["train"].pop("autocast")
         if d["model"].get("quantize") == "none":

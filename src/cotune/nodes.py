@@ -189,6 +189,22 @@ class RunNodes:
         return OwnModel(loaded, adapters, trainer, exp.flop_key)
 
 
+class RemoteNodes(RunNodes):
+    """A gRPC run's nodes: devices live in their own processes (their roles are started there,
+    behind proxies); the server and infrastructure nodes are this process's, each on its own
+    node copy as on ``isolated``."""
+
+    def __init__(self, exp: Experiment, engine: Any) -> None:
+        super().__init__(exp, isolated=True)
+        self.engine = engine
+
+    def is_remote(self, role_id: str) -> bool:
+        return device_index(role_id) is not None
+
+    def start_remote(self, role_id: str, factory: Any) -> Any:
+        return self.engine.start_remote(role_id, factory)
+
+
 def infrastructure(cfg: Any) -> dict[str, str]:
     """The run's nodes besides the server and devices (hierfed's edges): node → profile."""
     from cotune.paradigms.options import OPTIONS
@@ -211,6 +227,11 @@ def make_grid(exp: Experiment) -> Grid:
         if node not in exp.sim.clock.roles:  # a resumed clock has them already
             exp.sim.clock.add_role(node, prof, hub=True)  # aggregators: parallel links
         exp.sim.profiles[node] = prof
-    host = RunNodes(exp, isolated=exp.cfg.engine.kind == "isolated")
-    inner = EngineGrid(exp.engine, host, exp.sim.flops)
+    if exp.cfg.engine.kind == "grpc":
+        from cotune.deploy.launch import deployed_grid
+
+        inner = deployed_grid(exp)
+    else:
+        host = RunNodes(exp, isolated=exp.cfg.engine.kind == "isolated")
+        inner = EngineGrid(exp.engine, host, exp.sim.flops)
     return SimulatedGrid(inner, exp.sim, exp.cfg.devices.availability.kind)

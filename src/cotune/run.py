@@ -113,7 +113,11 @@ def build_experiment(cfg: RunConfig, run_dir: Path, *, quiet: bool):
     exp.grid = make_grid(exp)
     preflight = get_preflight(cfg.paradigm.name)
     if preflight is not None:  # cuts, depths, memory: the checks that need the model
-        preflight(exp)
+        try:
+            preflight(exp)
+        except BaseException:
+            exp.grid.close()
+            raise
     return exp, tokenizer
 
 
@@ -181,6 +185,13 @@ def run_experiment(
 
     exp, tokenizer = build_experiment(cfg, run_dir, quiet=quiet)
 
+    try:
+        return _transact(exp, tokenizer, paradigm, payload, run_dir, overwrite, resume, report)
+    finally:
+        exp.grid.close()  # a deployed run says goodbye to its devices
+
+
+def _transact(exp, tokenizer, paradigm, payload, run_dir, overwrite, resume, report) -> Path:
     txn = RunDirTxn(run_dir, overwrite=overwrite, resume=resume)
     txn.begin()
     try:

@@ -172,6 +172,9 @@ class Grid(ABC):
         """Requests answered in order, without round semantics (the sender does not wait)."""
         return [self.request(m, codec=codec) for m in msgs]
 
+    def close(self) -> None:  # noqa: B027 - optional hook: in-process grids hold nothing
+        """The run is over: release the nodes (nothing to do in-process)."""
+
     def connected(self, role_ids: list[str], *, round: int) -> list[str]:
         """Those of ``role_ids`` that can be reached at the start of ``round``."""
         return list(role_ids)
@@ -227,6 +230,9 @@ class EngineGrid(Grid):
         return self.nodes.context(role_id, grid=self.outer, meter=self.meter(role_id))
 
     def start(self, role_id: str, factory: RoleFactory) -> None:
+        if getattr(self.nodes, "is_remote", None) is not None and self.nodes.is_remote(role_id):
+            self.nodes.start_remote(role_id, factory)  # built on its own machine
+            return
         role = factory(self.context(role_id))
         if role.role_id != role_id:
             raise ProtocolError(f"factory for {role_id!r} built a role named {role.role_id!r}")
@@ -301,6 +307,10 @@ class EngineGrid(Grid):
             return list(batch(roles, meta))
         out = []
         for role in roles:
+            remote = getattr(role, "local_event", None)  # a role on another machine
+            if remote is not None:
+                out.append(remote(kind, meta))
+                continue
             handler = getattr(role, f"tick_{kind}", None)
             if handler is None:
                 raise ProtocolError(f"role {role.role_id!r} has no local event {kind!r}")
@@ -315,6 +325,12 @@ class EngineGrid(Grid):
             return self.engine.roles[role_id]
         except KeyError:
             raise ProtocolError(f"no role {role_id!r} was started on this grid") from None
+
+    def close(self) -> None:
+        """End the run on every node (a network engine says goodbye to its devices)."""
+        close = getattr(self.engine, "close", None)
+        if close is not None:
+            close()
 
     def snapshot(self, role_id: str) -> Any:
         state = self._role(role_id).snapshot()

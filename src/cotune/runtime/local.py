@@ -6,11 +6,23 @@ each transfer is counted as ``len(encoded)`` — exactly what a network engine w
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+
+from torch.utils._python_dispatch import _disable_current_modes
 
 from cotune.errors import PeerUnavailable, ProtocolError
 from cotune.runtime.engine import Engine, Role
 from cotune.runtime.messages import Message, decode_message, encode_message
+
+
+@contextlib.contextmanager
+def own_node() -> Iterator[None]:
+    """A handler computes on its own node: a FLOP counter running in the caller (a cloud
+    counting its forward while it asks a device for a branch) must not count the handler's
+    work as the caller's, as it cannot when the handler runs in another process."""
+    with _disable_current_modes():
+        yield
 
 
 class LocalEngine(Engine):
@@ -32,7 +44,8 @@ class LocalEngine(Engine):
         delivered, seq = self._transmit(msg, codec)
         if self.on_deliver is not None:
             self.on_deliver(delivered)
-        reply = role.handle(delivered)
+        with own_node():
+            reply = role.handle(delivered)
         if reply is None:
             return None
         return self._answer(role, msg, delivered, reply, seq, codec)
@@ -84,7 +97,8 @@ class LocalEngine(Engine):
             if self.on_deliver is not None:
                 self.on_deliver(d)
             delivered.append((d, seq))
-        replies = list(handler([d for d, _ in delivered]))
+        with own_node():
+            replies = list(handler([d for d, _ in delivered]))
         if len(replies) != len(msgs):
             raise ProtocolError(f"a batch handler answered {len(replies)} of {len(msgs)} requests")
         out: list[Message | PeerUnavailable] = []

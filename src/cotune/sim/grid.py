@@ -115,6 +115,9 @@ class SimulatedGrid(Grid):
     def tick(self, role_ids: list[str], kind: str, meta: dict[str, Any] | None = None) -> list[Any]:
         return self.inner.tick(role_ids, kind, meta)
 
+    def close(self) -> None:
+        self.inner.close()
+
     def host(self, role: Any) -> None:
         self.inner.host(role)
 

@@ -1,0 +1,290 @@
+"""A device process: dial the server, build this node from the run's config (its own shard,
+its own model: the same node the ``isolated`` engine builds), host the roles the server starts
+on it, answer until the run ends.
+
+Everything runs on this process's main thread: a nested request (a DLoRA device asking the
+cloud) waits by serving what else arrives meanwhile, exactly as the server does.
+"""
+
+from __future__ import annotations
+
+import importlib
+import itertools
+import logging
+import tempfile
+import traceback
+from pathlib import Path
+from typing import Any
+
+from cotune.deploy.frames import (
+    BYE,
+    DONE,
+    ERROR,
+    MEASURE,
+    METER,
+    REFUSED,
+    REPLY,
+    REQUEST,
+    RESTORE,
+    SEND,
+    SNAPSHOT,
+    START,
+    TICK,
+    WELCOME,
+    Frame,
+)
+from cotune.deploy.states import dump_state, load_state
+from cotune.deploy.transport import Dialer, Security
+from cotune.errors import CotuneError, DivergenceError, PeerUnavailable, ProtocolError
+from cotune.runtime.engine import Role
+from cotune.runtime.grid import Future, Gathered, Grid, Reply
+from cotune.runtime.messages import Message, decode_message, encode_message
+from cotune.runtime.node import Meter
+
+log = logging.getLogger(__name__)
+ROLE_PACKAGES = ("cotune.paradigms.",)  # where a server may ask a device to build roles from
+
+
+class DeviceRefused(CotuneError):
+    """The server refused this device (credentials, a duplicate id)."""
+
+
+class ForwardSink:
+    """A device's meter reports, sent to the server's simulator in order (out of band)."""
+
+    def __init__(self, dialer: Dialer) -> None:
+        self.dialer = dialer
+
+    def compute(self, role: str, flops: float, *, round: int, after: float | None,
+                waits_for: str | None, label: str) -> None:  # fmt: skip
+        self.dialer.send(Frame(METER, {"what": "compute", "role": role, "flops": flops,
+                                       "round": round, "after": after, "waits_for": waits_for,
+                                       "label": label}))  # fmt: skip
+
+    def memory(self, role: str, key: str, probe: Any) -> None:
+        import dataclasses
+
+        est = dataclasses.asdict(probe())
+        self.dialer.send(Frame(METER, {"what": "memory", "role": role, "key": key,
+                                       "estimate": est}))  # fmt: skip
+
+
+class DeviceNode:
+    """The device's runtime: its roles, its node host, its end of the stream."""
+
+    def __init__(self, dialer: Dialer, welcome: dict[str, Any], workdir: Path) -> None:
+        from cotune.config import config_from_dict
+        from cotune.nodes import RunNodes
+        from cotune.run import build_experiment
+
+        self.dialer = dialer
+        cfg = config_from_dict(welcome["config"])
+        # This process builds only its own node: an in-process copy of the run's inputs.
+        local = cfg.model_copy(
+            update={"engine": cfg.engine.model_copy(update={"kind": "isolated"})}
+        )
+        self.exp, _ = build_experiment(local, workdir, quiet=True)
+        self.host = RunNodes(self.exp, isolated=True)
+        self.roles: dict[str, Role] = {}
+        self.grid = DeviceGrid(self)
+        self.seq = itertools.count(1)
+        self.done: dict[int, Frame] = {}
+        self.running = True
+
+    # --- the loop ----------------------------------------------------------------------
+    def serve(self) -> None:
+        while self.running:
+            self._next()
+
+    def _next(self) -> None:
+        frame = self.dialer.inbound.get()
+        if frame is None or frame.type == BYE:
+            self.running = False
+            return
+        if frame.type in (REPLY, ERROR):  # the server sends these only to answer our requests
+            self.done[int(frame.header["seq"])] = frame
+            return
+        try:
+            self._handle(frame)
+        except Exception as err:  # noqa: BLE001 - the server hears of it, the device goes on
+            header: dict[str, Any] = {
+                "seq": frame.header.get("seq"),
+                "error": f"{type(err).__name__}: {err}",
+            }
+            if isinstance(err, DivergenceError):
+                header.update(divergence=True, step=err.step, error=str(err))
+            elif not isinstance(err, CotuneError):
+                log.error("handler failed:\n%s", traceback.format_exc())
+            self.dialer.send(Frame(ERROR, header))
+
+    def _handle(self, frame: Frame) -> None:
+        h, seq = frame.header, frame.header.get("seq")
+        if frame.type == START:
+            role_id = str(h["role"])
+            self.roles[role_id] = self._factory(str(h["factory"]))(self._context(role_id))
+            self.dialer.send(Frame(DONE, {"seq": seq}))
+        elif frame.type in (REQUEST, SEND):
+            msg = self._place(decode_message(frame.payload))
+            msg.arrival = h.get("arrival")
+            reply = self._role(msg.receiver).handle(msg)
+            if frame.type == REQUEST:
+                codec = h.get("codec") or self.exp.cfg.engine.codec
+                payload = b"" if reply is None else encode_message(reply, codec)
+                self.dialer.send(Frame(REPLY, {"seq": seq}, payload))
+        elif frame.type == TICK:
+            role = self._role(str(h["role"]))
+            handler = getattr(role, f"tick_{h['kind']}", None)
+            if handler is None:
+                raise ProtocolError(f"role {role.role_id!r} has no local event {h['kind']!r}")
+            self.dialer.send(Frame(DONE, {"seq": seq, "result": handler(h.get("meta") or {})}))
+        elif frame.type == SNAPSHOT:
+            state = self._role(str(h["role"])).snapshot()
+            self.dialer.send(Frame(DONE, {"seq": seq}, dump_state(state)))
+        elif frame.type == RESTORE:
+            self._role(str(h["role"])).restore(load_state(frame.payload))
+            self.dialer.send(Frame(DONE, {"seq": seq}))
+        elif frame.type == MEASURE:
+            values = self._role(str(h["role"])).measurements()
+            self.dialer.send(Frame(DONE, {"seq": seq, "values": values}))
+        else:
+            raise ProtocolError(f"unexpected {frame.describe()} frame from the server")
+
+    # --- what the roles see ------------------------------------------------------------
+    def _context(self, role_id: str) -> Any:
+        meter = Meter(role_id, self.exp.sim.flops, ForwardSink(self.dialer))
+        return self.host.context(role_id, grid=self.grid, meter=meter)
+
+    def _factory(self, path: str) -> Any:
+        module, _, qualname = path.partition(":")
+        if not module.startswith(ROLE_PACKAGES):
+            raise ProtocolError(f"refusing to build a role from {path!r} (not a cotune role)")
+        obj: Any = importlib.import_module(module)
+        for part in qualname.split("."):
+            obj = getattr(obj, part)
+        if not (isinstance(obj, type) and issubclass(obj, Role)):
+            raise ProtocolError(f"{path!r} is not a role class")
+        return obj
+
+    def _role(self, role_id: str) -> Role:
+        try:
+            return self.roles[role_id]
+        except KeyError:
+            raise ProtocolError(f"no role {role_id!r} on this device") from None
+
+    def _place(self, msg: Message) -> Message:
+        device = self.host.device_of(msg.receiver)
+        if device.type != "cpu":
+            msg.tensors = {k: v.to(device) for k, v in msg.tensors.items()}
+        return msg
+
+    def call(self, msg: Message, codec: str | None, *, request: bool) -> Message | None:
+        """A device-initiated message: one-way, or a request served by waiting."""
+        chosen = codec or msg.meta.get("codec") or self.exp.cfg.engine.codec
+        payload = encode_message(msg, chosen)
+        if not request:
+            self.dialer.send(Frame(SEND, {"codec": chosen}, payload))
+            return None
+        seq = next(self.seq)
+        self.dialer.send(Frame(REQUEST, {"seq": seq, "codec": chosen}, payload))
+        while seq not in self.done:
+            if not self.running:
+                raise PeerUnavailable("the server went away")
+            self._next()
+        frame = self.done.pop(seq)
+        if frame.type == ERROR:
+            raise PeerUnavailable(str(frame.header.get("error")))
+        reply = self._place(decode_message(frame.payload))
+        reply.arrival = frame.header.get("arrival")
+        return reply
+
+
+class DeviceGrid(Grid):
+    """The grid a device's roles use for their own messages (to the server, or through it)."""
+
+    colocated = False
+
+    def __init__(self, node: DeviceNode) -> None:
+        self.node = node
+
+    def send(self, msg: Message, *, codec: str | None = None) -> None:
+        self.node.call(msg, codec, request=False)
+
+    def submit(self, msg: Message, *, codec: str | None = None, round: int | None = None) -> Future:
+        fut = Future(msg, round)
+        try:
+            fut._reply = Reply(msg.receiver, "ok", self.node.call(msg, codec, request=True))
+        except PeerUnavailable as err:
+            fut._reply = Reply(msg.receiver, "failed", error=str(err))
+        return fut
+
+    def gather(self, futures: list[Future], *, quorum: int | None = None,
+               deadline_s: float | None = None) -> Gathered:  # fmt: skip
+        return Gathered([f.result() for f in futures])
+
+    def _not_here(self, what: str) -> Any:
+        raise ProtocolError(f"grid.{what} is the server's: a device role cannot call it")
+
+    def node_ids(self, prefix: str = "device-") -> list[str]:
+        return self._not_here("node_ids")
+
+    def node_info(self, role_id: str) -> dict[str, Any]:
+        return self._not_here("node_info")
+
+    def start(self, role_id: str, factory: Any) -> None:
+        self._not_here("start")
+
+    def context(self, role_id: str) -> Any:
+        return self._not_here("context")
+
+    def meter(self, role_id: str) -> Meter:
+        return self._not_here("meter")
+
+    def tick(self, role_ids: list[str], kind: str, meta: dict[str, Any] | None = None) -> list[Any]:
+        return self._not_here("tick")
+
+    def host(self, role: Role) -> None:
+        self._not_here("host")
+
+    def snapshot(self, role_id: str) -> Any:
+        return self._not_here("snapshot")
+
+    def restore(self, role_id: str, state: Any) -> None:
+        self._not_here("restore")
+
+    def measurements(self, role_id: str) -> dict[str, float]:
+        return self._not_here("measurements")
+
+    @property
+    def transfers(self) -> Any:
+        return self._not_here("transfers")
+
+    def add_listener(self, listener: Any) -> None:
+        self._not_here("add_listener")
+
+
+def run_device(
+    server: str, node: str, token: str, security: Security, *, connect_timeout: float = 60.0
+) -> None:
+    """Connect to ``server`` as ``node`` and serve until the run ends."""
+    import queue
+
+    dialer = Dialer(server, node, token, security)
+    try:
+        first = dialer.inbound.get(timeout=connect_timeout)
+    except queue.Empty:
+        dialer.close()
+        raise PeerUnavailable(f"no answer from {server} within {connect_timeout:.0f} s") from None
+    if first is None:
+        dialer.close()
+        raise PeerUnavailable(f"could not connect to {server}")
+    if first.type == REFUSED:
+        dialer.close()
+        raise DeviceRefused(f"{server} refused {node}: {first.header.get('error')}")
+    if first.type != WELCOME:
+        dialer.close()
+        raise ProtocolError(f"{server} opened with {first.describe()}, not a welcome")
+    with tempfile.TemporaryDirectory(prefix=f"cotune-{node}-") as tmp:
+        try:
+            DeviceNode(dialer, first.header, Path(tmp)).serve()
+        finally:
+            dialer.close()

@@ -1,0 +1,99 @@
+"""Frames: what travels on a device's stream. A frame is a type byte, a JSON header and an
+opaque payload (an encoded cotune ``Message``, a state, nothing). Large frames are cut into
+chunks so no gRPC message exceeds ``CHUNK`` bytes; the receiver reassembles them in order.
+
+    frame  = type:u8 | header_len:u32le | header (UTF-8 JSON) | payload
+    chunk  = frame_id:u64le | index:u32le | last:u8 | piece
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from cotune.errors import ProtocolError
+
+CHUNK = 1 << 20  # 1 MiB per gRPC message: far below gRPC's limits, cheap to buffer
+_FRAME = struct.Struct("<BI")
+_CHUNK = struct.Struct("<QIB")
+
+# Frame types (one byte on the wire).
+HELLO, WELCOME, REFUSED = 1, 2, 3  # device → server: who I am; server → device: the run / no
+START = 4  # server → device: build this role on your node
+REQUEST, REPLY, SEND = 5, 6, 7  # an encoded Message (either way); a reply; a one-way message
+TICK, DONE = 8, 9  # a local event; its result (any control call's completion)
+SNAPSHOT, RESTORE, MEASURE = 10, 11, 12  # the measurement channel
+METER = 13  # device → server: compute / memory reports (out of band, in order)
+ERROR = 14  # the peer's handler failed (header: message)
+BYE = 15  # the run is over
+NAMES = {v: k for k, v in dict(globals()).items() if k.isupper() and isinstance(v, int) and v < 64}
+
+
+@dataclass
+class Frame:
+    type: int
+    header: dict[str, Any] = field(default_factory=dict)
+    payload: bytes = b""
+
+    def encode(self) -> bytes:
+        head = json.dumps(self.header, separators=(",", ":")).encode()
+        return _FRAME.pack(self.type, len(head)) + head + self.payload
+
+    @classmethod
+    def decode(cls, data: bytes | memoryview) -> Frame:
+        data = memoryview(data)
+        if len(data) < _FRAME.size:
+            raise ProtocolError(f"frame of {len(data)} bytes is shorter than its header")
+        kind, n = _FRAME.unpack_from(data)
+        if kind not in NAMES:
+            raise ProtocolError(f"unknown frame type {kind}")
+        if _FRAME.size + n > len(data):
+            raise ProtocolError(f"frame header of {n} bytes overruns the frame")
+        try:
+            header = json.loads(bytes(data[_FRAME.size : _FRAME.size + n]))
+        except ValueError as err:
+            raise ProtocolError(f"frame header is not JSON: {err}") from None
+        if not isinstance(header, dict):
+            raise ProtocolError("frame header is not a JSON object")
+        return cls(kind, header, bytes(data[_FRAME.size + n :]))
+
+    def describe(self) -> str:
+        return f"{NAMES.get(self.type, self.type)} {self.header.get('kind', '')}".strip()
+
+
+def chunks(frame_id: int, data: bytes) -> Iterator[bytes]:
+    """``data`` as gRPC messages of at most ``CHUNK`` payload bytes each."""
+    view = memoryview(data)
+    n = max(1, -(-len(view) // CHUNK))
+    for i in range(n):
+        piece = view[i * CHUNK : (i + 1) * CHUNK]
+        yield _CHUNK.pack(frame_id, i, int(i == n - 1)) + piece
+
+
+class Reassembler:
+    """Collects one stream's chunks back into frames (chunks of one frame arrive in order)."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self._parts: dict[int, list[bytes]] = {}
+        self._sizes: dict[int, int] = {}
+
+    def add(self, msg: bytes) -> Frame | None:
+        if len(msg) < _CHUNK.size:
+            raise ProtocolError(f"chunk of {len(msg)} bytes is shorter than its header")
+        frame_id, index, last = _CHUNK.unpack_from(msg)
+        parts = self._parts.setdefault(frame_id, [])
+        if index != len(parts):
+            raise ProtocolError(f"frame {frame_id}: chunk {index} arrived after {len(parts)}")
+        size = self._sizes.get(frame_id, 0) + len(msg) - _CHUNK.size
+        if size > self.max_bytes:
+            raise ProtocolError(f"frame {frame_id} exceeds {self.max_bytes} bytes")
+        self._sizes[frame_id] = size
+        parts.append(msg[_CHUNK.size :])
+        if not last:
+            return None
+        del self._parts[frame_id], self._sizes[frame_id]
+        return Frame.decode(parts[0] if len(parts) == 1 else b"".join(parts))

@@ -1,0 +1,203 @@
+"""The deployment commands: ``serve`` (the server of a gRPC run), ``device`` (one device
+process), ``launch`` (a server and every device as local processes: a real multi-process run on
+one machine, with TLS and per-device tokens made for it), and ``make_certs``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from cotune.deploy.transport import Security, token_hash
+from cotune.errors import ConfigError, PeerUnavailable
+
+log = logging.getLogger(__name__)
+# Called with the server's address once it listens (``launch`` starts its devices there).
+ON_LISTEN: list[Callable[[str], None]] = []
+
+
+def security_of(engine: Any) -> Security:
+    return Security(
+        tls_dir=Path(engine.tls_dir) if engine.tls_dir else None,
+        mutual=engine.mutual_tls,
+        insecure=engine.insecure,
+    )
+
+
+def read_tokens(path: str | None) -> dict[str, str] | None:
+    """``tokens_file``: device id → SHA-256 hex of its token (YAML or JSON)."""
+    if path is None:
+        return None
+    import yaml
+
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except OSError as err:
+        raise ConfigError(f"engine.tokens_file: cannot read {path}: {err.strerror}") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"engine.tokens_file: {path} is not YAML/JSON: {err}") from None
+    if not isinstance(data, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) and len(v) == 64 for k, v in data.items()
+    ):
+        raise ConfigError(
+            f"engine.tokens_file: {path} must map device ids to SHA-256 hex digests "
+            "(`cotune certs` writes one)"
+        )
+    return data
+
+
+def deployed_grid(exp: Any) -> Any:
+    """The grid of a gRPC run: listen, wait for every device, start nothing yet."""
+    from cotune.deploy.server import GrpcEngine
+    from cotune.deploy.transport import Hub
+    from cotune.nodes import RemoteNodes
+    from cotune.runtime.grid import EngineGrid
+    from cotune.runtime.ids import device_id
+
+    eng = exp.cfg.engine
+    hub = Hub(eng.listen, security_of(eng), read_tokens(eng.tokens_file),
+              {"config": exp.cfg.to_dict()})  # fmt: skip
+    engine = GrpcEngine(hub, codec=eng.codec)
+    engine.add_listener(exp.sim.clock.on_transfer)
+    exp.engine = engine
+    devices = [device_id(i) for i in range(len(exp.parts))]
+    log.info("listening on %s; waiting for %d devices", hub.address, len(devices))
+    for hook in ON_LISTEN:
+        hook(hub.address)
+    missing = hub.wait_for(devices, eng.join_timeout_s)
+    if missing:
+        hub.close()
+        raise PeerUnavailable(
+            f"{len(missing)} device(s) did not join within {eng.join_timeout_s:.0f} s "
+            f"(engine.join_timeout_s): {', '.join(missing[:5])}"
+        )
+    grid = EngineGrid(engine, RemoteNodes(exp, engine), exp.sim.flops)
+    engine.grid = grid
+    return grid
+
+
+def make_certs(out: Path, devices: list[str], hosts: list[str]) -> Path:
+    """A self-signed CA, a server certificate for ``hosts`` and one certificate per device
+    (common name = its id), plus a token per device (``<id>.token``) and their hashes
+    (``tokens.yaml``, for ``engine.tokens_file``). For tests and trials, not production PKI."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    out.mkdir(parents=True, exist_ok=True)
+    now = datetime.datetime.now(datetime.UTC)
+
+    def name(cn: str) -> x509.Name:
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+    def write(stem: str, key: Any, cert: Any) -> None:
+        (out / f"{stem}.key").write_bytes(key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption()))  # fmt: skip
+        (out / f"{stem}.key").chmod(0o600)
+        (out / f"{stem}.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = (
+        x509.CertificateBuilder().subject_name(name("cotune test CA")).issuer_name(name("cotune test CA"))
+        .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=365))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )  # fmt: skip
+    write("ca", ca_key, ca)
+
+    def leaf(cn: str, sans: list[x509.GeneralName]) -> tuple[Any, Any]:
+        key = ec.generate_private_key(ec.SECP256R1())
+        b = (
+            x509.CertificateBuilder().subject_name(name(cn)).issuer_name(ca.subject)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=365))
+        )  # fmt: skip
+        if sans:
+            b = b.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        return key, b.sign(ca_key, hashes.SHA256())
+
+    sans: list[x509.GeneralName] = []
+    for h in hosts:
+        try:
+            sans.append(x509.IPAddress(ipaddress.ip_address(h)))
+        except ValueError:
+            sans.append(x509.DNSName(h))
+    write("server", *leaf(hosts[0] if hosts else "localhost", sans))
+    hashes_out = {}
+    for d in devices:
+        write(d, *leaf(d, [x509.DNSName(d)]))
+        token = secrets.token_urlsafe(24)
+        (out / f"{d}.token").write_text(token + "\n")
+        (out / f"{d}.token").chmod(0o600)
+        hashes_out[d] = token_hash(token)
+    (out / "tokens.yaml").write_text(json.dumps(hashes_out, indent=2) + "\n")
+    return out
+
+
+def launch(
+    cfg: Any, *, quiet: bool = False, overwrite: bool | None = None, out_root: Any = None
+) -> Path:
+    """Run ``cfg`` for real on this machine: this process serves, every device is its own
+    process (TLS and per-device tokens made for the run unless the config names its own)."""
+    from cotune.run import run_experiment
+    from cotune.runtime.ids import device_id
+
+    devices = [device_id(i) for i in range(cfg.devices.count)]
+    tmp = Path(tempfile.mkdtemp(prefix="cotune-launch-"))
+    eng = cfg.engine
+    update: dict[str, Any] = {"kind": "grpc"}
+    if ":" not in eng.listen or eng.listen.endswith(":50051"):
+        update["listen"] = "127.0.0.1:0"  # a free port
+    if not eng.insecure and eng.tls_dir is None:
+        make_certs(tmp / "tls", devices, ["localhost", "127.0.0.1"])
+        update.update(tls_dir=str(tmp / "tls"), tokens_file=str(tmp / "tls" / "tokens.yaml"))
+    cfg = cfg.model_copy(update={"engine": eng.model_copy(update=update)})
+    procs: list[subprocess.Popen] = []
+
+    def start_devices(address: str) -> None:
+        tls = cfg.engine.tls_dir
+        for d in devices:
+            cmd = [sys.executable, "-m", "cotune.cli", "device", "--server", address, "--id", d]
+            cmd += ["--tls", tls] if tls else ["--insecure"]
+            if cfg.engine.mutual_tls:
+                cmd.append("--mutual-tls")
+            env = dict(os.environ)
+            token_file = Path(tls) / f"{d}.token" if tls else None
+            if token_file is not None and token_file.is_file():
+                env["COTUNE_TOKEN"] = token_file.read_text().strip()
+            log_file = open(tmp / f"{d}.log", "w")  # noqa: SIM115 - closed with the process
+            procs.append(subprocess.Popen(cmd, env=env, stdout=log_file, stderr=subprocess.STDOUT))
+
+    ON_LISTEN.append(start_devices)
+    try:
+        return run_experiment(cfg, quiet=quiet, overwrite=overwrite, out_root=out_root)
+    finally:
+        ON_LISTEN.remove(start_devices)
+        failed = []
+        for d, p in zip(devices, procs):
+            try:
+                rc = p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                rc = p.wait()
+            if rc != 0:
+                failed.append(d)
+        for d in failed:
+            tail = (tmp / f"{d}.log").read_text()[-2000:]
+            log.error("device process %s failed:\n%s", d, tail)

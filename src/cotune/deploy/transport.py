@@ -1,0 +1,287 @@
+"""gRPC plumbing: one bidirectional stream per device, which the device opens (it dials out,
+so it works behind NAT). Both ends exchange chunked frames (``frames.py``) and hand complete
+frames to a queue that one thread consumes, so every handler runs in one deterministic order.
+
+Security: TLS with the server's certificate (``tls_dir``), optionally mutual TLS (devices show
+certificates signed by the same CA, whose common name must be their node id), and a token per
+device checked against its SHA-256 hash on the server. Plain text only with ``insecure``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import itertools
+import logging
+import queue
+import threading
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cotune.deploy.frames import BYE, HELLO, REFUSED, WELCOME, Frame, Reassembler, chunks
+from cotune.errors import ConfigError, ProtocolError
+
+log = logging.getLogger(__name__)
+METHOD = "/cotune.Node/Connect"
+MAX_FRAME = 8 << 30  # the largest frame a peer may send (8 GiB: a full model's emulator fits)
+_OPTIONS = [
+    ("grpc.max_send_message_length", 4 << 20),
+    ("grpc.max_receive_message_length", 4 << 20),
+    ("grpc.keepalive_time_ms", 10_000),  # heartbeats: a dead peer is noticed within seconds
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+]
+
+
+def grpc_module() -> Any:
+    try:
+        import grpc
+    except ImportError:
+        raise ConfigError("engine.kind: grpc needs grpcio: pip install 'cotune[deploy]'") from None
+    return grpc
+
+
+def token_hash(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Security:
+    """How the ends authenticate: ``tls_dir`` holds ca.pem, server.pem/.key and (mutual TLS)
+    <node>.pem/.key; ``tokens`` maps node id → SHA-256 of its token (server side)."""
+
+    tls_dir: Path | None = None
+    mutual: bool = False
+    insecure: bool = False
+
+    def check(self) -> None:
+        if self.tls_dir is None and not self.insecure:
+            raise ConfigError(
+                "no TLS directory given: pass --tls DIR (make one with `cotune certs DIR`), or "
+                "--insecure for plain text on a trusted network"
+            )
+
+
+@dataclass(frozen=True)
+class Closed:
+    """What the inbound queue holds when a device's stream ended (which stream: ``link``)."""
+
+    link: Link
+
+
+class Link:
+    """The server's end of one device's stream: send frames to it."""
+
+    def __init__(self, node: str) -> None:
+        self.node = node
+        self.outbound: queue.Queue[bytes | None] = queue.Queue()
+        self.ids = itertools.count(1)
+        self.open = True
+
+    def send(self, frame: Frame) -> None:
+        if not self.open:
+            raise ConnectionError(f"{self.node} is disconnected")
+        for c in chunks(next(self.ids), frame.encode()):
+            self.outbound.put(c)
+
+    def close(self) -> None:
+        self.open = False
+        self.outbound.put(None)
+
+
+class Hub:
+    """The gRPC server: authenticates devices and queues their frames as ``(node, frame)``
+    (``(node, Closed(link))`` when a stream ends)."""
+
+    def __init__(
+        self,
+        listen: str,
+        security: Security,
+        tokens: dict[str, str] | None,
+        welcome: dict[str, Any],
+    ) -> None:
+        grpc = grpc_module()
+        security.check()
+        self.security, self.tokens, self.welcome = security, tokens or {}, welcome
+        self.inbound: queue.Queue[tuple[str, Frame | Closed]] = queue.Queue()
+        self.links: dict[str, Link] = {}
+        self.joined = threading.Condition()
+        self.server = grpc.server(ThreadPoolExecutor(max_workers=256), options=_OPTIONS)
+        handler = grpc.method_handlers_generic_handler(
+            "cotune.Node", {"Connect": grpc.stream_stream_rpc_method_handler(self._connect)}
+        )
+        self.server.add_generic_rpc_handlers((handler,))
+        if security.insecure:
+            self.port = self.server.add_insecure_port(listen)
+        else:
+            self.port = self.server.add_secure_port(listen, _server_credentials(grpc, security))
+        if self.port == 0:
+            raise ConfigError(f"engine.listen: cannot listen on {listen!r}")
+        host = listen.rsplit(":", 1)[0]
+        self.address = f"{host}:{self.port}"
+        self.server.start()
+
+    def _refuse(self, node: str, why: str) -> Iterator[bytes]:
+        log.warning("refused a device claiming %r: %s", node, why)
+        yield from chunks(0, Frame(REFUSED, {"error": why}).encode())
+
+    def _connect(self, requests: Iterator[bytes], context: Any) -> Iterator[bytes]:
+        reader = Reassembler(MAX_FRAME)
+        try:
+            hello = None
+            for msg in requests:
+                hello = reader.add(msg)
+                if hello is not None:
+                    break
+        except ProtocolError as err:
+            yield from self._refuse("?", f"bad hello: {err}")
+            return
+        if hello is None or hello.type != HELLO:
+            yield from self._refuse("?", "the first frame must be a hello")
+            return
+        node = str(hello.header.get("node", ""))
+        why = self._authenticate(node, str(hello.header.get("token", "")), context)
+        if why is not None:
+            yield from self._refuse(node, why)
+            return
+        link = Link(node)
+        with self.joined:
+            old = self.links.get(node)
+            if old is not None and old.open:
+                yield from self._refuse(node, "a device with this id is already connected")
+                return
+            self.links[node] = link
+            self.joined.notify_all()
+        log.info("%s connected", node)
+        link.send(Frame(WELCOME, self.welcome))
+        threading.Thread(
+            target=self._read, args=(node, link, requests, reader), daemon=True
+        ).start()
+        while True:
+            out = link.outbound.get()
+            if out is None:
+                return
+            yield out
+
+    def _authenticate(self, node: str, token: str, context: Any) -> str | None:
+        if not node:
+            return "no node id"
+        if self.security.mutual:
+            names = context.auth_context().get("x509_common_name", [])
+            if node.encode() not in names:
+                return f"its certificate is not {node}'s"
+        if self.tokens or not self.security.insecure:
+            want = self.tokens.get(node)
+            if want is None:
+                return "no credentials for this node id"
+            if not hmac.compare_digest(token_hash(token), want):
+                return "wrong token"
+        return None
+
+    def _read(self, node: str, link: Link, requests: Iterator[bytes], reader: Reassembler) -> None:
+        try:
+            for msg in requests:
+                frame = reader.add(msg)
+                if frame is not None:
+                    self.inbound.put((node, frame))
+        except ProtocolError as err:
+            log.warning("%s sent a malformed frame (%s): disconnecting it", node, err)
+        except Exception:  # noqa: BLE001 - a broken stream is a disconnect
+            pass
+        link.close()
+        self.inbound.put((node, Closed(link)))
+
+    def wait_for(self, nodes: list[str], timeout: float) -> list[str]:
+        """Wait until ``nodes`` are connected or ``timeout`` passes; returns the missing ones."""
+        with self.joined:
+            self.joined.wait_for(lambda: all(n in self.links for n in nodes), timeout)
+            return [n for n in nodes if n not in self.links]
+
+    def close(self) -> None:
+        for link in list(self.links.values()):
+            if link.open:
+                link.send(Frame(BYE))
+                link.close()
+        self.server.stop(grace=1.0)
+
+
+class Dialer:
+    """A device's end: dial the server, say hello, then exchange frames."""
+
+    def __init__(self, server: str, node: str, token: str, security: Security) -> None:
+        grpc = grpc_module()
+        security.check()
+        if security.insecure:
+            self.channel = grpc.insecure_channel(server, options=_OPTIONS)
+        else:
+            creds = _client_credentials(grpc, security, node)
+            self.channel = grpc.secure_channel(server, creds, options=_OPTIONS)
+        self.node = node
+        self.inbound: queue.Queue[Frame | None] = queue.Queue()
+        self.outbound: queue.Queue[bytes | None] = queue.Queue()
+        self.ids = itertools.count(1)
+        self.send(Frame(HELLO, {"node": node, "token": token}))
+        stream = self.channel.stream_stream(METHOD)
+        self.responses = stream(self._requests())
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _requests(self) -> Iterator[bytes]:
+        while True:
+            out = self.outbound.get()
+            if out is None:
+                return
+            yield out
+
+    def _read(self) -> None:
+        reader = Reassembler(MAX_FRAME)
+        try:
+            for msg in self.responses:
+                frame = reader.add(msg)
+                if frame is not None:
+                    self.inbound.put(frame)
+        except Exception as err:  # noqa: BLE001 - the stream ended: the loop sees None
+            log.info("%s: stream ended (%s)", self.node, type(err).__name__)
+        self.inbound.put(None)
+
+    def send(self, frame: Frame) -> None:
+        for c in chunks(next(self.ids), frame.encode()):
+            self.outbound.put(c)
+
+    def close(self) -> None:
+        self.outbound.put(None)
+        self.channel.close()
+
+
+def _read_file(path: Path, what: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as err:
+        raise ConfigError(f"TLS: cannot read the {what} {path}: {err.strerror}") from None
+
+
+def _server_credentials(grpc: Any, sec: Security) -> Any:
+    assert sec.tls_dir is not None
+    d = sec.tls_dir
+    pair = (
+        _read_file(d / "server.key", "server key"),
+        _read_file(d / "server.pem", "server certificate"),
+    )
+    ca = _read_file(d / "ca.pem", "CA certificate") if sec.mutual else None
+    return grpc.ssl_server_credentials([pair], root_certificates=ca, require_client_auth=sec.mutual)
+
+
+def _client_credentials(grpc: Any, sec: Security, node: str) -> Any:
+    assert sec.tls_dir is not None
+    d = sec.tls_dir
+    ca = _read_file(d / "ca.pem", "CA certificate")
+    if not sec.mutual:
+        return grpc.ssl_channel_credentials(root_certificates=ca)
+    return grpc.ssl_channel_credentials(
+        root_certificates=ca,
+        private_key=_read_file(d / f"{node}.key", f"{node} key"),
+        certificate_chain=_read_file(d / f"{node}.pem", f"{node} certificate"),
+    )

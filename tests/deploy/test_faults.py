@@ -1,0 +1,102 @@
+"""Faults in a real multi-process run: a device killed (SIGKILL) mid-round is a failed reply
+and the run goes on; a device that comes back rejoins with its last known state."""
+
+import json
+import os
+import signal
+import subprocess
+
+import pytest
+
+pytest.importorskip("grpc")
+
+from cotune.deploy import launch as launch_mod  # noqa: E402
+from cotune.deploy import server as server_mod  # noqa: E402
+
+FED = {"paradigm": {"name": "fedavg", "options": {"local_steps": 1}}, "train": {"steps": 4}}
+
+
+@pytest.fixture
+def spy(monkeypatch):
+    """The device processes `launch` starts (by id) and the server's engine."""
+    seen = {"procs": {}, "cmds": {}, "engine": None}
+    real_popen = subprocess.Popen
+
+    def popen(cmd, **kw):
+        p = real_popen(cmd, **kw)
+        node = cmd[cmd.index("--id") + 1]
+        seen["procs"][node], seen["cmds"][node] = p, (cmd, kw)
+        return p
+
+    monkeypatch.setattr(launch_mod.subprocess, "Popen", popen)
+    real_init = server_mod.GrpcEngine.__init__
+
+    def init(self, *a, **kw):
+        real_init(self, *a, **kw)
+        seen["engine"] = self
+
+    monkeypatch.setattr(server_mod.GrpcEngine, "__init__", init)
+    return seen
+
+
+def rounds(run_dir):
+    recs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in recs if r["event"] == "round"]
+
+
+def kill_at_round(spy, rnd, then=None):
+    def listener(t):
+        if t.kind == "train" and t.receiver == "device-1" and t.meta.get("round") == rnd:
+            p = spy["procs"]["device-1"]
+            if p.poll() is None:
+                os.kill(p.pid, signal.SIGKILL)
+                p.wait()
+                if then is not None:
+                    then()
+
+    return listener
+
+
+@pytest.mark.slow
+def test_a_killed_device_fails_its_rounds_and_the_run_goes_on(tiny_config, spy):
+    launch_mod.ON_LISTEN.append(lambda addr: spy["engine"].add_listener(kill_at_round(spy, 2)))
+    try:
+        run_dir = launch_mod.launch(tiny_config(name="kill", **FED), quiet=True)
+    finally:
+        launch_mod.ON_LISTEN.pop()
+    got = [(r["round"], r["participants"], r["reported"]) for r in rounds(run_dir)]
+    assert got == [(1, 2, 2), (2, 2, 1), (3, 2, 1), (4, 2, 1)]
+    assert json.loads((run_dir / "summary.json").read_text())["final"]["accuracy"] >= 0
+
+
+@pytest.mark.slow
+def test_a_device_that_comes_back_rejoins_with_its_state(tiny_config, spy):
+    """Killed as its round-2 request leaves, restarted before the request is sent: it is built
+    again and given its state as of round 1, so the run equals one without the crash."""
+    whole = launch_mod.launch(tiny_config(name="whole", **FED), quiet=True)
+
+    def restart():
+        cmd, kw = spy["cmds"]["device-1"]
+        spy["procs"]["device-1"] = subprocess.Popen(cmd, **kw)
+        missing = spy["engine"].hub.wait_for(["device-1"], 60)
+        assert not missing
+        link = spy["engine"].hub.links["device-1"]
+        import time
+
+        deadline = time.time() + 60
+        while link is spy["engine"].links_seen.get("device-1") or not link.open:
+            assert time.time() < deadline
+            time.sleep(0.05)
+            link = spy["engine"].hub.links["device-1"]
+
+    launch_mod.ON_LISTEN.append(
+        lambda addr: spy["engine"].add_listener(kill_at_round(spy, 2, then=restart))
+    )
+    try:
+        run_dir = launch_mod.launch(tiny_config(name="rejoin", **FED), quiet=True)
+    finally:
+        launch_mod.ON_LISTEN.pop()
+    assert [r["reported"] for r in rounds(run_dir)] == [2, 2, 2, 2]
+    a = json.loads((whole / "summary.json").read_text())
+    b = json.loads((run_dir / "summary.json").read_text())
+    assert a["final"] == b["final"]

@@ -1,0 +1,26 @@
+"""engine.kind: grpc — every paradigm with the server and each device in its own process,
+talking over gRPC on loopback (TLS and per-device tokens, as `cotune launch` sets up), gives
+the same run as the isolated engine: records, weights, FLOPs, bytes and simulated time."""
+
+import pytest
+import torch
+
+pytest.importorskip("grpc")
+
+from cotune.deploy.launch import launch  # noqa: E402
+from tests.paradigms.test_engines import CASES, RESUMABLE, outcome, run  # noqa: E402
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", RESUMABLE)
+def test_every_paradigm_over_grpc_equals_isolated(tiny_config, case):
+    want = outcome(run(tiny_config, case, "isolated", **CASES[case]))
+    cfg = tiny_config(name=f"{case}-grpc", **CASES[case])
+    got = outcome(launch(cfg, quiet=True))
+    assert got[0] == want[0]  # every record: losses, lr, round outcomes, bytes, simulated time
+    assert got[1]["sim_time_s"] == want[1]["sim_time_s"] and got[1]["bytes"] == want[1]["bytes"]
+    assert got[1]["messages"] == want[1]["messages"] and got[1]["final"] == want[1]["final"]
+    assert got[1]["costs"]["roles"] == want[1]["costs"]["roles"]
+    for role in want[2]:
+        for k, v in want[2][role].items():
+            assert torch.equal(v, got[2][role][k]), (role, k)

@@ -1,0 +1,154 @@
+"""The gRPC transport: chunked frames, TLS, mutual TLS and per-device tokens (loopback)."""
+
+import os
+
+import pytest
+
+pytest.importorskip("grpc")
+
+from cotune.deploy.frames import CHUNK, HELLO, REFUSED, SEND, WELCOME, Frame, Reassembler, chunks  # noqa: E402
+from cotune.deploy.launch import make_certs, read_tokens  # noqa: E402
+from cotune.deploy.transport import Dialer, Hub, Security, token_hash  # noqa: E402
+from cotune.errors import ConfigError, ProtocolError  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tls")
+    make_certs(d, ["device-0", "device-1"], ["localhost", "127.0.0.1"])
+    return d
+
+
+def tokens(certs):
+    return {d: (certs / f"{d}.token").read_text().strip() for d in ("device-0", "device-1")}
+
+
+def hub(security, token_hashes):
+    return Hub("127.0.0.1:0", security, token_hashes, {"config": {"name": "t"}})
+
+
+def first(dialer, timeout=10):
+    return dialer.inbound.get(timeout=timeout)
+
+
+def test_frames_round_trip_in_chunks():
+    payload = os.urandom(3 * CHUNK + 17)
+    frame = Frame(SEND, {"codec": "fp32"}, payload)
+    parts = list(chunks(7, frame.encode()))
+    assert len(parts) == 4 and all(len(p) <= CHUNK + 13 for p in parts)
+    r = Reassembler(1 << 30)
+    out = [r.add(p) for p in parts]
+    assert out[:3] == [None, None, None] and out[3].payload == payload
+    with pytest.raises(ProtocolError, match="chunk 1 arrived after 0"):
+        Reassembler(1 << 30).add(parts[1])
+    with pytest.raises(ProtocolError, match="exceeds 100 bytes"):
+        Reassembler(100).add(parts[0])
+    with pytest.raises(ProtocolError, match="unknown frame type"):
+        Frame.decode(b"\xff\x00\x00\x00\x00")
+
+
+def test_tls_tokens_and_a_large_message_both_ways(certs):
+    sec = Security(tls_dir=certs)
+    h = hub(sec, read_tokens(str(certs / "tokens.yaml")))
+    try:
+        dev = Dialer(h.address, "device-0", tokens(certs)["device-0"], sec)
+        welcome = first(dev)
+        assert welcome.type == WELCOME and welcome.header["config"] == {"name": "t"}
+        big = os.urandom(80 << 20)  # 80 MiB: 80 gRPC messages each way
+        dev.send(Frame(SEND, {"n": 1}, big))
+        node, got = h.inbound.get(timeout=60)
+        assert node == "device-0" and got.payload == big
+        h.links["device-0"].send(Frame(SEND, {"n": 2}, big))
+        back = first(dev, timeout=60)
+        assert back.header == {"n": 2} and back.payload == big
+        dev.close()
+    finally:
+        h.close()
+
+
+@pytest.mark.parametrize(
+    "who,token,why",
+    [
+        ("device-0", "not-the-token", "wrong token"),
+        ("device-9", "x", "no credentials for this node id"),
+    ],
+)
+def test_bad_credentials_are_refused_with_a_reason(certs, caplog, who, token, why):
+    sec = Security(tls_dir=certs)
+    h = hub(sec, read_tokens(str(certs / "tokens.yaml")))
+    try:
+        dev = Dialer(h.address, who, token, sec)
+        got = first(dev)
+        assert got.type == REFUSED and got.header["error"] == why
+        assert who not in h.links  # it never joined, never receives a message
+        dev.close()
+    finally:
+        h.close()
+    assert f"refused a device claiming {who!r}: {why}" in caplog.text
+
+
+def test_a_second_device_with_the_same_id_is_refused(certs):
+    sec = Security(tls_dir=certs)
+    h = hub(sec, read_tokens(str(certs / "tokens.yaml")))
+    try:
+        a = Dialer(h.address, "device-0", tokens(certs)["device-0"], sec)
+        assert first(a).type == WELCOME
+        b = Dialer(h.address, "device-0", tokens(certs)["device-0"], sec)
+        got = first(b)
+        assert got.type == REFUSED and "already connected" in got.header["error"]
+        a.close(), b.close()
+    finally:
+        h.close()
+
+
+def test_mutual_tls_binds_the_certificate_to_the_device_id(certs, tmp_path):
+    sec = Security(tls_dir=certs, mutual=True)
+    h = hub(sec, read_tokens(str(certs / "tokens.yaml")))
+    try:
+        ok = Dialer(h.address, "device-1", tokens(certs)["device-1"], sec)
+        assert first(ok).type == WELCOME
+        # device-0's certificate and token, claiming to be device-1's second self: refused.
+        spoof = tmp_path / "spoof"
+        spoof.mkdir()
+        (spoof / "ca.pem").write_bytes((certs / "ca.pem").read_bytes())
+        (spoof / "device-1.pem").write_bytes((certs / "device-0.pem").read_bytes())
+        (spoof / "device-1.key").write_bytes((certs / "device-0.key").read_bytes())
+        bad = Dialer(h.address, "device-1", tokens(certs)["device-1"], Security(spoof, mutual=True))
+        got = first(bad)
+        assert got.type == REFUSED and "certificate is not device-1's" in got.header["error"]
+        ok.close(), bad.close()
+    finally:
+        h.close()
+
+
+def test_a_device_that_does_not_trust_the_server_never_connects(certs, tmp_path):
+    other = make_certs(tmp_path / "other", ["device-0"], ["localhost"])
+    h = hub(Security(tls_dir=certs), read_tokens(str(certs / "tokens.yaml")))
+    try:
+        dev = Dialer(h.address, "device-0", tokens(certs)["device-0"], Security(tls_dir=other))
+        assert first(dev, timeout=20) is None  # the TLS handshake fails: the stream ends
+        dev.close()
+    finally:
+        h.close()
+
+
+def test_plain_text_needs_an_explicit_insecure_flag():
+    with pytest.raises(ConfigError, match="pass --tls DIR .* or --insecure"):
+        Security().check()
+    h = hub(Security(insecure=True), None)
+    try:
+        dev = Dialer(h.address, "device-3", "", Security(insecure=True))
+        assert first(dev).type == WELCOME
+        dev.close()
+    finally:
+        h.close()
+
+
+def test_token_files_are_validated(tmp_path):
+    bad = tmp_path / "tokens.yaml"
+    bad.write_text("device-0: not-a-hash\n")
+    with pytest.raises(ConfigError, match="must map device ids to SHA-256 hex digests"):
+        read_tokens(str(bad))
+    with pytest.raises(ConfigError, match="cannot read"):
+        read_tokens(str(tmp_path / "missing.yaml"))
+    assert len(token_hash("x")) == 64 and HELLO == 1
