@@ -108,7 +108,7 @@ def serve_command(
 
 def device_command(
     server: str, node: str, *, tls: Path | None, mutual_tls: bool, insecure: bool,
-    token: str | None, timeout: float,
+    token: str | None, timeout: float, retry: float,
 ) -> int:  # fmt: skip
     """Run one device of a served run: dial SERVER as device ID and train until the run ends."""
     import os
@@ -118,7 +118,7 @@ def device_command(
 
     token = token or os.environ.get("COTUNE_TOKEN", "")
     security = Security(tls_dir=tls, mutual=mutual_tls, insecure=insecure)
-    run_device(server, node, token, security, connect_timeout=timeout)
+    run_device(server, node, token, security, connect_timeout=timeout, retry_s=retry)
     print(f"{node}: the run is over")
     return 0
 
@@ -256,6 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_security(d)
     d.add_argument("--token", default=None, help="this device's token (default: $COTUNE_TOKEN)")
     d.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the server")
+    d.add_argument("--retry", type=float, default=0.0,
+                   help="keep reconnecting this many seconds after a lost connection")  # fmt: skip
 
     la = sub.add_parser("launch", help=launch_command.__doc__, description=launch_command.__doc__)
     la.add_argument("config", type=Path)
@@ -315,7 +317,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "device":
             return device_command(
                 args.server, args.node, tls=args.tls, mutual_tls=args.mutual_tls,
-                insecure=args.insecure, token=args.token, timeout=args.timeout,
+                insecure=args.insecure, token=args.token, timeout=args.timeout, retry=args.retry,
             )  # fmt: skip
         if args.command == "launch":
             return launch_command(

@@ -90,6 +90,7 @@ class DeviceNode:
         self.seq = itertools.count(1)
         self.done: dict[int, Frame] = {}
         self.running = True
+        self.finished = False  # the server said the run is over (not: the stream broke)
 
     # --- the loop ----------------------------------------------------------------------
     def serve(self) -> None:
@@ -100,6 +101,7 @@ class DeviceNode:
         frame = self.dialer.inbound.get()
         if frame is None or frame.type == BYE:
             self.running = False
+            self.finished = frame is not None
             return
         if frame.type in (REPLY, ERROR):  # the server sends these only to answer our requests
             self.done[int(frame.header["seq"])] = frame
@@ -263,9 +265,33 @@ class DeviceGrid(Grid):
 
 
 def run_device(
-    server: str, node: str, token: str, security: Security, *, connect_timeout: float = 60.0
-) -> None:
-    """Connect to ``server`` as ``node`` and serve until the run ends."""
+    server: str, node: str, token: str, security: Security, *, connect_timeout: float = 60.0,
+    retry_s: float = 0.0,
+) -> None:  # fmt: skip
+    """Connect to ``server`` as ``node`` and serve until the run ends. With ``retry_s``, a lost
+    or refused connection is tried again for that long (a server restarting with --resume)."""
+    import time
+
+    deadline = None
+    while True:
+        try:
+            if _serve_once(server, node, token, security, connect_timeout):
+                return
+            why = "the server went away"
+        except PeerUnavailable as err:
+            why = str(err)
+        now = time.monotonic()
+        deadline = deadline if deadline is not None else now + retry_s
+        if now >= deadline:
+            raise PeerUnavailable(f"{node}: {why}")
+        log.info("%s: %s; connecting again", node, why)
+        time.sleep(1.0)
+
+
+def _serve_once(
+    server: str, node: str, token: str, security: Security, connect_timeout: float
+) -> bool:
+    """One connection: True when the run finished, False when the stream broke."""
     import queue
 
     dialer = Dialer(server, node, token, security)
@@ -285,6 +311,8 @@ def run_device(
         raise ProtocolError(f"{server} opened with {first.describe()}, not a welcome")
     with tempfile.TemporaryDirectory(prefix=f"cotune-{node}-") as tmp:
         try:
-            DeviceNode(dialer, first.header, Path(tmp)).serve()
+            runtime = DeviceNode(dialer, first.header, Path(tmp))
+            runtime.serve()
+            return runtime.finished
         finally:
             dialer.close()

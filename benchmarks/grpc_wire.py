@@ -1,0 +1,162 @@
+"""The gRPC engine's wire costs on loopback, measured side by side.
+
+1. Round trip of a 1.5 MiB activation message (cotune's frames: encode, chunk, stream, decode,
+   answer with a message of the same size) vs a raw gRPC unary echo of the same bytes.
+2. Throughput of one large message (default 256 MiB, an emulator's worth) server -> device.
+3. A split step over gRPC vs the `local` engine, same job: the demo's splitfed on MiniLM, 4
+   devices x batch 4 (host seconds per step between the first and last step records).
+
+Run: .venv/bin/python benchmarks/grpc_wire.py [--rtt 50] [--big-mib 256] [--steps 20]
+Targets (issue 13): (1) <= 8 ms median; (2) >= 300 MB/s; (3) ratio <= 1.10.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+from cotune.deploy.frames import DONE, REPLY, REQUEST, SEND, Frame
+from cotune.deploy.transport import Dialer, Hub, Security
+from cotune.runtime.messages import Message, decode_message, encode_message
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def echo_device(dialer: Dialer) -> None:
+    while True:
+        f = dialer.inbound.get()
+        if f is None:
+            return
+        if f.type == REQUEST:
+            msg = decode_message(f.payload)
+            reply = msg.reply("back", msg.tensors)
+            dialer.send(Frame(REPLY, {"seq": f.header["seq"]}, encode_message(reply, "fp32")))
+        elif f.type == SEND:
+            dialer.send(Frame(DONE, {"n": len(f.payload)}))
+
+
+def cotune_rtt(n: int) -> tuple[list[float], Hub, Dialer]:
+    sec = Security(insecure=True)
+    hub = Hub("127.0.0.1:0", sec, None, {})
+    dev = Dialer(hub.address, "device-0", "", sec)
+    dev.inbound.get(timeout=10)  # welcome
+    threading.Thread(target=echo_device, args=(dev,), daemon=True).start()
+    link = hub.links["device-0"]
+    acts = torch.randn(4, 96, 1024)  # 1.5 MiB of fp32 activations
+    times = []
+    for i in range(n + 5):
+        t = time.perf_counter()
+        data = encode_message(
+            Message("activations", "server", "device-0", {"hidden": acts}), "fp32"
+        )
+        link.send(Frame(REQUEST, {"seq": i}, data))
+        _, f = hub.inbound.get()
+        decode_message(f.payload)
+        if i >= 5:
+            times.append(time.perf_counter() - t)
+    return times, hub, dev
+
+
+def raw_grpc_rtt(n: int, nbytes: int) -> list[float]:
+    from concurrent.futures import ThreadPoolExecutor
+
+    import grpc
+
+    opts = [
+        ("grpc.max_send_message_length", 64 << 20),
+        ("grpc.max_receive_message_length", 64 << 20),
+    ]
+    server = grpc.server(ThreadPoolExecutor(4), options=opts)
+    handler = grpc.method_handlers_generic_handler(
+        "bench.Echo", {"Echo": grpc.unary_unary_rpc_method_handler(lambda req, ctx: req)}
+    )
+    server.add_generic_rpc_handlers((handler,))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=opts)
+    echo = channel.unary_unary("/bench.Echo/Echo")
+    payload = bytes(nbytes)
+    times = []
+    for i in range(n + 5):
+        t = time.perf_counter()
+        echo(payload)
+        if i >= 5:
+            times.append(time.perf_counter() - t)
+    channel.close()
+    server.stop(0)
+    return times
+
+
+def throughput(hub: Hub, mib: int) -> float:
+    big = bytes(mib << 20)
+    link = hub.links["device-0"]
+    t = time.perf_counter()
+    link.send(Frame(SEND, {}, big))
+    _, f = hub.inbound.get()
+    assert f.type == DONE and f.header["n"] == len(big)
+    return len(big) / (time.perf_counter() - t) / 1e6
+
+
+def split_ratio(steps: int) -> tuple[float, float]:
+    from cotune.config import config_from_dict, read_yaml
+    from cotune.deploy.launch import launch
+    from cotune.run import run_experiment
+
+    d = read_yaml(ROOT / "configs/demo/splitfed.yaml")
+    out = tempfile.mkdtemp(prefix="grpc_wire_")
+    d["devices"]["count"] = 4
+    d["train"].update(steps=steps, batch_size=4)
+    d["eval"] = {"every": 10_000, "max_examples": 8}
+    d["output"] = {"dir": out, "checkpoint_every": 0, "save_adapter": False}
+    d.setdefault("paradigm", {}).setdefault("options", {})["cohort"] = False
+
+    def per_step(run_dir: Path) -> float:
+        recs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        train = [r for r in recs if r["event"] == "train" and r["role"] in ("server", "mean")]
+        return (train[-1]["host_time_s"] - train[0]["host_time_s"]) / (len(train) - 1)
+
+    local = per_step(
+        run_experiment(config_from_dict({**d, "name": "local"}), quiet=True, report=False)
+    )
+    grpc_run = per_step(launch(config_from_dict({**d, "name": "grpc"}), quiet=True))
+    return local, grpc_run
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rtt", type=int, default=50)
+    ap.add_argument("--big-mib", type=int, default=256)
+    ap.add_argument("--steps", type=int, default=20)
+    args = ap.parse_args()
+    raw = raw_grpc_rtt(args.rtt, 4 * 96 * 1024 * 4)
+    ours, hub, dev = cotune_rtt(args.rtt)
+    mbps = throughput(hub, args.big_mib)
+    dev.close()
+    hub.close()
+    med, raw_med = statistics.median(ours) * 1e3, statistics.median(raw) * 1e3
+    print(
+        f"1.5 MiB round trip: cotune {med:.2f} ms median, raw gRPC unary {raw_med:.2f} ms "
+        f"(ratio {med / raw_med:.2f}; target <= 8 ms: {'met' if med <= 8 else 'NOT met'})"
+    )
+    print(
+        f"{args.big_mib} MiB message: {mbps:.0f} MB/s (target >= 300: "
+        f"{'met' if mbps >= 300 else 'NOT met'})"
+    )
+    local, remote = split_ratio(args.steps)
+    ratio = remote / local
+    print(
+        f"splitfed step (MiniLM, 4 devices x batch 4): local {local * 1e3:.1f} ms, gRPC "
+        f"{remote * 1e3:.1f} ms, ratio {ratio:.3f} (target <= 1.10: "
+        f"{'met' if ratio <= 1.10 else 'NOT met'})"
+    )
+
+
+if __name__ == "__main__":
+    main()
