@@ -104,7 +104,7 @@ def throughput(hub: Hub, mib: int) -> float:
     return len(big) / (time.perf_counter() - t) / 1e6
 
 
-def split_ratio(steps: int) -> tuple[float, float]:
+def split_ratio(steps: int, repeats: int = 3) -> tuple[float, float]:
     from cotune.config import config_from_dict, read_yaml
     from cotune.deploy.launch import launch
     from cotune.run import run_experiment
@@ -122,18 +122,20 @@ def split_ratio(steps: int) -> tuple[float, float]:
         train = [r for r in recs if r["event"] == "train" and r["role"] in ("server", "mean")]
         return (train[-1]["host_time_s"] - train[0]["host_time_s"]) / (len(train) - 1)
 
-    local = per_step(
-        run_experiment(config_from_dict({**d, "name": "local"}), quiet=True, report=False)
-    )
-    grpc_run = per_step(launch(config_from_dict({**d, "name": "grpc"}), quiet=True))
-    return local, grpc_run
+    local, remote = [], []
+    for i in range(repeats):  # alternating, so machine noise hits both alike
+        cfg = config_from_dict({**d, "name": f"local-{i}"})
+        local.append(per_step(run_experiment(cfg, quiet=True, report=False)))
+        remote.append(per_step(launch(config_from_dict({**d, "name": f"grpc-{i}"}), quiet=True)))
+    return statistics.median(local), statistics.median(remote)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rtt", type=int, default=50)
     ap.add_argument("--big-mib", type=int, default=256)
-    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
     raw = raw_grpc_rtt(args.rtt, 4 * 96 * 1024 * 4)
     ours, hub, dev = cotune_rtt(args.rtt)
@@ -149,7 +151,7 @@ def main() -> None:
         f"{args.big_mib} MiB message: {mbps:.0f} MB/s (target >= 300: "
         f"{'met' if mbps >= 300 else 'NOT met'})"
     )
-    local, remote = split_ratio(args.steps)
+    local, remote = split_ratio(args.steps, args.repeats)
     ratio = remote / local
     print(
         f"splitfed step (MiniLM, 4 devices x batch 4): local {local * 1e3:.1f} ms, gRPC "

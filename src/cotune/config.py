@@ -208,6 +208,8 @@ class EngineSection(Section):
     insecure: bool = False  # plain text, no TLS (a trusted network only)
     tokens_file: str | None = None  # YAML/JSON: device id -> SHA-256 hex of its token
     join_timeout_s: float = Field(300.0, gt=0.0)  # how long the server waits for the devices
+    # A remote call not answered in this long fails (the device counts as gone for it).
+    request_timeout_s: float = Field(600.0, gt=0.0)
 
     @field_validator("codec", "activation_codec")
     @classmethod
@@ -343,7 +345,15 @@ class RunConfig(Section):
         # join the hash only when set, so runs from before they existed still resume.
         for k in ("device", "node_devices", "gradient_checkpointing"):
             d["train"].pop(k, None)
-        for k in ("listen", "tls_dir", "mutual_tls", "insecure", "tokens_file", "join_timeout_s"):
+        for k in (
+            "listen",
+            "tls_dir",
+            "mutual_tls",
+            "insecure",
+            "tokens_file",
+            "join_timeout_s",
+            "request_timeout_s",
+        ):
             d["engine"].pop(k, None)  # how a deployment connects, not what it computes
         if d["train"].get("autocast") == "none":
             d["train"].pop("autocast")

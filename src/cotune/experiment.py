@@ -137,8 +137,21 @@ class Experiment:
         assert self.grid is not None
         return self.grid.meter(SERVER)
 
+    def checkpoint_due(self, step: int) -> bool:
+        """Whether ``maybe_checkpoint`` at ``step`` would write one (read states only then:
+        on a network engine a snapshot is a round trip)."""
+        every = self.cfg.output.checkpoint_every
+        if every == "eval":
+            every = self.cfg.eval.every
+        if self.checkpoint_fn is None or not every or step >= self.cfg.train.steps:
+            return False
+        return step - self.last_checkpoint_step >= every
+
     def maybe_checkpoint(
-        self, step: int, states: dict[str, RoleState], extra: dict[str, Any]
+        self,
+        step: int,
+        states: dict[str, RoleState] | Callable[[], dict[str, RoleState]],
+        extra: dict[str, Any] | Callable[[], dict[str, Any]],
     ) -> None:
         """Checkpoint at a driver's consistent point when ``output.checkpoint_every`` says so.
 
@@ -147,14 +160,13 @@ class Experiment:
         evaluation step. The final checkpoint is written by ``cotune.run`` after the paradigm
         returns.
         """
-        every = self.cfg.output.checkpoint_every
-        if every == "eval":
-            every = self.cfg.eval.every
-        if self.checkpoint_fn is None or not every or step >= self.cfg.train.steps:
+        if not self.checkpoint_due(step):
             return
-        if step - self.last_checkpoint_step >= every:
-            self.checkpoint_fn(step, states, extra)
-            self.last_checkpoint_step = step
+        assert self.checkpoint_fn is not None
+        states = states() if callable(states) else states  # read only when writing
+        extra = extra() if callable(extra) else extra
+        self.checkpoint_fn(step, states, extra)
+        self.last_checkpoint_step = step
 
 
 def _mean(values: list[float]) -> float:

@@ -73,8 +73,10 @@ def test_a_killed_device_fails_its_rounds_and_the_run_goes_on(tiny_config, spy):
 @pytest.mark.slow
 def test_a_device_that_comes_back_rejoins_with_its_state(tiny_config, spy):
     """Killed as its round-2 request leaves, restarted before the request is sent: it is built
-    again and given its state as of round 1, so the run equals one without the crash."""
-    whole = launch_mod.launch(tiny_config(name="whole", **FED), quiet=True)
+    again and given its last known state (checkpoints every round: its state as of round 1),
+    so the run equals one without the crash."""
+    every = {"output": {"checkpoint_every": 1, "keep_checkpoints": 100}}
+    whole = launch_mod.launch(tiny_config(name="whole", **FED, **every), quiet=True)
 
     def restart():
         cmd, kw = spy["cmds"]["device-1"]
@@ -94,7 +96,7 @@ def test_a_device_that_comes_back_rejoins_with_its_state(tiny_config, spy):
         lambda addr: spy["engine"].add_listener(kill_at_round(spy, 2, then=restart))
     )
     try:
-        run_dir = launch_mod.launch(tiny_config(name="rejoin", **FED), quiet=True)
+        run_dir = launch_mod.launch(tiny_config(name="rejoin", **FED, **every), quiet=True)
     finally:
         launch_mod.ON_LISTEN.pop()
     assert [r["reported"] for r in rounds(run_dir)] == [2, 2, 2, 2]

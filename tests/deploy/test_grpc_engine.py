@@ -15,7 +15,9 @@ from tests.paradigms.test_engines import CASES, RESUMABLE, outcome, run  # noqa:
 @pytest.mark.parametrize("case", RESUMABLE)
 def test_every_paradigm_over_grpc_equals_isolated(tiny_config, case):
     want = outcome(run(tiny_config, case, "isolated", **CASES[case]))
-    cfg = tiny_config(name=f"{case}-grpc", **CASES[case])
+    sections = dict(CASES[case])
+    sections["engine"] = {**sections.get("engine", {}), "request_timeout_s": 60}
+    cfg = tiny_config(name=f"{case}-grpc", **sections)
     got = outcome(launch(cfg, quiet=True))
     assert got[0] == want[0]  # every record: losses, lr, round outcomes, bytes, simulated time
     assert got[1]["sim_time_s"] == want[1]["sim_time_s"] and got[1]["bytes"] == want[1]["bytes"]

@@ -129,7 +129,7 @@ class DeviceNode:
             msg = self._place(decode_message(frame.payload))
             msg.arrival = h.get("arrival")
             reply = self._role(msg.receiver).handle(msg)
-            if frame.type == REQUEST:
+            if seq is not None:  # a request, or a server's one-way message (acknowledged)
                 codec = h.get("codec") or self.exp.cfg.engine.codec
                 payload = b"" if reply is None else encode_message(reply, codec)
                 self.dialer.send(Frame(REPLY, {"seq": seq}, payload))

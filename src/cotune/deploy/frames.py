@@ -16,7 +16,7 @@ from typing import Any
 
 from cotune.errors import ProtocolError
 
-CHUNK = 1 << 20  # 1 MiB per gRPC message: far below gRPC's limits, cheap to buffer
+CHUNK = (4 << 20) - 4096  # per gRPC message: under the 8 MiB limit the ends configure
 _FRAME = struct.Struct("<BI")
 _CHUNK = struct.Struct("<QIB")
 
@@ -38,9 +38,13 @@ class Frame:
     header: dict[str, Any] = field(default_factory=dict)
     payload: bytes = b""
 
-    def encode(self) -> bytes:
+    def prefix(self) -> bytes:
+        """Everything before the payload (type, header length, header)."""
         head = json.dumps(self.header, separators=(",", ":")).encode()
-        return _FRAME.pack(self.type, len(head)) + head + self.payload
+        return _FRAME.pack(self.type, len(head)) + head
+
+    def encode(self) -> bytes:
+        return b"".join((self.prefix(), self.payload))
 
     @classmethod
     def decode(cls, data: bytes | memoryview) -> Frame:
@@ -64,6 +68,15 @@ class Frame:
         return f"{NAMES.get(self.type, self.type)} {self.header.get('kind', '')}".strip()
 
 
+def frame_chunks(frame_id: int, frame: Frame) -> Iterator[bytes]:
+    """A frame as gRPC messages; a small one (most) in one message, built with one copy."""
+    prefix = frame.prefix()
+    if len(prefix) + len(frame.payload) <= CHUNK:
+        yield b"".join((_CHUNK.pack(frame_id, 0, 1), prefix, frame.payload))
+    else:
+        yield from chunks(frame_id, b"".join((prefix, frame.payload)))
+
+
 def chunks(frame_id: int, data: bytes) -> Iterator[bytes]:
     """``data`` as gRPC messages of at most ``CHUNK`` payload bytes each."""
     view = memoryview(data)
@@ -85,6 +98,10 @@ class Reassembler:
         if len(msg) < _CHUNK.size:
             raise ProtocolError(f"chunk of {len(msg)} bytes is shorter than its header")
         frame_id, index, last = _CHUNK.unpack_from(msg)
+        if index == 0 and last and frame_id not in self._parts:  # one-message frame: no copy
+            if len(msg) - _CHUNK.size > self.max_bytes:
+                raise ProtocolError(f"frame {frame_id} exceeds {self.max_bytes} bytes")
+            return Frame.decode(memoryview(msg)[_CHUNK.size :])
         parts = self._parts.setdefault(frame_id, [])
         if index != len(parts):
             raise ProtocolError(f"frame {frame_id}: chunk {index} arrived after {len(parts)}")

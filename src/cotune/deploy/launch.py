@@ -65,7 +65,7 @@ def deployed_grid(exp: Any) -> Any:
     eng = exp.cfg.engine
     hub = Hub(eng.listen, security_of(eng), read_tokens(eng.tokens_file),
               {"config": exp.cfg.to_dict()})  # fmt: skip
-    engine = GrpcEngine(hub, codec=eng.codec)
+    engine = GrpcEngine(hub, codec=eng.codec, timeout_s=eng.request_timeout_s)
     engine.add_listener(exp.sim.clock.on_transfer)
     exp.engine = engine
     devices = [device_id(i) for i in range(len(exp.parts))]
@@ -178,6 +178,9 @@ def launch(
             if cfg.engine.mutual_tls:
                 cmd.append("--mutual-tls")
             env = dict(os.environ)
+            # Device processes share this machine's cores: idle OpenMP threads must sleep,
+            # not spin (the default busy-wait steals the core the active process needs).
+            env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
             token_file = Path(tls) / f"{d}.token" if tls else None
             if token_file is not None and token_file.is_file():
                 env["COTUNE_TOKEN"] = token_file.read_text().strip()

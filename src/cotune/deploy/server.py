@@ -10,8 +10,12 @@ in arrival order on this one thread, so a run is as deterministic as on one mach
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
+import queue
+import time
+from collections import deque
 from typing import TYPE_CHECKING, Any
 
 from cotune.deploy.frames import (
@@ -82,16 +86,22 @@ class GrpcEngine(LocalEngine):
 
     colocated = False
 
-    def __init__(self, hub: Hub, codec: str = "fp32") -> None:
+    def __init__(self, hub: Hub, codec: str = "fp32", timeout_s: float = 600.0) -> None:
         super().__init__(codec=codec)
         self.hub = hub
+        self.timeout_s = timeout_s
         self.seq = itertools.count(1)
         self.done: dict[int, Frame] = {}
         self.gone: set[str] = set()  # nodes whose stream ended
         self.links_seen: dict[str, Any] = {}  # the stream each remote role was started on
+        self.pending: dict[str, deque[Frame | Closed]] = {}  # frames not yet served, per node
+        self.outstanding: dict[str, deque[Any]] = {}  # one-way messages not yet settled
         self.grid: Any = None  # the EngineGrid over this engine (its sink: the simulator's)
 
     def close(self) -> None:
+        for node in list(self.outstanding):
+            with contextlib.suppress(PeerUnavailable, ProtocolError):
+                self._drain(node)
         self.hub.close()
 
     # --- remote roles ------------------------------------------------------------------
@@ -101,11 +111,16 @@ class GrpcEngine(LocalEngine):
         role = RemoteRole(role_id, self, path)
         self.register(role)
         self.links_seen[role_id] = self.hub.links[role_id]
+        # Its first known state (checkpoints update it; a crash falls back to it); central's
+        # data owners keep none.
+        with contextlib.suppress(ProtocolError):
+            role.snapshot()
         return role
 
     def control(self, node: str, kind: int, header: dict[str, Any], payload: bytes = b"") -> Frame:
         """A control call on ``node`` (start a role, a local event, the measurement channel):
         send, then serve until its completion arrives."""
+        self._drain(node)
         seq = next(self.seq)
         self._link(node).send(Frame(kind, {**header, "seq": seq, "role": node}, payload))
         return self._wait(node, seq)
@@ -134,6 +149,15 @@ class GrpcEngine(LocalEngine):
         role = self._receiver(msg)
         if not isinstance(role, RemoteRole):
             return super()._exchange(msg, codec)
+        return self._finish(msg, *self._send_request(msg, codec))
+
+    def _send_request(self, msg: Message, codec: str | None) -> tuple[int, int, str]:
+        """Encode, count and send a request to a remote role; returns (transfer seq, frame
+        seq, codec)."""
+        return self._post(msg, codec, REQUEST)
+
+    def _post(self, msg: Message, codec: str | None, kind: int) -> tuple[int, int, str]:
+        self._drain(msg.receiver)
         chosen = self._codec_for(msg, codec)
         data = encode_message(msg, chosen)
         sent = self._record(msg, len(data), chosen)
@@ -144,7 +168,39 @@ class GrpcEngine(LocalEngine):
             arrival = stub.arrival
         seq = next(self.seq)
         header = {"seq": seq, "codec": chosen, "arrival": arrival}
-        self._link(msg.receiver).send(Frame(REQUEST, header, data))
+        self._link(msg.receiver).send(Frame(kind, header, data))
+        return sent.seq, seq, chosen
+
+    # --- one-way messages: sent without waiting, settled before the node's next exchange --
+    def send(self, msg: Message, *, codec: str | None = None) -> None:
+        if not isinstance(self._receiver(msg), RemoteRole):
+            super().send(msg, codec=codec)
+            return
+        sent, seq, chosen = self._post(msg, codec, SEND)
+        self.outstanding.setdefault(msg.receiver, deque()).append((msg, sent, seq, chosen))
+
+    def _drain(self, node: str) -> None:
+        """Settle ``node``'s one-way messages (their acknowledgements, the meter reports and
+        messages its handlers produced): whatever happens next with ``node`` is then in the
+        order a one-by-one engine would have it."""
+        waiting = self.outstanding.get(node)
+        while waiting:
+            msg, sent, seq, chosen = waiting.popleft()
+            try:
+                reply = self._finish(msg, sent, seq, chosen)
+            except PeerUnavailable as err:
+                log.warning("a one-way %s to %s was lost: %s", msg.kind, node, err)
+                continue
+            if reply is not None:
+                self._inbox[msg.sender].append(reply)
+
+    def pull(self, role_id: str) -> list[Message]:
+        for node in list(self.outstanding):
+            self._drain(node)
+        return super().pull(role_id)
+
+    def _finish(self, msg: Message, sent: int, seq: int, chosen: str) -> Message | None:
+        """Wait for the reply to a sent request; check, count and deliver it."""
         frame = self._wait(msg.receiver, seq)
         if not frame.payload:
             return None
@@ -157,22 +213,69 @@ class GrpcEngine(LocalEngine):
                 f"{msg.receiver} answered {msg.describe()} with {reply.describe()}"
             )
         if self.before_reply is not None:
-            why = self.before_reply(role.role_id, msg, reply)
+            why = self.before_reply(msg.receiver, msg, reply)
             if why is not None:
                 raise PeerUnavailable(why)
-        self._record(reply, len(frame.payload), chosen, in_reply_to=sent.seq)
+        self._record(reply, len(frame.payload), chosen, in_reply_to=sent)
         reply = self._place(reply)
         if self.on_deliver is not None:
             self.on_deliver(reply)
         return reply
 
+    def request_batch(
+        self,
+        msgs: Any,
+        handler: Any,
+        *,
+        codec: str | None = None,
+    ) -> list[Message | PeerUnavailable]:
+        """A round's requests to remote roles: all sent at once (the devices work in parallel),
+        the replies taken in order. Counted and simulated as ``LocalEngine.request_batch``:
+        every request, then every reply."""
+        remote = [isinstance(self._receiver(m), RemoteRole) for m in msgs]
+        if not any(remote):
+            return super().request_batch(msgs, handler, codec=codec)
+        sent: list[tuple[int, int, str] | PeerUnavailable] = []
+        for m in msgs:
+            try:
+                sent.append(self._send_request(m, codec))
+            except PeerUnavailable as err:
+                sent.append(err)
+        out: list[Message | PeerUnavailable] = []
+        for m, s in zip(msgs, sent):
+            if isinstance(s, PeerUnavailable):
+                out.append(s)
+                continue
+            try:
+                reply = self._finish(m, *s)
+            except PeerUnavailable as err:
+                out.append(err)
+                continue
+            if reply is None:
+                raise ProtocolError(f"{m.describe()} was sent as a request but got no reply")
+            out.append(reply)
+        return out
+
+    def tick_many(self, role_ids: list[str], kind: str, meta: dict[str, Any]) -> list[Any]:
+        """A local event on several remote roles: started on all at once, their effects (the
+        messages they send, their meter reports) taken role by role, in order."""
+        seqs = []
+        for r in role_ids:
+            self._drain(r)
+            seq = next(self.seq)
+            self._link(r).send(Frame(TICK, {"kind": kind, "meta": meta, "seq": seq, "role": r}))
+            seqs.append(seq)
+        return [self._wait(r, seq).header.get("result") for r, seq in zip(role_ids, seqs)]
+
     # --- serving while waiting ---------------------------------------------------------
     def _wait(self, node: str, seq: int) -> Frame:
+        """Serve ``node``'s frames, in order, until ``seq`` completes. Other nodes' frames wait
+        in their own queues until this engine waits on them, so roles working in parallel
+        (a round's devices) are still heard one after another, in the order they were asked."""
         while seq not in self.done:
             if node in self.gone:
                 raise PeerUnavailable(f"{node} disconnected")
-            src, frame = self.hub.inbound.get()
-            self._dispatch(src, frame)
+            self._dispatch(node, self._next_from(node))
         frame = self.done.pop(seq)
         if frame.type == ERROR:
             error = str(frame.header.get("error", "unknown error"))
@@ -180,6 +283,29 @@ class GrpcEngine(LocalEngine):
                 raise DivergenceError(error, step=frame.header.get("step"))
             raise ProtocolError(f"{node} failed: {error}")
         return frame
+
+    def _next_from(self, node: str) -> Frame | Closed:
+        queued = self.pending.get(node)
+        if queued:
+            return queued.popleft()
+        deadline = time.monotonic() + self.timeout_s
+        while True:
+            left = deadline - time.monotonic()
+            try:
+                src, frame = self.hub.inbound.get(timeout=max(0.0, min(left, 5.0)))
+            except queue.Empty:
+                link = self.hub.links.get(node)
+                if left <= 0 or link is None or not link.open:
+                    log.warning("%s: no answer in %.0f s (engine.request_timeout_s): gone", node,
+                                self.timeout_s)  # fmt: skip
+                    self.gone.add(node)
+                    raise PeerUnavailable(
+                        f"{node} did not answer within {self.timeout_s:.0f} s"
+                    ) from None
+                continue
+            if src == node:
+                return frame
+            self.pending.setdefault(src, deque()).append(frame)
 
     def _dispatch(self, node: str, frame: Frame | Closed) -> None:
         if isinstance(frame, Closed):

@@ -21,15 +21,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cotune.deploy.frames import BYE, HELLO, REFUSED, WELCOME, Frame, Reassembler, chunks
+from cotune.deploy.frames import BYE, HELLO, REFUSED, WELCOME, Frame, Reassembler, frame_chunks
 from cotune.errors import ConfigError, ProtocolError
 
 log = logging.getLogger(__name__)
 METHOD = "/cotune.Node/Connect"
 MAX_FRAME = 8 << 30  # the largest frame a peer may send (8 GiB: a full model's emulator fits)
 _OPTIONS = [
-    ("grpc.max_send_message_length", 4 << 20),
-    ("grpc.max_receive_message_length", 4 << 20),
+    ("grpc.max_send_message_length", 8 << 20),
+    ("grpc.max_receive_message_length", 8 << 20),
     ("grpc.keepalive_time_ms", 10_000),  # heartbeats: a dead peer is noticed within seconds
     ("grpc.keepalive_timeout_ms", 10_000),
     ("grpc.keepalive_permit_without_calls", 1),
@@ -85,7 +85,7 @@ class Link:
     def send(self, frame: Frame) -> None:
         if not self.open:
             raise ConnectionError(f"{self.node} is disconnected")
-        for c in chunks(next(self.ids), frame.encode()):
+        for c in frame_chunks(next(self.ids), frame):
             self.outbound.put(c)
 
     def close(self) -> None:
@@ -127,7 +127,7 @@ class Hub:
 
     def _refuse(self, node: str, why: str) -> Iterator[bytes]:
         log.warning("refused a device claiming %r: %s", node, why)
-        yield from chunks(0, Frame(REFUSED, {"error": why}).encode())
+        yield from frame_chunks(0, Frame(REFUSED, {"error": why}))
 
     def _connect(self, requests: Iterator[bytes], context: Any) -> Iterator[bytes]:
         reader = Reassembler(MAX_FRAME)
@@ -248,7 +248,7 @@ class Dialer:
         self.inbound.put(None)
 
     def send(self, frame: Frame) -> None:
-        for c in chunks(next(self.ids), frame.encode()):
+        for c in frame_chunks(next(self.ids), frame):
             self.outbound.put(c)
 
     def close(self) -> None:

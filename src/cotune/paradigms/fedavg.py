@@ -132,9 +132,10 @@ def run(exp: Experiment) -> ParadigmResult:
                 last_eval = exp.evaluate_state(glob)
                 exp.log_record("eval", step, SERVER, round=rnd, **last_eval)
             bar.update(1, **{k: v for k, v in last_eval.items() if k in ("accuracy", "perplexity")})
-            states = {SERVER: glob, **{d: grid.snapshot(d) for d in devices}}
             exp.maybe_checkpoint(
-                step, states, {"round": rnd, "aggregator": aggregator.state_dict()}
+                step,
+                lambda: {SERVER: glob, **{d: grid.snapshot(d) for d in devices}},
+                {"round": rnd, "aggregator": aggregator.state_dict()},
             )
     if not last_eval:
         last_eval = exp.evaluate_state(glob)

@@ -320,6 +320,8 @@ def run(exp: Experiment) -> ParadigmResult:
                 exp.log_record("eval", step, "emulator", round=rnd, **emu)
                 last = {**full, **{f"emulator_{k}": v for k, v in emu.items() if k != "examples"}}
             bar.update(1, **{k: v for k, v in last.items() if k in ("accuracy", "perplexity")})
+            if not exp.checkpoint_due(step):
+                continue
             snaps = {d: grid.snapshot(d) for d in devices}
             exp.maybe_checkpoint(
                 step,

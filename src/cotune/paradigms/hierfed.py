@@ -358,10 +358,12 @@ def run(exp: Experiment) -> ParadigmResult:
                 last_eval = exp.evaluate_state(glob)
                 exp.log_record("eval", step, SERVER, round=rnd, **last_eval)
             bar.update(1, **{k: v for k, v in last_eval.items() if k in ("accuracy", "perplexity")})
-            states = {SERVER: glob, **{d: grid.snapshot(d) for d in devices}}
-            held = {"round": rnd, "plans": [vars(p) for p in plans],
-                    "edges": {e: grid.snapshot(e) for e in edges}}  # fmt: skip
-            exp.maybe_checkpoint(step, states, held)
+            exp.maybe_checkpoint(
+                step,
+                lambda: {SERVER: glob, **{d: grid.snapshot(d) for d in devices}},
+                lambda rnd=rnd: {"round": rnd, "plans": [vars(p) for p in plans],
+                         "edges": {e: grid.snapshot(e) for e in edges}},
+            )  # fmt: skip
     if not last_eval:
         last_eval = exp.evaluate_state(glob)
     rejected = sum(int(grid.snapshot(e)["rejected"]) for e in edges)

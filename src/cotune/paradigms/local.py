@@ -68,7 +68,9 @@ def run(exp: Experiment) -> ParadigmResult:
             bar.update(
                 chunk, **{k: v for k, v in summary.items() if k in ("accuracy", "perplexity")}
             )
-            exp.maybe_checkpoint(step, {d: grid.snapshot(d) for d in devices}, {"round": rnd})
+            exp.maybe_checkpoint(
+                step, lambda: {d: grid.snapshot(d) for d in devices}, {"round": rnd}
+            )
     return ParadigmResult(
         states={d: grid.snapshot(d) for d in devices},
         final_eval=summary,

@@ -142,8 +142,11 @@ def run(exp: Experiment) -> ParadigmResult:
             if step in points:
                 last_eval = exp.evaluate_state(combined(grid.snapshot(dev), srv_state))
                 exp.log_record("eval", step, SERVER, round=rnd, **last_eval)
-            states = {"server-side": srv_state, **{d: grid.snapshot(d) for d in devices}}
-            exp.maybe_checkpoint(step, states, {})
+            exp.maybe_checkpoint(
+                step,
+                lambda: {"server-side": srv_state, **{d: grid.snapshot(d) for d in devices}},
+                {},
+            )
     final = grid.snapshot(holder(cfg.train.steps))
     if not last_eval:
         last_eval = exp.evaluate_state(combined(final, srv_state))

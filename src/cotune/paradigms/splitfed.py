@@ -376,10 +376,14 @@ def run(exp: Experiment) -> ParadigmResult:
             if step in points:
                 last_eval = exp.evaluate_state(combined(dev_glob, srv_glob))
                 exp.log_record("eval", step, SERVER, round=rnd, **last_eval)
-            states: dict[str, RoleState] = {"device-global": dev_glob, "server-side": srv_glob}
-            states.update({d: grid.snapshot(d) for d in devices})
-            if not shared:
-                states.update({f"server-side-{k}": v for k, v in copies.items()})
+
+            def states() -> dict[str, RoleState]:
+                out = {"device-global": dev_glob, "server-side": srv_glob}
+                out.update({d: grid.snapshot(d) for d in devices})
+                if not shared:
+                    out.update({f"server-side-{k}": v for k, v in copies.items()})
+                return out
+
             exp.maybe_checkpoint(step, states, {})
     if not last_eval:
         last_eval = exp.evaluate_state(combined(dev_glob, srv_glob))

@@ -246,6 +246,14 @@ class EngineGrid(Grid):
             fut._reply = Reply(msg.receiver, "failed", error=str(err))
         return fut
 
+    def pipelines(self, msgs: list[Message]) -> bool:
+        """Whether ``submit_many(msgs)`` sends them all before the first reply."""
+        return (
+            len(msgs) > 1
+            and len({m.receiver for m in msgs}) == len(msgs)
+            and hasattr(self.engine, "request_batch")
+        )
+
     def batch_handler(self, msgs: list[Message]) -> Any:
         """The class-level ``batch_on_<kind>`` that may answer ``msgs`` together (None: not
         here: roles on their own nodes, one message, mixed kinds or role types, no handler)."""
@@ -268,9 +276,16 @@ class EngineGrid(Grid):
     def submit_many(
         self, msgs: list[Message], *, codec: str | None = None, round: int | None = None
     ) -> list[Future]:
+        """All requests leave, the receivers work (in parallel where they can: a batch on
+        colocated roles, separate processes on a network engine), the replies come back in
+        order. Counted and simulated the same on every engine: every request, then every
+        reply; the receivers must not depend on each other's work within one call."""
+        if not self.pipelines(msgs):
+            return [self.submit(m, codec=codec, round=round) for m in msgs]
         handler = self.batch_handler(msgs)
         if handler is None:
-            return [self.submit(m, codec=codec, round=round) for m in msgs]
+            roles = [self._role(m.receiver) for m in msgs]
+            handler = lambda delivered: [r.handle(d) for r, d in zip(roles, delivered)]  # noqa: E731
         futures = []
         for m, answer in zip(msgs, self.engine.request_batch(msgs, handler, codec=codec)):
             fut = Future(m, round)
@@ -305,6 +320,9 @@ class EngineGrid(Grid):
         batch = getattr(type(roles[0]), f"batch_{kind}", None)
         if self.colocated and batch is not None and len({type(r) for r in roles}) == 1:
             return list(batch(roles, meta))
+        many = getattr(self.engine, "tick_many", None)
+        if many is not None and len(roles) > 1 and all(hasattr(r, "local_event") for r in roles):
+            return list(many([r.role_id for r in roles], kind, meta))  # remote: in parallel
         out = []
         for role in roles:
             remote = getattr(role, "local_event", None)  # a role on another machine

@@ -156,8 +156,8 @@ def encode_message(msg: Message, codec: str = "fp32") -> bytes:
         raise ProtocolError(f"{msg.describe()}: meta is not JSON-serialisable ({e})") from None
     body = st_save(body_tensors)
     header = _HEADER.pack(MAGIC, FORMAT_VERSION, 0, len(js), len(body))
-    payload = header + js + body
-    return payload + struct.pack("<I", zlib.crc32(payload))
+    crc = zlib.crc32(body, zlib.crc32(js, zlib.crc32(header)))
+    return b"".join((header, js, body, struct.pack("<I", crc)))  # one copy of the body
 
 
 def _context(js_bytes: bytes) -> str:

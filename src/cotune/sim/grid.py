@@ -142,7 +142,7 @@ class SimulatedGrid(Grid):
     def submit_many(
         self, msgs: list[Message], *, codec: str | None = None, round: int | None = None
     ) -> list[Future]:
-        if self.inner.batch_handler(msgs) is None:
+        if not self.inner.pipelines(msgs):
             return [self.submit(m, codec=codec, round=round) for m in msgs]
         # One batch: every device's download, work and upload land on its own timeline as
         # they would one by one (the hub's sends do not queue), so the clock is unchanged.
