@@ -302,6 +302,9 @@ def _run_in(exp, tokenizer, paradigm, payload, txn: RunDirTxn, *, report: bool) 
         shutil.rmtree(run_dir / "adapter", ignore_errors=True)
         tmp.rename(run_dir / "adapter")  # a killed export never leaves half an adapter
     summary = build_summary(exp, result, host_time, messages=messages)
+    measured = getattr(exp.engine, "measured", None)
+    if measured is not None:  # a deployed run: what really happened next to the prediction
+        summary["deployment"] = deployment_summary(summary, measured(), host_time)
     (run_dir / "summary.json").write_text(strict_json(summary, indent=2), encoding="utf-8")
     write_costs_csv(run_dir / "costs.csv", summary["costs"]["roles"])
     if report:
@@ -405,6 +408,32 @@ def build_summary(exp, result, host_time: float, *, messages: int | None = None)
         "extra": {
             k: v for k, v in result.extra.items() if k not in ("per_device_eval", "adapters")
         },
+    }
+
+
+def deployment_summary(
+    summary: dict[str, Any], measured: dict[str, Any], host_time: float
+) -> dict[str, Any]:
+    """Per device: the simulator's prediction (busy seconds, message bytes on its profile)
+    beside what the deployment measured (host busy seconds, bytes on the wire)."""
+    roles = summary["costs"]["roles"]
+    nodes = {}
+    for node, m in measured.items():
+        sim = roles.get(node, {})
+        nodes[node] = {
+            "predicted_busy_s": sim.get("busy_s"),
+            "measured_busy_s": m["busy_s"],
+            "message_bytes_up": sim.get("bytes_up"),
+            "wire_bytes_up": m["wire_bytes_up"],
+            "message_bytes_down": sim.get("bytes_down"),
+            "wire_bytes_down": m["wire_bytes_down"],
+        }
+    return {
+        "predicted_time_s": summary["sim_time_s"],
+        "measured_wall_s": host_time,
+        "nodes": nodes,
+        # The prediction uses the configured profiles (devices.mix); measured seconds are this
+        # deployment's hosts, so they agree only where the profiles describe these machines.
     }
 
 

@@ -14,7 +14,11 @@ pytest.importorskip("grpc")
 from cotune.deploy import launch as launch_mod  # noqa: E402
 from cotune.deploy import server as server_mod  # noqa: E402
 
-FED = {"paradigm": {"name": "fedavg", "options": {"local_steps": 1}}, "train": {"steps": 4}}
+FED = {
+    "paradigm": {"name": "fedavg", "options": {"local_steps": 1}},
+    "train": {"steps": 4},
+    "engine": {"request_timeout_s": 60},  # a hang fails the test in a minute, not ten
+}
 
 
 @pytest.fixture
@@ -121,9 +125,10 @@ def test_a_killed_server_resumes_and_its_devices_reconnect(tiny_config, tmp_path
         port = s.getsockname()[1]
     tls = launch_mod.make_certs(tmp_path / "tls", ["device-0", "device-1"], ["127.0.0.1"])
     engine = {"kind": "grpc", "listen": f"127.0.0.1:{port}", "tls_dir": str(tls),
-              "tokens_file": str(tls / "tokens.yaml")}  # fmt: skip
+              "tokens_file": str(tls / "tokens.yaml"), "request_timeout_s": 60}  # fmt: skip
+    sections = {k: v for k, v in FED.items() if k != "engine"}
     cfg = tiny_config(name="crash", engine=engine, output={"checkpoint_every": 1,
-                      "keep_checkpoints": 100}, **FED)  # fmt: skip
+                      "keep_checkpoints": 100}, **sections)  # fmt: skip
     path = tmp_path / "crash.yaml"
     path.write_text(dump_config(cfg))
     py = [sys.executable, "-m", "cotune.cli"]

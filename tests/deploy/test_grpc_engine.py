@@ -26,3 +26,18 @@ def test_every_paradigm_over_grpc_equals_isolated(tiny_config, case):
     for role in want[2]:
         for k, v in want[2][role].items():
             assert torch.equal(v, got[2][role][k]), (role, k)
+
+
+def test_a_deployed_run_reports_measured_next_to_predicted(tiny_config):
+    import json
+
+    run_dir = launch(tiny_config(name="measured", paradigm={"name": "fedavg"}), quiet=True)
+    dep = json.loads((run_dir / "summary.json").read_text())["deployment"]
+    assert dep["measured_wall_s"] > 0 and dep["predicted_time_s"] > 0
+    for node in ("device-0", "device-1"):
+        n = dep["nodes"][node]
+        # Wire bytes carry every message plus framing, control and measurement frames.
+        assert n["wire_bytes_down"] > n["message_bytes_down"] > 0
+        assert n["wire_bytes_up"] > n["message_bytes_up"] > 0
+        assert n["measured_busy_s"] > 0 and n["predicted_busy_s"] > 0
+    assert "Predicted vs measured (deployed run)" in (run_dir / "report.html").read_text()

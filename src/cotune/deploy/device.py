@@ -12,6 +12,7 @@ import importlib
 import itertools
 import logging
 import tempfile
+import time
 import traceback
 from pathlib import Path
 from typing import Any
@@ -91,6 +92,7 @@ class DeviceNode:
         self.done: dict[int, Frame] = {}
         self.running = True
         self.finished = False  # the server said the run is over (not: the stream broke)
+        self.busy_s = 0.0  # host seconds spent handling the server's frames
 
     # --- the loop ----------------------------------------------------------------------
     def serve(self) -> None:
@@ -99,6 +101,13 @@ class DeviceNode:
 
     def _next(self) -> None:
         frame = self.dialer.inbound.get()
+        started = time.perf_counter()
+        try:
+            self._take(frame)
+        finally:
+            self.busy_s += time.perf_counter() - started
+
+    def _take(self, frame: Frame | None) -> None:
         if frame is None or frame.type == BYE:
             self.running = False
             self.finished = frame is not None
@@ -147,6 +156,7 @@ class DeviceNode:
             self.dialer.send(Frame(DONE, {"seq": seq}))
         elif frame.type == MEASURE:
             values = self._role(str(h["role"])).measurements()
+            values["node_busy_s"] = self.busy_s
             self.dialer.send(Frame(DONE, {"seq": seq, "values": values}))
         else:
             raise ProtocolError(f"unexpected {frame.describe()} frame from the server")

@@ -98,6 +98,22 @@ class GrpcEngine(LocalEngine):
         self.outstanding: dict[str, deque[Any]] = {}  # one-way messages not yet settled
         self.grid: Any = None  # the EngineGrid over this engine (its sink: the simulator's)
 
+    def measured(self) -> dict[str, Any]:
+        """What the deployment measured, per device: bytes on the wire both ways (gRPC and
+        HTTP/2 framing included, TLS not), and host seconds spent in its handlers."""
+        out: dict[str, Any] = {}
+        for node, role in self._roles.items():
+            if not isinstance(role, RemoteRole):
+                continue
+            link = self.links_seen.get(node)
+            busy = role.measurements().get("node_busy_s")
+            out[node] = {
+                "wire_bytes_up": link.bytes_in if link is not None else None,
+                "wire_bytes_down": link.bytes_out if link is not None else None,
+                "busy_s": busy,
+            }
+        return out
+
     def close(self) -> None:
         for node in list(self.outstanding):
             with contextlib.suppress(PeerUnavailable, ProtocolError):

@@ -45,6 +45,13 @@ def grpc_module() -> Any:
     return grpc
 
 
+def wire_bytes(message: bytes) -> int:
+    """Bytes one gRPC message takes on the connection: its 5-byte gRPC prefix and the 9-byte
+    header of each HTTP/2 DATA frame (16 KiB each by default); TLS records are not counted."""
+    n = len(message) + 5
+    return n + 9 * max(1, -(-n // 16384))
+
+
 def token_hash(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
@@ -81,11 +88,14 @@ class Link:
         self.outbound: queue.Queue[bytes | None] = queue.Queue()
         self.ids = itertools.count(1)
         self.open = True
+        self.bytes_out = 0  # on the wire, to the device (framing included)
+        self.bytes_in = 0  # on the wire, from the device
 
     def send(self, frame: Frame) -> None:
         if not self.open:
             raise ConnectionError(f"{self.node} is disconnected")
         for c in frame_chunks(next(self.ids), frame):
+            self.bytes_out += wire_bytes(c)
             self.outbound.put(c)
 
     def close(self) -> None:
@@ -149,6 +159,9 @@ class Hub:
             yield from self._refuse(node, why)
             return
         link = Link(node)
+        # The welcome goes first on the stream: once the link is registered, the server may
+        # queue requests to it at any moment.
+        link.send(Frame(WELCOME, self.welcome))
         with self.joined:
             old = self.links.get(node)
             if old is not None and old.open:
@@ -157,7 +170,6 @@ class Hub:
             self.links[node] = link
             self.joined.notify_all()
         log.info("%s connected", node)
-        link.send(Frame(WELCOME, self.welcome))
         threading.Thread(
             target=self._read, args=(node, link, requests, reader), daemon=True
         ).start()
@@ -185,6 +197,7 @@ class Hub:
     def _read(self, node: str, link: Link, requests: Iterator[bytes], reader: Reassembler) -> None:
         try:
             for msg in requests:
+                link.bytes_in += wire_bytes(msg)
                 frame = reader.add(msg)
                 if frame is not None:
                     self.inbound.put((node, frame))

@@ -92,6 +92,27 @@ def _headline_first(plots: list[Plot]) -> list[Plot]:
     return sorted(plots, key=lambda p: p.path.name not in _HEADLINES)  # stable sort
 
 
+def _deployment_table(summary: dict[str, Any] | None) -> tuple[list[str], list[list[Any]]] | None:
+    """A deployed run's per-device prediction (simulator) beside its measurement."""
+    dep = (summary or {}).get("deployment")
+    if not dep:
+        return None
+    header = ["node", "predicted busy", "measured busy", "message bytes up", "wire bytes up",
+              "message bytes down", "wire bytes down"]  # fmt: skip
+    whole = [("role", "whole run", None), ("busy_s", dep.get("predicted_time_s"), None),
+             ("busy_s", dep.get("measured_wall_s"), None)] + [("bytes_up", None, None)] * 4  # fmt: skip
+    rows: list[list[Any]] = [whole]
+    for node, n in dep.get("nodes", {}).items():
+        rows.append([
+            ("role", node, None), ("busy_s", n.get("predicted_busy_s"), None),
+            ("busy_s", n.get("measured_busy_s"), None),
+            ("bytes_up", n.get("message_bytes_up"), None), ("bytes_up", n.get("wire_bytes_up"), None),
+            ("bytes_down", n.get("message_bytes_down"), None),
+            ("bytes_down", n.get("wire_bytes_down"), None),
+        ])  # fmt: skip
+    return header, rows
+
+
 def write_run_report(run_dir: str | os.PathLike[str]) -> Path:
     """Render ``plots/*.png``, ``report.html`` and ``report.md`` in ``run_dir``; return the HTML path."""
     run = load_run(run_dir)
@@ -109,9 +130,11 @@ def write_run_report(run_dir: str | os.PathLike[str]) -> Path:
     costs = _cost_section(run, roles)
     config = run.config_text if run.config_text is not None else "(no config.yaml)"
     title = f"cotune run: {run.name}"
+    deployed = _deployment_table(run.summary)
     sections = [
         ("Summary", table_html + f"<p>{n_rec} metric records.</p>"),
         *([("Cost per role", costs[0])] if costs else []),
+        *([("Predicted vs measured (deployed run)", html_table(*deployed))] if deployed else []),
         ("Plots", html_plots(plots, d)),
         ("Config", f"<pre>{html.escape(config)}</pre>"),
     ]
