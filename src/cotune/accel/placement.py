@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from cotune.config import NODE_KINDS
 from cotune.errors import ConfigError
 from cotune.runtime.ids import SERVER, device_index
 
@@ -71,9 +72,7 @@ def node_device(train: Any, node_id: str) -> torch.device:
 def check_placement(cfg: Any, node_ids: list[str]) -> torch.device:
     """Resolve every node's device now (errors before any work) and return the server's. On
     the local engine all roles share one model, so every node must resolve to one device."""
-    unknown = [
-        k for k in cfg.train.node_devices if k not in ("server", "devices", "edges", *node_ids)
-    ]
+    unknown = [k for k in cfg.train.node_devices if k not in (*NODE_KINDS, *node_ids)]
     if unknown:
         raise ConfigError(
             f"train.node_devices: no node {unknown[0]!r} in this run (nodes: "

@@ -37,7 +37,7 @@ from cotune.deploy.frames import (
 from cotune.deploy.states import dump_state, load_state
 from cotune.deploy.transport import Dialer, Security
 from cotune.errors import CotuneError, DivergenceError, PeerUnavailable, ProtocolError
-from cotune.runtime.engine import Role
+from cotune.runtime.engine import Role, place_message
 from cotune.runtime.grid import Future, Gathered, Grid, Reply
 from cotune.runtime.messages import Message, decode_message, encode_message
 from cotune.runtime.node import Meter
@@ -184,10 +184,7 @@ class DeviceNode:
             raise ProtocolError(f"no role {role_id!r} on this device") from None
 
     def _place(self, msg: Message) -> Message:
-        device = self.host.device_of(msg.receiver)
-        if device.type != "cpu":
-            msg.tensors = {k: v.to(device) for k, v in msg.tensors.items()}
-        return msg
+        return place_message(msg, self.host.device_of(msg.receiver))
 
     def call(self, msg: Message, codec: str | None, *, request: bool) -> Message | None:
         """A device-initiated message: one-way, or a request served by waiting."""

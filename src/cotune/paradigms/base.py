@@ -98,27 +98,28 @@ class TrainingRole(Role):
         if self.dataset is None or self.sampler is None:
             raise RuntimeError(f"{self.role_id} has no data to train on")
         accum = self.ctx.cfg.train.grad_accum
-        model, meter = self.ctx.model, self.ctx.meter
+        model = self.ctx.model
         results = []
         with model.trainer.activate(self.state):
             for _ in range(steps):
                 idx = [self.sampler.next_indices() for _ in range(accum)]
                 micro = [self.dataset.batch(i) for i in idx]
-                try:
-                    r = train_step(
-                        model.trainer,
-                        self.state,
-                        self._loss_for(idx),
-                        micro,
-                        counter=meter.flops,
-                        key=key or model.flop_key,
-                    )
-                except DivergenceError as err:
-                    raise err.for_role(self.role_id) from None
-                meter.compute(r.flops, round=round, label="train")
-                results.append(r)
+                results.append(self.active_step(micro, self._loss_for(idx), round, key))
         self.state.sampler = self.sampler.state_dict()
         return results
+
+    def active_step(
+        self, micro: list[Batch], loss_fn: LossFn, round: int, key: str | None
+    ) -> StepResult:
+        """One optimizer step on ``micro`` (this role's state active), charged to its meter."""
+        model, meter = self.ctx.model, self.ctx.meter
+        try:
+            r = train_step(model.trainer, self.state, loss_fn, micro, counter=meter.flops,
+                           key=key or model.flop_key)  # fmt: skip
+        except DivergenceError as err:
+            raise err.for_role(self.role_id) from None
+        meter.compute(r.flops, round=round, label="train")
+        return r
 
     def snapshot(self) -> RoleState:
         return self.state

@@ -132,7 +132,7 @@ def train_cohort(devices: Sequence[FedDevice], steps: list[int], rnd: int, key: 
         for d, own, loss, ds, m in zip(live, leaves, losses, dims, micro):
             grads = {k: leaf.grad for k, leaf in own.items() if leaf.grad is not None}
             f = sum(flops.charge_known(key, dm) for dm in ds)
-            d.results.append(d.apply_grads(grads, loss, f, sum(len(b) for b in m), rnd))
+            d.results.append(apply_grads(d, grads, loss, f, sum(len(b) for b in m), rnd))
             d.train_host_s += share
 
 

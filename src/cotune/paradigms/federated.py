@@ -16,14 +16,13 @@ import torch
 
 from cotune.aggregation import proximal_loss
 from cotune.data import Batch
-from cotune.errors import DivergenceError
 from cotune.paradigms.base import Experiment, TrainingRole, mean, reply, state_tensors
 from cotune.paradigms.options import FedAvgOptions, ParadigmOptions, parse_options
 from cotune.runtime import Message
 from cotune.runtime.grid import Grid
 from cotune.runtime.ids import SERVER
 from cotune.runtime.node import NodeContext
-from cotune.train import StepResult, full_model_loss, train_step
+from cotune.train import StepResult, full_model_loss
 
 
 class FedDevice(TrainingRole):
@@ -134,22 +133,8 @@ class FedDevice(TrainingRole):
 
     def step_on(self, micro: list[Batch], rnd: int, key: str | None) -> StepResult:
         """One local step on the given micro-batches (a cohort's one-by-one fallback)."""
-        model = self.ctx.model
-        with model.trainer.activate(self.state):
-            try:
-                r = train_step(model.trainer, self.state, self.loss_fn, micro,
-                               counter=self.ctx.meter.flops, key=key or model.flop_key)  # fmt: skip
-            except DivergenceError as err:
-                raise err.for_role(self.role_id) from None
-        self.ctx.meter.compute(r.flops, round=rnd, label="train")
-        return r
-
-    def apply_grads(
-        self, grads: dict[str, torch.Tensor], loss: float, flops: int, n: int, rnd: int
-    ) -> StepResult:
-        from cotune.paradigms.fed_cohort import apply_grads
-
-        return apply_grads(self, grads, loss, flops, n, rnd)
+        with self.ctx.model.trainer.activate(self.state):
+            return self.active_step(micro, self.loss_fn, rnd, key)
 
     def measurements(self) -> dict[str, float]:
         return {"train_host_s": self.train_host_s}

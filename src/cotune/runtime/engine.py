@@ -36,6 +36,13 @@ from cotune.runtime.transfers import TransferLog
 TRANSFER_META_KEYS = ("round", "step", "epoch", "layer", "group", "phase")
 
 
+def place_message(msg: Message, device: Any) -> Message:
+    """``msg`` with its tensors moved to ``device`` (decoded tensors are on the CPU)."""
+    if device is not None and device.type != "cpu":
+        msg.tensors = {k: v.to(device) for k, v in msg.tensors.items()}
+    return msg
+
+
 class Role:
     """A participant (device, server, group). Subclasses implement ``on_<kind>(msg)``."""
 
@@ -178,9 +185,7 @@ class Engine(ABC):
     def _place(self, msg: Message) -> Message:
         """``msg`` with its tensors on the receiving node's device."""
         device = self.placement(msg.receiver) if self.placement is not None else None
-        if device is not None and device.type != "cpu":
-            msg.tensors = {k: v.to(device) for k, v in msg.tensors.items()}
-        return msg
+        return place_message(msg, device)
 
     def _record(
         self, msg: Message, nbytes: int, codec: str, in_reply_to: int | None = None

@@ -257,9 +257,7 @@ class EngineGrid(Grid):
     def batch_handler(self, msgs: list[Message]) -> Any:
         """The class-level ``batch_on_<kind>`` that may answer ``msgs`` together (None: not
         here: roles on their own nodes, one message, mixed kinds or role types, no handler)."""
-        if not self.colocated or len(msgs) < 2 or not hasattr(self.engine, "request_batch"):
-            return None
-        if len({m.kind for m in msgs}) != 1 or len({m.receiver for m in msgs}) != len(msgs):
+        if not self.colocated or not self.pipelines(msgs) or len({m.kind for m in msgs}) != 1:
             return None
         roles = [self._role(m.receiver) for m in msgs]
         if len({type(r) for r in roles}) != 1:
