@@ -108,7 +108,7 @@ def serve_command(
 
 def device_command(
     server: str, node: str, *, tls: Path | None, mutual_tls: bool, insecure: bool,
-    token: str | None, timeout: float, retry: float,
+    token: str | None, timeout: float, retry: float, data: Path | None = None,
 ) -> int:  # fmt: skip
     """Run one device of a served run: dial SERVER as device ID and train until the run ends."""
     import os
@@ -118,14 +118,15 @@ def device_command(
 
     token = token or os.environ.get("COTUNE_TOKEN", "")
     security = Security(tls_dir=tls, mutual=mutual_tls, insecure=insecure)
-    run_device(server, node, token, security, connect_timeout=timeout, retry_s=retry)
+    run_device(server, node, token, security, connect_timeout=timeout, retry_s=retry,
+               data_file=data)  # fmt: skip
     print(f"{node}: the run is over")
     return 0
 
 
 def launch_command(
     config: Path, overrides: list[str], *, overwrite: bool, quiet: bool, out: Path | None,
-    insecure: bool,
+    insecure: bool, data_dir: Path | None = None,
 ) -> int:  # fmt: skip
     """Run CONFIG for real on this machine: a gRPC server and every device as its own process."""
     from cotune.config import load_config
@@ -133,7 +134,7 @@ def launch_command(
 
     extra = ["engine.insecure=true"] if insecure else []
     cfg = load_config(config, [*overrides, *extra])
-    run_dir = launch(cfg, quiet=quiet, overwrite=overwrite, out_root=out)
+    run_dir = launch(cfg, quiet=quiet, overwrite=overwrite, out_root=out, data_dir=data_dir)
     _print_summary(run_dir, quiet)
     return 0
 
@@ -258,6 +259,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the server")
     d.add_argument("--retry", type=float, default=0.0,
                    help="keep reconnecting this many seconds after a lost connection")  # fmt: skip
+    d.add_argument("--data", type=Path, default=None,
+                   help="this device's own training data (JSONL/CSV/TSV with the run's "
+                        "data.text_field/label_field); default: its shard of the config's data")  # fmt: skip
 
     la = sub.add_parser("launch", help=launch_command.__doc__, description=launch_command.__doc__)
     la.add_argument("config", type=Path)
@@ -266,6 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
     la.add_argument("--overwrite", action="store_true")
     la.add_argument("--quiet", action="store_true")
     la.add_argument("--insecure", action="store_true", help="no TLS (default: made for the run)")
+    la.add_argument("--data-dir", type=Path, default=None,
+                    help="device-N.jsonl/.csv/.tsv files: each device trains on its own file")  # fmt: skip
 
     ce = sub.add_parser("certs", help=certs_command.__doc__, description=certs_command.__doc__)
     ce.add_argument("out", type=Path)
@@ -318,11 +324,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             return device_command(
                 args.server, args.node, tls=args.tls, mutual_tls=args.mutual_tls,
                 insecure=args.insecure, token=args.token, timeout=args.timeout, retry=args.retry,
+                data=args.data,
             )  # fmt: skip
         if args.command == "launch":
             return launch_command(
                 args.config, args.overrides, overwrite=args.overwrite, quiet=args.quiet,
-                out=args.out, insecure=args.insecure,
+                out=args.out, insecure=args.insecure, data_dir=args.data_dir,
             )  # fmt: skip
         if args.command == "certs":
             return certs_command(args.out, devices=args.devices, hosts=args.hosts)

@@ -201,6 +201,11 @@ class RemoteNodes(RunNodes):
     def is_remote(self, role_id: str) -> bool:
         return device_index(role_id) is not None
 
+    def info(self, role_id: str) -> dict[str, Any]:
+        """A device that trains on its own data file declared its size when it joined."""
+        declared = self.engine.hub.ready.get(role_id, {}).get("examples")
+        return {"examples": int(declared)} if declared is not None else super().info(role_id)
+
     def start_remote(self, role_id: str, factory: Any) -> Any:
         return self.engine.start_remote(role_id, factory)
 

@@ -11,6 +11,7 @@ import json
 import logging
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,8 +35,23 @@ log = logging.getLogger(__name__)
 # ---------------------------------------------------------------- the run
 
 
-def build_experiment(cfg: RunConfig, run_dir: Path, *, quiet: bool):
-    """Load data, tokenizer, model and adapters; partition; wire the engine. Touches no files."""
+@dataclass
+class NodeInputs:
+    """A deployed device's own inputs, in place of the config's dataset and partition: its
+    training data (labelled with the run's ids) and the run's tokenizer when the server trained
+    one (``random:`` models), so the device never needs the server's data."""
+
+    data: Any  # TaskData
+    tokenizer: Any  # Tokenizer, or None: the model's own
+    index: int  # which device this is
+
+
+def build_experiment(
+    cfg: RunConfig, run_dir: Path, *, quiet: bool, inputs: NodeInputs | None = None
+):
+    """Load data, tokenizer, model and adapters; partition; wire the engine. Touches no files.
+    With ``inputs`` (a device of a deployed run with its own data file), device ``inputs.index``
+    holds all of ``inputs.data`` and no other device holds anything."""
     import torch
 
     from cotune.accel.placement import place_model
@@ -53,11 +69,11 @@ def build_experiment(cfg: RunConfig, run_dir: Path, *, quiet: bool):
     sim = Simulation.from_config(cfg.devices, cfg.seed)  # fleet errors first: they are cheap
     device = check_devices(cfg)  # the server's; every node's is resolved (and checked) here
     task = cfg.model.task
-    data = load_task_data(cfg.data, task, cfg.seed)
+    data = load_task_data(cfg.data, task, cfg.seed) if inputs is None else inputs.data
     num_labels = len(data.label_names) if task == "classification" and data.label_names else None
     random_model = cfg.model.name_or_path.startswith("random:")
-    tokenizer = None
-    if random_model:
+    tokenizer = inputs.tokenizer if inputs is not None else None
+    if random_model and tokenizer is None:
         tokenizer = build_tokenizer(None, [e.text for e in data.train], cfg.data.bpe_vocab_size)
     loaded = load_model(
         cfg.model,
@@ -70,11 +86,24 @@ def build_experiment(cfg: RunConfig, run_dir: Path, *, quiet: bool):
         tokenizer = build_tokenizer(loaded.tokenizer, [], cfg.data.bpe_vocab_size)
     train_set = encode_dataset(data.train, tokenizer, cfg.model.max_length, task).on(device)
     test_examples = data.test[: cfg.eval.max_examples] if cfg.eval.max_examples else data.test
+    # A device with its own data has no test set (the server evaluates): one example stands in.
+    test_examples = test_examples or data.train[:1]
     test_set = encode_dataset(test_examples, tokenizer, cfg.model.max_length, task).on(device)
     labels = [e.group for e in data.train]  # class ids, or a causal LM's domains (or None)
-    parts = partition(labels, cfg.devices.count, cfg.partition, cfg.seed)
+    if inputs is None:
+        parts = partition(labels, cfg.devices.count, cfg.partition, cfg.seed)
+    else:
+        parts = [[] for _ in range(cfg.devices.count)]
+        parts[inputs.index] = list(range(len(data.train)))
     heads = loaded.anatomy.head_paths()
     peft_cfg = cfg.peft
+    if peft_cfg.method == "gelora" and inputs is not None:
+        from cotune.errors import ConfigError
+
+        raise ConfigError(
+            "peft.method: gelora chooses its ranks from the pooled training data at setup; "
+            "a device with its own --data file cannot reproduce them (use the config's data)"
+        )
     if peft_cfg.method == "gelora":  # per-layer ranks from the data, before injection
         from cotune.peft.gelora import gelora_peft_section
 
@@ -82,7 +111,7 @@ def build_experiment(cfg: RunConfig, run_dir: Path, *, quiet: bool):
             peft_cfg, loaded.model, loaded.anatomy, train_set, parts, seed=cfg.seed,
             head_paths=heads, batch_size=cfg.eval.batch_size, sim=sim,
         )  # fmt: skip
-    if cfg.peft.stages is not None:  # stage names, paradigm and domains: before any work
+    if cfg.peft.stages is not None and inputs is None:  # names, paradigm, domains: up front
         from cotune.stages import check_stages
 
         check_stages(cfg, labels, parts, data.group_names)

@@ -124,6 +124,13 @@ def _builtin_hint(name: str) -> str:
 
 def read_file(path: str | Path, text_field: str, label_field: str | None) -> list[Record]:
     """Read a JSONL / CSV / TSV file; ``label_field=None`` reads texts only."""
+    return [record for _, record in read_located(path, text_field, label_field)]
+
+
+def read_located(
+    path: str | Path, text_field: str, label_field: str | None
+) -> list[tuple[str, Record]]:
+    """``read_file`` with each record's ``file:line`` (for errors found after reading)."""
     p = Path(path)
     if p.is_dir():
         raise DataError(f"{p} is a directory, not a data file (give a .jsonl, .csv or .tsv file)")
@@ -138,7 +145,9 @@ def read_file(path: str | Path, text_field: str, label_field: str | None) -> lis
                 delim = "," if kind == ".csv" else "\t"
                 rows = _csv_rows(p, fh, delim, text_field, label_field)
             records = [
-                r for where, row in rows if (r := _make_record(row, where, text_field, label_field))
+                (where, r)
+                for where, row in rows
+                if (r := _make_record(row, where, text_field, label_field))
             ]
     except UnicodeDecodeError as exc:
         raise DataError(f"{p}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None

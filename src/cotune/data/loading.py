@@ -8,7 +8,7 @@ import numpy as np
 
 from cotune.config import DataSection
 from cotune.data.examples import Example, TaskData
-from cotune.data.files import Record, read_builtin, read_file, read_hf
+from cotune.data.files import Record, read_builtin, read_file, read_hf, read_located
 from cotune.data.registry import get_dataset_info, is_builtin
 from cotune.errors import DataError
 
@@ -163,3 +163,39 @@ def load_task_data(cfg: DataSection, task: str, seed: int) -> TaskData:
     # (``eval.max_examples``) keeps the label mix instead of holding one class.
     test = [test[i] for i in stratified_order([e.group for e in test], rng)]
     return TaskData(name, train, test, label_names, domain_names)
+
+
+def load_device_file(
+    path: str, cfg: DataSection, task: str, label_names: list[str] | None,
+    domain_names: list[str] | None,
+) -> TaskData:  # fmt: skip
+    """A deployed device's own training data (``cotune device --data FILE``), read with
+    ``data.text_field`` / ``data.label_field`` and labelled with the *run's* ids (the names the
+    server sent), so the device's label 3 is the server's label 3. Every record trains: the
+    server evaluates on its own test set."""
+    names = label_names if task == "classification" else domain_names
+    if task == "classification" and not names:
+        raise DataError("the server sent no label names for a classification run")
+    located = read_located(path, cfg.text_field, cfg.label_field if names else None)
+    if cfg.labels:
+        keep = set(cfg.labels)
+        located = [(w, r) for w, r in located if r[1] in keep]
+        if not located:
+            raise DataError(f"{path}: no records with the run's data.labels {sorted(keep)}")
+    ids = {name: i for i, name in enumerate(names or [])}
+    train: list[Example] = []
+    for where, (text, label) in located:
+        if names is None:
+            train.append(Example(text))
+            continue
+        if label not in ids:
+            field = f"field {cfg.label_field!r}"
+            raise DataError(
+                f"{where}: label {label!r} ({field}) is not one of this run's labels "
+                f"({', '.join(names[:20])})"
+            )
+        group = ids[label]  # type: ignore[index]
+        train.append(
+            Example(text, group) if task == "classification" else Example(text, None, group)
+        )
+    return TaskData(str(path), train, [], label_names, domain_names)

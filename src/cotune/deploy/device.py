@@ -23,6 +23,7 @@ from cotune.deploy.frames import (
     ERROR,
     MEASURE,
     METER,
+    READY,
     REFUSED,
     REPLY,
     REQUEST,
@@ -73,18 +74,22 @@ class ForwardSink:
 class DeviceNode:
     """The device's runtime: its roles, its node host, its end of the stream."""
 
-    def __init__(self, dialer: Dialer, welcome: dict[str, Any], workdir: Path) -> None:
+    def __init__(
+        self, dialer: Dialer, welcome: dict[str, Any], workdir: Path, data_file: Path | None = None
+    ) -> None:
         from cotune.config import config_from_dict
         from cotune.nodes import RunNodes
         from cotune.run import build_experiment
 
         self.dialer = dialer
         cfg = config_from_dict(welcome["config"])
-        # This process builds only its own node: an in-process copy of the run's inputs.
+        # This process builds only its own node: an in-process copy of the run's inputs, or,
+        # with a data file, the run's model and tokenizer over this device's own data.
         local = cfg.model_copy(
             update={"engine": cfg.engine.model_copy(update={"kind": "isolated"})}
         )
-        self.exp, _ = build_experiment(local, workdir, quiet=True)
+        inputs = None if data_file is None else own_inputs(dialer.node, welcome, cfg, data_file)
+        self.exp, _ = build_experiment(local, workdir, quiet=True, inputs=inputs)
         self.host = RunNodes(self.exp, isolated=True)
         self.roles: dict[str, Role] = {}
         self.grid = DeviceGrid(self)
@@ -93,6 +98,8 @@ class DeviceNode:
         self.running = True
         self.finished = False  # the server said the run is over (not: the stream broke)
         self.busy_s = 0.0  # host seconds spent handling the server's frames
+        examples = None if inputs is None else len(inputs.data.train)
+        self.dialer.send(Frame(READY, {"examples": examples}))
 
     # --- the loop ----------------------------------------------------------------------
     def serve(self) -> None:
@@ -207,6 +214,27 @@ class DeviceNode:
         return reply
 
 
+def own_inputs(node: str, welcome: dict[str, Any], cfg: Any, data_file: Path) -> Any:
+    """This device's inputs from its own data file, labelled and tokenized as the server's."""
+    from cotune.data.loading import load_device_file
+    from cotune.data.tokenizer import Tokenizer
+    from cotune.run import NodeInputs
+    from cotune.runtime.ids import device_index
+
+    index = device_index(node)
+    if index is None or not 0 <= index < cfg.devices.count:
+        raise ProtocolError(f"{node!r} is not one of this run's {cfg.devices.count} devices")
+    data = load_device_file(str(data_file), cfg.data, cfg.model.task, welcome.get("labels"),
+                            welcome.get("domains"))  # fmt: skip
+    tokenizer = None
+    if welcome.get("tokenizer"):
+        from tokenizers import Tokenizer as BPE
+
+        tokenizer = Tokenizer(bpe=BPE.from_str(welcome["tokenizer"]))
+    log.info("%s: %d training examples from %s", node, len(data.train), data_file)
+    return NodeInputs(data, tokenizer, index)
+
+
 class DeviceGrid(Grid):
     """The grid a device's roles use for their own messages (to the server, or through it)."""
 
@@ -273,16 +301,18 @@ class DeviceGrid(Grid):
 
 def run_device(
     server: str, node: str, token: str, security: Security, *, connect_timeout: float = 60.0,
-    retry_s: float = 0.0,
+    retry_s: float = 0.0, data_file: Path | None = None,
 ) -> None:  # fmt: skip
     """Connect to ``server`` as ``node`` and serve until the run ends. With ``retry_s``, a lost
-    or refused connection is tried again for that long (a server restarting with --resume)."""
+    or refused connection is tried again for that long (a server restarting with --resume).
+    With ``data_file``, the device trains on that file (JSONL/CSV/TSV with the run's
+    ``data.text_field`` / ``data.label_field``) instead of its shard of the config's data."""
     import time
 
     deadline = None
     while True:
         try:
-            if _serve_once(server, node, token, security, connect_timeout):
+            if _serve_once(server, node, token, security, connect_timeout, data_file):
                 return
             why = "the server went away"
         except PeerUnavailable as err:
@@ -296,8 +326,9 @@ def run_device(
 
 
 def _serve_once(
-    server: str, node: str, token: str, security: Security, connect_timeout: float
-) -> bool:
+    server: str, node: str, token: str, security: Security, connect_timeout: float,
+    data_file: Path | None = None,
+) -> bool:  # fmt: skip
     """One connection: True when the run finished, False when the stream broke."""
     import queue
 
@@ -318,7 +349,11 @@ def _serve_once(
         raise ProtocolError(f"{server} opened with {first.describe()}, not a welcome")
     with tempfile.TemporaryDirectory(prefix=f"cotune-{node}-") as tmp:
         try:
-            runtime = DeviceNode(dialer, first.header, Path(tmp))
+            try:
+                runtime = DeviceNode(dialer, first.header, Path(tmp), data_file)
+            except CotuneError as err:  # its data, its model: the server hears why, then stop
+                dialer.send(Frame(ERROR, {"error": f"{node} could not start: {err}"}))
+                raise
             runtime.serve()
             return runtime.finished
         finally:

@@ -29,6 +29,7 @@ SNAPSHOT, RESTORE, MEASURE = 10, 11, 12  # the measurement channel
 METER = 13  # device → server: compute / memory reports (out of band, in order)
 ERROR = 14  # the peer's handler failed (header: message)
 BYE = 15  # the run is over
+READY = 16  # device → server: my node is built (header: what it holds, e.g. examples)
 NAMES = {v: k for k, v in dict(globals()).items() if k.isupper() and isinstance(v, int) and v < 64}
 
 

@@ -63,8 +63,7 @@ def deployed_grid(exp: Any) -> Any:
     from cotune.runtime.ids import device_id
 
     eng = exp.cfg.engine
-    hub = Hub(eng.listen, security_of(eng), read_tokens(eng.tokens_file),
-              {"config": exp.cfg.to_dict()})  # fmt: skip
+    hub = Hub(eng.listen, security_of(eng), read_tokens(eng.tokens_file), welcome(exp))
     engine = GrpcEngine(hub, codec=eng.codec, timeout_s=eng.request_timeout_s)
     engine.add_listener(exp.sim.clock.on_transfer)
     exp.engine = engine
@@ -75,6 +74,9 @@ def deployed_grid(exp: Any) -> Any:
     missing = hub.wait_for(devices, eng.join_timeout_s)
     if missing:
         hub.close()
+        failed = [hub.failed[n] for n in missing if n in hub.failed]
+        if failed:
+            raise PeerUnavailable("; ".join(failed[:5]))
         raise PeerUnavailable(
             f"{len(missing)} device(s) did not join within {eng.join_timeout_s:.0f} s "
             f"(engine.join_timeout_s): {', '.join(missing[:5])}"
@@ -82,6 +84,18 @@ def deployed_grid(exp: Any) -> Any:
     grid = EngineGrid(engine, RemoteNodes(exp, engine), exp.sim.flops)
     engine.grid = grid
     return grid
+
+
+def welcome(exp: Any) -> dict[str, Any]:
+    """What a joining device is told: the run's config and, for a device that brings its own
+    data, the run's label/domain names (its ids) and the tokenizer the server trained, if any."""
+    tok = exp.tokenizer
+    return {
+        "config": exp.cfg.to_dict(),
+        "labels": exp.data.label_names,
+        "domains": exp.data.domain_names,
+        "tokenizer": tok.bpe.to_str() if tok is not None and tok.bpe is not None else None,
+    }
 
 
 def make_certs(out: Path, devices: list[str], hosts: list[str]) -> Path:
@@ -150,15 +164,42 @@ def make_certs(out: Path, devices: list[str], hosts: list[str]) -> Path:
     return out
 
 
+def device_files(data_dir: Path, devices: list[str]) -> dict[str, Path]:
+    """``device-N.jsonl`` (or .csv / .tsv, optionally .gz) in ``data_dir``, one per device."""
+    if not data_dir.is_dir():
+        raise ConfigError(f"--data-dir: {data_dir} is not a directory")
+    out, missing = {}, []
+    for d in devices:
+        found = sorted(
+            p for p in data_dir.glob(f"{d}.*") if p.name.split(".", 1)[1].removesuffix(".gz")
+            in ("jsonl", "csv", "tsv")
+        )  # fmt: skip
+        if len(found) > 1:
+            raise ConfigError(f"--data-dir: {d} has several files: {', '.join(map(str, found))}")
+        if found:
+            out[d] = found[0]
+        else:
+            missing.append(d)
+    if missing:
+        raise ConfigError(
+            f"--data-dir: no {missing[0]}.jsonl/.csv/.tsv in {data_dir} "
+            f"({len(missing)} of {len(devices)} devices have no file)"
+        )
+    return out
+
+
 def launch(
-    cfg: Any, *, quiet: bool = False, overwrite: bool | None = None, out_root: Any = None
-) -> Path:
+    cfg: Any, *, quiet: bool = False, overwrite: bool | None = None, out_root: Any = None,
+    data_dir: Path | None = None,
+) -> Path:  # fmt: skip
     """Run ``cfg`` for real on this machine: this process serves, every device is its own
-    process (TLS and per-device tokens made for the run unless the config names its own)."""
+    process (TLS and per-device tokens made for the run unless the config names its own).
+    With ``data_dir``, device N trains on its own ``device-N.jsonl`` there."""
     from cotune.run import run_experiment
     from cotune.runtime.ids import device_id
 
     devices = [device_id(i) for i in range(cfg.devices.count)]
+    files = device_files(Path(data_dir), devices) if data_dir is not None else {}
     tmp = Path(tempfile.mkdtemp(prefix="cotune-launch-"))
     eng = cfg.engine
     update: dict[str, Any] = {"kind": "grpc"}
@@ -177,6 +218,8 @@ def launch(
             cmd += ["--tls", tls] if tls else ["--insecure"]
             if cfg.engine.mutual_tls:
                 cmd.append("--mutual-tls")
+            if d in files:
+                cmd += ["--data", str(files[d])]
             env = dict(os.environ)
             # Device processes share this machine's cores: idle OpenMP threads must sleep,
             # not spin (the default busy-wait steals the core the active process needs).

@@ -21,7 +21,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cotune.deploy.frames import BYE, HELLO, REFUSED, WELCOME, Frame, Reassembler, frame_chunks
+from cotune.deploy.frames import (
+    BYE,
+    ERROR,
+    HELLO,
+    READY,
+    REFUSED,
+    WELCOME,
+    Frame,
+    Reassembler,
+    frame_chunks,
+)
 from cotune.errors import ConfigError, ProtocolError
 
 log = logging.getLogger(__name__)
@@ -119,6 +129,9 @@ class Hub:
         self.security, self.tokens, self.welcome = security, tokens or {}, welcome
         self.inbound: queue.Queue[tuple[str, Frame | Closed]] = queue.Queue()
         self.links: dict[str, Link] = {}
+        # What each device declared once its node was built (READY): e.g. its own data's size.
+        self.ready: dict[str, dict[str, Any]] = {}
+        self.failed: dict[str, str] = {}  # devices that could not build their node, and why
         self.joined = threading.Condition()
         self.server = grpc.server(ThreadPoolExecutor(max_workers=256), options=_OPTIONS)
         handler = grpc.method_handlers_generic_handler(
@@ -199,7 +212,18 @@ class Hub:
             for msg in requests:
                 link.bytes_in += wire_bytes(msg)
                 frame = reader.add(msg)
-                if frame is not None:
+                if frame is not None and frame.type == READY:
+                    with self.joined:
+                        self.ready[node] = dict(frame.header)
+                        self.failed.pop(node, None)
+                        self.joined.notify_all()
+                elif frame is not None and frame.type == ERROR and node not in self.ready:
+                    why = str(frame.header.get("error"))
+                    log.error("%s", why)
+                    with self.joined:
+                        self.failed[node] = why
+                        self.joined.notify_all()
+                elif frame is not None:
                     self.inbound.put((node, frame))
         except ProtocolError as err:
             log.warning("%s sent a malformed frame (%s): disconnecting it", node, err)
@@ -209,10 +233,13 @@ class Hub:
         self.inbound.put((node, Closed(link)))
 
     def wait_for(self, nodes: list[str], timeout: float) -> list[str]:
-        """Wait until ``nodes`` are connected or ``timeout`` passes; returns the missing ones."""
+        """Wait until ``nodes`` are connected and have built their node (so no request waits on
+        a model still loading), or ``timeout`` passes; returns the missing ones."""
         with self.joined:
-            self.joined.wait_for(lambda: all(n in self.links for n in nodes), timeout)
-            return [n for n in nodes if n not in self.links]
+            self.joined.wait_for(
+                lambda: all(n in self.ready or n in self.failed for n in nodes), timeout
+            )
+            return [n for n in nodes if n not in self.ready]
 
     def close(self) -> None:
         for link in list(self.links.values()):
@@ -240,7 +267,8 @@ class Dialer:
         self.send(Frame(HELLO, {"node": node, "token": token}))
         stream = self.channel.stream_stream(METHOD)
         self.responses = stream(self._requests())
-        threading.Thread(target=self._read, daemon=True).start()
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
 
     def _requests(self) -> Iterator[bytes]:
         while True:
@@ -264,8 +292,11 @@ class Dialer:
         for c in frame_chunks(next(self.ids), frame):
             self.outbound.put(c)
 
-    def close(self) -> None:
+    def close(self, linger_s: float = 5.0) -> None:
+        """End our side of the stream and let what is queued reach the server (a last error
+        frame) before the channel goes: the server ends the stream once it has read ours."""
         self.outbound.put(None)
+        self.reader.join(timeout=linger_s)
         self.channel.close()
 
 
