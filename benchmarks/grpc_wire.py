@@ -136,6 +136,7 @@ def main() -> None:
     ap.add_argument("--big-mib", type=int, default=256)
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--no-split", action="store_true", help="only (1) and (2)")
     args = ap.parse_args()
     raw = raw_grpc_rtt(args.rtt, 4 * 96 * 1024 * 4)
     ours, hub, dev = cotune_rtt(args.rtt)
@@ -151,6 +152,8 @@ def main() -> None:
         f"{args.big_mib} MiB message: {mbps:.0f} MB/s (target >= 300: "
         f"{'met' if mbps >= 300 else 'NOT met'})"
     )
+    if args.no_split:
+        return
     local, remote = split_ratio(args.steps, args.repeats)
     ratio = remote / local
     print(

@@ -192,11 +192,23 @@ def _check_codec(v: str) -> str:
     raise ValueError(f"{v!r} is not a codec (allowed: {CODEC_FORMS})")
 
 
+class RaySection(Section):
+    """engine.kind: ray — device roles on Ray actors ("hosts"), many devices per host."""
+
+    address: str | None = None  # None: start Ray on this machine; "auto" or HOST:PORT: join
+    hosts: int = Field(1, ge=1)  # actors; devices are placed round robin
+    num_cpus_per_host: float = Field(1.0, ge=0.0)
+    num_gpus_per_host: float = Field(0.0, ge=0.0)
+    threads_per_host: int | None = Field(None, ge=1)  # torch/OpenMP threads in each host
+    num_cpus: int | None = Field(None, ge=1)  # a Ray started here: its CPU count (None: all)
+
+
 class EngineSection(Section):
     # local: roles share this process and its one model (one frozen base, many role states);
     # isolated: every role on its own node copy, sharing no Python object (proves the Grid
-    # contract; one model per node, so small fleets only).
-    kind: Literal["local", "isolated", "grpc"] = "local"
+    # contract; one model per node, so small fleets only); grpc: devices are processes that
+    # dial this server; ray: devices live on Ray actors (each one base, many devices).
+    kind: Literal["local", "isolated", "grpc", "ray"] = "local"
     # Wire codec for adapter/parameter messages, and for cut-layer activations and gradients
     # in split paradigms (lossy codecs such as int8 and topk are meant for those).
     codec: str = "fp32"
@@ -210,6 +222,7 @@ class EngineSection(Section):
     join_timeout_s: float = Field(300.0, gt=0.0)  # how long the server waits for the devices
     # A remote call not answered in this long fails (the device counts as gone for it).
     request_timeout_s: float = Field(600.0, gt=0.0)
+    ray: RaySection = Field(default_factory=RaySection)
 
     @field_validator("codec", "activation_codec")
     @classmethod
@@ -353,6 +366,7 @@ class RunConfig(Section):
             "tokens_file",
             "join_timeout_s",
             "request_timeout_s",
+            "ray",
         ):
             d["engine"].pop(k, None)  # how a deployment connects, not what it computes
         if d["train"].get("autocast") == "none":

@@ -232,7 +232,7 @@ def make_grid(exp: Experiment) -> Grid:
         if node not in exp.sim.clock.roles:  # a resumed clock has them already
             exp.sim.clock.add_role(node, prof, hub=True)  # aggregators: parallel links
         exp.sim.profiles[node] = prof
-    if exp.cfg.engine.kind == "grpc":
+    if exp.cfg.engine.kind in ("grpc", "ray"):
         from cotune.deploy.launch import deployed_grid
 
         inner = deployed_grid(exp)

@@ -449,9 +449,17 @@ def deployment_summary(
     nodes = {}
     for node, m in measured.items():
         sim = roles.get(node, {})
+        if node == "server":  # its busy time: what it did not spend waiting on devices
+            m = {"busy_s": max(0.0, host_time - m["idle_s"]), "wire_bytes_up": None,
+                 "wire_bytes_down": None}  # fmt: skip
         nodes[node] = {
             "predicted_busy_s": sim.get("busy_s"),
             "measured_busy_s": m["busy_s"],
+            # Its speed as measured (counted FLOPs per busy second, encoding included): what
+            # `cotune.deploy.calibrate` writes into profiles that describe these machines.
+            "measured_flops_per_s": (
+                sim["flops"] / m["busy_s"] if sim.get("flops") and m["busy_s"] else None
+            ),
             "message_bytes_up": sim.get("bytes_up"),
             "wire_bytes_up": m["wire_bytes_up"],
             "message_bytes_down": sim.get("bytes_down"),

@@ -8,6 +8,7 @@ import torch
 from cotune.errors import ProtocolError
 from cotune.runtime import Message, decode_message, encode_message
 from cotune.runtime.codecs import get_codec
+from cotune.runtime.messages import checksum
 from cotune.runtime.validate import check_activation
 
 ACT_SHAPE = (8, 128, 384)  # batch x tokens x MiniLM hidden size
@@ -125,12 +126,11 @@ def test_codec_names_parse_and_validate() -> None:
 
 def test_a_damaged_topk_message_is_a_protocol_error() -> None:
     import struct
-    import zlib
 
     data = encode_message(Message("grad", "server", "device-0", {"g": torch.randn(10)}), "topk0.5")
     patched = data[:-4].replace(b'"k":5', b'"k":6')
     assert patched != data[:-4]
-    patched += struct.pack("<I", zlib.crc32(patched))
+    patched += struct.pack("<I", checksum(patched))
     with pytest.raises(ProtocolError, match="cannot decode 'g'"):
         decode_message(patched)
 

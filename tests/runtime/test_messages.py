@@ -8,7 +8,7 @@ import torch
 from cotune.errors import ProtocolError
 from cotune.runtime import Message, decode_message, encode_message
 from cotune.runtime.codecs import Codec, get_codec, register_codec
-from cotune.runtime.messages import HEADER_SIZE
+from cotune.runtime.messages import HEADER_SIZE, checksum
 
 
 def _msg(**tensors: torch.Tensor) -> Message:
@@ -124,7 +124,7 @@ def test_any_flipped_byte_is_detected(where: str) -> None:
 def test_crc_error_names_kind_and_sender() -> None:
     data = bytearray(encode_message(_sample()))
     data[-40] ^= 1
-    with pytest.raises(ProtocolError, match=r"'update' from 'device-3'.*CRC32"):
+    with pytest.raises(ProtocolError, match=r"'update' from 'device-3'.*CRC32C"):
         decode_message(bytes(data))
 
 
@@ -145,14 +145,24 @@ def test_trailing_bytes_and_wrong_magic() -> None:
 
 def test_unknown_codec_in_header_is_a_protocol_error() -> None:
     # Re-frame a valid message whose JSON names a codec this process does not know.
-    import zlib
 
     data = encode_message(_msg(x=torch.ones(2)), "fp16")
     patched = data[:-4].replace(b'"codec":"fp16","dtype"', b'"codec":"fp99","dtype"')
     assert patched != data[:-4]
-    patched += struct.pack("<I", zlib.crc32(patched))
+    patched += struct.pack("<I", checksum(patched))
     with pytest.raises(ProtocolError, match="unknown codec 'fp99'"):
         decode_message(patched)
+
+
+def test_format_1_messages_with_zlib_crc32_are_still_read() -> None:
+    data = encode_message(_msg(x=torch.arange(6.0)), "fp32")
+    old = bytearray(data[:-4])
+    struct.pack_into("<H", old, 4, 1)  # the version field
+    old += struct.pack("<I", checksum(bytes(old), version=1))
+    assert torch.equal(decode_message(bytes(old)).tensors["x"], torch.arange(6.0))
+    old[-1] ^= 0xFF
+    with pytest.raises(ProtocolError, match=r"checksum \(CRC32\) mismatch"):
+        decode_message(bytes(old))
 
 
 class _HalfAndScale(Codec):

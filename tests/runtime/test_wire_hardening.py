@@ -5,14 +5,20 @@ import copy
 import json
 import random
 import struct
-import zlib
 
 import pytest
 import torch
 
 from cotune.errors import ProtocolError
 from cotune.runtime import Message
-from cotune.runtime.messages import HEADER_SIZE, MAGIC, decode_message, encode_message
+from cotune.runtime.messages import (
+    FORMAT_VERSION,
+    HEADER_SIZE,
+    MAGIC,
+    checksum,
+    decode_message,
+    encode_message,
+)
 
 _HEADER = struct.Struct("<4sHHIQ")
 
@@ -44,8 +50,8 @@ def split(data):
 def rebuild(doc, body, raw_js=None):
     """A frame with a correct CRC around a (mutated) header: only the decoder's checks stand."""
     js = raw_js if raw_js is not None else json.dumps(doc, separators=(",", ":")).encode()
-    payload = _HEADER.pack(MAGIC, 1, 0, len(js), len(body)) + js + body
-    return payload + struct.pack("<I", zlib.crc32(payload))
+    payload = _HEADER.pack(MAGIC, FORMAT_VERSION, 0, len(js), len(body)) + js + body
+    return payload + struct.pack("<I", checksum(payload))
 
 
 def same(a: Message, b: Message) -> bool:

@@ -52,31 +52,37 @@ class DeviceRefused(CotuneError):
 
 
 class ForwardSink:
-    """A device's meter reports, sent to the server's simulator in order (out of band)."""
+    """A node's meter reports, sent to the server's simulator in order (out of band)."""
 
-    def __init__(self, dialer: Dialer) -> None:
-        self.dialer = dialer
+    def __init__(self, dialer: Any, node: str) -> None:
+        self.dialer, self.node = dialer, node
 
     def compute(self, role: str, flops: float, *, round: int, after: float | None,
                 waits_for: str | None, label: str) -> None:  # fmt: skip
         self.dialer.send(Frame(METER, {"what": "compute", "role": role, "flops": flops,
                                        "round": round, "after": after, "waits_for": waits_for,
-                                       "label": label}))  # fmt: skip
+                                       "label": label}), self.node)  # fmt: skip
 
     def memory(self, role: str, key: str, probe: Any) -> None:
         import dataclasses
 
         est = dataclasses.asdict(probe())
         self.dialer.send(Frame(METER, {"what": "memory", "role": role, "key": key,
-                                       "estimate": est}))  # fmt: skip
+                                       "estimate": est}), self.node)  # fmt: skip
 
 
 class DeviceNode:
-    """The device's runtime: its roles, its node host, its end of the stream."""
+    """A device process's runtime: its roles, its node host, its end of the stream.
+
+    One process may host several nodes (a Ray host: ``nodes``, sharing one frozen base when
+    ``isolated`` is off, as the local engine's roles do); every frame then names its node
+    (header ``node``) and every frame sent back is sent as that node's.
+    """
 
     def __init__(
-        self, dialer: Dialer, welcome: dict[str, Any], workdir: Path, data_file: Path | None = None
-    ) -> None:
+        self, dialer: Any, welcome: dict[str, Any], workdir: Path, data_file: Path | None = None,
+        *, nodes: list[str] | None = None, isolated: bool = True,
+    ) -> None:  # fmt: skip
         from cotune.config import config_from_dict
         from cotune.nodes import RunNodes
         from cotune.run import build_experiment
@@ -90,7 +96,8 @@ class DeviceNode:
         )
         inputs = None if data_file is None else own_inputs(dialer.node, welcome, cfg, data_file)
         self.exp, _ = build_experiment(local, workdir, quiet=True, inputs=inputs)
-        self.host = RunNodes(self.exp, isolated=True)
+        self.host = RunNodes(self.exp, isolated=isolated)
+        self.nodes = list(nodes) if nodes is not None else [dialer.node]
         self.roles: dict[str, Role] = {}
         self.grid = DeviceGrid(self)
         self.seq = itertools.count(1)
@@ -99,7 +106,8 @@ class DeviceNode:
         self.finished = False  # the server said the run is over (not: the stream broke)
         self.busy_s = 0.0  # host seconds spent handling the server's frames
         examples = None if inputs is None else len(inputs.data.train)
-        self.dialer.send(Frame(READY, {"examples": examples}))
+        for node in self.nodes:
+            self.dialer.send(Frame(READY, {"examples": examples}), node)
 
     # --- the loop ----------------------------------------------------------------------
     def serve(self) -> None:
@@ -122,8 +130,9 @@ class DeviceNode:
         if frame.type in (REPLY, ERROR):  # the server sends these only to answer our requests
             self.done[int(frame.header["seq"])] = frame
             return
+        node = str(frame.header.get("node") or self.nodes[0])
         try:
-            self._handle(frame)
+            self._handle(frame, node)
         except Exception as err:  # noqa: BLE001 - the server hears of it, the device goes on
             header: dict[str, Any] = {
                 "seq": frame.header.get("seq"),
@@ -133,14 +142,18 @@ class DeviceNode:
                 header.update(divergence=True, step=err.step, error=str(err))
             elif not isinstance(err, CotuneError):
                 log.error("handler failed:\n%s", traceback.format_exc())
-            self.dialer.send(Frame(ERROR, header))
+            self.dialer.send(Frame(ERROR, header), node)
 
-    def _handle(self, frame: Frame) -> None:
+    def _handle(self, frame: Frame, node: str) -> None:
         h, seq = frame.header, frame.header.get("seq")
+
+        def send(out: Frame) -> None:
+            self.dialer.send(out, node)
+
         if frame.type == START:
             role_id = str(h["role"])
             self.roles[role_id] = self._factory(str(h["factory"]))(self._context(role_id))
-            self.dialer.send(Frame(DONE, {"seq": seq}))
+            send(Frame(DONE, {"seq": seq}))
         elif frame.type in (REQUEST, SEND):
             msg = self._place(decode_message(frame.payload))
             msg.arrival = h.get("arrival")
@@ -148,29 +161,29 @@ class DeviceNode:
             if seq is not None:  # a request, or a server's one-way message (acknowledged)
                 codec = h.get("codec") or self.exp.cfg.engine.codec
                 payload = b"" if reply is None else encode_message(reply, codec)
-                self.dialer.send(Frame(REPLY, {"seq": seq}, payload))
+                send(Frame(REPLY, {"seq": seq}, payload))
         elif frame.type == TICK:
             role = self._role(str(h["role"]))
             handler = getattr(role, f"tick_{h['kind']}", None)
             if handler is None:
                 raise ProtocolError(f"role {role.role_id!r} has no local event {h['kind']!r}")
-            self.dialer.send(Frame(DONE, {"seq": seq, "result": handler(h.get("meta") or {})}))
+            send(Frame(DONE, {"seq": seq, "result": handler(h.get("meta") or {})}))
         elif frame.type == SNAPSHOT:
             state = self._role(str(h["role"])).snapshot()
-            self.dialer.send(Frame(DONE, {"seq": seq}, dump_state(state)))
+            send(Frame(DONE, {"seq": seq}, dump_state(state)))
         elif frame.type == RESTORE:
             self._role(str(h["role"])).restore(load_state(frame.payload))
-            self.dialer.send(Frame(DONE, {"seq": seq}))
+            send(Frame(DONE, {"seq": seq}))
         elif frame.type == MEASURE:
             values = self._role(str(h["role"])).measurements()
             values["node_busy_s"] = self.busy_s
-            self.dialer.send(Frame(DONE, {"seq": seq, "values": values}))
+            send(Frame(DONE, {"seq": seq, "values": values}))
         else:
             raise ProtocolError(f"unexpected {frame.describe()} frame from the server")
 
     # --- what the roles see ------------------------------------------------------------
     def _context(self, role_id: str) -> Any:
-        meter = Meter(role_id, self.exp.sim.flops, ForwardSink(self.dialer))
+        meter = Meter(role_id, self.exp.sim.flops, ForwardSink(self.dialer, role_id))
         return self.host.context(role_id, grid=self.grid, meter=meter)
 
     def _factory(self, path: str) -> Any:
@@ -198,10 +211,10 @@ class DeviceNode:
         chosen = codec or msg.meta.get("codec") or self.exp.cfg.engine.codec
         payload = encode_message(msg, chosen)
         if not request:
-            self.dialer.send(Frame(SEND, {"codec": chosen}, payload))
+            self.dialer.send(Frame(SEND, {"codec": chosen}, payload), msg.sender)
             return None
         seq = next(self.seq)
-        self.dialer.send(Frame(REQUEST, {"seq": seq, "codec": chosen}, payload))
+        self.dialer.send(Frame(REQUEST, {"seq": seq, "codec": chosen}, payload), msg.sender)
         while seq not in self.done:
             if not self.running:
                 raise PeerUnavailable("the server went away")

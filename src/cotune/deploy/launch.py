@@ -55,21 +55,28 @@ def read_tokens(path: str | None) -> dict[str, str] | None:
 
 
 def deployed_grid(exp: Any) -> Any:
-    """The grid of a gRPC run: listen, wait for every device, start nothing yet."""
+    """The grid of a gRPC run (listen, wait for every device) or a Ray run (start the host
+    actors, wait for them to build their nodes); no role is started yet."""
     from cotune.deploy.server import GrpcEngine
-    from cotune.deploy.transport import Hub
     from cotune.nodes import RemoteNodes
     from cotune.runtime.grid import EngineGrid
     from cotune.runtime.ids import device_id
 
     eng = exp.cfg.engine
-    hub = Hub(eng.listen, security_of(eng), read_tokens(eng.tokens_file), welcome(exp))
+    devices = [device_id(i) for i in range(len(exp.parts))]
+    if eng.kind == "ray":
+        from cotune.deploy.raynodes import RayHub
+
+        hub: Any = RayHub(eng, devices, welcome(exp))
+    else:
+        from cotune.deploy.transport import Hub
+
+        hub = Hub(eng.listen, security_of(eng), read_tokens(eng.tokens_file), welcome(exp))
     engine = GrpcEngine(hub, codec=eng.codec, timeout_s=eng.request_timeout_s)
     engine.add_listener(exp.sim.clock.on_transfer)
     exp.engine = engine
-    devices = [device_id(i) for i in range(len(exp.parts))]
     log.info("listening on %s; waiting for %d devices", hub.address, len(devices))
-    for hook in ON_LISTEN:
+    for hook in ON_LISTEN if eng.kind == "grpc" else []:
         hook(hub.address)
     missing = hub.wait_for(devices, eng.join_timeout_s)
     if missing:
@@ -191,10 +198,16 @@ def device_files(data_dir: Path, devices: list[str]) -> dict[str, Path]:
 def launch(
     cfg: Any, *, quiet: bool = False, overwrite: bool | None = None, out_root: Any = None,
     data_dir: Path | None = None,
+    wrap: Callable[[str, str], tuple[list[str], str]] | None = None,
+    device_env: dict[str, str] | None = None,
+    server_hosts: tuple[str, ...] = (),
 ) -> Path:  # fmt: skip
     """Run ``cfg`` for real on this machine: this process serves, every device is its own
     process (TLS and per-device tokens made for the run unless the config names its own).
-    With ``data_dir``, device N trains on its own ``device-N.jsonl`` there."""
+    With ``data_dir``, device N trains on its own ``device-N.jsonl`` there. ``wrap(device,
+    address)`` gives a command prefix and the address that device dials (``netlab``: its own
+    network namespace and shaped link; ``server_hosts``: the names it dials, for the server's
+    certificate); ``device_env`` adds to the devices' environment."""
     from cotune.run import run_experiment
     from cotune.runtime.ids import device_id
 
@@ -206,7 +219,7 @@ def launch(
     if ":" not in eng.listen or eng.listen.endswith(":50051"):
         update["listen"] = "127.0.0.1:0"  # a free port
     if not eng.insecure and eng.tls_dir is None:
-        make_certs(tmp / "tls", devices, ["localhost", "127.0.0.1"])
+        make_certs(tmp / "tls", devices, ["localhost", "127.0.0.1", *server_hosts])
         update.update(tls_dir=str(tmp / "tls"), tokens_file=str(tmp / "tls" / "tokens.yaml"))
     cfg = cfg.model_copy(update={"engine": eng.model_copy(update=update)})
     procs: list[subprocess.Popen] = []
@@ -214,7 +227,9 @@ def launch(
     def start_devices(address: str) -> None:
         tls = cfg.engine.tls_dir
         for d in devices:
-            cmd = [sys.executable, "-m", "cotune.cli", "device", "--server", address, "--id", d]
+            prefix, dial = wrap(d, address) if wrap is not None else ([], address)
+            cmd = [*prefix, sys.executable, "-m", "cotune.cli", "device", "--server", dial]
+            cmd += ["--id", d]
             cmd += ["--tls", tls] if tls else ["--insecure"]
             if cfg.engine.mutual_tls:
                 cmd.append("--mutual-tls")
@@ -224,6 +239,7 @@ def launch(
             # Device processes share this machine's cores: idle OpenMP threads must sleep,
             # not spin (the default busy-wait steals the core the active process needs).
             env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+            env.update(device_env or {})
             token_file = Path(tls) / f"{d}.token" if tls else None
             if token_file is not None and token_file.is_file():
                 env["COTUNE_TOKEN"] = token_file.read_text().strip()

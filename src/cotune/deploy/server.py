@@ -97,11 +97,13 @@ class GrpcEngine(LocalEngine):
         self.pending: dict[str, deque[Frame | Closed]] = {}  # frames not yet served, per node
         self.outstanding: dict[str, deque[Any]] = {}  # one-way messages not yet settled
         self.grid: Any = None  # the EngineGrid over this engine (its sink: the simulator's)
+        self.idle_s = 0.0  # seconds this process waited on devices (the rest it was busy)
 
     def measured(self) -> dict[str, Any]:
         """What the deployment measured, per device: bytes on the wire both ways (gRPC and
-        HTTP/2 framing included, TLS not), and host seconds spent in its handlers."""
-        out: dict[str, Any] = {}
+        HTTP/2 framing included, TLS not), and host seconds spent in its handlers; for the
+        server, the seconds it waited on devices (``idle_s``)."""
+        out: dict[str, Any] = {"server": {"idle_s": self.idle_s}}
         for node, role in self._roles.items():
             if not isinstance(role, RemoteRole):
                 continue
@@ -307,9 +309,11 @@ class GrpcEngine(LocalEngine):
         deadline = time.monotonic() + self.timeout_s
         while True:
             left = deadline - time.monotonic()
+            waited = time.perf_counter()
             try:
                 src, frame = self.hub.inbound.get(timeout=max(0.0, min(left, 5.0)))
             except queue.Empty:
+                self.idle_s += time.perf_counter() - waited
                 link = self.hub.links.get(node)
                 if left <= 0 or link is None or not link.open:
                     log.warning("%s: no answer in %.0f s (engine.request_timeout_s): gone", node,
@@ -319,6 +323,7 @@ class GrpcEngine(LocalEngine):
                         f"{node} did not answer within {self.timeout_s:.0f} s"
                     ) from None
                 continue
+            self.idle_s += time.perf_counter() - waited
             if src == node:
                 return frame
             self.pending.setdefault(src, deque()).append(frame)

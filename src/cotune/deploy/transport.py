@@ -288,7 +288,9 @@ class Dialer:
             log.info("%s: stream ended (%s)", self.node, type(err).__name__)
         self.inbound.put(None)
 
-    def send(self, frame: Frame) -> None:
+    def send(self, frame: Frame, node: str | None = None) -> None:
+        """Queue ``frame`` on the stream (``node``: which of the process's nodes sends it; a
+        stream carries one node)."""
         for c in frame_chunks(next(self.ids), frame):
             self.outbound.put(c)
 

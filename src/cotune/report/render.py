@@ -97,15 +97,16 @@ def _deployment_table(summary: dict[str, Any] | None) -> tuple[list[str], list[l
     dep = (summary or {}).get("deployment")
     if not dep:
         return None
-    header = ["node", "predicted busy", "measured busy", "message bytes up", "wire bytes up",
-              "message bytes down", "wire bytes down"]  # fmt: skip
+    header = ["node", "predicted busy", "measured busy", "measured FLOP/s", "message bytes up",
+              "wire bytes up", "message bytes down", "wire bytes down"]  # fmt: skip
     whole = [("role", "whole run", None), ("busy_s", dep.get("predicted_time_s"), None),
-             ("busy_s", dep.get("measured_wall_s"), None)] + [("bytes_up", None, None)] * 4  # fmt: skip
+             ("busy_s", dep.get("measured_wall_s"), None)] + [("bytes_up", None, None)] * 5  # fmt: skip
     rows: list[list[Any]] = [whole]
     for node, n in dep.get("nodes", {}).items():
         rows.append([
             ("role", node, None), ("busy_s", n.get("predicted_busy_s"), None),
             ("busy_s", n.get("measured_busy_s"), None),
+            ("flops", n.get("measured_flops_per_s"), None),
             ("bytes_up", n.get("message_bytes_up"), None), ("bytes_up", n.get("wire_bytes_up"), None),
             ("bytes_down", n.get("message_bytes_down"), None),
             ("bytes_down", n.get("wire_bytes_down"), None),

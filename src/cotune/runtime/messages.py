@@ -6,7 +6,7 @@ Wire layout (all integers little-endian)::
     json    json_len  UTF-8 JSON: kind, sender, receiver, meta, codec, tensors[{name, codec, dtype,
                       shape, parts, side}]
     body    body_len  safetensors bytes holding every codec part under the key "<index>:<part>"
-    crc     4 bytes   CRC32 of header + json + body
+    crc     4 bytes   CRC32C of header + json + body (format 1: zlib's CRC32; still read)
 
 Keys in the body are positional (not tensor names) so any tensor name is allowed and the JSON
 says, in order, which parts rebuild which tensor.
@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from crc32c import crc32c
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
@@ -31,7 +32,10 @@ from cotune.jsonsafe import finite_or_none
 from cotune.runtime.codecs import get_codec
 
 MAGIC = b"COTM"
-FORMAT_VERSION = 1
+# 2: the checksum is CRC32C (hardware-accelerated: 0.09 ms for 1.5 MiB, against 0.6 ms for
+# zlib's CRC32, which format 1 used; 4 of them per activation round trip). Both are read.
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 _HEADER = struct.Struct("<4sHHIQ")
 HEADER_SIZE = _HEADER.size  # 20
 CRC_SIZE = 4
@@ -156,8 +160,13 @@ def encode_message(msg: Message, codec: str = "fp32") -> bytes:
         raise ProtocolError(f"{msg.describe()}: meta is not JSON-serialisable ({e})") from None
     body = st_save(body_tensors)
     header = _HEADER.pack(MAGIC, FORMAT_VERSION, 0, len(js), len(body))
-    crc = zlib.crc32(body, zlib.crc32(js, zlib.crc32(header)))
+    crc = crc32c(body, crc32c(js, crc32c(header)))
     return b"".join((header, js, body, struct.pack("<I", crc)))  # one copy of the body
+
+
+def checksum(data: bytes | memoryview, version: int = FORMAT_VERSION) -> int:
+    """The checksum a message of format ``version`` carries over ``data``."""
+    return crc32c(data) if version >= 2 else zlib.crc32(data)
 
 
 def _context(js_bytes: bytes) -> str:
@@ -177,9 +186,10 @@ def _check_frame(data: bytes) -> tuple[bytes, bytes]:
     magic, version, flags, js_len, body_len = _HEADER.unpack_from(data)
     if magic != MAGIC:
         raise ProtocolError(f"not a cotune message: magic {magic!r}, expected {MAGIC!r}")
-    if version != FORMAT_VERSION:
+    if version not in READABLE_VERSIONS:
         raise ProtocolError(
-            f"message format version {version} is not supported (this cotune reads {FORMAT_VERSION})"
+            f"message format version {version} is not supported (this cotune reads "
+            f"{', '.join(map(str, READABLE_VERSIONS))})"
         )
     if flags != 0:
         raise ProtocolError(f"message header has unknown flags {flags:#06x}")
@@ -195,10 +205,10 @@ def _check_frame(data: bytes) -> tuple[bytes, bytes]:
             f"({expected} bytes)"
         )
     (stored,) = struct.unpack_from("<I", data, expected - CRC_SIZE)
-    computed = zlib.crc32(memoryview(data)[: expected - CRC_SIZE])
+    computed = checksum(memoryview(data)[: expected - CRC_SIZE], version)
     if stored != computed:
         raise ProtocolError(
-            f"{_context(js)}CRC32 mismatch (stored {stored:#010x}, computed {computed:#010x}): "
+            f"{_context(js)}checksum (CRC32{'C' if version >= 2 else ''}) mismatch (stored {stored:#010x}, computed {computed:#010x}): "
             "the message was corrupted"
         )
     return js, data[HEADER_SIZE + js_len : expected - CRC_SIZE]

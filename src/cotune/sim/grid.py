@@ -113,7 +113,20 @@ class SimulatedGrid(Grid):
         self.inner.add_listener(listener)
 
     def tick(self, role_ids: list[str], kind: str, meta: dict[str, Any] | None = None) -> list[Any]:
-        return self.inner.tick(role_ids, kind, meta)
+        """A local event the driver starts on each role. The driver's word reaches a device
+        one link latency after the driver is free, and the driver goes on once every role's
+        "done" is back: what a deployed run's control frames cost (their bytes are noise). So
+        a device does not start its next split step while the server still serves the last."""
+        clock = self.sim.clock
+        remote = [r for r in role_ids if r != SERVER]
+        issued = clock.free_at(SERVER)
+        for r in remote:
+            clock.compute(r, 0.0, after=issued + clock.link_time(SERVER, r, 0), label="tick")
+        out = self.inner.tick(role_ids, kind, meta)
+        if remote:
+            done = max(clock.free_at(r) + clock.link_time(r, SERVER, 0) for r in remote)
+            clock.compute(SERVER, 0.0, after=done, label="tick-done")
+        return out
 
     def close(self) -> None:
         self.inner.close()
