@@ -142,7 +142,7 @@ class ShapedLinks:
 
     def __enter__(self) -> ShapedLinks:
         try:
-            for i, (node, link) in enumerate(self.links.items()):
+            for i, link in enumerate(self.links.values()):
                 self._make(i, link)
         except BaseException:
             self.close()
