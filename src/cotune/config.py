@@ -220,6 +220,9 @@ class EngineSection(Section):
     insecure: bool = False  # plain text, no TLS (a trusted network only)
     tokens_file: str | None = None  # YAML/JSON: device id -> SHA-256 hex of its token
     join_timeout_s: float = Field(300.0, gt=0.0)  # how long the server waits for the devices
+    # Start once this many devices joined and join_timeout_s passed (None: wait for all); the
+    # others count as away (failed replies) until they connect, then start fresh.
+    join_quorum: int | None = Field(None, ge=1)
     # A remote call not answered in this long fails (the device counts as gone for it).
     request_timeout_s: float = Field(600.0, gt=0.0)
     ray: RaySection = Field(default_factory=RaySection)
@@ -365,6 +368,7 @@ class RunConfig(Section):
             "insecure",
             "tokens_file",
             "join_timeout_s",
+            "join_quorum",
             "request_timeout_s",
             "ray",
         ):

@@ -154,7 +154,8 @@ def write_checkpoint(
         "config": cfg.to_dict(),
         "step": step,
         "paradigm": cfg.paradigm.name,
-        "states": {k: s.state_dict() for k, s in states.items()},
+        # None: a deployed device that never joined (no state yet; it starts fresh on resume).
+        "states": {k: s.state_dict() for k, s in states.items() if s is not None},
         "extra": extra,
         "final": final,
         "final_eval": final_eval,

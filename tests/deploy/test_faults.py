@@ -167,3 +167,31 @@ def test_a_killed_server_resumes_and_its_devices_reconnect(tiny_config, tmp_path
     a = json.loads((whole / "summary.json").read_text())
     b = json.loads((run_dir / "summary.json").read_text())
     assert a["final"] == b["final"] and a["sim_time_s"] == b["sim_time_s"]
+
+
+@pytest.mark.slow
+def test_a_run_starts_with_a_join_quorum_and_a_late_device_joins_fresh(tiny_config, spy):
+    """device-1 starts late: the run begins with device-0 alone (engine.join_quorum 1), its
+    requests to device-1 fail until it connects, then it takes part."""
+    import time
+
+    def late(node, address):
+        prefix = ["sh", "-c", 'sleep 12; exec "$@"', "sh"] if node == "device-1" else []
+        return prefix, address
+
+    def wait_for_device_1(t):
+        if t.kind == "train" and t.receiver == "device-0" and t.meta.get("round") == 3:
+            hub = spy["engine"].hub
+            deadline = time.monotonic() + 60
+            while "device-1" not in hub.ready and time.monotonic() < deadline:
+                time.sleep(0.1)
+
+    engine = {**FED["engine"], "join_timeout_s": 8, "join_quorum": 1}
+    cfg = tiny_config(name="quorum", **{**FED, "engine": engine})
+    launch_mod.ON_LISTEN.append(lambda addr: spy["engine"].add_listener(wait_for_device_1))
+    try:
+        run_dir = launch_mod.launch(cfg, quiet=True, wrap=late)
+    finally:
+        launch_mod.ON_LISTEN.pop()
+    got = [(r["round"], r["participants"], r["reported"]) for r in rounds(run_dir)]
+    assert got == [(1, 2, 1), (2, 2, 1), (3, 2, 2), (4, 2, 2)]

@@ -79,7 +79,14 @@ def deployed_grid(exp: Any) -> Any:
     for hook in ON_LISTEN if eng.kind == "grpc" else []:
         hook(hub.address)
     missing = hub.wait_for(devices, eng.join_timeout_s)
-    if missing:
+    quorum = eng.join_quorum
+    if missing and quorum is not None and len(devices) - len(missing) >= quorum:
+        log.warning(
+            "starting with %d of %d devices (engine.join_quorum %d); away until they connect: %s",
+            len(devices) - len(missing), len(devices), quorum, ", ".join(missing[:10]),
+        )  # fmt: skip
+        engine.absent.update(missing)
+    elif missing:
         hub.close()
         failed = [hub.failed[n] for n in missing if n in hub.failed]
         if failed:

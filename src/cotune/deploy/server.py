@@ -61,6 +61,8 @@ class RemoteRole(Role):
         return done.header.get("result")
 
     def snapshot(self) -> Any:
+        if self.engine.links_seen.get(self.role_id, True) is None:
+            return None  # it never joined: no state to read (checkpoints leave it out)
         try:
             self.last_state = load_state(self.engine.control(self.role_id, SNAPSHOT, {}).payload)
         except PeerUnavailable:
@@ -98,6 +100,7 @@ class GrpcEngine(LocalEngine):
         self.outstanding: dict[str, deque[Any]] = {}  # one-way messages not yet settled
         self.grid: Any = None  # the EngineGrid over this engine (its sink: the simulator's)
         self.idle_s = 0.0  # seconds this process waited on devices (the rest it was busy)
+        self.absent: set[str] = set()  # devices that had not joined when the run started
 
     def measured(self) -> dict[str, Any]:
         """What the deployment measured, per device: bytes on the wire both ways (gRPC and
@@ -125,8 +128,14 @@ class GrpcEngine(LocalEngine):
     # --- remote roles ------------------------------------------------------------------
     def start_remote(self, role_id: str, factory: Any) -> RemoteRole:
         path = f"{factory.__module__}:{factory.__qualname__}"
-        self.control(role_id, START, {"factory": path})
         role = RemoteRole(role_id, self, path)
+        if role_id in self.absent and role_id not in self.hub.ready:
+            # Not here yet: its role starts (fresh) on the stream it joins on (``_rejoin``).
+            self.register(role)
+            self.links_seen[role_id] = None
+            self.gone.add(role_id)
+            return role
+        self.control(role_id, START, {"factory": path})
         self.register(role)
         self.links_seen[role_id] = self.hub.links[role_id]
         # Its first known state (checkpoints update it; a crash falls back to it); central's
