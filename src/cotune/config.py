@@ -201,6 +201,12 @@ class RaySection(Section):
     num_gpus_per_host: float = Field(0.0, ge=0.0)
     threads_per_host: int | None = Field(None, ge=1)  # torch/OpenMP threads in each host
     num_cpus: int | None = Field(None, ge=1)  # a Ray started here: its CPU count (None: all)
+    max_restarts: int = Field(3, ge=0)  # a host that dies is restarted (its devices rejoin)
+    # round_robin: device i on host i mod hosts; by_profile: devices of one simulated profile
+    # together (contiguous blocks in profile order), so a host serves one kind of device.
+    placement: Literal["round_robin", "by_profile"] = "round_robin"
+    # Refuse up front a run whose hosts would not fit (base + per-device state × devices).
+    memory_per_host_gb: float | None = Field(None, gt=0.0)
 
 
 class EngineSection(Section):

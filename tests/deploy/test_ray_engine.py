@@ -67,3 +67,42 @@ def test_a_device_that_cannot_start_on_its_host_stops_the_run_with_the_reason(
             run_experiment(cfg, quiet=True, report=False)
     finally:
         launch_mod.welcome = real
+
+
+@pytest.mark.slow
+def test_a_host_that_dies_fails_its_devices_round_and_comes_back(ray_session, tiny_config,
+                                                                   monkeypatch):  # fmt: skip
+    """Kill the host actor of device-1 as its round-2 request leaves: that reply fails, Ray
+    restarts the host, and device-1 takes part again from its last known state."""
+    from cotune.deploy import raynodes
+    from cotune.deploy import server as server_mod
+
+    seen = {}
+    real_hub, real_engine = raynodes.RayHub.__init__, server_mod.GrpcEngine.__init__
+
+    def hub_init(self, *a, **kw):
+        real_hub(self, *a, **kw)
+        seen["hub"] = self
+
+    def kill_at_round_2(t):
+        if t.kind == "train" and t.receiver == "device-1" and t.meta.get("round") == 2:
+            hub = seen["hub"]
+            if not seen.get("killed"):
+                seen["killed"] = True
+                ray.kill(hub.actors[hub.placement["device-1"]], no_restart=False)
+
+    def engine_init(self, *a, **kw):
+        real_engine(self, *a, **kw)
+        self.add_listener(kill_at_round_2)
+
+    monkeypatch.setattr(raynodes.RayHub, "__init__", hub_init)
+    monkeypatch.setattr(server_mod.GrpcEngine, "__init__", engine_init)
+    sections = {
+        "paradigm": {"name": "fedavg", "options": {"local_steps": 1}},
+        "train": {"steps": 4},
+        "engine": {**RAY, "request_timeout_s": 60},
+    }
+    run_dir = run(tiny_config, "host-dies", "ray", **sections)
+    recs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    got = [(r["round"], r["reported"]) for r in recs if r["event"] == "round"]
+    assert seen["killed"] and got == [(1, 2), (2, 1), (3, 2), (4, 2)]

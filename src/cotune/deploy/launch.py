@@ -65,9 +65,13 @@ def deployed_grid(exp: Any) -> Any:
     eng = exp.cfg.engine
     devices = [device_id(i) for i in range(len(exp.parts))]
     if eng.kind == "ray":
-        from cotune.deploy.raynodes import RayHub
+        from cotune.deploy.raynodes import RayHub, check_host_memory, place
 
-        hub: Any = RayHub(eng, devices, welcome(exp))
+        profiles = {d: exp.sim.profiles[d].name for d in devices if d in exp.sim.profiles}
+        placement = place(devices, eng.ray.hosts, eng.ray.placement, profiles)
+        if eng.ray.memory_per_host_gb is not None:
+            check_host_memory(exp, placement, eng.ray.memory_per_host_gb)
+        hub: Any = RayHub(eng, devices, welcome(exp), placement)
     else:
         from cotune.deploy.transport import Hub
 

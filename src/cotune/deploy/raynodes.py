@@ -61,6 +61,10 @@ class NodeHost:
         self.nodes = nodes
         self.dialer = QueueDialer(nodes)
         self.next_seq, self.early, self.lock = 0, {}, threading.Lock()
+        # The driver numbers its frames per epoch; a restarted host (Ray ran __init__ again)
+        # drops what was sent to its previous life and waits for the driver's next epoch.
+        ray = ray_module()
+        self.epoch = -1 if ray.get_runtime_context().was_current_actor_reconstructed else 0
         self.thread = threading.Thread(target=self._serve, args=(welcome,), daemon=True)
         self.thread.start()
 
@@ -78,10 +82,16 @@ class NodeHost:
                 return
             runtime.serve()
 
-    def push(self, seq: int, node: str, kind: int, header: dict[str, Any], payload: bytes) -> None:
+    def push(
+        self, epoch: int, seq: int, node: str, kind: int, header: dict[str, Any], payload: bytes
+    ) -> None:
         """One frame for ``node``; ``seq`` orders calls that a threaded actor may run out of
-        order."""
+        order, ``epoch`` tells frames for a previous life of this host."""
         with self.lock:
+            if epoch <= 0 and self.epoch < 0 or epoch < self.epoch:
+                return  # meant for the host that died
+            if epoch > self.epoch:
+                self.epoch, self.next_seq, self.early = epoch, 0, {}
             self.early[seq] = Frame(kind, {**header, "node": node}, payload)
             while self.next_seq in self.early:
                 self.dialer.inbound.put(self.early.pop(self.next_seq))
@@ -98,6 +108,49 @@ class NodeHost:
 
     def ping(self) -> bool:
         return True
+
+
+def place(nodes: list[str], hosts: int, policy: str, profiles: dict[str, str]) -> dict[str, int]:
+    """Which host each device lives on: round robin, or by profile (devices of one profile in
+    contiguous blocks, as evenly sized as round robin's)."""
+    hosts = max(1, min(hosts, len(nodes)))
+    if policy == "by_profile":
+        ordered = sorted(nodes, key=lambda n: (profiles.get(n, ""), nodes.index(n)))
+        size, extra = divmod(len(ordered), hosts)
+        out, i = {}, 0
+        for h in range(hosts):
+            for n in ordered[i : i + size + (h < extra)]:
+                out[n] = h
+            i += size + (h < extra)
+        return out
+    return {n: i % hosts for i, n in enumerate(nodes)}
+
+
+def check_host_memory(exp: Any, placement: dict[str, int], budget_gb: float) -> list[int]:
+    """Each host's estimated peak bytes (one frozen base, every hosted device's adapter and
+    optimizer state, one step's gradients and activations at a time); ConfigError naming the
+    figures when one exceeds ``budget_gb``."""
+    from cotune.paradigms.base import full_model_memory
+
+    est = full_model_memory(exp.model, exp.cfg)
+    base = est.weights - est.grads
+    per_device = est.grads + est.optimizer
+    step = est.grads + est.activations
+    counts = [0] * (max(placement.values(), default=-1) + 1)
+    for h in placement.values():
+        counts[h] += 1
+    need = [base + n * per_device + step for n in counts]
+    budget = budget_gb * 1e9
+    worst = max(range(len(need)), key=need.__getitem__, default=None)
+    if worst is not None and need[worst] > budget:
+        mb = 1e6
+        raise ConfigError(
+            f"engine.ray.memory_per_host_gb: host {worst} would hold {counts[worst]} devices: "
+            f"base {base / mb:.1f} MB + {counts[worst]} x {per_device / mb:.2f} MB per device "
+            f"state + {step / mb:.1f} MB for one step = {need[worst] / mb:.1f} MB > "
+            f"{budget / mb:.1f} MB; use more hosts (engine.ray.hosts) or a larger budget"
+        )
+    return need
 
 
 class RayLink:
@@ -122,7 +175,10 @@ class RayHub:
     """The driver's side: starts the host actors, places nodes on them, and queues their frames
     as ``(node, frame)`` exactly as the gRPC ``Hub`` does."""
 
-    def __init__(self, engine_cfg: Any, nodes: list[str], welcome: dict[str, Any]) -> None:
+    def __init__(
+        self, engine_cfg: Any, nodes: list[str], welcome: dict[str, Any],
+        placement: dict[str, int],
+    ) -> None:  # fmt: skip
         ray = ray_module()
         rc = engine_cfg.ray
         self.started_ray = False
@@ -130,8 +186,8 @@ class RayHub:
             ray.init(address=rc.address, num_cpus=rc.num_cpus, include_dashboard=False,
                      log_to_driver=False, configure_logging=False)  # fmt: skip
             self.started_ray = True
-        hosts = min(rc.hosts, len(nodes)) if nodes else 0
-        self.placement = {n: i % hosts for i, n in enumerate(nodes)}  # round robin
+        hosts = max(placement.values(), default=-1) + 1
+        self.placement = placement
         self.address = f"ray:{rc.address or 'local'} ({hosts} hosts)"
         self.inbound: queue.Queue[tuple[str, Frame | Closed]] = queue.Queue()
         self.links: dict[str, RayLink] = {}
@@ -140,10 +196,12 @@ class RayHub:
         self.joined = threading.Condition()
         self.closing = False
         self.seqs = [0] * hosts
+        self.epochs = [0] * hosts
+        self.max_restarts = rc.max_restarts
         self.locks = [threading.Lock() for _ in range(hosts)]
         actor = ray.remote(
             num_cpus=rc.num_cpus_per_host, num_gpus=rc.num_gpus_per_host,
-            max_concurrency=2, max_restarts=0,
+            max_concurrency=2, max_restarts=rc.max_restarts,
         )(NodeHost)  # fmt: skip
         env = {"OMP_WAIT_POLICY": "PASSIVE"}
         if rc.threads_per_host is not None:
@@ -160,18 +218,22 @@ class RayHub:
         with self.locks[host]:
             seq = self.seqs[host]
             self.seqs[host] += 1
-            self.actors[host].push.remote(seq, node, frame.type, frame.header, frame.payload)
+            self.actors[host].push.remote(
+                self.epochs[host], seq, node, frame.type, frame.header, frame.payload
+            )
 
     def _pull(self, host: int, nodes: list[str]) -> None:
         ray = ray_module()
         actor = self.actors[host]
+        restarts = 0
         while not self.closing:
             try:
                 batch = ray.get(actor.pull.remote(PULL_WAIT_S))
             except Exception as err:  # noqa: BLE001 - a dead host: every node on it is gone
-                if not self.closing:
-                    log.warning("Ray host %d is gone (%s): %s", host, type(err).__name__,
-                                ", ".join(nodes))  # fmt: skip
+                if self.closing:
+                    return
+                log.warning("Ray host %d is gone (%s): %s", host, type(err).__name__,
+                            ", ".join(nodes))  # fmt: skip
                 for n in nodes:
                     link = self.links[n]
                     link.close()
@@ -180,7 +242,17 @@ class RayHub:
                         if n not in self.ready:
                             self.failed.setdefault(n, f"{n}: its Ray host died ({err})")
                         self.joined.notify_all()
-                return
+                if restarts >= self.max_restarts:
+                    return
+                restarts += 1
+                # Ray restarts the actor; its devices come back on new links, and the engine
+                # starts their roles again from their last known states (``_rejoin``).
+                with self.locks[host]:
+                    self.epochs[host] += 1
+                    self.seqs[host] = 0
+                    for n in nodes:
+                        self.links[n] = RayLink(n, self, host)
+                continue
             for node, kind, header, payload in batch:
                 frame = Frame(kind, header, payload)
                 self.links[node].bytes_in += len(payload) + len(frame.prefix())
