@@ -203,7 +203,9 @@ class RayHub:
             num_cpus=rc.num_cpus_per_host, num_gpus=rc.num_gpus_per_host,
             max_concurrency=2, max_restarts=rc.max_restarts,
         )(NodeHost)  # fmt: skip
-        env = {"OMP_WAIT_POLICY": "PASSIVE"}
+        # Several hosts sharing cores: idle OpenMP threads must sleep, not spin (the spinning
+        # steals the core another host needs). One host keeps OpenMP's default.
+        env = {"OMP_WAIT_POLICY": "PASSIVE"} if hosts > 1 else {}
         if rc.threads_per_host is not None:
             env["OMP_NUM_THREADS"] = str(rc.threads_per_host)
         self.actors = []
