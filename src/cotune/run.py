@@ -451,7 +451,7 @@ def deployment_summary(
         sim = roles.get(node, {})
         if node == "server":  # its busy time: what it did not spend waiting on devices
             m = {"busy_s": max(0.0, host_time - m["idle_s"]), "wire_bytes_up": None,
-                 "wire_bytes_down": None}  # fmt: skip
+                 "wire_bytes_down": None, "batched_requests": None}  # fmt: skip
         nodes[node] = {
             "predicted_busy_s": sim.get("busy_s"),
             "measured_busy_s": m["busy_s"],
@@ -464,6 +464,9 @@ def deployment_summary(
             "wire_bytes_up": m["wire_bytes_up"],
             "message_bytes_down": sim.get("bytes_down"),
             "wire_bytes_down": m["wire_bytes_down"],
+            # Requests its process answered in a batch (a Ray host's cohort); busy seconds
+            # and this count are per process, which on Ray holds several devices.
+            "batched_requests": m.get("batched_requests"),
         }
     return {
         "predicted_time_s": summary["sim_time_s"],

@@ -10,6 +10,7 @@ import torch
 ray = pytest.importorskip("ray")
 
 from tests.paradigms.test_engines import CASES, RESUMABLE, outcome, run  # noqa: E402
+from tests.paradigms.test_fed_cohort import CAUSAL  # noqa: E402
 
 RAY = {"kind": "ray", "ray": {"hosts": 2, "num_cpus_per_host": 0.5}}
 
@@ -106,3 +107,39 @@ def test_a_host_that_dies_fails_its_devices_round_and_comes_back(ray_session, ti
     recs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     got = [(r["round"], r["reported"]) for r in recs if r["event"] == "round"]
     assert seen["killed"] and got == [(1, 2), (2, 1), (3, 2), (4, 2)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_a_hosts_devices_train_as_one_cohort_and_equal_the_local_cohort(
+    ray_session, tiny_config, monkeypatch, method
+):
+    """A round's requests to devices sharing a host go as one frame and the host runs them as
+    fedavg's cohort: the same run as the local engine's cohort."""
+    from cotune.deploy import raynodes
+    from cotune.deploy.frames import BATCH
+
+    batches = []
+    real_send = raynodes.RayLink.send
+
+    def send(self, frame):
+        if frame.type == BATCH:
+            batches.append(len(frame.header["seqs"]))
+        real_send(self, frame)
+
+    monkeypatch.setattr(raynodes.RayLink, "send", send)
+    sections = {
+        **CAUSAL,  # no trained head: the cohort applies (a head cannot differ per row group)
+        "paradigm": {"name": "fedavg", "options": {"local_steps": 2, "cohort": True}},
+        "devices": {"count": 4},
+        "peft": {**CAUSAL["peft"], "method": method},
+    }
+    want = outcome(run(tiny_config, f"cohort-{method}", "local", **sections))
+    # One host holds every device, so its cohort is the local engine's (two hosts would batch
+    # two and two: the same run to float precision, not bit for bit).
+    engine = {"kind": "ray", "ray": {"hosts": 1, "num_cpus_per_host": 0.5}}
+    got_dir = run(tiny_config, f"cohort-{method}", "ray", engine=engine, **sections)
+    assert batches and set(batches) == {4}  # every round: the four devices in one frame
+    assert_same_run(outcome(got_dir), want)
+    nodes = json.loads((got_dir / "summary.json").read_text())["deployment"]["nodes"]
+    assert nodes["device-0"]["batched_requests"] > 0  # the host ran them as a cohort

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from cotune.deploy.frames import (
+    BATCH,
     BYE,
     DONE,
     ERROR,
@@ -105,6 +106,7 @@ class DeviceNode:
         self.running = True
         self.finished = False  # the server said the run is over (not: the stream broke)
         self.busy_s = 0.0  # host seconds spent handling the server's frames
+        self.batched = 0  # requests this process answered as part of a batch (a cohort)
         examples = None if inputs is None else len(inputs.data.train)
         for node in self.nodes:
             self.dialer.send(Frame(READY, {"examples": examples}), node)
@@ -129,6 +131,9 @@ class DeviceNode:
             return
         if frame.type in (REPLY, ERROR):  # the server sends these only to answer our requests
             self.done[int(frame.header["seq"])] = frame
+            return
+        if frame.type == BATCH:
+            self._batch(frame)
             return
         node = str(frame.header.get("node") or self.nodes[0])
         try:
@@ -177,9 +182,68 @@ class DeviceNode:
         elif frame.type == MEASURE:
             values = self._role(str(h["role"])).measurements()
             values["node_busy_s"] = self.busy_s
+            values["node_batched_requests"] = float(self.batched)
             send(Frame(DONE, {"seq": seq, "values": values}))
         else:
             raise ProtocolError(f"unexpected {frame.describe()} frame from the server")
+
+    def _batch(self, frame: Frame) -> None:
+        """Requests for several of this host's roles: answered as one batch when their class
+        offers it for them (``batch_on_<kind>`` / ``can_batch_<kind>``, as the local engine
+        asks), else one by one as separate requests would be; a REPLY (or ERROR) per request,
+        sent as its node's."""
+        h = frame.header
+        seqs, nodes = list(h["seqs"]), [str(n) for n in h["nodes"]]
+        codec = h.get("codec") or self.exp.cfg.engine.codec
+        view, parts, at = memoryview(frame.payload), [], 0
+        for size in h["sizes"]:
+            parts.append(bytes(view[at : at + int(size)]))
+            at += int(size)
+        try:
+            msgs = [self._place(decode_message(p)) for p in parts]
+            for msg, arrival in zip(msgs, h["arrivals"]):
+                msg.arrival = arrival
+            roles = [self._role(m.receiver) for m in msgs]
+            batch = self._batch_handler(roles, msgs)
+        except Exception:  # noqa: BLE001 - one by one below: each request hears of its own
+            batch = None
+        if batch is None:
+            for seq, node, part, arrival in zip(seqs, nodes, parts, h["arrivals"]):
+                one = Frame(REQUEST, {"seq": seq, "codec": codec, "arrival": arrival, "node": node},
+                            part)  # fmt: skip
+                self._take(one)
+            return
+        try:
+            replies = batch()
+            self.batched += len(msgs)
+        except Exception as err:  # noqa: BLE001 - every request of the batch hears of it
+            if not isinstance(err, CotuneError):
+                log.error("batch handler failed:\n%s", traceback.format_exc())
+            for seq, node in zip(seqs, nodes):
+                error = {"seq": seq, "error": f"{type(err).__name__}: {err}"}
+                self.dialer.send(Frame(ERROR, error), node)
+            return
+        for seq, node, reply in zip(seqs, nodes, replies):
+            payload = b"" if reply is None else encode_message(reply, codec)
+            self.dialer.send(Frame(REPLY, {"seq": seq}, payload), node)
+
+    @staticmethod
+    def _batch_handler(roles: list[Role], msgs: list[Message]) -> Any:
+        """The roles' class-level batch handler for ``msgs`` (None: one by one)."""
+        kind, cls = msgs[0].kind, type(roles[0])
+        batch = getattr(cls, f"batch_on_{kind}", None)
+        wants = getattr(cls, f"can_batch_{kind}", None)
+        same = len({type(r) for r in roles}) == 1 and len({m.kind for m in msgs}) == 1
+        if not same or batch is None or (wants is not None and not wants(roles)):
+            return None
+
+        def run() -> list[Message | None]:
+            replies = list(batch(roles, msgs))
+            if len(replies) != len(msgs):
+                raise ProtocolError(f"a batch handler answered {len(replies)} of {len(msgs)}")
+            return replies
+
+        return run
 
     # --- what the roles see ------------------------------------------------------------
     def _context(self, role_id: str) -> Any:

@@ -30,6 +30,10 @@ METER = 13  # device → server: compute / memory reports (out of band, in order
 ERROR = 14  # the peer's handler failed (header: message)
 BYE = 15  # the run is over
 READY = 16  # device → server: my node is built (header: what it holds, e.g. examples)
+# server → a host of several nodes (Ray): requests for several of its roles at once (header:
+# seqs, nodes, sizes, arrivals, codec; payload: the encoded messages one after another), so
+# the roles' class may answer them as one batch (a cohort); one REPLY per request comes back.
+BATCH = 17
 NAMES = {v: k for k, v in dict(globals()).items() if k.isupper() and isinstance(v, int) and v < 64}
 
 

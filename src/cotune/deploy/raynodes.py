@@ -216,6 +216,9 @@ class RayHub:
                 self.links[n] = RayLink(n, self, h)
             threading.Thread(target=self._pull, args=(h, mine), daemon=True).start()
 
+    def host_of(self, node: str) -> int:
+        return self.placement[node]
+
     def push(self, host: int, node: str, frame: Frame) -> None:
         with self.locks[host]:
             seq = self.seqs[host]

@@ -19,6 +19,7 @@ from collections import deque
 from typing import TYPE_CHECKING, Any
 
 from cotune.deploy.frames import (
+    BATCH,
     DONE,
     ERROR,
     MEASURE,
@@ -111,11 +112,12 @@ class GrpcEngine(LocalEngine):
             if not isinstance(role, RemoteRole):
                 continue
             link = self.links_seen.get(node)
-            busy = role.measurements().get("node_busy_s")
+            values = role.measurements()
             out[node] = {
                 "wire_bytes_up": link.bytes_in if link is not None else None,
                 "wire_bytes_down": link.bytes_out if link is not None else None,
-                "busy_s": busy,
+                "busy_s": values.get("node_busy_s"),
+                "batched_requests": values.get("node_batched_requests"),
             }
         return out
 
@@ -184,6 +186,22 @@ class GrpcEngine(LocalEngine):
         return self._post(msg, codec, REQUEST)
 
     def _post(self, msg: Message, codec: str | None, kind: int) -> tuple[int, int, str]:
+        # Counted first, as a message that leaves is (the peer may be gone by then).
+        sent, seq, chosen, header, data = self._prepare(msg, codec)
+        self._deliver(self._link(msg.receiver), Frame(kind, header, data))
+        return sent, seq, chosen
+
+    @staticmethod
+    def _deliver(link: Any, frame: Frame) -> None:
+        try:
+            link.send(frame)
+        except ConnectionError as err:  # it went away between the check and the send
+            raise PeerUnavailable(str(err)) from None
+
+    def _prepare(
+        self, msg: Message, codec: str | None
+    ) -> tuple[int, int, str, dict[str, Any], bytes]:
+        """Encode, count and stamp a message for a remote role (not sent yet)."""
         self._drain(msg.receiver)
         chosen = self._codec_for(msg, codec)
         data = encode_message(msg, chosen)
@@ -194,9 +212,58 @@ class GrpcEngine(LocalEngine):
             self.on_deliver(stub)
             arrival = stub.arrival
         seq = next(self.seq)
-        header = {"seq": seq, "codec": chosen, "arrival": arrival}
-        self._link(msg.receiver).send(Frame(kind, header, data))
-        return sent.seq, seq, chosen
+        return sent.seq, seq, chosen, {"seq": seq, "codec": chosen, "arrival": arrival}, data
+
+    def _send_requests(self, msgs: list[Message], codec: str | None) -> list[Any]:
+        """A round's requests, counted in order; those for roles that share a host (Ray) of
+        one kind go as one BATCH frame, so the host may answer them as one cohort."""
+        out: list[Any] = [None] * len(msgs)
+        links: dict[int, Any] = {}
+        prepared: dict[int, Any] = {}
+        for i, m in enumerate(msgs):  # counted in order, as one by one
+            p = self._prepare(m, codec)
+            try:
+                links[i] = self._link(m.receiver)
+                prepared[i] = p
+            except PeerUnavailable as err:
+                out[i] = err
+        for group in self._host_groups([msgs[i] for i in links], list(links)):
+            done: list[int] = []
+            try:
+                if len(group) > 1 and len({msgs[i].kind for i in group}) == 1:
+                    header = {
+                        "seqs": [prepared[i][1] for i in group],
+                        "nodes": [msgs[i].receiver for i in group],
+                        "sizes": [len(prepared[i][4]) for i in group],
+                        "arrivals": [prepared[i][3]["arrival"] for i in group],
+                        "codec": prepared[group[0]][2],
+                    }
+                    payload = b"".join(prepared[i][4] for i in group)
+                    self._deliver(links[group[0]], Frame(BATCH, header, payload))
+                    done = list(group)
+                else:
+                    for i in group:
+                        self._deliver(links[i], Frame(REQUEST, prepared[i][3], prepared[i][4]))
+                        done.append(i)
+            except PeerUnavailable as err:
+                for i in group:
+                    if i not in done:
+                        out[i] = err
+                        prepared.pop(i)
+            for i in group:
+                if i in prepared:
+                    out[i] = prepared[i][:3]
+        return out
+
+    def _host_groups(self, msgs: list[Message], index: list[int]) -> list[list[int]]:
+        """``index`` (of ``msgs``) grouped by the host their receiver lives on, in order of
+        first appearance; every receiver its own group where a process is one node (gRPC)."""
+        host_of = getattr(self.hub, "host_of", None)
+        groups: dict[Any, list[int]] = {}
+        for i, m in zip(index, msgs):
+            key = host_of(m.receiver) if host_of is not None else ("node", m.receiver)
+            groups.setdefault(key, []).append(i)
+        return list(groups.values())
 
     # --- one-way messages: sent without waiting, settled before the node's next exchange --
     def send(self, msg: Message, *, codec: str | None = None) -> None:
@@ -262,12 +329,16 @@ class GrpcEngine(LocalEngine):
         remote = [isinstance(self._receiver(m), RemoteRole) for m in msgs]
         if not any(remote):
             return super().request_batch(msgs, handler, codec=codec)
-        sent: list[tuple[int, int, str] | PeerUnavailable] = []
-        for m in msgs:
-            try:
-                sent.append(self._send_request(m, codec))
-            except PeerUnavailable as err:
-                sent.append(err)
+        msgs = list(msgs)
+        if all(remote):
+            sent = self._send_requests(msgs, codec)
+        else:
+            sent = []
+            for m in msgs:
+                try:
+                    sent.append(self._send_request(m, codec))
+                except PeerUnavailable as err:
+                    sent.append(err)
         out: list[Message | PeerUnavailable] = []
         for m, s in zip(msgs, sent):
             if isinstance(s, PeerUnavailable):
