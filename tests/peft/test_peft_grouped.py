@@ -107,3 +107,24 @@ def test_bind_tensors_restores_on_error():
         bind_tensors(lin, {"nope": torch.zeros(1)}),
     ):
         pass
+
+
+def test_lora_runs_equal_groups_as_two_batched_matmuls_and_unequal_ones_per_group():
+    from cotune.peft.lora import LoraLayer
+
+    case = MODEL_CASES["bert_cls"]
+    model = case.build()
+    adapters = inject_adapters(model, peft_cfg("lora", case, options={}))
+    perturb(adapters)
+    layer = next(iter(adapters.layers.values()))
+    assert type(layer) is LoraLayer
+    own = [{k: v.detach() + i for k, v in layer.adapter_named_parameters()} for i in range(3)]
+    x = torch.randn(6, 5, layer.in_features)
+    fast = layer.grouped_delta(x, [2, 2, 2], own)
+    assert fast is not None
+    slow = []
+    for xs, t in zip(x.split([2, 2, 2]), own):
+        with bind_tensors(layer, t):
+            slow.append(layer.delta(xs))
+    torch.testing.assert_close(fast, torch.cat(slow), atol=1e-5, rtol=1e-5)
+    assert layer.grouped_delta(x, [1, 2, 3], own) is None  # unequal groups: per group

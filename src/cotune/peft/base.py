@@ -181,6 +181,12 @@ class AdapterLayer(nn.Module):
         d = self.delta(x).to(y.dtype)
         return y + d if y._is_view() else y.add_(d)
 
+    def grouped_delta(
+        self, x: torch.Tensor, rows: list[int], tensors: list[Mapping[str, torch.Tensor]]
+    ) -> torch.Tensor | None:
+        """Every group's ``delta`` at once (a method's batched form), or None: per group."""
+        return None
+
     def _grouped_forward(
         self, x: torch.Tensor, rows: list[int], tensors: list[Mapping[str, torch.Tensor]]
     ) -> torch.Tensor:
@@ -190,11 +196,13 @@ class AdapterLayer(nn.Module):
 
         additive = type(self).adapted_forward is AdapterLayer.adapted_forward
         y = self.base_forward(x) if additive else None
-        parts = []
-        for xs, own in zip(x.split(rows), tensors):
-            with bind_tensors(self, own):
-                parts.append(self.delta(xs) if additive else self.adapted_forward(xs))
-        out = torch.cat(parts)
+        out = self.grouped_delta(x, rows, tensors) if additive else None
+        if out is None:
+            parts = []
+            for xs, own in zip(x.split(rows), tensors):
+                with bind_tensors(self, own):
+                    parts.append(self.delta(xs) if additive else self.adapted_forward(xs))
+            out = torch.cat(parts)
         if y is None:
             return out
         return y + out.to(y.dtype) if y._is_view() else y.add_(out.to(y.dtype))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -64,6 +65,25 @@ class LoraLayer(AdapterLayer):
 
     def delta_weight(self) -> torch.Tensor:
         return (self.lora_B.weight @ self.lora_A.weight) * self.scaling
+
+    def grouped_delta(
+        self, x: torch.Tensor, rows: list[int], tensors: list[Mapping[str, torch.Tensor]]
+    ) -> torch.Tensor | None:
+        """A cohort's deltas in two batched matmuls over stacked per-group A and B (equal
+        groups, no dropout, plain LoRA): 2 kernels and 2 backward nodes instead of 2 per group,
+        which is most of a small cohort's overhead on a CPU."""
+        if (
+            type(self).delta is not LoraLayer.delta
+            or len(set(rows)) != 1
+            or not isinstance(self.lora_dropout, nn.Identity)
+            or any(set(t) != {"lora_A.weight", "lora_B.weight"} for t in tensors)
+        ):
+            return None
+        a = torch.stack([t["lora_A.weight"] for t in tensors])  # [G, r, in]
+        b = torch.stack([t["lora_B.weight"] for t in tensors])  # [G, out, r]
+        xs = x.to(a.dtype).reshape(len(rows), -1, x.shape[-1])  # group i's rows, flattened
+        h = torch.bmm(xs, a.transpose(1, 2)) * self.scaling
+        return torch.bmm(h, b.transpose(1, 2)).reshape(*x.shape[:-1], -1)
 
     @classmethod
     def peft_config_fields(cls, options: Any) -> dict[str, Any]:
