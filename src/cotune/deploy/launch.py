@@ -79,7 +79,8 @@ def deployed_grid(exp: Any) -> Any:
     engine = GrpcEngine(hub, codec=eng.codec, timeout_s=eng.request_timeout_s)
     engine.add_listener(exp.sim.clock.on_transfer)
     exp.engine = engine
-    log.info("listening on %s; waiting for %d devices", hub.address, len(devices))
+    log.info("%s %s; waiting for %d devices",
+             "started" if eng.kind == "ray" else "listening on", hub.address, len(devices))  # fmt: skip
     for hook in ON_LISTEN if eng.kind == "grpc" else []:
         hook(hub.address)
     missing = hub.wait_for(devices, eng.join_timeout_s)
