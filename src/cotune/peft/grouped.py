@@ -7,7 +7,9 @@ than one forward of K·b rows. ``row_groups`` lets a paradigm run a *cohort* of 
 batch while every device keeps its own adapter tensors: autograd sees each device's tensors as
 separate leaves, so one backward gives every device exactly its own gradient.
 
-Additive methods (``base(x) + delta(x)``) share the base product; methods that override
+Additive methods (``base(x) + delta(x)``) share the base product; a method may also compute
+every group's delta at once (``AdapterLayer.grouped_delta``: plain LoRA with equal groups runs
+two batched matmuls over the stacked per-group A and B). Methods that override
 ``adapted_forward`` (DoRA, BoRA) run per group, which is still correct, just not faster.
 """
 
