@@ -110,9 +110,11 @@ def test_a_host_that_dies_fails_its_devices_round_and_comes_back(ray_session, ti
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["lora", "dora"])
+@pytest.mark.parametrize(
+    "paradigm, method", [("fedavg", "lora"), ("fedavg", "dora"), ("local", "lora")]
+)
 def test_a_hosts_devices_train_as_one_cohort_and_equal_the_local_cohort(
-    ray_session, tiny_config, monkeypatch, method
+    ray_session, tiny_config, monkeypatch, paradigm, method
 ):
     """A round's requests to devices sharing a host go as one frame and the host runs them as
     fedavg's cohort: the same run as the local engine's cohort."""
@@ -130,15 +132,15 @@ def test_a_hosts_devices_train_as_one_cohort_and_equal_the_local_cohort(
     monkeypatch.setattr(raynodes.RayLink, "send", send)
     sections = {
         **CAUSAL,  # no trained head: the cohort applies (a head cannot differ per row group)
-        "paradigm": {"name": "fedavg", "options": {"local_steps": 2, "cohort": True}},
+        "paradigm": {"name": paradigm, "options": {"cohort": True}},
         "devices": {"count": 4},
         "peft": {**CAUSAL["peft"], "method": method},
     }
-    want = outcome(run(tiny_config, f"cohort-{method}", "local", **sections))
+    want = outcome(run(tiny_config, f"cohort-{paradigm}-{method}", "local", **sections))
     # One host holds every device, so its cohort is the local engine's (two hosts would batch
     # two and two: the same run to float precision, not bit for bit).
     engine = {"kind": "ray", "ray": {"hosts": 1, "num_cpus_per_host": 0.5}}
-    got_dir = run(tiny_config, f"cohort-{method}", "ray", engine=engine, **sections)
+    got_dir = run(tiny_config, f"cohort-{paradigm}-{method}", "ray", engine=engine, **sections)
     assert batches and set(batches) == {4}  # every round: the four devices in one frame
     assert_same_run(outcome(got_dir), want)
     nodes = json.loads((got_dir / "summary.json").read_text())["deployment"]["nodes"]

@@ -6,18 +6,30 @@ only sends control messages ("train N steps") and receives loss reports; adapter
 
 from __future__ import annotations
 
+from cotune.data import Batch
+from cotune.errors import PeerUnavailable
 from cotune.paradigms.base import Experiment, ParadigmResult, TrainingRole, mean, reply
+from cotune.paradigms.options import LocalOptions, parse_options
 from cotune.runtime import Message
 from cotune.runtime.ids import SERVER
+from cotune.train import StepResult
 
 
 class LocalDevice(TrainingRole):
     def __init__(self, ctx):
         super().__init__(ctx)
+        self.cohort = parse_options(LocalOptions, ctx.cfg.paradigm.options).cohort
+        # What fedavg's cohort reads of a device (fed_cohort.py): no proximal term here.
+        self.prox_global, self.prox_mu = None, 0.0
+        self.results: list[StepResult] = []
+        self.train_host_s = 0.0  # host seconds of its steps (a cohort's share, when batched)
         self.probe_memory()
 
     def on_train(self, msg: Message) -> Message:
         results = self.train_steps(int(msg.meta["steps"]), round=int(msg.meta.get("round", 0)))
+        return self.report(msg, results)
+
+    def report(self, msg: Message, results: list[StepResult]) -> Message:
         return reply(
             msg,
             "train_result",
@@ -25,6 +37,34 @@ class LocalDevice(TrainingRole):
             lrs=[r.lr for r in results],
             step=self.state.step,
         )
+
+    def step_on(self, micro: list[Batch], rnd: int, key: str | None) -> StepResult:
+        """One step on the given micro-batches (the cohort's one-by-one fallback)."""
+        with self.ctx.model.trainer.activate(self.state):
+            return self.active_step(micro, self.loss_fn, rnd, key)
+
+    @classmethod
+    def can_batch_train(cls, devices: list[LocalDevice]) -> bool:
+        from cotune.paradigms.fed_cohort import cohort_supported
+
+        return cohort_supported(devices)  # type: ignore[arg-type]
+
+    @classmethod
+    def batch_on_train(cls, devices: list[LocalDevice], msgs: list[Message]) -> list[Message]:
+        """Colocated devices' steps as one cohort (``paradigm.options.cohort``)."""
+        from cotune.paradigms.fed_cohort import train_cohort
+
+        for d in devices:
+            d.results = []
+        steps = [int(m.meta["steps"]) for m in msgs]
+        rnd = int(msgs[0].meta.get("round", 0))
+        try:
+            train_cohort(devices, steps, rnd, devices[0].ctx.model.flop_key)  # type: ignore[arg-type]
+        finally:
+            for d in devices:
+                assert d.sampler is not None
+                d.state.sampler = d.sampler.state_dict()
+        return [d.report(m, d.results) for d, m in zip(devices, msgs)]
 
 
 def run(exp: Experiment) -> ParadigmResult:
@@ -47,9 +87,15 @@ def run(exp: Experiment) -> ParadigmResult:
             if point <= start:
                 continue
             chunk = point - step
-            replies = grid.request_many(
+            futures = grid.submit_many(  # all at once: colocated devices may run as a cohort
                 [Message("train", SERVER, d, {}, {"steps": chunk, "round": rnd}) for d in devices]
             )
+            replies = []
+            for f in futures:
+                r = f.result()
+                if not r.ok or r.message is None:
+                    raise PeerUnavailable(f"{r.role}: {r.error}")  # local training has no quorum
+                replies.append(r.message)
             losses = [r.meta["losses"] for r in replies]
             for j in range(chunk):
                 step_losses = [ls[j] for ls in losses]

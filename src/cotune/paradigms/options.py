@@ -59,7 +59,13 @@ class ParadigmOptions(BaseModel):
 
 
 class NoOptions(ParadigmOptions):
-    """Paradigms without options (central, local): any option given is a mistake."""
+    """Paradigms without options (central): any option given is a mistake."""
+
+
+class LocalOptions(ParadigmOptions):
+    # In-process engine (and a Ray host): the devices' steps between two evaluations as one
+    # batch, each device on its own adapter tensors (fed_cohort.py); off: one device at a time.
+    cohort: bool = False
 
 
 # ---------------------------------------------------------------- federated
@@ -254,7 +260,7 @@ class SplitFrozenOptions(ParadigmOptions):
 # name -> options model. One line per paradigm (the same names as cotune.paradigms.PARADIGMS).
 OPTIONS: dict[str, type[ParadigmOptions]] = {
     "central": NoOptions,
-    "local": NoOptions,
+    "local": LocalOptions,
     "fedavg": FedAvgOptions,
     "split": SplitOptions,
     "splitfed": SplitFedOptions,
