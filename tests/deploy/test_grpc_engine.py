@@ -8,13 +8,13 @@ import torch
 pytest.importorskip("grpc")
 
 from cotune.deploy.launch import launch  # noqa: E402
-from tests.paradigms.test_engines import CASES, RESUMABLE, outcome, run  # noqa: E402
+from tests.paradigms.test_engines import CASES, RESUMABLE, outcome, reference  # noqa: E402
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("case", RESUMABLE)
 def test_every_paradigm_over_grpc_equals_isolated(tiny_config, case):
-    want = outcome(run(tiny_config, case, "isolated", **CASES[case]))
+    want = reference(tiny_config, case, "isolated")
     sections = dict(CASES[case])
     sections["engine"] = {**sections.get("engine", {}), "request_timeout_s": 60}
     cfg = tiny_config(name=f"{case}-grpc", **sections)

@@ -9,7 +9,7 @@ import torch
 
 ray = pytest.importorskip("ray")
 
-from tests.paradigms.test_engines import CASES, RESUMABLE, outcome, run  # noqa: E402
+from tests.paradigms.test_engines import CASES, RESUMABLE, outcome, reference, run  # noqa: E402
 from tests.paradigms.test_fed_cohort import CAUSAL  # noqa: E402
 
 RAY = {"kind": "ray", "ray": {"hosts": 2, "num_cpus_per_host": 0.5}}
@@ -36,7 +36,7 @@ def assert_same_run(got, want):
 @pytest.mark.slow
 @pytest.mark.parametrize("case", RESUMABLE)
 def test_every_paradigm_on_ray_equals_local(ray_session, tiny_config, case):
-    want = outcome(run(tiny_config, case, "local", **CASES[case]))
+    want = reference(tiny_config, case, "local")
     sections = dict(CASES[case])
     sections["engine"] = {**sections.get("engine", {}), **RAY}
     got_dir = run(tiny_config, case, "ray", **sections)

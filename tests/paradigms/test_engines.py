@@ -105,10 +105,22 @@ def outcome(run_dir):
     return recs, summary, params
 
 
+_REFERENCE: dict[tuple[str, str], tuple] = {}
+
+
+def reference(tiny_config, case, kind):
+    """``outcome`` of ``CASES[case]`` on ``kind`` (local / isolated), run once per session: the
+    gRPC and Ray matrices compare against the same runs this module's matrix checks. Callers
+    only read it."""
+    if (case, kind) not in _REFERENCE:
+        _REFERENCE[(case, kind)] = outcome(run(tiny_config, case, kind, **CASES[case]))
+    return _REFERENCE[(case, kind)]
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_local_and_isolated_engines_give_the_same_run(tiny_config, case):
-    a = outcome(run(tiny_config, case, "local", **CASES[case]))
-    b = outcome(run(tiny_config, case, "isolated", **CASES[case]))
+    a = reference(tiny_config, case, "local")
+    b = reference(tiny_config, case, "isolated")
     assert a[0] == b[0]  # every record: losses, lr, round outcomes, bytes, simulated time
     sa, sb = a[1], b[1]
     assert sa["sim_time_s"] == sb["sim_time_s"] and sa["bytes"] == sb["bytes"]
