@@ -56,7 +56,8 @@ def test_cohort_under_dropouts_still_drops_the_same_devices(tiny_config):
     assert b["final"]["loss"] == pytest.approx(a["final"]["loss"], rel=1e-5)
 
 
-def test_the_cohort_really_batches_the_devices(tiny_config, monkeypatch):
+def cohort_sizes(monkeypatch):
+    """The number of devices in every joint batch a cohort runs (filled as the run goes)."""
     from cotune.paradigms import fed_cohort
 
     sizes = []
@@ -67,6 +68,11 @@ def test_the_cohort_really_batches_the_devices(tiny_config, monkeypatch):
         return real(batches, task)
 
     monkeypatch.setattr(fed_cohort, "_pad_cat", spy)
+    return sizes
+
+
+def test_the_cohort_really_batches_the_devices(tiny_config, monkeypatch):
+    sizes = cohort_sizes(monkeypatch)
     fedavg(tiny_config, "spy", True, **CAUSAL)
     # 2 rounds x 3 local steps x 2 micro-batches; the first step of a new shape runs one by one.
     assert sizes and set(sizes) == {3} and len(sizes) >= 6

@@ -9,7 +9,7 @@ import torch
 
 from cotune.run import run_experiment
 from tests.paradigms.test_central_local import final_params
-from tests.paradigms.test_fed_cohort import CAUSAL
+from tests.paradigms.test_fed_cohort import CAUSAL, cohort_sizes
 
 
 def local(tiny_config, name, cohort, **sections):
@@ -35,16 +35,7 @@ def test_local_cohort_equals_one_device_at_a_time(tiny_config):
 
 
 def test_the_local_cohort_really_batches_the_devices(tiny_config, monkeypatch):
-    from cotune.paradigms import fed_cohort
-
-    sizes = []
-    real = fed_cohort._pad_cat
-
-    def spy(batches, task):
-        sizes.append(len(batches))
-        return real(batches, task)
-
-    monkeypatch.setattr(fed_cohort, "_pad_cat", spy)
+    sizes = cohort_sizes(monkeypatch)
     local(tiny_config, "spy", True)
     assert sizes and set(sizes) == {3}
 

@@ -21,8 +21,8 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from cotune.deploy.frames import BYE, ERROR, READY, Frame
-from cotune.deploy.transport import Closed
+from cotune.deploy.frames import BYE, ERROR, Frame
+from cotune.deploy.transport import Closed, Joining
 from cotune.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -171,7 +171,7 @@ class RayLink:
         self.open = False
 
 
-class RayHub:
+class RayHub(Joining):
     """The driver's side: starts the host actors, places nodes on them, and queues their frames
     as ``(node, frame)`` exactly as the gRPC ``Hub`` does."""
 
@@ -191,9 +191,7 @@ class RayHub:
         self.address = f"ray:{rc.address or 'local'} ({hosts} hosts)"
         self.inbound: queue.Queue[tuple[str, Frame | Closed]] = queue.Queue()
         self.links: dict[str, RayLink] = {}
-        self.ready: dict[str, dict[str, Any]] = {}
-        self.failed: dict[str, str] = {}
-        self.joined = threading.Condition()
+        super().__init__()
         self.closing = False
         self.seqs = [0] * hosts
         self.epochs = [0] * hosts
@@ -243,10 +241,7 @@ class RayHub:
                     link = self.links[n]
                     link.close()
                     self.inbound.put((n, Closed(link)))
-                    with self.joined:
-                        if n not in self.ready:
-                            self.failed.setdefault(n, f"{n}: its Ray host died ({err})")
-                        self.joined.notify_all()
+                    self.fail(n, f"{n}: its Ray host died ({err})")
                 if restarts >= self.max_restarts:
                     return
                 restarts += 1
@@ -261,24 +256,8 @@ class RayHub:
             for node, kind, header, payload in batch:
                 frame = Frame(kind, header, payload)
                 self.links[node].bytes_in += len(payload) + len(frame.prefix())
-                if kind == READY:
-                    with self.joined:
-                        self.ready[node] = dict(header)
-                        self.joined.notify_all()
-                elif kind == ERROR and node not in self.ready:
-                    log.error("%s", header.get("error"))
-                    with self.joined:
-                        self.failed[node] = str(header.get("error"))
-                        self.joined.notify_all()
-                else:
+                if not self.take(node, frame):
                     self.inbound.put((node, frame))
-
-    def wait_for(self, nodes: list[str], timeout: float) -> list[str]:
-        with self.joined:
-            self.joined.wait_for(
-                lambda: all(n in self.ready or n in self.failed for n in nodes), timeout
-            )
-            return [n for n in nodes if n not in self.ready]
 
     def close(self) -> None:
         ray = ray_module()

@@ -113,7 +113,52 @@ class Link:
         self.outbound.put(None)
 
 
-class Hub:
+class Joining:
+    """What devices report while they join, kept for the engine (``node_info``) and the start:
+    ``ready`` (READY: the node is built; what it declared, e.g. its own data's size) and
+    ``failed`` (why a node could not start). Both hubs (gRPC, Ray) keep this book."""
+
+    def __init__(self) -> None:
+        self.ready: dict[str, dict[str, Any]] = {}
+        self.failed: dict[str, str] = {}
+        self.joined = threading.Condition()
+
+    def take(self, node: str, frame: Frame) -> bool:
+        """Book ``frame`` if it is a join report (READY, or an error before READY); False: it
+        is the engine's."""
+        if frame.type == READY:
+            with self.joined:
+                self.ready[node] = dict(frame.header)
+                self.failed.pop(node, None)
+                self.joined.notify_all()
+            return True
+        if frame.type == ERROR and node not in self.ready:
+            why = str(frame.header.get("error"))
+            log.error("%s", why)
+            with self.joined:
+                self.failed[node] = why
+                self.joined.notify_all()
+            return True
+        return False
+
+    def fail(self, node: str, why: str) -> None:
+        """``node`` cannot start (its host died before it was built); a first reason stands."""
+        with self.joined:
+            if node not in self.ready:
+                self.failed.setdefault(node, why)
+            self.joined.notify_all()
+
+    def wait_for(self, nodes: list[str], timeout: float) -> list[str]:
+        """Wait until ``nodes`` are connected and have built their node (so no request waits on
+        a model still loading), or failed, or ``timeout`` passes; returns the missing ones."""
+        with self.joined:
+            self.joined.wait_for(
+                lambda: all(n in self.ready or n in self.failed for n in nodes), timeout
+            )
+            return [n for n in nodes if n not in self.ready]
+
+
+class Hub(Joining):
     """The gRPC server: authenticates devices and queues their frames as ``(node, frame)``
     (``(node, Closed(link))`` when a stream ends)."""
 
@@ -126,13 +171,10 @@ class Hub:
     ) -> None:
         grpc = grpc_module()
         security.check()
+        super().__init__()
         self.security, self.tokens, self.welcome = security, tokens or {}, welcome
         self.inbound: queue.Queue[tuple[str, Frame | Closed]] = queue.Queue()
         self.links: dict[str, Link] = {}
-        # What each device declared once its node was built (READY): e.g. its own data's size.
-        self.ready: dict[str, dict[str, Any]] = {}
-        self.failed: dict[str, str] = {}  # devices that could not build their node, and why
-        self.joined = threading.Condition()
         self.server = grpc.server(ThreadPoolExecutor(max_workers=256), options=_OPTIONS)
         handler = grpc.method_handlers_generic_handler(
             "cotune.Node", {"Connect": grpc.stream_stream_rpc_method_handler(self._connect)}
@@ -212,18 +254,7 @@ class Hub:
             for msg in requests:
                 link.bytes_in += wire_bytes(msg)
                 frame = reader.add(msg)
-                if frame is not None and frame.type == READY:
-                    with self.joined:
-                        self.ready[node] = dict(frame.header)
-                        self.failed.pop(node, None)
-                        self.joined.notify_all()
-                elif frame is not None and frame.type == ERROR and node not in self.ready:
-                    why = str(frame.header.get("error"))
-                    log.error("%s", why)
-                    with self.joined:
-                        self.failed[node] = why
-                        self.joined.notify_all()
-                elif frame is not None:
+                if frame is not None and not self.take(node, frame):
                     self.inbound.put((node, frame))
         except ProtocolError as err:
             log.warning("%s sent a malformed frame (%s): disconnecting it", node, err)
@@ -231,15 +262,6 @@ class Hub:
             pass
         link.close()
         self.inbound.put((node, Closed(link)))
-
-    def wait_for(self, nodes: list[str], timeout: float) -> list[str]:
-        """Wait until ``nodes`` are connected and have built their node (so no request waits on
-        a model still loading), or ``timeout`` passes; returns the missing ones."""
-        with self.joined:
-            self.joined.wait_for(
-                lambda: all(n in self.ready or n in self.failed for n in nodes), timeout
-            )
-            return [n for n in nodes if n not in self.ready]
 
     def close(self) -> None:
         for link in list(self.links.values()):

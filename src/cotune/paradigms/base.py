@@ -108,6 +108,12 @@ class TrainingRole(Role):
         self.state.sampler = self.sampler.state_dict()
         return results
 
+    def step_on(self, micro: list[Batch], rnd: int, key: str | None) -> StepResult:
+        """One step on the given micro-batches with this role's own loss (a cohort's
+        one-by-one fallback)."""
+        with self.ctx.model.trainer.activate(self.state):
+            return self.active_step(micro, self.loss_fn, rnd, key)
+
     def active_step(
         self, micro: list[Batch], loss_fn: LossFn, round: int, key: str | None
     ) -> StepResult:

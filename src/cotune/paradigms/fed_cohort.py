@@ -84,7 +84,17 @@ def _pad_cat(batches: list[Batch], task: str) -> Batch:
 
 def train_cohort(devices: Sequence[FedDevice], steps: list[int], rnd: int, key: str) -> None:
     """Run each device's ``steps[i]`` local steps, step ``j`` of all devices that still have
-    one as a single batch; results land in each device's ``results`` list."""
+    one as a single batch; results land in each device's ``results`` list. Each device's
+    sampler position is kept in its state afterwards, as ``TrainingRole.train_steps`` does."""
+    try:
+        _cohort_steps(devices, steps, rnd, key)
+    finally:
+        for d in devices:
+            assert d.sampler is not None
+            d.state.sampler = d.sampler.state_dict()
+
+
+def _cohort_steps(devices: Sequence[FedDevice], steps: list[int], rnd: int, key: str) -> None:
     first = devices[0]
     ctx = first.ctx
     model = ctx.model

@@ -15,7 +15,6 @@ import numpy as np
 import torch
 
 from cotune.aggregation import proximal_loss
-from cotune.data import Batch
 from cotune.paradigms.base import Experiment, TrainingRole, mean, reply, state_tensors
 from cotune.paradigms.options import FedAvgOptions, ParadigmOptions, parse_options
 from cotune.runtime import Message
@@ -97,13 +96,7 @@ class FedDevice(TrainingRole):
             d.begin_round(m)
             d.results, d.train_host_s = [], 0.0
         steps = [d.local_steps() for d in devices]
-        key = devices[0].ctx.model.flop_key
-        try:
-            train_cohort(devices, steps, devices[0].round, key)
-        finally:
-            for d in devices:
-                assert d.sampler is not None
-                d.state.sampler = d.sampler.state_dict()
+        train_cohort(devices, steps, devices[0].round, devices[0].ctx.model.flop_key)
         return [d.report(m, d.results) for d, m in zip(devices, msgs)]
 
     def begin_round(self, msg: Message) -> None:
@@ -130,11 +123,6 @@ class FedDevice(TrainingRole):
             examples=len(self.dataset),
             losses=[r.loss for r in results],
         )
-
-    def step_on(self, micro: list[Batch], rnd: int, key: str | None) -> StepResult:
-        """One local step on the given micro-batches (a cohort's one-by-one fallback)."""
-        with self.ctx.model.trainer.activate(self.state):
-            return self.active_step(micro, self.loss_fn, rnd, key)
 
     def measurements(self) -> dict[str, float]:
         return {"train_host_s": self.train_host_s}

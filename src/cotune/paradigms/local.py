@@ -6,7 +6,6 @@ only sends control messages ("train N steps") and receives loss reports; adapter
 
 from __future__ import annotations
 
-from cotune.data import Batch
 from cotune.errors import PeerUnavailable
 from cotune.paradigms.base import Experiment, ParadigmResult, TrainingRole, mean, reply
 from cotune.paradigms.options import LocalOptions, parse_options
@@ -38,11 +37,6 @@ class LocalDevice(TrainingRole):
             step=self.state.step,
         )
 
-    def step_on(self, micro: list[Batch], rnd: int, key: str | None) -> StepResult:
-        """One step on the given micro-batches (the cohort's one-by-one fallback)."""
-        with self.ctx.model.trainer.activate(self.state):
-            return self.active_step(micro, self.loss_fn, rnd, key)
-
     @classmethod
     def can_batch_train(cls, devices: list[LocalDevice]) -> bool:
         from cotune.paradigms.fed_cohort import cohort_supported
@@ -58,12 +52,7 @@ class LocalDevice(TrainingRole):
             d.results = []
         steps = [int(m.meta["steps"]) for m in msgs]
         rnd = int(msgs[0].meta.get("round", 0))
-        try:
-            train_cohort(devices, steps, rnd, devices[0].ctx.model.flop_key)  # type: ignore[arg-type]
-        finally:
-            for d in devices:
-                assert d.sampler is not None
-                d.state.sampler = d.sampler.state_dict()
+        train_cohort(devices, steps, rnd, devices[0].ctx.model.flop_key)  # type: ignore[arg-type]
         return [d.report(m, d.results) for d, m in zip(devices, msgs)]
 
 
