@@ -103,6 +103,15 @@ class RunNodes:
         i = device_index(role_id)
         return {"examples": len(self.exp.parts[i])} if i is not None else {}
 
+    def prepare(self, role_id: str) -> None:
+        """A role is being started on ``role_id`` (it is built on first use): the node must
+        exist, and an isolated node's template is taken now, before any role trains."""
+        i = device_index(role_id)
+        if i is not None and not 0 <= i < len(self.exp.parts):
+            raise KeyError(f"no node {role_id!r} in this run ({len(self.exp.parts)} devices)")
+        if self.isolated:
+            self._pristine()
+
     def context(self, role_id: str, *, grid: Grid, meter: Meter) -> NodeContext:
         exp, i = self.exp, device_index(role_id)
         if i is not None and not 0 <= i < len(exp.parts):

@@ -407,6 +407,9 @@ def build_summary(exp, result, host_time: float, *, messages: int | None = None)
     }
     mems = [c["memory_bytes"] for c in devices if c["memory_bytes"] is not None]
     labels = [e.group for e in exp.data.train]
+    idle = [r for r, c in costs.items() if r.startswith("device-") and idle_role(c)]
+    if len(idle) > IDLE_ROWS_MAX:  # a large population: list who took part, count the rest
+        costs = {r: c for r, c in costs.items() if not (r.startswith("device-") and idle_role(c))}
     return {
         "name": cfg.name,
         "paradigm": cfg.paradigm.name,
@@ -430,6 +433,9 @@ def build_summary(exp, result, host_time: float, *, messages: int | None = None)
             "device_peak_memory_bytes": max(mems) if mems else None,
             "server": costs.get("server"),
             "roles": costs,
+            # Devices that never computed nor sent anything (never sampled); not in ``roles``
+            # (nor costs.csv) when there are more than IDLE_ROWS_MAX of them.
+            "idle_devices": len(idle),
         },
         "messages": messages if messages is not None else len(exp.engine.transfers),
         "trainable_params": exp.adapters.num_trainable(),
@@ -438,6 +444,18 @@ def build_summary(exp, result, host_time: float, *, messages: int | None = None)
             k: v for k, v in result.extra.items() if k not in ("per_device_eval", "adapters")
         },
     }
+
+
+#: Above this many never-used devices, the summary's per-role table and costs.csv leave them
+#: out (a 100,000-device population would write 100,000 rows of zeros) and only count them.
+IDLE_ROWS_MAX = 1000
+
+
+def idle_role(c: dict[str, Any]) -> bool:
+    """A role that computed nothing, sent and received nothing, and never held memory."""
+    return not (c["flops"] or c["bytes_up"] or c["bytes_down"] or c["busy_s"]) and (
+        c.get("memory_bytes") is None
+    )
 
 
 def deployment_summary(

@@ -21,6 +21,10 @@ PAD, EOS = "<pad>", "<eos>"
 _META = "cotune_tokenizer.json"
 
 
+#: Texts tokenized per call (bounds the tokenizer's transient memory).
+ENCODE_CHUNK = 4096
+
+
 class Tokenizer:
     """``encode(texts, max_length) -> list[list[int]]``, ``pad_id``, ``vocab_size``, save/load."""
 
@@ -47,12 +51,22 @@ class Tokenizer:
         if max_length < 1:
             raise DataError(f"max_length must be >= 1, got {max_length}")
         texts = list(texts)
-        if self.hf is not None:
-            out = self.hf(texts, truncation=True, max_length=max_length, add_special_tokens=True)
-            return [list(ids) for ids in out["input_ids"]]
-        assert self.bpe is not None
-        encs = self.bpe.encode_batch(texts, add_special_tokens=False)
-        return [e.ids[: max_length - 1] + [self.eos_id] for e in encs]  # type: ignore[list-item]
+        # In chunks, ids only: a fast tokenizer's batch output (its Encoding objects, masks
+        # and type ids as Python lists) is many times the ids, and a 250k-example dataset in
+        # one call would hold all of it at once.
+        out: list[list[int]] = []
+        for at in range(0, len(texts), ENCODE_CHUNK):
+            chunk = texts[at : at + ENCODE_CHUNK]
+            if self.hf is not None:
+                enc = self.hf(chunk, truncation=True, max_length=max_length,
+                              add_special_tokens=True, return_attention_mask=False,
+                              return_token_type_ids=False)  # fmt: skip
+                out.extend(enc["input_ids"])
+            else:
+                assert self.bpe is not None
+                encs = self.bpe.encode_batch(chunk, add_special_tokens=False)
+                out.extend(e.ids[: max_length - 1] + [self.eos_id] for e in encs)  # type: ignore[list-item]
+        return out
 
     def decode(self, ids: Sequence[int]) -> str:
         if self.hf is not None:

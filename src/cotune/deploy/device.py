@@ -17,6 +17,8 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from cotune.deploy.frames import (
     BATCH,
     BYE,
@@ -100,6 +102,9 @@ class DeviceNode:
         self.host = RunNodes(self.exp, isolated=isolated)
         self.nodes = list(nodes) if nodes is not None else [dialer.node]
         self.roles: dict[str, Role] = {}
+        # Started, built on first use (as ``EngineGrid.start``): a host of 5,000 devices holds
+        # the states of those that were sampled, not of all.
+        self.starting: dict[str, Any] = {}
         self.grid = DeviceGrid(self)
         self.seq = itertools.count(1)
         self.done: dict[int, Frame] = {}
@@ -157,7 +162,8 @@ class DeviceNode:
 
         if frame.type == START:
             role_id = str(h["role"])
-            self.roles[role_id] = self._factory(str(h["factory"]))(self._context(role_id))
+            self.starting[role_id] = self._factory(str(h["factory"]))
+            self.roles.pop(role_id, None)  # started again (it rejoined): built afresh
             send(Frame(DONE, {"seq": seq}))
         elif frame.type in (REQUEST, SEND):
             msg = self._place(decode_message(frame.payload))
@@ -174,13 +180,17 @@ class DeviceNode:
                 raise ProtocolError(f"role {role.role_id!r} has no local event {h['kind']!r}")
             send(Frame(DONE, {"seq": seq, "result": handler(h.get("meta") or {})}))
         elif frame.type == SNAPSHOT:
+            if h.get("if_built") and str(h["role"]) in self.starting:
+                send(Frame(DONE, {"seq": seq, "none": True}))  # never used: no state yet
+                return
             state = self._role(str(h["role"])).snapshot()
             send(Frame(DONE, {"seq": seq}, dump_state(state)))
         elif frame.type == RESTORE:
             self._role(str(h["role"])).restore(load_state(frame.payload))
             send(Frame(DONE, {"seq": seq}))
         elif frame.type == MEASURE:
-            values = self._role(str(h["role"])).measurements()
+            role_id = str(h["role"])
+            values = {} if role_id in self.starting else self._role(role_id).measurements()
             values["node_busy_s"] = self.busy_s
             values["node_batched_requests"] = float(self.batched)
             send(Frame(DONE, {"seq": seq, "values": values}))
@@ -262,10 +272,18 @@ class DeviceNode:
         return obj
 
     def _role(self, role_id: str) -> Role:
+        role = self.roles.get(role_id)
+        if role is not None:
+            return role
+        factory = self.starting.pop(role_id, None)
+        if factory is None:
+            raise ProtocolError(f"no role {role_id!r} on this device")
+        rng = torch.get_rng_state()  # building (a memory probe) leaves the stream as it was
         try:
-            return self.roles[role_id]
-        except KeyError:
-            raise ProtocolError(f"no role {role_id!r} on this device") from None
+            role = self.roles[role_id] = factory(self._context(role_id))
+        finally:
+            torch.set_rng_state(rng)
+        return role
 
     def _place(self, msg: Message) -> Message:
         return place_message(msg, self.host.device_of(msg.receiver))

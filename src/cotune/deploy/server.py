@@ -61,16 +61,24 @@ class RemoteRole(Role):
         done = self.engine.control(self.role_id, TICK, {"kind": kind, "meta": meta})
         return done.header.get("result")
 
-    def snapshot(self) -> Any:
+    def snapshot(self, *, if_built: bool = False) -> Any:
+        """Its state, read from its node (``if_built``: None for a role its node has not built
+        yet, or one away before it was ever read: it starts afresh, as checkpoints say)."""
         if self.engine.links_seen.get(self.role_id, True) is None:
             return None  # it never joined: no state to read (checkpoints leave it out)
         try:
-            self.last_state = load_state(self.engine.control(self.role_id, SNAPSHOT, {}).payload)
+            done = self.engine.control(self.role_id, SNAPSHOT, {"if_built": if_built})
+            if done.header.get("none"):
+                return None
+            self.last_state = load_state(done.payload)
         except PeerUnavailable:
-            if self.last_state is None:
+            if self.last_state is None and not if_built:
                 raise
             log.warning("%s is away: its last known state stands in", self.role_id)
         return self.last_state
+
+    def snapshot_if_built(self) -> Any:
+        return self.snapshot(if_built=True)
 
     def restore(self, state: Any) -> None:
         self.last_state = state
@@ -102,6 +110,7 @@ class GrpcEngine(LocalEngine):
         self.grid: Any = None  # the EngineGrid over this engine (its sink: the simulator's)
         self.idle_s = 0.0  # seconds this process waited on devices (the rest it was busy)
         self.absent: set[str] = set()  # devices that had not joined when the run started
+        self.starting: dict[str, int] = {}  # node → its START frame's seq, not yet settled
 
     def measured(self) -> dict[str, Any]:
         """What the deployment measured, per device: bytes on the wire both ways (gRPC and
@@ -137,13 +146,17 @@ class GrpcEngine(LocalEngine):
             self.links_seen[role_id] = None
             self.gone.add(role_id)
             return role
-        self.control(role_id, START, {"factory": path})
+        # Not waited for: the node builds the role on first use, and its acknowledgement is
+        # settled before the node's next exchange (``_drain``), so starting 10,000 devices
+        # costs no round trips. A role that never trained restarts fresh after a crash, which
+        # is its initial state.
+        self._drain(role_id)
+        seq = next(self.seq)
+        link = self._link(role_id)
+        self._deliver(link, Frame(START, {"factory": path, "seq": seq, "role": role_id}))
+        self.starting[role_id] = seq
         self.register(role)
-        self.links_seen[role_id] = self.hub.links[role_id]
-        # Its first known state (checkpoints update it; a crash falls back to it); central's
-        # data owners keep none.
-        with contextlib.suppress(ProtocolError):
-            role.snapshot()
+        self.links_seen[role_id] = link
         return role
 
     def control(self, node: str, kind: int, header: dict[str, Any], payload: bytes = b"") -> Frame:
@@ -167,6 +180,7 @@ class GrpcEngine(LocalEngine):
         role = self._roles.get(node)
         self.links_seen[node] = link
         self.gone.discard(node)
+        self.starting.pop(node, None)  # its previous life's START: never acknowledged now
         if not isinstance(role, RemoteRole):
             return
         log.info("%s rejoined: restarting its role from its last known state", node)
@@ -277,6 +291,9 @@ class GrpcEngine(LocalEngine):
         """Settle ``node``'s one-way messages (their acknowledgements, the meter reports and
         messages its handlers produced): whatever happens next with ``node`` is then in the
         order a one-by-one engine would have it."""
+        started = self.starting.pop(node, None)
+        if started is not None:
+            self._wait(node, started)  # a role that cannot be built on its node says so here
         waiting = self.outstanding.get(node)
         while waiting:
             msg, sent, seq, chosen = waiting.popleft()

@@ -67,7 +67,7 @@ def run(exp: Experiment) -> ParadigmResult:
     if exp.resume is not None:
         glob = exp.resume["states"][SERVER]
         for d in devices:
-            grid.restore(d, exp.resume["states"][d])
+            grid.restore(d, exp.resume["states"].get(d))
         aggregator.load_state_dict(exp.resume["extra"]["aggregator"])
         start = int(exp.resume["extra"]["round"])
 
@@ -134,7 +134,7 @@ def run(exp: Experiment) -> ParadigmResult:
             bar.update(1, **{k: v for k, v in last_eval.items() if k in ("accuracy", "perplexity")})
             exp.maybe_checkpoint(
                 step,
-                lambda: {SERVER: glob, **{d: grid.snapshot(d) for d in devices}},
+                lambda: {SERVER: glob, **grid.snapshots(devices)},
                 {"round": rnd, "aggregator": aggregator.state_dict()},
             )
     if not last_eval:

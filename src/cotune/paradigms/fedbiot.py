@@ -256,8 +256,7 @@ def run(exp: Experiment) -> ParadigmResult:
         res = exp.resume
         glob = res["states"][SERVER]
         aligner.load_state_dict(res["extra"]["aligner"])
-        for d in devices:
-            dev = res["extra"]["devices"][d]
+        for d, dev in res["extra"]["devices"].items():  # the devices that had been used
             grid.restore(d, {"state": res["states"][d], **dev})
         held = {d: int(v) for d, v in res["extra"]["held"].items()}
         start = int(res["extra"]["round"])
@@ -322,7 +321,7 @@ def run(exp: Experiment) -> ParadigmResult:
             bar.update(1, **{k: v for k, v in last.items() if k in ("accuracy", "perplexity")})
             if not exp.checkpoint_due(step):
                 continue
-            snaps = {d: grid.snapshot(d) for d in devices}
+            snaps = grid.snapshots(devices)
             exp.maybe_checkpoint(
                 step,
                 {SERVER: glob, **{d: s["state"] for d, s in snaps.items()}},

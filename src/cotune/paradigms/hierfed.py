@@ -329,7 +329,7 @@ def run(exp: Experiment) -> ParadigmResult:
     if exp.resume is not None:
         glob = exp.resume["states"][SERVER]
         for d in devices:
-            grid.restore(d, exp.resume["states"][d])
+            grid.restore(d, exp.resume["states"].get(d))
         start = int(exp.resume["extra"]["round"])
 
     last_eval: dict[str, float] = {}
@@ -360,7 +360,7 @@ def run(exp: Experiment) -> ParadigmResult:
             bar.update(1, **{k: v for k, v in last_eval.items() if k in ("accuracy", "perplexity")})
             exp.maybe_checkpoint(
                 step,
-                lambda: {SERVER: glob, **{d: grid.snapshot(d) for d in devices}},
+                lambda: {SERVER: glob, **grid.snapshots(devices)},
                 lambda rnd=rnd: {"round": rnd, "plans": [vars(p) for p in plans],
                          "edges": {e: grid.snapshot(e) for e in edges}},
             )  # fmt: skip

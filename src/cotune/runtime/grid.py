@@ -186,9 +186,16 @@ class Grid(ABC):
     def snapshot(self, role_id: str) -> Any:
         """Measurement: the role's state (for evaluation and checkpoints), not counted."""
 
+    def snapshots(self, role_ids: list[str]) -> dict[str, Any]:
+        """Measurement: the states of those of ``role_ids`` that have one (a checkpoint's):
+        a role started but never used yet is left out (it holds only its initial state, which
+        it rebuilds itself; ``restore(role, None)`` leaves it so)."""
+        return {r: self.snapshot(r) for r in role_ids}
+
     @abstractmethod
     def restore(self, role_id: str, state: Any) -> None:
-        """Measurement: put a checkpointed state back into the role (resume)."""
+        """Measurement: put a checkpointed state back into the role (resume); ``None``: the
+        checkpoint holds none (the role was never used), so there is nothing to put back."""
 
     @abstractmethod
     def measurements(self, role_id: str) -> dict[str, float]:
@@ -216,6 +223,7 @@ class EngineGrid(Grid):
         # The grid roles get for nested calls: the outermost wrapper (the simulated grid), so
         # a role's own requests are simulated exactly like the driver's.
         self.outer: Grid = self
+        self._pending: dict[str, RoleFactory] = {}  # started, not built yet (see ``start``)
 
     def node_ids(self, prefix: str = "device-") -> list[str]:
         return [n for n in self.nodes.node_ids() if n.startswith(prefix)]
@@ -230,16 +238,46 @@ class EngineGrid(Grid):
         return self.nodes.context(role_id, grid=self.outer, meter=self.meter(role_id))
 
     def start(self, role_id: str, factory: RoleFactory) -> None:
+        """The role is built on first use (a message, a local event, a snapshot): a device
+        that is never sampled costs nothing, so a population of 100,000 devices costs what the
+        devices that trained do. Building it later gives the same role, since a role's
+        initial state depends only on its node (its seed, its shard, the run's initial
+        adapter values), never on when it was built."""
         if getattr(self.nodes, "is_remote", None) is not None and self.nodes.is_remote(role_id):
             self.nodes.start_remote(role_id, factory)  # built on its own machine
             return
-        role = factory(self.context(role_id))
+        if role_id in self._pending or role_id in self.engine.roles:
+            raise ProtocolError(f"role {role_id!r} is already registered")
+        prepare = getattr(self.nodes, "prepare", None)
+        if prepare is not None:
+            prepare(role_id)  # checks the node exists; what a node copies, copied now
+        self._pending[role_id] = factory
+
+    def started(self, role_id: str) -> bool:
+        """Whether ``role_id``'s role exists yet (False: started, never used)."""
+        return role_id in self.engine.roles
+
+    def _build(self, role_id: str, factory: RoleFactory) -> Role:
+        import torch
+
+        from cotune.runtime.local import own_node
+
+        # Built on its own node: outside any FLOP counter of the caller, and leaving the
+        # caller's random stream as it was (a memory probe's forward draws dropout masks).
+        rng = torch.get_rng_state()
+        try:
+            with own_node():
+                role = factory(self.context(role_id))
+        finally:
+            torch.set_rng_state(rng)
         if role.role_id != role_id:
             raise ProtocolError(f"factory for {role_id!r} built a role named {role.role_id!r}")
         self.engine.register(role)
+        return role
 
     def submit(self, msg: Message, *, codec: str | None = None, round: int | None = None) -> Future:
         fut = Future(msg, round)
+        self._deliverable(msg)
         try:
             fut._reply = Reply(msg.receiver, "ok", self.engine.request(msg, codec=codec))
         except PeerUnavailable as err:
@@ -280,6 +318,8 @@ class EngineGrid(Grid):
         reply; the receivers must not depend on each other's work within one call."""
         if not self.pipelines(msgs):
             return [self.submit(m, codec=codec, round=round) for m in msgs]
+        for m in msgs:
+            self._deliverable(m)
         handler = self.batch_handler(msgs)
         if handler is None:
             roles = [self._role(m.receiver) for m in msgs]
@@ -308,7 +348,7 @@ class EngineGrid(Grid):
         return Gathered(replies)
 
     def send(self, msg: Message, *, codec: str | None = None) -> None:
-        self.engine.send(msg, codec=codec)
+        self.engine.send(self._deliverable(msg), codec=codec)
 
     def tick(self, role_ids: list[str], kind: str, meta: dict[str, Any] | None = None) -> list[Any]:
         roles = [self._role(r) for r in role_ids]
@@ -337,10 +377,19 @@ class EngineGrid(Grid):
         self.engine.register(role)
 
     def _role(self, role_id: str) -> Role:
-        try:
-            return self.engine.roles[role_id]
-        except KeyError:
-            raise ProtocolError(f"no role {role_id!r} was started on this grid") from None
+        role = self.engine.roles.get(role_id)
+        if role is not None:
+            return role
+        factory = self._pending.pop(role_id, None)
+        if factory is None:
+            raise ProtocolError(f"no role {role_id!r} was started on this grid")
+        return self._build(role_id, factory)
+
+    def _deliverable(self, msg: Message) -> Message:
+        """``msg``, its receiver built if it was only started."""
+        if msg.receiver in self._pending:
+            self._role(msg.receiver)
+        return msg
 
     def close(self) -> None:
         """End the run on every node (a network engine says goodbye to its devices)."""
@@ -348,12 +397,30 @@ class EngineGrid(Grid):
         if close is not None:
             close()
 
+    def snapshots(self, role_ids: list[str]) -> dict[str, Any]:
+        out = {}
+        for r in role_ids:
+            if r in self._pending:
+                continue
+            role = self._role(r)
+            peek = getattr(role, "snapshot_if_built", None)  # a remote role (its node may not
+            if peek is not None:  # have built it yet): what it sends is a copy already
+                state = peek()
+            else:
+                state = role.snapshot()
+                state = copy.deepcopy(state) if self.nodes.isolated else state
+            if state is not None:
+                out[r] = state
+        return out
+
     def snapshot(self, role_id: str) -> Any:
         state = self._role(role_id).snapshot()
         # Isolated nodes share nothing, not even with the experimenter's view of them.
         return copy.deepcopy(state) if self.nodes.isolated else state
 
     def restore(self, role_id: str, state: Any) -> None:
+        if state is None:  # a checkpoint holds no state of this role: it starts afresh
+            return
         self._role(role_id).restore(copy.deepcopy(state) if self.nodes.isolated else state)
 
     def measurements(self, role_id: str) -> dict[str, float]:

@@ -99,6 +99,9 @@ class SimulatedGrid(Grid):
     def snapshot(self, role_id: str) -> Any:
         return self.inner.snapshot(role_id)
 
+    def snapshots(self, role_ids: list[str]) -> dict[str, Any]:
+        return self.inner.snapshots(role_ids)
+
     def restore(self, role_id: str, state: Any) -> None:
         self.inner.restore(role_id, state)
 

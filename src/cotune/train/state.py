@@ -160,6 +160,9 @@ class Trainer:
         cuda = self.device.type == "cuda"
         outer_rng = torch.get_rng_state()
         outer_cuda = torch.cuda.get_rng_state(self.device) if cuda else None
+        # The parameters' own tensors go back in at the end: outside a block they hold the
+        # node's initial values, so a role built later starts where one built first did.
+        home = [p.data for p in self.params.values()]
         for name, p in self.params.items():
             p.data = state.params[name]
             p.grad = None
@@ -185,7 +188,8 @@ class Trainer:
             if self.scaler is not None:
                 state.scaler = self.scaler.state_dict()
                 self.scaler = None
-            for p in self.params.values():
+            for p, data in zip(self.params.values(), home):
+                p.data = data
                 p.grad = None
                 self.optimizer.state.pop(p, None)
             self._active = None
