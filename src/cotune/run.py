@@ -17,7 +17,6 @@ from typing import Any
 
 from cotune.config import RunConfig, dump_config
 from cotune.errors import CotuneError, DivergenceError, Interrupted, RunDirError
-from cotune.report.metrics import strict_json
 from cotune.rundir import (  # noqa: F401 - re-exported: cotune.run was their home
     RUN_MARKER,
     RunDirTxn,
@@ -29,6 +28,7 @@ from cotune.rundir import (  # noqa: F401 - re-exported: cotune.run was their ho
     truncate_metrics,
     write_checkpoint,
 )
+from cotune.summary import build_summary, deployment_summary, write_summary
 
 log = logging.getLogger(__name__)
 
@@ -334,8 +334,7 @@ def _run_in(exp, tokenizer, paradigm, payload, txn: RunDirTxn, *, report: bool) 
     measured = getattr(exp.engine, "measured", None)
     if measured is not None:  # a deployed run: what really happened next to the prediction
         summary["deployment"] = deployment_summary(summary, measured(), host_time)
-    (run_dir / "summary.json").write_text(strict_json(summary, indent=2), encoding="utf-8")
-    write_costs_csv(run_dir / "costs.csv", summary["costs"]["roles"])
+    write_summary(run_dir, summary)
     if report:
         from cotune.report import write_run_report
 
@@ -365,147 +364,6 @@ def save_adapters(exp, states: dict, out: Path) -> None:
                 base_model_name_or_path=exp.loaded.name_or_path,
                 task=exp.task,
             )
-
-
-def build_summary(exp, result, host_time: float, *, messages: int | None = None) -> dict[str, Any]:
-    from cotune.data import partition_summary
-
-    cfg = exp.cfg
-    stats = exp.sim.clock.stats()  # restored on resume, unlike the engine's in-memory log
-    up = sum(st.bytes_up for r, st in stats.items() if r.startswith("device"))
-    down = sum(st.bytes_down for r, st in stats.items() if r.startswith("device"))
-    # Between infrastructure roles (edge aggregators ↔ cloud): what they sent minus what reached devices.
-    backhaul = sum(st.bytes_up for r, st in stats.items() if not r.startswith("device")) - down
-    evals = [
-        r
-        for r in exp.log.records
-        if r.get("event") == "eval" and r.get("role") in ("server", "mean")
-    ]
-    best: dict[str, float] = {}
-    if evals:
-        key = "accuracy" if exp.task == "classification" else "loss"
-        pick = max if key == "accuracy" else min
-        b = pick(evals, key=lambda r: r[key])
-        best = {k: b[k] for k in ("step", "loss", "accuracy", "perplexity") if k in b}
-    target = cfg.eval.target_accuracy
-    reached = None
-    if target is not None:
-        hits = [r for r in evals if r.get("accuracy", 0.0) >= target]
-        if hits:
-            reached = {
-                k: hits[0][k]
-                for k in ("step", "round", "sim_time_s", "host_time_s")
-                if k in hits[0]
-            }
-    costs = exp.sim.cost_table()
-    devices = [c for r, c in costs.items() if r.startswith("device-")]
-    totals = {
-        k: sum(c[k] for c in costs.values()) for k in ("flops", "energy_j", "compute_s", "comm_s")
-    }
-    device_totals = {
-        k: sum(c[k] for c in devices) for k in ("flops", "bytes_up", "bytes_down", "energy_j")
-    }
-    mems = [c["memory_bytes"] for c in devices if c["memory_bytes"] is not None]
-    labels = [e.group for e in exp.data.train]
-    idle = [r for r, c in costs.items() if r.startswith("device-") and idle_role(c)]
-    if len(idle) > IDLE_ROWS_MAX:  # a large population: list who took part, count the rest
-        costs = {r: c for r, c in costs.items() if not (r.startswith("device-") and idle_role(c))}
-    return {
-        "name": cfg.name,
-        "paradigm": cfg.paradigm.name,
-        "peft_method": cfg.peft.method,
-        "model": cfg.model.name_or_path,
-        "dataset": cfg.data.dataset,
-        "task": exp.task,
-        "devices": cfg.devices.count,
-        "steps": cfg.train.steps,
-        "final": result.final_eval,
-        "best": best,
-        "target_accuracy": target,
-        "time_to_target": reached,
-        "host_time_s": host_time,
-        "sim_time_s": exp.sim.now,
-        # up/down/total: device links; backhaul: edge aggregators ↔ cloud (hierfed), else 0.
-        "bytes": {"up": up, "down": down, "total": up + down, "backhaul": backhaul},
-        "costs": {
-            "total": totals,
-            "devices": device_totals,
-            "device_peak_memory_bytes": max(mems) if mems else None,
-            "server": costs.get("server"),
-            "roles": costs,
-            # Devices that never computed nor sent anything (never sampled); not in ``roles``
-            # (nor costs.csv) when there are more than IDLE_ROWS_MAX of them.
-            "idle_devices": len(idle),
-        },
-        "messages": messages if messages is not None else len(exp.engine.transfers),
-        "trainable_params": exp.adapters.num_trainable(),
-        "partition": partition_summary(exp.parts, labels, exp.data.group_names),
-        "extra": {
-            k: v for k, v in result.extra.items() if k not in ("per_device_eval", "adapters")
-        },
-    }
-
-
-#: Above this many never-used devices, the summary's per-role table and costs.csv leave them
-#: out (a 100,000-device population would write 100,000 rows of zeros) and only count them.
-IDLE_ROWS_MAX = 1000
-
-
-def idle_role(c: dict[str, Any]) -> bool:
-    """A role that computed nothing, sent and received nothing, and never held memory."""
-    return not (c["flops"] or c["bytes_up"] or c["bytes_down"] or c["busy_s"]) and (
-        c.get("memory_bytes") is None
-    )
-
-
-def deployment_summary(
-    summary: dict[str, Any], measured: dict[str, Any], host_time: float
-) -> dict[str, Any]:
-    """Per device: the simulator's prediction (busy seconds, message bytes on its profile)
-    beside what the deployment measured (host busy seconds, bytes on the wire)."""
-    roles = summary["costs"]["roles"]
-    nodes = {}
-    for node, m in measured.items():
-        sim = roles.get(node, {})
-        if node == "server":  # its busy time: what it did not spend waiting on devices
-            m = {"busy_s": max(0.0, host_time - m["idle_s"]), "wire_bytes_up": None,
-                 "wire_bytes_down": None, "batched_requests": None}  # fmt: skip
-        nodes[node] = {
-            "predicted_busy_s": sim.get("busy_s"),
-            "measured_busy_s": m["busy_s"],
-            # Its speed as measured (counted FLOPs per busy second, encoding included): what
-            # `cotune.deploy.calibrate` writes into profiles that describe these machines.
-            "measured_flops_per_s": (
-                sim["flops"] / m["busy_s"] if sim.get("flops") and m["busy_s"] else None
-            ),
-            "message_bytes_up": sim.get("bytes_up"),
-            "wire_bytes_up": m["wire_bytes_up"],
-            "message_bytes_down": sim.get("bytes_down"),
-            "wire_bytes_down": m["wire_bytes_down"],
-            # Requests its process answered in a batch (a Ray host's cohort); busy seconds
-            # and this count are per process, which on Ray holds several devices.
-            "batched_requests": m.get("batched_requests"),
-        }
-    return {
-        "predicted_time_s": summary["sim_time_s"],
-        "measured_wall_s": host_time,
-        "nodes": nodes,
-        # The prediction uses the configured profiles (devices.mix); measured seconds are this
-        # deployment's hosts, so they agree only where the profiles describe these machines.
-    }
-
-
-def write_costs_csv(path: Path, roles: dict[str, dict[str, Any]]) -> None:
-    """One row per role: the per-device cost table, readable in any spreadsheet."""
-    import csv
-
-    fields = ["role", "profile", "flops", "bytes_up", "bytes_down", "compute_s", "comm_s",
-              "busy_s", "energy_j", "memory_bytes", "memory_fits"]  # fmt: skip
-    with path.open("w", newline="", encoding="utf-8") as f:
-        w = csv.DictWriter(f, fieldnames=fields)
-        w.writeheader()
-        for role, row in roles.items():
-            w.writerow({"role": role, **{k: row.get(k) for k in fields[1:]}})
 
 
 def compare(

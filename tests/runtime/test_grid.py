@@ -167,3 +167,36 @@ def test_connected_follows_periodic_availability():
     assert on == [d for d in devices if sim.online(d, 1, sim.clock.free_at(SERVER))]
     grid.wait(5.0)
     assert sim.clock.free_at(SERVER) == 5.0
+
+
+class Counted(Worker):
+    built: list[str] = []
+
+    def __init__(self, ctx):
+        super().__init__(ctx)
+        Counted.built.append(ctx.node_id)
+        torch.rand(7)  # building must not move the caller's random stream
+
+
+@pytest.mark.parametrize("isolated", [False, True])
+def test_a_started_role_is_built_on_first_use(isolated):
+    devices = DevicesSection(count=50)
+    sim = Simulation.from_config(devices, seed=0)
+    grid = SimulatedGrid(EngineGrid(LocalEngine(), Host(50, isolated), sim.flops), sim)
+    Counted.built = []
+    for d in grid.node_ids("device-"):
+        grid.start(d, Counted)
+    assert Counted.built == []
+    with pytest.raises(Exception, match="already registered"):
+        grid.start("device-3", Counted)
+    before = torch.get_rng_state()
+    rep = grid.submit(Message("work", SERVER, "device-7", {}, {"flops": 1e6}), round=1).result()
+    assert rep.ok and Counted.built == ["device-7"]
+    assert torch.equal(torch.get_rng_state(), before)
+    # Checkpoints hold the roles that were used; a never-used role restores to nothing.
+    assert list(grid.snapshots(grid.node_ids("device-"))) == ["device-7"]
+    grid.restore("device-9", None)
+    assert Counted.built == ["device-7"]
+    # Measurement of a role that was only started builds it (its initial state).
+    assert grid.snapshot("device-9") == {"seen": 0}
+    assert Counted.built == ["device-7", "device-9"]

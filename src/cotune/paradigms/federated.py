@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from cotune.aggregation import proximal_loss
+from cotune.errors import ProtocolError
 from cotune.paradigms.base import Experiment, TrainingRole, mean, reply, state_tensors
 from cotune.paradigms.options import FedAvgOptions, ParadigmOptions, parse_options
 from cotune.runtime import Message
@@ -34,6 +35,9 @@ class FedDevice(TrainingRole):
     """
 
     options_model: type[ParadigmOptions] = FedAvgOptions
+    #: Whether a device that resets its optimizer lets its adapter go between rounds (see
+    #: ``releasable``); off where rounds may send a part of it (hierfed's depths).
+    release_between_rounds = True
 
     def __init__(self, ctx: NodeContext) -> None:
         super().__init__(ctx)
@@ -47,6 +51,11 @@ class FedDevice(TrainingRole):
         self.round = 0
         self.results: list[StepResult] = []  # a cohort round's steps, as they complete
         self.train_host_s = 0.0
+        self.task_loss = self.loss_fn  # FedProx wraps it per round
+        # With a reset optimizer and a round message that carries the whole adapter, nothing
+        # of the adapter outlives the round: it is released after the report, and only the
+        # RNG and sampler position stay (a population of 100,000 grows by those alone).
+        self.releasable = False
         self.report_memory()
 
     def report_memory(self) -> None:
@@ -78,7 +87,7 @@ class FedDevice(TrainingRole):
         # Measurement, not protocol: host timings never ride in a message (they would change
         # its byte count, and so the simulated time, from one run to the next).
         self.train_host_s = time.perf_counter() - started
-        return self.report(msg, results)
+        return self.finish(msg, results)
 
     @classmethod
     def can_batch_train(cls, devices: list[FedDevice]) -> bool:
@@ -97,21 +106,44 @@ class FedDevice(TrainingRole):
             d.results, d.train_host_s = [], 0.0
         steps = [d.local_steps() for d in devices]
         train_cohort(devices, steps, devices[0].round, devices[0].ctx.model.flop_key)
-        return [d.report(m, d.results) for d, m in zip(devices, msgs)]
+        return [d.finish(m, d.results) for d, m in zip(devices, msgs)]
 
     def begin_round(self, msg: Message) -> None:
         """Load the global adapter the round's message carries; set the step and loss."""
         self.round = int(msg.meta["round"])
         self.prepare(msg)
-        with torch.no_grad():
-            for k, v in msg.tensors.items():
-                self.state.params[k].copy_(v)
+        if not self.state.params:  # released after its last round: the message has it all
+            self.state.params = {k: v.detach().clone() for k, v in msg.tensors.items()}
+            missing = set(self.ctx.model.trainer.params) - set(self.state.params)
+            if missing:
+                raise ProtocolError(
+                    f"{self.role_id}: round {self.round} sent {len(msg.tensors)} tensors, "
+                    f"not the whole adapter it released (missing {sorted(missing)[:3]})"
+                )
+        else:
+            with torch.no_grad():
+                for k, v in msg.tensors.items():
+                    self.state.params[k].copy_(v)
+        self.releasable = (
+            self.release_between_rounds
+            and self.reset_optimizer
+            and set(msg.tensors) >= set(self.state.params)
+        )
         if self.reset_optimizer:
             self.state.optim = {k: {} for k in self.state.params}
         self.state.step = int(msg.meta["schedule_step"])  # LR follows the global round
         self.prox_global = msg.tensors if self.prox_mu > 0 else None
         if self.prox_global is not None:
             self.loss_fn = self._proximal(self.prox_global)
+
+    def finish(self, msg: Message, results: list[StepResult]) -> Message:
+        """The round's report; then what need not outlive the round is let go."""
+        out = self.report(msg, results)
+        if self.releasable:
+            self.state.params, self.state.optim = {}, {}
+            if self.prox_global is not None:  # its closure holds the round's global adapter
+                self.prox_global, self.loss_fn = None, self.task_loss
+        return out
 
     def report(self, msg: Message, results: list[StepResult]) -> Message:
         assert self.dataset is not None

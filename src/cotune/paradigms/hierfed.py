@@ -89,6 +89,7 @@ class HierDevice(FedDevice):
     only the part it trained."""
 
     options_model = HierFedOptions
+    release_between_rounds = False  # a depth change may send a different part
 
     def __init__(self, ctx: NodeContext) -> None:
         self.depth: int | None = None

@@ -20,6 +20,7 @@ Modelling choices (simulated seconds only; host wall time never enters):
 from __future__ import annotations
 
 import math
+from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -83,8 +84,10 @@ class VirtualClock:
     def __post_init__(self) -> None:
         self.roles = dict(self.roles)
         self.hubs = frozenset(self.hubs)
-        self._free: dict[str, float] = dict.fromkeys(self.roles, 0.0)
-        self._stats: dict[str, RoleStats] = {r: RoleStats() for r in self.roles}
+        # Entries appear when a role first does something: a population of 100,000 devices,
+        # most never sampled, costs the clock nothing for those.
+        self._free: dict[str, float] = defaultdict(float)
+        self._stats: dict[str, RoleStats] = defaultdict(RoleStats)
         self._arrivals: dict[tuple[str, str], float] = {}  # (dst, src) → last arrival
         self._seq_end: dict[int, float] = {}  # engine transfer seq → arrival time
 
@@ -93,8 +96,6 @@ class VirtualClock:
         if role in self.roles:
             raise ConfigError(f"clock: role {role!r} already has a profile")
         self.roles[role] = profile
-        self._free[role] = 0.0
-        self._stats[role] = RoleStats()
         if hub:
             self.hubs = self.hubs | {role}
 
@@ -240,9 +241,16 @@ class VirtualClock:
         return RoundOutcome(end, reported, dropped, met_quorum=len(reported) >= need)
 
     # --- accounting --------------------------------------------------------------------
-    def stats(self) -> dict[str, RoleStats]:
-        """Per role: busy/compute/comm seconds, FLOPs, bytes up/down, energy (copies)."""
-        return {r: RoleStats(**vars(s)) for r, s in self._stats.items()}
+    def stats(self, *, idle: bool = True) -> dict[str, RoleStats]:
+        """Per role: busy/compute/comm seconds, FLOPs, bytes up/down, energy (copies); with
+        ``idle=False`` only the roles that did something."""
+        if not idle:
+            return {r: RoleStats(**vars(s)) for r, s in self._stats.items()}
+        return {r: RoleStats(**vars(self._stats.get(r, RoleStats()))) for r in self.roles}
+
+    def used(self) -> set[str]:
+        """The roles that computed, sent or received something."""
+        return set(self._stats)
 
     def total_energy_j(self) -> float:
         return sum(s.energy_j for s in self._stats.values())

@@ -12,7 +12,7 @@ from typing import Any
 
 from cotune.runtime.ids import SERVER, device_id, device_index  # noqa: F401 - re-exported
 from cotune.sim.availability import Behaviour, DispatchShaper, behaviour_from_config
-from cotune.sim.clock import Interval, VirtualClock
+from cotune.sim.clock import Interval, RoleStats, VirtualClock
 from cotune.sim.costs import FlopCounter, MemoryEstimate
 from cotune.sim.profiles import DeviceProfile, fleet_from_config
 
@@ -49,10 +49,15 @@ class Simulation:
         idx = device_index(role)
         return True if idx is None else self.behaviour.available(idx, round, time)
 
-    def cost_table(self) -> dict[str, dict[str, Any]]:
-        """Per role: profile, FLOPs, bytes, busy/compute/comm seconds, energy, memory estimate."""
+    def cost_table(self, *, idle: bool = True) -> dict[str, dict[str, Any]]:
+        """Per role: profile, FLOPs, bytes, busy/compute/comm seconds, energy, memory estimate
+        (``idle=False``: not the roles that did nothing and hold no memory estimate)."""
         out: dict[str, dict[str, Any]] = {}
-        for role, st in self.clock.stats().items():
+        stats = self.clock.stats(idle=idle)
+        for role in self.memory:
+            if role not in stats:
+                stats[role] = RoleStats()
+        for role, st in stats.items():
             prof = self.profiles[role]
             mem = self.memory.get(role)
             out[role] = {
