@@ -120,7 +120,8 @@ def deployment_summary(
         sim = roles.get(node, {})
         if node == "server":  # its busy time: what it did not spend waiting on devices
             m = {"busy_s": max(0.0, host_time - m["idle_s"]), "wire_bytes_up": None,
-                 "wire_bytes_down": None, "batched_requests": None}  # fmt: skip
+                 "wire_bytes_down": None, "batched_requests": None,
+                 "peak_rss_bytes": m.get("peak_rss_bytes")}  # fmt: skip
         nodes[node] = {
             "predicted_busy_s": sim.get("busy_s"),
             "measured_busy_s": m["busy_s"],
@@ -136,6 +137,8 @@ def deployment_summary(
             # Requests its process answered in a batch (a Ray host's cohort); busy seconds
             # and this count are per process, which on Ray holds several devices.
             "batched_requests": m.get("batched_requests"),
+            # The peak resident memory of its process (a Ray host: of all its devices).
+            "peak_rss_bytes": m.get("peak_rss_bytes"),
         }
     return {
         "predicted_time_s": summary["sim_time_s"],

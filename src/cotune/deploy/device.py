@@ -192,6 +192,7 @@ class DeviceNode:
             role_id = str(h["role"])
             values = {} if role_id in self.starting else self._role(role_id).measurements()
             values["node_busy_s"] = self.busy_s
+            values["node_peak_rss_bytes"] = peak_rss_bytes()
             values["node_batched_requests"] = float(self.batched)
             send(Frame(DONE, {"seq": seq, "values": values}))
         else:
@@ -307,6 +308,15 @@ class DeviceNode:
         reply = self._place(decode_message(frame.payload))
         reply.arrival = frame.header.get("arrival")
         return reply
+
+
+def peak_rss_bytes() -> float:
+    """This process's peak resident memory (Linux reports KiB, macOS bytes)."""
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return float(peak if sys.platform == "darwin" else peak * 1024)
 
 
 def own_inputs(node: str, welcome: dict[str, Any], cfg: Any, data_file: Path) -> Any:

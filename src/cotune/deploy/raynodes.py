@@ -115,7 +115,8 @@ def place(nodes: list[str], hosts: int, policy: str, profiles: dict[str, str]) -
     contiguous blocks, as evenly sized as round robin's)."""
     hosts = max(1, min(hosts, len(nodes)))
     if policy == "by_profile":
-        ordered = sorted(nodes, key=lambda n: (profiles.get(n, ""), nodes.index(n)))
+        at = {n: i for i, n in enumerate(nodes)}
+        ordered = sorted(nodes, key=lambda n: (profiles.get(n, ""), at[n]))
         size, extra = divmod(len(ordered), hosts)
         out, i = {}, 0
         for h in range(hosts):
@@ -261,11 +262,13 @@ class RayHub(Joining):
 
     def close(self) -> None:
         ray = ray_module()
+        told: set[int] = set()  # one BYE ends a host's loop, for all its nodes
         for link in self.links.values():
-            if link.open:
+            if link.open and link.host not in told:
+                told.add(link.host)
                 with contextlib.suppress(Exception):
                     link.send(Frame(BYE))
-                link.close()
+            link.close()
         self.closing = True
         for a in self.actors:
             with contextlib.suppress(Exception):

@@ -116,9 +116,14 @@ class GrpcEngine(LocalEngine):
         """What the deployment measured, per device: bytes on the wire both ways (gRPC and
         HTTP/2 framing included, TLS not), and host seconds spent in its handlers; for the
         server, the seconds it waited on devices (``idle_s``)."""
-        out: dict[str, Any] = {"server": {"idle_s": self.idle_s}}
+        from cotune.deploy.device import peak_rss_bytes
+
+        out: dict[str, Any] = {
+            "server": {"idle_s": self.idle_s, "peak_rss_bytes": peak_rss_bytes()}
+        }
+        used = set(self.transfers.roles())  # a node nobody wrote to has nothing to tell
         for node, role in self._roles.items():
-            if not isinstance(role, RemoteRole):
+            if not isinstance(role, RemoteRole) or node not in used:
                 continue
             link = self.links_seen.get(node)
             values = role.measurements()
@@ -126,6 +131,7 @@ class GrpcEngine(LocalEngine):
                 "wire_bytes_up": link.bytes_in if link is not None else None,
                 "wire_bytes_down": link.bytes_out if link is not None else None,
                 "busy_s": values.get("node_busy_s"),
+                "peak_rss_bytes": values.get("node_peak_rss_bytes"),
                 "batched_requests": values.get("node_batched_requests"),
             }
         return out
