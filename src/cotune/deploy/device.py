@@ -311,10 +311,19 @@ class DeviceNode:
 
 
 def peak_rss_bytes() -> float:
-    """This process's peak resident memory (Linux reports KiB, macOS bytes)."""
+    """This process's peak resident memory: Linux's VmHWM, the high-water mark of this
+    program's own address space (``ru_maxrss`` would also count what a forked worker's parent
+    held), else ``ru_maxrss`` (macOS reports bytes)."""
     import resource
     import sys
 
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return float(int(line.split()[1]) * 1024)
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return float(peak if sys.platform == "darwin" else peak * 1024)
 

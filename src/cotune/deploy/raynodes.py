@@ -4,9 +4,9 @@ one machine or a Ray cluster. The driver (this process) hosts the server roles.
 
 It is the gRPC engine over another transport: the same frames, the same ``GrpcEngine`` on the
 driver and the same ``DeviceNode`` runtime on each host, so every paradigm runs unchanged and
-gives the same result bit for bit. A frame to a node is an ordered actor call (``push``); a
-host's frames come back through a long poll (``pull``) that a driver thread keeps open per
-host. Messages stay cotune's encoded messages (the counted bytes are unchanged); Ray moves the
+gives the same result bit for bit. Frames to a host's nodes go as ordered actor calls
+(``push``, all that queued up at once); a host's frames come back through a long poll
+(``pull``) that a driver thread keeps open per host. Messages stay cotune's encoded messages (the counted bytes are unchanged); Ray moves the
 larger ones through its object store.
 """
 
@@ -82,7 +82,12 @@ class NodeHost:
                 return
             runtime.serve()
 
-    def push(
+    def push(self, frames: list[tuple[int, int, str, int, dict[str, Any], bytes]]) -> None:
+        """Frames ``(epoch, seq, node, kind, header, payload)``, in the driver's order."""
+        for frame in frames:
+            self._push_one(*frame)
+
+    def _push_one(
         self, epoch: int, seq: int, node: str, kind: int, header: dict[str, Any], payload: bytes
     ) -> None:
         """One frame for ``node``; ``seq`` orders calls that a threaded actor may run out of
@@ -198,6 +203,8 @@ class RayHub(Joining):
         self.epochs = [0] * hosts
         self.max_restarts = rc.max_restarts
         self.locks = [threading.Lock() for _ in range(hosts)]
+        self.outbox: list[list[Any]] = [[] for _ in range(hosts)]
+        self.wake = [threading.Event() for _ in range(hosts)]
         actor = ray.remote(
             num_cpus=rc.num_cpus_per_host, num_gpus=rc.num_gpus_per_host,
             max_concurrency=2, max_restarts=rc.max_restarts,
@@ -214,17 +221,41 @@ class RayHub(Joining):
             for n in mine:
                 self.links[n] = RayLink(n, self, h)
             threading.Thread(target=self._pull, args=(h, mine), daemon=True).start()
+            threading.Thread(target=self._send, args=(h,), daemon=True).start()
 
     def host_of(self, node: str) -> int:
         return self.placement[node]
 
     def push(self, host: int, node: str, frame: Frame) -> None:
+        """Queue a frame for ``host``; its sender thread ships what has queued up as one actor
+        call, so starting 10,000 roles costs a handful of calls (each Ray call costs the
+        driver and the host memory and time), while a lone frame leaves at once."""
         with self.locks[host]:
             seq = self.seqs[host]
             self.seqs[host] += 1
-            self.actors[host].push.remote(
-                self.epochs[host], seq, node, frame.type, frame.header, frame.payload
+            self.outbox[host].append(
+                (self.epochs[host], seq, node, frame.type, frame.header, frame.payload)
             )
+            self.wake[host].set()
+
+    def _send(self, host: int) -> None:
+        while not self.closing:
+            self.wake[host].wait(PULL_WAIT_S)
+            with self.locks[host]:
+                frames, self.outbox[host] = self.outbox[host], []
+                self.wake[host].clear()
+            if frames:
+                with contextlib.suppress(Exception):  # a dead host: its pull thread says so
+                    self.actors[host].push.remote(frames)
+
+    def flush(self) -> None:
+        """Ship every queued frame now (the run is ending)."""
+        for host in range(len(self.actors)):
+            with self.locks[host]:
+                frames, self.outbox[host] = self.outbox[host], []
+            if frames:
+                with contextlib.suppress(Exception):
+                    self.actors[host].push.remote(frames)
 
     def _pull(self, host: int, nodes: list[str]) -> None:
         ray = ray_module()
@@ -269,6 +300,7 @@ class RayHub(Joining):
                 with contextlib.suppress(Exception):
                     link.send(Frame(BYE))
             link.close()
+        self.flush()
         self.closing = True
         for a in self.actors:
             with contextlib.suppress(Exception):
