@@ -57,8 +57,11 @@ class DeviceRefused(CotuneError):
 class ForwardSink:
     """A node's meter reports, sent to the server's simulator in order (out of band)."""
 
-    def __init__(self, dialer: Any, node: str) -> None:
+    def __init__(self, dialer: Any, node: str, probes: dict[str, Any] | None = None) -> None:
         self.dialer, self.node = dialer, node
+        # One probe per key and process, as the simulator's sink keeps them: a Ray host's
+        # thousands of devices share one model and one batch shape.
+        self.probes = probes if probes is not None else {}
 
     def compute(self, role: str, flops: float, *, round: int, after: float | None,
                 waits_for: str | None, label: str) -> None:  # fmt: skip
@@ -69,7 +72,9 @@ class ForwardSink:
     def memory(self, role: str, key: str, probe: Any) -> None:
         import dataclasses
 
-        est = dataclasses.asdict(probe())
+        if key not in self.probes:
+            self.probes[key] = dataclasses.asdict(probe())
+        est = self.probes[key]
         self.dialer.send(Frame(METER, {"what": "memory", "role": role, "key": key,
                                        "estimate": est}), self.node)  # fmt: skip
 
@@ -105,6 +110,7 @@ class DeviceNode:
         # Started, built on first use (as ``EngineGrid.start``): a host of 5,000 devices holds
         # the states of those that were sampled, not of all.
         self.starting: dict[str, Any] = {}
+        self.probes: dict[str, Any] = {}  # memory estimates, one per key (ForwardSink)
         self.grid = DeviceGrid(self)
         self.seq = itertools.count(1)
         self.done: dict[int, Frame] = {}
@@ -258,7 +264,7 @@ class DeviceNode:
 
     # --- what the roles see ------------------------------------------------------------
     def _context(self, role_id: str) -> Any:
-        meter = Meter(role_id, self.exp.sim.flops, ForwardSink(self.dialer, role_id))
+        meter = Meter(role_id, self.exp.sim.flops, ForwardSink(self.dialer, role_id, self.probes))
         return self.host.context(role_id, grid=self.grid, meter=meter)
 
     def _factory(self, path: str) -> Any:

@@ -20,44 +20,100 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from cotune.aggregation import proximal_loss
 from cotune.data import IGNORE_INDEX, Batch
 from cotune.errors import DivergenceError
-from cotune.models import task_loss
-from cotune.peft.grouped import bind_state, row_groups, split_by_layer
-from cotune.train import StepResult
-
-if TYPE_CHECKING:
-    from cotune.paradigms.federated import FedDevice
+from cotune.models import Activations, Segment, task_loss
+from cotune.peft import AdapterLayer
+from cotune.peft.grouped import bind_state, bind_tensors, row_groups, split_by_layer
+from cotune.runtime.node import NodeModel
+from cotune.train import StepResult, Trainer
 
 log = logging.getLogger(__name__)
 
 
-def cohort_supported(devices: Sequence[FedDevice]) -> bool:
+@dataclass
+class CohortPlan:
+    """How a cohort's joint step runs on its members' node: the trainer over their tensors,
+    the adapter layers that take per-row-group tensors, the whole forward, and the same split
+    before the task head (``body``, then ``head`` once per row group with that member's head
+    tensors: a trained classification head); ``scope`` wraps the step (FedBiOT's emulator)."""
+
+    trainer: Trainer
+    layers: Mapping[str, AdapterLayer]
+    root: nn.Module
+    forward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    body: Callable[[torch.Tensor, torch.Tensor], Activations]
+    head: Segment
+    scope: Callable[[], AbstractContextManager[Any]] = nullcontext
+
+
+def model_plan(model: NodeModel) -> CohortPlan:
+    """The plan of a member that trains its node's whole model (fedavg, local)."""
+    anatomy = model.loaded.anatomy
+    n = anatomy.num_layers
+    return CohortPlan(
+        trainer=model.trainer,
+        layers=model.adapters.layers,
+        root=model.loaded.model,
+        forward=model.forward,
+        body=anatomy.segment(0, n, embed=True, head=False),
+        head=anatomy.segment(n, n, embed=False, head=True),
+    )
+
+
+def plan_of(member: Any) -> CohortPlan:
+    own = getattr(member, "cohort_plan", None)
+    return own() if own is not None else model_plan(member.ctx.model)
+
+
+def penalty_of(
+    member: Any, leaves: dict[str, torch.Tensor], plan: CohortPlan
+) -> list[torch.Tensor]:
+    """The terms a member adds to its task loss, in order, on its own leaves: the adapter
+    method's regularizer, then FedProx's proximal term (a member may define
+    ``cohort_penalty``)."""
+    own = getattr(member, "cohort_penalty", None)
+    if own is not None:
+        return own(leaves, plan)
+    with bind_state(plan.layers, leaves):
+        reg = member.ctx.model.adapters.regularization_loss()
+    terms = [] if reg is None else [reg]
+    if getattr(member, "prox_global", None) is not None:
+        terms.append(proximal_loss(leaves, member.prox_global, member.prox_mu))
+    return terms
+
+
+def cohort_supported(devices: Sequence[Any]) -> bool:
     first = devices[0]
     ctx = first.ctx
     if not getattr(first, "cohort", False) or ctx.domains is not None:
         return False
     if ctx.cfg.train.autocast == "fp16":  # one backward, but each device has its own loss scale
         return False
-    if any(d.example_domains is not None or d.dataset is None for d in devices):
+    if any(getattr(d, "example_domains", None) is not None or d.dataset is None for d in devices):
         return False
-    layers = ctx.model.adapters.layers
+    plan = plan_of(first)
+    layers = plan.layers
     per_layer, rest = split_by_layer(layers, first.state.params)
     stateful = any(getattr(layers[p], "reg_from_forward", False) for p in per_layer)
-    if rest or stateful:
+    loose = [k for k in rest if not plan.head.owns(k)]
+    if loose or stateful:
         if not _told:
             _told.append(True)
             log.info(
-                "fedavg cohort: %s, so rounds run device by device",
-                "a trained head cannot differ per row group"
-                if rest
+                "device cohort: %s, so rounds run device by device",
+                f"{loose[0]} is trained outside the adapter layers and the task head"
+                if loose
                 else "a regularizer from the forward would mix the devices",
             )
         return False
@@ -82,7 +138,7 @@ def _pad_cat(batches: list[Batch], task: str) -> Batch:
     return Batch(ids, mask, labels)
 
 
-def train_cohort(devices: Sequence[FedDevice], steps: list[int], rnd: int, key: str) -> None:
+def train_cohort(devices: Sequence[Any], steps: list[int], rnd: int, key: str) -> None:
     """Run each device's ``steps[i]`` local steps, step ``j`` of all devices that still have
     one as a single batch; results land in each device's ``results`` list. Each device's
     sampler position is kept in its state afterwards, as ``TrainingRole.train_steps`` does."""
@@ -94,11 +150,17 @@ def train_cohort(devices: Sequence[FedDevice], steps: list[int], rnd: int, key: 
             d.state.sampler = d.sampler.state_dict()
 
 
-def _cohort_steps(devices: Sequence[FedDevice], steps: list[int], rnd: int, key: str) -> None:
+def _cohort_steps(devices: Sequence[Any], steps: list[int], rnd: int, key: str) -> None:
     first = devices[0]
     ctx = first.ctx
-    model = ctx.model
-    trainer, layers, forward = model.trainer, model.adapters.layers, model.forward
+    plan = plan_of(first)
+    trainer, layers = plan.trainer, plan.layers
+    names = list(first.state.params)
+    # Tensors the task head runs (a trained head; adapters inside the head): bound per row
+    # group as the head runs once per member; the rest take per-row-group tensors.
+    head_names = [k for k in names if plan.head.owns(k)]
+    _, rest = split_by_layer(layers, first.state.params)
+    split_head = bool(rest)
     accum = ctx.cfg.train.grad_accum
     task = ctx.task
     flops = ctx.meter.flops
@@ -111,16 +173,27 @@ def _cohort_steps(devices: Sequence[FedDevice], steps: list[int], rnd: int, key:
                 d.results.append(d.step_on(m, rnd, key))
             continue
         started = time.perf_counter()
-        names = list(first.state.params)
         leaves = [{k: d.state.params[k].detach().requires_grad_(True) for k in names} for d in live]
+        grouped = (
+            [{k: v for k, v in lv.items() if k not in head_names} for lv in leaves]
+            if split_head
+            else leaves
+        )
         losses = [0.0] * len(live)
-        with trainer.activate(first.state):  # its RNG draws the cohort's dropout masks
+        with plan.scope(), trainer.activate(first.state):  # its RNG draws the dropout masks
             for a in range(accum):
                 batches = [m[a] for m in micro]
                 rows = [len(b) for b in batches]
                 joint = _pad_cat(batches, task)
-                with row_groups(layers, rows, leaves):
-                    logits = forward(joint.input_ids, joint.attention_mask)
+                with row_groups(layers, rows, grouped):
+                    if split_head:
+                        acts = plan.body(joint.input_ids, joint.attention_mask)
+                    else:
+                        logits = plan.forward(joint.input_ids, joint.attention_mask)
+                if split_head:
+                    logits = _heads(
+                        plan, acts, rows, [{k: lv[k] for k in head_names} for lv in leaves]
+                    )
                 total = 0.0
                 start = 0
                 for i, (d, b, n) in enumerate(zip(live, batches, rows)):
@@ -128,12 +201,8 @@ def _cohort_steps(devices: Sequence[FedDevice], steps: list[int], rnd: int, key:
                     if task == "causal_lm":
                         part = part[:, : b.input_ids.shape[1]]
                     loss = task_loss(part, b.labels, task)
-                    with bind_state(layers, leaves[i]):
-                        reg = model.adapters.regularization_loss()
-                    if reg is not None:
-                        loss = loss + reg
-                    if d.prox_global is not None:
-                        loss = loss + proximal_loss(leaves[i], d.prox_global, d.prox_mu)
+                    for term in penalty_of(d, leaves[i], plan):
+                        loss = loss + term
                     losses[i] += float(loss.detach()) / accum
                     total = total + loss / accum
                     start += n
@@ -142,15 +211,33 @@ def _cohort_steps(devices: Sequence[FedDevice], steps: list[int], rnd: int, key:
         for d, own, loss, ds, m in zip(live, leaves, losses, dims, micro):
             grads = {k: leaf.grad for k, leaf in own.items() if leaf.grad is not None}
             f = sum(flops.charge_known(key, dm) for dm in ds)
-            d.results.append(apply_grads(d, grads, loss, f, sum(len(b) for b in m), rnd))
+            d.results.append(apply_grads(d, trainer, grads, loss, f, sum(len(b) for b in m), rnd))
             d.train_host_s += share
 
 
+def _heads(
+    plan: CohortPlan, acts: Activations, rows: list[int], tensors: list[dict[str, torch.Tensor]]
+) -> torch.Tensor:
+    """The task head once per row group, each with its member's own head tensors."""
+    out, start = [], 0
+    for n, own in zip(rows, tensors):
+        part = Activations(acts.hidden[start : start + n], acts.attention_mask[start : start + n])
+        with bind_tensors(plan.root, own):
+            out.append(plan.head(part))
+        start += n
+    return torch.cat(out)
+
+
 def apply_grads(
-    device: FedDevice, grads: dict[str, torch.Tensor], loss: float, flops: int, n: int, rnd: int
+    device: Any,
+    trainer: Trainer,
+    grads: dict[str, torch.Tensor],
+    loss: float,
+    flops: int,
+    n: int,
+    rnd: int,
 ) -> StepResult:
     """One device's optimizer step from gradients the cohort computed for it."""
-    trainer = device.ctx.model.trainer
     with trainer.activate(device.state):
         lr = trainer.set_lr(device.state.step)
         for k, p in trainer.params.items():

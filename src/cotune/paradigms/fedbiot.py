@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -137,43 +138,114 @@ class BiOTDevice(Role):
         self.sampler = BatchSampler(len(self.dataset), ctx.cfg.train.batch_size, ctx.seed)
         self.weights: dict[str, torch.Tensor] | None = None  # the aligned blocks it holds
         self.version = -1  # the emulator version it holds (-1: none yet)
+        self.cohort = self.opts.cohort
+        self.round = 0
+        self.anchor: dict[str, torch.Tensor] = {}  # the round's global adapter
+        self.results: list[Any] = []  # a cohort round's steps, as they complete
+        self.train_host_s = 0.0
         m, cfg = self.m, ctx.cfg
         ctx.meter.memory("emulator", lambda: emulator_memory(m, cfg))
 
     def on_train(self, msg: Message) -> Message:
-        rnd = int(msg.meta["round"])
-        self._apply_emulator(msg)
-        anchor = {k: msg.tensors[k] for k in self.trainer.params}
-        with torch.no_grad():
-            for k, v in anchor.items():
-                self.state.params[k].copy_(v)
-        self.state.step = int(msg.meta["schedule_step"])
-        params, mu, m, task = self.trainer.params, self.opts.prox_mu, self.m, self.ctx.task
-
-        def loss_fn(batch: Batch) -> torch.Tensor:
-            loss = task_loss(m.emu_forward(batch.input_ids, batch.attention_mask),
-                             batch.labels, task)  # fmt: skip
-            reg = m.adapter_regularization()
-            if reg is not None:
-                loss = loss + reg
-            if mu > 0:
-                loss = loss + mu * sum((params[k] - anchor[k]).pow(2).sum() for k in params)
-            return loss
-
+        self._begin(msg)
         results = []
-        accum, meter = self.ctx.cfg.train.grad_accum, self.ctx.meter
         assert self.weights is not None
         with self.m.holding(self.weights), self.trainer.activate(self.state):
             for _ in range(self.opts.local_steps):
-                micro = [self.dataset.batch(self.sampler.next_indices()) for _ in range(accum)]
-                r = train_step(self.trainer, self.state, loss_fn, micro,
-                               counter=meter.flops, key="emulator")  # fmt: skip
-                meter.compute(r.flops, round=rnd, label="train")
-                results.append(r)
+                results.append(self._step(self._micro(), self.round))
+        return self._report(msg, results)
+
+    def _begin(self, msg: Message) -> None:
+        """The round's emulator and global adapter (the proximal term's anchor)."""
+        self.round = int(msg.meta["round"])
+        self._apply_emulator(msg)
+        self.anchor = {k: msg.tensors[k] for k in self.trainer.params}
+        with torch.no_grad():
+            for k, v in self.anchor.items():
+                self.state.params[k].copy_(v)
+        self.state.step = int(msg.meta["schedule_step"])
+        self.results = []
+
+    def _micro(self) -> list[Batch]:
+        return [self.dataset.batch(self.sampler.next_indices())
+                for _ in range(self.ctx.cfg.train.grad_accum)]  # fmt: skip
+
+    def _loss(self, batch: Batch) -> torch.Tensor:
+        m = self.m
+        loss = task_loss(m.emu_forward(batch.input_ids, batch.attention_mask), batch.labels,
+                         self.ctx.task)  # fmt: skip
+        for term in self.cohort_penalty(dict(self.trainer.params), None):
+            loss = loss + term
+        return loss
+
+    def _step(self, micro: list[Batch], rnd: int) -> Any:
+        """One step (the emulator held, this device's state active)."""
+        meter = self.ctx.meter
+        r = train_step(self.trainer, self.state, self._loss, micro, counter=meter.flops,
+                       key="emulator")  # fmt: skip
+        meter.compute(r.flops, round=rnd, label="train")
+        return r
+
+    def _report(self, msg: Message, results: list[Any]) -> Message:
         self.state.sampler = self.sampler.state_dict()
         up = {k: v.detach() for k, v in self.state.params.items()}
-        return reply(msg, "update", up, round=rnd, examples=len(self.dataset),
+        return reply(msg, "update", up, round=self.round, examples=len(self.dataset),
                      losses=[r.loss for r in results], emulator_version=self.version)  # fmt: skip
+
+    # --- a round's devices as one cohort (paradigm.options.cohort; fed_cohort.py) ----------
+    @classmethod
+    def can_batch_train(cls, devices: list[BiOTDevice]) -> bool:
+        from cotune.paradigms.fed_cohort import cohort_supported
+
+        return cohort_supported(devices)
+
+    @classmethod
+    def batch_on_train(cls, devices: list[BiOTDevice], msgs: list[Message]) -> list[Message]:
+        """Devices that will hold the same emulator version train as one batch through it."""
+        from cotune.paradigms.fed_cohort import train_cohort
+
+        if len({int(m.meta["emulator_version"]) for m in msgs}) != 1:
+            return [d.on_train(m) for d, m in zip(devices, msgs)]
+        for d, m in zip(devices, msgs):
+            d._begin(m)
+        steps = [d.opts.local_steps for d in devices]
+        train_cohort(devices, steps, devices[0].round, "emulator")
+        return [d._report(m, d.results) for d, m in zip(devices, msgs)]
+
+    def step_on(self, micro: list[Batch], rnd: int, key: str | None) -> Any:
+        assert self.weights is not None
+        with self.m.holding(self.weights), self.trainer.activate(self.state):
+            return self._step(micro, rnd)
+
+    def cohort_plan(self) -> Any:
+        """The emulator (holding this device's aligned blocks), with the adapter's layers."""
+        from cotune.paradigms.fed_cohort import CohortPlan
+
+        m, model = self.m, self.ctx.model
+        n = m.emu_anatomy.num_layers
+        weights = self.weights
+        return CohortPlan(
+            trainer=self.trainer, layers=model.adapters.layers, root=model.loaded.model,
+            forward=m.emu_forward, body=m.emu_anatomy.segment(0, n, embed=True, head=False),
+            head=m.emu_anatomy.segment(n, n, embed=False, head=True),
+            scope=lambda: m.holding(weights) if weights is not None else nullcontext(),
+        )  # fmt: skip
+
+    def cohort_penalty(self, leaves: dict[str, torch.Tensor], plan: Any) -> list[torch.Tensor]:
+        """The terms added to the task loss, in order, on ``leaves``: the adapter blocks'
+        regularizers, then ε·||w_A − w_A^(t)||²."""
+        m, mu = self.m, self.opts.prox_mu
+        if plan is None:
+            reg = m.adapter_regularization()
+        else:
+            from cotune.peft.grouped import bind_state
+
+            with bind_state(plan.layers, leaves):
+                reg = m.adapter_regularization()
+        terms = [] if reg is None else [reg]
+        if mu > 0:
+            terms.append(mu * sum((leaves[k] - self.anchor[k]).pow(2).sum() for k in leaves))
+        return terms
 
     def _apply_emulator(self, msg: Message) -> None:
         """Take the emulator tensors the message carries: the aligned blocks become this
@@ -274,7 +346,7 @@ def run(exp: Experiment) -> ParadigmResult:
             chosen = sample_round(grid, devices, rnd, cfg.seed,
                                   clients_per_round=opts.clients_per_round,
                                   fraction=opts.fraction, salt=0xB107)  # fmt: skip
-            futures = []
+            msgs = []
             for d in chosen:
                 tensors = {k: v.detach() for k, v in glob.params.items()}
                 if held[d] < aligner.version or held[d] < 0:
@@ -282,8 +354,9 @@ def run(exp: Experiment) -> ParadigmResult:
                     tensors |= m.emulator_tensors(full=held[d] < 0)
                 meta = {"round": rnd, "schedule_step": (rnd - 1) * spr,
                         "emulator_version": aligner.version}  # fmt: skip
-                futures.append(grid.submit(Message("train", SERVER, d, tensors, meta), round=rnd))
-            done = grid.gather(futures)
+                msgs.append(Message("train", SERVER, d, tensors, meta))
+            # Together: devices colocated on one host may train as a cohort.
+            done = grid.gather(grid.submit_many(msgs, round=rnd))
             for r in done.replies:  # what a device holds, as far as the server knows
                 if r.message is not None:
                     held[r.role] = int(r.message.meta["emulator_version"])

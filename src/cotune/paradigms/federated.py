@@ -93,20 +93,28 @@ class FedDevice(TrainingRole):
     def can_batch_train(cls, devices: list[FedDevice]) -> bool:
         from cotune.paradigms.fed_cohort import cohort_supported
 
-        # Subclasses train their own way (hierfed's depth): their rounds run one by one.
-        return cls is FedDevice and cohort_supported(devices)
+        return cohort_supported(devices)
 
     @classmethod
     def batch_on_train(cls, devices: list[FedDevice], msgs: list[Message]) -> list[Message]:
-        """Colocated devices' round as one cohort (``cohort: true``; see ``fed_cohort``)."""
+        """Colocated devices' round as one cohort (``cohort: true``; see ``fed_cohort``); a
+        round whose messages ask for different kinds of step (hierfed's depths) one by one."""
         from cotune.paradigms.fed_cohort import train_cohort
 
+        if not cls.one_cohort(msgs):
+            return [d.on_train(m) for d, m in zip(devices, msgs)]
         for d, m in zip(devices, msgs):
             d.begin_round(m)
             d.results, d.train_host_s = [], 0.0
         steps = [d.local_steps() for d in devices]
-        train_cohort(devices, steps, devices[0].round, devices[0].ctx.model.flop_key)
+        first = devices[0]
+        train_cohort(devices, steps, first.round, first.flop_key() or first.ctx.model.flop_key)
         return [d.finish(m, d.results) for d, m in zip(devices, msgs)]
+
+    @staticmethod
+    def one_cohort(msgs: list[Message]) -> bool:
+        """Whether these round messages train the same way (so may run as one batch)."""
+        return True
 
     def begin_round(self, msg: Message) -> None:
         """Load the global adapter the round's message carries; set the step and loss."""

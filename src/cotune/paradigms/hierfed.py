@@ -25,7 +25,7 @@ from cotune.aggregation import weighted_average
 from cotune.config import RunConfig
 from cotune.data import Batch
 from cotune.errors import ConfigError
-from cotune.models import task_loss
+from cotune.models import Activations, task_loss
 from cotune.paradigms.base import (
     Experiment,
     ParadigmResult,
@@ -125,6 +125,56 @@ class HierDevice(FedDevice):
     def upload(self) -> dict[str, torch.Tensor]:
         return {k: self.state.params[k].detach() for k in self.keys}
 
+    # --- a group's members as one cohort (paradigm.options.cohort; fed_cohort.py) ----------
+    @classmethod
+    def can_batch_train(cls, devices: list[FedDevice]) -> bool:
+        # FedProx here trains the whole model (``FedDevice._proximal``): one by one.
+        return all(d.prox_mu == 0 for d in devices) and super().can_batch_train(devices)
+
+    @staticmethod
+    def one_cohort(msgs: list[Message]) -> bool:
+        return len({int(m.meta["depth"]) for m in msgs}) == 1
+
+    def cohort_plan(self) -> Any:
+        """Below the trained blocks without a graph, the top blocks with one."""
+        from cotune.paradigms.fed_cohort import CohortPlan, model_plan
+
+        model = self.ctx.model
+        anatomy, depth = model.loaded.anatomy, int(self.depth or 0)
+        n = anatomy.num_layers
+        if depth >= n:
+            return model_plan(model)
+        frozen = anatomy.segment(0, n - depth, embed=True, head=False)
+        top = anatomy.segment(n - depth, n, embed=False, head=True)
+        top_body = anatomy.segment(n - depth, n, embed=False, head=False)
+
+        def below(ids: torch.Tensor, mask: torch.Tensor) -> Activations:
+            with torch.no_grad():
+                return frozen(ids, mask)
+
+        return CohortPlan(
+            trainer=model.trainer, layers=model.adapters.layers, root=model.loaded.model,
+            forward=lambda ids, mask: top(below(ids, mask)),
+            body=lambda ids, mask: top_body(below(ids, mask)),
+            head=anatomy.segment(n, n, embed=False, head=True),
+        )  # fmt: skip
+
+    def cohort_penalty(self, leaves: dict[str, torch.Tensor], plan: Any) -> list[torch.Tensor]:
+        """The trained blocks' regularizers only, as ``depth_loss`` adds them."""
+        from cotune.peft.grouped import bind_state
+
+        model = self.ctx.model
+        anatomy, depth = model.loaded.anatomy, int(self.depth or 0)
+        n = anatomy.num_layers
+        with bind_state(plan.layers, leaves):
+            if depth >= n:
+                reg = model.adapters.regularization_loss()
+                return [] if reg is None else [reg]
+            top = anatomy.segment(n - depth, n, embed=False, head=True)
+            layers = [layer for path, layer in model.adapters.layers.items() if top.owns(path)]
+            regs = [r for layer in layers if (r := layer.regularization_loss()) is not None]
+            return [torch.stack(regs).sum()] if regs else []
+
 
 class EdgeAggregator(Role):
     """A group's aggregator: runs τ_g group rounds over its members per cloud round.
@@ -161,10 +211,9 @@ class EdgeAggregator(Role):
         for k in range(int(plan["tau"])):
             meta = {"round": rnd, "group": self.role_id, "group_round": k + 1,
                     "schedule_step": base + k * self.opts.local_steps, "depth": plan["depth"]}  # fmt: skip
-            futures = [
-                grid.submit(Message("train", self.role_id, d, group, meta), round=rnd)
-                for d in members
-            ]
+            futures = grid.submit_many(  # together: members on one host may run as a cohort
+                [Message("train", self.role_id, d, group, meta) for d in members], round=rnd
+            )
             done = grid.gather(futures)
             arrived = [r.message for r in done.ok if r.message is not None]
             for m in arrived:

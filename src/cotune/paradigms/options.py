@@ -128,6 +128,9 @@ class HierFedOptions(ParadigmOptions):
     weighting: Literal["examples", "uniform"] = "examples"
     optimizer_state: Literal["keep", "reset"] = "keep"
     edge_profile: str = "jetson"  # device profile of the group aggregators (hub links)
+    # In-process engine (and a Ray host): a group round's members' local steps as one batch
+    # (fed_cohort.py), each on its own tensors; float results ~1e-6 apart from one by one.
+    cohort: bool = False
 
     def infrastructure(self) -> dict[str, str]:
         return {f"edge-{g}": self.edge_profile for g in range(self.num_groups)}
@@ -163,6 +166,9 @@ class FedBiOTOptions(ParadigmOptions):
     fraction: float = Field(1.0, gt=0.0, le=1.0)
     prox_mu: float = Field(1.0, ge=0.0)  # ε·||w_A − w_A^(t)||² (the code's lm_loss_weight)
     weighting: Literal["examples", "uniform"] = "examples"
+    # In-process engine (and a Ray host): a round's devices' local steps through the emulator
+    # as one batch (fed_cohort.py); float results ~1e-6 apart from one by one.
+    cohort: bool = False
 
 
 class DLoRAOptions(ParadigmOptions):
