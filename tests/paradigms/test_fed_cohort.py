@@ -39,12 +39,67 @@ def test_cohort_rounds_equal_one_by_one_to_float_precision(tiny_config, extra):
     assert b["costs"]["total"]["flops"] == a["costs"]["total"]["flops"]
 
 
-def test_cohort_with_a_trained_head_runs_one_by_one_exactly(tiny_config):
-    a_dir, _ = fedavg(tiny_config, "seq-head", False)
-    b_dir, _ = fedavg(tiny_config, "cohort-head", True)
+def same_run(a_dir, a, b_dir, b, role="server"):
+    """Two runs of one job, one by one and as cohorts: equal to float precision, with the
+    same messages, bytes, counted FLOPs and simulated time."""
     pa, pb = final_params(a_dir), final_params(b_dir)
-    for k in pa["server"]:
-        assert torch.equal(pa["server"][k], pb["server"][k]), k
+    for k in pa[role]:
+        torch.testing.assert_close(pb[role][k], pa[role][k], rtol=1e-4, atol=1e-6)
+    assert b["final"]["loss"] == pytest.approx(a["final"]["loss"], rel=1e-5)
+    assert a["bytes"] == b["bytes"] and a["messages"] == b["messages"]
+    assert b["sim_time_s"] == pytest.approx(a["sim_time_s"], rel=1e-9)
+    assert b["costs"]["total"]["flops"] == a["costs"]["total"]["flops"]
+
+
+def test_a_trained_classification_head_runs_once_per_device_in_the_cohort(tiny_config, monkeypatch):
+    sizes = cohort_sizes(monkeypatch)
+    a_dir, a = fedavg(tiny_config, "seq-head", False, devices={"count": 3})
+    assert sizes == []
+    b_dir, b = fedavg(tiny_config, "cohort-head", True, devices={"count": 3})
+    assert sizes and set(sizes) == {3}  # batched, head and all
+    same_run(a_dir, a, b_dir, b)
+
+
+def run_pair(tiny_config, paradigm, options, **sections):
+    out = []
+    for cohort in (False, True):
+        cfg = tiny_config(
+            name=f"{paradigm}-{cohort}",
+            paradigm={"name": paradigm, "options": {**options, "cohort": cohort}},
+            **sections,
+        )
+        run_dir = run_experiment(cfg, quiet=True, report=False)
+        out += [run_dir, json.loads((run_dir / "summary.json").read_text())]
+    return out
+
+
+@pytest.mark.parametrize("depth", [1, 2], ids=["top-block", "whole-model"])
+def test_hierfed_group_members_train_as_one_cohort(tiny_config, monkeypatch, depth):
+    sizes = cohort_sizes(monkeypatch)
+    options = {"num_groups": 1, "controller": "fixed", "tau": 2, "depth": depth,
+               "local_steps": 2}  # fmt: skip
+    pair = run_pair(tiny_config, "hierfed", options, devices={"count": 3},
+                    train={"steps": 8})  # fmt: skip
+    assert sizes and set(sizes) == {3}
+    same_run(*pair)
+
+
+def test_fedbiot_devices_holding_one_emulator_train_as_one_cohort(tiny_config, monkeypatch):
+    sizes = cohort_sizes(monkeypatch)
+    sections = {
+        "model": {"name_or_path": "random:gpt2", "task": "causal_lm",
+                  "random_config": {"n_layer": 4}},
+        "data": {"labels": []},
+        "peft": {"target_modules": ["c_attn"]},
+        "devices": {"count": 3},
+        "train": {"steps": 6},
+        "eval": {"every": 3, "max_examples": 16},
+    }  # fmt: skip
+    options = {"public_examples": 40, "local_steps": 3, "initial_align_steps": 2,
+               "align_steps": 1}  # fmt: skip
+    pair = run_pair(tiny_config, "fedbiot", options, **sections)
+    assert sizes and set(sizes) == {3}
+    same_run(*pair)
 
 
 def test_cohort_under_dropouts_still_drops_the_same_devices(tiny_config):

@@ -1,19 +1,28 @@
-"""Device cohorts for federated rounds in the in-process engine (``paradigm.options.cohort``).
+"""Device cohorts for federated rounds on colocated devices (``paradigm.options.cohort``).
 
-A FedAvg round asks K simulated devices to train ``local_steps`` steps each. One after another
-that is K small forwards and backwards through the same frozen base per step; a cohort runs
-local step ``j`` of all K devices as ONE padded batch, each device's rows through its own
-adapter tensors (``cotune.peft.grouped``). One backward of the sum of the devices' losses gives
-each device exactly its own gradient (a device's loss depends only on its rows and tensors);
-each then clips and takes its own optimizer step. Messages, bytes, FLOP charges (known from an
-earlier counted step of the same shape, else that step runs device by device and counts) and
-the simulated clock are those of the one-by-one round.
+A round asks K simulated devices to train ``local_steps`` steps each. One after another that is
+K small forwards and backwards through the same frozen base per step; a cohort runs local step
+``j`` of all K devices as ONE padded batch, each device's rows through its own adapter tensors
+(``cotune.peft.grouped``). One backward of the sum of the devices' losses gives each device
+exactly its own gradient (a device's loss depends only on its rows and tensors); each then clips
+and takes its own optimizer step. Messages, bytes, FLOP charges (known from an earlier counted
+step of the same shape, else that step runs device by device and counts) and the simulated
+clock are those of the one-by-one round.
+
+Who offers it: ``fedavg`` and ``local`` devices (the whole model), ``hierfed`` members of a
+group round (the blocks below their depth without a graph: ``HierDevice.cohort_plan``) and
+``fedbiot`` devices that hold the same emulator version (through the emulator). A member
+describes its step with a ``CohortPlan`` and adds its own loss terms (``cohort_penalty``:
+regularizers, FedProx's or FedBiOT's proximal term). A trained task head (classification's
+``modules_to_save``) runs once per row group with that device's head tensors. ``dlora`` does
+not: a DLoRA step is a conversation with the cloud, which computes each device's killed modules
+with that device's tensors, so its rounds run one device at a time.
 
 Differences from one-by-one, as for split cohorts: float results agree to ~1e-6 (other batch
 shapes), and the dropout masks of the whole cohort come from the first device's RNG stream
 (statistically the same; bitwise different when dropout > 0). Cohorts need every trainable
-tensor in an adapter layer (a trained classification head cannot differ per row group) and a
-plain device loss (FedProx's proximal term included); otherwise the round runs one by one.
+tensor in an adapter layer or the task head, a regularizer that does not come from the forward,
+no domain routing and no fp16 loss scaling; otherwise the round runs one by one.
 """
 
 from __future__ import annotations

@@ -142,7 +142,7 @@ class HierDevice(FedDevice):
         model = self.ctx.model
         anatomy, depth = model.loaded.anatomy, int(self.depth or 0)
         n = anatomy.num_layers
-        if depth >= n:
+        if not 0 < depth < n:  # the whole model (or not told its depth yet)
             return model_plan(model)
         frozen = anatomy.segment(0, n - depth, embed=True, head=False)
         top = anatomy.segment(n - depth, n, embed=False, head=True)
@@ -167,7 +167,7 @@ class HierDevice(FedDevice):
         anatomy, depth = model.loaded.anatomy, int(self.depth or 0)
         n = anatomy.num_layers
         with bind_state(plan.layers, leaves):
-            if depth >= n:
+            if not 0 < depth < n:
                 reg = model.adapters.regularization_loss()
                 return [] if reg is None else [reg]
             top = anatomy.segment(n - depth, n, embed=False, head=True)
