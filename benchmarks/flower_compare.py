@@ -137,8 +137,8 @@ def run_tree(cmd: list[str], env: dict[str, str]) -> tuple[str, float, float]:
     return out, wall, peak[0] / 2**20
 
 
-def run_cotune(j: dict, tmp: str, name: str) -> dict:
-    overrides = cotune_overrides(j, tmp, name)
+def run_cotune(j: dict, tmp: str, name: str, extra: list[str] | None = None) -> dict:
+    overrides = cotune_overrides(j, tmp, name) + list(extra or [])
     out, wall, peak = run_tree([sys.executable, "-c", COTUNE_CHILD, json.dumps(overrides), tmp],
                                dict(os.environ))  # fmt: skip
     m = json.loads(out.strip().splitlines()[-1])
@@ -167,6 +167,13 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=100)
     ap.add_argument("--per-round", type=int, default=10)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument(
+        "--cotune-set",
+        nargs="*",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="extra cotune overrides (e.g. paradigm.options.cohort=false)",
+    )
     args = ap.parse_args()
     runs: dict[str, list[dict]] = {"cotune": [], "flower": []}
     with tempfile.TemporaryDirectory() as tmp:
@@ -179,7 +186,7 @@ def main() -> None:
                 order = ("cotune", "flower") if rep % 2 == 0 else ("flower", "cotune")
                 for side in order:
                     if side == "cotune":
-                        m = run_cotune(j, tmp, f"c{seed}{rep}")
+                        m = run_cotune(j, tmp, f"c{seed}{rep}", args.cotune_set)
                     else:
                         m = run_flower(args.flower_python, shards)
                     m["seed"] = seed

@@ -109,12 +109,20 @@ def test_a_host_that_dies_fails_its_devices_round_and_comes_back(ray_session, ti
     assert seen["killed"] and got == [(1, 2), (2, 1), (3, 2), (4, 2)]
 
 
+HIER = {"num_groups": 1, "controller": "fixed", "tau": 1, "depth": 1, "local_steps": 2}
+BIOT = {"adapter_layers": 1, "public_examples": 40, "initial_align_steps": 2, "align_steps": 1,
+        "local_steps": 2}  # fmt: skip
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "paradigm, method", [("fedavg", "lora"), ("fedavg", "dora"), ("local", "lora")]
-)
+    "paradigm, method, extra",
+    [("fedavg", "lora", {}), ("fedavg", "dora", {}), ("local", "lora", {}),
+     ("hierfed", "lora", HIER), ("fedbiot", "lora", BIOT)],
+    ids=["fedavg-lora", "fedavg-dora", "local", "hierfed", "fedbiot"],
+)  # fmt: skip
 def test_a_hosts_devices_train_as_one_cohort_and_equal_the_local_cohort(
-    ray_session, tiny_config, monkeypatch, paradigm, method
+    ray_session, tiny_config, monkeypatch, paradigm, method, extra
 ):
     """A round's requests to devices sharing a host go as one frame and the host runs them as
     fedavg's cohort: the same run as the local engine's cohort."""
@@ -132,7 +140,7 @@ def test_a_hosts_devices_train_as_one_cohort_and_equal_the_local_cohort(
     monkeypatch.setattr(raynodes.RayLink, "send", send)
     sections = {
         **CAUSAL,  # no trained head: the cohort applies (a head cannot differ per row group)
-        "paradigm": {"name": paradigm, "options": {"cohort": True}},
+        "paradigm": {"name": paradigm, "options": {"cohort": True, **extra}},
         "devices": {"count": 4},
         "peft": {**CAUSAL["peft"], "method": method},
     }

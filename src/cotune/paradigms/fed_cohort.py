@@ -103,33 +103,39 @@ def penalty_of(
 
 
 def cohort_supported(devices: Sequence[Any]) -> bool:
+    """Whether these devices' round may run as one cohort (``cohort: true`` asked for it);
+    when it may not, why is logged once per reason and the round runs device by device."""
     first = devices[0]
     ctx = first.ctx
-    if not getattr(first, "cohort", False) or ctx.domains is not None:
+    if not getattr(first, "cohort", False):
         return False
-    if ctx.cfg.train.autocast == "fp16":  # one backward, but each device has its own loss scale
-        return False
-    if any(getattr(d, "example_domains", None) is not None or d.dataset is None for d in devices):
-        return False
+    if ctx.domains is not None or any(
+        getattr(d, "example_domains", None) is not None for d in devices
+    ):
+        return _decline("domain routing sends each example to its own expert")
+    if ctx.cfg.train.autocast == "fp16":
+        return _decline("fp16 loss scaling keeps one scale per device, a cohort one backward")
+    if any(d.dataset is None for d in devices):
+        return _decline("a device holds no data")
     plan = plan_of(first)
     layers = plan.layers
     per_layer, rest = split_by_layer(layers, first.state.params)
-    stateful = any(getattr(layers[p], "reg_from_forward", False) for p in per_layer)
     loose = [k for k in rest if not plan.head.owns(k)]
-    if loose or stateful:
-        if not _told:
-            _told.append(True)
-            log.info(
-                "device cohort: %s, so rounds run device by device",
-                f"{loose[0]} is trained outside the adapter layers and the task head"
-                if loose
-                else "a regularizer from the forward would mix the devices",
-            )
-        return False
+    if loose:
+        return _decline(f"{loose[0]} is trained outside the adapter layers and the task head")
+    if any(getattr(layers[p], "reg_from_forward", False) for p in per_layer):
+        return _decline("a regularizer from the forward would mix the devices")
     return True
 
 
-_told: list[bool] = []
+def _decline(why: str) -> bool:
+    if why not in _told:
+        _told.add(why)
+        log.info("device cohort: %s, so rounds run device by device", why)
+    return False
+
+
+_told: set[str] = set()
 
 
 def _pad_cat(batches: list[Batch], task: str) -> Batch:
