@@ -46,7 +46,18 @@ def test_run_report_export(tmp_path, capsys):
     assert main(["export", str(run_dir), str(tmp_path / "ad")]) == 0
     assert (tmp_path / "ad" / "adapter_model.safetensors").is_file()
     assert main(["export", str(run_dir), str(tmp_path / "merged"), "--merge"]) == 0
-    assert (tmp_path / "merged" / "config.json").is_file()
+    merged = json.loads((tmp_path / "merged" / "config.json").read_text())
+    labels = json.loads((run_dir / "labels.json").read_text())
+    # A pipeline on the export says the run's labels, not LABEL_0..
+    assert merged["id2label"] == {str(i): n for i, n in enumerate(labels)}
+    assert merged["label2id"] == {n: i for i, n in enumerate(labels)}
+
+
+def test_an_adapter_names_its_base_by_the_id_other_tools_know():
+    from cotune.models.loading import public_model_id
+
+    assert public_model_id("minilm") == "sentence-transformers/all-MiniLM-L6-v2"
+    assert public_model_id("Qwen/Qwen2.5-0.5B") == "Qwen/Qwen2.5-0.5B"
 
 
 def test_compare_writes_one_report(tmp_path):

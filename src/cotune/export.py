@@ -109,13 +109,17 @@ def _export_merged(run_dir: Path, adapter_dir: Path, out: Path) -> Path:
 
     cfg = load_config(run_dir / "config.yaml")
     labels_file = run_dir / "labels.json"
-    num_labels = len(json.loads(labels_file.read_text())) if labels_file.is_file() else None
+    names = json.loads(labels_file.read_text()) if labels_file.is_file() else None
+    num_labels = len(names) if names else None
     tokenizer = load_tokenizer(run_dir / "tokenizer")
     loaded = load_model(
         cfg.model, num_labels=num_labels, vocab_size=tokenizer.vocab_size, seed=cfg.seed
     )
     adapters = load_adapter(loaded.model, adapter_dir)
     adapters.merge_and_unload()
+    if names and cfg.model.task == "classification":  # pipelines say the labels, not LABEL_0
+        loaded.model.config.id2label = dict(enumerate(names))
+        loaded.model.config.label2id = {n: i for i, n in enumerate(names)}
     loaded.model.save_pretrained(out)
     tokenizer.save(out)
     return out

@@ -353,6 +353,7 @@ def _last_eval(records: list[dict]) -> dict[str, float]:
 
 def save_adapters(exp, states: dict, out: Path) -> None:
     """One PEFT adapter dir per product role; several roles get PEFT-style sub-directories."""
+    from cotune.models.loading import public_model_id
     from cotune.peft import save_adapter
 
     for role, state in states.items():
@@ -361,7 +362,7 @@ def save_adapters(exp, states: dict, out: Path) -> None:
             save_adapter(
                 exp.adapters,
                 target,
-                base_model_name_or_path=exp.loaded.name_or_path,
+                base_model_name_or_path=public_model_id(exp.loaded.name_or_path),
                 task=exp.task,
             )
 

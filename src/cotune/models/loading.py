@@ -200,6 +200,16 @@ def _random_config(kind: str, overrides: dict[str, Any], vocab_size: int | None)
     return config
 
 
+#: Bundled models' public ids: what an exported adapter names as its base, so tools outside
+#: cotune (PEFT's ``AutoPeftModel``, ``transformers`` pipelines) can resolve it.
+PUBLIC_IDS = {"minilm": "sentence-transformers/all-MiniLM-L6-v2"}
+
+
+def public_model_id(name: str) -> str:
+    """The id other tools know ``model.name_or_path`` by (a bundled model's hub id)."""
+    return PUBLIC_IDS.get(name, name)
+
+
 def _resolve_path(name: str) -> str:
     if name == "minilm":
         try:
