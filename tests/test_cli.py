@@ -72,6 +72,29 @@ def test_compare_writes_one_report(tmp_path):
     assert (out / "report.html").is_file() and (out / "c" / "summary.json").is_file()
 
 
+def test_an_interrupted_compare_resumes(tmp_path, capsys):
+    paths = []
+    for name, paradigm in (("c", "central"), ("l", "local")):
+        cfg = tiny_config_dict(tmp_path, name=name, paradigm={"name": paradigm})
+        p = tmp_path / f"{name}.yaml"
+        p.write_text(yaml.safe_dump(cfg))
+        paths.append(str(p))
+    out = tmp_path / "cmp"
+    args = ["compare", *paths, "--out", str(out), "--quiet", "--set", "train.steps=3"]
+    assert main(args) == 0
+    kept = (out / "c" / "summary.json").stat().st_mtime_ns
+    # The second run was cut short after its final checkpoint: its outputs are missing.
+    (out / "l" / "summary.json").unlink()
+    (out / "report.html").unlink()
+    assert main(args) == 2 and "--overwrite" in capsys.readouterr().err  # refused, not resumed
+    assert main([*args, "--resume"]) == 0
+    assert (out / "c" / "summary.json").stat().st_mtime_ns == kept  # the finished run is kept
+    assert (out / "l" / "summary.json").is_file() and (out / "report.html").is_file()
+    # A finished run of another config is not passed off as this one.
+    assert main([*args[:-1], "train.steps=2", "--resume"]) == 2
+    assert "different config" in capsys.readouterr().err
+
+
 def test_devices_lists_profiles(capsys, tmp_path):
     assert main(["devices"]) == 0
     out = capsys.readouterr().out

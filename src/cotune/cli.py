@@ -36,14 +36,19 @@ def run_command(
 
 
 def compare_command(
-    configs: list[Path], overrides: list[str], *, out: Path, overwrite: bool, quiet: bool
+    configs: list[Path],
+    overrides: list[str],
+    *,
+    out: Path,
+    overwrite: bool,
+    quiet: bool,
+    resume: bool = False,
 ) -> int:
     """Run each CONFIG into OUT/<name> and write one comparison report over all of them."""
     from cotune.run import compare
 
-    report = compare(
-        [str(c) for c in configs], out, overrides=overrides, overwrite=overwrite, quiet=quiet
-    )
+    report = compare([str(c) for c in configs], out, overrides=overrides, overwrite=overwrite,
+                     quiet=quiet, resume=resume)  # fmt: skip
     print(f"comparison report: {report}")
     return 0
 
@@ -212,6 +217,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_set(c)
     c.add_argument("--out", type=Path, default=Path("runs/compare"))
     c.add_argument("--overwrite", action="store_true")
+    c.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the runs that finished, continue the unfinished ones from their checkpoints",
+    )
     c.add_argument("--quiet", action="store_true")
 
     rp = sub.add_parser("report", help=report_command.__doc__, description=report_command.__doc__)
@@ -307,6 +317,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 out=args.out,
                 overwrite=args.overwrite,
                 quiet=args.quiet,
+                resume=args.resume,
             )
         if args.command == "report":
             return report_command(args.run_dirs, out=args.out)

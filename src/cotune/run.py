@@ -374,8 +374,11 @@ def compare(
     overrides: list[str] | None = None,
     overwrite: bool = False,
     quiet: bool = False,
+    resume: bool = False,
 ) -> Path:
-    """Run several configs into ``out_dir/<name>`` and write a comparison report over them."""
+    """Run several configs into ``out_dir/<name>`` and write a comparison report over them,
+    updated after every run. ``resume``: a run that finished is kept as it is (if its config
+    is the one given), an unfinished one continues from its checkpoint, a missing one starts."""
     from cotune.config import load_config
     from cotune.report import write_compare_report
 
@@ -387,11 +390,41 @@ def compare(
         raise RunDirError(
             f"compare: run names must differ, {sorted(dupes)} appear twice (set `name:` in each config)"
         )
+    finished = {c.name for c in cfgs if resume and finished_run(run_dir_for(c, out), c)}
     for c in cfgs:
-        check_run_dir(run_dir_for(c, out), overwrite=overwrite, resume=False)
+        if c.name not in finished:
+            check_run_dir(run_dir_for(c, out), overwrite=overwrite, resume=resume)
     run_dirs = []
+    report = out
     for c in cfgs:
+        if c.name in finished:
+            log.info("%s finished before: kept", c.name)
+            run_dirs.append(run_dir_for(c, out))
+            continue
         if not quiet:
             log.info("running %s (%s)", c.name, c.paradigm.name)
-        run_dirs.append(run_experiment(c, out_root=out, overwrite=overwrite, quiet=quiet))
-    return write_compare_report(run_dirs, out)
+        run_dirs.append(
+            run_experiment(c, out_root=out, overwrite=overwrite, resume=resume, quiet=quiet)
+        )
+        # After every run: an interrupted comparison still shows what finished.
+        report = write_compare_report(run_dirs, out)
+    return write_compare_report(run_dirs, out) if finished or not run_dirs else report
+
+
+def finished_run(run_dir: Path, cfg: RunConfig) -> bool:
+    """Whether ``run_dir`` holds a finished run of ``cfg`` (its summary and every output);
+    a finished run of another config is a ``RunDirError`` (it would be compared as this one)."""
+    from cotune.config import load_config
+
+    if not (run_dir / "summary.json").is_file() or missing_outputs(run_dir, cfg):
+        return False
+    try:
+        same = load_config(run_dir / "config.yaml").fingerprint() == cfg.fingerprint()
+    except CotuneError:
+        same = False
+    if not same:
+        raise RunDirError(
+            f"compare --resume: {run_dir} holds a finished run of a different config; use "
+            "--overwrite to run this one there, or another --out"
+        )
+    return True
