@@ -34,6 +34,7 @@ class ModelSection(Section):
     # A Hugging Face hub id, a local directory, "minilm" (the bundled all-MiniLM-L6-v2),
     # or "random:<family>" (gpt2, llama, qwen2, mistral, bert, roberta) built from `random_config`.
     name_or_path: str = "minilm"
+    # classification (a label per text) or causal_lm (next-token loss on the text).
     task: TaskName = "classification"
     # Extra fields for the HF config of a random:<family> model (n_layer, hidden_size, ...).
     random_config: dict[str, Any] = Field(default_factory=dict)
@@ -43,6 +44,7 @@ class ModelSection(Section):
     # their math stay in float32/bf16): int8 (LLM.int8), nf4 or fp4 (4-bit). Runs on CUDA and on
     # CPU (bitsandbytes' portable kernels: slow); the simulator counts the quantized bytes.
     quantize: Literal["none", "int8", "nf4", "fp4"] = "none"
+    # Texts are truncated to this many tokens.
     max_length: int = Field(128, ge=8, le=8192)
 
 
@@ -50,20 +52,26 @@ class DataSection(Section):
     # A built-in dataset name (see `cotune datasets`) or a path to a .jsonl / .csv file,
     # or "hf:<name>[:<config>]" for Hugging Face `datasets` when installed.
     dataset: str = "fortunes"
+    # The column (JSONL key, CSV header) that holds the text.
     text_field: str = "text"
+    # The column that holds the label (classification) or domain.
     label_field: str = "label"
     # Keep only these labels (classification); empty keeps all.
     labels: list[str] = Field(default_factory=list)
     # Built-in dataset view, e.g. austen: "text" (causal LM) or "novel" (which-novel classification).
     view: str | None = None
+    # Use at most this many examples (a seeded, label-stratified subsample).
     max_examples: int | None = Field(None, ge=1)
+    # Held-out share for evaluation (when no test_file is given).
     test_fraction: float = Field(0.2, gt=0.0, lt=1.0)
+    # A separate evaluation file (same format and columns).
     test_file: str | None = None
     # Vocabulary size of the local byte-level BPE trained for random-init models.
     bpe_vocab_size: int = Field(2000, ge=300)
 
 
 class PartitionSection(Section):
+    # How training examples are split over devices: iid, dirichlet (label skew by alpha), shards (classes_per_device labels each), quantity (power-law sizes).
     scheme: Literal["iid", "dirichlet", "shards", "quantity"] = "iid"
     alpha: float = Field(0.5, gt=0.0)  # Dirichlet concentration (label skew)
     classes_per_device: int = Field(2, ge=1)  # "shards": labels each device holds
@@ -74,18 +82,22 @@ class PartitionSection(Section):
 class AvailabilitySection(Section):
     """How devices behave (see cotune.sim.availability)."""
 
+    # When devices can be reached: always, random (each round with drop_p), periodic (cycles), trace (a CSV of online intervals).
     kind: Literal["always", "random", "periodic", "trace"] = "always"
     drop_p: float = Field(0.0, ge=0.0, le=1.0)  # "random": chance to miss each round
     period_s: float = Field(86_400.0, gt=0.0)  # "periodic": cycle length (simulated seconds)
     on_fraction: float = Field(1.0, gt=0.0, le=1.0)  # "periodic": online share of each cycle
+    # "periodic": offset of the cycle (simulated seconds).
     phase_s: float = 0.0
     stagger: bool = False  # "periodic": a seeded phase per device
     trace_file: str | None = None  # "trace": CSV device,start_s,end_s of online intervals
+    # Share of devices that compute slower (by straggler_slowdown).
     straggler_fraction: float = Field(0.0, ge=0.0, le=1.0)
     straggler_slowdown: tuple[float, float] = (2.0, 4.0)  # compute-time factor range
     straggler_per_round: bool = False  # redraw stragglers each round
     dispatch_batch: int | None = Field(None, ge=1)  # reports reach the server k at a time
     dispatch_rate: float | None = Field(None, gt=0.0)  # ... or at most this many per second
+    # Chance that a report is lost on its way to the server.
     dispatch_drop_p: float = Field(0.0, ge=0.0, lt=1.0)
 
     @model_validator(mode="after")
@@ -101,13 +113,18 @@ class AvailabilitySection(Section):
 
 
 class DevicesSection(Section):
+    # Simulated (or deployed) devices.
     count: int = Field(8, ge=1, le=100_000)
     # Fleet: fractions per profile (summing to 1), or one profile name per device; neither
     # means every device is phone-mid. Profiles: `cotune devices`, or `profile_file` (YAML).
     mix: dict[str, float] | None = None
+    # One profile name per device (instead of mix).
     profiles: list[str] | None = None
+    # The server's profile.
     server: str = "a100"
+    # A YAML of extra device profiles (FLOP/s, links, memory, energy).
     profile_file: str | None = None
+    # Device behaviour over simulated time (below).
     availability: AvailabilitySection = Field(default_factory=AvailabilitySection)
 
 
@@ -117,25 +134,35 @@ class WarmupSection(Section):
 
     # A built-in dataset name, a file, or "hf:<name>"; the view defaults to the task's.
     dataset: str = "austen"
+    # View of the warm-up dataset (as data.view).
     view: str | None = None
     labels: list[str] = Field(default_factory=list)  # classification: classes to keep
+    # Public examples used for the warm-up.
     examples: int = Field(256, ge=1)
+    # Warm-up optimizer steps on the server before the run.
     steps: int = Field(20, ge=0)
+    # The warm-up's learning rate.
     lr: float = Field(1e-3, gt=0.0)
     keep_head: bool = False  # the head belongs to the task's labels: reset it by default
 
 
 class PeftSection(Section):
+    # The PEFT method (see docs/methods.md): lora, dora, bora, kasa, pissa, d2lora, gelora, modula, mosld, ....
     method: str = "lora"
+    # Adapter rank.
     r: int = Field(8, ge=1)
+    # Scaling numerator: the update is scaled by alpha / r (alpha / sqrt(r) with use_rslora).
     alpha: float = Field(16.0, gt=0.0)
+    # Dropout on the adapter's input.
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    # Rank-stabilized scaling alpha / sqrt(r).
     use_rslora: bool = False
     # Module-name patterns: a plain name matches the last path component ("query"),
     # anything with a dot or regex characters is matched as a regex against the full path.
     target_modules: list[str] = Field(default_factory=lambda: ["query", "value"])
     # Per-module overrides, keyed by pattern as PEFT does.
     rank_pattern: dict[str, int] = Field(default_factory=dict)
+    # Per-module alpha overrides (module name pattern -> alpha).
     alpha_pattern: dict[str, float] = Field(default_factory=dict)
     # Only adapt these block indices (None = all).
     layers: list[int] | None = None
@@ -197,7 +224,9 @@ class RaySection(Section):
 
     address: str | None = None  # None: start Ray on this machine; "auto" or HOST:PORT: join
     hosts: int = Field(1, ge=1)  # actors; devices are placed round robin
+    # CPUs Ray reserves for each host actor (its torch threads follow).
     num_cpus_per_host: float = Field(1.0, ge=0.0)
+    # GPUs (or a fraction) Ray gives each host actor.
     num_gpus_per_host: float = Field(0.0, ge=0.0)
     threads_per_host: int | None = Field(None, ge=1)  # torch/OpenMP threads in each host
     num_cpus: int | None = Field(None, ge=1)  # a Ray started here: its CPU count (None: all)
@@ -218,6 +247,7 @@ class EngineSection(Section):
     # Wire codec for adapter/parameter messages, and for cut-layer activations and gradients
     # in split paradigms (lossy codecs such as int8 and topk are meant for those).
     codec: str = "fp32"
+    # Codec of split paradigms' cut activations and gradients.
     activation_codec: str = "fp32"
     # grpc: the server listens here; devices dial in (`cotune device --server HOST:PORT`).
     listen: str = "127.0.0.1:50051"
@@ -231,6 +261,7 @@ class EngineSection(Section):
     join_quorum: int | None = Field(None, ge=1)
     # A remote call not answered in this long fails (the device counts as gone for it).
     request_timeout_s: float = Field(600.0, gt=0.0)
+    # engine.kind ray: the host actors (below).
     ray: RaySection = Field(default_factory=RaySection)
 
     @field_validator("codec", "activation_codec")
@@ -241,13 +272,21 @@ class EngineSection(Section):
 
 class TrainSection(Section):
     steps: int = Field(100, ge=1)  # optimizer steps per role that trains
+    # Examples per optimizer step (per device).
     batch_size: int = Field(8, ge=1)
+    # Micro-batches accumulated per optimizer step.
     grad_accum: int = Field(1, ge=1)
+    # AdamW learning rate (peak, after warm-up).
     lr: float = Field(5e-4, gt=0.0)
+    # AdamW weight decay.
     weight_decay: float = Field(0.0, ge=0.0)
+    # Linear warm-up steps of the learning rate.
     warmup_steps: int = Field(0, ge=0)
+    # Learning-rate decay after warm-up.
     schedule: Literal["constant", "linear", "cosine"] = "linear"
+    # Gradient clipping norm (null: no clipping).
     max_grad_norm: float | None = Field(1.0, gt=0.0)
+    # AdamW betas.
     betas: tuple[float, float] = (0.9, 0.999)
     # A non-finite loss, gradient or update: stop the run naming the step and role (keeping the
     # last good checkpoint), or skip that step (the role's weights stay as they were).
@@ -296,18 +335,24 @@ def _check_device(v: str) -> str:
 
 class EvalSection(Section):
     every: int = Field(20, ge=1)  # evaluate every N steps (and at the end)
+    # Evaluation batch size.
     batch_size: int = Field(32, ge=1)
+    # Evaluate on at most this many test examples.
     max_examples: int | None = Field(None, ge=1)
+    # Report when (step, simulated and host time) a run first reaches it.
     target_accuracy: float | None = Field(None, gt=0.0, le=1.0)
 
 
 class OutputSection(Section):
+    # Runs are written to <dir>/<name>.
     dir: str = "runs"
+    # Replace an existing run directory (as --overwrite).
     overwrite: bool = False
     # "eval": at every evaluation point (federated paradigms: the first round boundary at or
     # after it); N: every N steps; 0: only the final checkpoint.
     checkpoint_every: int | Literal["eval"] = "eval"
     keep_checkpoints: int = Field(2, ge=1)  # the newest K; a torn newest falls back to the next
+    # Write the trained adapter in PEFT's layout (adapter/).
     save_adapter: bool = True
 
     @field_validator("checkpoint_every")
@@ -319,7 +364,9 @@ class OutputSection(Section):
 
 
 class RunConfig(Section):
+    # The run's name: its directory under output.dir, its label in comparisons.
     name: str = "run"
+    # Seeds everything: data split, partition, initialization, sampling, simulator.
     seed: int = 0
     model: ModelSection = Field(default_factory=ModelSection)
     data: DataSection = Field(default_factory=DataSection)

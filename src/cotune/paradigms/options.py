@@ -75,11 +75,14 @@ class FedAvgOptions(ParadigmOptions):
     local_steps: int = Field(5, ge=1)  # optimizer steps per device per round
     local_epochs: float | None = Field(None, gt=0)  # instead of local_steps (needs rounds)
     rounds: int | None = Field(None, ge=1)  # default: ceil(train.steps / local_steps)
+    # Devices sampled each round (else fraction of them).
     clients_per_round: int | None = Field(None, ge=1)
     fraction: float = Field(1.0, gt=0.0, le=1.0)  # used when clients_per_round is not set
     # fedavg | fedavgm | fedadam | fedyogi | fedadagrad | median | trimmed_mean
     aggregator: str = "fedavg"
+    # Options of the aggregator (server lr, momentum, trim ratio, ...).
     aggregator_options: dict[str, Any] = Field(default_factory=dict)
+    # Average updates by each device's example count, or uniformly.
     weighting: Literal["examples", "uniform"] = "examples"
     prox_mu: float = Field(0.0, ge=0.0)  # FedProx: mu/2 * ||w - w_global||^2 on the device
     # A device keeps its AdamW moments between the rounds it joins ("keep"), or starts each
@@ -117,15 +120,20 @@ class FedAvgOptions(ParadigmOptions):
 
 
 class HierFedOptions(ParadigmOptions):
+    # Edge groups (one edge aggregator each).
     num_groups: int = Field(2, ge=1)
+    # Groups balanced by label mix, or random.
     grouping: Literal["balanced", "random"] = "balanced"
+    # Per-group τ and depth balanced by group speed, or fixed.
     controller: Literal["balanced", "fixed"] = "balanced"
     tau: int | None = Field(None, ge=1)  # fixed: every group's τ (1); balanced: the largest τ (4)
     depth: int | None = Field(None, ge=1)  # fixed: every group's D; balanced: the deepest D (all)
     min_depth: int = Field(1, ge=1)  # balanced: the shallowest D
     local_steps: int = Field(5, ge=1)  # optimizer steps per device per group round
     rounds: int | None = Field(None, ge=1)  # cloud rounds (default: train.steps / steps per round)
+    # Updates averaged by example count, or uniformly.
     weighting: Literal["examples", "uniform"] = "examples"
+    # Devices keep their AdamW moments between rounds, or reset them.
     optimizer_state: Literal["keep", "reset"] = "keep"
     edge_profile: str = "jetson"  # device profile of the group aggregators (hub links)
     # In-process engine (and a Ray host): a group round's members' local steps as one batch
@@ -154,17 +162,24 @@ class FedBiOTOptions(ParadigmOptions):
     keep_layers: int | None = Field(None, ge=1)  # lower blocks the emulator keeps ...
     drop_ratio: float = Field(0.5, ge=0.0, lt=1.0)  # ... or round(n_lower * (1 - drop_ratio))
     public_dataset: str | None = None  # default: austen (fortunes when the task data is austen)
+    # View of the public dataset (as data.view).
     public_view: str | None = None
+    # Public examples the server aligns the emulator on.
     public_examples: int = Field(200, ge=2)
     initial_align_steps: int = Field(50, ge=0)  # the code: 50 rounds x 10 steps before FL
     align_steps: int = Field(10, ge=0)  # before every FL round
+    # The emulator alignment's learning rate.
     align_lr: float = Field(1e-3, gt=0.0)
     kl_weight: float = Field(0.0, ge=0.0)  # λ of the KL term (0 in every FedBiOT config)
+    # Optimizer steps per device per round.
     local_steps: int = Field(5, ge=1)
     rounds: int | None = Field(None, ge=1)  # default: ceil(train.steps / local_steps)
+    # Devices sampled each round (else fraction of them).
     clients_per_round: int | None = Field(None, ge=1)
+    # Share of devices sampled each round.
     fraction: float = Field(1.0, gt=0.0, le=1.0)
     prox_mu: float = Field(1.0, ge=0.0)  # ε·||w_A − w_A^(t)||² (the code's lm_loss_weight)
+    # Updates averaged by example count, or uniformly.
     weighting: Literal["examples", "uniform"] = "examples"
     # In-process engine (and a Ray host): a round's devices' local steps through the emulator
     # as one batch (fed_cohort.py); float results ~1e-6 apart from one by one.
@@ -175,10 +190,12 @@ class DLoRAOptions(ParadigmOptions):
     active_fraction: float = Field(0.125, gt=0.0, le=1.0)  # ρ: 1/8 matches the reported 87.5%
     kill_every: int = Field(10, ge=1)  # T_k (steps)
     revive_every: int = Field(20, ge=1)  # T_r (steps)
+    # Modules revived at each revive step.
     revive_count: int = Field(1, ge=0)
     # Sensitivity of a module: an EMA of ||grad|| x ||dW|| over its steps (default), or how far
     # its dW moved since the last kill check ("delta").
     score: Literal["ema_grad_weight", "delta"] = "ema_grad_weight"
+    # EMA factor of the sensitivity score.
     score_beta: float = Field(0.9, ge=0.0, lt=1.0)
     # Which killed modules come back: drawn at random, or the longest-killed first ("stale").
     revive: Literal["random", "stale"] = "random"
@@ -202,6 +219,7 @@ class CutOptions(ParadigmOptions):
     u_shaped: bool = False  # head (and blocks [cut_top, L)) stay on the device; labels too
     cut_top: int | None = None  # U-shape only; default L (the device keeps just the head)
     clip: Literal["global", "per_side"] = "global"  # how train.max_grad_norm is applied
+    # A malformed or non-finite cut message: stop the run, or skip that device's step.
     on_bad_message: Literal["stop", "skip"] = "stop"
 
     def check_config(self, cfg: RunConfig) -> None:
@@ -217,13 +235,16 @@ class CutOptions(ParadigmOptions):
 
 class SplitOptions(CutOptions):
     turn_steps: int = Field(1, ge=1)  # steps a device trains before handing the adapter on
+    # How the adapter passes between devices: through the server, or device to device.
     relay: Literal["server", "p2p"] = "server"
     relay_optimizer: bool = True  # AdamW moments travel with the adapter
 
 
 class SplitFedOptions(CutOptions):
     aggregate_every: int = Field(100, ge=1)  # I: FedAvg of device adapters (reference code: 100)
+    # Device adapters averaged by example count, or uniformly.
     weighting: Literal["examples", "uniform"] = "examples"
+    # One server-side adapter for all devices, or one per device.
     server_side: Literal["shared", "per_device"] = "shared"
     # sequential: SplitLoRA's reference (one server update per device batch, arrival order);
     # pooled: one server forward/backward/update on all of a step's activations together.
@@ -246,7 +267,9 @@ class SplitFrozenOptions(ParadigmOptions):
     cuts: list[int] | None = None  # one cut per device; default: chosen from the profiles
     max_cut: int | None = Field(None, ge=0)  # the fastest device's cut (default: L // 2)
     min_cut: int = Field(0, ge=0)  # never fewer device blocks than this (0: embeddings only)
+    # Devices' forwards overlap the server's work (pipelined steps).
     pipeline: bool = True
+    # A malformed or non-finite cut message: stop the run, or skip that device's step.
     on_bad_message: Literal["stop", "skip"] = "stop"
 
     def check_config(self, cfg: RunConfig) -> None:
