@@ -37,6 +37,7 @@ def test_run_report_export(tmp_path, capsys):
     p = tmp_path / "cli.yaml"
     p.write_text(yaml.safe_dump(cfg))
     assert main(["run", str(p), "--quiet", "--set", "train.steps=4", "--set", "eval.every=2"]) == 0
+    assert "cli (central): eval accuracy=" in capsys.readouterr().out  # --quiet keeps the result
     run_dir = tmp_path / "runs" / "cli"
     assert json.loads((run_dir / "summary.json").read_text())["steps"] == 4
     assert main(["run", str(p), "--quiet"]) == 2  # exists, no --overwrite

@@ -175,11 +175,11 @@ def _print_summary(run_dir: Path, quiet: bool) -> None:
     import json
 
     summary = json.loads((run_dir / "summary.json").read_text())
-    if not quiet:
-        final = ", ".join(
-            f"{k}={v:.4g}" for k, v in summary.get("final", {}).items() if isinstance(v, float)
-        )
-        print(f"{summary['name']} ({summary['paradigm']}): {final}")
+    # Always, --quiet too: the result is what the command is for (quiet only drops progress).
+    final = ", ".join(
+        f"eval {k}={v:.4g}" for k, v in summary.get("final", {}).items() if isinstance(v, float)
+    )
+    print(f"{summary['name']} ({summary['paradigm']}): {final}")
     print(f"run directory: {run_dir}")
 
 
@@ -210,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     r.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     r.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
-    r.add_argument("--quiet", action="store_true", help="no progress bar")
+    r.add_argument("--quiet", action="store_true", help="no progress (the result is still printed)")
 
     c = sub.add_parser("compare", help=compare_command.__doc__, description=compare_command.__doc__)
     c.add_argument("configs", type=Path, nargs="+")

@@ -72,8 +72,10 @@ class Experiment:
     def host_time(self) -> float:
         return time.perf_counter() - self.start_time
 
-    def progress(self, total: int, label: str) -> Progress:
-        return Progress(total, label, quiet=self.quiet)
+    def progress(self, total: int, label: str, unit: str = "step") -> Progress:
+        """The run's progress display (evaluations show as its ``evaluating`` phase)."""
+        self.bar = Progress(total, label, quiet=self.quiet, unit=unit)
+        return self.bar
 
     def initial_params(self) -> dict[str, torch.Tensor]:
         """The adapter values every role starts from (the server's initialization)."""
@@ -89,10 +91,17 @@ class Experiment:
         return {k: v for k, v in tensors.items() if self.domains.owns(role_id, k)}
 
     def evaluate_state(self, state: RoleState) -> dict[str, float]:
-        with self.trainer.activate(state):
-            return evaluate(
-                self.forward, self.loaded.model, self.test_set, self.task, self.cfg.eval.batch_size
-            )
+        bar = getattr(self, "bar", None)
+        was = bar.current if bar is not None else None
+        if bar is not None:
+            bar.phase("evaluating")
+        try:
+            with self.trainer.activate(state):
+                return evaluate(self.forward, self.loaded.model, self.test_set, self.task,
+                                self.cfg.eval.batch_size)  # fmt: skip
+        finally:
+            if bar is not None and was is not None:
+                bar.phase(was)
 
     def evaluate_states(
         self, states: dict[str, RoleState], step: int, rnd: int

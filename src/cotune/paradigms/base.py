@@ -91,10 +91,16 @@ class TrainingRole(Role):
         return loss_fn
 
     def train_steps(
-        self, steps: int, *, round: int = 0, key: str | None = None
+        self,
+        steps: int,
+        *,
+        round: int = 0,
+        key: str | None = None,
+        on_step: Callable[[StepResult], None] | None = None,
     ) -> list[StepResult]:
         """Train ``steps`` optimizer steps; each step's counted FLOPs go to this node's meter
-        (``key``: the FLOP counter's cache key, default the model's whole-step key)."""
+        (``key``: the FLOP counter's cache key, default the model's whole-step key); ``on_step``
+        hears of each step as it completes (its own node's driver: progress, records)."""
         if self.dataset is None or self.sampler is None:
             raise RuntimeError(f"{self.role_id} has no data to train on")
         accum = self.ctx.cfg.train.grad_accum
@@ -105,6 +111,8 @@ class TrainingRole(Role):
                 idx = [self.sampler.next_indices() for _ in range(accum)]
                 micro = [self.dataset.batch(i) for i in idx]
                 results.append(self.active_step(micro, self._loss_for(idx), round, key))
+                if on_step is not None:
+                    on_step(results[-1])
         self.state.sampler = self.sampler.state_dict()
         return results
 

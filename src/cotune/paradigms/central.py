@@ -10,9 +10,11 @@ from __future__ import annotations
 from cotune.data import EncodedDataset
 from cotune.errors import CheckpointError
 from cotune.paradigms.base import Experiment, ParadigmResult, TrainingRole, reply
+from cotune.progress import eval_fields
 from cotune.runtime import Message, Role
 from cotune.runtime.ids import SERVER
 from cotune.runtime.node import NodeContext
+from cotune.train import StepResult
 
 
 class DataOwner(Role):
@@ -79,15 +81,19 @@ def run(exp: Experiment) -> ParadigmResult:
     last_eval: dict[str, float] = {}
     with exp.progress(cfg.train.steps - start, f"central {cfg.name}") as bar:
         step = start
+
+        def stepped(r: StepResult) -> None:  # each step as it completes: the bar moves too
+            nonlocal step
+            step += 1
+            exp.log_record("train", step, SERVER, loss=r.loss, lr=r.lr, grad_norm=r.grad_norm)
+            bar.update(1, train_loss=r.loss)
+
         for point in exp.eval_points():
             if point <= start:
                 continue
-            for r in server.train_steps(point - step, round=0):
-                step += 1
-                exp.log_record("train", step, SERVER, loss=r.loss, lr=r.lr, grad_norm=r.grad_norm)
-                bar.update(1, loss=r.loss)
+            server.train_steps(point - step, round=0, on_step=stepped)
             last_eval = exp.evaluate_state(server.state)
             exp.log_record("eval", step, SERVER, **last_eval)
-            bar.update(0, **{k: v for k, v in last_eval.items() if k in ("accuracy", "perplexity")})
+            bar.update(0, **eval_fields(last_eval))
             exp.maybe_checkpoint(step, {SERVER: server.state}, held)
     return ParadigmResult(states={SERVER: server.state}, final_eval=last_eval)

@@ -27,6 +27,7 @@ from cotune.models import Activations, task_loss
 from cotune.paradigms.base import Experiment, ParadigmResult, TrainingRole, mean, reply
 from cotune.paradigms.options import DLoRAOptions, parse_options
 from cotune.peft.grouped import bind_state
+from cotune.progress import eval_fields
 from cotune.runtime import Message, Role
 from cotune.runtime.ids import SERVER
 from cotune.runtime.node import NodeContext
@@ -368,9 +369,7 @@ def run(exp: Experiment) -> ParadigmResult:
             per_device, summary = exp.evaluate_states(
                 {d: s["state"] for d, s in snaps.items()}, step, rnd
             )
-            bar.update(
-                chunk, **{k: v for k, v in summary.items() if k in ("accuracy", "perplexity")}
-            )
+            bar.update(chunk, **eval_fields(summary))  # the devices' mean
             exp.maybe_checkpoint(
                 step, {d: s["state"] for d, s in snaps.items()},
                 {"kr": {d: s["kr"] for d, s in snaps.items()}, "cloud": cloud.merged},

@@ -22,12 +22,14 @@ from cotune.aggregation import get_aggregator
 from cotune.paradigms.base import (
     Experiment,
     ParadigmResult,
+    mean,
     parse_options,
     screen_updates,
     state_tensors,
 )
 from cotune.paradigms.federated import FedDevice, RoundTraffic, log_mean_losses, sample_round
 from cotune.paradigms.options import FedAvgOptions
+from cotune.progress import eval_fields
 from cotune.runtime import Message
 from cotune.runtime.ids import SERVER
 
@@ -74,9 +76,10 @@ def run(exp: Experiment) -> ParadigmResult:
     every = cfg.eval.every
     last_eval: dict[str, float] = {}
     rejected_total = 0  # uploads refused (non-finite or malformed): counted, never aggregated
-    with exp.progress(rounds - start, f"fedavg {cfg.name}") as bar:
+    with exp.progress(rounds - start, f"fedavg {cfg.name}", unit="round") as bar:
         for rnd in range(start + 1, rounds + 1):
             step = rnd * spr
+            bar.phase(f"round {rnd}/{rounds}: devices training")
             chosen = sample_round(grid, devices, rnd, cfg.seed,
                                   clients_per_round=opts.clients_per_round,
                                   fraction=opts.fraction)  # fmt: skip
@@ -104,6 +107,7 @@ def run(exp: Experiment) -> ParadigmResult:
             weights = [
                 float(m.meta["examples"]) if opts.weighting == "examples" else 1.0 for m in good
             ]
+            bar.phase(f"round {rnd}/{rounds}: aggregating")
             if len(good) >= opts.min_reports:
                 # In a domain stage each device sends only what it trains: average per tensor.
                 combine = (
@@ -116,7 +120,9 @@ def run(exp: Experiment) -> ParadigmResult:
                 with torch.no_grad():
                     for k, v in new.items():
                         glob.params[k].copy_(v)
-            log_mean_losses(exp, [m.meta["losses"] for m in good], (rnd - 1) * spr + 1, rnd)
+            losses = [m.meta["losses"] for m in good]
+            log_mean_losses(exp, losses, (rnd - 1) * spr + 1, rnd)
+            bar.update(0, train_loss=mean([ls[-1] for ls in losses if ls]) if losses else None)
             exp.log_record(
                 "round",
                 step,
@@ -131,7 +137,7 @@ def run(exp: Experiment) -> ParadigmResult:
             if step // every > (step - spr) // every or rnd == rounds:
                 last_eval = exp.evaluate_state(glob)
                 exp.log_record("eval", step, SERVER, round=rnd, **last_eval)
-            bar.update(1, **{k: v for k, v in last_eval.items() if k in ("accuracy", "perplexity")})
+            bar.update(1, **eval_fields(last_eval))
             exp.maybe_checkpoint(
                 step,
                 lambda: {SERVER: glob, **grid.snapshots(devices)},

@@ -46,6 +46,7 @@ from cotune.paradigms.emulator import (
 )
 from cotune.paradigms.federated import log_mean_losses, sample_round
 from cotune.paradigms.options import FedBiOTOptions
+from cotune.progress import eval_fields
 from cotune.runtime import Message, Role
 from cotune.runtime.ids import SERVER
 from cotune.runtime.node import NodeContext
@@ -336,7 +337,7 @@ def run(exp: Experiment) -> ParadigmResult:
     spr = opts.local_steps
     last: dict[str, float] = {}
     rejected_total = 0  # uploads refused (non-finite or malformed): counted, never aggregated
-    with exp.progress(rounds - start, f"fedbiot {cfg.name}") as bar:
+    with exp.progress(rounds - start, f"fedbiot {cfg.name}", unit="round") as bar:
         for rnd in range(start + 1, rounds + 1):
             step = rnd * spr
             aligned = aligner.run(opts.align_steps, glob, trainer, rnd)
@@ -391,7 +392,7 @@ def run(exp: Experiment) -> ParadigmResult:
                 exp.log_record("eval", step, SERVER, round=rnd, **full)
                 exp.log_record("eval", step, "emulator", round=rnd, **emu)
                 last = {**full, **{f"emulator_{k}": v for k, v in emu.items() if k != "examples"}}
-            bar.update(1, **{k: v for k, v in last.items() if k in ("accuracy", "perplexity")})
+            bar.update(1, **eval_fields(last))
             if not exp.checkpoint_due(step):
                 continue
             snaps = grid.snapshots(devices)

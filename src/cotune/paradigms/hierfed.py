@@ -43,6 +43,7 @@ from cotune.paradigms.hierfed_plan import (
     plan_groups,
 )
 from cotune.paradigms.options import HierFedOptions
+from cotune.progress import eval_fields
 from cotune.runtime import Message, Role
 from cotune.runtime.ids import SERVER
 from cotune.runtime.node import NodeContext, NodeModel
@@ -383,7 +384,7 @@ def run(exp: Experiment) -> ParadigmResult:
         start = int(exp.resume["extra"]["round"])
 
     last_eval: dict[str, float] = {}
-    with exp.progress(rounds - start, f"hierfed {cfg.name}") as bar:
+    with exp.progress(rounds - start, f"hierfed {cfg.name}", unit="round") as bar:
         for rnd in range(start + 1, rounds + 1):
             step = rnd * spr
             sent_before = len(grid.transfers)
@@ -407,7 +408,7 @@ def run(exp: Experiment) -> ParadigmResult:
             if step // cfg.eval.every > (step - spr) // cfg.eval.every or rnd == rounds:
                 last_eval = exp.evaluate_state(glob)
                 exp.log_record("eval", step, SERVER, round=rnd, **last_eval)
-            bar.update(1, **{k: v for k, v in last_eval.items() if k in ("accuracy", "perplexity")})
+            bar.update(1, **eval_fields(last_eval))
             exp.maybe_checkpoint(
                 step,
                 lambda: {SERVER: glob, **grid.snapshots(devices)},

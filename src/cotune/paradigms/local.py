@@ -9,6 +9,7 @@ from __future__ import annotations
 from cotune.errors import PeerUnavailable
 from cotune.paradigms.base import Experiment, ParadigmResult, TrainingRole, mean, reply
 from cotune.paradigms.options import LocalOptions, parse_options
+from cotune.progress import eval_fields
 from cotune.runtime import Message
 from cotune.runtime.ids import SERVER
 from cotune.train import StepResult
@@ -100,9 +101,7 @@ def run(exp: Experiment) -> ParadigmResult:
                 exp.log_record("train", point, r.sender, round=rnd, loss=mean(r.meta["losses"]))
             step = point
             per_device, summary = exp.evaluate_roles(devices, step, rnd)
-            bar.update(
-                chunk, **{k: v for k, v in summary.items() if k in ("accuracy", "perplexity")}
-            )
+            bar.update(chunk, **eval_fields(summary))  # the devices' mean
             exp.maybe_checkpoint(
                 step, lambda: {d: grid.snapshot(d) for d in devices}, {"round": rnd}
             )

@@ -135,7 +135,7 @@ def run(exp: Experiment) -> ParadigmResult:
             lr = logs[0].lr if logs else None
             exp.log_record("train", step, "mean", round=rnd, loss=loss, lr=lr,
                            grad_norm=norm, device=dev)  # fmt: skip
-            bar.update(1, loss=loss)
+            bar.update(1, train_loss=loss)
             nxt = holder(step + 1)
             if step < cfg.train.steps and nxt != dev:
                 hand_over(dev, nxt, rnd)

@@ -372,7 +372,7 @@ def run(exp: Experiment) -> ParadigmResult:
                            grad_norm=mean(norms) if norms else None)  # fmt: skip
             if step % every == 0 or step == cfg.train.steps:
                 rejected_total += aggregate(rnd)
-            bar.update(1, loss=loss)
+            bar.update(1, train_loss=loss)
             if step in points:
                 last_eval = exp.evaluate_state(combined(dev_glob, srv_glob))
                 exp.log_record("eval", step, SERVER, round=rnd, **last_eval)

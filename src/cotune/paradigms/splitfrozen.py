@@ -278,7 +278,7 @@ def run(exp: Experiment) -> ParadigmResult:
                 exp.log_record("skip", step, dev, error=err)
             server.skipped = []
             exp.log_record("train", step, "mean", loss=mean(losses))
-            bar.update(1, loss=mean(losses))
+            bar.update(1, train_loss=mean(losses))
             if step in points:
                 last_eval = exp.evaluate_state(combined())
                 exp.log_record("eval", step, SERVER, **last_eval)
