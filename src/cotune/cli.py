@@ -176,9 +176,13 @@ def _print_summary(run_dir: Path, quiet: bool) -> None:
 
     summary = json.loads((run_dir / "summary.json").read_text())
     # Always, --quiet too: the result is what the command is for (quiet only drops progress).
+    ev = summary.get("final", {})
     final = ", ".join(
-        f"eval {k}={v:.4g}" for k, v in summary.get("final", {}).items() if isinstance(v, float)
-    )
+        f"eval {k}={ev[k]:.4g}" for k in ("accuracy", "perplexity", "loss")
+        if isinstance(ev.get(k), int | float)
+    )  # fmt: skip
+    if isinstance(ev.get("examples"), int | float):
+        final += f" (on {int(ev['examples'])} test examples)"
     print(f"{summary['name']} ({summary['paradigm']}): {final}")
     print(f"run directory: {run_dir}")
 
