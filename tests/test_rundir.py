@@ -193,7 +193,7 @@ def interrupt_after(monkeypatch, steps):
 def test_ctrl_c_says_resume_only_when_a_checkpoint_exists(tmp_path, monkeypatch, capsys):
     """Case 5: the Ctrl-C message is true in each situation."""
     cfg_file = write_cfg(tmp_path, train={"steps": 9}, eval={"every": 3})
-    interrupt_after(monkeypatch, 1)  # inside the first chunk: nothing logged yet
+    interrupt_after(monkeypatch, 0)  # at the first step: nothing logged yet
     assert main(["run", str(cfg_file), "--quiet"]) == 130
     err = capsys.readouterr().err
     assert "before the run started: nothing was kept" in err and "--resume" not in err

@@ -24,12 +24,18 @@ def run_command(
     resume: bool,
     quiet: bool,
     out: Path | None,
+    dry_run: bool = False,
 ) -> int:
     """Fine-tune as CONFIG says and write a run directory (config, metrics, summary, adapter, report)."""
     from cotune.config import load_config
     from cotune.run import run_experiment
 
     cfg = load_config(config, overrides)
+    if dry_run:
+        from cotune.dryrun import dry_run_text
+
+        print(dry_run_text(cfg))
+        return 0
     run_dir = run_experiment(cfg, out_root=out, overwrite=overwrite, resume=resume, quiet=quiet)
     _print_summary(run_dir, quiet)
     return 0
@@ -43,9 +49,16 @@ def compare_command(
     overwrite: bool,
     quiet: bool,
     resume: bool = False,
+    dry_run: bool = False,
 ) -> int:
     """Run each CONFIG into OUT/<name> and write one comparison report over all of them."""
     from cotune.run import compare
+
+    if dry_run:
+        from cotune.dryrun import main_for
+
+        print(main_for(list(configs), overrides))
+        return 0
 
     report = compare([str(c) for c in configs], out, overrides=overrides, overwrite=overwrite,
                      quiet=quiet, resume=resume)  # fmt: skip
@@ -215,6 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     r.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
     r.add_argument("--quiet", action="store_true", help="no progress (the result is still printed)")
+    r.add_argument("--dry-run", action="store_true",
+                   help="print the resolved config and what the run will cost (from a short probe); write nothing")  # fmt: skip
 
     c = sub.add_parser("compare", help=compare_command.__doc__, description=compare_command.__doc__)
     c.add_argument("configs", type=Path, nargs="+")
@@ -227,6 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="keep the runs that finished, continue the unfinished ones from their checkpoints",
     )
     c.add_argument("--quiet", action="store_true")
+    c.add_argument("--dry-run", action="store_true",
+                   help="each config's resolved form and estimated cost; run nothing")  # fmt: skip
 
     rp = sub.add_parser("report", help=report_command.__doc__, description=report_command.__doc__)
     rp.add_argument("run_dirs", type=Path, nargs="+")
@@ -313,6 +330,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 resume=args.resume,
                 quiet=args.quiet,
                 out=args.out,
+                dry_run=args.dry_run,
             )
         if args.command == "compare":
             return compare_command(
@@ -322,6 +340,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 overwrite=args.overwrite,
                 quiet=args.quiet,
                 resume=args.resume,
+                dry_run=args.dry_run,
             )
         if args.command == "report":
             return report_command(args.run_dirs, out=args.out)

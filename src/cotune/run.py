@@ -353,7 +353,7 @@ def _last_eval(records: list[dict]) -> dict[str, float]:
 
 def save_adapters(exp, states: dict, out: Path) -> None:
     """One PEFT adapter dir per product role; several roles get PEFT-style sub-directories."""
-    from cotune.models.loading import public_model_id
+    from cotune.models.loading import public_model_id, resolved_path
     from cotune.peft import save_adapter
 
     for role, state in states.items():
@@ -364,6 +364,14 @@ def save_adapters(exp, states: dict, out: Path) -> None:
                 target,
                 base_model_name_or_path=public_model_id(exp.loaded.name_or_path),
                 task=exp.task,
+            )
+        if public_model_id(exp.loaded.name_or_path) != exp.loaded.name_or_path:
+            # A model card saying where the bundled base lives on this machine.
+            (target / "README.md").write_text(
+                f"# cotune adapter\n\nBase model: `{public_model_id(exp.loaded.name_or_path)}` "
+                f"(cotune's bundled `{exp.loaded.name_or_path}`; on the machine that trained it: "
+                f"`{resolved_path(exp.loaded.name_or_path)}`).\n",
+                encoding="utf-8",
             )
 
 

@@ -80,3 +80,20 @@ def test_wire_form_round_trip():
         assert back.ids == ds.ids and back.labels == ds.labels and back.pad_id == ds.pad_id
         both = EncodedDataset.concat([ds.subset([0, 1]), ds.subset([2])])
         assert both.ids == ds.ids[:3]
+
+
+def test_a_local_bpe_saved_by_cotune_loads_with_autotokenizer(tmp_path):
+    """An exported random-init model's tokenizer is usable by any transformers user, and encodes
+    exactly as cotune trained on it (the <eos> cotune appends included)."""
+    from transformers import AutoTokenizer
+
+    from cotune.data.tokenizer import build_tokenizer, load_tokenizer
+
+    texts = ["the quick brown fox jumps over the lazy dog"] * 40 + ["a second line of text"] * 40
+    tok = build_tokenizer(None, texts, 300)
+    tok.save(tmp_path)
+    hf = AutoTokenizer.from_pretrained(tmp_path)
+    for text in ("the lazy fox", "a second dog"):
+        assert hf(text)["input_ids"] == tok.encode([text], 64)[0]
+    assert hf.pad_token_id == tok.pad_id and hf.eos_token_id == tok.eos_id
+    assert load_tokenizer(tmp_path).encode(["the lazy fox"], 64) == tok.encode(["the lazy fox"], 64)

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from tokenizers import Tokenizer as _BPE
-from tokenizers import decoders, models, pre_tokenizers, trainers
+from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
 from cotune.errors import DataError
 
@@ -81,9 +81,24 @@ class Tokenizer:
             self.hf.save_pretrained(str(d))
         else:
             assert self.bpe is not None
-            self.bpe.save(str(d / "tokenizer.json"))
+            self._save_bpe(d)
         (d / _META).write_text(json.dumps({"kind": self.kind, "pad_id": self.pad_id}) + "\n")
         return d
+
+    def _save_bpe(self, d: Path) -> None:
+        """The local BPE as a directory ``transformers.AutoTokenizer`` loads too: a fast
+        tokenizer whose special-token template appends ``<eos>`` as cotune's encoding does
+        (cotune itself encodes without the template)."""
+        assert self.bpe is not None
+        out = _BPE.from_str(self.bpe.to_str())
+        if self.eos_id is not None:
+            out.post_processor = processors.TemplateProcessing(
+                single=f"$A {EOS}", special_tokens=[(EOS, self.eos_id)]
+            )
+        out.save(str(d / "tokenizer.json"))
+        config = {"tokenizer_class": "PreTrainedTokenizerFast", "pad_token": PAD,
+                  "eos_token": EOS, "model_max_length": 1_000_000}  # fmt: skip
+        (d / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
 
     @classmethod
     def load(cls, directory: str | Path) -> Tokenizer:

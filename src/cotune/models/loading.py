@@ -210,6 +210,11 @@ def public_model_id(name: str) -> str:
     return PUBLIC_IDS.get(name, name)
 
 
+def resolved_path(name: str) -> str:
+    """Where ``model.name_or_path`` is read from on this machine (a bundled model's folder)."""
+    return _resolve_path(name)
+
+
 def _resolve_path(name: str) -> str:
     if name == "minilm":
         try:
