@@ -2,6 +2,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 import yaml
 
 from cotune.cli import main
@@ -94,6 +95,30 @@ def test_an_interrupted_compare_resumes(tmp_path, capsys):
     # A finished run of another config is not passed off as this one.
     assert main([*args[:-1], "train.steps=2", "--resume"]) == 2
     assert "different config" in capsys.readouterr().err
+
+
+def test_compare_over_seeds_reports_mean_and_interval(tmp_path):
+    paths = []
+    for name, paradigm in (("c", "central"), ("l", "local")):
+        cfg = tiny_config_dict(tmp_path, name=name, paradigm={"name": paradigm})
+        p = tmp_path / f"{name}.yaml"
+        p.write_text(yaml.safe_dump(cfg))
+        paths.append(str(p))
+    out = tmp_path / "cmp"
+    args = ["compare", *paths, "--out", str(out), "--quiet", "--seeds", "2",
+            "--set", "train.steps=2", "--set", "eval.every=2"]  # fmt: skip
+    assert main(args) == 0
+    assert {d.name for d in out.iterdir() if d.is_dir() and d.name != "plots"} == {
+        "c-seed0", "c-seed1", "l-seed0", "l-seed1"}  # fmt: skip
+    rows = {r["name"]: r for r in json.loads((out / "seeds.json").read_text())}
+    assert set(rows) == {"c", "l"} and rows["c"]["seeds"] == 2
+    accs = [json.loads((out / f"c-seed{k}" / "summary.json").read_text())["final"]["accuracy"]
+            for k in (0, 1)]  # fmt: skip
+    assert rows["c"]["final_accuracy_mean"] == pytest.approx(sum(accs) / 2)
+    assert "Over seeds" in (out / "report.html").read_text()
+    compare = json.loads((out / "compare.json").read_text())
+    assert all(0 < r["accuracy_ci95"] < 0.5 and r["eval_examples"] > 0 for r in compare)
+    assert main([*args[:-4], "--seeds", "0"]) == 2
 
 
 def test_devices_lists_profiles(capsys, tmp_path):

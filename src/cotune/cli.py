@@ -50,6 +50,7 @@ def compare_command(
     quiet: bool,
     resume: bool = False,
     dry_run: bool = False,
+    seeds: int = 1,
 ) -> int:
     """Run each CONFIG into OUT/<name> and write one comparison report over all of them."""
     from cotune.run import compare
@@ -61,7 +62,7 @@ def compare_command(
         return 0
 
     report = compare([str(c) for c in configs], out, overrides=overrides, overwrite=overwrite,
-                     quiet=quiet, resume=resume)  # fmt: skip
+                     quiet=quiet, resume=resume, seeds=seeds)  # fmt: skip
     print(f"comparison report: {report}")
     return 0
 
@@ -242,6 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="keep the runs that finished, continue the unfinished ones from their checkpoints",
     )
     c.add_argument("--quiet", action="store_true")
+    c.add_argument("--seeds", type=int, default=1, metavar="N",
+                   help="run each config with N seeds (seed, seed+1, ...) and report mean ± 95%% CI")  # fmt: skip
     c.add_argument("--dry-run", action="store_true",
                    help="each config's resolved form and estimated cost; run nothing")  # fmt: skip
 
@@ -341,6 +344,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 quiet=args.quiet,
                 resume=args.resume,
                 dry_run=args.dry_run,
+                seeds=args.seeds,
             )
         if args.command == "report":
             return report_command(args.run_dirs, out=args.out)

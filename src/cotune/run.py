@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from cotune.config import RunConfig, dump_config
-from cotune.errors import CotuneError, DivergenceError, Interrupted, RunDirError
+from cotune.errors import ConfigError, CotuneError, DivergenceError, Interrupted, RunDirError
 from cotune.rundir import (  # noqa: F401 - re-exported: cotune.run was their home
     RUN_MARKER,
     RunDirTxn,
@@ -383,15 +383,25 @@ def compare(
     overwrite: bool = False,
     quiet: bool = False,
     resume: bool = False,
+    seeds: int = 1,
 ) -> Path:
     """Run several configs into ``out_dir/<name>`` and write a comparison report over them,
     updated after every run. ``resume``: a run that finished is kept as it is (if its config
-    is the one given), an unfinished one continues from its checkpoint, a missing one starts."""
+    is the one given), an unfinished one continues from its checkpoint, a missing one starts.
+    ``seeds``: each config runs with seeds ``seed .. seed + seeds - 1`` (``<name>-seed<s>``),
+    and the report adds every figure's mean and 95% interval over them."""
     from cotune.config import load_config
     from cotune.report import write_compare_report
 
     out = Path(out_dir)
     cfgs = [load_config(p, overrides) for p in config_paths]  # validate all before running any
+    groups: dict[str, list[int]] | None = None
+    if seeds < 1:
+        raise ConfigError(f"compare --seeds: {seeds} (give at least 1)")
+    if seeds > 1:
+        groups = {c.name: list(range(i * seeds, (i + 1) * seeds)) for i, c in enumerate(cfgs)}
+        cfgs = [c.model_copy(update={"seed": c.seed + k, "name": f"{c.name}-seed{c.seed + k}"})
+                for c in cfgs for k in range(seeds)]  # fmt: skip
     names = [c.name for c in cfgs]
     dupes = {n for n in names if names.count(n) > 1}
     if dupes:
@@ -415,8 +425,15 @@ def compare(
             run_experiment(c, out_root=out, overwrite=overwrite, resume=resume, quiet=quiet)
         )
         # After every run: an interrupted comparison still shows what finished.
-        report = write_compare_report(run_dirs, out)
-    return write_compare_report(run_dirs, out) if finished or not run_dirs else report
+        report = write_compare_report(run_dirs, out, seed_groups(groups, len(run_dirs)))
+    return write_compare_report(run_dirs, out, groups) if finished or not run_dirs else report
+
+
+def seed_groups(groups: dict[str, list[int]] | None, done: int) -> dict[str, list[int]] | None:
+    """The seed groups restricted to the first ``done`` runs (a comparison written midway)."""
+    if groups is None:
+        return None
+    return {k: [i for i in v if i < done] for k, v in groups.items() if v[0] < done}
 
 
 def finished_run(run_dir: Path, cfg: RunConfig) -> bool:

@@ -172,10 +172,13 @@ def _labels(runs: list[RunData]) -> list[str]:
 
 
 def write_compare_report(
-    run_dirs: Sequence[str | os.PathLike[str]], out_dir: str | os.PathLike[str]
+    run_dirs: Sequence[str | os.PathLike[str]],
+    out_dir: str | os.PathLike[str],
+    groups: dict[str, list[int]] | None = None,
 ) -> Path:
     """Plot all runs together and tabulate them in ``out_dir`` (report.html/.md,
-    compare.json/.csv, plots/); return the HTML path."""
+    compare.json/.csv, plots/); return the HTML path. ``groups``: config name → the indices of
+    its runs over seeds, summarised as mean ± 95% CI (seeds.json/.csv and a table)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     runs = [load_run(d) for d in run_dirs]
@@ -215,8 +218,15 @@ def write_compare_report(
         ("Runs", html_table(cols, table_rows)),
         ("Plots", html_plots(plots, out)),
     ]
+    md = [f"# {title}", "## Runs", md_table(cols, md_rows), "## Plots", md_plots(plots, out)]
+    if groups and any(len(v) > 1 for v in groups.values()):
+        from cotune.report.seeds import write_seed_summary
+
+        scols, sbody = write_seed_summary(rows, groups, out)
+        srows = [[(c, v, None) for c, v in zip(scols, r)] for r in sbody]
+        sections.insert(0, ("Over seeds (mean ± 95% CI)", html_table(scols, srows)))
+        md[1:1] = ["## Over seeds (mean ± 95% CI)", md_table(scols, srows)]
     html_path = out / "report.html"
     html_path.write_text(html_page(title, ", ".join(labels), sections), encoding="utf-8")
-    md = [f"# {title}", "## Runs", md_table(cols, md_rows), "## Plots", md_plots(plots, out)]
     (out / "report.md").write_text("\n\n".join(md) + "\n", encoding="utf-8")
     return html_path

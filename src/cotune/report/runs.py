@@ -31,7 +31,7 @@ COMPARE_COLUMNS = (
     "name", "paradigm", "peft_method", "final_accuracy", "final_perplexity", "final_loss",
     "best_accuracy", "host_time_s", "sim_time_s", "time_to_target_sim_s", "time_to_target_step",
     "device_compute_s", "device_flops", "device_bytes", "device_energy_j",
-    "device_peak_memory_bytes", "trainable_params",
+    "device_peak_memory_bytes", "trainable_params", "eval_examples", "accuracy_ci95",
 )  # fmt: skip
 
 
@@ -138,7 +138,15 @@ def compare_row(run: RunData) -> dict[str, Any]:
         "device_energy_j": dev["energy_j"],
         "device_peak_memory_bytes": dev["peak_memory_bytes"],
         "trainable_params": s.get("trainable_params"),
+        "eval_examples": final("examples"),
+        "accuracy_ci95": None,
     }
+    acc, n = row["final_accuracy"], row["eval_examples"]
+    if is_number(acc) and is_number(n) and n > 0:  # the test set's own noise (Wilson, 95%)
+        from cotune.report.seeds import wilson
+
+        lo, hi = wilson(float(acc), int(n))
+        row["accuracy_ci95"] = (hi - lo) / 2
     return {k: row[k] for k in COMPARE_COLUMNS}
 
 
