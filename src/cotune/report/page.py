@@ -42,6 +42,10 @@ def _is_num(v: Any) -> bool:
     return isinstance(v, int | float) and not isinstance(v, bool)
 
 
+def html_list(items: Sequence[str]) -> str:
+    return "<ul>" + "".join(f"<li>{html.escape(i)}</li>" for i in items) + "</ul>"
+
+
 def html_table(header: Sequence[str], rows: Iterable[Sequence[Cell]]) -> str:
     """rows: cells of (key, value, optional link)."""
     out = ["<table><thead><tr>"]

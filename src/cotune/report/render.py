@@ -18,9 +18,11 @@ from typing import Any
 
 from cotune.report.cost_plots import plot_bytes_per_round, plot_compare_costs, plot_device_costs
 from cotune.report.costs import device_costs, device_totals, role_costs
+from cotune.report.conclusions import conclusions
 from cotune.report.page import (
     Cell,
     clear_pngs,
+    html_list,
     html_page,
     html_plots,
     html_table,
@@ -219,6 +221,10 @@ def write_compare_report(
         ("Plots", html_plots(plots, out)),
     ]
     md = [f"# {title}", "## Runs", md_table(cols, md_rows), "## Plots", md_plots(plots, out)]
+    said = conclusions(rows)
+    if said:  # the answer first: who is best at what, and whether it is more than noise
+        sections.insert(0, ("Conclusions", html_list(said)))
+        md[1:1] = ["## Conclusions", "\n".join(f"- {line}" for line in said)]
     if groups and any(len(v) > 1 for v in groups.values()):
         from cotune.report.seeds import write_seed_summary
 
