@@ -115,7 +115,8 @@ def test_compare_over_seeds_reports_mean_and_interval(tmp_path):
     accs = [json.loads((out / f"c-seed{k}" / "summary.json").read_text())["final"]["accuracy"]
             for k in (0, 1)]  # fmt: skip
     assert rows["c"]["final_accuracy_mean"] == pytest.approx(sum(accs) / 2)
-    assert "Over seeds" in (out / "report.html").read_text()
+    page = (out / "report.html").read_text()
+    assert "Over seeds" in page and "Conclusions" in page and "Ships raw data" in page
     compare = json.loads((out / "compare.json").read_text())
     assert all(0 < r["accuracy_ci95"] < 0.5 and r["eval_examples"] > 0 for r in compare)
     assert main([*args[:-4], "--seeds", "0"]) == 2

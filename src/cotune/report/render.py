@@ -16,9 +16,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from cotune.report.conclusions import conclusions
 from cotune.report.cost_plots import plot_bytes_per_round, plot_compare_costs, plot_device_costs
 from cotune.report.costs import device_costs, device_totals, role_costs
-from cotune.report.conclusions import conclusions
 from cotune.report.page import (
     Cell,
     clear_pngs,
