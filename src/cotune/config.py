@@ -354,6 +354,13 @@ class OutputSection(Section):
     keep_checkpoints: int = Field(2, ge=1)  # the newest K; a torn newest falls back to the next
     # Write the trained adapter in PEFT's layout (adapter/).
     save_adapter: bool = True
+    # Also send the metrics, config and summary to these trackers (optional packages:
+    # pip install 'cotune[trackers]' for tensorboard and mlflow; wandb runs offline by default).
+    trackers: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(default_factory=list)
+    # MLflow tracking URI (default: <run dir>/mlruns, a file store).
+    mlflow_uri: str | None = None
+    # MLflow experiment / W&B project the run is filed under.
+    tracker_project: str = "cotune"
 
     @field_validator("checkpoint_every")
     @classmethod

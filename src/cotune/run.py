@@ -199,6 +199,9 @@ def run_experiment(
     run_dir = run_dir_for(cfg, out_root)
     check_run_dir(run_dir, overwrite=overwrite, resume=resume)
     check_methods(cfg)
+    from cotune.report.trackers import check_trackers
+
+    check_trackers(cfg)
     paradigm = get_paradigm(cfg.paradigm.name)
     payload = None
     if resume:
@@ -270,8 +273,8 @@ def missing_outputs(run_dir: Path, cfg: RunConfig) -> list[str]:
 
 
 def _run_in(exp, tokenizer, paradigm, payload, txn: RunDirTxn, *, report: bool) -> Path:
-    from cotune.paradigms.base import ParadigmResult
     from cotune.report import MetricsLog
+    from cotune.report.trackers import Trackers
 
     cfg, run_dir = exp.cfg, exp.run_dir
     (run_dir / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
@@ -282,6 +285,24 @@ def _run_in(exp, tokenizer, paradigm, payload, txn: RunDirTxn, *, report: bool) 
         metrics.unlink()
     exp.log = MetricsLog(metrics)
     exp.log.on_write = txn.started
+    trackers = Trackers(cfg, run_dir)
+    exp.log.listeners.append(trackers.record)
+    try:
+        done = _train_and_write(exp, tokenizer, paradigm, payload, txn, report=report)
+    except BaseException:
+        trackers.finish(None)
+        raise
+    trackers.finish(done)
+    return run_dir
+
+
+def _train_and_write(
+    exp, tokenizer, paradigm, payload, txn: RunDirTxn, *, report: bool
+) -> dict[str, Any]:
+    """Train (or complete a finished run's outputs) and write them; returns the summary."""
+    from cotune.paradigms.base import ParadigmResult
+
+    cfg, run_dir = exp.cfg, exp.run_dir
     if payload is not None:
         txn.started()  # continuing a run: its files are its own already
         exp.resume = payload
@@ -339,7 +360,7 @@ def _run_in(exp, tokenizer, paradigm, payload, txn: RunDirTxn, *, report: bool) 
         from cotune.report import write_run_report
 
         write_run_report(run_dir)
-    return run_dir
+    return summary
 
 
 def _last_eval(records: list[dict]) -> dict[str, float]:

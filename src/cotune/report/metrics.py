@@ -42,6 +42,8 @@ class MetricsLog:
         self._fh = self.path.open("a", encoding="utf-8")
         # Called after each record is written (cotune.run: the first record means "started").
         self.on_write: Callable[[], None] | None = None
+        # Each record, once written, also goes to these (experiment trackers).
+        self.listeners: list[Callable[[dict[str, Any]], None]] = []
 
     def log(self, record: dict[str, Any]) -> None:
         """Write one record as one line and flush it."""
@@ -60,6 +62,8 @@ class MetricsLog:
         self.records.append(json.loads(line))  # a copy, as a reader would see it
         if self.on_write is not None:
             self.on_write()
+        for listener in self.listeners:
+            listener(self.records[-1])
 
     def close(self) -> None:
         self._fh.close()
