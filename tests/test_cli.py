@@ -1,6 +1,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -97,6 +98,32 @@ def test_an_interrupted_compare_resumes(tmp_path, capsys):
     assert "different config" in capsys.readouterr().err
 
 
+def assert_page_is_whole(page: Path) -> None:
+    """The HTML parses with every tag closed, and every image or page it links exists."""
+    from html.parser import HTMLParser
+
+    class Check(HTMLParser):
+        void = {"img", "br", "meta", "link", "hr", "input", "col", "source"}
+
+        def __init__(self):
+            super().__init__()
+            self.open, self.refs = [], []
+
+        def handle_starttag(self, tag, attrs):
+            self.refs += [v for k, v in attrs if k in ("src", "href") and v]
+            if tag not in self.void:
+                self.open.append(tag)
+
+        def handle_endtag(self, tag):
+            assert self.open and self.open.pop() == tag, f"</{tag}> closes nothing open"
+
+    check = Check()
+    check.feed(page.read_text())
+    assert check.open == [], f"unclosed: {check.open}"
+    local = [r for r in check.refs if not r.startswith(("http", "#", "data:", "mailto:"))]
+    assert local and all((page.parent / r).exists() for r in local), local
+
+
 def test_compare_over_seeds_reports_mean_and_interval(tmp_path):
     paths = []
     for name, paradigm in (("c", "central"), ("l", "local")):
@@ -117,6 +144,7 @@ def test_compare_over_seeds_reports_mean_and_interval(tmp_path):
     assert rows["c"]["final_accuracy_mean"] == pytest.approx(sum(accs) / 2)
     page = (out / "report.html").read_text()
     assert "Over seeds" in page and "Conclusions" in page and "Ships raw data" in page
+    assert_page_is_whole(out / "report.html")
     compare = json.loads((out / "compare.json").read_text())
     assert all(0 < r["accuracy_ci95"] < 0.5 and r["eval_examples"] > 0 for r in compare)
     assert main([*args[:-4], "--seeds", "0"]) == 2
