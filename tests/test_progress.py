@@ -6,6 +6,7 @@ import io
 import os
 import pty
 import re
+import select
 import struct
 import termios
 
@@ -33,6 +34,17 @@ def screen(raw: str) -> list[str]:
     return [s for s in shown if s]
 
 
+def drain(fd: int) -> str:
+    """Everything written to the terminal so far (a pty hands it over in pieces)."""
+    out = b""
+    while select.select([fd], [], [], 0.5)[0]:
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            break
+        out += chunk
+    return out.decode()
+
+
 def test_a_terminal_bar_redraws_without_leftovers_and_labels_its_metrics():
     master, slave = pty.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 160, 0, 0))  # 160 columns
@@ -47,7 +59,7 @@ def test_a_terminal_bar_redraws_without_leftovers_and_labels_its_metrics():
         bar.update(2, train_loss=0.5)
         bar.close()
         term.flush()
-        raw = os.read(master, 65536).decode()
+        raw = drain(master)
     os.close(master)
     last = screen(raw)[-1]
     assert "central demo · training" in last and "4/4" in last
