@@ -433,8 +433,8 @@ def compare(
     for c in cfgs:
         if c.name not in finished:
             check_run_dir(run_dir_for(c, out), overwrite=overwrite, resume=resume)
-    run_dirs = []
-    report = out
+    run_dirs: list[Path] = []
+    report, written = out, -1  # the report, and how many runs it covers
     for c in cfgs:
         if c.name in finished:
             log.info("%s finished before: kept", c.name)
@@ -447,7 +447,10 @@ def compare(
         )
         # After every run: an interrupted comparison still shows what finished.
         report = write_compare_report(run_dirs, out, seed_groups(groups, len(run_dirs)))
-    return write_compare_report(run_dirs, out, groups) if finished or not run_dirs else report
+        written = len(run_dirs)
+    if written < len(run_dirs) or not run_dirs:  # kept runs after the last one run here
+        report = write_compare_report(run_dirs, out, groups)
+    return report
 
 
 def seed_groups(groups: dict[str, list[int]] | None, done: int) -> dict[str, list[int]] | None:

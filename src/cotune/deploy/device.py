@@ -17,8 +17,6 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from cotune.deploy.frames import (
     BATCH,
     BYE,
@@ -43,6 +41,7 @@ from cotune.deploy.transport import Dialer, Security
 from cotune.errors import CotuneError, DivergenceError, PeerUnavailable, ProtocolError
 from cotune.runtime.engine import Role, place_message
 from cotune.runtime.grid import Future, Gathered, Grid, Reply
+from cotune.runtime.local import build_on_node
 from cotune.runtime.messages import Message, decode_message, encode_message
 from cotune.runtime.node import Meter
 
@@ -285,11 +284,7 @@ class DeviceNode:
         factory = self.starting.pop(role_id, None)
         if factory is None:
             raise ProtocolError(f"no role {role_id!r} on this device")
-        rng = torch.get_rng_state()  # building (a memory probe) leaves the stream as it was
-        try:
-            role = self.roles[role_id] = factory(self._context(role_id))
-        finally:
-            torch.set_rng_state(rng)
+        role = self.roles[role_id] = build_on_node(factory, self._context(role_id))
         return role
 
     def _place(self, msg: Message) -> Message:

@@ -253,23 +253,10 @@ class EngineGrid(Grid):
             prepare(role_id)  # checks the node exists; what a node copies, copied now
         self._pending[role_id] = factory
 
-    def started(self, role_id: str) -> bool:
-        """Whether ``role_id``'s role exists yet (False: started, never used)."""
-        return role_id in self.engine.roles
-
     def _build(self, role_id: str, factory: RoleFactory) -> Role:
-        import torch
+        from cotune.runtime.local import build_on_node
 
-        from cotune.runtime.local import own_node
-
-        # Built on its own node: outside any FLOP counter of the caller, and leaving the
-        # caller's random stream as it was (a memory probe's forward draws dropout masks).
-        rng = torch.get_rng_state()
-        try:
-            with own_node():
-                role = factory(self.context(role_id))
-        finally:
-            torch.set_rng_state(rng)
+        role = build_on_node(factory, self.context(role_id))
         if role.role_id != role_id:
             raise ProtocolError(f"factory for {role_id!r} built a role named {role.role_id!r}")
         self.engine.register(role)

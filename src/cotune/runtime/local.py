@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 from torch.utils._python_dispatch import _disable_current_modes
 
@@ -23,6 +24,20 @@ def own_node() -> Iterator[None]:
     work as the caller's, as it cannot when the handler runs in another process."""
     with _disable_current_modes():
         yield
+
+
+def build_on_node(factory: Callable[[Any], Role], ctx: Any) -> Role:
+    """``factory(ctx)``, built as on its own node whenever it happens (roles are built on first
+    use): outside any FLOP counter of the caller, and leaving the caller's random stream as it
+    was (a role's memory probe runs a forward that draws dropout masks)."""
+    import torch
+
+    rng = torch.get_rng_state()
+    try:
+        with own_node():
+            return factory(ctx)
+    finally:
+        torch.set_rng_state(rng)
 
 
 class LocalEngine(Engine):
