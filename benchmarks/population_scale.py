@@ -27,12 +27,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-CHILD = r"""
+#: A child run's first lines: ``first[0]`` becomes the seconds from the process start to
+#: the first round's start (its start-up).
+STARTUP_MARK = r"""
 import json, resource, sys, time
 t0 = time.perf_counter()
 from cotune.config import load_config
 from cotune.paradigms import federated
-from cotune.report import read_metrics
 from cotune.run import run_experiment
 first = []
 _init = federated.RoundTraffic.__init__
@@ -41,6 +42,12 @@ def mark(self, grid):  # the first round begins: everything before it is start-u
         first.append(time.perf_counter() - t0)
     _init(self, grid)
 federated.RoundTraffic.__init__ = mark
+"""
+
+CHILD = (
+    STARTUP_MARK
+    + r"""
+from cotune.report import read_metrics
 data, devices, rounds, state, out = sys.argv[1:6]
 cfg = load_config("configs/demo/fedavg.yaml", [
     f"data.dataset={data}", "data.test_fraction=0.01",
@@ -64,6 +71,7 @@ print(json.dumps({
     "accuracy": summary["final"].get("accuracy"),
 }))
 """
+)
 
 
 def write_data(path: Path, n: int) -> None:

@@ -21,21 +21,11 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from population_scale import ROOT, write_data  # noqa: E402 - the same data
+from population_scale import ROOT, STARTUP_MARK, write_data  # noqa: E402 - the same data
 
-CHILD = r"""
-import json, resource, sys, time
-t0 = time.perf_counter()
-from cotune.config import load_config
-from cotune.paradigms import federated
-from cotune.run import run_experiment
-first = []
-_init = federated.RoundTraffic.__init__
-def mark(self, grid):  # the first round begins: everything before it is start-up
-    if not first:
-        first.append(time.perf_counter() - t0)
-    _init(self, grid)
-federated.RoundTraffic.__init__ = mark
+CHILD = (
+    STARTUP_MARK
+    + r"""
 data, devices, rounds, hosts, out = sys.argv[1:6]
 cfg = load_config("configs/demo/fedavg.yaml", [
     f"data.dataset={data}", "data.test_fraction=0.01",
@@ -65,6 +55,7 @@ print(json.dumps({
     "accuracy": summary["final"].get("accuracy"),
 }))
 """
+)
 
 
 def measure(data: Path, devices: int, rounds: int, hosts: int, out: str) -> dict:

@@ -63,25 +63,26 @@ def test_an_adapter_names_its_base_by_the_id_other_tools_know():
     assert public_model_id("Qwen/Qwen2.5-0.5B") == "Qwen/Qwen2.5-0.5B"
 
 
-def test_compare_writes_one_report(tmp_path):
+def two_configs(tmp_path):
+    """Config files of a tiny central run ("c") and a tiny local run ("l")."""
     paths = []
     for name, paradigm in (("c", "central"), ("l", "local")):
         cfg = tiny_config_dict(tmp_path, name=name, paradigm={"name": paradigm})
         p = tmp_path / f"{name}.yaml"
         p.write_text(yaml.safe_dump(cfg))
         paths.append(str(p))
+    return paths
+
+
+def test_compare_writes_one_report(tmp_path):
+    paths = two_configs(tmp_path)
     out = tmp_path / "cmp"
     assert main(["compare", *paths, "--out", str(out), "--quiet", "--set", "train.steps=3"]) == 0
     assert (out / "report.html").is_file() and (out / "c" / "summary.json").is_file()
 
 
 def test_an_interrupted_compare_resumes(tmp_path, capsys):
-    paths = []
-    for name, paradigm in (("c", "central"), ("l", "local")):
-        cfg = tiny_config_dict(tmp_path, name=name, paradigm={"name": paradigm})
-        p = tmp_path / f"{name}.yaml"
-        p.write_text(yaml.safe_dump(cfg))
-        paths.append(str(p))
+    paths = two_configs(tmp_path)
     out = tmp_path / "cmp"
     args = ["compare", *paths, "--out", str(out), "--quiet", "--set", "train.steps=3"]
     assert main(args) == 0
@@ -125,12 +126,7 @@ def assert_page_is_whole(page: Path) -> None:
 
 
 def test_compare_over_seeds_reports_mean_and_interval(tmp_path):
-    paths = []
-    for name, paradigm in (("c", "central"), ("l", "local")):
-        cfg = tiny_config_dict(tmp_path, name=name, paradigm={"name": paradigm})
-        p = tmp_path / f"{name}.yaml"
-        p.write_text(yaml.safe_dump(cfg))
-        paths.append(str(p))
+    paths = two_configs(tmp_path)
     out = tmp_path / "cmp"
     args = ["compare", *paths, "--out", str(out), "--quiet", "--seeds", "2",
             "--set", "train.steps=2", "--set", "eval.every=2"]  # fmt: skip

@@ -27,6 +27,13 @@ def kill_after(run_dir, step):
             shutil.rmtree(c)
 
 
+def resumed_without_final_checkpoint(cfg, full):
+    """Resume ``full`` (a finished run of ``cfg``) with its final checkpoint gone: what a run
+    killed just before its end continues from."""
+    shutil.rmtree(sorted((full / "checkpoints").iterdir())[-1])
+    return run_experiment(cfg, resume=True, quiet=True, report=False)
+
+
 def final_params(run_dir):
     payload = torch.load(latest_checkpoint(run_dir), weights_only=False)
     return {role: s["params"] for role, s in payload["states"].items()}

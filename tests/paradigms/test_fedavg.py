@@ -6,7 +6,11 @@ import torch
 
 from cotune.errors import ConfigError
 from cotune.run import run_experiment
-from tests.paradigms.test_central_local import final_params, records
+from tests.paradigms.test_central_local import (
+    final_params,
+    records,
+    resumed_without_final_checkpoint,
+)
 
 
 def fed(tiny_config, name, devices=2, **options):
@@ -144,11 +148,7 @@ def test_resume_mid_run_equals_uninterrupted(tiny_config):
     full = run_experiment(cfg, quiet=True, report=False)
     want = final_params(full)["server"]
     want_summary = json.loads((full / "summary.json").read_text())
-    final = sorted((full / "checkpoints").iterdir())[-1]
-    for f in final.iterdir():
-        f.unlink()
-    final.rmdir()
-    resumed = run_experiment(cfg, resume=True, quiet=True, report=False)
+    resumed = resumed_without_final_checkpoint(cfg, full)
     got = final_params(resumed)["server"]
     for k in want:
         torch.testing.assert_close(got[k], want[k], atol=0, rtol=0)

@@ -14,7 +14,11 @@ from cotune.paradigms.hierfed_plan import (
     plan_groups,
 )
 from cotune.run import build_experiment, run_experiment
-from tests.paradigms.test_central_local import final_params, records
+from tests.paradigms.test_central_local import (
+    final_params,
+    records,
+    resumed_without_final_checkpoint,
+)
 
 
 def hier(tiny_config, name, devices=2, **options):
@@ -173,11 +177,7 @@ def test_resume_mid_run_equals_uninterrupted(tiny_config):
     )
     full = run_experiment(cfg, quiet=True, report=False)
     want = final_params(full)["server"]
-    final = sorted((full / "checkpoints").iterdir())[-1]
-    for f in final.iterdir():
-        f.unlink()
-    final.rmdir()
-    resumed = run_experiment(cfg, resume=True, quiet=True, report=False)
+    resumed = resumed_without_final_checkpoint(cfg, full)
     got = final_params(resumed)["server"]
     for k in want:
         torch.testing.assert_close(got[k], want[k], atol=0, rtol=0)

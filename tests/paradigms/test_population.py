@@ -9,7 +9,11 @@ import torch
 from cotune.paradigms import federated
 from cotune.run import run_experiment
 from cotune.runtime.grid import EngineGrid
-from tests.paradigms.test_central_local import final_params, records
+from tests.paradigms.test_central_local import (
+    final_params,
+    records,
+    resumed_without_final_checkpoint,
+)
 
 
 def population(tiny_config, name, **options):
@@ -72,11 +76,7 @@ def test_resume_with_released_states_equals_uninterrupted(tiny_config, options):
     cfg = population(tiny_config, "res", **options)
     full = run_experiment(cfg, quiet=True, report=False)
     want = final_params(full)["server"]
-    final = sorted((full / "checkpoints").iterdir())[-1]
-    for f in final.iterdir():
-        f.unlink()
-    final.rmdir()
-    resumed = run_experiment(cfg, resume=True, quiet=True, report=False)
+    resumed = resumed_without_final_checkpoint(cfg, full)
     got = final_params(resumed)["server"]
     for k in want:
         torch.testing.assert_close(got[k], want[k], atol=0, rtol=0)

@@ -6,7 +6,11 @@ import torch
 from cotune.errors import ConfigError, ProtocolError
 from cotune.paradigms import splitting
 from cotune.run import run_experiment
-from tests.paradigms.test_central_local import final_params, records
+from tests.paradigms.test_central_local import (
+    final_params,
+    records,
+    resumed_without_final_checkpoint,
+)
 
 # Dropout off: one full forward and two segments under different role RNGs draw differently.
 FAMILIES = {
@@ -200,11 +204,7 @@ def test_resume_mid_run_equals_uninterrupted(tiny_config, paradigm):
     )
     full = run(cfg)
     want = final_params(full)["server"]
-    final = sorted((full / "checkpoints").iterdir())[-1]
-    for f in final.iterdir():
-        f.unlink()
-    final.rmdir()
-    resumed = run_experiment(cfg, resume=True, quiet=True, report=False)
+    resumed = resumed_without_final_checkpoint(cfg, full)
     got = final_params(resumed)["server"]
     for k in want:
         assert torch.equal(got[k], want[k]), k
