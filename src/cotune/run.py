@@ -372,9 +372,42 @@ def _last_eval(records: list[dict]) -> dict[str, float]:
     return {k: evals[-1][k] for k in keys if isinstance(evals[-1].get(k), float | int)}
 
 
+_PEFT_CLASSES = {"classification": "AutoPeftModelForSequenceClassification",
+                 "causal_lm": "AutoPeftModelForCausalLM"}  # fmt: skip
+
+
+def model_card(name_or_path: str, task: str, label_names: list[str] | None) -> str:
+    """The adapter's README: its base model and the lines that load it with stock PEFT (a
+    classification head needs its label count and names passed, which PEFT cannot read from
+    the adapter directory)."""
+    from cotune.models.loading import public_model_id, resolved_path
+
+    base = public_model_id(name_or_path)
+    lines = ["# cotune adapter", "", f"Base model: `{base}`"]
+    if base != name_or_path:
+        lines[-1] += (f" (cotune's bundled `{name_or_path}`; on the machine that trained it: "
+                      f"`{resolved_path(name_or_path)}`)")  # fmt: skip
+    lines[-1] += "."
+    cls = _PEFT_CLASSES.get(task)
+    if cls is not None:
+        args = ['"path/to/this/adapter"']
+        if task == "classification" and label_names:
+            id2label = {i: n for i, n in enumerate(label_names)}
+            label2id = {n: i for i, n in enumerate(label_names)}
+            args += [f"num_labels={len(label_names)}", f"id2label={id2label!r}",
+                     f"label2id={label2id!r}"]  # fmt: skip
+        lines += ["", "Load it with PEFT:", "", "```python", f"from peft import {cls}", "",
+                  f"model = {cls}.from_pretrained(", *(f"    {a}," for a in args), ")",
+                  "```"]  # fmt: skip
+    if base.startswith("random:"):
+        lines += ["", f"`{base}` is a randomly initialised model built by cotune; load the "
+                  "merged export (`cotune export`) rather than this adapter."]  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
 def save_adapters(exp, states: dict, out: Path) -> None:
     """One PEFT adapter dir per product role; several roles get PEFT-style sub-directories."""
-    from cotune.models.loading import public_model_id, resolved_path
+    from cotune.models.loading import public_model_id
     from cotune.peft import save_adapter
 
     for role, state in states.items():
@@ -386,14 +419,9 @@ def save_adapters(exp, states: dict, out: Path) -> None:
                 base_model_name_or_path=public_model_id(exp.loaded.name_or_path),
                 task=exp.task,
             )
-        if public_model_id(exp.loaded.name_or_path) != exp.loaded.name_or_path:
-            # A model card saying where the bundled base lives on this machine.
-            (target / "README.md").write_text(
-                f"# cotune adapter\n\nBase model: `{public_model_id(exp.loaded.name_or_path)}` "
-                f"(cotune's bundled `{exp.loaded.name_or_path}`; on the machine that trained it: "
-                f"`{resolved_path(exp.loaded.name_or_path)}`).\n",
-                encoding="utf-8",
-            )
+        (target / "README.md").write_text(
+            model_card(exp.loaded.name_or_path, exp.task, exp.data.label_names), encoding="utf-8"
+        )
 
 
 def compare(

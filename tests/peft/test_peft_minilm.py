@@ -36,3 +36,14 @@ def test_minilm_lora_matches_stock_peft(hf_peft, tmp_path):
     with torch.no_grad():
         theirs = peft_model(**batch).logits
     torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=0)
+    # What the adapter's model card says to run loads it with AutoPeftModel, labels included.
+    from cotune.run import model_card
+
+    card = model_card("minilm", "classification", ["neg", "pos"])
+    assert "AutoPeftModelForSequenceClassification" in card and "num_labels=2," in card
+    auto = hf_peft.AutoPeftModelForSequenceClassification.from_pretrained(
+        str(tmp_path), num_labels=2, id2label={0: "neg", 1: "pos"}, label2id={"neg": 0, "pos": 1}
+    ).eval()
+    assert auto.config.id2label == {0: "neg", 1: "pos"}
+    with torch.no_grad():
+        torch.testing.assert_close(auto(**batch).logits, ours, atol=1e-5, rtol=0)

@@ -28,3 +28,14 @@ def test_a_clear_lead_and_costs_leave_raw_data_shippers_out():
 
 def test_one_run_has_nothing_to_conclude():
     assert conclusions([row("a", "fedavg", 0.8, 0.05)]) == []
+
+
+def test_the_trade_off_names_the_runs_no_other_beats_on_quality_and_device_compute():
+    rows = [
+        row("central", "central", 0.95, 0.01, device_compute_s=0.0),  # not a contender
+        row("cheap", "splitfrozen", 0.80, 0.01, device_compute_s=1.0),
+        row("good", "splitfed", 0.90, 0.01, device_compute_s=10.0),
+        row("worse", "fedavg", 0.70, 0.01, device_compute_s=100.0),
+    ]
+    text = [t for t in conclusions(rows) if t.startswith("Best trade-offs")]
+    assert text and text[0].endswith(": cheap, good.")

@@ -96,3 +96,30 @@ def test_import_does_not_load_torch() -> None:
     code = "import sys, cotune.report; print(sorted(m for m in ('torch', 'matplotlib', 'numpy') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_compare_page_reads_as_two_tables_with_human_columns(tmp_path: Path, make_run) -> None:
+    a = make_run(tmp_path, "central", devices=1, sim_time=True, costs=True)
+    b = make_run(tmp_path, "local", devices=3, costs=True)
+    for d, paradigm in ((a, "central"), (b, "local")):
+        s = json.loads((d / "summary.json").read_text())
+        s["paradigm"] = paradigm
+        if paradigm == "local":  # every device ends with its own adapter
+            s["per_device_eval"] = {f"device-{k}": {"accuracy": 0.6 + 0.1 * k} for k in range(3)}
+        (d / "summary.json").write_text(json.dumps(s))
+    out = write_compare_report([a, b], tmp_path / "cmp")
+    rows = json.loads((tmp_path / "cmp" / "compare.json").read_text())
+    assert [r["raw_data_off_devices"] for r in rows] == [True, False]
+    assert rows[1]["device_accuracy_min"] == pytest.approx(0.6)
+    assert rows[1]["device_accuracy_max"] == pytest.approx(0.8)
+    assert rows[0]["server_flops"] == pytest.approx(8.0e4)
+    page = out.read_text()
+    assert "<h2>What each run reached</h2>" in page and "<h2>What each run cost</h2>" in page
+    assert '<div class="scroll"><table>' in page
+    for title in ("per-device accuracy (min · mean · max)", "raw data leaves the devices",
+                  "server FLOPs", "device traffic (up + down)"):  # fmt: skip
+        assert f"<th>{title}</th>" in page
+    assert "0.600 · 0.700 · 0.800" in page and "final_accuracy" not in page
+    assert 'src="plots/pareto.png"' in page
+    # central vs local: a step is different work, and the page says so under the step plots.
+    assert "Steps are not the same work across these runs" in page

@@ -7,10 +7,9 @@ from __future__ import annotations
 from typing import Any
 
 from cotune.report.metrics import is_number
+from cotune.report.pareto import front_names
+from cotune.report.runs import SHIPS_RAW_DATA
 from cotune.report.units import fmt_value
-
-#: Paradigms whose devices hand their raw examples to the server.
-SHIPS_RAW_DATA = {"central"}
 
 
 def _best(rows: list[dict[str, Any]], key: str, low: bool) -> dict[str, Any] | None:
@@ -57,6 +56,12 @@ def conclusions(rows: list[dict[str, Any]]) -> list[str]:
         if best is not None and len(fed) >= 2:
             out.append(f"Least {what} (of the paradigms that keep data on the devices): "
                        f"{best['name']} ({fmt_value(key, best[key])}).")  # fmt: skip
+    kept = [r for r in rows if r.get("paradigm") not in SHIPS_RAW_DATA]
+    front = front_names(kept, "device_compute_s")
+    if 1 <= len(front) < len(kept):
+        out.append(f"Best trade-offs of quality against device compute, of the paradigms that keep "
+                   f"data on the devices (no other is both cheaper and better): "
+                   f"{', '.join(front)}.")  # fmt: skip
     raw = [r["name"] for r in rows if r.get("paradigm") in SHIPS_RAW_DATA]
     if raw:
         out.append(f"Ships raw data off the devices (a reference, not a deployable option): "

@@ -19,13 +19,15 @@ CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;max-width:1100px;margin:2em auto;
 padding:0 1em;color:#222;line-height:1.45}
 h1{margin-bottom:.1em}.sub{color:#666;margin-top:0}
-table{border-collapse:collapse;margin:1em 0;font-size:.92em}
+.scroll{overflow:auto;max-height:40em;margin:1em 0}
+table{border-collapse:collapse;font-size:.92em}
 th,td{border:1px solid #ddd;padding:.3em .7em;text-align:left}
-th{background:#f4f4f4}td.num{text-align:right;font-variant-numeric:tabular-nums}
+th{background:#f4f4f4;position:sticky;top:0;vertical-align:bottom}td.num{text-align:right;font-variant-numeric:tabular-nums}
 .plots{display:flex;flex-wrap:wrap;gap:1em}
 figure{margin:0;border:1px solid #eee;padding:.4em}figure img{max-width:520px;width:100%}
 figure.wide img{max-width:1000px}
-figcaption{font-size:.85em;color:#555;text-align:center}
+figcaption{font-size:.85em;color:#555;text-align:center;max-width:520px}
+figure.wide figcaption{max-width:1000px}.note{color:#a05a00}
 pre{background:#f7f7f7;border:1px solid #e3e3e3;padding:1em;overflow:auto;font-size:.85em}
 footer{color:#999;font-size:.8em;margin-top:2em}
 """
@@ -47,8 +49,9 @@ def html_list(items: Sequence[str]) -> str:
 
 
 def html_table(header: Sequence[str], rows: Iterable[Sequence[Cell]]) -> str:
-    """rows: cells of (key, value, optional link)."""
-    out = ["<table><thead><tr>"]
+    """rows: cells of (key, value, optional link). Wrapped in a box that scrolls, so a wide or
+    long table never widens the page (the header row stays in view)."""
+    out = ['<div class="scroll"><table><thead><tr>']
     out += [f"<th>{html.escape(h)}</th>" for h in header]
     out.append("</tr></thead><tbody>")
     for row in rows:
@@ -60,7 +63,7 @@ def html_table(header: Sequence[str], rows: Iterable[Sequence[Cell]]) -> str:
             cls = ' class="num"' if _is_num(v) else ""
             out.append(f"<td{cls}>{text}</td>")
         out.append("</tr>")
-    out.append("</tbody></table>")
+    out.append("</tbody></table></div>")
     return "".join(out)
 
 
@@ -99,7 +102,9 @@ def html_plots(plots: list[Plot], base: Path) -> str:
     figs = [
         ('<figure class="wide">' if p.wide else "<figure>")
         + f'<img src="{html.escape(rel(p.path, base))}" alt="{html.escape(p.title)}">'
-        + f"<figcaption>{html.escape(p.title)}</figcaption></figure>"
+        + f"<figcaption>{html.escape(p.title)}"
+        + (f'<br><span class="note">{html.escape(p.note)}</span>' if p.note else "")
+        + "</figcaption></figure>"
         for p in plots
     ]
     return '<div class="plots">' + "".join(figs) + "</div>"
@@ -108,4 +113,6 @@ def html_plots(plots: list[Plot], base: Path) -> str:
 def md_plots(plots: list[Plot], base: Path) -> str:
     if not plots:
         return "No metrics to plot."
-    return "\n\n".join(f"![{p.title}]({rel(p.path, base)})" for p in plots)
+    return "\n\n".join(
+        f"![{p.title}]({rel(p.path, base)})" + (f"\n\n*{p.note}*" if p.note else "") for p in plots
+    )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ DEDICATED = {("round", "bytes_up"), ("round", "bytes_down")}
 METRIC_ORDER = ("loss", "accuracy", "perplexity", "lr")
 EVENT_ORDER = ("train", "eval", "round")
 X_LABELS = {"step": "step", "sim_time_s": "simulated time (s)", "host_time_s": "host time (s)"}
+_TIME_LABELS = (X_LABELS["sim_time_s"], X_LABELS["host_time_s"])
 X_TITLES = {"step": "step", "sim_time_s": "simulated time", "host_time_s": "host time"}
 PALETTE = [
     "#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd",
@@ -46,6 +48,8 @@ class Plot:
     path: Path
     #: Multi-panel figures: shown at full page width rather than in the grid of small plots.
     wide: bool = False
+    #: A caveat the reader needs (shown under the caption), e.g. what the x axis means.
+    note: str = ""
 
 
 @dataclass
@@ -54,6 +58,9 @@ class _Line:
     series: Series
     color: str
     thin: bool = False
+    #: Its points span a sliver of the x axis (central on simulated time): drawn as a marker
+    #: at its last point and a dotted level across the axis, so it does not vanish.
+    flat: bool = False
 
 
 def _slug(text: str) -> str:
@@ -99,12 +106,18 @@ def _draw(
                     textcoords="offset points", fontsize=8, color="#666666")  # fmt: skip
     for ln in lines:
         xs, ys = ln.series
+        if ln.flat:
+            ax.axhline(ys[-1], color=ln.color, linestyle=":", linewidth=1.4)
+            at = fmt_seconds(xs[-1]) if xlabel in _TIME_LABELS else f"{xs[-1]:g}"
+            ax.plot([xs[-1]], [ys[-1]], color=ln.color, marker="D", markersize=7,
+                    linestyle="none", label=f"{ln.label} (all at ≤ {at})")  # fmt: skip
+            continue
         style = {"linewidth": 0.8, "alpha": 0.35} if ln.thin else {"linewidth": 1.8}
         marker = "o" if len(xs) <= 25 and not ln.thin else None
         ax.plot(xs, ys, color=ln.color, label=ln.label, marker=marker, markersize=3, **style)
     if _log_scale(metric, lines):
         ax.set_yscale("log")
-    if xlabel in (X_LABELS["sim_time_s"], X_LABELS["host_time_s"]):
+    if xlabel in _TIME_LABELS:
         # Seconds as ms/s/min/h: a long simulated run would otherwise read "2e4" with an offset.
         from matplotlib.ticker import FuncFormatter
 
@@ -167,8 +180,8 @@ def plot_run(records: list[dict[str, Any]], plots_dir: Path) -> list[Plot]:
             axes = ["step", "sim_time_s"] if quality else ["step"]
             for x in axes:
                 by_role = series_by_role(recs, event, metric, x)
-                if not by_role:
-                    continue
+                if not by_role or all_zero(by_role.values()):
+                    continue  # e.g. "round dropped" in a run where nothing dropped
                 suffix = "" if x == "step" else f"_vs_{x.removesuffix('_s')}"
                 title = f"{event} {metric}" + ("" if x == "step" else f" vs {X_TITLES[x]}")
                 path = plots_dir / f"{_slug(event)}_{_slug(metric)}{suffix}.png"
@@ -188,8 +201,32 @@ COMPARE_METRICS = (
 )
 
 
-def plot_compare(runs: list[tuple[str, list[dict[str, Any]]]], plots_dir: Path) -> list[Plot]:
-    """All runs on one plot per metric and x axis; each run drawn as its main line."""
+def all_zero(series: Iterable[Series]) -> bool:
+    """Every value is 0: a plot of it says nothing a sentence could not."""
+    return all(y == 0 for _, ys in series for y in ys)
+
+
+#: A line whose x span is below this fraction of the axis's is drawn flat (see ``_Line.flat``).
+FLAT_FRACTION = 0.02
+
+
+def _mark_flat(lines: list[_Line]) -> None:
+    lows = [ln.series[0][0] for ln in lines if ln.series[0]]
+    highs = [ln.series[0][-1] for ln in lines if ln.series[0]]
+    span = max(highs, default=0.0) - min(lows, default=0.0)
+    if span <= 0 or len(lines) < 2:
+        return
+    for ln in lines:
+        xs = ln.series[0]
+        ln.flat = bool(xs) and xs[-1] <= FLAT_FRACTION * max(highs)
+
+
+def plot_compare(
+    runs: list[tuple[str, list[dict[str, Any]]]], plots_dir: Path, step_note: str = ""
+) -> list[Plot]:
+    """All runs on one plot per metric and x axis; each run drawn as its main line.
+    ``step_note``: what "step" means in each run, shown under the step-axis plots when the
+    runs' steps are not the same unit of work."""
     plots: list[Plot] = []
     for event, metric, xs in COMPARE_METRICS:
         for x in xs:
@@ -198,10 +235,13 @@ def plot_compare(runs: list[tuple[str, list[dict[str, Any]]]], plots_dir: Path) 
                 s = main_series(series_by_role(records, event, metric, x))
                 if s is not None:
                     lines.append(_Line(label, s, PALETTE[i % len(PALETTE)]))
-            if not lines:
+            if not lines or all_zero(ln.series for ln in lines):
                 continue
+            if x != "step":
+                _mark_flat(lines)
             title = f"{event} {metric} vs {X_TITLES[x]}"
             suffix = "" if x == "step" else f"_vs_{x.removesuffix('_s')}"
             path = plots_dir / f"{event}_{metric}{suffix}.png"
-            plots.append(Plot(title, _draw(path, title, X_LABELS[x], metric, lines)))
+            note = step_note if x == "step" else ""
+            plots.append(Plot(title, _draw(path, title, X_LABELS[x], metric, lines), note=note))
     return plots

@@ -30,8 +30,11 @@ from cotune.report.page import (
     md_table,
     rel,
 )
+from cotune.report.pareto import plot_pareto
 from cotune.report.plots import Plot, plot_compare, plot_run
 from cotune.report.runs import COMPARE_COLUMNS, RunData, compare_row, load_run, summary_rows
+from cotune.report.steps import step_note
+from cotune.report.tables import compare_tables
 
 #: Device rows shown in a report's cost table; the rest are in costs.csv.
 MAX_TABLE_DEVICES = 20
@@ -198,29 +201,26 @@ def write_compare_report(
         writer.writerows({k: ("" if v is None else v) for k, v in r.items()} for r in rows)
 
     clear_pngs(out / "plots")
-    plots = plot_compare([(lab, r.records) for r, lab in zip(runs, labels)], out / "plots")
-    cost_plot = plot_compare_costs([(r["name"], r) for r in rows], out / "plots")
-    if cost_plot is not None:  # right after the headline (quality vs simulated time)
-        plots.insert(min(1, len(plots)), cost_plot)
-    # Show only columns some run has a value for; the CSV/JSON keep them all.
-    cols = [c for c in COMPARE_COLUMNS if c == "name" or any(r[c] is not None for r in rows)]
+    note = step_note(r["paradigm"] for r in rows)
+    plots = plot_compare([(lab, r.records) for r, lab in zip(runs, labels)], out / "plots", note)
+    extra = [plot_compare_costs([(r["name"], r) for r in rows], out / "plots"),
+             plot_pareto(rows, out / "plots")]  # fmt: skip
+    # Right after the headline (quality vs simulated time): what each run cost, and the trade-off.
+    plots[min(1, len(plots)) : min(1, len(plots))] = [p for p in extra if p is not None]
 
-    def cells(row: dict[str, Any], run: RunData) -> list[tuple[str, Any, str | None]]:
-        report = run.run_dir / "report.html"
-        link = rel(report, out) if report.exists() else None
-        return [(c, row[c], link if c == "name" else None) for c in cols]
+    def link(i: int, suffix: str = ".html") -> str | None:
+        report = runs[i].run_dir / "report.html"
+        return rel(report, out).removesuffix(".html") + suffix if report.exists() else None
 
-    table_rows = [cells(row, run) for row, run in zip(rows, runs)]
-    md_rows = [
-        [(k, v, (link.removesuffix(".html") + ".md") if link else None) for k, v, link in r]
-        for r in table_rows
-    ]
+    tables = compare_tables(rows, link)
+    md_tables = compare_tables(rows, lambda i: link(i, ".md"))
     title = f"cotune comparison: {len(runs)} runs"
-    sections = [
-        ("Runs", html_table(cols, table_rows)),
-        ("Plots", html_plots(plots, out)),
-    ]
-    md = [f"# {title}", "## Runs", md_table(cols, md_rows), "## Plots", md_plots(plots, out)]
+    sections = [(t, html_table(cols, body)) for t, cols, body in tables]
+    sections.append(("Plots", html_plots(plots, out)))
+    md = [f"# {title}"]
+    for t, cols, body in md_tables:
+        md += [f"## {t}", md_table(cols, body)]
+    md += ["## Plots", md_plots(plots, out)]
     said = conclusions(rows)
     if said:  # the answer first: who is best at what, and whether it is more than noise
         sections.insert(0, ("Conclusions", html_list(said)))

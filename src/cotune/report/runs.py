@@ -18,7 +18,15 @@ from cotune.report.costs import device_costs, device_totals, role_costs
 from cotune.report.metrics import is_number, main_series, read_metrics, series_by_role
 from cotune.report.units import fmt_value
 
-__all__ = ["COMPARE_COLUMNS", "RunData", "compare_row", "fmt_value", "load_run", "summary_rows"]
+__all__ = [
+    "COMPARE_COLUMNS",
+    "SHIPS_RAW_DATA",
+    "RunData",
+    "compare_row",
+    "fmt_value",
+    "load_run",
+    "summary_rows",
+]
 
 #: Summary keys in display order; others follow in file order.
 SUMMARY_ORDER = (
@@ -32,7 +40,12 @@ COMPARE_COLUMNS = (
     "best_accuracy", "host_time_s", "sim_time_s", "time_to_target_sim_s", "time_to_target_step",
     "device_compute_s", "device_flops", "device_bytes", "device_energy_j",
     "device_peak_memory_bytes", "trainable_params", "eval_examples", "accuracy_ci95",
+    "devices", "device_accuracy_min", "device_accuracy_mean", "device_accuracy_max",
+    "server_compute_s", "server_flops", "server_energy_j", "raw_data_off_devices",
 )  # fmt: skip
+#: Paradigms whose devices hand their raw examples to the server: a reference point for the
+#: others, not a deployable option where the data must stay on the devices.
+SHIPS_RAW_DATA = frozenset({"central"})
 
 
 @dataclass
@@ -107,6 +120,31 @@ def _device_summary(run: RunData) -> dict[str, Any]:
     return out
 
 
+def _per_device_accuracy(summary: dict[str, Any]) -> dict[str, Any]:
+    """min/mean/max of the devices' own final accuracies, for paradigms where every device
+    ends with its own adapter (``per_device_eval`` in the summary: local, dlora)."""
+    per = summary.get("per_device_eval")
+    accs = [
+        float(v["accuracy"])
+        for v in (per.values() if isinstance(per, dict) else ())
+        if isinstance(v, dict) and is_number(v.get("accuracy"))
+    ]
+    if not accs:
+        return {"device_accuracy_min": None, "device_accuracy_mean": None,
+                "device_accuracy_max": None}  # fmt: skip
+    return {"device_accuracy_min": min(accs), "device_accuracy_mean": sum(accs) / len(accs),
+            "device_accuracy_max": max(accs)}  # fmt: skip
+
+
+def _server_costs(summary: dict[str, Any]) -> dict[str, Any]:
+    server = _get(summary, "costs", "server") or {}
+    return {
+        "server_compute_s": server.get("compute_s"),
+        "server_flops": server.get("flops"),
+        "server_energy_j": server.get("energy_j"),
+    }
+
+
 def compare_row(run: RunData) -> dict[str, Any]:
     """One comparison-table row; summary values first, metrics as the fallback."""
     s, recs = run.summary, run.records
@@ -140,6 +178,10 @@ def compare_row(run: RunData) -> dict[str, Any]:
         "trainable_params": s.get("trainable_params"),
         "eval_examples": final("examples"),
         "accuracy_ci95": None,
+        "devices": s.get("devices"),
+        **_per_device_accuracy(s),
+        **_server_costs(s),
+        "raw_data_off_devices": (s["paradigm"] in SHIPS_RAW_DATA) if s.get("paradigm") else None,
     }
     acc, n = row["final_accuracy"], row["eval_examples"]
     if is_number(acc) and is_number(n) and n > 0:  # the test set's own noise (Wilson, 95%)

@@ -81,7 +81,7 @@ def fmt_value(key: str, v: Any) -> str:
     if v is None:
         return "—"
     if isinstance(v, bool):
-        return ("yes" if v else "NO") if key.endswith("fits") else str(v)
+        return ("yes" if v else "NO") if key.endswith("fits") else ("yes" if v else "no")
     if isinstance(v, str):
         return v
     if is_number(v) and math.isfinite(v):
