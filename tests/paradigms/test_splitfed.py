@@ -353,3 +353,21 @@ def test_router_balance_loss_keeps_devices_one_at_a_time(tiny_config, monkeypatc
     run(tiny_config(name=f"bal{coef}", paradigm=sf, peft=peft, model=BERT_NO_DROPOUT,
                     devices={"count": 3}, train={"steps": 3}, eval={"every": 3, "max_examples": 8}))  # fmt: skip
     assert bool(ran) is batched
+
+
+def test_aggregation_period_in_client_batches_as_the_reference_counts(tiny_config):
+    """SplitLoRA's reference counts the period in client batches: with 2 devices, every 4 batches
+    is every 2 steps; every 3 batches aggregates in the steps where the count passes 3 and 6."""
+
+    def splitfed(name, every, unit):
+        opts = {"cut": 1, "aggregate_every": every, "aggregate_unit": unit}
+        return run(tiny_config(name=name, paradigm={"name": "splitfed", "options": opts},
+                               devices={"count": 2}, **LEAN))  # fmt: skip
+
+    steps, batches = splitfed("steps", 2, "steps"), splitfed("batches", 4, "client_batches")
+    assert [r["loss"] for r in records(batches, "train", "mean")] == [
+        r["loss"] for r in records(steps, "train", "mean")
+    ]
+    odd = splitfed("odd", 3, "client_batches")
+    # Batches 2, 4, 6, 8 after steps 1-4: aggregations end steps 2 and 3 (and the last, 4).
+    assert [r["round"] for r in records(odd, "train", "mean")] == [1, 1, 2, 3]

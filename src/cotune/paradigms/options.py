@@ -241,7 +241,13 @@ class SplitOptions(CutOptions):
 
 
 class SplitFedOptions(CutOptions):
-    aggregate_every: int = Field(100, ge=1)  # I: FedAvg of device adapters (reference code: 100)
+    # I: FedAvg of the device adapters every I units of `aggregate_unit` (reference code: 100).
+    aggregate_every: int = Field(100, ge=1)
+    # steps: I steps of all devices (each step is one batch per device); client_batches: I
+    # device batches served, SplitLoRA's reference unit (its train_step counts client batches,
+    # so with K devices it aggregates every I/K steps), applied at the end of the step in which
+    # the count reaches a multiple of I (the reference aggregates mid-step, after that batch).
+    aggregate_unit: Literal["steps", "client_batches"] = "steps"
     # Device adapters averaged by example count, or uniformly.
     weighting: Literal["examples", "uniform"] = "examples"
     # One server-side adapter for all devices, or one per device.

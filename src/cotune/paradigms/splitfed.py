@@ -1,12 +1,12 @@
 """SplitLoRA: split-federated LoRA (SFL). Devices hold the embeddings and the first ``cut`` blocks
 with their adapters, the server holds the rest; every step all devices train in parallel through
 the cut (activations up, cut gradients down), and the device-side adapters are FedAvg'ed every
-``aggregate_every`` steps.
+``aggregate_every`` steps (or device batches: ``aggregate_unit``).
 
 Server side (``server_side``): ``shared`` is SplitLoRA's reference code (one server model and one
 optimizer, updated once per device batch, devices served one after another, here in arrival
 order); ``per_device`` is SplitFed-V1 (one server copy per device, averaged with the device
-adapters every ``aggregate_every`` steps). See docs/methods.md (SplitLoRA) for what follows the
+adapters every ``aggregate_every`` steps or client batches). See docs/methods.md (SplitLoRA) for what follows the
 paper and what is reconstructed.
 
 On the Grid: each device's step is a local event on it (its own loop: batch, forward, upload;
@@ -355,10 +355,17 @@ def run(exp: Experiment) -> ParadigmResult:
         return len(rejected)
 
     every, last_eval = opts.aggregate_every, {}
+    # Device batches per step: 1 when the period counts steps, K when it counts client batches.
+    per_step = len(devices) if opts.aggregate_unit == "client_batches" else 1
+
+    def aggregates_at(s: int) -> bool:  # the count reaches a multiple of the period in step s
+        return s * per_step // every > (s - 1) * per_step // every
+
+    done = sum(aggregates_at(s) for s in range(1, start + 1))  # rounds finished before `start`
     points = set(exp.eval_points())
     with exp.progress(cfg.train.steps - start, f"splitfed {cfg.name}") as bar:
         for step in range(start + 1, cfg.train.steps + 1):
-            rnd = (step - 1) // every + 1
+            rnd = done + 1
             grid.tick(devices, "step", {"step": step, "round": rnd, "defer": pooled})
             logs = server.serve(step)
             grid.tick(devices, "backward")
@@ -370,8 +377,9 @@ def run(exp: Experiment) -> ParadigmResult:
             lr = logs[0].lr if logs else None
             exp.log_record("train", step, "mean", round=rnd, loss=loss, lr=lr,
                            grad_norm=mean(norms) if norms else None)  # fmt: skip
-            if step % every == 0 or step == cfg.train.steps:
+            if aggregates_at(step) or step == cfg.train.steps:
                 rejected_total += aggregate(rnd)
+                done += aggregates_at(step)
             bar.update(1, train_loss=loss)
             if step in points:
                 last_eval = exp.evaluate_state(combined(dev_glob, srv_glob))

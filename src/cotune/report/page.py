@@ -22,7 +22,8 @@ h1{margin-bottom:.1em}.sub{color:#666;margin-top:0}
 .scroll{overflow:auto;max-height:40em;margin:1em 0}
 table{border-collapse:collapse;font-size:.92em}
 th,td{border:1px solid #ddd;padding:.3em .7em;text-align:left}
-th{background:#f4f4f4;position:sticky;top:0;vertical-align:bottom}td.num{text-align:right;font-variant-numeric:tabular-nums}
+th{background:#f4f4f4;position:sticky;top:0;vertical-align:bottom}
+td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
 .plots{display:flex;flex-wrap:wrap;gap:1em}
 figure{margin:0;border:1px solid #eee;padding:.4em}figure img{max-width:520px;width:100%}
 figure.wide img{max-width:1000px}
