@@ -36,7 +36,9 @@ class ModelSection(Section):
     name_or_path: str = "minilm"
     # classification (a label per text) or causal_lm (next-token loss on the text).
     task: TaskName = "classification"
-    # Extra fields for the HF config of a random:<family> model (n_layer, hidden_size, ...).
+    # Extra fields for the HF config of a random:<family> model (n_layer, hidden_size, ...); an
+    # overridden width also sets the MLP width by the family's rule unless given (GPT-2, BERT:
+    # 4x; LLaMA-like: 8/3x up to a multiple of 256).
     random_config: dict[str, Any] = Field(default_factory=dict)
     # The frozen base's dtype (adapters, their gradients and optimizer state stay float32).
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"

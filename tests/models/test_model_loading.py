@@ -55,6 +55,21 @@ def test_random_config_overrides_and_aliases():
         load("random:llama", random_config={"hiden_size": 32})
 
 
+@pytest.mark.parametrize(
+    ("kind", "width", "derived", "size"),
+    [("gpt2", "n_embd", "n_inner", 1536), ("bert", "hidden_size", "intermediate_size", 1536),
+     ("llama", "hidden_size", "intermediate_size", 1024),  # LLaMA: 8d/3 up to a multiple of 256
+     ("qwen2", "hidden_size", "intermediate_size", 1024)],
+)  # fmt: skip
+def test_sizes_derived_from_an_overridden_width_follow_it(kind, width, derived, size):
+    c = load(f"random:{kind}", vocab_size=50, random_config={width: 384}).model.config
+    assert getattr(c, derived) == size
+    # Given explicitly, a derived size is kept; the alias of the width counts as the width.
+    c = load(f"random:{kind}", vocab_size=50, random_config={"hidden_size": 384, derived: 96})
+    assert getattr(c.model.config, derived) == 96
+    assert load(f"random:{kind}", vocab_size=50).model.config.to_dict()[derived] == 128
+
+
 def test_seed_sets_the_init_and_leaves_global_rng_alone():
     state = torch.random.get_rng_state()
     a, b = load("random:llama", seed=3, vocab_size=50), load("random:llama", seed=3, vocab_size=50)

@@ -77,6 +77,32 @@ class Anatomy(ABC):
     def run_head(self, hidden: Tensor, attention_mask: Tensor) -> Tensor:
         """Final norm + task head on the last block's output: logits ``[B,C]`` or ``[B,T,V]``."""
 
+    # ------------------------------------------------- incremental decoding (decoders; cotune.infer)
+
+    def embed_at(self, input_ids: Tensor, start: int) -> Tensor:
+        """Embeddings of ``input_ids`` ``[1,q]`` at positions ``start..start+q-1`` (eval mode)."""
+        raise ModelError(f"{self.family} models do not decode incrementally (decoders only)")
+
+    def decode_context(self, hidden: Tensor, start: int) -> dict[str, Any]:
+        """What every block shares when ``q`` new positions from ``start`` attend to a cache of
+        ``start`` positions and to each other causally."""
+        raise ModelError(f"{self.family} models do not decode incrementally (decoders only)")
+
+    def run_block_cached(self, i: int, hidden: Tensor, context: dict[str, Any], cache: Any) -> Tensor:
+        """Block ``i`` on the new positions, reading and extending its keys/values in ``cache``."""
+        raise ModelError(f"{self.family} models do not decode incrementally (decoders only)")
+
+    def decode_mask(self, hidden: Tensor, start: int, window: int | None = None) -> Tensor:
+        """Boolean ``[1,1,q,start+q]``: new position ``i`` sees cached and new keys up to ``start+i``
+        (within ``window`` when sliding)."""
+        q = hidden.size(1)
+        qpos = torch.arange(start, start + q, device=hidden.device)[:, None]
+        kpos = torch.arange(start + q, device=hidden.device)[None, :]
+        allowed = kpos <= qpos
+        if window is not None:
+            allowed = allowed & (kpos > qpos - window)
+        return allowed[None, None]
+
     # ---------------------------------------------------------------- shared
 
     def module(self, path: str) -> nn.Module:

@@ -48,6 +48,17 @@ class GPT2Anatomy(Anatomy):
     def run_block(self, i: int, hidden: Tensor, context: dict[str, Any]) -> Tensor:
         return self.blocks[i](hidden, attention_mask=context["mask"])
 
+    def embed_at(self, input_ids: Tensor, start: int) -> Tensor:
+        tr = self.model.transformer
+        positions = torch.arange(start, start + input_ids.size(1), device=input_ids.device)[None, :]
+        return tr.drop(tr.wte(input_ids) + tr.wpe(positions))
+
+    def decode_context(self, hidden: Tensor, start: int) -> dict[str, Any]:
+        return {"mask": self.decode_mask(hidden, start)}
+
+    def run_block_cached(self, i: int, hidden: Tensor, context: dict[str, Any], cache: Any) -> Tensor:
+        return self.blocks[i](hidden, cache=cache, attention_mask=context["mask"], use_cache=True)
+
     def run_head(self, hidden: Tensor, attention_mask: Tensor) -> Tensor:
         hidden = self.model.transformer.ln_f(hidden)
         if self.task == "causal_lm":

@@ -64,6 +64,26 @@ class LlamaAnatomy(Anatomy):
             position_embeddings=context["rotary"],
         )
 
+    def embed_at(self, input_ids: Tensor, start: int) -> Tensor:
+        return self.model.model.embed_tokens(input_ids)
+
+    def decode_context(self, hidden: Tensor, start: int) -> dict[str, Any]:
+        positions = torch.arange(start, start + hidden.size(1), device=hidden.device)[None, :]
+        cos_sin = self.model.model.rotary_emb(hidden, position_ids=positions)
+        windows = {self.window(i) for i in range(self.num_layers)}
+        masks = {w: self.decode_mask(hidden, start, w) for w in windows}
+        return {"positions": positions, "rotary": cos_sin, "masks": masks}
+
+    def run_block_cached(self, i: int, hidden: Tensor, context: dict[str, Any], cache: Any) -> Tensor:
+        return self.blocks[i](
+            hidden,
+            attention_mask=context["masks"][self.window(i)],
+            position_ids=context["positions"],
+            position_embeddings=context["rotary"],
+            cache=cache,
+            use_cache=True,
+        )
+
     def run_head(self, hidden: Tensor, attention_mask: Tensor) -> Tensor:
         hidden = self.model.model.norm(hidden)
         if self.task == "causal_lm":

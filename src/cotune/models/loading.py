@@ -60,6 +60,24 @@ RANDOM_DEFAULTS: dict[str, dict[str, Any]] = {
     # RoBERTa positions start at pad_token_id + 1, so 512 tokens need 514 positions.
     "roberta": {**_TINY, "max_position_embeddings": 514},
 }
+
+
+def _llama_ffn(d: int) -> int:
+    # Meta's LLaMA code: 2/3 of 4d, rounded up to a multiple of 256.
+    return 256 * -(-(8 * d // 3) // 256)
+
+
+#: random:<family>: (width field, derived field, its size from the width). When the width is
+#: overridden and the derived size is not, it follows the family's rule instead of staying at
+#: the tiny default (a 384-wide GPT-2 with a 128-wide MLP is not a GPT-2).
+DERIVED_SIZES: dict[str, tuple[str, str, Any]] = {
+    "gpt2": ("n_embd", "n_inner", lambda d: 4 * d),  # GPT-2's own default (n_inner=None)
+    "bert": ("hidden_size", "intermediate_size", lambda d: 4 * d),
+    "roberta": ("hidden_size", "intermediate_size", lambda d: 4 * d),
+    "llama": ("hidden_size", "intermediate_size", _llama_ffn),
+    "qwen2": ("hidden_size", "intermediate_size", _llama_ffn),
+    "mistral": ("hidden_size", "intermediate_size", _llama_ffn),
+}
 # Random models have no tokenizer of their own; these are the ids of cotune's local BPE
 # (0 <pad>, 1 <eos>, which also serves as bos, as in GPT-2).
 RANDOM_SPECIAL_IDS = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 1}
@@ -188,6 +206,10 @@ def _random_config(kind: str, overrides: dict[str, Any], vocab_size: int | None)
             )
         # Canonical names, so that e.g. hidden_size and n_embd for GPT-2 do not both end up set.
         kwargs[aliases.get(key, key)] = value
+    width, derived, rule = DERIVED_SIZES.get(kind, (None, None, None))
+    given = {aliases.get(k, k) for k in overrides}
+    if width in given and derived not in given and isinstance(kwargs[width], int):
+        kwargs[derived] = rule(kwargs[width])
     if vocab_size is not None:
         kwargs["vocab_size"] = vocab_size
     config = AutoConfig.for_model(kind, **kwargs)

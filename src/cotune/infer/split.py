@@ -1,0 +1,157 @@
+"""The U-shaped cut of a decoder for inference (HAT): the device keeps the input blocks (embeddings
+and the first ``n_in`` blocks) and the output blocks (the last ``n_out`` blocks, final norm and
+head), so raw tokens and the next-token distribution never leave it; the cloud runs the middle.
+
+Both sides keep a key/value cache of their own blocks. They talk only through messages
+(``middle`` up: the input blocks' hidden states and the position they start at; ``middle_out``
+down: the middle's hidden states), encoded to bytes as on a real link, so the traffic per token
+is measured, not estimated. The position sent up doubles as the rollback: the cloud first cuts
+its cache back to it, which is how a rejected draft's positions are undone on the cloud.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from cotune.errors import ConfigError, ProtocolError
+from cotune.infer.cache import KVCache
+from cotune.models.base import Anatomy
+from cotune.runtime.messages import Message, decode_message, encode_message
+
+DEVICE, CLOUD = "device-0", "server"
+
+
+@dataclass(frozen=True)
+class UCut:
+    """Blocks on the device before (``n_in``) and after (``n_out``) the cloud's middle."""
+
+    n_in: int = 1
+    n_out: int = 1
+
+    def check(self, num_layers: int) -> None:
+        if self.n_in < 1 or self.n_out < 1 or self.n_in + self.n_out >= num_layers:
+            raise ConfigError(
+                f"infer cut: n_in={self.n_in}, n_out={self.n_out} must each be >= 1 and leave the "
+                f"cloud at least one of the model's {num_layers} blocks"
+            )
+
+
+class Blocks:
+    """Blocks ``[start, end)`` of a decoder run on new positions against their own cache."""
+
+    def __init__(self, anatomy: Anatomy, start: int, end: int) -> None:
+        self.anatomy, self.start, self.end = anatomy, start, end
+        self.cache = KVCache()
+
+    def __call__(self, hidden: Tensor, pos: int) -> Tensor:
+        """``hidden`` ``[1,q,D]`` at positions ``pos..pos+q-1``; the cache must hold ``pos``."""
+        if self.cache.length() != pos:
+            raise ProtocolError(
+                f"blocks [{self.start}, {self.end}): run at position {pos} but the cache holds "
+                f"{self.cache.length()} positions"
+            )
+        ctx = self.anatomy.decode_context(hidden, pos)
+        for i in range(self.start, self.end):
+            hidden = self.anatomy.run_block_cached(i, hidden, ctx, self.cache)
+        return hidden
+
+
+class CloudMiddle:
+    """The cloud's role: the middle blocks and their cache. ``on_middle`` is its one handler."""
+
+    role_id = CLOUD
+
+    def __init__(self, anatomy: Anatomy, cut: UCut) -> None:
+        cut.check(anatomy.num_layers)
+        self.blocks = Blocks(anatomy, cut.n_in, anatomy.num_layers - cut.n_out)
+
+    @torch.no_grad()
+    def on_middle(self, msg: Message) -> Message:
+        pos = msg.meta.get("pos")
+        hidden = msg.tensors.get("hidden")
+        if not isinstance(pos, int) or hidden is None or hidden.dim() != 3:
+            raise ProtocolError(
+                f"middle: needs meta.pos (int) and a [1,q,D] 'hidden', got {msg.describe()}"
+            )
+        if not 0 <= pos <= self.blocks.cache.length():
+            raise ProtocolError(
+                f"middle: position {pos} is beyond the {self.blocks.cache.length()} cached positions"
+            )
+        self.blocks.cache.crop(pos)  # a rejected draft's positions, undone
+        out = self.blocks(hidden, pos)
+        return Message("middle_out", CLOUD, msg.sender, {"hidden": out}, {"pos": pos})
+
+
+@dataclass
+class LinkStats:
+    """Messages and encoded bytes each way, and the positions sent up."""
+
+    messages: int = 0
+    bytes_up: int = 0
+    bytes_down: int = 0
+    positions_up: int = 0
+    sizes: list[tuple[int, int]] = field(default_factory=list)  # (up, down) per exchange
+
+
+class MessageLink:
+    """The device's line to the cloud: every message encoded and decoded as on a real link
+    (in-process: the cloud's handler runs in this process)."""
+
+    def __init__(self, cloud: CloudMiddle, codec: str = "fp32") -> None:
+        self.cloud, self.codec = cloud, codec
+        self.stats = LinkStats()
+
+    def request(self, msg: Message) -> Message:
+        up = encode_message(msg, self.codec)
+        reply = self.cloud.on_middle(decode_message(up))
+        down = encode_message(reply, self.codec)
+        s = self.stats
+        s.messages += 2
+        s.bytes_up += len(up)
+        s.bytes_down += len(down)
+        s.positions_up += int(msg.tensors["hidden"].size(1))
+        s.sizes.append((len(up), len(down)))
+        return decode_message(down)
+
+
+class DeviceEnds:
+    """The device's input and output blocks of a U-shaped split, each with its cache."""
+
+    def __init__(self, anatomy: Anatomy, cut: UCut, link: MessageLink) -> None:
+        if anatomy.task != "causal_lm":
+            raise ConfigError(
+                "infer: a U-shaped split generates text: model.task must be causal_lm"
+            )
+        cut.check(anatomy.num_layers)
+        L = anatomy.num_layers
+        self.anatomy, self.cut, self.link = anatomy, cut, link
+        self.inputs = Blocks(anatomy, 0, cut.n_in)
+        self.outputs = Blocks(anatomy, L - cut.n_out, L)
+
+    @torch.no_grad()
+    def input_hidden(self, ids: Tensor, pos: int) -> Tensor:
+        """Embeddings + input blocks on ``ids`` ``[1,q]`` at ``pos`` (extends the input cache)."""
+        return self.inputs(self.anatomy.embed_at(ids, pos), pos)
+
+    @torch.no_grad()
+    def middle(self, hidden: Tensor, pos: int) -> Tensor:
+        reply = self.link.request(
+            Message("middle", DEVICE, CLOUD, {"hidden": hidden}, {"pos": pos})
+        )
+        if reply.kind != "middle_out" or reply.tensors.get("hidden") is None:
+            raise ProtocolError(f"expected middle_out from the cloud, got {reply.describe()}")
+        return reply.tensors["hidden"]
+
+    @torch.no_grad()
+    def output_logits(self, hidden: Tensor, pos: int) -> Tensor:
+        """Output blocks + norm + head on the middle's hidden states: logits ``[q, V]``."""
+        self.outputs.cache.crop(pos)
+        return self.anatomy.run_head(self.outputs(hidden, pos), None)[0]
+
+    def logits(self, ids: Tensor, pos: int) -> Tensor:
+        """The full model's logits for ``ids`` at ``pos``, computed across the cut."""
+        self.inputs.cache.crop(pos)
+        return self.output_logits(self.middle(self.input_hidden(ids, pos), pos), pos)
