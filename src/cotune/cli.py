@@ -92,6 +92,18 @@ def export_command(
     return 0
 
 
+def infer_command(run_dir: Path, opts: object, *, json_out: Path | None) -> int:
+    """Generate with RUN_DIR's fine-tuned model cut U-shaped between device and cloud (HAT):
+    an on-device drafter, the cloud verifying; prints the text and each token's timing."""
+    from cotune.infer.command import format_result, infer, write_json
+
+    res = infer(run_dir, opts)  # type: ignore[arg-type]
+    print(format_result(res))
+    if json_out is not None:
+        write_json(res, json_out)
+    return 0
+
+
 def _deploy_overrides(
     listen: str | None, tls: Path | None, mutual_tls: bool, tokens: Path | None, insecure: bool
 ) -> list[str]:
@@ -313,6 +325,31 @@ def build_parser() -> argparse.ArgumentParser:
     ce.add_argument("--host", dest="hosts", action="append", default=[],
                     help="a name or IP of the server (repeatable; default localhost, 127.0.0.1)")  # fmt: skip
 
+    inf = sub.add_parser("infer", help=infer_command.__doc__, description=infer_command.__doc__)
+    inf.add_argument("run_dir", type=Path)
+    inf.add_argument("--prompt", required=True)
+    inf.add_argument("--max-new-tokens", type=int, default=32)
+    inf.add_argument(
+        "--gamma", type=int, default=4, help="tokens drafted per cloud round (0: none)"
+    )
+    inf.add_argument(
+        "--cut", default="1,1", help="N_IN,N_OUT: blocks on the device before/after the cloud"
+    )
+    inf.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    inf.add_argument(
+        "--prefill-chunk", default="auto", help="positions per upload, 'auto' or 'none'"
+    )
+    inf.add_argument(
+        "--drafter-steps", type=int, default=200, help="distillation steps (first use)"
+    )
+    inf.add_argument("--device-profile", default="phone-mid")
+    inf.add_argument("--cloud-profile", default="a100")
+    inf.add_argument("--role", default=None, help="which role's adapter when the run has several")
+    inf.add_argument("--seed", type=int, default=0)
+    inf.add_argument(
+        "--json", type=Path, default=None, dest="json_out", help="also write the result here"
+    )
+
     sub.add_parser("datasets", help=datasets_command.__doc__, description=datasets_command.__doc__)
     dv = sub.add_parser(
         "devices", help=devices_command.__doc__, description=devices_command.__doc__
@@ -371,6 +408,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             )  # fmt: skip
         if args.command == "certs":
             return certs_command(args.out, devices=args.devices, hosts=args.hosts)
+        if args.command == "infer":
+            from cotune.infer.command import InferOptions, parse_cut
+
+            n_in, n_out = parse_cut(args.cut)
+            chunk = args.prefill_chunk
+            chunk = None if chunk == "none" else chunk if chunk == "auto" else int(chunk)
+            opts = InferOptions(
+                args.prompt, args.max_new_tokens, args.gamma, n_in, n_out, args.temperature,
+                chunk, args.drafter_steps, args.device_profile, args.cloud_profile, args.role,
+                args.seed,
+            )  # fmt: skip
+            return infer_command(args.run_dir, opts, json_out=args.json_out)
         if args.command == "datasets":
             return datasets_command()
         if args.command == "devices":

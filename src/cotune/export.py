@@ -100,8 +100,9 @@ def export_run(
     return out
 
 
-def _export_merged(run_dir: Path, adapter_dir: Path, out: Path) -> Path:
-    """Rebuild the base (seeded, so random:* bases come back identical), merge, save HF weights."""
+def load_run_model(run_dir: Path, adapter_dir: Path):
+    """The run's base (seeded, so random:* bases come back identical) with ``adapter_dir``
+    merged in, eval mode: ``(config, LoadedModel, Tokenizer, label names or None)``."""
     from cotune.config import load_config
     from cotune.data import load_tokenizer
     from cotune.models import load_model
@@ -117,6 +118,13 @@ def _export_merged(run_dir: Path, adapter_dir: Path, out: Path) -> Path:
     )
     adapters = load_adapter(loaded.model, adapter_dir)
     adapters.merge_and_unload()
+    loaded.model.eval()
+    return cfg, loaded, tokenizer, names
+
+
+def _export_merged(run_dir: Path, adapter_dir: Path, out: Path) -> Path:
+    """Merge the run's adapter into its base and save HF weights and the tokenizer."""
+    cfg, loaded, tokenizer, names = load_run_model(run_dir, adapter_dir)
     if names and cfg.model.task == "classification":  # pipelines say the labels, not LABEL_0
         loaded.model.config.id2label = dict(enumerate(names))
         loaded.model.config.label2id = {n: i for i, n in enumerate(names)}

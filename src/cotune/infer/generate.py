@@ -17,6 +17,7 @@ from torch import Tensor
 from cotune.errors import ConfigError
 from cotune.infer.speculative import MiddleAdapter, Sampling, accept
 from cotune.infer.split import Blocks, CloudMiddle, DeviceEnds, LinkStats, MessageLink, UCut
+from cotune.infer.timeline import Timeline, counted
 from cotune.models.base import Anatomy
 
 DEFAULT_CUT, GREEDY = UCut(), Sampling()
@@ -89,14 +90,19 @@ class UGenerator:
         self.prefill_chunk = prefill_chunk
         self.codec = codec
 
-    def _fresh(self) -> tuple[DeviceEnds, Blocks | None]:
-        link = MessageLink(CloudMiddle(self.anatomy, self.cut), self.codec)
+    def _fresh(self, count_flops: bool = False) -> tuple[DeviceEnds, Blocks | None]:
+        link = MessageLink(CloudMiddle(self.anatomy, self.cut), self.codec, count_flops)
         device = DeviceEnds(self.anatomy, self.cut, link)
         L = self.anatomy.num_layers
         draft_out = (
             Blocks(self.anatomy, L - self.cut.n_out, L) if self.drafter is not None else None
         )
         return device, draft_out
+
+    @torch.no_grad()
+    def _draft_prefill(self, draft_out: Blocks, hidden: Tensor, pos: int) -> None:
+        assert self.drafter is not None
+        draft_out(self.drafter(hidden), pos)
 
     @torch.no_grad()
     def _draft_logits(self, draft_out: Blocks, hidden: Tensor, pos: int) -> Tensor:
@@ -112,64 +118,80 @@ class UGenerator:
         *,
         seed: int = 0,
         eos_token_id: int | None = None,
+        timeline: Timeline | None = None,
     ) -> Generation:
+        """Generate up to ``max_new_tokens`` after ``prompt``. With a ``timeline``, every
+        operation's FLOPs are counted and put on its simulated clock with the messages' bytes
+        (``timeline.token_times``: when each token appears on the device)."""
         ids = torch.as_tensor(prompt, dtype=torch.long).reshape(1, -1)
         n = ids.size(1)
         if n < 1 or max_new_tokens < 1:
             raise ConfigError("infer: need a non-empty prompt and max_new_tokens >= 1")
         gen = torch.Generator().manual_seed(seed)
-        device, draft_out = self._fresh()
-        out = Generation([], n, device.link.stats)
+        on = timeline is not None
+        device, draft_out = self._fresh(count_flops=on)
+        link = device.link.stats
+        out = Generation([], n, link)
         start = time.perf_counter()
 
-        def emit(tokens: list[int]) -> bool:
-            """Append; True when generation is done."""
-            for t in tokens:
+        def emit(tokens: list[int], at: float = 0.0) -> bool:
+            """Append (appearing at simulated time ``at``); True when generation is done."""
+            done = False
+            for i, t in enumerate(tokens):
                 out.tokens.append(t)
                 out.token_times.append(time.perf_counter() - start)
                 if len(out.tokens) >= max_new_tokens or t == eos_token_id:
-                    return True
-            return False
+                    tokens, done = tokens[: i + 1], True
+                    break
+            if timeline is not None:
+                timeline.emit(len(tokens), at)
+            return done
 
-        # Prefill, chunk by chunk: each chunk's upload overlaps the cloud's work on the previous
-        # one on a real link; the drafter's output cache follows along on the device.
+        def exchange(hidden: Tensor, pos: int, ready: float) -> tuple[Tensor, float]:
+            """Up, the cloud's middle, down: the hidden states back and when they arrive."""
+            mid = device.middle(hidden, pos)
+            if timeline is None:
+                return mid, 0.0
+            (up, down), flops = link.sizes[-1], link.cloud_flops[-1]
+            arrived = timeline.up(up, ready)
+            return mid, timeline.down(down, timeline.on_cloud(flops, arrived, "middle"))
+
+        # Prefill in chunks: every chunk's input blocks and upload first, so that the cloud
+        # works on chunk i while chunk i+1 is computed and sent (the timeline's order).
         chunk = self.prefill_chunk or n
-        for p in range(0, n, chunk):
-            h = device.input_hidden(ids[:, p : p + chunk], p)
-            logits = device.output_logits(device.middle(h, p), p)
-            if draft_out is not None:
-                draft_out(self.drafter(h), p)  # type: ignore[misc]
+        spans = [(p, ids[:, p : p + chunk]) for p in range(0, n, chunk)]
+        ins = [counted(on, device.input_hidden, c, p) for p, c in spans]
+        ready = [timeline.on_device(f, 0.0, "input") if timeline else 0.0 for _, f in ins]
+        mids = [exchange(h, p, r) for (p, _), (h, _), r in zip(spans, ins, ready)]
+        t = 0.0
+        for (p, _), (mid, arrived) in zip(spans, mids):
+            logits, f = counted(on, device.output_logits, mid, p)
+            t = timeline.on_device(f, arrived, "output") if timeline else 0.0
         pending, pos = sampling.pick(logits[-1], gen), n
-        if emit([pending]):
-            return out
-        while True:
+        done = emit([pending], t)
+        if draft_out is not None:  # the drafter's own output cache, after the first token
+            for (p, _), (h, _) in zip(spans, ins):
+                _, f = counted(on, self._draft_prefill, draft_out, h, p)
+                t = timeline.on_device(f, t, "draft") if timeline else 0.0
+        while not done:
             g = min(self.gamma, max_new_tokens - len(out.tokens) - 1)
             out.decode_rounds += 1
             if g <= 0 or draft_out is None:  # plain U-shaped step: one token per round trip
-                logits = device.logits(torch.tensor([[pending]]), pos)
+                h, f = counted(on, device.input_hidden, torch.tensor([[pending]]), pos)
+                device.outputs.cache.crop(pos)
+                mid, arrived = exchange(h, pos, timeline.on_device(f, t, "input") if on else 0.0)
+                logits, f = counted(on, device.output_logits, mid, pos)
+                t = timeline.on_device(f, arrived, "output") if timeline else 0.0
                 pending, pos = sampling.pick(logits[-1], gen), pos + 1
-                if emit([pending]):
-                    return out
+                done = emit([pending], t)
                 continue
-            drafts, qs, hins, cur = [], [], [], pending
-            for j in range(
-                g + 1
-            ):  # input blocks on pending + each draft; drafter on all but the last
-                h = device.input_hidden(torch.tensor([[cur]]), pos + j)
-                hins.append(h)
-                if j == g:
-                    break
-                dl = self._draft_logits(draft_out, h, pos + j)
-                q = None if sampling.greedy else sampling.probs(dl[-1])
-                cur = (
-                    int(dl[-1].argmax())
-                    if q is None
-                    else int(torch.multinomial(q, 1, generator=gen))
-                )
-                drafts.append(cur)
-                qs.append(q)
-            hidden = torch.cat(hins, dim=1)
-            logits = device.output_logits(device.middle(hidden, pos), pos)
+            (drafts, qs, hins), f = counted(
+                on, self._draft, device, draft_out, pending, pos, g, sampling, gen
+            )
+            mid, arrived = exchange(
+                torch.cat(hins, dim=1), pos, timeline.on_device(f, t, "draft") if on else 0.0
+            )
+            logits, f = counted(on, device.output_logits, mid, pos)
             k, nxt = accept(drafts, logits, None if sampling.greedy else qs, sampling, gen)
             out.drafted += g
             out.accepted += k
@@ -178,7 +200,37 @@ class UGenerator:
             device.outputs.cache.crop(new_pos)
             draft_out.cache.crop(min(draft_out.cache.length(), new_pos))
             if draft_out.cache.length() < new_pos:  # all accepted: the drafter never saw the last
-                draft_out(self.drafter(hins[-1]), new_pos - 1)  # type: ignore[misc]
+                _, f2 = counted(on, self._draft_prefill, draft_out, hins[-1], new_pos - 1)
+                f += f2
+            t = timeline.on_device(f, arrived, "verify") if timeline else 0.0
             pending, pos = nxt, new_pos
-            if emit([*drafts[:k], nxt]):
-                return out
+            done = emit([*drafts[:k], nxt], t)
+        return out
+
+    def _draft(
+        self,
+        device: DeviceEnds,
+        draft_out: Blocks,
+        pending: int,
+        pos: int,
+        g: int,
+        sampling: Sampling,
+        gen: torch.Generator,
+    ) -> tuple[list[int], list[Tensor | None], list[Tensor]]:
+        """``g`` drafts after ``pending``: the input blocks run on ``pending`` and every draft
+        (their hidden states go up for verification), the drafter on all but the last."""
+        drafts: list[int] = []
+        qs: list[Tensor | None] = []
+        hins: list[Tensor] = []
+        cur = pending
+        for j in range(g + 1):
+            h = device.input_hidden(torch.tensor([[cur]]), pos + j)
+            hins.append(h)
+            if j == g:
+                break
+            dl = self._draft_logits(draft_out, h, pos + j)
+            q = None if sampling.greedy else sampling.probs(dl[-1])
+            cur = int(dl[-1].argmax()) if q is None else int(torch.multinomial(q, 1, generator=gen))
+            drafts.append(cur)
+            qs.append(q)
+        return drafts, qs, hins

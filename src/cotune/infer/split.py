@@ -94,19 +94,23 @@ class LinkStats:
     bytes_down: int = 0
     positions_up: int = 0
     sizes: list[tuple[int, int]] = field(default_factory=list)  # (up, down) per exchange
+    cloud_flops: list[int] = field(default_factory=list)  # per exchange (when counted)
 
 
 class MessageLink:
     """The device's line to the cloud: every message encoded and decoded as on a real link
     (in-process: the cloud's handler runs in this process)."""
 
-    def __init__(self, cloud: CloudMiddle, codec: str = "fp32") -> None:
-        self.cloud, self.codec = cloud, codec
+    def __init__(self, cloud: CloudMiddle, codec: str = "fp32", count_flops: bool = False) -> None:
+        self.cloud, self.codec, self.count_flops = cloud, codec, count_flops
         self.stats = LinkStats()
 
     def request(self, msg: Message) -> Message:
+        from cotune.infer.timeline import counted
+
         up = encode_message(msg, self.codec)
-        reply = self.cloud.on_middle(decode_message(up))
+        request = decode_message(up)
+        reply, flops = counted(self.count_flops, self.cloud.on_middle, request)
         down = encode_message(reply, self.codec)
         s = self.stats
         s.messages += 2
@@ -114,6 +118,7 @@ class MessageLink:
         s.bytes_down += len(down)
         s.positions_up += int(msg.tensors["hidden"].size(1))
         s.sizes.append((len(up), len(down)))
+        s.cloud_flops.append(flops)
         return decode_message(down)
 
 

@@ -88,7 +88,9 @@ class Anatomy(ABC):
         ``start`` positions and to each other causally."""
         raise ModelError(f"{self.family} models do not decode incrementally (decoders only)")
 
-    def run_block_cached(self, i: int, hidden: Tensor, context: dict[str, Any], cache: Any) -> Tensor:
+    def run_block_cached(
+        self, i: int, hidden: Tensor, context: dict[str, Any], cache: Any
+    ) -> Tensor:
         """Block ``i`` on the new positions, reading and extending its keys/values in ``cache``."""
         raise ModelError(f"{self.family} models do not decode incrementally (decoders only)")
 

@@ -56,7 +56,9 @@ class GPT2Anatomy(Anatomy):
     def decode_context(self, hidden: Tensor, start: int) -> dict[str, Any]:
         return {"mask": self.decode_mask(hidden, start)}
 
-    def run_block_cached(self, i: int, hidden: Tensor, context: dict[str, Any], cache: Any) -> Tensor:
+    def run_block_cached(
+        self, i: int, hidden: Tensor, context: dict[str, Any], cache: Any
+    ) -> Tensor:
         return self.blocks[i](hidden, cache=cache, attention_mask=context["mask"], use_cache=True)
 
     def run_head(self, hidden: Tensor, attention_mask: Tensor) -> Tensor:

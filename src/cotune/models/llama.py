@@ -74,7 +74,9 @@ class LlamaAnatomy(Anatomy):
         masks = {w: self.decode_mask(hidden, start, w) for w in windows}
         return {"positions": positions, "rotary": cos_sin, "masks": masks}
 
-    def run_block_cached(self, i: int, hidden: Tensor, context: dict[str, Any], cache: Any) -> Tensor:
+    def run_block_cached(
+        self, i: int, hidden: Tensor, context: dict[str, Any], cache: Any
+    ) -> Tensor:
         return self.blocks[i](
             hidden,
             attention_mask=context["masks"][self.window(i)],

@@ -1,0 +1,79 @@
+"""A generation's real work on the simulator's clock: when each token would appear on a given
+device profile talking to a given cloud profile.
+
+The work is measured, not modelled: FLOPs are counted on the operations the generator really
+ran (``counted``) and bytes are the encoded messages' sizes. ``cotune.sim.clock.VirtualClock``
+turns them into time with its usual rules (the device is serial: it computes or transfers; the
+cloud is a hub whose network does not queue), so the same profiles as a training run apply.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from torch.utils.flop_counter import FlopCounterMode
+
+from cotune.sim.clock import VirtualClock
+from cotune.sim.profiles import DeviceProfile
+
+T = TypeVar("T")
+DEVICE, CLOUD = "device-0", "server"
+
+
+def counted(on: bool, fn: Callable[..., T], *args: Any) -> tuple[T, int]:
+    """``fn(*args)`` and the FLOPs it ran (0 when counting is off: the host-speed path)."""
+    if not on:
+        return fn(*args), 0
+    with FlopCounterMode(display=False) as mode:
+        out = fn(*args)
+    return out, int(mode.get_total_flops())
+
+
+@dataclass
+class Timeline:
+    """Simulated seconds of a generation on ``device`` ↔ ``cloud``."""
+
+    device: DeviceProfile
+    cloud: DeviceProfile
+    clock: VirtualClock = field(init=False)
+    token_times: list[float] = field(default_factory=list)
+    device_flops: float = 0.0
+    cloud_flops: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.clock = VirtualClock({DEVICE: self.device, CLOUD: self.cloud})
+
+    def on_device(self, flops: float, after: float = 0.0, label: str = "") -> float:
+        self.device_flops += flops
+        return self.clock.compute(DEVICE, flops, after=after, label=label).end
+
+    def on_cloud(self, flops: float, after: float = 0.0, label: str = "") -> float:
+        self.cloud_flops += flops
+        return self.clock.compute(CLOUD, flops, after=after, label=label).end
+
+    def up(self, nbytes: int, after: float) -> float:
+        return self.clock.transfer(DEVICE, CLOUD, nbytes, after=after, label="up").end
+
+    def down(self, nbytes: int, after: float) -> float:
+        return self.clock.transfer(CLOUD, DEVICE, nbytes, after=after, label="down").end
+
+    def emit(self, n: int, at: float) -> None:
+        self.token_times.extend([at] * n)
+
+    def summary(self) -> dict[str, Any]:
+        t = self.token_times
+        stats = self.clock.stats()
+        return {
+            "device_profile": self.device.name,
+            "cloud_profile": self.cloud.name,
+            "ttft_s": t[0] if t else None,
+            "tbt_s": (t[-1] - t[0]) / (len(t) - 1) if len(t) > 1 else None,
+            "total_s": t[-1] if t else None,
+            "device_flops": self.device_flops,
+            "cloud_flops": self.cloud_flops,
+            "device_energy_j": stats[DEVICE].energy_j,
+            "bytes_up": stats[DEVICE].bytes_up,
+            "bytes_down": stats[DEVICE].bytes_down,
+        }
