@@ -346,6 +346,8 @@ def build_parser() -> argparse.ArgumentParser:
     inf.add_argument("--cloud-profile", default="a100")
     inf.add_argument("--role", default=None, help="which role's adapter when the run has several")
     inf.add_argument("--seed", type=int, default=0)
+    inf.add_argument("--serial-drafting", action="store_true",
+                     help="no parallel drafting (drafting waits for each verification)")  # fmt: skip
     inf.add_argument(
         "--json", type=Path, default=None, dest="json_out", help="also write the result here"
     )
@@ -417,7 +419,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             opts = InferOptions(
                 args.prompt, args.max_new_tokens, args.gamma, n_in, n_out, args.temperature,
                 chunk, args.drafter_steps, args.device_profile, args.cloud_profile, args.role,
-                args.seed,
+                args.seed, parallel_drafting=not args.serial_drafting,
             )  # fmt: skip
             return infer_command(args.run_dir, opts, json_out=args.json_out)
         if args.command == "datasets":

@@ -58,3 +58,20 @@ def test_the_prefill_chunk_is_chosen_by_simulated_time_to_first_token():
     best, ttft = choose_prefill_chunk(gen, list(range(2, 42)), PHONE, A100)
     assert set(ttft) == {40, 20, 10} and best == min(ttft, key=ttft.get)
     assert gen.prefill_chunk is None  # left as it was
+
+
+def test_parallel_drafting_overlaps_drafting_with_verification_when_the_guess_holds():
+    lm = decoder("gpt2", layers=4)
+    # An untrained drafter on a random model is accepted nearly always: guesses hold.
+    gen = UGenerator(lm.anatomy, UCut(1, 1), drafter=MiddleAdapter(lm.anatomy.hidden_size), gamma=3)
+    prompt = list(range(2, 14))
+    serial, parallel = Timeline(PHONE, A100), Timeline(PHONE, A100, parallel_drafting=True)
+    a = gen.generate(prompt, 16, timeline=serial)
+    b = gen.generate(prompt, 16, timeline=parallel)
+    assert a.tokens == b.tokens and any(s.guessed for s in a.trace)
+    assert serial.token_times[0] == parallel.token_times[0]  # the prefill is the same
+    assert parallel.token_times[-1] < serial.token_times[-1]
+    assert serial.device_flops == parallel.device_flops  # same work, earlier
+    kinds = [s.kind for s in a.trace]
+    assert kinds[0] == "prefill" and set(kinds[1:]) <= {"speculative", "plain"}
+    assert sum(s.tokens for s in a.trace) == 16

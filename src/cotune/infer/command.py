@@ -35,6 +35,7 @@ class InferOptions:
     role: str | None = None
     seed: int = 0
     codec: str = "fp32"
+    parallel_drafting: bool = True
 
 
 def parse_cut(text: str) -> tuple[int, int]:
@@ -129,7 +130,7 @@ def infer(run_dir: Path, opts: InferOptions) -> dict[str, Any]:
     if chunk == "auto":
         chunk, ttfts = choose_prefill_chunk(gen, prompt, device, cloud)
     gen.prefill_chunk = chunk  # type: ignore[assignment]
-    tl = Timeline(device, cloud)
+    tl = Timeline(device, cloud, parallel_drafting=opts.parallel_drafting)
     out = gen.generate(prompt, opts.max_new_tokens, Sampling(opts.temperature), seed=opts.seed,
                        eos_token_id=tokenizer.eos_id, timeline=tl)  # fmt: skip
     pieces = [tokenizer.decode([t]) for t in out.tokens]

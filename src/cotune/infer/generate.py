@@ -17,7 +17,7 @@ from torch import Tensor
 from cotune.errors import ConfigError
 from cotune.infer.speculative import MiddleAdapter, Sampling, accept
 from cotune.infer.split import Blocks, CloudMiddle, DeviceEnds, LinkStats, MessageLink, UCut
-from cotune.infer.timeline import Timeline, counted
+from cotune.infer.timeline import Step, Timeline, counted
 from cotune.models.base import Anatomy
 
 DEFAULT_CUT, GREEDY = UCut(), Sampling()
@@ -36,6 +36,8 @@ class Generation:
     accepted: int = 0
     #: Host seconds from the call to each generated token.
     token_times: list[float] = field(default_factory=list)
+    #: What each prefill chunk and decode round did (FLOPs counted with a timeline).
+    trace: list[Step] = field(default_factory=list)
 
     @property
     def acceptance_rate(self) -> float | None:
@@ -121,77 +123,72 @@ class UGenerator:
         timeline: Timeline | None = None,
     ) -> Generation:
         """Generate up to ``max_new_tokens`` after ``prompt``. With a ``timeline``, every
-        operation's FLOPs are counted and put on its simulated clock with the messages' bytes
-        (``timeline.token_times``: when each token appears on the device)."""
+        operation's FLOPs are counted, recorded with the messages' bytes (``Generation.trace``)
+        and replayed on its simulated clock (``timeline.token_times``: when each token appears
+        on the device; ``parallel_drafting`` decides whether drafting overlaps verification)."""
         ids = torch.as_tensor(prompt, dtype=torch.long).reshape(1, -1)
         n = ids.size(1)
         if n < 1 or max_new_tokens < 1:
             raise ConfigError("infer: need a non-empty prompt and max_new_tokens >= 1")
         gen = torch.Generator().manual_seed(seed)
+        guesses = torch.Generator().manual_seed(seed + 1)  # the drafter's bonus guesses only
         on = timeline is not None
         device, draft_out = self._fresh(count_flops=on)
         link = device.link.stats
         out = Generation([], n, link)
+        trace = out.trace
         start = time.perf_counter()
 
-        def emit(tokens: list[int], at: float = 0.0) -> bool:
-            """Append (appearing at simulated time ``at``); True when generation is done."""
-            done = False
-            for i, t in enumerate(tokens):
+        def emit(tokens: list[int]) -> list[int]:
+            """Append what fits; the tokens kept (generation ends at the limit or eos)."""
+            kept = []
+            for t in tokens:
+                if len(out.tokens) >= max_new_tokens or (
+                    out.tokens and out.tokens[-1] == eos_token_id
+                ):
+                    break
                 out.tokens.append(t)
                 out.token_times.append(time.perf_counter() - start)
-                if len(out.tokens) >= max_new_tokens or t == eos_token_id:
-                    tokens, done = tokens[: i + 1], True
-                    break
-            if timeline is not None:
-                timeline.emit(len(tokens), at)
-            return done
+                kept.append(t)
+            return kept
 
-        def exchange(hidden: Tensor, pos: int, ready: float) -> tuple[Tensor, float]:
-            """Up, the cloud's middle, down: the hidden states back and when they arrive."""
+        def finished() -> bool:
+            return len(out.tokens) >= max_new_tokens or out.tokens[-1] == eos_token_id
+
+        def exchange(hidden: Tensor, pos: int) -> tuple[Tensor, int, int, int]:
+            """Up, the cloud's middle, down: the hidden states back, bytes up, FLOPs, bytes down."""
             mid = device.middle(hidden, pos)
-            if timeline is None:
-                return mid, 0.0
             (up, down), flops = link.sizes[-1], link.cloud_flops[-1]
-            arrived = timeline.up(up, ready)
-            return mid, timeline.down(down, timeline.on_cloud(flops, arrived, "middle"))
+            return mid, up, flops, down
 
-        # Prefill in chunks: every chunk's input blocks and upload first, so that the cloud
-        # works on chunk i while chunk i+1 is computed and sent (the timeline's order).
+        # Prefill in chunks (the timeline pipelines them: the cloud works on chunk i while
+        # chunk i+1 is computed and sent).
         chunk = self.prefill_chunk or n
-        spans = [(p, ids[:, p : p + chunk]) for p in range(0, n, chunk)]
-        ins = [counted(on, device.input_hidden, c, p) for p, c in spans]
-        ready = [timeline.on_device(f, 0.0, "input") if timeline else 0.0 for _, f in ins]
-        mids = [exchange(h, p, r) for (p, _), (h, _), r in zip(spans, ins, ready)]
-        t = 0.0
-        for (p, _), (mid, arrived) in zip(spans, mids):
-            logits, f = counted(on, device.output_logits, mid, p)
-            t = timeline.on_device(f, arrived, "output") if timeline else 0.0
+        for p in range(0, n, chunk):
+            h, f_in = counted(on, device.input_hidden, ids[:, p : p + chunk], p)
+            mid, up, f_mid, down = exchange(h, p)
+            logits, f_out = counted(on, device.output_logits, mid, p)
+            f_draft = 0
+            if draft_out is not None:  # the drafter's own output cache follows the prompt
+                _, f_draft = counted(on, self._draft_prefill, draft_out, h, p)
+            trace.append(Step("prefill", f_in, up, f_mid, down, f_out, 0, after_token=f_draft))
         pending, pos = sampling.pick(logits[-1], gen), n
-        done = emit([pending], t)
-        if draft_out is not None:  # the drafter's own output cache, after the first token
-            for (p, _), (h, _) in zip(spans, ins):
-                _, f = counted(on, self._draft_prefill, draft_out, h, p)
-                t = timeline.on_device(f, t, "draft") if timeline else 0.0
-        while not done:
+        trace[-1].tokens = len(emit([pending]))
+        while not finished():
             g = min(self.gamma, max_new_tokens - len(out.tokens) - 1)
             out.decode_rounds += 1
             if g <= 0 or draft_out is None:  # plain U-shaped step: one token per round trip
-                h, f = counted(on, device.input_hidden, torch.tensor([[pending]]), pos)
-                device.outputs.cache.crop(pos)
-                mid, arrived = exchange(h, pos, timeline.on_device(f, t, "input") if on else 0.0)
-                logits, f = counted(on, device.output_logits, mid, pos)
-                t = timeline.on_device(f, arrived, "output") if timeline else 0.0
+                h, f_in = counted(on, device.input_hidden, torch.tensor([[pending]]), pos)
+                mid, up, f_mid, down = exchange(h, pos)
+                logits, f_out = counted(on, device.output_logits, mid, pos)
                 pending, pos = sampling.pick(logits[-1], gen), pos + 1
-                done = emit([pending], t)
+                trace.append(Step("plain", f_in, up, f_mid, down, f_out, len(emit([pending]))))
                 continue
-            (drafts, qs, hins), f = counted(
+            (drafts, qs, hins), f_draft = counted(
                 on, self._draft, device, draft_out, pending, pos, g, sampling, gen
             )
-            mid, arrived = exchange(
-                torch.cat(hins, dim=1), pos, timeline.on_device(f, t, "draft") if on else 0.0
-            )
-            logits, f = counted(on, device.output_logits, mid, pos)
+            mid, up, f_mid, down = exchange(torch.cat(hins, dim=1), pos)
+            logits, f_out = counted(on, device.output_logits, mid, pos)
             k, nxt = accept(drafts, logits, None if sampling.greedy else qs, sampling, gen)
             out.drafted += g
             out.accepted += k
@@ -199,12 +196,17 @@ class UGenerator:
             device.inputs.cache.crop(new_pos)
             device.outputs.cache.crop(new_pos)
             draft_out.cache.crop(min(draft_out.cache.length(), new_pos))
+            guessed = False
             if draft_out.cache.length() < new_pos:  # all accepted: the drafter never saw the last
-                _, f2 = counted(on, self._draft_prefill, draft_out, hins[-1], new_pos - 1)
-                f += f2
-            t = timeline.on_device(f, arrived, "verify") if timeline else 0.0
+                guess, f2 = counted(on, self._draft_logits, draft_out, hins[-1], new_pos - 1)
+                f_out += f2
+                # Parallel drafting would have drafted on from this guess of the bonus token.
+                guessed = sampling.pick(guess[-1], guesses) == nxt
             pending, pos = nxt, new_pos
-            done = emit([*drafts[:k], nxt], t)
+            kept = emit([*drafts[:k], nxt])
+            trace.append(Step("speculative", f_draft, up, f_mid, down, f_out, len(kept), guessed))
+        if timeline is not None:
+            timeline.replay(trace)
         return out
 
     def _draft(

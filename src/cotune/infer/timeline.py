@@ -32,11 +32,33 @@ def counted(on: bool, fn: Callable[..., T], *args: Any) -> tuple[T, int]:
 
 
 @dataclass
+class Step:
+    """One prefill chunk or decode round of a U-shaped generation: device work before the
+    upload, the bytes each way, the cloud's work, device work after the reply, tokens shown."""
+
+    kind: str  # "prefill" | "plain" | "speculative"
+    device_before: int
+    up: int
+    cloud: int
+    down: int
+    device_after: int
+    tokens: int
+    #: Speculative rounds: every draft was kept and the drafter guessed the bonus token, so
+    #: drafts made while this round was verified (parallel drafting) stand.
+    guessed: bool = False
+    #: Prefill: the drafter's pass over the chunk, done once the first token is out.
+    after_token: int = 0
+
+
+@dataclass
 class Timeline:
     """Simulated seconds of a generation on ``device`` ↔ ``cloud``."""
 
     device: DeviceProfile
     cloud: DeviceProfile
+    #: HAT's parallel drafting: the device drafts the next round while this one is verified;
+    #: the drafts stand when every draft was kept and the bonus token was the one guessed.
+    parallel_drafting: bool = False
     clock: VirtualClock = field(init=False)
     token_times: list[float] = field(default_factory=list)
     device_flops: float = 0.0
@@ -61,6 +83,37 @@ class Timeline:
 
     def emit(self, n: int, at: float) -> None:
         self.token_times.extend([at] * n)
+
+    def replay(self, trace: list[Step]) -> None:
+        """Put a U-shaped generation's recorded work on the clock. Prefill chunks pipeline:
+        every chunk's input blocks and upload first, so the cloud works on chunk i while chunk
+        i+1 is computed and sent; replies are then taken in order."""
+        pre = [s for s in trace if s.kind == "prefill"]
+        sent = []
+        for s in pre:
+            sent.append(self.up(s.up, self.on_device(s.device_before, 0.0, "input")))
+        t = 0.0
+        for s, arrived in zip(pre, sent):
+            back = self.down(s.down, self.on_cloud(s.cloud, arrived, "middle"))
+            t = self.on_device(s.device_after, back, "output")
+        if pre:
+            self.emit(pre[-1].tokens, t)
+            for s in pre:
+                t = self.on_device(s.after_token, t, "draft")
+        drafted_ahead = False
+        rounds = trace[len(pre) :]
+        for i, s in enumerate(rounds):
+            if not drafted_ahead:  # else its drafting ran while the last round was verified
+                t = self.on_device(s.device_before, t, "draft" if s.kind != "plain" else "input")
+            arrived = self.up(s.up, t)
+            drafted_ahead = False
+            if self.parallel_drafting and s.guessed and i + 1 < len(rounds):
+                # The next round's drafts, made while this one is in flight, are valid.
+                self.on_device(rounds[i + 1].device_before, arrived, "draft (parallel)")
+                drafted_ahead = True
+            back = self.down(s.down, self.on_cloud(s.cloud, arrived, "middle"))
+            t = self.on_device(s.device_after, back, "verify" if s.kind != "plain" else "output")
+            self.emit(s.tokens, t)
 
     def summary(self) -> dict[str, Any]:
         t = self.token_times
