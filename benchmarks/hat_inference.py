@@ -151,8 +151,24 @@ def host_overhead(big, prompt, new, repeats):
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="fewer steps and prompts (a smoke run)")
+    ap.add_argument(
+        "--host-only",
+        action="store_true",
+        help="only part 4 (host speed does not depend on the weights: random ones)",
+    )
     ap.add_argument("--out", type=Path, default=Path("runs/bench/hat_inference.json"))
     args = ap.parse_args()
+    if args.host_only:
+        big = lm(2000, 6, 256, 8, 0)
+        host = host_overhead(big, list(range(2, 26)), 32, 9)
+        print(
+            "host seconds per token: " + ", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in host.items())
+        )
+        print(f"U-shaped / generate = {host['U-shaped'] / host['generate']:.3f}  (target <= 1.2)")
+        print(
+            f"U-shaped / unsplit cotune decoder = {host['U-shaped'] / host['unsplit (cotune)']:.3f}"
+        )
+        return
     steps, n_prompts, new = (60, 2, 12) if args.quick else (600, 8, 32)
     torch.manual_seed(0)
     cfg = config_from_dict({"data": {"dataset": "austen", "view": "text", "max_examples": 3000}})

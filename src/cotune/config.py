@@ -272,6 +272,32 @@ class EngineSection(Section):
         return _check_codec(v)
 
 
+class DPSection(Section):
+    """User-level differential privacy of federated fine-tuning (DP-FedAvg)."""
+
+    # off; central: the server clips each device's update and adds Gaussian noise to their sum;
+    # local: each device clips and noises its own update before it leaves the device.
+    mode: Literal["off", "central", "local"] = "off"
+    # L2 bound on one device's update (the adapter's change over a round), all tensors together.
+    clip: float = Field(1.0, gt=0.0)
+    # Noise standard deviation over the clip bound (sigma); or set target_epsilon instead.
+    noise_multiplier: float | None = Field(None, ge=0.0)
+    # The epsilon the whole run may spend: sets noise_multiplier from the planned rounds.
+    target_epsilon: float | None = Field(None, gt=0.0)
+    # delta of (epsilon, delta)-DP (default: 1 / population^1.1, below one over the devices).
+    delta: float | None = Field(None, gt=0.0, lt=1.0)
+    # Opacus's privacy accountant: rdp (Renyi DP) or prv (privacy random variables).
+    accountant: Literal["rdp", "prv"] = "rdp"
+
+    @model_validator(mode="after")
+    def _one_noise(self) -> DPSection:
+        if self.mode != "off" and (self.noise_multiplier is None) == (self.target_epsilon is None):
+            raise ValueError(
+                f"mode {self.mode}: give exactly one of noise_multiplier and target_epsilon"
+            )
+        return self
+
+
 class TrainSection(Section):
     steps: int = Field(100, ge=1)  # optimizer steps per role that trains
     # Examples per optimizer step (per device).
@@ -304,6 +330,8 @@ class TrainSection(Section):
     # Recompute each block's activations in backward instead of keeping them (less memory,
     # about one more forward of compute); the simulator's memory estimate counts it.
     gradient_checkpointing: bool = False
+    # Differential privacy of the devices' updates (fedavg).
+    dp: DPSection = Field(default_factory=DPSection)
 
     @field_validator("device")
     @classmethod
@@ -399,6 +427,11 @@ class RunConfig(Section):
     def _cross_checks(self) -> RunConfig:
         if self.eval.target_accuracy is not None and self.model.task != "classification":
             raise ValueError("eval.target_accuracy needs model.task=classification")
+        if self.train.dp.mode != "off" and self.paradigm.name != "fedavg":
+            raise ValueError(
+                f"train.dp.mode {self.train.dp.mode}: differential privacy is built for fedavg "
+                f"only so far, not {self.paradigm.name}"
+            )
         if self.peft.stages is not None:
             total = sum(self.peft.stages.values())
             if "steps" not in self.train.model_fields_set:  # unset: the stages decide

@@ -94,10 +94,13 @@ class Anatomy(ABC):
         """Block ``i`` on the new positions, reading and extending its keys/values in ``cache``."""
         raise ModelError(f"{self.family} models do not decode incrementally (decoders only)")
 
-    def decode_mask(self, hidden: Tensor, start: int, window: int | None = None) -> Tensor:
+    def decode_mask(self, hidden: Tensor, start: int, window: int | None = None) -> Tensor | None:
         """Boolean ``[1,1,q,start+q]``: new position ``i`` sees cached and new keys up to ``start+i``
-        (within ``window`` when sliding)."""
+        (within ``window`` when sliding). None when one new position sees every key (the usual
+        decode step), so attention takes its unmasked fast path."""
         q = hidden.size(1)
+        if q == 1 and (window is None or start < window):
+            return None
         qpos = torch.arange(start, start + q, device=hidden.device)[:, None]
         kpos = torch.arange(start + q, device=hidden.device)[None, :]
         allowed = kpos <= qpos

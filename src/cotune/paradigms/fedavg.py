@@ -19,6 +19,7 @@ import math
 import torch
 
 from cotune.aggregation import get_aggregator
+from cotune.errors import ConfigError
 from cotune.paradigms.base import (
     Experiment,
     ParadigmResult,
@@ -64,6 +65,14 @@ def run(exp: Experiment) -> ParadigmResult:
     glob = exp.trainer.new_state(cfg.seed, exp.initial_params())
     rounds = num_rounds(exp, opts)
     spr = steps_per_round(exp, opts, devices)
+    privacy = None
+    if cfg.train.dp.mode != "off":
+        from cotune.paradigms.fed_dp import RoundPrivacy
+
+        if exp.domains is not None:
+            raise ConfigError("train.dp: not with a domain stage (peft.stages), whose devices "
+                              "send different parts of the adapter")  # fmt: skip
+        privacy = RoundPrivacy(cfg, opts, devices, rounds)
 
     start = 0
     if exp.resume is not None:
@@ -72,6 +81,8 @@ def run(exp: Experiment) -> ParadigmResult:
             grid.restore(d, exp.resume["states"].get(d))
         aggregator.load_state_dict(exp.resume["extra"]["aggregator"])
         start = int(exp.resume["extra"]["round"])
+        if privacy is not None:
+            privacy.ledger.load_state_dict(exp.resume["extra"].get("dp", {}))
 
     every = cfg.eval.every
     last_eval: dict[str, float] = {}
@@ -90,7 +101,8 @@ def run(exp: Experiment) -> ParadigmResult:
                 )
                 continue
             traffic = RoundTraffic(grid)
-            meta = {"round": rnd, "schedule_step": (rnd - 1) * spr}
+            meta = {"round": rnd, "schedule_step": (rnd - 1) * spr,
+                    **(privacy.round_meta() if privacy is not None else {})}  # fmt: skip
             futures = grid.submit_many(
                 [
                     Message("train", SERVER, d, exp.role_tensors(d, state_tensors(glob)), meta)
@@ -108,7 +120,17 @@ def run(exp: Experiment) -> ParadigmResult:
                 float(m.meta["examples"]) if opts.weighting == "examples" else 1.0 for m in good
             ]
             bar.phase(f"round {rnd}/{rounds}: aggregating")
-            if len(good) >= opts.min_reports:
+            dp_fields: dict = {}
+            if len(good) >= opts.min_reports and privacy is not None:
+                new, dp_fields = privacy.aggregate(
+                    aggregator, state_tensors(glob), good, len(chosen), rnd
+                )
+                exp.meter.compute(4.0 * sum(v.numel() for v in new.values()) * len(good),
+                                  after=done.closed_at, label="aggregate")  # fmt: skip
+                with torch.no_grad():
+                    for k, v in new.items():
+                        glob.params[k].copy_(v)
+            elif len(good) >= opts.min_reports:
                 # In a domain stage each device sends only what it trains: average per tensor.
                 combine = (
                     aggregator.aggregate if exp.domains is None else aggregator.aggregate_partial
@@ -133,6 +155,7 @@ def run(exp: Experiment) -> ParadigmResult:
                 dropped=len(chosen) - len(good) - len(rejected),
                 rejected=len(rejected),
                 **traffic.record(chosen),
+                **dp_fields,
             )
             if step // every > (step - spr) // every or rnd == rounds:
                 last_eval = exp.evaluate_state(glob)
@@ -141,12 +164,20 @@ def run(exp: Experiment) -> ParadigmResult:
             exp.maybe_checkpoint(
                 step,
                 lambda: {SERVER: glob, **grid.snapshots(devices)},
-                {"round": rnd, "aggregator": aggregator.state_dict()},
+                {
+                    "round": rnd,
+                    "aggregator": aggregator.state_dict(),
+                    **({"dp": privacy.ledger.state_dict()} if privacy is not None else {}),
+                },  # fmt: skip
             )
     if not last_eval:
         last_eval = exp.evaluate_state(glob)
     return ParadigmResult(
         states={SERVER: glob},
         final_eval=last_eval,
-        extra={"rounds": rounds, "rejected_updates": rejected_total},
+        extra={
+            "rounds": rounds,
+            "rejected_updates": rejected_total,
+            **({"dp": privacy.summary()} if privacy is not None else {}),
+        },  # fmt: skip
     )

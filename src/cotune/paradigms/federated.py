@@ -155,14 +155,30 @@ class FedDevice(TrainingRole):
 
     def report(self, msg: Message, results: list[StepResult]) -> Message:
         assert self.dataset is not None
+        tensors = self.upload()
+        if "dp" in msg.meta:  # local DP: clipped and noised before it leaves the device
+            tensors = self._privatised(tensors, msg)
         return reply(
             msg,
             "update",
-            self.upload(),
+            tensors,
             round=self.round,
             examples=len(self.dataset),
             losses=[r.loss for r in results],
         )
+
+    def _privatised(
+        self, tensors: dict[str, torch.Tensor], msg: Message
+    ) -> dict[str, torch.Tensor]:
+        from cotune.privacy import add_noise, clipped_delta
+
+        dp = msg.meta["dp"]
+        ref = {k: msg.tensors[k] for k in tensors}
+        delta, _ = clipped_delta(tensors, ref, float(dp["clip"]))
+        index = int(self.role_id.rpartition("-")[2])
+        gen = torch.Generator().manual_seed(int(dp["seed"]) * 1_000_003 + self.round * 7919 + index)
+        noisy = add_noise(delta, float(dp["sigma"]) * float(dp["clip"]), gen)
+        return {k: (ref[k].float() + noisy[k]).to(tensors[k].dtype) for k in tensors}
 
     def measurements(self) -> dict[str, float]:
         return {"train_host_s": self.train_host_s}
