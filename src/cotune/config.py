@@ -128,6 +128,9 @@ class DevicesSection(Section):
     profile_file: str | None = None
     # Device behaviour over simulated time (below).
     availability: AvailabilitySection = Field(default_factory=AvailabilitySection)
+    # Heterogeneous LoRA ranks (fedavg, lora/dora): per profile name or device id (others get
+    # peft.r), or "memory" (peft.r scaled by memory over the largest, a power of two).
+    ranks: dict[str, int] | Literal["memory"] | None = None
 
 
 class WarmupSection(Section):
@@ -427,6 +430,11 @@ class RunConfig(Section):
     def _cross_checks(self) -> RunConfig:
         if self.eval.target_accuracy is not None and self.model.task != "classification":
             raise ValueError("eval.target_accuracy needs model.task=classification")
+        if self.devices.ranks is not None and self.paradigm.name != "fedavg":
+            raise ValueError(
+                f"devices.ranks: heterogeneous ranks are built for fedavg only so far, not "
+                f"{self.paradigm.name}"
+            )
         if self.train.dp.mode != "off" and self.paradigm.name != "fedavg":
             raise ValueError(
                 f"train.dp.mode {self.train.dp.mode}: differential privacy is built for fedavg "

@@ -65,6 +65,13 @@ def run(exp: Experiment) -> ParadigmResult:
     glob = exp.trainer.new_state(cfg.seed, exp.initial_params())
     rounds = num_rounds(exp, opts)
     spr = steps_per_round(exp, opts, devices)
+    ranks = None
+    if cfg.devices.ranks is not None:
+        from cotune.paradigms import fed_ranks
+
+        ranks = fed_ranks.device_ranks(cfg, devices, grid.node_info)
+        if opts.rank_aggregation == "stack" and cfg.train.dp.mode == "central":
+            raise ConfigError("devices.ranks with train.dp central: use rank_aggregation zero_pad")
     privacy = None
     if cfg.train.dp.mode != "off":
         from cotune.paradigms.fed_dp import RoundPrivacy
@@ -83,6 +90,8 @@ def run(exp: Experiment) -> ParadigmResult:
         start = int(exp.resume["extra"]["round"])
         if privacy is not None:
             privacy.ledger.load_state_dict(exp.resume["extra"].get("dp", {}))
+        if ranks is not None:
+            ranks.update(exp.resume["extra"].get("ranks", {}))
 
     every = cfg.eval.every
     last_eval: dict[str, float] = {}
@@ -103,18 +112,34 @@ def run(exp: Experiment) -> ParadigmResult:
             traffic = RoundTraffic(grid)
             meta = {"round": rnd, "schedule_step": (rnd - 1) * spr,
                     **(privacy.round_meta() if privacy is not None else {})}  # fmt: skip
-            futures = grid.submit_many(
-                [
-                    Message("train", SERVER, d, exp.role_tensors(d, state_tensors(glob)), meta)
-                    for d in chosen
-                ],
-                round=rnd,
-            )
+
+            msgs = []
+            for d in chosen:
+                tensors, extra = exp.role_tensors(d, state_tensors(glob)), {}
+                if ranks is not None:
+                    tensors, extra = fed_ranks.for_device(tensors, ranks[d], opts.rank_prune)
+                msgs.append(Message("train", SERVER, d, tensors, {**meta, **extra}))
+            futures = grid.submit_many(msgs, round=rnd)
             done = grid.gather(futures, quorum=opts.quorum, deadline_s=opts.deadline_s)
-            good, rejected = screen_updates(
-                [r.message for r in done.ok if r.message is not None],
-                lambda r: exp.role_tensors(r, state_tensors(glob)),
+            reports = [r.message for r in done.ok if r.message is not None]
+            claimed = {m.sender: m.meta.get("rank") for m in reports}
+            expected = (
+                (lambda d: exp.role_tensors(d, state_tensors(glob)))
+                if ranks is None
+                else lambda d, c=claimed: fed_ranks.expected(
+                    exp.role_tensors(d, state_tensors(glob)),
+                    c.get(d),
+                    ranks[d],  # type: ignore[index]
+                )
             )
+            good, rejected = screen_updates(reports, expected)
+            if ranks is not None:
+                for m in good:  # self-pruning: a device keeps the smaller rank it chose
+                    ranks[m.sender] = int(m.meta["rank"])
+                if opts.rank_aggregation == "zero_pad":
+                    ref = state_tensors(glob)
+                    for m in good:
+                        m.tensors = fed_ranks.pad(m.tensors, ref)
             rejected_total += len(rejected)
             weights = [
                 float(m.meta["examples"]) if opts.weighting == "examples" else 1.0 for m in good
@@ -135,7 +160,12 @@ def run(exp: Experiment) -> ParadigmResult:
                 combine = (
                     aggregator.aggregate if exp.domains is None else aggregator.aggregate_partial
                 )
-                new = combine(state_tensors(glob), [m.tensors for m in good], weights)
+                if ranks is not None and opts.rank_aggregation == "stack":
+                    ref = state_tensors(glob)
+                    stacked = fed_ranks.stack_and_refactor(ref, [m.tensors for m in good], weights)
+                    new = aggregator.aggregate(ref, [stacked], [1.0])
+                else:
+                    new = combine(state_tensors(glob), [m.tensors for m in good], weights)
                 n_params = sum(v.numel() for v in new.values())
                 exp.meter.compute(3.0 * n_params * len(good), after=done.closed_at,
                                   label="aggregate")  # fmt: skip
@@ -168,6 +198,7 @@ def run(exp: Experiment) -> ParadigmResult:
                     "round": rnd,
                     "aggregator": aggregator.state_dict(),
                     **({"dp": privacy.ledger.state_dict()} if privacy is not None else {}),
+                    **({"ranks": dict(ranks)} if ranks is not None else {}),
                 },  # fmt: skip
             )
     if not last_eval:
@@ -179,5 +210,6 @@ def run(exp: Experiment) -> ParadigmResult:
             "rounds": rounds,
             "rejected_updates": rejected_total,
             **({"dp": privacy.summary()} if privacy is not None else {}),
+            **({"ranks": dict(ranks)} if ranks is not None else {}),
         },  # fmt: skip
     )

@@ -120,8 +120,13 @@ class FedDevice(TrainingRole):
         """Load the global adapter the round's message carries; set the step and loss."""
         self.round = int(msg.meta["round"])
         self.prepare(msg)
+        tensors = msg.tensors
+        if "rank" in msg.meta:  # heterogeneous ranks: the first r components, zero-padded
+            from cotune.paradigms.fed_ranks import pad
+
+            tensors = pad(tensors, self.ctx.model.trainer.params)
         if not self.state.params:  # released after its last round: the message has it all
-            self.state.params = {k: v.detach().clone() for k, v in msg.tensors.items()}
+            self.state.params = {k: v.detach().clone() for k, v in tensors.items()}
             missing = set(self.ctx.model.trainer.params) - set(self.state.params)
             if missing:
                 raise ProtocolError(
@@ -130,7 +135,7 @@ class FedDevice(TrainingRole):
                 )
         else:
             with torch.no_grad():
-                for k, v in msg.tensors.items():
+                for k, v in tensors.items():
                     self.state.params[k].copy_(v)
         self.releasable = (
             self.release_between_rounds
@@ -140,7 +145,7 @@ class FedDevice(TrainingRole):
         if self.reset_optimizer:
             self.state.optim = {k: {} for k in self.state.params}
         self.state.step = int(msg.meta["schedule_step"])  # LR follows the global round
-        self.prox_global = msg.tensors if self.prox_mu > 0 else None
+        self.prox_global = tensors if self.prox_mu > 0 else None
         if self.prox_global is not None:
             self.loss_fn = self._proximal(self.prox_global)
 
@@ -155,7 +160,12 @@ class FedDevice(TrainingRole):
 
     def report(self, msg: Message, results: list[StepResult]) -> Message:
         assert self.dataset is not None
-        tensors = self.upload()
+        tensors, extra = self.upload(), {}
+        if "rank" in msg.meta:  # only its own rank components travel (fewer after pruning)
+            from cotune.paradigms.fed_ranks import pruned_rank, truncate
+
+            rank = pruned_rank(tensors, int(msg.meta["rank"]), float(msg.meta.get("prune", 0.0)))
+            tensors, extra = truncate(tensors, rank), {"rank": rank}
         if "dp" in msg.meta:  # local DP: clipped and noised before it leaves the device
             tensors = self._privatised(tensors, msg)
         return reply(
@@ -165,6 +175,7 @@ class FedDevice(TrainingRole):
             round=self.round,
             examples=len(self.dataset),
             losses=[r.loss for r in results],
+            **extra,
         )
 
     def _privatised(
@@ -173,7 +184,7 @@ class FedDevice(TrainingRole):
         from cotune.privacy import add_noise, clipped_delta
 
         dp = msg.meta["dp"]
-        ref = {k: msg.tensors[k] for k in tensors}
+        ref = {k: msg.tensors[k][tuple(slice(0, n) for n in v.shape)] for k, v in tensors.items()}
         delta, _ = clipped_delta(tensors, ref, float(dp["clip"]))
         index = int(self.role_id.rpartition("-")[2])
         gen = torch.Generator().manual_seed(int(dp["seed"]) * 1_000_003 + self.round * 7919 + index)

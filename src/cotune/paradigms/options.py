@@ -95,6 +95,12 @@ class FedAvgOptions(ParadigmOptions):
     # In-process engine: each local step of a round's devices as one batch (fed_cohort.py);
     # the same messages and costs, float results ~1e-6 apart from one by one.
     cohort: bool = False
+    # devices.ranks: zero_pad (HetLoRA: pad A and B, average each) or stack (FLoRA: the exact
+    # weighted sum of B·A, re-factored to peft.r by truncated SVD).
+    rank_aggregation: Literal["zero_pad", "stack"] = "zero_pad"
+    # HetLoRA's self-pruning: a device drops trailing rank components weaker than this
+    # fraction of its strongest after each round (0: off).
+    rank_prune: float = Field(0.0, ge=0.0, lt=1.0)
 
     @field_validator("aggregator")
     @classmethod
