@@ -14,12 +14,13 @@ discarded. The driver talks to the devices only through the grid; it never sees 
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
 
 from cotune.aggregation import get_aggregator
-from cotune.errors import ConfigError
+from cotune.errors import ConfigError, ProtocolError
 from cotune.paradigms.base import (
     Experiment,
     ParadigmResult,
@@ -33,6 +34,8 @@ from cotune.paradigms.options import FedAvgOptions
 from cotune.progress import eval_fields
 from cotune.runtime import Message
 from cotune.runtime.ids import SERVER
+
+log = logging.getLogger(__name__)
 
 
 def steps_per_round(exp: Experiment, opts: FedAvgOptions, devices: list[str]) -> int:
@@ -72,6 +75,16 @@ def run(exp: Experiment) -> ParadigmResult:
         ranks = fed_ranks.device_ranks(cfg, devices, grid.node_info)
         if opts.rank_aggregation == "stack" and cfg.train.dp.mode == "central":
             raise ConfigError("devices.ranks with train.dp central: use rank_aggregation zero_pad")
+    secure = opts.secure_aggregation
+    if secure is not None:
+        from cotune.paradigms.fed_dp import NOT_A_MEAN
+        from cotune.paradigms.fed_secagg import SecureRound
+
+        why = ("train.dp central (the server must see each update to clip it)"
+               if cfg.train.dp.mode == "central" else "devices.ranks" if ranks is not None
+               else f"aggregator {opts.aggregator}" if opts.aggregator in NOT_A_MEAN else None)  # fmt: skip
+        if why:
+            raise ConfigError(f"paradigm.options.secure_aggregation: not with {why}")
     privacy = None
     if cfg.train.dp.mode != "off":
         from cotune.paradigms.fed_dp import RoundPrivacy
@@ -113,12 +126,24 @@ def run(exp: Experiment) -> ParadigmResult:
             meta = {"round": rnd, "schedule_step": (rnd - 1) * spr,
                     **(privacy.round_meta() if privacy is not None else {})}  # fmt: skip
 
+            sround, sa_meta = None, {}
+            if secure is not None:
+                sround = SecureRound(grid, secure, rnd, cfg.seed, opts.weighting)
+                try:
+                    chosen, sa_meta = sround.setup(chosen)
+                except ProtocolError as e:  # too few devices answered to mask safely
+                    log.warning("round %d: %s; skipped", rnd, e)
+                    exp.log_record("round", step, SERVER, round=rnd, participants=len(chosen),
+                                   reported=0, dropped=len(chosen), secagg_failed=1)  # fmt: skip
+                    continue
             msgs = []
             for d in chosen:
                 tensors, extra = exp.role_tensors(d, state_tensors(glob)), {}
                 if ranks is not None:
                     tensors, extra = fed_ranks.for_device(tensors, ranks[d], opts.rank_prune)
-                msgs.append(Message("train", SERVER, d, tensors, {**meta, **extra}))
+                msgs.append(
+                    Message("train", SERVER, d, tensors, {**meta, **extra, **sa_meta.get(d, {})})
+                )
             futures = grid.submit_many(msgs, round=rnd)
             done = grid.gather(futures, quorum=opts.quorum, deadline_s=opts.deadline_s)
             reports = [r.message for r in done.ok if r.message is not None]
@@ -132,7 +157,10 @@ def run(exp: Experiment) -> ParadigmResult:
                     ranks[d],  # type: ignore[index]
                 )
             )
-            good, rejected = screen_updates(reports, expected)
+            if sround is not None:  # masked vectors: the secure round checks them itself
+                good, rejected = reports, []
+            else:
+                good, rejected = screen_updates(reports, expected)
             if ranks is not None:
                 for m in good:  # self-pruning: a device keeps the smaller rank it chose
                     ranks[m.sender] = int(m.meta["rank"])
@@ -146,7 +174,14 @@ def run(exp: Experiment) -> ParadigmResult:
             ]
             bar.phase(f"round {rnd}/{rounds}: aggregating")
             dp_fields: dict = {}
-            if len(good) >= opts.min_reports and privacy is not None:
+            if sround is not None:
+                mean_update, dp_fields = sround.aggregate(good, state_tensors(glob))
+                if mean_update is not None and len(good) >= opts.min_reports:
+                    new = aggregator.aggregate(state_tensors(glob), [mean_update], [1.0])
+                    with torch.no_grad():
+                        for k, v in new.items():
+                            glob.params[k].copy_(v)
+            elif len(good) >= opts.min_reports and privacy is not None:
                 new, dp_fields = privacy.aggregate(
                     aggregator, state_tensors(glob), good, len(chosen), rnd
                 )

@@ -17,6 +17,7 @@ import torch
 from cotune.aggregation import proximal_loss
 from cotune.errors import ProtocolError
 from cotune.paradigms.base import Experiment, TrainingRole, mean, reply, state_tensors
+from cotune.paradigms.fed_secagg import SecAggDevice
 from cotune.paradigms.options import FedAvgOptions, ParadigmOptions, parse_options
 from cotune.runtime import Message
 from cotune.runtime.grid import Grid
@@ -25,7 +26,7 @@ from cotune.runtime.node import NodeContext
 from cotune.train import StepResult, full_model_loss
 
 
-class FedDevice(TrainingRole):
+class FedDevice(SecAggDevice, TrainingRole):
     """Loads the global adapter it is sent, trains it on its own shard, reports the result.
 
     Reads its options (``local_steps`` / ``local_epochs``, ``optimizer_state``, ``prox_mu``)
@@ -168,6 +169,9 @@ class FedDevice(TrainingRole):
             tensors, extra = truncate(tensors, rank), {"rank": rank}
         if "dp" in msg.meta:  # local DP: clipped and noised before it leaves the device
             tensors = self._privatised(tensors, msg)
+        if "sa" in msg.meta:  # secure aggregation: only the masked, weighted change leaves
+            weight = len(self.dataset) if msg.meta["sa"].get("weight") == "examples" else 1
+            tensors = self.secure_report(tensors, msg, weight)
         return reply(
             msg,
             "update",

@@ -71,6 +71,19 @@ class LocalOptions(ParadigmOptions):
 # ---------------------------------------------------------------- federated
 
 
+class SecAggOptions(BaseModel):
+    """Secure aggregation (SecAgg / SecAgg+): the server learns only the sum of the updates."""
+
+    model_config = ConfigDict(extra="forbid")
+    # Devices each one masks with (SecAgg+'s sparse graph, even); null: every other device.
+    neighbors: int | None = Field(None, ge=2)
+    # Shares needed to rebuild a secret (default: 2/3 of a secret's holders, at least 2).
+    threshold: int | None = Field(None, ge=2)
+    # Each update value is clipped to [-range, range] and quantized to `bits` bits.
+    range: float = Field(0.1, gt=0.0)
+    bits: int = Field(16, ge=2, le=24)
+
+
 class FedAvgOptions(ParadigmOptions):
     local_steps: int = Field(5, ge=1)  # optimizer steps per device per round
     local_epochs: float | None = Field(None, gt=0)  # instead of local_steps (needs rounds)
@@ -101,6 +114,8 @@ class FedAvgOptions(ParadigmOptions):
     # HetLoRA's self-pruning: a device drops trailing rank components weaker than this
     # fraction of its strongest after each round (0: off).
     rank_prune: float = Field(0.0, ge=0.0, lt=1.0)
+    # Secure aggregation of the updates (null: off); see SecAggOptions.
+    secure_aggregation: SecAggOptions | None = None
 
     @field_validator("aggregator")
     @classmethod
