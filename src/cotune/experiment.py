@@ -129,7 +129,9 @@ class Experiment:
 
     def log_record(self, event: str, step: int, role: str, **values: Any) -> None:
         record = {"event": event, "step": step, "role": role, **values}
-        record["sim_time_s"] = self.sim.now
+        # The simulated time the driver saw it happen (asynchronous drivers pass the arrival
+        # they acted on: other devices' timelines already run ahead), else the clock's latest.
+        record["sim_time_s"] = values.get("sim_time_s", self.sim.now)
         record["host_time_s"] = self.host_time()
         self.log.log(record)
 

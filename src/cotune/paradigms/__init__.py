@@ -22,6 +22,8 @@ PARADIGMS: dict[str, str] = {
     "hierfed": "cotune.paradigms.hierfed",
     "fedbiot": "cotune.paradigms.fedbiot",
     "dlora": "cotune.paradigms.dlora",
+    "fedasync": "cotune.paradigms.fedasync",
+    "fedbuff": "cotune.paradigms.fedbuff",
 }
 
 

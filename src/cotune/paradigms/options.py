@@ -313,6 +313,39 @@ class SplitFrozenOptions(ParadigmOptions):
             raise ValueError("train.grad_accum: split paradigms support only grad_accum: 1")
 
 
+class AsyncOptions(ParadigmOptions):
+    """What fedasync and fedbuff share: devices work without rounds."""
+
+    local_steps: int = Field(5, ge=1)  # optimizer steps per device per task
+    # Devices training at once (a device that reports starts its next task at once); null: all.
+    concurrency: int | None = Field(None, ge=1)
+    # Reports the server takes in (default: every device about ceil(train.steps/local_steps) times).
+    updates: int | None = Field(None, ge=1)
+    # How a report's weight falls with its staleness t (versions since its task began):
+    # polynomial (t+1)^-a (FedAsync), constant, or hinge (1 up to b, then 1/(a(t-b)+1)).
+    staleness: Literal["polynomial", "constant", "hinge"] = "polynomial"
+    staleness_a: float = Field(0.5, ge=0.0)  # a of the staleness weight (FedBuff: 0.5)
+    staleness_b: int = Field(4, ge=0)  # b of the hinge weight
+    max_staleness: int | None = Field(None, ge=0)  # reports staler than this are dropped
+    # Reports weighted by their example counts (fedbuff's buffer mean), or all alike.
+    weighting: Literal["examples", "uniform"] = "uniform"
+    # A device keeps its AdamW moments between tasks, or starts each afresh.
+    optimizer_state: Literal["keep", "reset"] = "reset"
+    prox_mu: float = Field(0.0, ge=0.0)  # FedProx term on the device (as fedavg)
+
+
+class FedAsyncOptions(AsyncOptions):
+    # FedAsync (Xie et al. 2019): every report is mixed in at once, w <- (1-a_t) w + a_t w_i.
+    alpha: float = Field(0.6, gt=0.0, le=1.0)  # a_t = alpha * s(staleness)
+
+
+class FedBuffOptions(AsyncOptions):
+    # FedBuff (Nguyen et al. 2022): reports' changes wait in a buffer; every buffer_size of
+    # them, w <- w + server_lr * mean(s(t_i) * delta_i).
+    buffer_size: int = Field(4, ge=1)  # reports per new global version
+    server_lr: float = Field(1.0, gt=0.0)  # eta: the step taken along the buffer's mean change
+
+
 # name -> options model. One line per paradigm (the same names as cotune.paradigms.PARADIGMS).
 OPTIONS: dict[str, type[ParadigmOptions]] = {
     "central": NoOptions,
@@ -324,6 +357,8 @@ OPTIONS: dict[str, type[ParadigmOptions]] = {
     "hierfed": HierFedOptions,
     "fedbiot": FedBiOTOptions,
     "dlora": DLoRAOptions,
+    "fedasync": FedAsyncOptions,
+    "fedbuff": FedBuffOptions,
 }
 
 
