@@ -106,7 +106,22 @@ def build_summary(exp, result, host_time: float, *, messages: int | None = None)
         "extra": {
             k: v for k, v in result.extra.items() if k not in ("per_device_eval", "adapters")
         },
+        **_per_device(result.extra.get("per_device_eval")),
     }
+
+
+def _per_device(per: dict[str, dict[str, float]] | None) -> dict[str, Any]:
+    """Devices that end with their own adapter (local, dlora, clustered): each one's final
+    evaluation, or above IDLE_ROWS_MAX devices the spread of their accuracies."""
+    if not per:
+        return {}
+    if len(per) <= IDLE_ROWS_MAX:
+        return {"per_device_eval": per}
+    accs = [v["accuracy"] for v in per.values() if isinstance(v.get("accuracy"), int | float)]
+    if not accs:
+        return {}
+    return {"per_device_accuracy": {"min": min(accs), "mean": sum(accs) / len(accs),
+                                    "max": max(accs), "devices": len(accs)}}  # fmt: skip
 
 
 def deployment_summary(

@@ -24,6 +24,7 @@ PARADIGMS: dict[str, str] = {
     "dlora": "cotune.paradigms.dlora",
     "fedasync": "cotune.paradigms.fedasync",
     "fedbuff": "cotune.paradigms.fedbuff",
+    "clustered": "cotune.paradigms.clustered",
 }
 
 

@@ -313,6 +313,22 @@ class SplitFrozenOptions(ParadigmOptions):
             raise ValueError("train.grad_accum: split paradigms support only grad_accum: 1")
 
 
+class ClusteredOptions(FedAvgOptions):
+    """Clustered federated fine-tuning: one adapter per cluster of devices."""
+
+    clusters: int = Field(2, ge=2)  # adapters (clusters of devices)
+    # ifca: a device is sent every cluster's adapter and joins the one with the lowest loss on
+    # its data (IFCA); updates: the server groups devices by the cosine similarity of their
+    # last updates (k-means). The first round's clusters are drawn at random (seeded).
+    assign: Literal["ifca", "updates"] = "ifca"
+    every: int = Field(2, ge=1)  # rounds between re-assignments
+
+    def check_config(self, cfg: RunConfig) -> None:
+        super().check_config(cfg)
+        if self.secure_aggregation is not None or self.aggregator in ("median", "trimmed_mean"):
+            raise ValueError("clustered: plain mean aggregators only (no secure aggregation)")
+
+
 class AsyncOptions(ParadigmOptions):
     """What fedasync and fedbuff share: devices work without rounds."""
 
@@ -359,6 +375,7 @@ OPTIONS: dict[str, type[ParadigmOptions]] = {
     "dlora": DLoRAOptions,
     "fedasync": FedAsyncOptions,
     "fedbuff": FedBuffOptions,
+    "clustered": ClusteredOptions,
 }
 
 

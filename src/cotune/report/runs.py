@@ -123,6 +123,9 @@ def _device_summary(run: RunData) -> dict[str, Any]:
 def _per_device_accuracy(summary: dict[str, Any]) -> dict[str, Any]:
     """min/mean/max of the devices' own final accuracies, for paradigms where every device
     ends with its own adapter (``per_device_eval`` in the summary: local, dlora)."""
+    spread = summary.get("per_device_accuracy")
+    if isinstance(spread, dict) and all(is_number(spread.get(k)) for k in ("min", "mean", "max")):
+        return {f"device_accuracy_{k}": float(spread[k]) for k in ("min", "mean", "max")}
     per = summary.get("per_device_eval")
     accs = [
         float(v["accuracy"])
@@ -245,6 +248,15 @@ def summary_rows(summary: dict[str, Any]) -> list[SummaryRow]:
             continue  # the same device traffic as the cost rows' device bytes up/down
         elif k == "time_to_target":
             rows.extend(_time_to_target_rows(summary))
+        elif k in ("per_device_eval", "per_device_accuracy"):
+            acc = _per_device_accuracy(summary)
+            if acc["device_accuracy_mean"] is not None and k == next(
+                x for x in keys if x in ("per_device_eval", "per_device_accuracy")
+            ):
+                text = " · ".join(
+                    f"{acc[f'device_accuracy_{s}']:.3f}" for s in ("min", "mean", "max")
+                )
+                rows.append(("per-device accuracy (min · mean · max)", "per_device", text))
         elif isinstance(v, dict) and v:
             rows.extend((f"{k}.{sub}", f"{k}.{sub}", sv) for sub, sv in v.items())
         else:

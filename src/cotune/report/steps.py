@@ -21,6 +21,7 @@ STEP_MEANS = {
     "hierfed": "one batch on every device of the groups that train",
     "fedbiot": "one batch on every device of the round, through the emulator",
     "dlora": "one batch on every device, its killed modules computed by the cloud",
+    "clustered": "one batch on every device of the round (each on its cluster's adapter)",
     "fedasync": "reports x local steps / devices at work (no rounds: fast devices do more)",
     "fedbuff": "reports x local steps / devices at work (no rounds: fast devices do more)",
 }
