@@ -9,7 +9,11 @@ Ranks: configs/fedavg_hetero_ranks.yaml (8 devices: phone-low rank 2, phone-mid 
 half per round) with stack and zero_pad, against one rank for every device: 2 (what the smallest
 device can hold: equal device memory) and 8 (the largest, ignoring memory).
 
-Run: .venv/bin/python benchmarks/fed_privacy_ranks.py [--rounds 10 --seeds 3]
+Secure aggregation: configs/fedavg_secagg.yaml (8 devices, 6 per round, SecAgg+ with 4
+neighbours, and with everyone) against the same run without it: bytes per round, simulated and
+host time (one seed).
+
+Run: .venv/bin/python benchmarks/fed_privacy_ranks.py [--rounds 10 --seeds 3] [--only dp|ranks|secagg]
 Targets (issue 17): the tables themselves (no figure set).
 """
 
@@ -52,13 +56,13 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--epsilons", type=float, nargs="*", default=[1.0, 4.0, 16.0, 64.0])
-    ap.add_argument("--skip", choices=["dp", "ranks"], default=None)
+    ap.add_argument("--only", choices=["dp", "ranks", "secagg"], default=None)
     args = ap.parse_args()
     torch.set_num_threads(2)
     out = tempfile.mkdtemp(prefix="fed_dp_ranks_")
     result: dict = {"dp": [], "ranks": []}
 
-    if args.skip != "dp":
+    if args.only in (None, "dp"):
         print(f"DP-FedAvg, {args.rounds} rounds, {args.seeds} seeds")
         for eps in [None, *args.epsilons]:
             accs, spent, sigma = [], [], None
@@ -85,7 +89,7 @@ def main() -> None:
             )
             print(f"  {label:<40} accuracy {fmt(accs)}")
 
-    if args.skip != "ranks":
+    if args.only in (None, "ranks"):
         print(f"heterogeneous ranks, {args.rounds} rounds, {args.seeds} seeds")
         setups = {
             "stack (2/4/8)": lambda d: d["paradigm"]["options"].update(rank_aggregation="stack"),
@@ -110,6 +114,23 @@ def main() -> None:
             print(
                 f"  {name:<34} accuracy {fmt(accs)}   device bytes up {statistics.fmean(up) / 1e6:.2f} MB"
             )
+    if args.only in (None, "secagg"):
+        print(f"secure aggregation overhead, {args.rounds} rounds")
+        result["secagg"] = []
+        for name, edit in {
+            "plain": lambda d: d["paradigm"]["options"].pop("secure_aggregation"),
+            "secagg (4 neighbours)": lambda d: None,
+            "secagg (everyone)": lambda d: d["paradigm"]["options"]["secure_aggregation"].update(neighbors=None),
+        }.items():  # fmt: skip
+            s = run("configs/fedavg_secagg.yaml", name.split()[0], 0, args.rounds, out, edit)
+            per_round = (
+                s["costs"]["devices"]["bytes_up"] + s["costs"]["devices"]["bytes_down"]
+            ) / args.rounds
+            row = {"setup": name, "bytes_per_round": per_round, "sim_time_s": s["sim_time_s"],
+                   "host_time_s": s["host_time_s"], "accuracy": s["final"]["accuracy"]}  # fmt: skip
+            result["secagg"].append(row)
+            print(f"  {name:<24} device bytes/round {per_round / 1e6:.3f} MB, simulated "
+                  f"{s['sim_time_s']:.1f} s, host {s['host_time_s']:.1f} s, accuracy {row['accuracy']:.3f}")  # fmt: skip
     path = ROOT / "runs" / "bench" / "fed_privacy_ranks.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2) + "\n")

@@ -163,7 +163,7 @@ def test_rank_and_alpha_patterns_and_rslora_scaling():
         ({"method_": "nope"}, r"unknown PEFT method 'nope'; available methods: \[.*'lora'"),
         (
             {"options": {"bogus": 1}},
-            r"unknown option\(s\) \['bogus'\] .* known options: \['init_lora_weights'\]",
+            r"unknown option\(s\) \['bogus'\] .* known options: \['init_lora_weights', 'enable_lora', 'fused_modules'\]",
         ),
         ({"options": {"init_lora_weights": "pissa"}}, "init_lora_weights must be"),
     ],

@@ -14,14 +14,14 @@ from cotune.peft.dora import DoraLayer, DoraOptions
 from cotune.peft.gelora import GeloraLayer, GeloraOptions
 from cotune.peft.inject import AdapterSet, inject_adapters
 from cotune.peft.kasa import KasaLayer, KasaOptions
-from cotune.peft.lora import LoraLayer, LoraOptions
+from cotune.peft.lora import LoraLayer, LoraOptions, PlainLoraOptions
 from cotune.peft.modula import ModulaLayer, ModulaOptions
 from cotune.peft.mosld import MosldLayer, MosldOptions
 from cotune.peft.peft_format import load_adapter, save_adapter
 from cotune.peft.pissa import OloraLayer, PissaLayer, PissaOptions
 
 # The method registry: one line per method.
-register_method("lora", LoraLayer, LoraOptions)
+register_method("lora", LoraLayer, PlainLoraOptions)
 register_method("dora", DoraLayer, DoraOptions)
 register_method("bora", BoraLayer, BoraOptions)
 register_method("kasa", KasaLayer, KasaOptions)

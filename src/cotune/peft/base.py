@@ -138,6 +138,10 @@ class AdapterLayer(nn.Module):
         """Tensors to write to a PEFT file, by local name (default: the adapter state as it is)."""
         return self.adapter_tensors()
 
+    def peft_rank_scale(self) -> int:
+        """This layer's saved rank over its spec's r (1; LoRA's fused form: its parts)."""
+        return 1
+
     @classmethod
     def peft_tensor_name(cls, name: str) -> str:
         """Local tensor name (`lora_A.weight`) as PEFT spells it on disk; DoRA-like methods rename."""

@@ -150,6 +150,11 @@ def save_adapter(
         "lora_bias": False,
     }
     config.update(layer_cls.peft_config_fields(spec.parse_options(cfg.options)))
+    for path, layer in adapters.layers.items():  # layers saved at another rank (fused LoRA)
+        m = layer.peft_rank_scale()
+        if m != 1:
+            config["rank_pattern"][path] = layer.r * f * m
+            config["alpha_pattern"][path] = _num(layer.alpha * af * (m**0.5 if cfg.use_rslora else m))
     found: dict[str, torch.Tensor] = {}
     for path, layer in adapters.layers.items():  # method-specific key spelling and export form
         found.update(
