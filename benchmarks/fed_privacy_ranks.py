@@ -122,7 +122,8 @@ def main() -> None:
             "secagg (4 neighbours)": lambda d: None,
             "secagg (everyone)": lambda d: d["paradigm"]["options"]["secure_aggregation"].update(neighbors=None),
         }.items():  # fmt: skip
-            s = run("configs/fedavg_secagg.yaml", name.split()[0], 0, args.rounds, out, edit)
+            slug = "".join(c if c.isalnum() else "_" for c in name)
+            s = run("configs/fedavg_secagg.yaml", slug, 0, args.rounds, out, edit)
             per_round = (
                 s["costs"]["devices"]["bytes_up"] + s["costs"]["devices"]["bytes_down"]
             ) / args.rounds
