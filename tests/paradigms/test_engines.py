@@ -80,6 +80,32 @@ CASES = {
         "paradigm": {"name": "dlora", "options": {
             "active_fraction": 0.5, "kill_every": 2, "revive_every": 3, "revive": "random"}},
     },
+    # Issue 17's mechanisms, DoRA among them: the method matrix on both engines.
+    "fedavg-secagg-localdp-dora": {
+        "paradigm": {"name": "fedavg", "options": {"local_steps": 2, "secure_aggregation": {
+            "range": 0.5}}},
+        "devices": {"count": 3},
+        "peft": {"method": "dora"},
+        "train": {"dp": {"mode": "local", "clip": 0.1, "noise_multiplier": 0.3}},
+    },
+    "fedavg-ranks-stack-dora": {
+        "paradigm": {"name": "fedavg", "options": {"local_steps": 2, "rank_aggregation": "stack"}},
+        "devices": {"count": 3, "ranks": {"device-0": 1, "device-1": 2}},
+        "peft": {"method": "dora"},
+    },
+    "fedbuff-dora": {
+        "paradigm": {"name": "fedbuff", "options": {"local_steps": 2, "buffer_size": 2}},
+        "devices": {"count": 3, "mix": {"phone-low": 0.5, "jetson": 0.5}},
+        "peft": {"method": "dora"},
+    },
+    "fedasync": {
+        "paradigm": {"name": "fedasync", "options": {"local_steps": 2, "staleness": "hinge"}},
+        "devices": {"count": 3, "mix": {"phone-low": 0.5, "jetson": 0.5}},
+    },
+    "clustered-ifca": {
+        "paradigm": {"name": "clustered", "options": {"local_steps": 2, "every": 1}},
+        "devices": {"count": 4},
+    },
     "dlora-embed-cloud-delta": {
         "paradigm": {"name": "dlora", "options": {
             "active_fraction": 0.25, "kill_every": 1, "score": "delta", "embed": "cloud",
