@@ -102,7 +102,7 @@ def main() -> None:
             for seed in range(args.seeds):
                 s = run(
                     "configs/fedavg_hetero_ranks.yaml",
-                    name.split()[0],
+                    "".join(c if c.isalnum() else "_" for c in name),
                     seed,
                     args.rounds,
                     out,
