@@ -48,7 +48,9 @@ class PlainLoraOptions(LoraOptions):
         if self.enable_lora is not None:
             parts = tuple(bool(x) for x in self.enable_lora)
             if len(parts) < 2 or not any(parts):
-                raise ValueError(f"enable_lora needs 2+ parts with one enabled, got {self.enable_lora!r}")
+                raise ValueError(
+                    f"enable_lora needs 2+ parts with one enabled, got {self.enable_lora!r}"
+                )
             object.__setattr__(self, "enable_lora", parts)
         object.__setattr__(self, "fused_modules", tuple(self.fused_modules))
 
@@ -84,7 +86,9 @@ class LoraLayer(AdapterLayer):
         k = len(self.fused[2]) if self.fused else 1
         b_out = self.fused[1] * k if self.fused else self.out_features
         # Built in the same order as PEFT (A, B, then re-init of A) so a shared seed gives the same init.
-        self.lora_A = nn.Linear(self.in_features, spec.r * k, bias=False, device=w.device, dtype=dtype)
+        self.lora_A = nn.Linear(
+            self.in_features, spec.r * k, bias=False, device=w.device, dtype=dtype
+        )
         self.lora_B = nn.Linear(spec.r, b_out, bias=False, device=w.device, dtype=dtype)
         opts = spec.options if isinstance(spec.options, LoraOptions) else LoraOptions()
         self.reset_adapter(opts.init_lora_weights)

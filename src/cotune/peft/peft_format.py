@@ -154,7 +154,9 @@ def save_adapter(
         m = layer.peft_rank_scale()
         if m != 1:
             config["rank_pattern"][path] = layer.r * f * m
-            config["alpha_pattern"][path] = _num(layer.alpha * af * (m**0.5 if cfg.use_rslora else m))
+            config["alpha_pattern"][path] = _num(
+                layer.alpha * af * (m**0.5 if cfg.use_rslora else m)
+            )
     found: dict[str, torch.Tensor] = {}
     for path, layer in adapters.layers.items():  # method-specific key spelling and export form
         found.update(
