@@ -71,10 +71,7 @@ def cloud_only(
         pos += len(send)
         tok = sampling.pick(logits[-1], gen)
         down = _ids_message("token", "server", "device-0", [tok], codec)
-        stats.messages += 1 + (up > 0)
-        stats.bytes_up += up
-        stats.bytes_down += down
-        stats.sizes.append((up, down))
+        stats.add(up, down, messages=1 + (up > 0))
         if timeline is not None:
             arrived = timeline.up(up, t) if up else 0.0
             t = timeline.down(down, timeline.on_cloud(f, arrived, "model"))
@@ -137,10 +134,7 @@ def small_draft_speculative(
     def link(up_ids: list[int], down_ids: list[int], flops: float, ready: float) -> float:
         up = _ids_message("verify", "device-0", "server", up_ids, codec)
         down = _ids_message("verified", "server", "device-0", down_ids, codec)
-        stats.messages += 2
-        stats.bytes_up += up
-        stats.bytes_down += down
-        stats.sizes.append((up, down))
+        stats.add(up, down)
         if timeline is None:
             return 0.0
         return timeline.down(down, timeline.on_cloud(flops, timeline.up(up, ready), "model"))

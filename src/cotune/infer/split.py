@@ -96,6 +96,13 @@ class LinkStats:
     sizes: list[tuple[int, int]] = field(default_factory=list)  # (up, down) per exchange
     cloud_flops: list[int] = field(default_factory=list)  # per exchange (when counted)
 
+    def add(self, up: int, down: int, messages: int = 2) -> None:
+        """One exchange: ``up`` and ``down`` encoded bytes over ``messages`` messages."""
+        self.messages += messages
+        self.bytes_up += up
+        self.bytes_down += down
+        self.sizes.append((up, down))
+
 
 class MessageLink:
     """The device's line to the cloud: every message encoded and decoded as on a real link
@@ -113,11 +120,8 @@ class MessageLink:
         reply, flops = counted(self.count_flops, self.cloud.on_middle, request)
         down = encode_message(reply, self.codec)
         s = self.stats
-        s.messages += 2
-        s.bytes_up += len(up)
-        s.bytes_down += len(down)
+        s.add(len(up), len(down))
         s.positions_up += int(msg.tensors["hidden"].size(1))
-        s.sizes.append((len(up), len(down)))
         s.cloud_flops.append(flops)
         return decode_message(down)
 

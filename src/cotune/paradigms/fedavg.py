@@ -174,22 +174,17 @@ def run(exp: Experiment) -> ParadigmResult:
             ]
             bar.phase(f"round {rnd}/{rounds}: aggregating")
             dp_fields: dict = {}
+            new = None  # the round's new global adapter, if the round makes one
             if sround is not None:
                 mean_update, dp_fields = sround.aggregate(good, state_tensors(glob))
                 if mean_update is not None and len(good) >= opts.min_reports:
                     new = aggregator.aggregate(state_tensors(glob), [mean_update], [1.0])
-                    with torch.no_grad():
-                        for k, v in new.items():
-                            glob.params[k].copy_(v)
             elif len(good) >= opts.min_reports and privacy is not None:
                 new, dp_fields = privacy.aggregate(
                     aggregator, state_tensors(glob), good, len(chosen), rnd
                 )
                 exp.meter.compute(4.0 * sum(v.numel() for v in new.values()) * len(good),
                                   after=done.closed_at, label="aggregate")  # fmt: skip
-                with torch.no_grad():
-                    for k, v in new.items():
-                        glob.params[k].copy_(v)
             elif len(good) >= opts.min_reports:
                 # In a domain stage each device sends only what it trains: average per tensor.
                 combine = (
@@ -204,6 +199,7 @@ def run(exp: Experiment) -> ParadigmResult:
                 n_params = sum(v.numel() for v in new.values())
                 exp.meter.compute(3.0 * n_params * len(good), after=done.closed_at,
                                   label="aggregate")  # fmt: skip
+            if new is not None:
                 with torch.no_grad():
                     for k, v in new.items():
                         glob.params[k].copy_(v)

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from cotune.report.cost_plots import _save
 from cotune.report.metrics import is_number
 from cotune.report.plots import PALETTE, Plot
 from cotune.report.runs import SHIPS_RAW_DATA
@@ -124,12 +125,6 @@ def plot_pareto(rows: list[dict[str, Any]], plots_dir: Path) -> Plot | None:
     )
     title = f"{metric} vs device cost (Pareto view)"
     return Plot(title, _save(fig, plots_dir / "pareto.png"), wide=True, note=note)
-
-
-def _save(fig: Any, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png")
-    return path
 
 
 __all__ = ["COSTS", "front_names", "pareto_front", "plot_pareto", "quality_key"]

@@ -248,11 +248,9 @@ def summary_rows(summary: dict[str, Any]) -> list[SummaryRow]:
             continue  # the same device traffic as the cost rows' device bytes up/down
         elif k == "time_to_target":
             rows.extend(_time_to_target_rows(summary))
-        elif k in ("per_device_eval", "per_device_accuracy"):
+        elif k in ("per_device_eval", "per_device_accuracy"):  # a summary has one of them
             acc = _per_device_accuracy(summary)
-            if acc["device_accuracy_mean"] is not None and k == next(
-                x for x in keys if x in ("per_device_eval", "per_device_accuracy")
-            ):
+            if acc["device_accuracy_mean"] is not None:
                 text = " · ".join(
                     f"{acc[f'device_accuracy_{s}']:.3f}" for s in ("min", "mean", "max")
                 )
