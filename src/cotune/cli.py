@@ -92,6 +92,19 @@ def export_command(
     return 0
 
 
+def mixture_command(
+    config: Path, overrides: list[str], *, budget_flops: float | None, out: Path | None
+) -> int:
+    """Search the domain mixture to train on (CONFIG's mixture section): multi-fidelity BO,
+    random search and Hyperband, each a series of real runs under a FLOP budget."""
+    from cotune.config import load_config
+    from cotune.mixture.command import format_result, mixture_search
+
+    cfg = load_config(config, overrides)
+    print(format_result(mixture_search(cfg, budget_flops=budget_flops, out=out)))
+    return 0
+
+
 def infer_command(run_dir: Path, opts: object, *, json_out: Path | None) -> int:
     """Generate with RUN_DIR's fine-tuned model cut U-shaped between device and cloud (HAT):
     an on-device drafter, the cloud verifying; prints the text and each token's timing."""
@@ -325,6 +338,17 @@ def build_parser() -> argparse.ArgumentParser:
     ce.add_argument("--host", dest="hosts", action="append", default=[],
                     help="a name or IP of the server (repeatable; default localhost, 127.0.0.1)")  # fmt: skip
 
+    mx = sub.add_parser(
+        "mixture", help=mixture_command.__doc__, description=mixture_command.__doc__
+    )
+    mx.add_argument("config", type=Path)
+    add_set(mx)
+    mx.add_argument("--budget-flops", type=float, default=None,
+                    help="FLOPs per search method (default: mixture.budget_flops)")  # fmt: skip
+    mx.add_argument("--out", type=Path, default=None,
+                    help="where to write (default <output.dir>/<name>-mixture); an existing "
+                         "search there is resumed")  # fmt: skip
+
     inf = sub.add_parser("infer", help=infer_command.__doc__, description=infer_command.__doc__)
     inf.add_argument("run_dir", type=Path)
     inf.add_argument("--prompt", required=True)
@@ -410,6 +434,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             )  # fmt: skip
         if args.command == "certs":
             return certs_command(args.out, devices=args.devices, hosts=args.hosts)
+        if args.command == "mixture":
+            return mixture_command(
+                args.config, args.overrides, budget_flops=args.budget_flops, out=args.out
+            )
         if args.command == "infer":
             from cotune.infer.command import InferOptions, parse_cut
 

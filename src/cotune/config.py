@@ -70,6 +70,10 @@ class DataSection(Section):
     test_file: str | None = None
     # Vocabulary size of the local byte-level BPE trained for random-init models.
     bpe_vocab_size: int = Field(2000, ge=300)
+    # Train on this mixture of domains (a causal LM's domains, or labels): {name: weight},
+    # unlisted domains weight 0. Each device's shard is resampled to its size in these shares
+    # (among the domains it holds); `cotune mixture` searches for it. Null: the data as it is.
+    mixture: dict[str, float] | None = None
 
 
 class PartitionSection(Section):
@@ -313,6 +317,9 @@ class TrainSection(Section):
     weight_decay: float = Field(0.0, ge=0.0)
     # Linear warm-up steps of the learning rate.
     warmup_steps: int = Field(0, ge=0)
+    # The learning-rate schedule's length in steps (null: train.steps). Longer than train.steps,
+    # a run is the first part of a longer one (mixture search's partial runs).
+    schedule_steps: int | None = Field(None, ge=1)
     # Learning-rate decay after warm-up.
     schedule: Literal["constant", "linear", "cosine"] = "linear"
     # Gradient clipping norm (null: no clipping).
@@ -374,6 +381,9 @@ class EvalSection(Section):
     max_examples: int | None = Field(None, ge=1)
     # Report when (step, simulated and host time) a run first reaches it.
     target_accuracy: float | None = Field(None, gt=0.0, le=1.0)
+    # Evaluate on this mixture of domains ({name: weight}; the test set resampled in these
+    # shares): the target a mixture search optimizes for. Null: the test set as it is.
+    mixture: dict[str, float] | None = None
 
 
 class OutputSection(Section):
@@ -403,6 +413,48 @@ class OutputSection(Section):
         return v
 
 
+class MixtureSection(Section):
+    """`cotune mixture`: search the `data.mixture` that minimizes the run's objective."""
+
+    # Domains to mix (empty: every domain of the data).
+    domains: list[str] = Field(default_factory=list)
+    # Smaller models of the same family, smallest first, each overriding model fields (e.g.
+    # {random_config: {n_layer: 1}} or {name_or_path: ./ckpt-small}); the run's model is the
+    # target rung, always last.
+    ladder: list[dict[str, Any]] = Field(default_factory=list)
+    # Step fidelities below train.steps (the target); empty: train.steps / 4 and / 2. Every
+    # evaluation point of a run is a data point; partial runs follow the target's LR schedule.
+    steps: list[int] = Field(default_factory=list)
+    # What to minimize on the evaluation data (eval.mixture names the target domain mix):
+    # loss, perplexity, or accuracy (1 − accuracy is minimized).
+    objective: Literal["loss", "perplexity", "accuracy"] = "loss"
+    # FLOPs each search method may spend (counted by cotune's meters over all roles).
+    budget_flops: float | None = Field(None, gt=0)
+    # mfbo: multi-fidelity multi-scale BO (GP + cost-aware EI); random: random search at the
+    # target; hyperband: successive halving brackets over steps at the target model.
+    methods: list[Literal["mfbo", "random", "hyperband"]] = Field(
+        default_factory=lambda: ["mfbo", "random", "hyperband"]
+    )
+    # mfbo: random configurations (over every rung, at the fewest steps) before the GP.
+    initial: int = Field(4, ge=2)
+    # mfbo acquisition: ei (expected improvement per cost^α) or kg (BoTorch's multi-fidelity
+    # knowledge gradient per cost).
+    acquisition: Literal["ei", "kg"] = "ei"
+    cost_exponent: float = Field(1.0, ge=0.0)  # α of EI / cost^α
+    cost_decay: float = Field(0.99, gt=0.0, le=1.0)  # α_t = α · decay^t (less cost-averse later)
+    # mfbo: every N-th proposal evaluates the current best guess at the target fidelity.
+    target_every: int = Field(3, ge=1)
+    eta: int = Field(3, ge=2)  # hyperband: keep 1/eta of each rung
+
+    @model_validator(mode="after")
+    def _check(self) -> MixtureSection:
+        if len(set(self.methods)) != len(self.methods) or not self.methods:
+            raise ValueError(f"methods must be distinct and not empty, got {self.methods}")
+        if any(s < 1 for s in self.steps):
+            raise ValueError(f"steps must be >= 1, got {self.steps}")
+        return self
+
+
 class RunConfig(Section):
     # The run's name: its directory under output.dir, its label in comparisons.
     name: str = "run"
@@ -418,6 +470,8 @@ class RunConfig(Section):
     train: TrainSection = Field(default_factory=TrainSection)
     eval: EvalSection = Field(default_factory=EvalSection)
     output: OutputSection = Field(default_factory=OutputSection)
+    # `cotune mixture`'s search settings (a training run ignores them).
+    mixture: MixtureSection | None = None
 
     @field_validator("name")
     @classmethod

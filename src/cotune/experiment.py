@@ -60,6 +60,8 @@ class Experiment:
     # The adapter config as injected (GeLoRA's per-layer ranks filled in): what a node that
     # loads only its own segment injects into it.
     peft_section: Any = None
+    # GGM's setup: the components it kept and why (written to the run directory).
+    ggm_allocation: dict[str, Any] | None = None
 
     @property
     def task(self) -> str:

@@ -85,7 +85,13 @@ def build_experiment(
     if tokenizer is None:
         tokenizer = build_tokenizer(loaded.tokenizer, [], cfg.data.bpe_vocab_size)
     train_set = encode_dataset(data.train, tokenizer, cfg.model.max_length, task).on(device)
-    test_examples = data.test[: cfg.eval.max_examples] if cfg.eval.max_examples else data.test
+    test_examples = data.test
+    if cfg.eval.mixture is not None:  # the target domain mix the run is evaluated on
+        from cotune.data.mixture import mix_examples
+
+        test_examples = mix_examples(test_examples, cfg.eval.mixture, data.group_names, cfg.seed)
+    if cfg.eval.max_examples:
+        test_examples = test_examples[: cfg.eval.max_examples]
     # A device with its own data has no test set (the server evaluates): one example stands in.
     test_examples = test_examples or data.train[:1]
     test_set = encode_dataset(test_examples, tokenizer, cfg.model.max_length, task).on(device)
@@ -95,14 +101,18 @@ def build_experiment(
     else:
         parts = [[] for _ in range(cfg.devices.count)]
         parts[inputs.index] = list(range(len(data.train)))
+    if cfg.data.mixture is not None:  # every shard resampled to the domain mixture
+        from cotune.data.mixture import mix_parts
+
+        parts = mix_parts(parts, labels, cfg.data.mixture, data.group_names, cfg.seed)
     heads = loaded.anatomy.head_paths()
     peft_cfg = cfg.peft
-    if peft_cfg.method == "gelora" and inputs is not None:
+    if peft_cfg.method in ("gelora", "ggm") and inputs is not None:
         from cotune.errors import ConfigError
 
         raise ConfigError(
-            "peft.method: gelora chooses its ranks from the pooled training data at setup; "
-            "a device with its own --data file cannot reproduce them (use the config's data)"
+            f"peft.method: {peft_cfg.method} chooses its ranks from the run's training data at "
+            "setup; a device with its own --data file cannot reproduce them (use the config's data)"
         )
     if peft_cfg.method == "gelora":  # per-layer ranks from the data, before injection
         from cotune.peft.gelora import gelora_peft_section
@@ -115,7 +125,15 @@ def build_experiment(
         from cotune.stages import check_stages
 
         check_stages(cfg, labels, parts, data.group_names)
-    adapters = inject_adapters(loaded.model, peft_cfg, anatomy=loaded.anatomy, head_paths=heads)
+    ggm = None
+    if peft_cfg.method == "ggm":  # a warm-up and a graph choose the components to train
+        from cotune.peft.ggm_setup import ggm_adapters
+
+        peft_cfg, adapters, ggm = ggm_adapters(
+            cfg, peft_cfg, loaded, train_set, parts, head_paths=heads, sim=sim
+        )
+    else:
+        adapters = inject_adapters(loaded.model, peft_cfg, anatomy=loaded.anatomy, head_paths=heads)
     if peft_cfg.method == "d2lora" or cfg.peft.warmup is not None:  # every role starts warmed
         from cotune.peft.d2lora import d2lora_stage
 
@@ -138,6 +156,7 @@ def build_experiment(
         quiet=quiet,
         tokenizer=tokenizer,
         peft_section=peft_cfg,
+        ggm_allocation=ggm.to_json() if ggm is not None else None,
     )
     exp.grid = make_grid(exp)
     preflight = get_preflight(cfg.paradigm.name)
@@ -278,6 +297,10 @@ def _run_in(exp, tokenizer, paradigm, payload, txn: RunDirTxn, *, report: bool) 
 
     cfg, run_dir = exp.cfg, exp.run_dir
     (run_dir / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
+    if exp.ggm_allocation is not None:  # which components GGM's setup chose to train
+        (run_dir / "ggm_allocation.json").write_text(
+            json.dumps(exp.ggm_allocation, indent=2) + "\n", encoding="utf-8"
+        )
     metrics = run_dir / "metrics.jsonl"
     if payload is not None:
         truncate_metrics(metrics, int(payload["step"]))

@@ -81,6 +81,12 @@ CASES = {
             "active_fraction": 0.5, "kill_every": 2, "revive_every": 3, "revive": "random"}},
     },
     # Issue 17's mechanisms, DoRA among them: the method matrix on both engines.
+    # GGM: devices score their own data; split roles inject the allocation into their segments.
+    "splitfed-ggm-federated": {
+        "paradigm": {"name": "splitfed", "options": {"cut": 1, "aggregate_every": 2, "cohort": False}},
+        "peft": {"method": "ggm", "options": {
+            "source": "federated", "important_nodes": 2, "kept_nodes": 5, "warmup_steps": 2}},
+    },
     "fedavg-secagg-localdp-dora": {
         "paradigm": {"name": "fedavg", "options": {"local_steps": 2, "secure_aggregation": {
             "range": 0.5}}},

@@ -18,6 +18,8 @@ PARADIGM_OPTIONS = {
 # their own tests; everything else is held to the same checks here.
 SPECIAL = {"d2lora", "gelora", "modula", "mosld"}
 METHODS = [m for m in available_methods() if m not in SPECIAL]
+# Options a method needs on the 2-layer test model (GGM: 16 candidate components, not 360).
+METHOD_OPTIONS = {"ggm": {"important_nodes": 3, "kept_nodes": 6, "warmup_steps": 3}}
 
 
 @pytest.mark.parametrize("paradigm", sorted(PARADIGM_OPTIONS))
@@ -25,7 +27,7 @@ METHODS = [m for m in available_methods() if m not in SPECIAL]
 def test_method_runs_in_paradigm(tiny_config, method, paradigm):
     cfg = tiny_config(
         name=f"{method}-{paradigm}",
-        peft={"method": method},
+        peft={"method": method, "options": METHOD_OPTIONS.get(method, {})},
         paradigm={"name": paradigm, "options": PARADIGM_OPTIONS[paradigm]},
         train={"steps": 2},
         eval={"every": 2, "max_examples": 16},

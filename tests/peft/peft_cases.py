@@ -106,6 +106,7 @@ METHOD_CASES: dict[str, dict[str, Any]] = {
     "kasa": {"options": {"init_lora_weights": False}},
     "pissa": {},  # A and B start on W's principal part: never zero
     "olora": {},
+    "ggm": {},  # before its allocation: every component trainable, on W's principal part
     "gelora": {"options": {"init_lora_weights": False}},  # plain LoRA once the ranks are chosen
     "d2lora": {"options": {"init_lora_weights": False}},  # plain LoRA after its warm-up
     "mosld": {},  # experts B_i start at zero; tests perturb them

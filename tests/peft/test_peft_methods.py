@@ -24,7 +24,7 @@ EXTRA = {
     "mosld": {"lora_router.weight"},
 }
 # Methods whose saved file is a plain PEFT LoRA (they reload as "lora").
-AS_LORA = ("pissa", "olora", "gelora", "d2lora")
+AS_LORA = ("pissa", "olora", "gelora", "d2lora", "ggm")
 
 
 def _labels(case, batch):

@@ -12,6 +12,7 @@ from cotune.peft.bora import BoraLayer, BoraOptions
 from cotune.peft.d2lora import D2loraLayer, D2loraOptions
 from cotune.peft.dora import DoraLayer, DoraOptions
 from cotune.peft.gelora import GeloraLayer, GeloraOptions
+from cotune.peft.ggm import GgmLayer, GgmOptions
 from cotune.peft.inject import AdapterSet, inject_adapters
 from cotune.peft.kasa import KasaLayer, KasaOptions
 from cotune.peft.lora import LoraLayer, LoraOptions, PlainLoraOptions
@@ -31,6 +32,7 @@ register_method("gelora", GeloraLayer, GeloraOptions)
 register_method("d2lora", D2loraLayer, D2loraOptions)
 register_method("mosld", MosldLayer, MosldOptions)
 register_method("modula", ModulaLayer, ModulaOptions)
+register_method("ggm", GgmLayer, GgmOptions)
 
 __all__ = [
     "AdapterLayer",
@@ -43,6 +45,8 @@ __all__ = [
     "DoraOptions",
     "GeloraLayer",
     "GeloraOptions",
+    "GgmLayer",
+    "GgmOptions",
     "KasaLayer",
     "KasaOptions",
     "LayerSpec",

@@ -64,13 +64,17 @@ def d2lora_warmup(
     seed: int = 0,
     counter: Any = None,
     fp16: bool = False,
+    on_backward: Callable[[], None] | None = None,
+    count_key: str = "warmup",
 ) -> list[float]:
     """Train `adapters` in place for `opts.warmup_steps` AdamW steps on `dataset`; returns losses.
     ``fp16``: the forward runs in fp16 autocast, so the loss is scaled (a GradScaler).
+    ``on_backward`` runs after each backward, before the optimizer step (GGM reads the
+    gradients there).
 
     Runs on a forked RNG (seeded by `seed`), so the caller's random stream is the same as without
     the warm-up; the head is restored afterwards unless `keep_head`. With a `FlopCounter`, each
-    step's forward + backward is counted under the key ``"warmup"`` (for the server's costs).
+    step's forward + backward is counted under ``count_key`` (for the costs of whoever warms up).
     """
     from cotune.data import BatchSampler
     from cotune.models import task_loss
@@ -110,7 +114,9 @@ def d2lora_warmup(
                     value = fwd_bwd(batch)
                 else:
                     bsz, seq = batch.input_ids.shape
-                    value, _ = counter.run("warmup", fwd_bwd, batch, dims=(int(bsz), int(seq)))
+                    value, _ = counter.run(count_key, fwd_bwd, batch, dims=(int(bsz), int(seq)))
+                if on_backward is not None:
+                    on_backward()
                 scaler.step(opt)
                 scaler.update()
                 losses.append(value)

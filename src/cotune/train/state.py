@@ -195,9 +195,10 @@ class Trainer:
             self._active = None
 
     def set_lr(self, step: int) -> float:
-        lr = self.cfg.lr * lr_factor(
-            step, self.total_steps, self.cfg.warmup_steps, self.cfg.schedule
-        )
+        span = self.total_steps
+        if self.cfg.schedule_steps is not None:  # this trainer's share of the longer schedule
+            span = max(1, round(self.total_steps * self.cfg.schedule_steps / self.cfg.steps))
+        lr = self.cfg.lr * lr_factor(step, span, self.cfg.warmup_steps, self.cfg.schedule)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         return lr
