@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from cotune.config import RunConfig, config_from_dict, dump_config
+from cotune.config import RunConfig, config_from_dict
 from cotune.errors import ConfigError
 
 
@@ -86,9 +86,6 @@ class MixtureSpace:
             return config_from_dict(d)
         except Exception as err:  # noqa: BLE001 - name the rung the bad override came from
             raise ConfigError(f"mixture.ladder[{fid.rung}] = {rung}: {err}") from None
-
-    def describe(self) -> str:
-        return dump_config(self.base)
 
 
 def dirichlet(rng: np.random.Generator, k: int) -> list[float]:

@@ -1,0 +1,53 @@
+"""The claims suite's harness (benchmarks/claims): intervals, verdicts, and the generated page."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+CLAIMS = Path(__file__).resolve().parents[1] / "benchmarks" / "claims"
+
+
+@pytest.fixture
+def harness(monkeypatch):
+    monkeypatch.syspath_prepend(str(CLAIMS))
+    for name in ("harness", "render"):
+        sys.modules.pop(name, None)
+    import harness
+
+    return harness
+
+
+def test_mean_ci_and_verdicts(harness):
+    m, h = harness.mean_ci([1.0, 2.0, 3.0])
+    assert m == 2.0 and h == pytest.approx(4.303 * 1.0 / 3**0.5)
+    assert harness.verdict([0.02, 0.03, 0.025], expect="positive") == "reproduced"
+    assert harness.verdict([-0.02, 0.03, 0.01], expect="positive") == "inconclusive"
+    assert harness.verdict([-0.02, -0.03, -0.025], expect="positive") == "not reproduced"
+    # "at least 0.8 saved": 0.9 ± small is reproduced, 0.7 ± small is not
+    assert harness.verdict([0.9, 0.91, 0.9], expect="positive", margin=0.8) == "reproduced"
+    assert harness.verdict([0.7, 0.71, 0.7], expect="positive", margin=0.8) == "not reproduced"
+    assert harness.verdict([-0.5, -0.6, -0.55], expect="negative") == "reproduced"
+    assert harness.verdict([0.5], expect="positive") == "inconclusive"  # one seed: no interval
+
+
+def test_page_is_generated_from_result_files(harness, tmp_path, monkeypatch):
+    import render
+
+    results = tmp_path / "results"
+    results.mkdir()
+    (tmp_path / "docs").mkdir()
+    fig = harness.figure("X − LoRA (points)", [1.0, 2.0, 3.0], "points")
+    (results / "d2lora.json").write_text(json.dumps({
+        "claim": "d2lora", "date": "2026-12-01", "command": ".venv/bin/python benchmarks/claims/d2lora.py",
+        "paper": "P", "setting": "S", "reconstruction": "R", "figures": [fig],
+        "verdict": "inconclusive", "expect": "diff > 0",
+    }))  # fmt: skip
+    monkeypatch.setattr(render, "RESULTS", results)
+    monkeypatch.setattr(render, "ROOT", tmp_path)
+    render.main()
+    page = (tmp_path / "docs" / "claims.md").read_text()
+    assert "| D²LoRA: data-driven init helps at low resource | inconclusive |" in page
+    assert "2.0 ± 2.5 points" in page and "2026-12-01" in page
+    assert "**Not run yet**" in page  # every claim without a result says so
