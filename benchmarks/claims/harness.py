@@ -69,9 +69,14 @@ def run_seeds(fn: Callable[[int], dict[str, float]], seeds: list[int]) -> dict[s
 
 
 def run_config(d: dict[str, Any], out: str | None = None) -> dict[str, Any]:
-    """Run a config dict with cotune; returns its summary.json (plus ``run_dir``)."""
+    """Run a config dict with cotune; returns its summary.json (plus ``run_dir``). One torch
+    thread: claims run side by side on small machines, where extra intra-op threads only spin."""
+    import torch
+
     from cotune.config import config_from_dict
     from cotune.run import run_experiment
+
+    torch.set_num_threads(1)
 
     d = dict(d)
     d["output"] = {**d.get("output", {}), "dir": out or tempfile.mkdtemp(prefix="claims_"),

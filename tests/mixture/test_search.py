@@ -150,6 +150,8 @@ def test_cotune_mixture_end_to_end_with_real_runs(tmp_path, capsys):
         assert e["flops"] == summary["costs"]["total"]["flops"] > 0
     best = json.loads((out / "best.json").read_text())["best"]
     assert set(best["mixture"]) == set(NAMES) and best["objective_name"] == "loss"
+    page = (out / "report.html").read_text()
+    assert 'src="trajectory.png"' in page and "science" in page
     for name in ("trajectory.csv", "trajectory.png", "mixture.yaml"):
         assert (out / name).stat().st_size > 0
     assert "data:\n  mixture:" in (out / "mixture.yaml").read_text()

@@ -3,7 +3,8 @@
 Writes to OUT (default ``<output.dir>/<name>-mixture``): ``evaluations.jsonl`` (every run, the
 journal a resumed search replays), ``trajectory.csv`` and ``trajectory.png`` (best target-fidelity
 objective against FLOPs spent, per method), ``best.json`` and ``mixture.yaml`` (the best mixture
-found, as the config lines that apply it), and the runs themselves under ``runs/``.
+found, as the config lines that apply it), ``report.html`` (all of it on one page), and the runs
+themselves under ``runs/``.
 """
 
 from __future__ import annotations
@@ -101,7 +102,47 @@ def write_outputs(
     lines += [f"    {json.dumps(n)}: {w:.4f}" for n, w in best["mixture"].items()]
     (out / "mixture.yaml").write_text("\n".join(lines) + "\n", encoding="utf-8")
     plot(results, space, out / "trajectory.png")
+    write_html(space, best, per_method, out / "report.html")
     return MixtureResult(out, best, per_method)
+
+
+def write_html(
+    space: MixtureSpace, best: dict[str, Any], per_method: dict[str, dict[str, Any]], path: Path
+) -> None:
+    """One page: the trajectory plot, each method's result, and the best mixture."""
+    from html import escape
+
+    objective = escape(space.base.mixture.objective)
+    rows = []
+    for method, r in per_method.items():
+        b = r["best"]
+        value = f"{b['objective']:.4f}" if b else "no target-fidelity run"
+        rows.append(
+            f"<tr><td>{escape(method)}</td><td>{r['evaluations']}</td>"
+            f"<td>{r['flops_spent']:.3g}</td><td>{value}</td></tr>"
+        )
+    mix = "".join(
+        f"<tr><td>{escape(n)}</td><td>{w:.4f}</td></tr>" for n, w in best["mixture"].items()
+    )
+    target = space.target
+    path.write_text(
+        f"""<!doctype html><html><head><meta charset="utf-8"><title>Mixture search</title>
+<style>body{{font-family:sans-serif;max-width:880px;margin:2em auto}}table{{border-collapse:
+collapse}}td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}</style></head><body>
+<h1>Mixture search: {escape(space.base.name)}</h1>
+<p>Domains: {escape(", ".join(space.domains))}. Target fidelity: rung {target.rung} (the run's
+model), {target.steps} steps; objective: {objective} on the evaluation mix (lower is better).
+Every evaluation was a real cotune run; cost = its counted FLOPs.</p>
+<img src="trajectory.png" alt="best target-fidelity {objective} against FLOPs spent">
+<h2>Methods</h2><table><tr><th>method</th><th>runs</th><th>FLOPs spent</th>
+<th>best {objective}</th></tr>{"".join(rows)}</table>
+<h2>Best mixture ({escape(best["method"])}, {best["objective"]:.4f})</h2>
+<table><tr><th>domain</th><th>weight</th></tr>{mix}</table>
+<p>Apply it with <code>mixture.yaml</code>; every run is listed in
+<code>evaluations.jsonl</code> and <code>trajectory.csv</code>.</p></body></html>
+""",
+        encoding="utf-8",
+    )
 
 
 def _target_cost(space: MixtureSpace, results: dict[str, list[Evaluation]]) -> float:
@@ -158,5 +199,5 @@ def format_result(res: MixtureResult) -> str:
         )
     mix = ", ".join(f"{n} {w:.2f}" for n, w in res.best["mixture"].items())
     lines.append(f"best ({res.best['method']}): {res.best['objective']:.4f} with {mix}")
-    lines.append(f"apply it: {res.out / 'mixture.yaml'}")
+    lines.append(f"apply it: {res.out / 'mixture.yaml'}; report: {res.out / 'report.html'}")
     return "\n".join(lines)
