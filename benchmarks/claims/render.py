@@ -23,6 +23,58 @@ CLAIMS = [
 ]  # fmt: skip
 
 
+# Our reading of each result: why a claim does or does not hold here, as far as can be told.
+# Written by hand after looking at the runs (the figures themselves come from the JSON files).
+NOTES = {
+    "splitfrozen": (
+        "Device compute: SplitFrozen's devices run at most 2 of 6 frozen blocks forward only, "
+        "while FedLoRA's run all 6 forward and backward, so the saving vs FedLoRA (95.7%) is "
+        "beyond the paper's 86.8%, and vs SplitLoRA (devices train 2 blocks) it lands on it "
+        "(86.6 ± 0.3%). Total time: 67.7% less than SplitLoRA (no device backward, no "
+        "gradient download, pipelining), but only 8% less than FedLoRA with all devices in "
+        "every round: SplitFrozen uploads activations every step over the phones' slow "
+        "uplinks and the server serves every device's batches, whereas FedLoRA's devices "
+        "compute in parallel and talk once per round. FedLoRA's accuracy (0.51 ± 0.29) is "
+        "the lowest after 15 steps (3 averaging rounds on Dirichlet-skewed data)."
+    ),
+    "dlora": (
+        "The stand-in's KR keeps 2–3 of 12 modules active after the first kill, and all 12 "
+        "for the first 5 steps, so the run-mean active fraction is 1/3 and the savings "
+        "64%/63%. What KR cannot remove is small in cotune's accounting (3.8% of compute, "
+        "5.0% of bytes), so at the paper's 1/8 active in steady state the same fit predicts "
+        "≈ 84% compute and ≈ 83% bytes saved (not measured): close to the 82% claim, short "
+        "of 87.5%. Accuracy: KR costs 6.3 ± 1.3 points after 30 steps, not competitive at "
+        "this budget (an earlier 80-step, one-seed run: −2.7)."
+    ),
+    "splitlora": (
+        "Against FedLoRA the result depends on the seed: SplitLoRA reached 0.6 at 27.9 s, 27.7 s "
+        "and 27.8 s; FedLoRA at 48.5 s (seed 0: 1.74× slower), never within 40 steps (seed 1) "
+        "and at 22.5 s (seed 2: 0.81×), so no interval is claimed (the unreached seed leaves "
+        "the mean undefined): inconclusive. Against centralized LoRA the claim does not hold "
+        "in cotune's model: the central baseline uploads the devices' token ids (a few hundred "
+        "KB) once and trains on the A100, reaching the target in 0.19 s of simulated time. "
+        "SplitLoRA's comparison presumably charges the central baseline differently (or keeps "
+        "the data on the devices); cotune reports it as it models it."
+    ),
+    "peft_methods": (
+        "At lr 2e-3 and 100 steps every method lands within ±1.2 points of LoRA on average and "
+        "every interval but GGM's covers zero: inconclusive for DoRA, BoRA, KaSA, PiSSA, GeLoRA "
+        "and MoSLD at this budget (the spread between seeds, up to 8 points for PiSSA, is larger "
+        "than any method's mean effect). GGM is ahead on all three seeds (+2.0, +1.0, +1.5): "
+        "its kept components start on W's principal directions and it trains 20 more warm-up "
+        "steps on all 192 candidates within the same step count. With lr 1e-2 and 60 steps "
+        "(benchmarks/README.md, issue 18) LoRA was ahead of GGM instead: the direction depends "
+        "on the learning rate."
+    ),
+    "d2lora": (
+        "The per-seed differences (−3.5, −0.3, +3.0 points) straddle zero: no effect at this "
+        "size. MiniLM is already trained on general text, so a 20-step warm-up on another "
+        "classification task (with its head reset) adds little; the paper's setting (an 8B "
+        "decoder, SFT data) could not be run here."
+    ),
+}
+
+
 def fmt(fig: dict) -> str:
     unit = fig.get("unit") or ""
     m, h = fig["mean"], fig["ci95"]
@@ -39,11 +91,13 @@ def figures_table(figs: list[dict]) -> list[str]:
     return out
 
 
-def section(title: str, script: str, r: dict | None) -> list[str]:
+def section(cid: str, title: str, script: str, r: dict | None) -> list[str]:
     lines = [f"## {title}", ""]
     if r is None:
-        lines += [f"**Not run yet** (`benchmarks/claims/{script}` does not exist or has not been "
-                  "run): no figure is claimed here.", ""]  # fmt: skip
+        path = RESULTS.parent / script
+        why = "has not been run yet" if path.is_file() else "is not written yet"
+        lines += [f"**Not run yet** (`benchmarks/claims/{script}` {why}): no figure is "
+                  "claimed here.", ""]  # fmt: skip
         return lines
     n = len(r["figures"][0]["values"]) if r.get("figures") else 0
     lines += [
@@ -56,6 +110,8 @@ def section(title: str, script: str, r: dict | None) -> list[str]:
         "",
     ]
     lines += figures_table(r.get("figures", []))
+    if cid in NOTES:
+        lines += ["", f"**Reading.** {NOTES[cid]}"]
     if "methods" in r:
         lines += ["", "| method | trainable params (LoRA's) | accuracy | − LoRA (points) | verdict | the paper |",
                   "|---|---|---|---|---|---|"]  # fmt: skip
@@ -65,6 +121,16 @@ def section(title: str, script: str, r: dict | None) -> list[str]:
                          f"{fmt(diff)} | {x['verdict']} | {x['paper']} |")  # fmt: skip
     lines.append("")
     return lines
+
+
+def summary_verdict(r: dict | None) -> str:
+    """One line for the overview: each judged figure's verdict, or the claim's own."""
+    if r is None:
+        return "not run yet"
+    judged = [f for f in r.get("figures", []) if f.get("verdict")]
+    if judged:
+        return "; ".join(f"{f['name']}: {f['verdict']}" for f in judged)
+    return r["verdict"]
 
 
 def main() -> None:
@@ -83,11 +149,10 @@ def main() -> None:
         "|---|---|",
     ]
     for cid, title, _ in CLAIMS:
-        r = results.get(cid)
-        lines.append(f"| {title} | {r['verdict'] if r else 'not run yet'} |")
+        lines.append(f"| {title} | {summary_verdict(results.get(cid))} |")
     lines.append("")
     for cid, title, script in CLAIMS:
-        lines += section(title, script, results.get(cid))
+        lines += section(cid, title, script, results.get(cid))
     out = ROOT / "docs" / "claims.md"
     out.write_text("\n".join(lines).rstrip() + "\n", encoding="utf-8")
     print(f"wrote {out.relative_to(ROOT)}")

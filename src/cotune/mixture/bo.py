@@ -108,30 +108,62 @@ def propose_ei(
     costs: dict[Fidelity, float],
     alpha: float,
     rng: np.random.Generator,
+    raw: int = 256,
+    restarts: int = 5,
+    steps: int = 25,
 ) -> Proposal:
-    from botorch.acquisition import LogExpectedImprovement
-
-    best: Proposal | None = None
-    for fid in space.fidelities():
+    """Every fidelity's best mixture by log-EI at once (one batched posterior per step: the
+    fidelities share the Dirichlet candidates, each keeps its own best value), then the best
+    ``log EI − α·log cost``."""
+    fids = space.fidelities()
+    ws = torch.tensor([w for runs in observed.values() for w, _ in runs], dtype=DTYPE)
+    best_f = []
+    for fid in fids:
         seen = observed.get(fid, [])
         if seen:
-            best_f = min(v for _, v in seen)
+            best_f.append(min(v for _, v in seen))
         else:  # nothing run here yet: the best posterior mean at the observed mixtures
-            ws = [w for runs in observed.values() for w, _ in runs]
             with torch.no_grad():
-                mean = model.posterior(
-                    with_fidelity(space, torch.tensor(ws, dtype=DTYPE), fid)
-                ).mean
-            best_f = float(mean.min())
-        acq = LogExpectedImprovement(model, best_f=best_f, maximize=False)
+                best_f.append(float(model.posterior(with_fidelity(space, ws, fid)).mean.min()))
+    tails = torch.tensor([space.features([0.0] * space.k, f)[space.k :] for f in fids], dtype=DTYPE)
 
-        def fn(w: torch.Tensor, acq=acq, fid=fid) -> torch.Tensor:
-            return acq(with_fidelity(space, w, fid).unsqueeze(1))
+    def log_ei(w: torch.Tensor, per: int) -> torch.Tensor:
+        """w [F·per, k] (fidelity-major) → log-EI [F·per] at each row's fidelity (BoTorch's
+        numerically stable log-EI of a minimization, each row against its fidelity's best)."""
+        from botorch.acquisition.analytic import _log_ei_helper
 
-        w, log_ei = maximize_on_simplex(fn, space.k, rng)
-        score = log_ei - alpha * math.log(max(costs[fid], 1.0))
+        x = torch.cat([w, tails.repeat_interleave(per, 0)], dim=1)
+        post = model.posterior(x)
+        mean = post.mean.squeeze(-1)
+        sigma = post.variance.squeeze(-1).clamp_min(1e-12).sqrt()
+        u = (torch.tensor(best_f, dtype=DTYPE).repeat_interleave(per) - mean) / sigma
+        return _log_ei_helper(u) + sigma.log()
+
+    cand = _softmax_candidates(space.k, rng, raw)
+    with torch.no_grad():
+        vals = log_ei(cand.repeat(len(fids), 1), raw).view(len(fids), raw)
+    top = torch.argsort(vals, dim=1, descending=True)[:, :restarts]  # [F, restarts]
+    start = cand[top].reshape(-1, space.k)
+    logits = torch.log(start.clamp(min=1e-6)).clone().requires_grad_(True)
+    opt = torch.optim.Adam([logits], lr=0.1)
+    for _ in range(steps):
+        opt.zero_grad()
+        (-log_ei(torch.softmax(logits, -1), restarts).sum()).backward()
+        opt.step()
+        with torch.no_grad():
+            logits.clamp_(-6, 6)
+    with torch.no_grad():
+        refined = torch.softmax(logits, -1)
+        both = torch.cat(
+            [start.view(len(fids), restarts, -1), refined.view(len(fids), restarts, -1)], 1
+        )
+        v = log_ei(both.reshape(-1, space.k), 2 * restarts).view(len(fids), 2 * restarts)
+    best: Proposal | None = None
+    for i, fid in enumerate(fids):
+        j = int(torch.argmax(v[i]))
+        score = float(v[i, j]) - alpha * math.log(max(costs[fid], 1.0))
         if best is None or score > best.score:
-            best = Proposal(w, fid, score)
+            best = Proposal(both[i, j].tolist(), fid, score)
     assert best is not None
     return best
 
@@ -143,6 +175,8 @@ def propose_kg(
     alpha: float,
     rng: np.random.Generator,
     fantasies: int = 8,
+    restarts: int = 2,
+    raw_samples: int = 32,
 ) -> Proposal:
     """qMultiFidelityKnowledgeGradient (one-shot, fantasies projected to the target fidelity)
     per fidelity with the mixture on the simplex; the best KG / cost^α."""
@@ -175,7 +209,8 @@ def propose_kg(
         torch.manual_seed(int(rng.integers(1 << 31)))
         try:
             cand, value = optimize_acqf(
-                kg, bounds=bounds, q=1, num_restarts=2, raw_samples=32, options={"maxiter": 25},
+                kg, bounds=bounds, q=1, num_restarts=restarts, raw_samples=raw_samples,
+                options={"maxiter": 25},
                 equality_constraints=simplex, fixed_features={k: feats[0], k + 1: feats[1]},
             )  # fmt: skip
         except Exception:  # noqa: BLE001 - an unlucky start: this fidelity offers nothing
