@@ -153,10 +153,13 @@ class WarmupSection(Section):
     # The warm-up's learning rate.
     lr: float = Field(1e-3, gt=0.0)
     keep_head: bool = False  # the head belongs to the task's labels: reset it by default
+    # Warm up on this mixture of the warm-up data's domains ({name: weight}, as data.mixture;
+    # `cotune mixture` can search it). Null: the warm-up data as it is.
+    mixture: dict[str, float] | None = None
 
 
 class PeftSection(Section):
-    # The PEFT method (see docs/methods.md): lora, dora, bora, kasa, pissa, d2lora, gelora, modula, mosld, ....
+    # The PEFT method (see docs/methods.md): lora, dora, bora, kasa, pissa, d2lora, gelora, modula, mosld, ggm, ....
     method: str = "lora"
     # Adapter rank.
     r: int = Field(8, ge=1)

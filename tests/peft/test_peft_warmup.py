@@ -81,3 +81,13 @@ def test_warmup_errors(tiny_config, peft, message):
 
     with pytest.raises(ConfigError, match=rf"peft.warmup: .*{message}"):
         build_experiment(tiny_config(peft=peft), Path("unused"), quiet=True)
+
+
+def test_warmup_on_a_mixture_of_its_domains(tiny_config):
+    emma = _state(tiny_config, "lora", {**WARM, "mixture": {"Emma": 1.0}})
+    again = _state(tiny_config, "lora", {**WARM, "mixture": {"Emma": 1.0}})
+    other = _state(tiny_config, "lora", {**WARM, "mixture": {"Mansfield Park": 1.0}})
+    assert all(torch.equal(emma[k], again[k]) for k in emma)  # seeded
+    assert any(not torch.equal(emma[k], other[k]) for k in emma)  # other text, other adapter
+    with pytest.raises(ConfigError, match=r"peft.warmup.mixture: unknown domain\(s\) \['Dune'\]"):
+        _state(tiny_config, "lora", {**WARM, "mixture": {"Dune": 1.0}})

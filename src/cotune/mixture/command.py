@@ -95,7 +95,8 @@ def write_outputs(
         json.dumps({"best": best, "methods": per_method}, indent=2) + "\n", encoding="utf-8"
     )
     lines = [
-        "# The best mixture `cotune mixture` found; add to a run config.",
+        "# The best mixture `cotune mixture` found; add to a run config (or, for a warm-up on",
+        "# general data with these domains, put the weights under peft.warmup.mixture).",
         "data:",
         "  mixture:",
     ]

@@ -181,6 +181,13 @@ def d2lora_stage(
     )
     data = load_task_data(section, task, cfg.seed)
     examples = data.train
+    mixture = cfg.peft.warmup.mixture if cfg.peft.warmup is not None else None
+    if mixture is not None:  # the warm-up's domains in the asked shares
+        from cotune.data.mixture import mix_examples
+
+        examples = mix_examples(
+            examples, mixture, data.group_names, cfg.seed, "peft.warmup.mixture"
+        )
     if task == "classification":
         # The task head has `num_labels` outputs: keep the warm-up classes that fit it.
         examples = [e for e in examples if e.label is not None and e.label < loaded.num_labels]
