@@ -69,35 +69,40 @@ class Proposal:
     score: float
 
 
-def _softmax_candidates(k: int, rng: np.random.Generator, n: int) -> torch.Tensor:
+def _dirichlet_candidates(k: int, rng: np.random.Generator, n: int) -> torch.Tensor:
     return torch.tensor([dirichlet(rng, k) for _ in range(n)], dtype=DTYPE)
 
 
-def maximize_on_simplex(fn, k: int, rng: np.random.Generator, raw: int = 256, restarts: int = 5):
-    """argmax of a differentiable ``fn([n, k] weights) -> [n]`` over the simplex: the best of
-    ``raw`` Dirichlet draws, then ``restarts`` of them refined by Adam on softmax logits."""
-    cand = _softmax_candidates(k, rng, raw)
-    with torch.no_grad():
-        vals = fn(cand)
-    top = torch.argsort(vals, descending=True)[:restarts]
-    logits = torch.log(cand[top].clamp(min=1e-6)).clone().requires_grad_(True)
+def refine_on_simplex(fn, start: torch.Tensor, steps: int = 25) -> torch.Tensor:
+    """Weights ``start`` [n, k] moved uphill on a differentiable ``fn([n, k]) -> [n]`` by Adam
+    on softmax logits (bounded to [−6, 6]); every row on its own."""
+    logits = torch.log(start.clamp(min=1e-6)).clone().requires_grad_(True)
     opt = torch.optim.Adam([logits], lr=0.1)
-    for _ in range(25):
+    for _ in range(steps):
         opt.zero_grad()
         (-fn(torch.softmax(logits, -1)).sum()).backward()
         opt.step()
         with torch.no_grad():
             logits.clamp_(-6, 6)
+    return torch.softmax(logits, -1).detach()
+
+
+def maximize_on_simplex(fn, k: int, rng: np.random.Generator, raw: int = 256, restarts: int = 5):
+    """argmax of a differentiable ``fn([n, k] weights) -> [n]`` over the simplex: the best of
+    ``raw`` Dirichlet draws, then ``restarts`` of them refined (``refine_on_simplex``)."""
+    cand = _dirichlet_candidates(k, rng, raw)
     with torch.no_grad():
-        refined = torch.softmax(logits, -1)
-        all_w = torch.cat([cand[top], refined])
+        vals = fn(cand)
+    start = cand[torch.argsort(vals, descending=True)[:restarts]]
+    all_w = torch.cat([start, refine_on_simplex(fn, start)])
+    with torch.no_grad():
         all_v = fn(all_w)
     i = int(torch.argmax(all_v))
     return all_w[i].tolist(), float(all_v[i])
 
 
 def with_fidelity(space: MixtureSpace, w: torch.Tensor, fid: Fidelity) -> torch.Tensor:
-    tail = torch.tensor(space.features([0.0] * space.k, fid)[space.k :], dtype=DTYPE)
+    tail = torch.tensor(space.fidelity_features(fid), dtype=DTYPE)
     return torch.cat([w, tail.expand(w.shape[0], 2)], dim=1)
 
 
@@ -125,7 +130,7 @@ def propose_ei(
         else:  # nothing run here yet: the best posterior mean at the observed mixtures
             with torch.no_grad():
                 best_f.append(float(model.posterior(with_fidelity(space, ws, fid)).mean.min()))
-    tails = torch.tensor([space.features([0.0] * space.k, f)[space.k :] for f in fids], dtype=DTYPE)
+    tails = torch.tensor([space.fidelity_features(f) for f in fids], dtype=DTYPE)
 
     def log_ei(w: torch.Tensor, per: int) -> torch.Tensor:
         """w [F·per, k] (fidelity-major) → log-EI [F·per] at each row's fidelity (BoTorch's
@@ -139,21 +144,13 @@ def propose_ei(
         u = (torch.tensor(best_f, dtype=DTYPE).repeat_interleave(per) - mean) / sigma
         return _log_ei_helper(u) + sigma.log()
 
-    cand = _softmax_candidates(space.k, rng, raw)
+    cand = _dirichlet_candidates(space.k, rng, raw)
     with torch.no_grad():
         vals = log_ei(cand.repeat(len(fids), 1), raw).view(len(fids), raw)
     top = torch.argsort(vals, dim=1, descending=True)[:, :restarts]  # [F, restarts]
     start = cand[top].reshape(-1, space.k)
-    logits = torch.log(start.clamp(min=1e-6)).clone().requires_grad_(True)
-    opt = torch.optim.Adam([logits], lr=0.1)
-    for _ in range(steps):
-        opt.zero_grad()
-        (-log_ei(torch.softmax(logits, -1), restarts).sum()).backward()
-        opt.step()
-        with torch.no_grad():
-            logits.clamp_(-6, 6)
+    refined = refine_on_simplex(lambda w: log_ei(w, restarts), start, steps)
     with torch.no_grad():
-        refined = torch.softmax(logits, -1)
         both = torch.cat(
             [start.view(len(fids), restarts, -1), refined.view(len(fids), restarts, -1)], 1
         )
@@ -186,7 +183,7 @@ def propose_kg(
     from botorch.optim import optimize_acqf
 
     k = space.k
-    target = torch.tensor(space.features([0.0] * k, space.target)[k:], dtype=DTYPE)
+    target = torch.tensor(space.fidelity_features(space.target), dtype=DTYPE)
 
     def project(x: torch.Tensor) -> torch.Tensor:
         out = x.clone()
@@ -205,7 +202,7 @@ def propose_kg(
             model, num_fantasies=fantasies, current_value=torch.tensor(current, dtype=DTYPE),
             project=project,
         )  # fmt: skip
-        feats = space.features([0.0] * k, fid)[k:]
+        feats = space.fidelity_features(fid)
         torch.manual_seed(int(rng.integers(1 << 31)))
         try:
             cand, value = optimize_acqf(
@@ -233,5 +230,5 @@ def recommend(space: MixtureSpace, model, rng: np.random.Generator) -> list[floa
         def fn(w: torch.Tensor) -> torch.Tensor:
             return -model.posterior(with_fidelity(space, w, space.target)).mean.squeeze(-1)
 
-        cand = _softmax_candidates(space.k, rng, 1024)
+        cand = _dirichlet_candidates(space.k, rng, 1024)
         return cand[int(torch.argmax(fn(cand)))].tolist()

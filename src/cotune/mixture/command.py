@@ -48,10 +48,7 @@ def domain_names(cfg: RunConfig) -> list[str] | None:
 
 
 def best_of(space: MixtureSpace, history: list[Evaluation]) -> dict[str, Any] | None:
-    target = [
-        (v, ev) for ev in history if ev.rung == space.target.rung
-        for s, v in ev.points if s == space.target.steps
-    ]  # fmt: skip
+    target = [(v, ev) for ev in history for v in space.target_values(ev)]
     if not target:
         return None
     value, ev = min(target, key=lambda t: t[0])

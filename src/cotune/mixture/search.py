@@ -107,7 +107,7 @@ def hyperband(space: MixtureSpace, budget: Budget, seed: int, eta: int) -> None:
 
 def cost_model(space: MixtureSpace, history: list[Evaluation]) -> dict[Fidelity, float]:
     """FLOPs of a run at each fidelity: measured FLOPs per step of its rung × steps (a rung not
-    run yet: the largest measured per-step cost, scaled by the rung's position)."""
+    run yet: the largest measured per-step cost)."""
     per_step: dict[int, list[float]] = {}
     for ev in history:
         per_step.setdefault(ev.rung, []).append(ev.flops / ev.steps)
@@ -188,8 +188,5 @@ def trajectory(space: MixtureSpace, history: list[Evaluation]) -> Iterator[tuple
     spent, best = 0.0, math.inf
     for ev in history:
         spent += ev.flops
-        if ev.rung == space.target.rung:
-            for step, value in ev.points:
-                if step == space.target.steps:
-                    best = min(best, value)
+        best = min([best, *space.target_values(ev)])
         yield spent, best

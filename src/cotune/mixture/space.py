@@ -59,10 +59,20 @@ class MixtureSpace:
     def fidelities(self) -> list[Fidelity]:
         return [Fidelity(r, s) for r in range(len(self.rungs)) for s in self.steps]
 
-    def features(self, weights: list[float], fid: Fidelity) -> list[float]:
-        """GP inputs: the weights, the rung and the steps, each scaled to [0, 1]."""
+    def fidelity_features(self, fid: Fidelity) -> list[float]:
+        """The GP inputs after the weights: the rung and the steps, each scaled to [0, 1]."""
         r = fid.rung / (len(self.rungs) - 1) if len(self.rungs) > 1 else 1.0
-        return [*weights, r, fid.steps / self.steps[-1]]
+        return [r, fid.steps / self.steps[-1]]
+
+    def features(self, weights: list[float], fid: Fidelity) -> list[float]:
+        """GP inputs: the weights, then the fidelity's features."""
+        return [*weights, *self.fidelity_features(fid)]
+
+    def target_values(self, ev: Any) -> list[float]:
+        """The objective values an evaluation reached at the target fidelity (none, or one)."""
+        if ev.rung != self.target.rung:
+            return []
+        return [v for s, v in ev.points if s == self.target.steps]
 
     def run_config(self, weights: list[float], fid: Fidelity, name: str, out_dir: str) -> RunConfig:
         """A real cotune run of this configuration: the mixture, the rung's model, ``fid.steps``

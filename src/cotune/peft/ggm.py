@@ -129,6 +129,11 @@ class GgmLayer(PissaLayer):
         return u[:, pick], (s[pick, None] * vh[pick]) / self.scaling
 
 
+def component_nodes(layers: Mapping[str, Any]) -> list[tuple[str, int]]:
+    """The graph's nodes in order: (module path, component index) for every adapted module."""
+    return [(path, i) for path, layer in layers.items() for i in range(layer.r)]
+
+
 class ImportanceTracker:
     """AdaLoRA-style importance per component node, one sample per call (after a backward).
 
@@ -141,9 +146,6 @@ class ImportanceTracker:
         self.beta1, self.beta2 = beta1, beta2
         self.ema: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.samples: list[torch.Tensor] = []
-
-    def nodes(self) -> list[tuple[str, int]]:
-        return [(path, i) for path, layer in self.layers.items() for i in range(layer.r)]
 
     @torch.no_grad()
     def _score(self, p: torch.Tensor) -> torch.Tensor:

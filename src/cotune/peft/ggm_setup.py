@@ -27,7 +27,7 @@ from cotune.errors import AdapterError
 from cotune.peft.base import get_method
 from cotune.peft.d2lora import D2loraOptions, d2lora_warmup
 from cotune.peft.gelora import target_paths
-from cotune.peft.ggm import GgmOptions, ImportanceTracker
+from cotune.peft.ggm import GgmOptions, ImportanceTracker, component_nodes
 from cotune.peft.ggm_graph import select_nodes
 from cotune.peft.inject import AdapterSet, inject_adapters
 
@@ -165,7 +165,7 @@ def ggm_adapters(
         scores = torch.cat(rows)
         adapters.load_state_dict(start)
     warmed = adapters.state_dict()
-    nodes = ImportanceTracker(adapters.layers, 0, 0).nodes()
+    nodes = component_nodes(adapters.layers)
     try:
         kept, result = select_nodes(
             scores, opts.important_nodes, opts.kept_nodes, selection=opts.selection,
