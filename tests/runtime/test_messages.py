@@ -57,6 +57,20 @@ def test_empty_message_and_nested_meta() -> None:
     assert out.tensors == {} and out.meta == msg.meta
 
 
+def test_a_messages_size_does_not_depend_on_its_float_values() -> None:
+    # Two runs equal to float precision (a cohort vs one device at a time) must count the same
+    # bytes: floats go at a fixed width, and every float64 still comes back exactly.
+    values = [0.1, 1 / 3, -2.5e-300, 1e300, 0.0, -0.0, 5e-324, 123456.789, -7.0]
+    sizes = set()
+    for v in values:
+        msg = Message("update", "device-0", "server", {}, {"loss": v, "losses": [v, -v]})
+        data = encode_message(msg)
+        sizes.add(len(data))
+        out = decode_message(data).meta
+        assert out["loss"] == v and str(out["loss"]) == str(v) and out["losses"] == [v, -v]
+    assert len(sizes) == 1
+
+
 def test_same_tensor_twice_and_views_encode() -> None:
     base = torch.randn(4, 4)
     out = decode_message(encode_message(_msg(a=base, b=base, row=base[1])))

@@ -4,7 +4,7 @@ Wire layout (all integers little-endian)::
 
     header  20 bytes  magic b"COTM" | version u16 | flags u16 (0) | json_len u32 | body_len u64
     json    json_len  UTF-8 JSON: kind, sender, receiver, meta, codec, tensors[{name, codec, dtype,
-                      shape, parts, side}]
+                      shape, parts, side}]; floats at a fixed width (``wire_json``)
     body    body_len  safetensors bytes holding every codec part under the key "<index>:<part>"
     crc     4 bytes   CRC32C of header + json + body (format 1: zlib's CRC32; still read)
 
@@ -141,6 +141,47 @@ def _wire_tensors(msg: Message, codec_name: str) -> tuple[list[dict[str, Any]], 
     return entries, body
 
 
+def _wire_float(x: float) -> str:
+    # 17 significant digits round-trip any float64; the exponent gets three digits and a
+    # positive number a leading space (JSON allows whitespace before a value), so every finite
+    # float takes 24 characters whatever its value.
+    mantissa, exponent = f"{abs(x):.16e}".split("e")
+    return f"{'-' if math.copysign(1.0, x) < 0 else ' '}{mantissa}e{int(exponent):+04d}"
+
+
+def wire_json(value: Any) -> str:
+    """Compact JSON of a message's header document, in which a number's length never depends on
+    its value: two runs equal to float precision (a device cohort against one device at a time,
+    one engine against another) send the same bytes, so their counted bytes and simulated times
+    are equal too. Non-finite floats must already be ``None``; raises TypeError like json."""
+    if value is None:
+        return "null"
+    if value is True:
+        return "true"
+    if value is False:
+        return "false"
+    if isinstance(value, int):
+        return str(int(value))
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise ValueError(f"non-finite float {value!r} in message JSON")
+        return _wire_float(value)
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)
+    if isinstance(value, dict):
+        items = []
+        for k, v in value.items():
+            if not isinstance(k, str):
+                if isinstance(k, bool) or not isinstance(k, int):
+                    raise TypeError(f"keys must be str or int, not {type(k).__name__}")
+                k = str(int(k))
+            items.append(f"{json.dumps(k, ensure_ascii=False)}:{wire_json(v)}")
+        return "{" + ",".join(items) + "}"
+    if isinstance(value, list | tuple):
+        return "[" + ",".join(wire_json(v) for v in value) + "]"
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
+
+
 def encode_message(msg: Message, codec: str = "fp32") -> bytes:
     """The bytes that travel for ``msg``: header + JSON + safetensors body + CRC32."""
     entries, body_tensors = _wire_tensors(msg, codec)
@@ -154,8 +195,7 @@ def encode_message(msg: Message, codec: str = "fp32") -> bytes:
         "tensors": entries,
     }
     try:
-        js = json.dumps(doc, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
-        js = js.encode("utf-8")
+        js = wire_json(doc).encode("utf-8")
     except (TypeError, ValueError) as e:
         raise ProtocolError(f"{msg.describe()}: meta is not JSON-serialisable ({e})") from None
     body = st_save(body_tensors)
