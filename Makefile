@@ -18,8 +18,12 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/cotune compare configs/demo/central.yaml configs/demo/fedavg.yaml configs/demo/splitfed.yaml configs/demo/splitfrozen.yaml --out runs/demo --overwrite
 
+# Two workers on CI's two cores (tests that start processes stay on one: tests/conftest.py); the
+# Ray tests run after them, alone, because a Ray cluster started next to a busy worker stalls.
+RAY_TESTS := tests/deploy/test_ray_*.py
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadgroup --ignore-glob='$(RAY_TESTS)'
+	$(BIN)/python -m pytest -q $(RAY_TESTS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks scripts

@@ -5,11 +5,22 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# `make test` runs two pytest workers on CI's two cores: an idle OpenMP thread must sleep, not
+# spin on the core the other worker needs (read when torch loads, so before any test imports it).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# Tests that start servers, device processes or Ray, and the runs they compare against (cached in
+# test_engines), stay together on one worker (pytest-xdist's --dist loadgroup).
+SERIAL_GROUP = ("tests/deploy/", "tests/paradigms/test_engines.py")
 
 
 def pytest_collection_modifyitems(config, items):
-    """GPU tests run only where CUDA is (scripts/gpu_check.sh); elsewhere they are skipped."""
+    """GPU tests run only where CUDA is (scripts/gpu_check.sh); elsewhere they are skipped.
+    Process-starting tests form one xdist group (see SERIAL_GROUP)."""
     import torch
+
+    for item in items:
+        if item.nodeid.startswith(SERIAL_GROUP):
+            item.add_marker(pytest.mark.xdist_group("serial"))
 
     if torch.cuda.is_available():
         return

@@ -4,7 +4,6 @@ and the run goes on; a device that comes back rejoins with its last known state.
 import json
 import os
 import signal
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -23,17 +22,18 @@ FED = {
 
 @pytest.fixture
 def spy(monkeypatch):
-    """The device processes `launch` starts (by id) and the server's engine."""
+    """The device processes `launch` starts (by id, with what started them) and the server's
+    engine."""
     seen = {"procs": {}, "cmds": {}, "engine": None}
-    real_popen = subprocess.Popen
+    real_start = launch_mod.start_cotune
 
-    def popen(cmd, **kw):
-        p = real_popen(cmd, **kw)
-        node = cmd[cmd.index("--id") + 1]
-        seen["procs"][node], seen["cmds"][node] = p, (cmd, kw)
+    def start(argv, *args):
+        p = real_start(argv, *args)
+        node = argv[argv.index("--id") + 1]
+        seen["procs"][node], seen["cmds"][node] = p, (argv, *args)
         return p
 
-    monkeypatch.setattr(launch_mod.subprocess, "Popen", popen)
+    monkeypatch.setattr(launch_mod, "start_cotune", start)
     real_init = server_mod.GrpcEngine.__init__
 
     def init(self, *a, **kw):
@@ -83,8 +83,7 @@ def test_a_device_that_comes_back_rejoins_with_its_state(tiny_config, spy):
     whole = launch_mod.launch(tiny_config(name="whole", **FED, **every), quiet=True)
 
     def restart():
-        cmd, kw = spy["cmds"]["device-1"]
-        spy["procs"]["device-1"] = subprocess.Popen(cmd, **kw)
+        spy["procs"]["device-1"] = launch_mod.start_cotune(*spy["cmds"]["device-1"])
         missing = spy["engine"].hub.wait_for(["device-1"], 60)
         assert not missing
         link = spy["engine"].hub.links["device-1"]
@@ -114,7 +113,6 @@ def test_a_killed_server_resumes_and_its_devices_reconnect(tiny_config, tmp_path
     """kill -9 the server mid-run, start it again with --resume: devices that keep retrying
     reconnect, and the result equals an uninterrupted run (the protocol is deterministic)."""
     import socket
-    import sys
     import time
 
     from cotune.config import dump_config
@@ -131,14 +129,11 @@ def test_a_killed_server_resumes_and_its_devices_reconnect(tiny_config, tmp_path
                       "keep_checkpoints": 100}, **sections)  # fmt: skip
     path = tmp_path / "crash.yaml"
     path.write_text(dump_config(cfg))
-    py = [sys.executable, "-m", "cotune.cli"]
     logs = tmp_path / "logs"
     logs.mkdir()
 
-    def spawn(name, args, env=None):
-        out = open(logs / f"{name}.log", "a")  # noqa: SIM115
-        return subprocess.Popen([*py, *args], stdout=out, stderr=subprocess.STDOUT,
-                                env={**os.environ, **(env or {})})  # fmt: skip
+    def spawn(name, args, env=None):  # forked from the warm interpreter, as launch does
+        return launch_mod.start_cotune(args, {**os.environ, **(env or {})}, logs / f"{name}.log")
 
     server = spawn("server", ["serve", str(path), "--quiet"])
     devices = [

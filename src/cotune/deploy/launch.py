@@ -10,12 +10,12 @@ import logging
 import os
 import secrets
 import subprocess
-import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from cotune.deploy.procs import start_cotune
 from cotune.deploy.transport import Security, token_hash
 from cotune.errors import ConfigError, PeerUnavailable
 
@@ -234,19 +234,18 @@ def launch(
         make_certs(tmp / "tls", devices, ["localhost", "127.0.0.1", *server_hosts])
         update.update(tls_dir=str(tmp / "tls"), tokens_file=str(tmp / "tls" / "tokens.yaml"))
     cfg = cfg.model_copy(update={"engine": eng.model_copy(update=update)})
-    procs: list[subprocess.Popen] = []
+    procs: list[Any] = []
 
-    def start_devices(address: str) -> None:
+    def start_cotunes(address: str) -> None:
         tls = cfg.engine.tls_dir
         for d in devices:
             prefix, dial = wrap(d, address) if wrap is not None else ([], address)
-            cmd = [*prefix, sys.executable, "-m", "cotune.cli", "device", "--server", dial]
-            cmd += ["--id", d]
-            cmd += ["--tls", tls] if tls else ["--insecure"]
+            argv = ["device", "--server", dial, "--id", d]
+            argv += ["--tls", tls] if tls else ["--insecure"]
             if cfg.engine.mutual_tls:
-                cmd.append("--mutual-tls")
+                argv.append("--mutual-tls")
             if d in files:
-                cmd += ["--data", str(files[d])]
+                argv += ["--data", str(files[d])]
             env = dict(os.environ)
             # Device processes share this machine's cores: idle OpenMP threads must sleep,
             # not spin (the default busy-wait steals the core the active process needs).
@@ -255,19 +254,18 @@ def launch(
             token_file = Path(tls) / f"{d}.token" if tls else None
             if token_file is not None and token_file.is_file():
                 env["COTUNE_TOKEN"] = token_file.read_text().strip()
-            log_file = open(tmp / f"{d}.log", "w")  # noqa: SIM115 - closed with the process
-            procs.append(subprocess.Popen(cmd, env=env, stdout=log_file, stderr=subprocess.STDOUT))
+            procs.append(start_cotune(argv, env, tmp / f"{d}.log", prefix))
 
-    ON_LISTEN.append(start_devices)
+    ON_LISTEN.append(start_cotunes)
     try:
         return run_experiment(cfg, quiet=quiet, overwrite=overwrite, out_root=out_root)
     finally:
-        ON_LISTEN.remove(start_devices)
+        ON_LISTEN.remove(start_cotunes)
         failed = []
         for d, p in zip(devices, procs):
             try:
                 rc = p.wait(timeout=30)
-            except subprocess.TimeoutExpired:
+            except subprocess.TimeoutExpired:  # forked devices raise it too (procs.ForkedDevice)
                 p.kill()
                 rc = p.wait()
             if rc != 0:

@@ -1,0 +1,123 @@
+"""Device processes for ``cotune launch``: forked from a warm interpreter.
+
+A device process spends ~5 s of CPU importing torch and transformers before it does anything;
+``launch`` starts N of them on one machine. They are forked instead from one interpreter that
+has imported those once (multiprocessing's forkserver, preloaded), so N devices pay the imports
+once per launching process, not N times per run. The forkserver has never run a torch op (no
+thread pool to inherit), and it is started with ``OMP_WAIT_POLICY=PASSIVE`` because OpenMP
+reads its wait policy when the library loads, which here is before the fork. A device whose
+command needs a prefix (netlab's ``ip netns exec``, a delayed start) gets a fresh interpreter.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing
+import multiprocessing.forkserver
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+# What a device imports before it can dial (the heavy part is torch + transformers).
+PRELOAD = [
+    "torch",
+    "transformers",
+    "cotune.cli",
+    "cotune.deploy.device",
+    "cotune.run",
+    "cotune.paradigms",
+]
+_CONTEXT: Any = None
+
+
+@contextlib.contextmanager
+def _environ(**values: str) -> Iterator[None]:
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _forkserver() -> Any:
+    """The preloaded forkserver context (started on first use, then kept for this process)."""
+    global _CONTEXT
+    if _CONTEXT is None:
+        ctx = multiprocessing.get_context("forkserver")
+        ctx.set_forkserver_preload(PRELOAD)
+        with _environ(OMP_WAIT_POLICY=os.environ.get("OMP_WAIT_POLICY", "PASSIVE")):
+            multiprocessing.forkserver.ensure_running()
+        _CONTEXT = ctx
+    return _CONTEXT
+
+
+class ForkedDevice:
+    """A forked device process with the part of ``subprocess.Popen``'s interface that
+    ``launch`` and its tests use: ``pid``, ``poll``, ``wait``, ``kill``."""
+
+    def __init__(self, process: Any, args: list[str]) -> None:
+        self._process, self.args = process, args
+
+    @property
+    def pid(self) -> int:
+        return self._process.pid
+
+    def poll(self) -> int | None:
+        return self._process.exitcode
+
+    def wait(self, timeout: float | None = None) -> int:
+        self._process.join(timeout)
+        if self._process.exitcode is None:
+            raise subprocess.TimeoutExpired(self.args, timeout or 0.0)
+        return self._process.exitcode
+
+    def kill(self) -> None:
+        self._process.kill()
+
+
+def _cotune_main(argv: list[str], env: dict[str, str], log_path: str) -> None:
+    """The forked process: its own environment and log file, then ``cotune <argv>``."""
+    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    os.environ.clear()
+    os.environ.update(env)
+    threads = env.get("OMP_NUM_THREADS")
+    if threads and threads.isdigit():  # read at library load in a fresh interpreter: set it
+        import torch
+
+        torch.set_num_threads(int(threads))
+    from cotune.cli import main
+
+    code = main(argv)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    sys.exit(code)
+
+
+def start_cotune(
+    argv: list[str], env: dict[str, str], log_path: Path, prefix: list[str] | None = None
+) -> Any:
+    """Start ``cotune <argv>`` (a device, or a server: any command) with ``env``, output to
+    ``log_path``: forked from the warm interpreter, or a fresh one behind ``prefix``."""
+    if prefix:
+        log_file = open(log_path, "a")  # noqa: SIM115 - the child holds it; closed on exit
+        try:
+            return subprocess.Popen([*prefix, sys.executable, "-m", "cotune.cli", *argv],
+                                    env=env, stdout=log_file, stderr=subprocess.STDOUT)  # fmt: skip
+        finally:
+            log_file.close()
+    process = _forkserver().Process(
+        target=_cotune_main, args=(argv, env, str(log_path)), name=f"cotune-{argv[0]}"
+    )
+    process.start()
+    return ForkedDevice(process, argv)
