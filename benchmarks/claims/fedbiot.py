@@ -88,7 +88,9 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--pretrain-steps", type=int, default=600)
-    ap.add_argument("--base", type=Path, default=Path(tempfile.gettempdir()) / "cotune-fedbiot-base")
+    ap.add_argument(
+        "--base", type=Path, default=Path(tempfile.gettempdir()) / "cotune-fedbiot-base"
+    )
     args = ap.parse_args()
     base = pretrained_base(args.base, args.pretrain_steps)
 
