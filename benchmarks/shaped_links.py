@@ -71,16 +71,22 @@ def intervals(run_dir: Path, paradigm: str) -> list[tuple[float, float]]:
     ]
 
 
-def check(paradigm: str, steps: int, root: Path) -> dict:
+def calibrate(paradigm: str, steps: int, root: Path) -> Path:
+    """Profiles of this machine's processes for the job: measured by an unshaped deployed run."""
     raw = job(paradigm, root / "runs", steps)
     calib = launch(config_from_dict({**raw, "name": f"{paradigm}-calibrate"}), quiet=True,
                    device_env=DEVICE_ENV)  # fmt: skip
-    profiles = write_profiles(calibrated_profiles(calib, LINKS), root / f"{paradigm}.yaml")
-    shaped = {**raw, "name": f"{paradigm}-shaped", "devices": {
+    return write_profiles(calibrated_profiles(calib, LINKS), root / f"{paradigm}.yaml")
+
+
+def shaped(paradigm: str, steps: int, root: Path, profiles: Path, seed: int = 0) -> dict:
+    """The job on the shaped links, predicted (those profiles) against measured."""
+    raw = job(paradigm, root / "runs", steps)
+    run = {**raw, "seed": seed, "name": f"{paradigm}-shaped-{seed}", "devices": {
         **raw["devices"], "profile_file": str(profiles), "server": "measured-server",
         "profiles": [f"measured-{d}" for d in LINKS]}}  # fmt: skip
     with ShapedLinks(LINKS) as lab:
-        run_dir = launch(config_from_dict(shaped), quiet=True, wrap=lab.wrap,
+        run_dir = launch(config_from_dict(run), quiet=True, wrap=lab.wrap,
                          server_hosts=lab.hosts, device_env=DEVICE_ENV)  # fmt: skip
     pairs = intervals(run_dir, paradigm)
     ratios = [p / m for p, m in pairs]
@@ -96,6 +102,10 @@ def check(paradigm: str, steps: int, root: Path) -> dict:
         "total_ratio": predicted / measured,
         "run_dir": str(run_dir),
     }
+
+
+def check(paradigm: str, steps: int, root: Path) -> dict:
+    return shaped(paradigm, steps, root, calibrate(paradigm, steps, root))
 
 
 def main() -> None:

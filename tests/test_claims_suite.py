@@ -12,7 +12,7 @@ CLAIMS = Path(__file__).resolve().parents[1] / "benchmarks" / "claims"
 @pytest.fixture
 def harness(monkeypatch):
     monkeypatch.syspath_prepend(str(CLAIMS))
-    for name in ("harness", "render"):
+    for name in ("harness", "render", "run_all"):
         sys.modules.pop(name, None)
     import harness
 
@@ -51,3 +51,16 @@ def test_page_is_generated_from_result_files(harness, tmp_path, monkeypatch):
     assert "| D²LoRA: data-driven init helps at low resource | inconclusive |" in page
     assert "2.0 ± 2.5 points" in page and "2026-12-01" in page
     assert "**Not run yet**" in page  # every claim without a result says so
+
+
+def test_the_suite_runner_balances_its_lanes_and_knows_every_claim(harness):
+    import render
+    import run_all
+
+    lanes = run_all.lanes_for(list(run_all.MINUTES), 2)
+    load = [sum(run_all.MINUTES[c] for c in lane) for lane in lanes]
+    assert sorted(c for lane in lanes for c in lane) == sorted(run_all.MINUTES)
+    assert max(load) - min(load) <= max(run_all.MINUTES.values())
+    # Every claim on the page has a script the runner starts, in a lane or alone.
+    assert {cid for cid, _, _ in render.CLAIMS} == set(run_all.MINUTES) | set(run_all.ALONE)
+    assert all((CLAIMS / script).is_file() for _, _, script in render.CLAIMS)

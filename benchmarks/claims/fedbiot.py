@@ -38,14 +38,14 @@ def pretrained_base(out: Path, steps: int) -> Path:
         "name": "fedbiot-base", "seed": 0,
         "model": {"name_or_path": "random:gpt2", "task": "causal_lm", "max_length": 64,
                   "random_config": {"n_layer": 6, "n_embd": 128, "n_head": 4}},
-        "data": {"dataset": "fortunes", "view": "text", "bpe_vocab_size": 2000},
+        "data": {"dataset": "fortunes", "bpe_vocab_size": 2000},
         "peft": {"method": "lora", "r": 64, "alpha": 64,
                  "target_modules": ["c_attn", "c_proj", "c_fc"]},
         "paradigm": {"name": "central"},
         "train": {"steps": steps, "batch_size": 16, "lr": 3e-3, "warmup_steps": 20},
         "eval": {"every": steps, "batch_size": 64, "max_examples": 200},
     }  # fmt: skip
-    s = run_config({**d, "output": {"save_adapter": True}})
+    s = run_config(d, save_adapter=True)
     print(f"  base: {steps} steps on fortunes, eval loss {s['final']['loss']:.3f}", flush=True)
     run_dir = Path(s["run_dir"])
     return export_run(run_dir, out, merge=True, role=None, overwrite=True)

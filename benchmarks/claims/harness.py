@@ -68,7 +68,9 @@ def run_seeds(fn: Callable[[int], dict[str, float]], seeds: list[int]) -> dict[s
     return out
 
 
-def run_config(d: dict[str, Any], out: str | None = None) -> dict[str, Any]:
+def run_config(
+    d: dict[str, Any], out: str | None = None, *, save_adapter: bool = False
+) -> dict[str, Any]:
     """Run a config dict with cotune; returns its summary.json (plus ``run_dir``). One torch
     thread: claims run side by side on small machines, where extra intra-op threads only spin."""
     import torch
@@ -80,7 +82,7 @@ def run_config(d: dict[str, Any], out: str | None = None) -> dict[str, Any]:
 
     d = dict(d)
     d["output"] = {**d.get("output", {}), "dir": out or tempfile.mkdtemp(prefix="claims_"),
-                   "save_adapter": False, "checkpoint_every": 0}  # fmt: skip
+                   "save_adapter": save_adapter, "checkpoint_every": 0}  # fmt: skip
     run_dir = run_experiment(config_from_dict(d), overwrite=True, quiet=True, report=False)
     summary = json.loads((run_dir / "summary.json").read_text())
     summary["run_dir"] = str(run_dir)
