@@ -12,7 +12,7 @@ is then a shaped deployed run with its prediction. Figures: predicted / measured
 (fedavg) or step (splitfed), median over the run, and for the whole training phase.
 
 Run (root, network namespaces; uses the whole machine: run it alone):
-     .venv/bin/python benchmarks/claims/simdc.py [--seeds 0 1 2 --steps 12]
+     .venv/bin/python benchmarks/claims/simdc.py [--seeds 0 1 2 --steps 16]
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ BAND = 0.15  # issue 13's target: predicted within ±15% of measured
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--paradigms", nargs="+", default=["fedavg", "splitfed"])
     args = ap.parse_args()
     from shaped_links import calibrate, shaped

@@ -17,6 +17,7 @@ import multiprocessing.forkserver
 import os
 import subprocess
 import sys
+import types
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -116,8 +117,17 @@ def start_cotune(
                                     env=env, stdout=log_file, stderr=subprocess.STDOUT)  # fmt: skip
         finally:
             log_file.close()
-    process = _forkserver().Process(
+    ctx = _forkserver()
+    process = ctx.Process(
         target=_cotune_main, args=(argv, env, str(log_path)), name=f"cotune-{argv[0]}"
     )
-    process.start()
+    # multiprocessing re-imports the parent's __main__ in the child (spawn semantics): a
+    # launcher script without an `if __name__ == "__main__"` guard would launch again from
+    # every device. The child runs only cotune's own entry point, so it gets no main module.
+    main = sys.modules["__main__"]
+    sys.modules["__main__"] = types.ModuleType("__main__")
+    try:
+        process.start()
+    finally:
+        sys.modules["__main__"] = main
     return ForkedDevice(process, argv)
