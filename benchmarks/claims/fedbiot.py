@@ -125,7 +125,7 @@ def main() -> None:
                "points", verdict=verdict(r["gain_vs_fedot"], expect="positive")),
         figure("full-model accuracy: FedBiOT − FedAvg on the full model", pts["gain_vs_fedavg"],
                "points", verdict=verdict(r["gain_vs_fedavg"], expect="positive")),
-        figure("emulator gap reduction: |gap FedOT| − |gap FedBiOT| (test loss)",
+        figure("emulator test-loss gap, FedOT − FedBiOT (absolute values)",
                r["gap_reduction"], "nats", verdict=verdict(r["gap_reduction"], expect="positive")),
         figure("hidden-state gap at the adapter: FedOT − FedBiOT (relative L2, public probe)",
                r["rep_gap_reduction"], verdict=verdict(r["rep_gap_reduction"], expect="positive")),
@@ -152,8 +152,8 @@ def main() -> None:
                  "training at far less device cost (arXiv 2406.17706, abstract; Table 1 "
                  "figures from a third-party review)",
         "setting": f"MiniLM (pretrained, 6 blocks), the demo's 5 fortunes topics on 4 devices "
-                   f"(Dirichlet 0.5), public alignment data austen; adapter = LoRA r 8 on the "
-                   f"last 2 blocks + the head, emulator = 2 of the 4 lower blocks; 30 initial "
+                   f"(Dirichlet 0.5), public alignment data austen; adapter = LoRA r 16 on the "
+                   f"last 2 blocks' q/k/v/dense + the head, emulator = 2 of the 4 lower blocks; 30 initial "
                    f"and 5 per-round alignment steps; {args.steps} steps, 5 local steps per "
                    "round; FedOT = initial alignment only; FedAvg = the same adapter trained on "
                    "the full model (FedProx at the same proximal weight)",
