@@ -111,7 +111,7 @@ def start_cotune(
     """Start ``cotune <argv>`` (a device, or a server: any command) with ``env``, output to
     ``log_path``: forked from the warm interpreter, or a fresh one behind ``prefix``."""
     if prefix:
-        log_file = open(log_path, "a")  # noqa: SIM115 - the child holds it; closed on exit
+        log_file = open(log_path, "a")  # noqa: SIM115 - the child keeps its own copy of the fd
         try:
             return subprocess.Popen([*prefix, sys.executable, "-m", "cotune.cli", *argv],
                                     env=env, stdout=log_file, stderr=subprocess.STDOUT)  # fmt: skip
