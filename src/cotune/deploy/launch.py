@@ -236,7 +236,7 @@ def launch(
     cfg = cfg.model_copy(update={"engine": eng.model_copy(update=update)})
     procs: list[Any] = []
 
-    def start_cotunes(address: str) -> None:
+    def start_devices(address: str) -> None:
         tls = cfg.engine.tls_dir
         for d in devices:
             prefix, dial = wrap(d, address) if wrap is not None else ([], address)
@@ -256,11 +256,11 @@ def launch(
                 env["COTUNE_TOKEN"] = token_file.read_text().strip()
             procs.append(start_cotune(argv, env, tmp / f"{d}.log", prefix))
 
-    ON_LISTEN.append(start_cotunes)
+    ON_LISTEN.append(start_devices)
     try:
         return run_experiment(cfg, quiet=quiet, overwrite=overwrite, out_root=out_root)
     finally:
-        ON_LISTEN.remove(start_cotunes)
+        ON_LISTEN.remove(start_devices)
         failed = []
         for d, p in zip(devices, procs):
             try:
