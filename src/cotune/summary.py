@@ -45,10 +45,11 @@ def build_summary(exp, result, host_time: float, *, messages: int | None = None)
         if r.get("event") == "eval" and r.get("role") in ("server", "mean")
     ]
     best: dict[str, float] = {}
-    if evals:
-        key = "accuracy" if exp.task == "classification" else "loss"
+    key = "accuracy" if exp.task == "classification" else "loss"
+    scored = [r for r in evals if key in r]  # hat_drafter's evals score its drafter instead
+    if scored:
         pick = max if key == "accuracy" else min
-        b = pick(evals, key=lambda r: r[key])
+        b = pick(scored, key=lambda r: r[key])
         best = {k: b[k] for k in ("step", "loss", "accuracy", "perplexity") if k in b}
     target = cfg.eval.target_accuracy
     reached = None

@@ -112,6 +112,13 @@ CASES = {
         "paradigm": {"name": "clustered", "options": {"local_steps": 2, "every": 1}},
         "devices": {"count": 4},
     },
+    "hat-drafter": {
+        "paradigm": {"name": "hat_drafter", "options": {"local_steps": 2}},
+        "model": {"name_or_path": "random:gpt2", "task": "causal_lm", "max_length": 32,
+                  "random_config": {"n_layer": 3}},
+        "data": {"dataset": "austen", "view": "text", "labels": [], "max_examples": 80},
+        "peft": {"target_modules": ["c_attn"]},
+    },
     "dlora-embed-cloud-delta": {
         "paradigm": {"name": "dlora", "options": {
             "active_fraction": 0.25, "kill_every": 1, "score": "delta", "embed": "cloud",
@@ -264,6 +271,7 @@ RESUMABLE = [
     "split-p2p",
     "splitfrozen",
     "dlora-kill-revive",
+    "hat-drafter",
 ]  # one case per paradigm
 
 

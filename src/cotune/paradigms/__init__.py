@@ -25,6 +25,7 @@ PARADIGMS: dict[str, str] = {
     "fedasync": "cotune.paradigms.fedasync",
     "fedbuff": "cotune.paradigms.fedbuff",
     "clustered": "cotune.paradigms.clustered",
+    "hat_drafter": "cotune.paradigms.hat_drafter",
 }
 
 

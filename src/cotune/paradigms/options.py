@@ -362,6 +362,26 @@ class FedBuffOptions(AsyncOptions):
     server_lr: float = Field(1.0, gt=0.0)  # eta: the step taken along the buffer's mean change
 
 
+class HatDrafterOptions(ParadigmOptions):
+    # HAT's drafter (hat_drafter.py), cut as `cotune infer --cut N_IN,N_OUT` cuts it:
+    n_in: int = Field(1, ge=1)  # blocks on the device before the cloud's middle
+    n_out: int = Field(1, ge=1)  # blocks on the device after it (with the final norm and head)
+    local_steps: int = Field(5, ge=1)  # drafter steps per device between two FedAvg rounds
+    mse_weight: float = Field(1.0, ge=0.0)  # to the middle's output hidden states
+    kl_weight: float = Field(1.0, ge=0.0)  # to the full model's next-token distribution
+    width: int | None = Field(None, ge=1)  # the adapter's inner width (default: hidden size)
+
+    def check_config(self, cfg: RunConfig) -> None:
+        if cfg.model.task != "causal_lm":
+            raise ValueError(
+                f"model.task: hat_drafter drafts tokens, so it needs causal_lm (got {cfg.model.task!r})"
+            )
+        if self.mse_weight == 0 and self.kl_weight == 0:
+            raise ValueError("mse_weight: mse_weight and kl_weight cannot both be 0")
+        if cfg.train.grad_accum != 1:
+            raise ValueError("train.grad_accum: hat_drafter supports only grad_accum: 1")
+
+
 # name -> options model. One line per paradigm (the same names as cotune.paradigms.PARADIGMS).
 OPTIONS: dict[str, type[ParadigmOptions]] = {
     "central": NoOptions,
@@ -376,6 +396,7 @@ OPTIONS: dict[str, type[ParadigmOptions]] = {
     "fedasync": FedAsyncOptions,
     "fedbuff": FedBuffOptions,
     "clustered": ClusteredOptions,
+    "hat_drafter": HatDrafterOptions,
 }
 
 

@@ -1,0 +1,334 @@
+"""HAT's on-device drafter, distilled federatedly: a counted training run (issue 16).
+
+HAT serves a causal LM U-shaped: the device keeps the first ``n_in`` and the last ``n_out``
+blocks (with the embeddings, the final norm and the head), the cloud runs the middle. The
+device drafts tokens with a small adapter standing in for the middle (``MiddleAdapter``). This
+paradigm trains that adapter where its data is, with the costs counted like any other run:
+
+- every step each device embeds a batch of its own text through its input blocks and uploads
+  the hidden states (``embed`` → ``hidden``), exactly what it uploads when serving;
+- the cloud runs its middle blocks on them (no gradient, nothing trains there) and sends the
+  middle's output back (``middle``);
+- the device trains its drafter adapter to reproduce that output (MSE) and, through its own
+  output blocks, the full model's next-token distribution (KL; ``drafter.py``'s loss);
+- every ``local_steps`` steps the devices report their adapters and the server averages them
+  by example count (FedAvg) and sends the average back (``load``).
+
+The model stays frozen everywhere; raw tokens and the next-token distribution never leave the
+device. The product is ``RUN_DIR/drafter/cut-<n_in>-<n_out>/`` (the format ``cotune infer``
+reads: ``cotune infer RUN_DIR`` generates with this run's model and drafter), and the run's
+adapter is the model's own (saved so the run directory is a complete serving package).
+Evaluation reports the drafter's greedy acceptance rate: the share of held-out positions where
+the drafter's top token equals the full model's (the per-token acceptance probability of greedy
+speculative decoding).
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from cotune.aggregation import weighted_average
+from cotune.data import BatchSampler, EncodedDataset
+from cotune.errors import DivergenceError, PeerUnavailable
+from cotune.infer.drafter import DRAFTER_DIR, save_drafter
+from cotune.infer.speculative import MiddleAdapter
+from cotune.infer.split import UCut
+from cotune.models import Activations
+from cotune.paradigms.base import (
+    Experiment,
+    ParadigmResult,
+    mean,
+    parse_options,
+    reply,
+    screen_updates,
+)
+from cotune.paradigms.options import HatDrafterOptions
+from cotune.runtime import Message, Role
+from cotune.runtime.ids import SERVER
+from cotune.runtime.node import NodeContext
+from cotune.runtime.validate import check_activation
+from cotune.train import RoleState, lr_factor
+
+
+@contextmanager
+def frozen(model: torch.nn.Module):
+    """The model's parameters out of autograd (only the drafter trains), restored after."""
+    live = [p for p in model.parameters() if p.requires_grad]
+    for p in live:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in live:
+            p.requires_grad_(True)
+
+
+def distil_loss(
+    guess: torch.Tensor,
+    middle_out: torch.Tensor,
+    mask: torch.Tensor,
+    outputs: Any,
+    opts: HatDrafterOptions,
+) -> torch.Tensor:
+    """MSE to the middle's output plus KL to the full model's next-token distribution, both
+    over the real (unpadded) positions."""
+    w = mask.to(guess.dtype)
+    n = w.sum().clamp_min(1.0)
+    loss = opts.mse_weight * (((guess - middle_out) ** 2).mean(-1) * w).sum() / n
+    if opts.kl_weight:
+        with torch.no_grad():
+            target = F.log_softmax(outputs(Activations(middle_out, mask)).float(), -1)
+        logits = outputs(Activations(guess, mask)).float()
+        kl = F.kl_div(F.log_softmax(logits, -1), target, log_target=True, reduction="none")
+        loss = loss + opts.kl_weight * (kl.sum(-1) * w).sum() / n
+    return loss
+
+
+class DrafterDevice(Role):
+    """A device: its input and output blocks (frozen), its drafter adapter and optimizer."""
+
+    def __init__(self, ctx: NodeContext) -> None:
+        super().__init__(ctx.node_id)
+        if ctx.data is None:
+            raise RuntimeError(f"{ctx.node_id} holds no data")
+        self.ctx, self.data = ctx, ctx.data
+        self.opts = parse_options(HatDrafterOptions, ctx.cfg.paradigm.options)
+        self.model = ctx.model
+        anatomy = self.model.loaded.anatomy
+        L = anatomy.num_layers
+        self.inputs = anatomy.segment(0, self.opts.n_in)
+        self.outputs = anatomy.segment(L - self.opts.n_out, L)
+        train = ctx.cfg.train
+        self.adapter = MiddleAdapter(anatomy.hidden_size, self.opts.width).to(ctx.device)
+        self.optimizer = torch.optim.AdamW(
+            self.adapter.parameters(), lr=train.lr, betas=train.betas,
+            weight_decay=train.weight_decay,
+        )  # fmt: skip
+        self.sampler = BatchSampler(len(self.data), train.batch_size, ctx.seed)
+        self.step = 0
+        self.pending: tuple[torch.Tensor, torch.Tensor] | None = None  # (hidden, mask) sent up
+
+    def on_load(self, msg: Message) -> Message:
+        self.adapter.load_state_dict({k: v.to(self.ctx.device) for k, v in msg.tensors.items()})
+        return reply(msg, "loaded")
+
+    def on_embed(self, msg: Message) -> Message:
+        """A batch of its own text through its input blocks; the hidden states go up."""
+        batch = self.data.batch(self.sampler.next_indices())
+        ids = batch.input_ids.to(self.ctx.device)
+        mask = batch.attention_mask.to(self.ctx.device)
+        meter = self.ctx.meter
+        with torch.no_grad():
+            acts, flops = meter.flops.run(
+                "hat-inputs", self.inputs, ids, mask, dims=tuple(ids.shape)
+            )
+        meter.compute(flops, round=int(msg.meta["round"]), label="input blocks")
+        self.pending = (acts.hidden, mask)
+        return reply(msg, "hidden", {"hidden": acts.hidden, "attention_mask": mask},
+                     step=msg.meta["step"])  # fmt: skip
+
+    def on_middle(self, msg: Message) -> Message:
+        """One drafter step towards the middle's output the cloud sent back."""
+        if self.pending is None:
+            raise PeerUnavailable(f"{self.role_id}: 'middle' without a batch embedded first")
+        hidden, mask = self.pending
+        self.pending = None
+        target = check_activation(
+            f"{msg.describe()}: tensor 'hidden'", msg.tensors["hidden"],
+            shape=tuple(hidden.shape), dtype=hidden.dtype,
+        ).to(self.ctx.device)  # fmt: skip
+        train, meter = self.ctx.cfg.train, self.ctx.meter
+        lr = train.lr * lr_factor(self.step, train.steps, train.warmup_steps, train.schedule)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+        def fwd_bwd(h: torch.Tensor, t: torch.Tensor, m: torch.Tensor) -> float:
+            loss = distil_loss(self.adapter(h), t, m, self.outputs, self.opts)
+            loss.backward()
+            return float(loss.detach())
+
+        self.optimizer.zero_grad()
+        with frozen(self.model.loaded.model):
+            loss, flops = meter.flops.run(
+                "hat-distil", fwd_bwd, hidden, target, mask, dims=tuple(mask.shape)
+            )
+        if not math.isfinite(loss):
+            if train.on_nonfinite == "stop":
+                raise DivergenceError(f"drafter loss is {loss} at step {self.step + 1}",
+                                      role=self.role_id, step=self.step + 1)  # fmt: skip
+        else:
+            if train.max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(self.adapter.parameters(), train.max_grad_norm)
+            self.optimizer.step()
+        self.step += 1
+        meter.compute(flops, round=int(msg.meta["round"]), label="drafter")
+        return reply(msg, "distilled", loss=loss, lr=lr, step=self.step)
+
+    def on_report(self, msg: Message) -> Message:
+        tensors = {k: v.detach().clone() for k, v in self.adapter.state_dict().items()}
+        return reply(msg, "drafter", tensors, examples=len(self.data))
+
+    def snapshot(self) -> RoleState:
+        return RoleState(
+            params={k: v.detach().clone() for k, v in self.adapter.state_dict().items()},
+            optim={"adamw": self.optimizer.state_dict()},
+            step=self.step,
+            sampler=self.sampler.state_dict(),
+        )
+
+    def restore(self, state: RoleState | None) -> None:
+        if state is None:
+            return
+        self.adapter.load_state_dict(state.params)
+        self.optimizer.load_state_dict(state.optim["adamw"])
+        self.step = state.step
+        if state.sampler is not None:
+            self.sampler.load_state_dict(state.sampler)
+
+
+def ask(grid: Any, msgs: list[Message], codec: str | None = None) -> list[Message]:
+    """Every device's reply (sent together; a drafter step has no quorum)."""
+    out = []
+    for f in grid.submit_many(msgs, codec=codec):
+        r = f.result()
+        if not r.ok or r.message is None:
+            raise PeerUnavailable(f"{r.role}: {r.error}")
+        out.append(r.message)
+    return out
+
+
+@torch.no_grad()
+def drafter_metrics(
+    anatomy: Any, cut: UCut, adapter: MiddleAdapter, test: EncodedDataset, batch_size: int,
+    opts: HatDrafterOptions,
+) -> dict[str, float]:  # fmt: skip
+    """Measurement on the held-out text: the greedy acceptance rate (the drafter's top token
+    equals the full model's) and the distillation loss, over real positions."""
+    L = anatomy.num_layers
+    inputs, middle = anatomy.segment(0, cut.n_in), anatomy.segment(cut.n_in, L - cut.n_out)
+    outputs = anatomy.segment(L - cut.n_out, L)
+    agree = total = 0.0
+    loss_sum = 0.0
+    for start in range(0, len(test), batch_size):
+        b = test.batch(list(range(start, min(len(test), start + batch_size))))
+        dev = next(adapter.parameters()).device
+        ids, mask = b.input_ids.to(dev), b.attention_mask.to(dev)
+        h = inputs(ids, mask)
+        mid = middle(h).hidden
+        guess = adapter(h.hidden)
+        full = outputs(Activations(mid, mask)).argmax(-1)
+        draft = outputs(Activations(guess, mask)).argmax(-1)
+        real = mask.bool()
+        agree += float((full == draft)[real].sum())
+        n = float(real.sum())
+        total += n
+        loss_sum += float(distil_loss(guess, mid, mask, outputs, opts)) * n
+    return {
+        "drafter_acceptance": agree / max(total, 1.0),
+        "drafter_loss": loss_sum / max(total, 1.0),
+    }
+
+
+def preflight(exp: Experiment) -> None:
+    """The cut must leave the cloud at least one block (before any file is written)."""
+    opts = parse_options(HatDrafterOptions, exp.cfg.paradigm.options)
+    UCut(opts.n_in, opts.n_out).check(exp.model.loaded.anatomy.num_layers)
+
+
+def run(exp: Experiment) -> ParadigmResult:
+    cfg, grid = exp.cfg, exp.grid
+    opts = parse_options(HatDrafterOptions, cfg.paradigm.options)
+    cut = UCut(opts.n_in, opts.n_out)
+    devices = grid.node_ids("device-")
+    for d in devices:
+        grid.start(d, DrafterDevice)
+    ctx = grid.context(SERVER)
+    anatomy = ctx.model.loaded.anatomy
+    L = anatomy.num_layers
+    cut.check(L)
+    middle = anatomy.segment(cut.n_in, L - cut.n_out)
+    # The model's own adapter, untouched: what the drafter was distilled for, saved with it.
+    model_state = ctx.model.trainer.new_state(cfg.seed, ctx.model.initial_params())
+    with torch.random.fork_rng(devices=[]):  # the drafter's init, seeded, leaves the RNG be
+        torch.manual_seed(cfg.seed)
+        drafter = MiddleAdapter(anatomy.hidden_size, opts.width).to(ctx.device)
+    glob = {k: v.detach().clone() for k, v in drafter.state_dict().items()}
+    codec = cfg.engine.activation_codec
+
+    start, rnd = 0, 0
+    if exp.resume is not None:
+        for d in devices:
+            grid.restore(d, exp.resume["states"].get(d))
+        start = int(exp.resume["step"])
+        glob, rnd = exp.resume["extra"]["drafter"], int(exp.resume["extra"]["round"])
+
+    total, points = cfg.train.steps, exp.eval_points()
+    ends = sorted({*range(opts.local_steps, total, opts.local_steps), *points, total})
+    last_eval: dict[str, float] = {}
+    rejected_total = 0
+    with exp.progress(total - start, f"hat_drafter {cfg.name}") as bar:
+        step = start
+        for end in [e for e in ends if e > start]:
+            rnd += 1
+            ask(grid, [Message("load", SERVER, d, glob, {"round": rnd}) for d in devices])
+            for s in range(step + 1, end + 1):
+                meta = {"round": rnd, "step": s}
+                ups = ask(grid, [Message("embed", SERVER, d, {}, meta) for d in devices], codec)
+                downs = []
+                for m in ups:  # the cloud's middle, in arrival order of the uploads
+                    hidden = check_activation(
+                        f"{m.describe()}: tensor 'hidden'", m.tensors["hidden"],
+                        shape=(None, None, anatomy.hidden_size),
+                    )  # fmt: skip
+                    acts = Activations(
+                        hidden.to(ctx.device), m.tensors["attention_mask"].to(ctx.device)
+                    )
+                    with torch.no_grad():
+                        out, flops = ctx.meter.flops.run(
+                            "hat-middle", middle, acts, dims=tuple(acts.attention_mask.shape)
+                        )
+                    ctx.meter.compute(flops, round=rnd, after=m.arrival, label="middle")
+                    downs.append(Message("middle", SERVER, m.sender, {"hidden": out.hidden}, meta))
+                done = ask(grid, downs, codec)
+                losses = [float(r.meta["loss"]) for r in done]
+                exp.log_record("train", s, "mean", round=rnd, loss=mean(losses),
+                               lr=float(done[0].meta["lr"]))  # fmt: skip
+                for r in done:
+                    exp.log_record("train", s, r.sender, round=rnd, loss=float(r.meta["loss"]))
+                bar.update(1, train_loss=mean(losses))
+            step = end
+            reports = ask(grid, [Message("report", SERVER, d, {}, {"round": rnd}) for d in devices])
+            good, rejected = screen_updates(reports, lambda _d, ref=glob: ref)
+            rejected_total += len(rejected)
+            if good:
+                glob = weighted_average([m.tensors for m in good],
+                                        [float(m.meta["examples"]) for m in good])  # fmt: skip
+            exp.log_record("round", step, SERVER, round=rnd, reported=len(good),
+                           rejected=len(rejected))  # fmt: skip
+            if step in points:
+                drafter.load_state_dict(glob)
+                last_eval = drafter_metrics(anatomy, cut, drafter, exp.test_set,
+                                            cfg.eval.batch_size, opts)  # fmt: skip
+                exp.log_record("eval", step, SERVER, round=rnd, **last_eval)
+                bar.update(0, acceptance=last_eval["drafter_acceptance"])
+            exp.maybe_checkpoint(
+                step,
+                lambda: {**grid.snapshots(devices), SERVER: model_state},
+                {"drafter": glob, "round": rnd},
+            )
+    drafter.load_state_dict(glob)
+    where = exp.run_dir / DRAFTER_DIR / f"cut-{cut.n_in}-{cut.n_out}"
+    save_drafter(drafter.cpu(), cut, where, {
+        "paradigm": "hat_drafter", "steps": total, "devices": len(devices),
+        "local_steps": opts.local_steps, **last_eval})  # fmt: skip
+    final = {**exp.evaluate_state(model_state), **last_eval}
+    return ParadigmResult(
+        states={SERVER: model_state},
+        final_eval=final,
+        extra={"drafter_dir": str(where), "rejected_updates": rejected_total},
+    )

@@ -1,0 +1,115 @@
+"""hat_drafter: HAT's drafter distilled federatedly as a counted run, then served by `cotune infer`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from cotune.cli import main
+from cotune.errors import ConfigError
+from cotune.infer.drafter import load_drafter
+from cotune.infer.split import UCut
+from cotune.run import run_experiment
+
+LM = {
+    "model": {"name_or_path": "random:gpt2", "task": "causal_lm", "max_length": 32,
+              "random_config": {"n_layer": 4}},
+    "data": {"dataset": "austen", "view": "text", "labels": [], "max_examples": 80},
+    "peft": {"target_modules": ["c_attn"]},
+    "train": {"steps": 6, "batch_size": 4, "lr": 1e-3, "warmup_steps": 0},
+    "eval": {"every": 3, "max_examples": 16},
+}  # fmt: skip
+
+
+def drafter_config(tiny_config, **over):
+    sections = {"name": "drafter", **LM,
+                "paradigm": {"name": "hat_drafter", "options": {"local_steps": 3}}}  # fmt: skip
+    for k, v in over.items():
+        sections[k] = {**sections.get(k, {}), **v} if isinstance(v, dict) else v
+    return tiny_config(**sections)
+
+
+def records(run_dir):
+    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_devices_distil_a_drafter_that_learns_and_every_exchange_is_counted(tiny_config):
+    run_dir = run_experiment(drafter_config(tiny_config), quiet=True, report=False)
+    recs = records(run_dir)
+    mean = [r["loss"] for r in recs if r["event"] == "train" and r["role"] == "mean"]
+    assert len(mean) == 6 and mean[-1] < mean[0]  # distillation makes progress
+    evals = [r for r in recs if r["event"] == "eval"]
+    assert [r["step"] for r in evals] == [3, 6]
+    # an untrained drafter (identity: it skips the middle) vs the distilled one
+    assert 0.0 <= evals[0]["drafter_acceptance"] <= 1.0
+    assert evals[-1]["drafter_loss"] < evals[0]["drafter_loss"]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["final"]["drafter_acceptance"] == evals[-1]["drafter_acceptance"]
+    roles = summary["costs"]["roles"]
+    # the devices ran their input blocks and trained the drafter; the cloud ran the middle
+    assert roles["device-0"]["flops"] > 0 and roles["server"]["flops"] > 0
+    # per step and device: hidden states up, the middle's output down, both [4, T, 64] floats;
+    # plus each round's adapter down (load) and up (report)
+    assert summary["bytes"]["up"] > 6 * 2 * 4 * 8 * 64 * 4  # at least 8 positions a batch
+    assert summary["bytes"]["down"] > 6 * 2 * 4 * 8 * 64 * 4
+    # the product: a drafter `cotune infer` reads, and the model's own adapter
+    drafter = load_drafter(run_dir / "drafter" / "cut-1-1", UCut(1, 1), 64)
+    assert drafter is not None
+    assert (run_dir / "adapter").is_dir()
+
+
+def test_the_run_directory_serves_with_its_drafter(tiny_config, tmp_path, capsys):
+    run_dir = run_experiment(drafter_config(tiny_config), quiet=True, report=False)
+    meta = json.loads((run_dir / "drafter" / "cut-1-1" / "drafter.json").read_text())
+    assert meta["paradigm"] == "hat_drafter" and meta["devices"] == 2
+    capsys.readouterr()
+    out = tmp_path / "gen.json"
+    args = ["infer", str(run_dir), "--prompt", "It is a truth", "--max-new-tokens", "4",
+            "--json", str(out)]  # fmt: skip
+    assert main(args) == 0
+    assert "distilling" not in capsys.readouterr().err  # the run's drafter, not a new one
+    assert len(json.loads(out.read_text())["tokens"]) == 4
+
+
+@pytest.mark.parametrize("kind", ["local", "isolated"])
+def test_resume_equals_the_uninterrupted_run(tiny_config, kind):
+    from cotune.rundir import checkpoints
+    from tests.paradigms.test_central_local import kill_after
+
+    over = {"output": {"checkpoint_every": 2, "keep_checkpoints": 100},
+            "engine": {"kind": kind}}  # fmt: skip
+    whole = run_experiment(
+        drafter_config(tiny_config, name="whole", **over), quiet=True, report=False
+    )
+    cfg = drafter_config(tiny_config, name="part", **over)
+    run_dir = run_experiment(cfg, quiet=True, report=False)
+    first = checkpoints(run_dir)[0].parent.name
+    kill_after(run_dir, int(first.removeprefix("step-")))
+    (run_dir / "summary.json").unlink()
+    run_experiment(cfg, quiet=True, report=False, resume=True)
+    a = json.loads((whole / "summary.json").read_text())
+    b = json.loads((run_dir / "summary.json").read_text())
+    assert a["final"] == b["final"] and a["sim_time_s"] == b["sim_time_s"]
+    from safetensors.torch import load_file
+
+    pa, pb = (
+        load_file(r / "drafter" / "cut-1-1" / "drafter.safetensors") for r in (whole, run_dir)
+    )
+    assert pa.keys() == pb.keys() and all(torch.equal(pa[k], pb[k]) for k in pa)
+
+
+def test_bad_settings_are_refused_before_anything_runs(tiny_config):
+    with pytest.raises(ConfigError, match="model.task: hat_drafter drafts tokens"):
+        tiny_config(paradigm={"name": "hat_drafter"})
+    with pytest.raises(ConfigError, match="mse_weight and kl_weight cannot both be 0"):
+        drafter_config(tiny_config, paradigm={"name": "hat_drafter",
+                                              "options": {"mse_weight": 0, "kl_weight": 0}})  # fmt: skip
+    cfg = drafter_config(
+        tiny_config, paradigm={"name": "hat_drafter", "options": {"n_in": 2, "n_out": 2}}
+    )
+    with pytest.raises(ConfigError, match="cut"):
+        run_experiment(cfg, quiet=True, report=False)
+    assert not (Path(cfg.output.dir) / cfg.name).exists()  # refused before any file
