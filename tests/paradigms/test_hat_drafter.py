@@ -113,3 +113,28 @@ def test_bad_settings_are_refused_before_anything_runs(tiny_config):
     with pytest.raises(ConfigError, match="cut"):
         run_experiment(cfg, quiet=True, report=False)
     assert not (Path(cfg.output.dir) / cfg.name).exists()  # refused before any file
+
+
+def test_a_device_uploading_bad_hidden_states_skips_its_step_and_the_run_goes_on(
+    tiny_config, monkeypatch
+):
+    from cotune.paradigms import hat_drafter
+
+    real = hat_drafter.DrafterDevice.on_embed
+
+    def poisoned(self, msg):
+        out = real(self, msg)
+        if self.role_id == "device-1" and msg.meta["step"] == 2:
+            out.tensors["hidden"] = torch.full_like(out.tensors["hidden"], float("nan"))
+        return out
+
+    monkeypatch.setattr(hat_drafter.DrafterDevice, "on_embed", poisoned)
+    run_dir = run_experiment(drafter_config(tiny_config), quiet=True, report=False)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["extra"]["rejected_uploads"] == 1
+    step2 = [r for r in records(run_dir) if r["event"] == "train" and r["step"] == 2]
+    assert {r["role"] for r in step2} == {"mean", "device-0"}  # device-1 skipped that step
+    import math
+
+    assert all(math.isfinite(r["loss"]) for r in step2)
+    assert math.isfinite(summary["final"]["drafter_acceptance"])

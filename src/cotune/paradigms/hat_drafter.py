@@ -25,6 +25,7 @@ speculative decoding).
 
 from __future__ import annotations
 
+import logging
 import math
 from contextlib import contextmanager
 from typing import Any
@@ -34,7 +35,7 @@ import torch.nn.functional as F
 
 from cotune.aggregation import weighted_average
 from cotune.data import BatchSampler, EncodedDataset
-from cotune.errors import DivergenceError, PeerUnavailable
+from cotune.errors import DivergenceError, PeerUnavailable, ProtocolError
 from cotune.infer.drafter import DRAFTER_DIR, save_drafter
 from cotune.infer.speculative import MiddleAdapter
 from cotune.infer.split import UCut
@@ -53,6 +54,8 @@ from cotune.runtime.ids import SERVER
 from cotune.runtime.node import NodeContext
 from cotune.runtime.validate import check_activation
 from cotune.train import RoleState, lr_factor
+
+log = logging.getLogger(__name__)
 
 
 @contextmanager
@@ -135,7 +138,7 @@ class DrafterDevice(Role):
     def on_middle(self, msg: Message) -> Message:
         """One drafter step towards the middle's output the cloud sent back."""
         if self.pending is None:
-            raise PeerUnavailable(f"{self.role_id}: 'middle' without a batch embedded first")
+            raise ProtocolError(f"{self.role_id}: 'middle' without a batch embedded first")
         hidden, mask = self.pending
         self.pending = None
         target = check_activation(
@@ -189,6 +192,23 @@ class DrafterDevice(Role):
         self.step = state.step
         if state.sampler is not None:
             self.sampler.load_state_dict(state.sampler)
+
+
+def checked_upload(m: Message, hidden_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A device's upload as the cloud accepts it: finite ``[B, T, D]`` hidden states and a
+    ``[B, T]`` 0/1 attention mask; else ``ProtocolError`` naming the sender and the tensor."""
+    for name in ("hidden", "attention_mask"):
+        if name not in m.tensors:
+            raise ProtocolError(f"{m.describe()}: no tensor {name!r}")
+    hidden = check_activation(f"{m.describe()}: tensor 'hidden'", m.tensors["hidden"],
+                              shape=(None, None, hidden_size))  # fmt: skip
+    mask = m.tensors["attention_mask"]
+    if tuple(mask.shape) != tuple(hidden.shape[:2]) or bool(((mask != 0) & (mask != 1)).any()):
+        raise ProtocolError(
+            f"{m.describe()}: tensor 'attention_mask' must be 0/1 of shape "
+            f"{list(hidden.shape[:2])}, got {list(mask.shape)}"
+        )
+    return hidden, mask
 
 
 def ask(grid: Any, msgs: list[Message], codec: str | None = None) -> list[Message]:
@@ -270,7 +290,7 @@ def run(exp: Experiment) -> ParadigmResult:
     total, points = cfg.train.steps, exp.eval_points()
     ends = sorted({*range(opts.local_steps, total, opts.local_steps), *points, total})
     last_eval: dict[str, float] = {}
-    rejected_total = 0
+    rejected_total = bad_uploads = 0
     with exp.progress(total - start, f"hat_drafter {cfg.name}") as bar:
         step = start
         for end in [e for e in ends if e > start]:
@@ -281,13 +301,13 @@ def run(exp: Experiment) -> ParadigmResult:
                 ups = ask(grid, [Message("embed", SERVER, d, {}, meta) for d in devices], codec)
                 downs = []
                 for m in ups:  # the cloud's middle, in arrival order of the uploads
-                    hidden = check_activation(
-                        f"{m.describe()}: tensor 'hidden'", m.tensors["hidden"],
-                        shape=(None, None, anatomy.hidden_size),
-                    )  # fmt: skip
-                    acts = Activations(
-                        hidden.to(ctx.device), m.tensors["attention_mask"].to(ctx.device)
-                    )
+                    try:
+                        hidden, mask = checked_upload(m, anatomy.hidden_size)
+                    except ProtocolError as err:  # that device skips this step; the run goes on
+                        log.warning("skipped a step of %s: %s", m.sender, err)
+                        bad_uploads += 1
+                        continue
+                    acts = Activations(hidden.to(ctx.device), mask.to(ctx.device))
                     with torch.no_grad():
                         out, flops = ctx.meter.flops.run(
                             "hat-middle", middle, acts, dims=tuple(acts.attention_mask.shape)
@@ -296,8 +316,8 @@ def run(exp: Experiment) -> ParadigmResult:
                     downs.append(Message("middle", SERVER, m.sender, {"hidden": out.hidden}, meta))
                 done = ask(grid, downs, codec)
                 losses = [float(r.meta["loss"]) for r in done]
-                exp.log_record("train", s, "mean", round=rnd, loss=mean(losses),
-                               lr=float(done[0].meta["lr"]))  # fmt: skip
+                lr = float(done[0].meta["lr"]) if done else math.nan
+                exp.log_record("train", s, "mean", round=rnd, loss=mean(losses), lr=lr)
                 for r in done:
                     exp.log_record("train", s, r.sender, round=rnd, loss=float(r.meta["loss"]))
                 bar.update(1, train_loss=mean(losses))
@@ -330,5 +350,9 @@ def run(exp: Experiment) -> ParadigmResult:
     return ParadigmResult(
         states={SERVER: model_state},
         final_eval=final,
-        extra={"drafter_dir": str(where), "rejected_updates": rejected_total},
+        extra={
+            "drafter_dir": str(where),
+            "rejected_updates": rejected_total,
+            "rejected_uploads": bad_uploads,
+        },
     )
