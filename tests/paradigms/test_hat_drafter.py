@@ -74,8 +74,8 @@ def test_the_run_directory_serves_with_its_drafter(tiny_config, tmp_path, capsys
     assert len(json.loads(out.read_text())["tokens"]) == 4
 
 
-@pytest.mark.parametrize("kind", ["local", "isolated"])
-def test_resume_equals_the_uninterrupted_run(tiny_config, kind):
+def test_resume_equals_the_uninterrupted_run(tiny_config):
+    """The drafter and its optimizer resume exactly (isolated: test_engines' RESUMABLE)."""
     from cotune.rundir import checkpoints
     from tests.paradigms.test_central_local import kill_after
 
