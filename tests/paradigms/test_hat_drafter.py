@@ -80,7 +80,7 @@ def test_resume_equals_the_uninterrupted_run(tiny_config):
     from tests.paradigms.test_central_local import kill_after
 
     over = {"output": {"checkpoint_every": 2, "keep_checkpoints": 100},
-            "engine": {"kind": kind}}  # fmt: skip
+            "engine": {"kind": "local"}}  # fmt: skip
     whole = run_experiment(
         drafter_config(tiny_config, name="whole", **over), quiet=True, report=False
     )
