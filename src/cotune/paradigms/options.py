@@ -366,7 +366,8 @@ class HatDrafterOptions(ParadigmOptions):
     # HAT's drafter (hat_drafter.py), cut as `cotune infer --cut N_IN,N_OUT` cuts it:
     n_in: int = Field(1, ge=1)  # blocks on the device before the cloud's middle
     n_out: int = Field(1, ge=1)  # blocks on the device after it (with the final norm and head)
-    local_steps: int = Field(5, ge=1)  # drafter steps per device per FedAvg round (eval points end one too)
+    # Drafter steps per device per FedAvg round (an evaluation point ends a round too).
+    local_steps: int = Field(5, ge=1)
     mse_weight: float = Field(1.0, ge=0.0)  # to the middle's output hidden states
     kl_weight: float = Field(1.0, ge=0.0)  # to the full model's next-token distribution
     width: int | None = Field(None, ge=1)  # the adapter's inner width (default: hidden size)
