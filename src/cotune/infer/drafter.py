@@ -10,9 +10,11 @@ reconstruction (docs/methods.md, HAT).
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +37,42 @@ class DrafterTraining:
     kl_weight: float = 1.0
     mse_weight: float = 1.0
     seed: int = 0
+
+
+@contextmanager
+def frozen(model: torch.nn.Module) -> Iterator[None]:
+    """The model's parameters out of autograd (only the drafter trains), restored after."""
+    live = [p for p in model.parameters() if p.requires_grad]
+    for p in live:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in live:
+            p.requires_grad_(True)
+
+
+def distil_loss(
+    guess: torch.Tensor,
+    middle_out: torch.Tensor,
+    mask: torch.Tensor,
+    outputs: Any,
+    *,
+    mse_weight: float,
+    kl_weight: float,
+) -> torch.Tensor:
+    """MSE to the middle's output plus KL to the full model's next-token distribution through
+    the device's output blocks (``outputs``), both over the real (unpadded) positions."""
+    w = mask.to(guess.dtype)
+    n = w.sum().clamp_min(1.0)
+    loss = mse_weight * (((guess - middle_out) ** 2).mean(-1) * w).sum() / n
+    if kl_weight:
+        with torch.no_grad():
+            target = F.log_softmax(outputs(Activations(middle_out, mask)).float(), -1)
+        logits = outputs(Activations(guess, mask)).float()
+        kl = F.kl_div(F.log_softmax(logits, -1), target, log_target=True, reduction="none")
+        loss = loss + kl_weight * (kl.sum(-1) * w).sum() / n
+    return loss
 
 
 def _batches(sequences: Sequence[list[int]], cfg: DrafterTraining) -> torch.Tensor:
@@ -72,32 +110,23 @@ def train_drafter(
     opt = torch.optim.AdamW(adapter.parameters(), lr=cfg.lr)
     was_training = anatomy.model.training
     anatomy.model.eval()
-    frozen = [p for p in anatomy.model.parameters() if p.requires_grad]
-    for p in frozen:
-        p.requires_grad_(False)
     losses: list[float] = []
     try:
-        for step, ids in zip(range(1, cfg.steps + 1), _batches(sequences, cfg)):
-            mask = torch.ones_like(ids)
-            with torch.no_grad():
-                h_in = inputs(ids, mask)
-                h_mid = middle(h_in)
-                target = F.log_softmax(outputs(h_mid).float(), -1)
-            guess = adapter(h_in.hidden)
-            loss = cfg.mse_weight * F.mse_loss(guess, h_mid.hidden)
-            if cfg.kl_weight:
-                logits = outputs(Activations(guess, mask)).float()
-                kl = F.kl_div(F.log_softmax(logits, -1), target, log_target=True, reduction="none")
-                loss = loss + cfg.kl_weight * kl.sum(-1).mean()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            losses.append(loss.item())
-            if on_step is not None:
-                on_step(step, losses[-1])
+        with frozen(anatomy.model):
+            for step, ids in zip(range(1, cfg.steps + 1), _batches(sequences, cfg)):
+                mask = torch.ones_like(ids)
+                with torch.no_grad():
+                    h_in = inputs(ids, mask)
+                    h_mid = middle(h_in)
+                loss = distil_loss(adapter(h_in.hidden), h_mid.hidden, mask, outputs,
+                                   mse_weight=cfg.mse_weight, kl_weight=cfg.kl_weight)  # fmt: skip
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                losses.append(loss.item())
+                if on_step is not None:
+                    on_step(step, losses[-1])
     finally:
-        for p in frozen:
-            p.requires_grad_(True)
         anatomy.model.train(was_training)
     return adapter.eval(), losses
 

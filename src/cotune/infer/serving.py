@@ -25,7 +25,8 @@ import statistics
 from dataclasses import dataclass, field
 from typing import Any
 
-from cotune.infer.timeline import Step
+from cotune.infer.timeline import CLOUD, Step
+from cotune.sim.clock import VirtualClock
 from cotune.sim.profiles import DeviceProfile
 
 #: Memory bandwidth of the built-in cloud profiles, bytes/s (NVIDIA datasheets: A100 SXM 80GB
@@ -60,10 +61,6 @@ class _Device:
     token_times: list[float] = field(default_factory=list)
 
 
-def _link(a: DeviceProfile, b: DeviceProfile, nbytes: int) -> float:
-    return a.latency_s + b.latency_s + nbytes / min(a.up_bps, b.down_bps)
-
-
 def serve(
     traces: dict[str, list[Step]], profiles: dict[str, DeviceProfile], cloud: Cloud
 ) -> dict[str, Any]:
@@ -71,6 +68,9 @@ def serve(
     if cloud.max_batch < 1:
         raise ValueError(f"max_batch must be >= 1, got {cloud.max_batch}")
     devices = {d: _Device(d, profiles[d], list(t)) for d, t in traces.items() if t}
+    # Link times by the simulator's own rule (this loop keeps its own timelines: the cloud
+    # batches, which VirtualClock's one-job-at-a-time compute does not model).
+    link = VirtualClock({**{d: profiles[d] for d in devices}, CLOUD: cloud.profile}).link_time
     arrivals: list[tuple[float, int, str, int]] = []  # (time at the cloud, seq, device, step)
     seq = 0
 
@@ -85,7 +85,7 @@ def serve(
         for i in range(dev.cursor, dev.cursor + n):
             s = dev.trace[i]
             t = dev.free + s.device_before / dev.profile.flops
-            dev.free = t + _link(dev.profile, cloud.profile, s.up)
+            dev.free = t + link(dev.name, CLOUD, s.up)
             heapq.heappush(arrivals, (dev.free, seq, dev.name, i))
             seq += 1
         dev.cursor += n
@@ -93,7 +93,7 @@ def serve(
     def reply(dev: _Device, i: int, done: float) -> None:
         s = dev.trace[i]
         start = max(done, dev.free)
-        dev.free = start + _link(cloud.profile, dev.profile, s.down)
+        dev.free = start + link(CLOUD, dev.name, s.down)
         dev.free += s.device_after / dev.profile.flops
         last_prefill = s.kind == "prefill" and (
             i + 1 == len(dev.trace) or dev.trace[i + 1].kind != "prefill"

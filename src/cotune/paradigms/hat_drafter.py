@@ -27,16 +27,14 @@ from __future__ import annotations
 
 import logging
 import math
-from contextlib import contextmanager
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from cotune.aggregation import weighted_average
 from cotune.data import BatchSampler, EncodedDataset
-from cotune.errors import DivergenceError, PeerUnavailable, ProtocolError
-from cotune.infer.drafter import DRAFTER_DIR, save_drafter
+from cotune.errors import DivergenceError, ProtocolError
+from cotune.infer.drafter import DRAFTER_DIR, distil_loss, frozen, save_drafter
 from cotune.infer.speculative import MiddleAdapter
 from cotune.infer.split import UCut
 from cotune.models import Activations
@@ -56,40 +54,6 @@ from cotune.runtime.validate import check_activation
 from cotune.train import RoleState, lr_factor
 
 log = logging.getLogger(__name__)
-
-
-@contextmanager
-def frozen(model: torch.nn.Module):
-    """The model's parameters out of autograd (only the drafter trains), restored after."""
-    live = [p for p in model.parameters() if p.requires_grad]
-    for p in live:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p in live:
-            p.requires_grad_(True)
-
-
-def distil_loss(
-    guess: torch.Tensor,
-    middle_out: torch.Tensor,
-    mask: torch.Tensor,
-    outputs: Any,
-    opts: HatDrafterOptions,
-) -> torch.Tensor:
-    """MSE to the middle's output plus KL to the full model's next-token distribution, both
-    over the real (unpadded) positions."""
-    w = mask.to(guess.dtype)
-    n = w.sum().clamp_min(1.0)
-    loss = opts.mse_weight * (((guess - middle_out) ** 2).mean(-1) * w).sum() / n
-    if opts.kl_weight:
-        with torch.no_grad():
-            target = F.log_softmax(outputs(Activations(middle_out, mask)).float(), -1)
-        logits = outputs(Activations(guess, mask)).float()
-        kl = F.kl_div(F.log_softmax(logits, -1), target, log_target=True, reduction="none")
-        loss = loss + opts.kl_weight * (kl.sum(-1) * w).sum() / n
-    return loss
 
 
 class DrafterDevice(Role):
@@ -151,7 +115,9 @@ class DrafterDevice(Role):
             group["lr"] = lr
 
         def fwd_bwd(h: torch.Tensor, t: torch.Tensor, m: torch.Tensor) -> float:
-            loss = distil_loss(self.adapter(h), t, m, self.outputs, self.opts)
+            o = self.opts
+            loss = distil_loss(self.adapter(h), t, m, self.outputs,
+                               mse_weight=o.mse_weight, kl_weight=o.kl_weight)  # fmt: skip
             loss.backward()
             return float(loss.detach())
 
@@ -211,17 +177,6 @@ def checked_upload(m: Message, hidden_size: int) -> tuple[torch.Tensor, torch.Te
     return hidden, mask
 
 
-def ask(grid: Any, msgs: list[Message], codec: str | None = None) -> list[Message]:
-    """Every device's reply (sent together; a drafter step has no quorum)."""
-    out = []
-    for f in grid.submit_many(msgs, codec=codec):
-        r = f.result()
-        if not r.ok or r.message is None:
-            raise PeerUnavailable(f"{r.role}: {r.error}")
-        out.append(r.message)
-    return out
-
-
 @torch.no_grad()
 def drafter_metrics(
     anatomy: Any, cut: UCut, adapter: MiddleAdapter, test: EncodedDataset, batch_size: int,
@@ -247,7 +202,9 @@ def drafter_metrics(
         agree += float((full == draft)[real].sum())
         n = float(real.sum())
         total += n
-        loss_sum += float(distil_loss(guess, mid, mask, outputs, opts)) * n
+        loss = distil_loss(guess, mid, mask, outputs,
+                           mse_weight=opts.mse_weight, kl_weight=opts.kl_weight)  # fmt: skip
+        loss_sum += float(loss) * n
     return {
         "drafter_acceptance": agree / max(total, 1.0),
         "drafter_loss": loss_sum / max(total, 1.0),
@@ -295,10 +252,12 @@ def run(exp: Experiment) -> ParadigmResult:
         step = start
         for end in [e for e in ends if e > start]:
             rnd += 1
-            ask(grid, [Message("load", SERVER, d, glob, {"round": rnd}) for d in devices])
+            grid.request_many([Message("load", SERVER, d, glob, {"round": rnd}) for d in devices])
             for s in range(step + 1, end + 1):
                 meta = {"round": rnd, "step": s}
-                ups = ask(grid, [Message("embed", SERVER, d, {}, meta) for d in devices], codec)
+                ups = grid.request_many(
+                    [Message("embed", SERVER, d, {}, meta) for d in devices], codec=codec
+                )
                 downs = []
                 for m in ups:  # the cloud's middle, in arrival order of the uploads
                     try:
@@ -314,7 +273,7 @@ def run(exp: Experiment) -> ParadigmResult:
                         )
                     ctx.meter.compute(flops, round=rnd, after=m.arrival, label="middle")
                     downs.append(Message("middle", SERVER, m.sender, {"hidden": out.hidden}, meta))
-                done = ask(grid, downs, codec)
+                done = grid.request_many(downs, codec=codec)
                 losses = [float(r.meta["loss"]) for r in done]
                 lr = float(done[0].meta["lr"]) if done else math.nan
                 exp.log_record("train", s, "mean", round=rnd, loss=mean(losses), lr=lr)
@@ -322,7 +281,9 @@ def run(exp: Experiment) -> ParadigmResult:
                     exp.log_record("train", s, r.sender, round=rnd, loss=float(r.meta["loss"]))
                 bar.update(1, train_loss=mean(losses))
             step = end
-            reports = ask(grid, [Message("report", SERVER, d, {}, {"round": rnd}) for d in devices])
+            reports = grid.request_many(
+                [Message("report", SERVER, d, {}, {"round": rnd}) for d in devices]
+            )
             good, rejected = screen_updates(reports, lambda _d, ref=glob: ref)
             rejected_total += len(rejected)
             if good:
