@@ -119,6 +119,17 @@ CASES = {
         "data": {"dataset": "austen", "view": "text", "labels": [], "max_examples": 80},
         "peft": {"target_modules": ["c_attn"]},
     },
+    # Sampled: the speculative rule's draws and the rollbacks of rejected drafts on each side.
+    "hat-serve": {
+        "paradigm": {"name": "hat_serve", "options": {
+            "gamma": 2, "temperature": 0.9, "prefill_chunk": 4, "prompt_tokens": 6,
+            "max_new_tokens": 6}},
+        "model": {"name_or_path": "random:gpt2", "task": "causal_lm", "max_length": 32,
+                  "random_config": {"n_layer": 3}},
+        "data": {"dataset": "austen", "view": "text", "labels": [], "max_examples": 80},
+        "peft": {"target_modules": ["c_attn"]},
+        "train": {"steps": 4},
+    },
     "dlora-embed-cloud-delta": {
         "paradigm": {"name": "dlora", "options": {
             "active_fraction": 0.25, "kill_every": 1, "score": "delta", "embed": "cloud",
@@ -272,6 +283,7 @@ RESUMABLE = [
     "splitfrozen",
     "dlora-kill-revive",
     "hat-drafter",
+    "hat-serve",
 ]  # one case per paradigm
 
 

@@ -9,18 +9,30 @@ drafting (tests); sampled output follows the full model's distribution exactly.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor
 
 from cotune.errors import ConfigError
 from cotune.infer.speculative import MiddleAdapter, Sampling, accept
-from cotune.infer.split import Blocks, CloudMiddle, DeviceEnds, LinkStats, MessageLink, UCut
+from cotune.infer.split import (
+    DEVICE,
+    Blocks,
+    CloudMiddle,
+    DeviceEnds,
+    Link,
+    LinkStats,
+    MessageLink,
+    UCut,
+)
 from cotune.infer.timeline import Step, Timeline, counted
 from cotune.models.base import Anatomy
 
 DEFAULT_CUT, GREEDY = UCut(), Sampling()
+T = TypeVar("T")
 
 
 @dataclass
@@ -92,9 +104,12 @@ class UGenerator:
         self.prefill_chunk = prefill_chunk
         self.codec = codec
 
-    def _fresh(self, count_flops: bool = False) -> tuple[DeviceEnds, Blocks | None]:
-        link = MessageLink(CloudMiddle(self.anatomy, self.cut), self.codec, count_flops)
-        device = DeviceEnds(self.anatomy, self.cut, link)
+    def _fresh(
+        self, count_flops: bool = False, link: Link | None = None, role_id: str = DEVICE
+    ) -> tuple[DeviceEnds, Blocks | None]:
+        if link is None:  # in-process: the cloud's handler runs here, messages still encoded
+            link = MessageLink(CloudMiddle(self.anatomy, self.cut), self.codec, count_flops)
+        device = DeviceEnds(self.anatomy, self.cut, link, role_id)
         L = self.anatomy.num_layers
         draft_out = (
             Blocks(self.anatomy, L - self.cut.n_out, L) if self.drafter is not None else None
@@ -121,19 +136,35 @@ class UGenerator:
         seed: int = 0,
         eos_token_id: int | None = None,
         timeline: Timeline | None = None,
+        link: Link | None = None,
+        role_id: str = DEVICE,
+        on_device_flops: Callable[[int], None] | None = None,
     ) -> Generation:
         """Generate up to ``max_new_tokens`` after ``prompt``. With a ``timeline``, every
         operation's FLOPs are counted, recorded with the messages' bytes (``Generation.trace``)
         and replayed on its simulated clock (``timeline.token_times``: when each token appears
-        on the device; ``parallel_drafting`` decides whether drafting overlaps verification)."""
+        on the device; ``parallel_drafting`` decides whether drafting overlaps verification).
+
+        ``link``: the device's line to the cloud (default: an in-process cloud behind encoded
+        messages; ``GridLink``: the cloud role over a Grid), ``role_id`` the device's name on
+        it. ``on_device_flops`` hears the FLOPs of every device operation as it runs (the
+        device's meter), which turns counting on."""
         ids = torch.as_tensor(prompt, dtype=torch.long).reshape(1, -1)
         n = ids.size(1)
         if n < 1 or max_new_tokens < 1:
             raise ConfigError("infer: need a non-empty prompt and max_new_tokens >= 1")
         gen = torch.Generator().manual_seed(seed)
         guesses = torch.Generator().manual_seed(seed + 1)  # the drafter's bonus guesses only
-        on = timeline is not None
-        device, draft_out = self._fresh(count_flops=on)
+        on = timeline is not None or on_device_flops is not None
+        device, draft_out = self._fresh(on, link, role_id)
+
+        def dev(fn: Callable[..., T], *args: Any) -> tuple[T, int]:
+            """A device operation, its FLOPs reported as it finishes."""
+            result, flops = counted(on, fn, *args)
+            if on_device_flops is not None:
+                on_device_flops(flops)
+            return result, flops
+
         link = device.link.stats
         out = Generation([], n, link)
         trace = out.trace
@@ -165,12 +196,12 @@ class UGenerator:
         # chunk i+1 is computed and sent).
         chunk = self.prefill_chunk or n
         for p in range(0, n, chunk):
-            h, f_in = counted(on, device.input_hidden, ids[:, p : p + chunk], p)
+            h, f_in = dev(device.input_hidden, ids[:, p : p + chunk], p)
             mid, up, f_mid, down = exchange(h, p)
-            logits, f_out = counted(on, device.output_logits, mid, p)
+            logits, f_out = dev(device.output_logits, mid, p)
             f_draft = 0
             if draft_out is not None:  # the drafter's own output cache follows the prompt
-                _, f_draft = counted(on, self._draft_prefill, draft_out, h, p)
+                _, f_draft = dev(self._draft_prefill, draft_out, h, p)
             trace.append(Step("prefill", f_in, up, f_mid, down, f_out, 0, after_token=f_draft))
         pending, pos = sampling.pick(logits[-1], gen), n
         trace[-1].tokens = len(emit([pending]))
@@ -178,17 +209,17 @@ class UGenerator:
             g = min(self.gamma, max_new_tokens - len(out.tokens) - 1)
             out.decode_rounds += 1
             if g <= 0 or draft_out is None:  # plain U-shaped step: one token per round trip
-                h, f_in = counted(on, device.input_hidden, torch.tensor([[pending]]), pos)
+                h, f_in = dev(device.input_hidden, torch.tensor([[pending]]), pos)
                 mid, up, f_mid, down = exchange(h, pos)
-                logits, f_out = counted(on, device.output_logits, mid, pos)
+                logits, f_out = dev(device.output_logits, mid, pos)
                 pending, pos = sampling.pick(logits[-1], gen), pos + 1
                 trace.append(Step("plain", f_in, up, f_mid, down, f_out, len(emit([pending]))))
                 continue
-            (drafts, qs, hins), f_draft = counted(
-                on, self._draft, device, draft_out, pending, pos, g, sampling, gen
+            (drafts, qs, hins), f_draft = dev(
+                self._draft, device, draft_out, pending, pos, g, sampling, gen
             )
             mid, up, f_mid, down = exchange(torch.cat(hins, dim=1), pos)
-            logits, f_out = counted(on, device.output_logits, mid, pos)
+            logits, f_out = dev(device.output_logits, mid, pos)
             k, nxt = accept(drafts, logits, None if sampling.greedy else qs, sampling, gen)
             out.drafted += g
             out.accepted += k
@@ -198,7 +229,7 @@ class UGenerator:
             draft_out.cache.crop(min(draft_out.cache.length(), new_pos))
             guessed = False
             if draft_out.cache.length() < new_pos:  # all accepted: the drafter never saw the last
-                guess, f2 = counted(on, self._draft_logits, draft_out, hins[-1], new_pos - 1)
+                guess, f2 = dev(self._draft_logits, draft_out, hins[-1], new_pos - 1)
                 f_out += f2
                 # Parallel drafting would have drafted on from this guess of the bonus token.
                 guessed = sampling.pick(guess[-1], guesses) == nxt

@@ -11,7 +11,9 @@ its cache back to it, which is how a rejected draft's positions are undone on th
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 from torch import Tensor
@@ -20,6 +22,10 @@ from cotune.errors import ConfigError, ProtocolError
 from cotune.infer.cache import KVCache
 from cotune.models.base import Anatomy
 from cotune.runtime.messages import Message, decode_message, encode_message
+from cotune.runtime.validate import check_activation
+
+if TYPE_CHECKING:
+    from cotune.runtime.grid import Grid
 
 DEVICE, CLOUD = "device-0", "server"
 
@@ -60,28 +66,51 @@ class Blocks:
 
 
 class CloudMiddle:
-    """The cloud's role: the middle blocks and their cache. ``on_middle`` is its one handler."""
+    """The cloud's side: the middle blocks and one cache per device it serves (its session,
+    keyed by the sender). ``on_middle`` is its one handler; a device's upload at position 0
+    opens a fresh session for it."""
 
     role_id = CLOUD
 
     def __init__(self, anatomy: Anatomy, cut: UCut) -> None:
         cut.check(anatomy.num_layers)
-        self.blocks = Blocks(anatomy, cut.n_in, anatomy.num_layers - cut.n_out)
+        self.anatomy, self.cut = anatomy, cut
+        self.sessions: dict[str, Blocks] = {}
+
+    @property
+    def blocks(self) -> Blocks:
+        """The only session (in-process use: one device)."""
+        if len(self.sessions) != 1:
+            raise ProtocolError(f"the cloud serves {len(self.sessions)} devices, not one")
+        return next(iter(self.sessions.values()))
+
+    def session(self, device: str, pos: int) -> Blocks:
+        """``device``'s middle blocks, cut back to ``pos`` (a rejected draft's positions undone)."""
+        L = self.anatomy.num_layers
+        if pos == 0:
+            self.sessions[device] = Blocks(self.anatomy, self.cut.n_in, L - self.cut.n_out)
+        blocks = self.sessions.get(device)
+        held = 0 if blocks is None else blocks.cache.length()
+        if blocks is None or not 0 <= pos <= held:
+            raise ProtocolError(
+                f"middle: position {pos} is beyond the {held} cached positions of {device}"
+            )
+        blocks.cache.crop(pos)
+        return blocks
 
     @torch.no_grad()
     def on_middle(self, msg: Message) -> Message:
         pos = msg.meta.get("pos")
         hidden = msg.tensors.get("hidden")
-        if not isinstance(pos, int) or hidden is None or hidden.dim() != 3:
+        if not isinstance(pos, int) or isinstance(pos, bool) or hidden is None:
             raise ProtocolError(
                 f"middle: needs meta.pos (int) and a [1,q,D] 'hidden', got {msg.describe()}"
             )
-        if not 0 <= pos <= self.blocks.cache.length():
-            raise ProtocolError(
-                f"middle: position {pos} is beyond the {self.blocks.cache.length()} cached positions"
-            )
-        self.blocks.cache.crop(pos)  # a rejected draft's positions, undone
-        out = self.blocks(hidden, pos)
+        check_activation(f"{msg.describe()}: tensor 'hidden'", hidden,
+                         shape=(1, None, self.anatomy.hidden_size))  # fmt: skip
+        if hidden.size(1) < 1:
+            raise ProtocolError(f"{msg.describe()}: tensor 'hidden' holds no position")
+        out = self.session(msg.sender, pos)(hidden, pos)
         return Message("middle_out", CLOUD, msg.sender, {"hidden": out}, {"pos": pos})
 
 
@@ -126,17 +155,53 @@ class MessageLink:
         return decode_message(down)
 
 
-class DeviceEnds:
-    """The device's input and output blocks of a U-shaped split, each with its cache."""
+class Link(Protocol):
+    """The device's line to the cloud: one request, its reply; what went over it."""
 
-    def __init__(self, anatomy: Anatomy, cut: UCut, link: MessageLink) -> None:
+    stats: LinkStats
+
+    def request(self, msg: Message) -> Message: ...
+
+
+class GridLink:
+    """The device's line to the cloud role over a Grid (any engine): each exchange is a nested
+    request from the device's role. Bytes are the encoded lengths of the very messages sent
+    and received (with the link's codec, as the engine encodes them); the cloud's FLOPs are
+    its own node's report (0 here). ``on_reply`` sees every reply (its simulated ``arrival``)."""
+
+    def __init__(
+        self,
+        grid: Grid,
+        codec: str = "fp32",
+        on_reply: Callable[[Message], None] | None = None,
+    ) -> None:
+        self.grid, self.codec, self.on_reply = grid, codec, on_reply
+        self.stats = LinkStats()
+
+    def request(self, msg: Message) -> Message:
+        up = len(encode_message(msg, self.codec))
+        reply = self.grid.request(msg, codec=self.codec)
+        if self.on_reply is not None:
+            self.on_reply(reply)
+        s = self.stats
+        s.add(up, len(encode_message(reply, self.codec)))
+        s.positions_up += int(msg.tensors["hidden"].size(1))
+        s.cloud_flops.append(0)
+        return reply
+
+
+class DeviceEnds:
+    """The device's input and output blocks of a U-shaped split, each with its cache.
+    ``role_id``: who the device is on the link (its messages' sender)."""
+
+    def __init__(self, anatomy: Anatomy, cut: UCut, link: Link, role_id: str = DEVICE) -> None:
         if anatomy.task != "causal_lm":
             raise ConfigError(
                 "infer: a U-shaped split generates text: model.task must be causal_lm"
             )
         cut.check(anatomy.num_layers)
         L = anatomy.num_layers
-        self.anatomy, self.cut, self.link = anatomy, cut, link
+        self.anatomy, self.cut, self.link, self.role_id = anatomy, cut, link, role_id
         self.inputs = Blocks(anatomy, 0, cut.n_in)
         self.outputs = Blocks(anatomy, L - cut.n_out, L)
 
@@ -148,8 +213,12 @@ class DeviceEnds:
     @torch.no_grad()
     def middle(self, hidden: Tensor, pos: int) -> Tensor:
         reply = self.link.request(
-            Message("middle", DEVICE, CLOUD, {"hidden": hidden}, {"pos": pos})
+            Message("middle", self.role_id, CLOUD, {"hidden": hidden}, {"pos": pos})
         )
+        if reply.kind == "middle_error":  # the cloud refused the upload: it says why
+            raise ProtocolError(
+                f"the cloud refused {self.role_id}'s upload: {reply.meta.get('error')}"
+            )
         if reply.kind != "middle_out" or reply.tensors.get("hidden") is None:
             raise ProtocolError(f"expected middle_out from the cloud, got {reply.describe()}")
         return reply.tensors["hidden"]

@@ -26,6 +26,7 @@ PARADIGMS: dict[str, str] = {
     "fedbuff": "cotune.paradigms.fedbuff",
     "clustered": "cotune.paradigms.clustered",
     "hat_drafter": "cotune.paradigms.hat_drafter",
+    "hat_serve": "cotune.paradigms.hat_serve",
 }
 
 

@@ -383,6 +383,27 @@ class HatDrafterOptions(ParadigmOptions):
             raise ValueError("train.grad_accum: hat_drafter supports only grad_accum: 1")
 
 
+class HatServeOptions(ParadigmOptions):
+    # HAT serving over the Grid (hat_serve.py): every device generates for prompts of its own
+    # text, U-shaped, through the cloud role; train.steps is the number of requests per device.
+    n_in: int = Field(1, ge=1)  # blocks on the device before the cloud's middle
+    n_out: int = Field(1, ge=1)  # blocks on the device after it (with the final norm and head)
+    gamma: int = Field(4, ge=0)  # tokens drafted per cloud round (0: plain U-shaped decoding)
+    # The drafter: a directory hat_drafter or `cotune infer` wrote (RUN_DIR/drafter/cut-1-1), or
+    # a run directory holding one for this cut; none: the untrained drafter (skips the middle).
+    drafter: str | None = None
+    prompt_tokens: int = Field(16, ge=1)  # each prompt: the first tokens of one of its texts
+    max_new_tokens: int = Field(16, ge=1)
+    temperature: float = Field(0.0, ge=0.0)  # 0: greedy; else sampled, exactly the model's law
+    prefill_chunk: int | None = Field(None, ge=1)  # prompt positions per upload (None: all)
+
+    def check_config(self, cfg: RunConfig) -> None:
+        if cfg.model.task != "causal_lm":
+            raise ValueError(
+                f"model.task: hat_serve generates text, so it needs causal_lm (got {cfg.model.task!r})"
+            )
+
+
 # name -> options model. One line per paradigm (the same names as cotune.paradigms.PARADIGMS).
 OPTIONS: dict[str, type[ParadigmOptions]] = {
     "central": NoOptions,
@@ -398,6 +419,7 @@ OPTIONS: dict[str, type[ParadigmOptions]] = {
     "fedbuff": FedBuffOptions,
     "clustered": ClusteredOptions,
     "hat_drafter": HatDrafterOptions,
+    "hat_serve": HatServeOptions,
 }
 
 
