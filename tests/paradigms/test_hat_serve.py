@@ -169,3 +169,28 @@ def test_a_hat_drafter_run_serves_its_drafter(tiny_config):
     assert s["drafter"] == str(drafted) and all(r["ok"] for r in s["requests"])
     for r in s["requests"]:
         assert r["tokens"] == unsplit_greedy(run_dir, r["prompt"], 8, 1)[: len(r["tokens"])]
+
+
+def test_a_fine_tuned_run_is_served_through_its_merged_export(tiny_config, tmp_path):
+    """The documented route for a fine-tuned run: `cotune export --merged`, then that directory
+    as model.name_or_path; the devices generate exactly what the fine-tuned model does."""
+    from cotune.export import export_run
+
+    tuned = run_experiment(tiny_config(**{**LM, "name": "tuned", "train": {"steps": 3, "lr": 0.05}}),
+                           quiet=True, report=False)  # fmt: skip
+    merged = export_run(tuned, tmp_path / "merged", merge=True)
+    model = {"name_or_path": str(merged), "random_config": {}}
+    cfg = serve_config(tiny_config, name="serve-tuned", model=model)
+    run_dir = run_experiment(cfg, quiet=True, report=False)
+    _, base, _, _ = load_run_model(run_dir, run_dir / "adapter")
+    _, ft, _, _ = load_run_model(tuned, tuned / "adapter")
+    name = "transformer.h.0.attn.c_attn.weight"
+    assert torch.equal(base.model.state_dict()[name], ft.model.state_dict()[name])  # served = tuned
+    from cotune.config import load_config
+    from cotune.models import load_model
+
+    tcfg = load_config(tuned / "config.yaml")
+    untuned = load_model(tcfg.model, vocab_size=ft.model.config.vocab_size, seed=tcfg.seed)
+    assert not torch.equal(untuned.model.state_dict()[name], ft.model.state_dict()[name])
+    for r in served(run_dir)["requests"]:
+        assert r["ok"] and r["tokens"] == unsplit_greedy(tuned, r["prompt"], 8, 1)[: len(r["tokens"])]

@@ -393,7 +393,7 @@ class HatServeOptions(ParadigmOptions):
     # a run directory holding one for this cut; none: the untrained drafter (skips the middle).
     drafter: str | None = None
     prompt_tokens: int = Field(16, ge=1)  # each prompt: the first tokens of one of its texts
-    max_new_tokens: int = Field(16, ge=1)
+    max_new_tokens: int = Field(16, ge=1)  # tokens generated per request (fewer at end of text)
     temperature: float = Field(0.0, ge=0.0)  # 0: greedy; else sampled, exactly the model's law
     prefill_chunk: int | None = Field(None, ge=1)  # prompt positions per upload (None: all)
 
