@@ -193,4 +193,6 @@ def test_a_fine_tuned_run_is_served_through_its_merged_export(tiny_config, tmp_p
     untuned = load_model(tcfg.model, vocab_size=ft.model.config.vocab_size, seed=tcfg.seed)
     assert not torch.equal(untuned.model.state_dict()[name], ft.model.state_dict()[name])
     for r in served(run_dir)["requests"]:
-        assert r["ok"] and r["tokens"] == unsplit_greedy(tuned, r["prompt"], 8, 1)[: len(r["tokens"])]
+        assert (
+            r["ok"] and r["tokens"] == unsplit_greedy(tuned, r["prompt"], 8, 1)[: len(r["tokens"])]
+        )
