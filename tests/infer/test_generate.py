@@ -144,3 +144,31 @@ def test_bad_requests_and_configs_are_clear_errors():
         UCut(2, 2).check(4)
     with pytest.raises(ConfigError, match="causal_lm"):
         UGenerator(load_model(ModelSection(name_or_path="random:gpt2"), num_labels=2).anatomy)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_flop_memo_predicts_exactly_what_counting_every_operation_gives(kind, monkeypatch):
+    """Once an operation's line in the cache length is verified, its FLOPs are predicted, not
+    counted: the trace (device and cloud FLOPs per step) equals counting everything."""
+    from cotune.infer.timeline import FlopMemo, Timeline
+    from cotune.sim.profiles import get_profile
+
+    lm = decoder(kind)
+    torch.manual_seed(0)
+    drafter = MiddleAdapter(lm.anatomy.hidden_size)
+    torch.nn.init.normal_(drafter.down.weight, std=0.05)
+
+    def trace(gen, prompt):
+        tl = Timeline(get_profile("phone-mid"), get_profile("a100"))
+        out = gen.generate(prompt, 12, timeline=tl)
+        return [
+            (s.kind, s.device_before, s.cloud, s.device_after, s.after_token) for s in out.trace
+        ]
+
+    memo = UGenerator(lm.anatomy, UCut(1, 1), drafter=drafter, gamma=3, prefill_chunk=4)
+    trace(memo, list(range(2, 12)))  # learns the lines
+    learned = trace(memo, list(range(5, 14)))
+    assert any(line is not None for line in memo.flops.lines.values())
+    monkeypatch.setattr(FlopMemo, "known", lambda self, key, pos: None)  # count everything
+    fresh = UGenerator(lm.anatomy, UCut(1, 1), drafter=drafter, gamma=3, prefill_chunk=4)
+    assert learned == trace(fresh, list(range(5, 14)))

@@ -28,7 +28,7 @@ from cotune.infer.split import (
     MessageLink,
     UCut,
 )
-from cotune.infer.timeline import Step, Timeline, counted
+from cotune.infer.timeline import FlopMemo, Step, Timeline
 from cotune.models.base import Anatomy
 
 DEFAULT_CUT, GREEDY = UCut(), Sampling()
@@ -103,6 +103,7 @@ class UGenerator:
         self.drafter = drafter
         self.prefill_chunk = prefill_chunk
         self.codec = codec
+        self.flops = FlopMemo()  # kept across generations: counting stops once laws are known
 
     def _fresh(
         self, count_flops: bool = False, link: Link | None = None, role_id: str = DEVICE
@@ -158,9 +159,9 @@ class UGenerator:
         on = timeline is not None or on_device_flops is not None
         device, draft_out = self._fresh(on, link, role_id)
 
-        def dev(fn: Callable[..., T], *args: Any) -> tuple[T, int]:
-            """A device operation, its FLOPs reported as it finishes."""
-            result, flops = counted(on, fn, *args)
+        def dev(op: str, q: int, at: int, fn: Callable[..., T], *args: Any) -> tuple[T, int]:
+            """Device operation ``op`` on ``q`` positions at ``at``; its FLOPs reported."""
+            result, flops = self.flops.run(on, (op, q), at, fn, *args)
             if on_device_flops is not None:
                 on_device_flops(flops)
             return result, flops
@@ -196,12 +197,21 @@ class UGenerator:
         # chunk i+1 is computed and sent).
         chunk = self.prefill_chunk or n
         for p in range(0, n, chunk):
-            h, f_in = dev(device.input_hidden, ids[:, p : p + chunk], p)
+            h, f_in = dev(
+                "input",
+                ids[:, p : p + chunk].size(1),
+                p,
+                device.input_hidden,
+                ids[:, p : p + chunk],
+                p,
+            )
             mid, up, f_mid, down = exchange(h, p)
-            logits, f_out = dev(device.output_logits, mid, p)
+            logits, f_out = dev("output", mid.size(1), p, device.output_logits, mid, p)
             f_draft = 0
             if draft_out is not None:  # the drafter's own output cache follows the prompt
-                _, f_draft = dev(self._draft_prefill, draft_out, h, p)
+                _, f_draft = dev(
+                    "draft-prefill", h.size(1), p, self._draft_prefill, draft_out, h, p
+                )
             trace.append(Step("prefill", f_in, up, f_mid, down, f_out, 0, after_token=f_draft))
         pending, pos = sampling.pick(logits[-1], gen), n
         trace[-1].tokens = len(emit([pending]))
@@ -209,17 +219,17 @@ class UGenerator:
             g = min(self.gamma, max_new_tokens - len(out.tokens) - 1)
             out.decode_rounds += 1
             if g <= 0 or draft_out is None:  # plain U-shaped step: one token per round trip
-                h, f_in = dev(device.input_hidden, torch.tensor([[pending]]), pos)
+                h, f_in = dev("input", 1, pos, device.input_hidden, torch.tensor([[pending]]), pos)
                 mid, up, f_mid, down = exchange(h, pos)
-                logits, f_out = dev(device.output_logits, mid, pos)
+                logits, f_out = dev("output", mid.size(1), pos, device.output_logits, mid, pos)
                 pending, pos = sampling.pick(logits[-1], gen), pos + 1
                 trace.append(Step("plain", f_in, up, f_mid, down, f_out, len(emit([pending]))))
                 continue
             (drafts, qs, hins), f_draft = dev(
-                self._draft, device, draft_out, pending, pos, g, sampling, gen
+                "draft", g, pos, self._draft, device, draft_out, pending, pos, g, sampling, gen
             )
             mid, up, f_mid, down = exchange(torch.cat(hins, dim=1), pos)
-            logits, f_out = dev(device.output_logits, mid, pos)
+            logits, f_out = dev("output", mid.size(1), pos, device.output_logits, mid, pos)
             k, nxt = accept(drafts, logits, None if sampling.greedy else qs, sampling, gen)
             out.drafted += g
             out.accepted += k
@@ -229,7 +239,15 @@ class UGenerator:
             draft_out.cache.crop(min(draft_out.cache.length(), new_pos))
             guessed = False
             if draft_out.cache.length() < new_pos:  # all accepted: the drafter never saw the last
-                guess, f2 = dev(self._draft_logits, draft_out, hins[-1], new_pos - 1)
+                guess, f2 = dev(
+                    "draft-logits",
+                    1,
+                    new_pos - 1,
+                    self._draft_logits,
+                    draft_out,
+                    hins[-1],
+                    new_pos - 1,
+                )
                 f_out += f2
                 # Parallel drafting would have drafted on from this guess of the bonus token.
                 guessed = sampling.pick(guess[-1], guesses) == nxt

@@ -98,6 +98,17 @@ class CloudMiddle:
         blocks.cache.crop(pos)
         return blocks
 
+    def counted_middle(self, on: bool, msg: Message) -> tuple[Message, int]:
+        """``on_middle`` and its FLOPs (0 when ``on`` is false), counted until known."""
+        from cotune.infer.timeline import FlopMemo
+
+        memo = self.__dict__.setdefault("_flops", FlopMemo())
+        hidden, pos = msg.tensors.get("hidden"), msg.meta.get("pos")
+        if not on or not isinstance(pos, int) or not isinstance(hidden, torch.Tensor):
+            return self.on_middle(msg), 0  # (a malformed request fails in on_middle)
+        return memo.run(True, ("middle", int(hidden.shape[1]) if hidden.dim() > 1 else 0), pos,
+                        self.on_middle, msg)  # fmt: skip
+
     @torch.no_grad()
     def on_middle(self, msg: Message) -> Message:
         pos = msg.meta.get("pos")
@@ -142,11 +153,9 @@ class MessageLink:
         self.stats = LinkStats()
 
     def request(self, msg: Message) -> Message:
-        from cotune.infer.timeline import counted
-
         up = encode_message(msg, self.codec)
         request = decode_message(up)
-        reply, flops = counted(self.count_flops, self.cloud.on_middle, request)
+        reply, flops = self.cloud.counted_middle(self.count_flops, request)
         down = encode_message(reply, self.codec)
         s = self.stats
         s.add(len(up), len(down))

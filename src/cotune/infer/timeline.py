@@ -31,6 +31,51 @@ def counted(on: bool, fn: Callable[..., T], *args: Any) -> tuple[T, int]:
     return out, int(mode.get_total_flops())
 
 
+class FlopMemo:
+    """FLOPs of cached-decoding operations, counted until known exactly, then predicted.
+
+    With ``q`` new positions fixed, an operation's counted FLOPs are linear in the cache
+    length ``pos`` (projections and MLPs cost the same; attention scores and values grow by
+    one key per position). So per ``(op, q)`` two counted positions give the line and a third
+    verifies it; from then on the line answers without counting, and host time measured
+    around the operation is the operation's own (``FlopCounterMode`` slows small ops many
+    times). A line that fails its check is dropped and that key is always counted."""
+
+    def __init__(self) -> None:
+        self.samples: dict[tuple, dict[int, int]] = {}
+        self.lines: dict[tuple, tuple[int, int] | None] = {}  # (flops at 0, per position)
+
+    def known(self, key: tuple, pos: int) -> int | None:
+        line = self.lines.get(key)
+        if line is not None:
+            return line[0] + line[1] * pos
+        return self.samples.get(key, {}).get(pos)
+
+    def learn(self, key: tuple, pos: int, flops: int) -> None:
+        seen = self.samples.setdefault(key, {})
+        seen[pos] = flops
+        if key in self.lines or len(seen) < 3:
+            return
+        (p0, f0), (p1, f1), (p2, f2) = sorted(seen.items())[:3]
+        slope, rem = divmod(f1 - f0, p1 - p0)
+        base = f0 - slope * p0
+        ok = rem == 0 and base + slope * p2 == f2
+        self.lines[key] = (base, slope) if ok else None
+
+    def run(
+        self, on: bool, key: tuple, pos: int, fn: Callable[..., T], *args: Any
+    ) -> tuple[T, int]:
+        """``fn(*args)`` and its FLOPs (0 when counting is off)."""
+        if not on:
+            return fn(*args), 0
+        flops = self.known(key, pos)
+        if flops is not None:
+            return fn(*args), flops
+        out, flops = counted(True, fn, *args)
+        self.learn(key, pos, flops)
+        return out, flops
+
+
 @dataclass
 class Step:
     """One prefill chunk or decode round of a U-shaped generation: device work before the

@@ -39,7 +39,6 @@ from cotune.infer.drafter import DRAFTER_DIR, load_drafter
 from cotune.infer.generate import UGenerator
 from cotune.infer.speculative import MiddleAdapter, Sampling
 from cotune.infer.split import CloudMiddle, GridLink, UCut
-from cotune.infer.timeline import counted
 from cotune.paradigms.base import Experiment, ParadigmResult, parse_options, reply
 from cotune.paradigms.options import HatServeOptions
 from cotune.runtime import Message, Role
@@ -73,7 +72,7 @@ class ServingCloud(Role):
         was = model.training
         model.eval()  # no dropout in serving
         try:
-            out, flops = counted(True, self.middle.on_middle, msg)
+            out, flops = self.middle.counted_middle(True, msg)
         except ProtocolError as err:
             self.refused += 1
             log.warning("refused an upload from %s: %s", msg.sender, err)
