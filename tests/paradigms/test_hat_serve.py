@@ -196,3 +196,40 @@ def test_a_fine_tuned_run_is_served_through_its_merged_export(tiny_config, tmp_p
         assert (
             r["ok"] and r["tokens"] == unsplit_greedy(tuned, r["prompt"], 8, 1)[: len(r["tokens"])]
         )
+
+
+def test_auto_prefill_chunk_is_chosen_per_device_from_its_declared_speeds(tiny_config):
+    """prefill_chunk: auto — the server plans each device's chunk from the speeds it declared
+    (here its simulated profile) and the cloud's, as `cotune infer` would for that pair."""
+    from cotune.infer.plan import plan_prefill_chunk
+    from cotune.sim.profiles import get_profile
+
+    cfg = serve_config(tiny_config, name="auto", options={"prefill_chunk": "auto",
+                       "prompt_tokens": 16}, devices={"count": 2, "profiles":
+                       ["phone-low", "laptop-cpu"], "server": "a100"})  # fmt: skip
+    run_dir = run_experiment(cfg, quiet=True, report=False)
+    s = served(run_dir)
+    _, loaded, _, _ = load_run_model(run_dir, run_dir / "adapter")
+    for dev, prof in (("device-0", "phone-low"), ("device-1", "laptop-cpu")):
+        want, ttfts = plan_prefill_chunk(loaded.anatomy, UCut(1, 1), 16, get_profile(prof),
+                                         get_profile("a100"))  # fmt: skip
+        got = s["prefill_chunks"][dev]
+        assert got["chunk"] == want and got["profile"] == prof
+        # (the run's model still carries its LoRA branches, counted; this one is merged)
+        assert got["predicted_ttft_s"] == pytest.approx({str(k): v for k, v in ttfts.items()},
+                                                        rel=1e-3)  # fmt: skip
+        assert sorted(ttfts) == [8, 16]  # the whole prompt and its halves, down to 8
+    for r in s["requests"]:  # chunking never changes the tokens
+        assert (
+            r["ok"]
+            and r["tokens"] == unsplit_greedy(run_dir, r["prompt"], 8, 1)[: len(r["tokens"])]
+        )
+    recs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["role"] for r in recs if r["event"] == "plan"] == ["device-0", "device-1"]
+
+
+def test_prefill_chunk_option_is_checked(tiny_config):
+    with pytest.raises(ConfigError, match=r"paradigm.options.prefill_chunk"):
+        serve_config(tiny_config, options={"prefill_chunk": 0})
+    with pytest.raises(ConfigError, match=r"paradigm.options.prefill_chunk"):
+        serve_config(tiny_config, options={"prefill_chunk": "soon"})

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from cotune.errors import ConfigError, RunDirError
+from cotune.infer.plan import choose_prefill_chunk
 
 log = logging.getLogger(__name__)
 
@@ -74,29 +75,6 @@ def _drafter(run_dir: Path, cfg: Any, loaded: Any, tokenizer: Any, cut: Any, opt
             "texts": len(seqs), "training": asdict(train)}  # fmt: skip
     save_drafter(adapter, cut, where, info)
     return adapter
-
-
-def choose_prefill_chunk(gen: Any, prompt: list[int], device: Any, cloud: Any) -> tuple[int, dict]:
-    """The prompt chunk size with the shortest simulated time to the first token, measured by
-    running the prefill at each candidate (whole prompt, halves, quarters, ... down to 8)."""
-    from cotune.infer.timeline import Timeline
-
-    n, sizes = len(prompt), []
-    size = n
-    while size >= 8 or not sizes:
-        sizes.append(size)
-        size //= 2
-    ttft = {}
-    saved = gen.prefill_chunk
-    try:
-        for size in sizes:
-            gen.prefill_chunk = size
-            tl = Timeline(device, cloud)
-            gen.generate(prompt, 1, timeline=tl)
-            ttft[size] = tl.token_times[0]
-    finally:
-        gen.prefill_chunk = saved
-    return min(ttft, key=ttft.__getitem__), ttft
 
 
 def infer(run_dir: Path, opts: InferOptions) -> dict[str, Any]:

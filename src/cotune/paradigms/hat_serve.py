@@ -34,9 +34,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from cotune.errors import ConfigError, CotuneError, ProtocolError
 from cotune.infer.drafter import DRAFTER_DIR, load_drafter
 from cotune.infer.generate import UGenerator
+from cotune.infer.plan import declared_profile, plan_prefill_chunk
 from cotune.infer.speculative import MiddleAdapter, Sampling
 from cotune.infer.split import CloudMiddle, GridLink, UCut
 from cotune.paradigms.base import Experiment, ParadigmResult, parse_options, reply
@@ -100,8 +103,9 @@ class ServingDevice(Role):
         anatomy = ctx.model.loaded.anatomy
         self.cut = UCut(self.opts.n_in, self.opts.n_out)
         self.drafter = MiddleAdapter(anatomy.hidden_size).to(ctx.device).eval()
+        chunk = self.opts.prefill_chunk if self.opts.prefill_chunk != "auto" else None
         self.gen = UGenerator(anatomy, self.cut, drafter=self.drafter, gamma=self.opts.gamma,
-                              prefill_chunk=self.opts.prefill_chunk,
+                              prefill_chunk=chunk,
                               codec=ctx.cfg.engine.activation_codec)  # fmt: skip
         self.last_arrival: float | None = None
 
@@ -113,6 +117,14 @@ class ServingDevice(Role):
                                 f"{self.drafter.up.in_features}")  # fmt: skip
         self.drafter.load_state_dict({k: v.to(self.ctx.device) for k, v in msg.tensors.items()})
         return reply(msg, "loaded")
+
+    def on_plan(self, msg: Message) -> Message:
+        """The prefill chunk size the server chose for this device (``prefill_chunk: auto``)."""
+        chunk = msg.meta.get("prefill_chunk")
+        if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1:
+            raise ProtocolError(f"{msg.describe()}: meta.prefill_chunk must be an int >= 1")
+        self.gen.prefill_chunk = chunk
+        return reply(msg, "planned")
 
     def snapshot(self) -> RoleState:
         """The drafter it holds (a resumed device needs no second download)."""
@@ -212,6 +224,36 @@ def preflight(exp: Experiment) -> None:
         resolve_drafter(opts.drafter, cut, anatomy.hidden_size)
 
 
+def plan_chunks(exp: Experiment, devices: list[str], cut: UCut, opts: HatServeOptions) -> dict:
+    """HAT's per-device prefill chunk: chosen on the server from each device's declared speeds
+    and its own (``cotune.infer.plan``), sent to the device (``plan``). A resumed run plans
+    and sends again (a few bytes more than the uninterrupted run)."""
+    grid, cfg = exp.grid, exp.cfg
+    anatomy = grid.context(SERVER).model.loaded.anatomy
+    cloud = declared_profile(SERVER, grid.node_info(SERVER))
+    chosen: dict[str, dict[str, Any]] = {}
+    model = anatomy.model
+    was = model.training
+    model.eval()
+    try:
+        with torch.random.fork_rng(devices=[]):  # planning leaves the run's random stream be
+            for d in devices:
+                device = declared_profile(d, grid.node_info(d))
+                chunk, ttfts = plan_prefill_chunk(anatomy, cut, opts.prompt_tokens, device,
+                                                  cloud, cfg.engine.activation_codec)  # fmt: skip
+                chosen[d] = {"chunk": chunk, "profile": device.name,
+                             "predicted_ttft_s": {str(k): v for k, v in ttfts.items()}}  # fmt: skip
+                if exp.resume is None:
+                    exp.log_record("plan", 0, d, prefill_chunk=chunk,
+                                   predicted_ttft_s=ttfts[chunk])  # fmt: skip
+    finally:
+        model.train(was)
+    grid.request_many(
+        [Message("plan", SERVER, d, {}, {"prefill_chunk": chosen[d]["chunk"]}) for d in devices]
+    )
+    return chosen
+
+
 def request_row(device: str, meta: dict[str, Any]) -> dict[str, Any]:
     """One request's figures, from its device's report."""
     times = meta.get("host_token_times_s") or []
@@ -300,6 +342,7 @@ def run(exp: Experiment) -> ParadigmResult:
             grid.restore(d, exp.resume["states"].get(d))
     elif opts.gamma > 0:
         grid.request_many([Message("load", SERVER, d, weights, {"round": start}) for d in devices])
+    chunks = plan_chunks(exp, devices, cut, opts) if opts.prefill_chunk == "auto" else {}
     total = cfg.train.steps
     with exp.progress((total - start) * len(devices), f"hat_serve {cfg.name}", "request") as bar:
         for step in range(start + 1, total + 1):
@@ -322,7 +365,8 @@ def run(exp: Experiment) -> ParadigmResult:
     final = totals(rows)
     write_outputs(exp.run_dir, rows, {
         "cut": [cut.n_in, cut.n_out], "gamma": opts.gamma, "drafter": opts.drafter,
-        "codec": cfg.engine.activation_codec, **final, **host_means(rows)})  # fmt: skip
+        "codec": cfg.engine.activation_codec, "prefill_chunks": chunks, **final,
+        **host_means(rows)})  # fmt: skip
     return ParadigmResult(
         states={SERVER: model_state},
         final_eval={**exp.evaluate_state(model_state), **final},

@@ -395,7 +395,16 @@ class HatServeOptions(ParadigmOptions):
     prompt_tokens: int = Field(16, ge=1)  # each prompt: the first tokens of one of its texts
     max_new_tokens: int = Field(16, ge=1)  # tokens generated per request (fewer at end of text)
     temperature: float = Field(0.0, ge=0.0)  # 0: greedy; else sampled, exactly the model's law
-    prefill_chunk: int | None = Field(None, ge=1)  # prompt positions per upload (None: all)
+    # Prompt positions per upload: a number, None (the whole prompt), or "auto": chosen per
+    # device from its declared speeds and the cloud's (the simulated time to the first token).
+    prefill_chunk: int | Literal["auto"] | None = None
+
+    @field_validator("prefill_chunk")
+    @classmethod
+    def _positive_chunk(cls, v: int | str | None) -> int | str | None:
+        if isinstance(v, int) and v < 1:
+            raise ValueError(f"must be >= 1 or 'auto' (got {v})")
+        return v
 
     def check_config(self, cfg: RunConfig) -> None:
         if cfg.model.task != "causal_lm":
