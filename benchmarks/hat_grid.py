@@ -69,8 +69,10 @@ def figures(run_dir: Path) -> dict:
     return {
         "host_ttft_s": statistics.fmean(r["host_ttft_s"] for r in ok),
         "host_tbt_s": statistics.fmean(r["host_tbt_s"] for r in ok),
-        "by_device_tbt_s": {d: statistics.fmean(r["host_tbt_s"] for r in ok if r["device"] == d)
-                            for d in sorted({r["device"] for r in ok})},  # fmt: skip
+        "by_device_tbt_s": {
+            d: statistics.fmean(r["host_tbt_s"] for r in ok if r["device"] == d)
+            for d in sorted({r["device"] for r in ok})
+        },  # fmt: skip
         "acceptance": s["acceptance_rate"],
         "bytes_per_token": s["bytes_per_token"],
         "tokens": [r["tokens"] for r in ok],
@@ -129,7 +131,10 @@ def main() -> None:
         print(f"{name:<36} {r['host_ttft_s'] * 1e3:>7.1f}ms {r['host_tbt_s'] * 1e3:>7.1f}ms "
               f"{r['acceptance'] or 0:>7.3f} {r['bytes_per_token']:>8.0f}")  # fmt: skip
     for where_ in ("grpc loopback", "grpc shaped 20/40 ms"):
-        hat, plain = results.get(f"{where_}, HAT (gamma 4)"), results.get(f"{where_}, U-shaped (gamma 0)")
+        hat, plain = (
+            results.get(f"{where_}, HAT (gamma 4)"),
+            results.get(f"{where_}, U-shaped (gamma 0)"),
+        )
         if hat and plain:
             print(f"{where_}: HAT TBT / U-shaped TBT = {hat['host_tbt_s'] / plain['host_tbt_s']:.3f}, "
                   f"TTFT ratio {hat['host_ttft_s'] / plain['host_ttft_s']:.3f}")  # fmt: skip
