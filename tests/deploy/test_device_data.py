@@ -36,9 +36,11 @@ def write_shards(cfg, out):
 @pytest.mark.slow
 def test_devices_with_their_own_files_equal_the_partitioned_run(tiny_config, tmp_path):
     sections = {"paradigm": {"name": "fedavg"}, "engine": {"request_timeout_s": 60}}
-    want = outcome(launch(tiny_config(name="shards", **sections), quiet=True))
+    want = outcome(launch(tiny_config(name="shards", **sections), quiet=True, report=False))
     data_dir = write_shards(tiny_config(name="x", **sections), tmp_path / "files")
-    got = outcome(launch(tiny_config(name="files", **sections), quiet=True, data_dir=data_dir))
+    got = outcome(
+        launch(tiny_config(name="files", **sections), quiet=True, data_dir=data_dir, report=False)
+    )
     assert got[0] == want[0]  # losses, accuracy, bytes, simulated time: all from the same data
     for role in want[2]:
         for k, v in want[2][role].items():
@@ -55,7 +57,7 @@ def test_a_device_file_with_a_label_the_run_does_not_know_stops_the_run(tiny_con
     bad.write_text("\n".join(lines) + "\n")
     cfg = tiny_config(name="bad", engine={"join_timeout_s": 60}, **sections)
     with pytest.raises(PeerUnavailable, match=r"device-1\.jsonl:3: label 'cooking'"):
-        launch(cfg, quiet=True, data_dir=data_dir)
+        launch(cfg, quiet=True, data_dir=data_dir, report=False)
 
 
 def test_load_device_file_uses_the_runs_label_ids(tmp_path):

@@ -66,7 +66,7 @@ def kill_at_round(spy, rnd, then=None):
 def test_a_killed_device_fails_its_rounds_and_the_run_goes_on(tiny_config, spy):
     launch_mod.ON_LISTEN.append(lambda addr: spy["engine"].add_listener(kill_at_round(spy, 2)))
     try:
-        run_dir = launch_mod.launch(tiny_config(name="kill", **FED), quiet=True)
+        run_dir = launch_mod.launch(tiny_config(name="kill", **FED), quiet=True, report=False)
     finally:
         launch_mod.ON_LISTEN.pop()
     got = [(r["round"], r["participants"], r["reported"]) for r in rounds(run_dir)]
@@ -80,7 +80,7 @@ def test_a_device_that_comes_back_rejoins_with_its_state(tiny_config, spy):
     again and given its last known state (checkpoints every round: its state as of round 1),
     so the run equals one without the crash."""
     every = {"output": {"checkpoint_every": 1, "keep_checkpoints": 100}}
-    whole = launch_mod.launch(tiny_config(name="whole", **FED, **every), quiet=True)
+    whole = launch_mod.launch(tiny_config(name="whole", **FED, **every), quiet=True, report=False)
 
     def restart():
         spy["procs"]["device-1"] = launch_mod.start_cotune(*spy["cmds"]["device-1"])
@@ -99,7 +99,9 @@ def test_a_device_that_comes_back_rejoins_with_its_state(tiny_config, spy):
         lambda addr: spy["engine"].add_listener(kill_at_round(spy, 2, then=restart))
     )
     try:
-        run_dir = launch_mod.launch(tiny_config(name="rejoin", **FED, **every), quiet=True)
+        run_dir = launch_mod.launch(
+            tiny_config(name="rejoin", **FED, **every), quiet=True, report=False
+        )
     finally:
         launch_mod.ON_LISTEN.pop()
     assert [r["reported"] for r in rounds(run_dir)] == [2, 2, 2, 2]
@@ -117,7 +119,7 @@ def test_a_killed_server_resumes_and_its_devices_reconnect(tiny_config, tmp_path
 
     from cotune.config import dump_config
 
-    whole = launch_mod.launch(tiny_config(name="ref", **FED), quiet=True)
+    whole = launch_mod.launch(tiny_config(name="ref", **FED), quiet=True, report=False)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -185,7 +187,7 @@ def test_a_run_starts_with_a_join_quorum_and_a_late_device_joins_fresh(tiny_conf
     cfg = tiny_config(name="quorum", **{**FED, "engine": engine})
     launch_mod.ON_LISTEN.append(lambda addr: spy["engine"].add_listener(wait_for_device_1))
     try:
-        run_dir = launch_mod.launch(cfg, quiet=True, wrap=late)
+        run_dir = launch_mod.launch(cfg, quiet=True, wrap=late, report=False)
     finally:
         launch_mod.ON_LISTEN.pop()
     got = [(r["round"], r["participants"], r["reported"]) for r in rounds(run_dir)]

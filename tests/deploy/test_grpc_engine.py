@@ -18,7 +18,7 @@ def test_every_paradigm_over_grpc_equals_isolated(tiny_config, case):
     sections = dict(CASES[case])
     sections["engine"] = {**sections.get("engine", {}), "request_timeout_s": 60}
     cfg = tiny_config(name=f"{case}-grpc", **sections)
-    got = outcome(launch(cfg, quiet=True))
+    got = outcome(launch(cfg, quiet=True, report=False))
     assert got[0] == want[0]  # every record: losses, lr, round outcomes, bytes, simulated time
     assert got[1]["sim_time_s"] == want[1]["sim_time_s"] and got[1]["bytes"] == want[1]["bytes"]
     assert got[1]["messages"] == want[1]["messages"] and got[1]["final"] == want[1]["final"]

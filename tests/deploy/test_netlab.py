@@ -65,7 +65,9 @@ def test_link_profile_fields_are_application_goodput():
 
 
 def test_calibrated_profiles_describe_the_measured_machines(tiny_config, tmp_path):
-    run_dir = launch(tiny_config(name="calib", paradigm={"name": "fedavg"}), quiet=True)
+    run_dir = launch(
+        tiny_config(name="calib", paradigm={"name": "fedavg"}), quiet=True, report=False
+    )
     links = {"device-0": Link(4, 8, 0.03)}
     profiles = calibrated_profiles(run_dir, links)
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -76,7 +78,9 @@ def test_calibrated_profiles_describe_the_measured_machines(tiny_config, tmp_pat
     loaded = load_profiles(write_profiles(profiles, tmp_path / "p.yaml"))
     assert loaded["measured-server"].latency_s == 0.0
     with pytest.raises(ConfigError, match="not a deployed run"):
-        calibrated_profiles(run_experiment(tiny_config(name="plain"), quiet=True), links)
+        calibrated_profiles(
+            run_experiment(tiny_config(name="plain"), quiet=True, report=False), links
+        )
 
 
 @pytest.mark.slow
@@ -86,9 +90,9 @@ def test_a_run_on_shaped_links_is_the_same_run_only_slower(tmp_path):
         pytest.skip(why)
     links = {"device-0": Link(8, 8, 0.02), "device-1": Link(2, 4, 0.04)}
     raw = tiny_config_dict(tmp_path, paradigm={"name": "fedavg"})
-    want = outcome(launch(config_from_dict({**raw, "name": "loopback"}), quiet=True))
+    want = outcome(launch(config_from_dict({**raw, "name": "loopback"}), quiet=True, report=False))
     with ShapedLinks(links) as lab:
-        run_dir = launch(config_from_dict({**raw, "name": "shaped"}), quiet=True,
+        run_dir = launch(config_from_dict({**raw, "name": "shaped"}), quiet=True, report=False,
                          wrap=lab.wrap, server_hosts=lab.hosts)  # fmt: skip
     got = outcome(run_dir)
     assert [r.get("loss") for r in got[0]] == [r.get("loss") for r in want[0]]

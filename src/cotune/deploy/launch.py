@@ -213,13 +213,15 @@ def launch(
     wrap: Callable[[str, str], tuple[list[str], str]] | None = None,
     device_env: dict[str, str] | None = None,
     server_hosts: tuple[str, ...] = (),
+    report: bool = True,
 ) -> Path:  # fmt: skip
     """Run ``cfg`` for real on this machine: this process serves, every device is its own
     process (TLS and per-device tokens made for the run unless the config names its own).
     With ``data_dir``, device N trains on its own ``device-N.jsonl`` there. ``wrap(device,
     address)`` gives a command prefix and the address that device dials (``netlab``: its own
     network namespace and shaped link; ``server_hosts``: the names it dials, for the server's
-    certificate); ``device_env`` adds to the devices' environment."""
+    certificate); ``device_env`` adds to the devices' environment; ``report``: write the
+    HTML report (the CLI always does)."""
     from cotune.run import run_experiment
     from cotune.runtime.ids import device_id
 
@@ -258,7 +260,8 @@ def launch(
 
     ON_LISTEN.append(start_devices)
     try:
-        return run_experiment(cfg, quiet=quiet, overwrite=overwrite, out_root=out_root)
+        return run_experiment(cfg, quiet=quiet, overwrite=overwrite, out_root=out_root,
+                              report=report)  # fmt: skip
     finally:
         ON_LISTEN.remove(start_devices)
         failed = []
