@@ -54,14 +54,14 @@ def test_a_directory_given_as_data_file_says_so(tiny_config, tmp_path):
     d = tmp_path / "data_dir"
     d.mkdir()
     with pytest.raises(DataError, match="is a directory, not a data file"):
-        run_experiment(tiny_config(data={"dataset": str(d)}), quiet=True)
+        run_experiment(tiny_config(data={"dataset": str(d)}), quiet=True, report=False)
 
 
 def test_builtin_dataset_typo_suggests_the_closest(tiny_config):
     with pytest.raises(
         DataError, match=r"did you mean the built-in dataset 'fortunes'\?.*cotune datasets"
     ):
-        run_experiment(tiny_config(data={"dataset": "fortunse"}), quiet=True)
+        run_experiment(tiny_config(data={"dataset": "fortunse"}), quiet=True, report=False)
 
 
 def test_offline_hub_id_fails_fast_with_a_suggestion(tiny_config, monkeypatch):
@@ -71,7 +71,7 @@ def test_offline_hub_id_fails_fast_with_a_suggestion(tiny_config, monkeypatch):
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     start = time.perf_counter()
     with pytest.raises(ModelError, match=r"'gpt2' is not a local directory.*random:gpt2"):
-        run_experiment(tiny_config(model={"name_or_path": "gpt2"}), quiet=True)
+        run_experiment(tiny_config(model={"name_or_path": "gpt2"}), quiet=True, report=False)
     assert time.perf_counter() - start < 20  # not ~30 s of network retries
 
 
@@ -83,6 +83,6 @@ def test_unknown_peft_method_is_reported_before_loading_anything(tiny_config, mo
 
     monkeypatch.setattr(data, "load_task_data", no_loading)
     with pytest.raises(AdapterError, match=r"peft.method: unknown PEFT method 'loraa'"):
-        run_experiment(tiny_config(peft={"method": "loraa"}), quiet=True)
+        run_experiment(tiny_config(peft={"method": "loraa"}), quiet=True, report=False)
     with pytest.raises(AdapterError, match=r"^peft.options: unknown option"):
-        run_experiment(tiny_config(peft={"options": {"bogus": 1}}), quiet=True)
+        run_experiment(tiny_config(peft={"options": {"bogus": 1}}), quiet=True, report=False)

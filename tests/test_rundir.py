@@ -87,7 +87,7 @@ def test_preflight_failure_leaves_nothing_and_keeps_the_old_run(tmp_path, overwr
         ["paradigm.name=splitfed", "paradigm.options.cut=5"],
     )
     with pytest.raises(ConfigError, match=r"paradigm\.options\.cut: 5 is outside the model"):
-        run_experiment(bad, quiet=True, overwrite=overwrite)
+        run_experiment(bad, quiet=True, overwrite=overwrite, report=False)
     if overwrite:
         assert sorted(p.name for p in run_dir.iterdir()) == before
     else:
@@ -113,7 +113,7 @@ def test_failure_before_the_run_starts_is_undone(tmp_path, monkeypatch, overwrit
 
     monkeypatch.setattr(central, "run", fail)
     with pytest.raises(ConfigError, match="late check"):
-        run_experiment(cfg, quiet=True, overwrite=overwrite)
+        run_experiment(cfg, quiet=True, overwrite=overwrite, report=False)
     if overwrite:
         assert sorted(p.name for p in run_dir.iterdir()) == before
         assert (run_dir / "summary.json").read_text() == old_summary
@@ -138,7 +138,7 @@ def test_overwrite_refuses_a_directory_that_is_not_a_run(tmp_path):
     (d / "notes.txt").write_text("mine")
     cfg = load_config(write_cfg(tmp_path))
     with pytest.raises(RunDirError, match="not a cotune run directory"):
-        run_experiment(cfg, quiet=True, overwrite=True)
+        run_experiment(cfg, quiet=True, overwrite=True, report=False)
     assert (d / "notes.txt").read_text() == "mine"
 
 

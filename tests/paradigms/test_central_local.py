@@ -131,20 +131,20 @@ def test_resume_reaches_the_same_result(tiny_config):
 
 def test_existing_run_dir_is_not_clobbered(tiny_config):
     cfg = tiny_config(name="keep")
-    run_dir = run_experiment(cfg, quiet=True)
+    run_dir = run_experiment(cfg, quiet=True, report=False)
     before = (run_dir / "metrics.jsonl").read_bytes()
     with pytest.raises(RunDirError, match="--overwrite"):
-        run_experiment(cfg, quiet=True)
+        run_experiment(cfg, quiet=True, report=False)
     assert (run_dir / "metrics.jsonl").read_bytes() == before
-    run_experiment(cfg, overwrite=True, quiet=True)
+    run_experiment(cfg, overwrite=True, quiet=True, report=False)
 
 
 def test_checkpoint_from_another_config_is_refused(tiny_config):
     cfg = tiny_config(name="ck")
-    run_experiment(cfg, quiet=True)
+    run_experiment(cfg, quiet=True, report=False)
     other = tiny_config(name="ck", train={"lr": 0.5})
     with pytest.raises(CheckpointError, match=r"train.lr"):
-        run_experiment(other, resume=True, quiet=True)
+        run_experiment(other, resume=True, quiet=True, report=False)
 
 
 def test_bad_data_file_leaves_no_run_dir(tiny_config, tmp_path):
@@ -152,13 +152,13 @@ def test_bad_data_file_leaves_no_run_dir(tiny_config, tmp_path):
     bad.write_text('{"text": "a", "label": "x"}\n{"text": "b", "label": \n')
     cfg = tiny_config(name="bad", data={"dataset": str(bad), "labels": []})
     with pytest.raises(DataError, match=r"bad.jsonl:2"):
-        run_experiment(cfg, quiet=True)
+        run_experiment(cfg, quiet=True, report=False)
     assert not (tmp_path / "runs" / "bad").exists()
 
 
 def test_empty_partition_is_an_error(tiny_config):
     with pytest.raises(DataError):
-        run_experiment(tiny_config(name="e", devices={"count": 500}), quiet=True)
+        run_experiment(tiny_config(name="e", devices={"count": 500}), quiet=True, report=False)
 
 
 def test_bad_model_leaves_no_run_dir(tiny_config, tmp_path):
@@ -166,7 +166,9 @@ def test_bad_model_leaves_no_run_dir(tiny_config, tmp_path):
 
     with pytest.raises(ModelError):
         run_experiment(
-            tiny_config(name="m", model={"name_or_path": str(tmp_path / "nowhere")}), quiet=True
+            tiny_config(name="m", model={"name_or_path": str(tmp_path / "nowhere")}),
+            quiet=True,
+            report=False,
         )
     assert not (tmp_path / "runs" / "m").exists()
 

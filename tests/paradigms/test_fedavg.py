@@ -113,7 +113,9 @@ def test_server_optimizers_and_fedprox_train(tiny_config, options):
 
 
 def test_costs_and_sim_time_are_reported(tiny_config):
-    run_dir = run_experiment(fed(tiny_config, "cost", devices=2, local_steps=3), quiet=True)
+    run_dir = run_experiment(
+        fed(tiny_config, "cost", devices=2, local_steps=3), quiet=True, report=False
+    )
     summary = json.loads((run_dir / "summary.json").read_text())
     roles = summary["costs"]["roles"]
     assert roles["device-0"]["profile"] == "phone-mid" and roles["server"]["profile"] == "a100"
@@ -129,9 +131,9 @@ def test_costs_and_sim_time_are_reported(tiny_config):
 
 def test_unknown_option_names_the_field(tiny_config):
     with pytest.raises(ConfigError, match=r"paradigm.options.local_stepz: unknown option"):
-        run_experiment(fed(tiny_config, "bad", local_stepz=3), quiet=True)
+        run_experiment(fed(tiny_config, "bad", local_stepz=3), quiet=True, report=False)
     with pytest.raises(ConfigError, match="aggregator"):
-        run_experiment(fed(tiny_config, "bad2", aggregator="fedmagic"), quiet=True)
+        run_experiment(fed(tiny_config, "bad2", aggregator="fedmagic"), quiet=True, report=False)
 
 
 def test_resume_mid_run_equals_uninterrupted(tiny_config):
@@ -224,4 +226,4 @@ def test_local_epochs(tiny_config):
     assert [r["round"] for r in records(run_dir, "round")] == [1, 2]
     assert max(r["step"] for r in records(run_dir, "train")) == 2 * steps_per_round
     with pytest.raises(ConfigError, match="local_epochs needs rounds"):
-        run_experiment(fed(tiny_config, "ep2", local_epochs=1.0), quiet=True)
+        run_experiment(fed(tiny_config, "ep2", local_epochs=1.0), quiet=True, report=False)

@@ -34,7 +34,7 @@ def test_divergence_stops_naming_step_and_role_and_saves_nothing_nonfinite(tiny_
     with pytest.raises(
         DivergenceError, match=r"non-finite at step 1 in role 'server'.*nothing of it was kept"
     ) as err:
-        run_experiment(cfg, quiet=True)
+        run_experiment(cfg, quiet=True, report=False)
     assert err.value.step == 1 and err.value.role == "server"
     run_dir = cfg.output.dir + "/tiny"
     from pathlib import Path
@@ -71,7 +71,7 @@ def test_nonfinite_loss_keeps_the_last_good_checkpoint(tiny_config, monkeypatch)
         DivergenceError,
         match=r"non-finite loss \(nan\) at step 5 in role 'server'.*last good checkpoint is step-0000003",
     ):
-        run_experiment(cfg, quiet=True)
+        run_experiment(cfg, quiet=True, report=False)
     run_dir = cfg_dir(cfg)
     assert [c.parent.name for c in checkpoints(run_dir)] == ["step-0000003"]
     assert not (run_dir / "adapter").exists()
@@ -84,7 +84,7 @@ def test_divergence_in_a_device_names_the_device(tiny_config):
         train={"steps": 4, **DIVERGE}, paradigm={"name": "fedavg", "options": {"local_steps": 2}}
     )
     with pytest.raises(DivergenceError, match=r"in role 'device-0'"):
-        run_experiment(cfg, quiet=True)
+        run_experiment(cfg, quiet=True, report=False)
 
 
 def test_skip_mode_finishes_with_a_finite_adapter_and_strict_json(tiny_config):
