@@ -19,11 +19,16 @@ demo: $(STAMP)
 	$(BIN)/cotune compare configs/demo/central.yaml configs/demo/fedavg.yaml configs/demo/splitfed.yaml configs/demo/splitfrozen.yaml --out runs/demo --overwrite
 
 # Two workers on CI's two cores (tests that start processes stay on one: tests/conftest.py); the
-# Ray tests run after them, alone, because a Ray cluster started next to a busy worker stalls.
+# Ray tests run after them, alone, because a Ray cluster started next to a busy worker stalls
+# (measured: both at once took longer than one after the other). They run even when the first
+# part fails, and read the engine-matrix references the first part made (tests/paradigms/
+# test_engines.py, COTUNE_TEST_REFERENCES) instead of running them again.
 RAY_TESTS := tests/deploy/test_ray_*.py
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n 2 --dist loadgroup --ignore-glob='$(RAY_TESTS)'
-	$(BIN)/python -m pytest -q $(RAY_TESTS)
+	@refs=$$(mktemp -d); \
+	COTUNE_TEST_REFERENCES=$$refs $(BIN)/python -m pytest -q -n 2 --dist loadgroup --ignore-glob='$(RAY_TESTS)'; rc=$$?; \
+	COTUNE_TEST_REFERENCES=$$refs $(BIN)/python -m pytest -q $(RAY_TESTS); ray_rc=$$?; \
+	rm -rf $$refs; test $$rc -eq 0 && test $$ray_rc -eq 0
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks scripts
