@@ -25,10 +25,9 @@ import time
 from pathlib import Path
 
 import torch
-from hat_inference import lm, train_lm
+from hat_inference import austen_corpus, trained_base
 
 from cotune.config import config_from_dict
-from cotune.data import build_tokenizer, load_task_data
 from cotune.infer.drafter import DrafterTraining, load_drafter, train_drafter
 from cotune.infer.generate import UGenerator
 from cotune.infer.speculative import MiddleAdapter
@@ -88,13 +87,9 @@ def main() -> None:
     args = ap.parse_args()
 
     torch.manual_seed(0)
-    data = load_task_data(config_from_dict({"data": DATA}).data, "causal_lm", 0)
-    texts = [e.text for e in data.train]
-    tok = build_tokenizer(None, texts, 2000)
-    stream = torch.tensor([t for s in tok.encode(texts, 256) for t in s])
-    big = lm(tok.vocab_size, 6, 256, 8, 0)
+    data, texts, tok, stream = austen_corpus()
     t0 = time.perf_counter()
-    base_loss = train_lm(big, stream, args.base_steps)
+    big, base_loss = trained_base(tok, stream, args.base_steps)
     print(f"base trained: loss {base_loss:.3f} ({time.perf_counter() - t0:.0f} s)", flush=True)
 
     with tempfile.TemporaryDirectory(prefix="hat_drafter_") as tmp:

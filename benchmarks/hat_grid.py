@@ -28,10 +28,9 @@ from pathlib import Path
 
 import torch
 from hat_drafter_fed import DATA, save_base
-from hat_inference import lm, train_lm
+from hat_inference import austen_corpus, trained_base
 
 from cotune.config import config_from_dict
-from cotune.data import build_tokenizer, load_task_data
 from cotune.deploy.launch import launch
 from cotune.deploy.netlab import Link, ShapedLinks, netlab_unavailable
 from cotune.infer.drafter import DrafterTraining, save_drafter, train_drafter
@@ -88,13 +87,9 @@ def main() -> None:
     args = ap.parse_args()
 
     torch.manual_seed(0)
-    data = load_task_data(config_from_dict({"data": DATA}).data, "causal_lm", 0)
-    texts = [e.text for e in data.train]
-    tok = build_tokenizer(None, texts, 2000)
-    stream = torch.tensor([t for s in tok.encode(texts, 256) for t in s])
-    big = lm(tok.vocab_size, 6, 256, 8, 0)
+    data, texts, tok, stream = austen_corpus()
     t0 = time.perf_counter()
-    loss = train_lm(big, stream, args.base_steps)
+    big, loss = trained_base(tok, stream, args.base_steps)
     print(f"base trained: loss {loss:.3f} ({time.perf_counter() - t0:.0f} s)", flush=True)
     drafter, _ = train_drafter(big.anatomy, UCut(1, 1), tok.encode(texts, 64),
                                DrafterTraining(steps=args.drafter_steps, batch_size=8))  # fmt: skip

@@ -49,6 +49,24 @@ def lm(vocab: int, layers: int, width: int, heads: int, seed: int):
     return load_model(cfg, vocab_size=vocab, seed=seed)
 
 
+def austen_corpus():
+    """The HAT benchmarks' text: `austen` (3,000 texts), a 2,000-token BPE trained on it, and
+    its training texts as one token stream: ``(data, texts, tokenizer, stream)``."""
+    cfg = config_from_dict({"data": {"dataset": "austen", "view": "text", "max_examples": 3000}})
+    data = load_task_data(cfg.data, "causal_lm", 0)
+    texts = [e.text for e in data.train]
+    tok = build_tokenizer(None, texts, 2000)
+    stream = torch.tensor([t for s in tok.encode(texts, 256) for t in s])
+    return data, texts, tok, stream
+
+
+def trained_base(tok, stream: torch.Tensor, steps: int):
+    """The HAT benchmarks' base: a 6-block x 256 GPT-2 trained ``steps`` plain steps on
+    ``stream``: ``(model, last loss)``."""
+    big = lm(tok.vocab_size, 6, 256, 8, 0)
+    return big, train_lm(big, stream, steps)
+
+
 def train_lm(loaded, stream: torch.Tensor, steps: int, seq: int = 64, batch: int = 16) -> float:
     """Plain next-token training of every weight (a base that has learned something)."""
     model = loaded.model.train()
@@ -171,15 +189,12 @@ def main() -> None:
         return
     steps, n_prompts, new = (60, 2, 12) if args.quick else (600, 8, 32)
     torch.manual_seed(0)
-    cfg = config_from_dict({"data": {"dataset": "austen", "view": "text", "max_examples": 3000}})
-    data = load_task_data(cfg.data, "causal_lm", 0)
-    tok = build_tokenizer(None, [e.text for e in data.train], 2000)
-    stream = torch.tensor([t for s in tok.encode([e.text for e in data.train], 256) for t in s])
-    big, small = lm(tok.vocab_size, 6, 256, 8, 0), lm(tok.vocab_size, 1, 128, 4, 1)
+    data, texts, tok, stream = austen_corpus()
     t0 = time.perf_counter()
-    loss_big = train_lm(big, stream, steps)
+    big, loss_big = trained_base(tok, stream, steps)
+    small = lm(tok.vocab_size, 1, 128, 4, 1)
     loss_small = train_lm(small, stream, steps)
-    seqs = tok.encode([e.text for e in data.train], 64)
+    seqs = tok.encode(texts, 64)
     drafter, dl = train_drafter(big.anatomy, UCut(1, 1), seqs, DrafterTraining(steps=steps))
     print(f"trained: base loss {loss_big:.3f}, draft model {loss_small:.3f}, drafter distillation "
           f"{dl[0]:.4f} -> {dl[-1]:.4f} ({time.perf_counter() - t0:.0f} s)")  # fmt: skip

@@ -24,10 +24,8 @@ import json
 from pathlib import Path
 
 import torch
-from hat_inference import lm, train_lm
+from hat_inference import austen_corpus, trained_base
 
-from cotune.config import config_from_dict
-from cotune.data import build_tokenizer, load_task_data
 from cotune.infer.drafter import DrafterTraining, train_drafter
 from cotune.infer.generate import UGenerator
 from cotune.infer.serving import MEMORY_BPS, Cloud, middle_weight_bytes, serve
@@ -45,13 +43,8 @@ def main() -> None:
     args = ap.parse_args()
 
     torch.manual_seed(0)
-    cfg = config_from_dict({"data": {"dataset": "austen", "view": "text", "max_examples": 3000}})
-    data = load_task_data(cfg.data, "causal_lm", 0)
-    texts = [e.text for e in data.train]
-    tok = build_tokenizer(None, texts, 2000)
-    stream = torch.tensor([t for s in tok.encode(texts, 256) for t in s])
-    big = lm(tok.vocab_size, 6, 256, 8, 0)
-    loss = train_lm(big, stream, args.base_steps)
+    data, texts, tok, stream = austen_corpus()
+    big, loss = trained_base(tok, stream, args.base_steps)
     drafter, _ = train_drafter(big.anatomy, UCut(1, 1), tok.encode(texts, 64),
                                DrafterTraining(steps=args.base_steps))  # fmt: skip
     prompts = [s[:24] for s in tok.encode([e.text for e in data.test], 64) if len(s) >= 24]
