@@ -197,14 +197,8 @@ class UGenerator:
         # chunk i+1 is computed and sent).
         chunk = self.prefill_chunk or n
         for p in range(0, n, chunk):
-            h, f_in = dev(
-                "input",
-                ids[:, p : p + chunk].size(1),
-                p,
-                device.input_hidden,
-                ids[:, p : p + chunk],
-                p,
-            )
+            piece = ids[:, p : p + chunk]
+            h, f_in = dev("input", piece.size(1), p, device.input_hidden, piece, p)
             mid, up, f_mid, down = exchange(h, p)
             logits, f_out = dev("output", mid.size(1), p, device.output_logits, mid, p)
             f_draft = 0

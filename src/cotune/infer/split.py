@@ -20,6 +20,7 @@ from torch import Tensor
 
 from cotune.errors import ConfigError, ProtocolError
 from cotune.infer.cache import KVCache
+from cotune.infer.timeline import FlopMemo
 from cotune.models.base import Anatomy
 from cotune.runtime.messages import Message, decode_message, encode_message
 from cotune.runtime.validate import check_activation
@@ -76,13 +77,7 @@ class CloudMiddle:
         cut.check(anatomy.num_layers)
         self.anatomy, self.cut = anatomy, cut
         self.sessions: dict[str, Blocks] = {}
-
-    @property
-    def blocks(self) -> Blocks:
-        """The only session (in-process use: one device)."""
-        if len(self.sessions) != 1:
-            raise ProtocolError(f"the cloud serves {len(self.sessions)} devices, not one")
-        return next(iter(self.sessions.values()))
+        self.flops = FlopMemo()  # kept across requests: counting stops once laws are known
 
     def session(self, device: str, pos: int) -> Blocks:
         """``device``'s middle blocks, cut back to ``pos`` (a rejected draft's positions undone)."""
@@ -98,19 +93,8 @@ class CloudMiddle:
         blocks.cache.crop(pos)
         return blocks
 
-    def counted_middle(self, on: bool, msg: Message) -> tuple[Message, int]:
-        """``on_middle`` and its FLOPs (0 when ``on`` is false), counted until known."""
-        from cotune.infer.timeline import FlopMemo
-
-        memo = self.__dict__.setdefault("_flops", FlopMemo())
-        hidden, pos = msg.tensors.get("hidden"), msg.meta.get("pos")
-        if not on or not isinstance(pos, int) or not isinstance(hidden, torch.Tensor):
-            return self.on_middle(msg), 0  # (a malformed request fails in on_middle)
-        return memo.run(True, ("middle", int(hidden.shape[1]) if hidden.dim() > 1 else 0), pos,
-                        self.on_middle, msg)  # fmt: skip
-
-    @torch.no_grad()
-    def on_middle(self, msg: Message) -> Message:
+    def request(self, msg: Message) -> tuple[Tensor, int]:
+        """A ``middle`` request's hidden states ``[1,q,D]`` and position, or ProtocolError."""
         pos = msg.meta.get("pos")
         hidden = msg.tensors.get("hidden")
         if not isinstance(pos, int) or isinstance(pos, bool) or hidden is None:
@@ -121,8 +105,20 @@ class CloudMiddle:
                          shape=(1, None, self.anatomy.hidden_size))  # fmt: skip
         if hidden.size(1) < 1:
             raise ProtocolError(f"{msg.describe()}: tensor 'hidden' holds no position")
+        return hidden, pos
+
+    @torch.no_grad()
+    def _answer(self, msg: Message, hidden: Tensor, pos: int) -> Message:
         out = self.session(msg.sender, pos)(hidden, pos)
         return Message("middle_out", CLOUD, msg.sender, {"hidden": out}, {"pos": pos})
+
+    def counted_middle(self, on: bool, msg: Message) -> tuple[Message, int]:
+        """``on_middle`` and its FLOPs (0 when ``on`` is false), counted until known."""
+        hidden, pos = self.request(msg)
+        return self.flops.run(on, ("middle", hidden.size(1)), pos, self._answer, msg, hidden, pos)
+
+    def on_middle(self, msg: Message) -> Message:
+        return self._answer(msg, *self.request(msg))
 
 
 @dataclass

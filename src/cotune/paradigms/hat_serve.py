@@ -152,7 +152,7 @@ class ServingDevice(Role):
         if prompt and eos is not None and prompt[-1] == eos and len(prompt) > 1:
             prompt = prompt[:-1]
         meter = self.ctx.meter
-        self.last_arrival = msg.arrival
+        self.last_arrival = msg.arrival  # device work waits for the latest message it got
 
         def on_reply(m: Message) -> None:
             self.last_arrival = m.arrival
@@ -164,21 +164,14 @@ class ServingDevice(Role):
         model = self.ctx.model.loaded.model
         was = model.training
         model.eval()
-        flops_total = 0
-
-        def count(flops: int) -> None:
-            nonlocal flops_total
-            flops_total += flops
-            on_flops(flops)
-
         started = time.perf_counter()
         try:
             out = self.gen.generate(
                 prompt, self.opts.max_new_tokens, Sampling(self.opts.temperature),
                 seed=self.ctx.seed * 1_000_003 + request, eos_token_id=eos, link=link,
-                role_id=self.role_id, on_device_flops=count,
+                role_id=self.role_id, on_device_flops=on_flops,
             )  # fmt: skip
-        except (ProtocolError, CotuneError) as err:  # the cloud refused, or a peer went away
+        except CotuneError as err:  # the cloud refused (ProtocolError), or it went away
             return reply(msg, "generated", ok=False, request=request, error=str(err),
                          prompt=prompt, host_wall_s=time.perf_counter() - started)  # fmt: skip
         finally:
@@ -186,10 +179,10 @@ class ServingDevice(Role):
         s = out.link
         return reply(
             msg, "generated", ok=True, request=request, prompt=prompt, tokens=out.tokens,
-            drafted=out.drafted, accepted=out.accepted, cloud_rounds=out.decode_rounds + len(
-                [t for t in out.trace if t.kind == "prefill"]),
+            drafted=out.drafted, accepted=out.accepted, cloud_rounds=len(s.sizes),
             bytes_up=s.bytes_up, bytes_down=s.bytes_down, messages=s.messages,
-            device_flops=flops_total, host_token_times_s=out.token_times,
+            device_flops=sum(t.device_before + t.device_after + t.after_token for t in out.trace),
+            host_token_times_s=out.token_times,
         )  # fmt: skip
 
 
