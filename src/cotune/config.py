@@ -243,6 +243,11 @@ class RaySection(Section):
     threads_per_host: int | None = Field(None, ge=1)  # torch/OpenMP threads in each host
     num_cpus: int | None = Field(None, ge=1)  # a Ray started here: its CPU count (None: all)
     max_restarts: int = Field(3, ge=0)  # a host that dies is restarted (its devices rejoin)
+    # Keep the host actors between runs of one process (tests, notebooks, sweeps) when Ray was
+    # started outside cotune: a next run with the same host settings skips their start-up.
+    # cotune.deploy.raynodes.release_idle_hosts() frees them; a Ray cotune starts ends with
+    # its run either way.
+    keep_hosts: bool = True
     # round_robin: device i on host i mod hosts; by_profile: devices of one simulated profile
     # together (contiguous blocks in profile order), so a host serves one kind of device.
     placement: Literal["round_robin", "by_profile"] = "round_robin"

@@ -18,6 +18,7 @@ RAY = {"kind": "ray", "ray": {"hosts": 2, "num_cpus_per_host": 0.5}}
 # hosts run at this process's thread count, as the local reference did (Ray gives an actor with
 # under one CPU a single OpenMP thread).
 THREAD_SENSITIVE = {"hat-drafter"}
+FED_2 = {"name": "fedavg", "options": {"local_steps": 2}}
 
 
 @pytest.fixture(scope="module")
@@ -163,3 +164,91 @@ def test_a_hosts_devices_train_as_one_cohort_and_equal_the_local_cohort(
     assert_same_run(outcome(got_dir), want)
     nodes = json.loads((got_dir / "summary.json").read_text())["deployment"]["nodes"]
     assert nodes["device-0"]["batched_requests"] > 0  # the host ran them as a cohort
+
+
+def _hub_spy(monkeypatch):
+    """The RayHub of each run, as it is built."""
+    from cotune.deploy import raynodes
+
+    hubs = []
+    real = raynodes.RayHub.__init__
+
+    def init(self, *a, **kw):
+        real(self, *a, **kw)
+        hubs.append(self)
+
+    monkeypatch.setattr(raynodes.RayHub, "__init__", init)
+    return hubs
+
+
+@pytest.mark.slow
+def test_a_later_run_reuses_the_kept_hosts_and_gives_the_same_run(ray_session, tiny_config,
+                                                                  monkeypatch):  # fmt: skip
+    """Hosts outlive a run in a Ray the run did not start: the next run with the same host
+    settings serves its devices on them (no new actor, none of their start-up) and equals the
+    first; ``keep_hosts: false`` ends them with the run."""
+    from cotune.deploy import raynodes
+
+    hubs = _hub_spy(monkeypatch)
+    sections = {"paradigm": FED_2, "engine": RAY}
+    first = outcome(run(tiny_config, "keep-1", "ray", **sections))
+    second = outcome(run(tiny_config, "keep-2", "ray", **sections))
+    ids = [[a._actor_id.hex() for a in h.actors] for h in hubs]
+    assert ids[0] == ids[1] and len(set(ids[0])) == 2
+    assert_same_run(second, first)
+    assert hubs[1].epochs == [e + 1 for e in hubs[0].epochs]  # a new epoch per run
+
+    once = {**RAY, "ray": {**RAY["ray"], "keep_hosts": False}}
+    third = outcome(run(tiny_config, "keep-3", "ray", paradigm=FED_2, engine=once))
+    assert [a._actor_id.hex() for a in hubs[2].actors] == ids[0]  # it took the kept ones
+    assert_same_run(third, first)
+    assert not raynodes.HOSTS.idle  # ... and did not keep them
+    for actor in hubs[2].actors:
+        with pytest.raises(ray.exceptions.RayActorError):
+            ray.get(actor.release.remote(0.0), timeout=30)
+
+
+@pytest.mark.slow
+def test_idle_hosts_of_other_settings_are_ended_to_free_their_cpus(ray_session, tiny_config,
+                                                                   monkeypatch):  # fmt: skip
+    """Two kept half-CPU hosts hold one of the session's two CPUs: a run that wants one host
+    with both CPUs could not be placed unless they end first."""
+    from cotune.deploy import raynodes
+
+    hubs = _hub_spy(monkeypatch)
+    run(tiny_config, "halves", "ray", paradigm=FED_2, engine=RAY)
+    assert sum(len(v) for v in raynodes.HOSTS.idle.values()) == 2
+    whole = {"kind": "ray", "join_timeout_s": 60, "ray": {"hosts": 1, "num_cpus_per_host": 2}}
+    got = outcome(run(tiny_config, "whole", "ray", paradigm=FED_2, engine=whole))
+    assert_same_run(got, reference(tiny_config, "fedavg", "local"))
+    assert not set(a._actor_id.hex() for a in hubs[1].actors) & {
+        a._actor_id.hex() for a in hubs[0].actors
+    }
+    raynodes.release_idle_hosts()
+    assert not raynodes.HOSTS.idle
+
+
+def test_a_host_drops_frames_of_an_earlier_run_and_holds_those_of_a_later_one():
+    """Epochs order a kept host's runs (a threaded actor runs calls out of order): frames of
+    an epoch that has not started wait for its ``start``, in their sequence; frames of an
+    earlier epoch are dropped."""
+    from cotune.deploy.frames import ERROR, SEND
+    from cotune.deploy.rayhost import NodeHost
+
+    host = NodeHost({})
+    host.push(
+        [(1, 1, "device-0", SEND, {"k": "b"}, b""), (1, 0, "device-0", SEND, {"k": "a"}, b"")]
+    )
+    assert host.dialer.inbound.empty()  # epoch 1 has not started
+    host.start(1, {}, ["device-0"])  # a welcome it cannot build from: it says why
+    got = host.pull(5.0)
+    assert [(n, k) for n, k, *_ in got] == [("device-0", ERROR)]
+    assert "could not start on its Ray host" in got[0][2]["error"]
+    assert host.release(5.0)
+    inbound = [host.dialer.inbound.get_nowait()]
+    inbound.append(host.dialer.inbound.get_nowait())
+    assert [f.header["k"] for f in inbound] == ["a", "b"]  # held, then in sequence
+    host.push([(0, 2, "device-0", SEND, {"k": "old"}, b"")])
+    assert host.dialer.inbound.empty()  # an earlier run's frame: dropped
+    host.start(0, {}, ["device-0"])  # a start that lost the race: ignored
+    assert host.epoch == 1

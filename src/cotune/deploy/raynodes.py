@@ -14,19 +14,18 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import queue
-import tempfile
 import threading
-from pathlib import Path
 from typing import Any
 
-from cotune.deploy.frames import BYE, ERROR, Frame
+from cotune.deploy.frames import BYE, Frame
+from cotune.deploy.rayhost import NodeHost
 from cotune.deploy.transport import Closed, Joining
 from cotune.errors import ConfigError
 
 log = logging.getLogger(__name__)
 PULL_WAIT_S = 0.5  # a host's long poll returns at least this often (so a closed hub notices)
+RELEASE_WAIT_S = 10.0  # a run's end: how long a kept host may take to finish its last frames
 
 
 def ray_module() -> Any:
@@ -37,82 +36,6 @@ def ray_module() -> Any:
             "engine.kind: ray needs the `ray` package (pip install 'cotune[ray]')"
         ) from None
     return ray
-
-
-class QueueDialer:
-    """A host's end inside its actor: frames in from ``push``, frames out to ``pull``."""
-
-    def __init__(self, nodes: list[str]) -> None:
-        self.node = nodes[0]
-        self.inbound: queue.Queue[Frame | None] = queue.Queue()
-        self.outbound: queue.Queue[tuple[str, Frame]] = queue.Queue()
-
-    def send(self, frame: Frame, node: str | None = None) -> None:
-        self.outbound.put((node or self.node, frame))
-
-
-class NodeHost:
-    """The Ray actor: builds its nodes (one base, their roles' states) and serves their frames
-    on a thread of its own; ``push`` and ``pull`` only move frames."""
-
-    def __init__(self, welcome: dict[str, Any], nodes: list[str], env: dict[str, str]) -> None:
-        os.environ.update(env)
-        logging.basicConfig(level=logging.WARNING)
-        self.nodes = nodes
-        self.dialer = QueueDialer(nodes)
-        self.next_seq, self.early, self.lock = 0, {}, threading.Lock()
-        # The driver numbers its frames per epoch; a restarted host (Ray ran __init__ again)
-        # drops what was sent to its previous life and waits for the driver's next epoch.
-        ray = ray_module()
-        self.epoch = -1 if ray.get_runtime_context().was_current_actor_reconstructed else 0
-        self.thread = threading.Thread(target=self._serve, args=(welcome,), daemon=True)
-        self.thread.start()
-
-    def _serve(self, welcome: dict[str, Any]) -> None:
-        from cotune.deploy.device import DeviceNode
-
-        with tempfile.TemporaryDirectory(prefix="cotune-host-") as tmp:
-            try:
-                runtime = DeviceNode(self.dialer, welcome, Path(tmp), nodes=self.nodes,
-                                     isolated=False)  # fmt: skip
-            except Exception as err:  # noqa: BLE001 - the driver hears why, per node
-                for node in self.nodes:
-                    why = f"{node} could not start on its Ray host: {type(err).__name__}: {err}"
-                    self.dialer.send(Frame(ERROR, {"error": why}), node)
-                return
-            runtime.serve()
-
-    def push(self, frames: list[tuple[int, int, str, int, dict[str, Any], bytes]]) -> None:
-        """Frames ``(epoch, seq, node, kind, header, payload)``, in the driver's order."""
-        for frame in frames:
-            self._push_one(*frame)
-
-    def _push_one(
-        self, epoch: int, seq: int, node: str, kind: int, header: dict[str, Any], payload: bytes
-    ) -> None:
-        """One frame for ``node``; ``seq`` orders calls that a threaded actor may run out of
-        order, ``epoch`` tells frames for a previous life of this host."""
-        with self.lock:
-            if epoch <= 0 and self.epoch < 0 or epoch < self.epoch:
-                return  # meant for the host that died
-            if epoch > self.epoch:
-                self.epoch, self.next_seq, self.early = epoch, 0, {}
-            self.early[seq] = Frame(kind, {**header, "node": node}, payload)
-            while self.next_seq in self.early:
-                self.dialer.inbound.put(self.early.pop(self.next_seq))
-                self.next_seq += 1
-
-    def pull(self, wait_s: float) -> list[tuple[str, int, dict[str, Any], bytes]]:
-        """The frames this host's nodes sent, waiting up to ``wait_s`` for the first."""
-        out = []
-        with contextlib.suppress(queue.Empty):
-            out.append(self.dialer.outbound.get(timeout=wait_s))
-            while len(out) < 256:
-                out.append(self.dialer.outbound.get_nowait())
-        return [(node, f.type, f.header, f.payload) for node, f in out]
-
-    def ping(self) -> bool:
-        return True
 
 
 def place(nodes: list[str], hosts: int, policy: str, profiles: dict[str, str]) -> dict[str, int]:
@@ -157,6 +80,61 @@ def check_host_memory(exp: Any, placement: dict[str, int], budget_gb: float) -> 
             f"{budget / mb:.1f} MB; use more hosts (engine.ray.hosts) or a larger budget"
         )
     return need
+
+
+class HostPool:
+    """Host actors kept between runs of this driver process (tests, notebooks, sweeps), per Ray
+    session and host settings (CPUs, GPUs, restarts, environment): a later run with the same
+    settings takes them instead of starting new ones. A run takes what matches and kills every
+    other idle host, whose reserved CPUs a new host may need."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.session: tuple[str, str] | None = None
+        self.idle: dict[tuple[Any, ...], list[tuple[Any, int]]] = {}
+
+    def take(self, session: tuple[str, str], key: tuple[Any, ...], n: int) -> list[tuple[Any, int]]:
+        """Up to ``n`` idle hosts with ``key``, as (actor, the epoch to start it at)."""
+        with self.lock:
+            if session != self.session:  # Ray restarted: the old handles are gone with it
+                self.session, self.idle = session, {}
+            mine = self.idle.pop(key, [])
+            others = [a for hosts in self.idle.values() for a, _ in hosts]
+            others += [a for a, _ in mine[n:]]
+            self.idle = {}
+        _kill(others)
+        return mine[:n]
+
+    def give(self, session: tuple[str, str], key: tuple[Any, ...], actor: Any, epoch: int) -> None:
+        """Keep ``actor`` for a later run, which starts it at ``epoch``."""
+        with self.lock:
+            if session == self.session:
+                self.idle.setdefault(key, []).append((actor, epoch))
+                return
+        _kill([actor])
+
+    def clear(self) -> None:
+        with self.lock:
+            idle = [a for hosts in self.idle.values() for a, _ in hosts]
+            self.idle = {}
+        _kill(idle)
+
+
+def _kill(actors: list[Any]) -> None:
+    if actors:
+        ray = ray_module()
+        for a in actors:
+            with contextlib.suppress(Exception):
+                ray.kill(a)
+
+
+HOSTS = HostPool()
+
+
+def release_idle_hosts() -> None:
+    """Kill the host actors cotune keeps between runs (``engine.ray.keep_hosts``), freeing the
+    CPUs and GPUs they hold in the Ray cluster."""
+    HOSTS.clear()
 
 
 class RayLink:
@@ -205,23 +183,39 @@ class RayHub(Joining):
         self.locks = [threading.Lock() for _ in range(hosts)]
         self.outbox: list[list[Any]] = [[] for _ in range(hosts)]
         self.wake = [threading.Event() for _ in range(hosts)]
-        actor = ray.remote(
+        actor_cls = ray.remote(
             num_cpus=rc.num_cpus_per_host, num_gpus=rc.num_gpus_per_host,
-            max_concurrency=2, max_restarts=rc.max_restarts,
+            max_concurrency=4, max_restarts=rc.max_restarts,
         )(NodeHost)  # fmt: skip
         # Several hosts sharing cores: idle OpenMP threads must sleep, not spin (the spinning
         # steals the core another host needs). One host keeps OpenMP's default.
         env = {"OMP_WAIT_POLICY": "PASSIVE"} if hosts > 1 else {}
         if rc.threads_per_host is not None:
             env["OMP_NUM_THREADS"] = str(rc.threads_per_host)
-        self.actors = []
-        for h in range(hosts):
-            mine = [n for n in nodes if self.placement[n] == h]
-            self.actors.append(actor.remote(welcome, mine, env))
+        # Hosts outlive the run only in a Ray this run did not start (it shuts down with it).
+        self.keep = rc.keep_hosts and not self.started_ray
+        ctx = ray.get_runtime_context()
+        self.session = (ctx.get_session_name(), ctx.get_job_id())
+        self.key = (rc.num_cpus_per_host, rc.num_gpus_per_host, rc.max_restarts,
+                    tuple(sorted(env.items())))  # fmt: skip
+        # Idle hosts kept by earlier runs: this run serves on those that match (a run that
+        # keeps none ends them after itself) and ends the rest, whose CPUs it may need.
+        kept = HOSTS.take(self.session, self.key, hosts)
+        self.welcome = welcome
+        self.host_nodes = [[n for n in nodes if self.placement[n] == h] for h in range(hosts)]
+        self.actors: list[Any] = []
+        self.pullers: list[threading.Thread] = []
+        for h, mine in enumerate(self.host_nodes):
+            actor, self.epochs[h] = kept[h] if h < len(kept) else (actor_cls.remote(env), 0)
+            actor.start.remote(self.epochs[h], welcome, mine)
+            self.actors.append(actor)
             for n in mine:
                 self.links[n] = RayLink(n, self, h)
-            threading.Thread(target=self._pull, args=(h, mine), daemon=True).start()
+            self.pullers.append(threading.Thread(target=self._pull, args=(h, mine), daemon=True))
+            self.pullers[-1].start()
             threading.Thread(target=self._send, args=(h,), daemon=True).start()
+        if kept:
+            log.info("reusing %d Ray host(s) kept from an earlier run", len(kept))
 
     def host_of(self, node: str) -> int:
         return self.placement[node]
@@ -284,6 +278,8 @@ class RayHub(Joining):
                     self.seqs[host] = 0
                     for n in nodes:
                         self.links[n] = RayLink(n, self, host)
+                with contextlib.suppress(Exception):  # queued by Ray until the host is back
+                    actor.start.remote(self.epochs[host], self.welcome, nodes)
                 continue
             for node, kind, header, payload in batch:
                 frame = Frame(kind, header, payload)
@@ -293,17 +289,27 @@ class RayHub(Joining):
 
     def close(self) -> None:
         ray = ray_module()
-        told: set[int] = set()  # one BYE ends a host's loop, for all its nodes
         for link in self.links.values():
-            if link.open and link.host not in told:
-                told.add(link.host)
-                with contextlib.suppress(Exception):
-                    link.send(Frame(BYE))
             link.close()
+        for host, mine in enumerate(self.host_nodes):  # one BYE ends a host's run, for all
+            if mine:  # its nodes (sent to every host: a host whose links closed is told too)
+                self.push(host, mine[0], Frame(BYE))
         self.flush()
         self.closing = True
-        for a in self.actors:
-            with contextlib.suppress(Exception):
-                ray.kill(a)
+        if not self.keep:
+            _kill(self.actors)
+        else:
+            refs = [a.release.remote(RELEASE_WAIT_S) for a in self.actors]
+            for host, (actor, ref) in enumerate(zip(self.actors, refs)):
+                try:
+                    idle = ray.get(ref, timeout=RELEASE_WAIT_S + 10)
+                except Exception:  # noqa: BLE001 - a host that died or hangs is not kept
+                    idle = False
+                if idle:
+                    HOSTS.give(self.session, self.key, actor, self.epochs[host] + 1)
+                else:
+                    _kill([actor])
+            for t in self.pullers:  # a release woke their long polls: they end at once
+                t.join(PULL_WAIT_S + 1.0)
         if self.started_ray:
             ray.shutdown()
