@@ -165,6 +165,21 @@ def propose_ei(
     return best
 
 
+def _kg_starts(
+    kg, k: int, feats: list[float], rng: np.random.Generator, raw: int, restarts: int
+) -> torch.Tensor:
+    """One-shot KG's starting points: ``raw`` Dirichlet draws of its whole q-batch (the
+    candidate and every fantasy's solution, all on the simplex, at ``feats``), the ``restarts``
+    best by KG. BoTorch's own initializer samples the simplex constraint by hit-and-run, which
+    took ~9 s per fidelity on a 2-core CPU against milliseconds for these."""
+    n = kg.get_augmented_q_batch_size(1)
+    w = torch.tensor(rng.dirichlet(np.ones(k), size=(raw, n)), dtype=DTYPE)
+    x = torch.cat([w, torch.tensor(feats, dtype=DTYPE).expand(raw, n, 2)], dim=-1)
+    with torch.no_grad():
+        v = kg(x)
+    return x[torch.argsort(v, descending=True)[:restarts]]
+
+
 def propose_kg(
     space: MixtureSpace,
     model,
@@ -205,8 +220,9 @@ def propose_kg(
         feats = space.fidelity_features(fid)
         torch.manual_seed(int(rng.integers(1 << 31)))
         try:
+            starts = _kg_starts(kg, k, feats, rng, raw_samples, restarts)
             cand, value = optimize_acqf(
-                kg, bounds=bounds, q=1, num_restarts=restarts, raw_samples=raw_samples,
+                kg, bounds=bounds, q=1, num_restarts=restarts, batch_initial_conditions=starts,
                 options={"maxiter": 25},
                 equality_constraints=simplex, fixed_features={k: feats[0], k + 1: feats[1]},
             )  # fmt: skip
