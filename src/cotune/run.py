@@ -139,7 +139,7 @@ def build_experiment(
 
         d2lora_stage(cfg, loaded, tokenizer, adapters, sim)
     trainer = Trainer(adapters.named_trainable(), cfg.train, cfg.train.steps)
-    engine = LocalEngine(codec=cfg.engine.codec)
+    engine = LocalEngine(codec=cfg.engine.codec, wire=cfg.engine.kind != "local")
     engine.add_listener(sim.clock.on_transfer)  # every encoded message costs link time
     exp = Experiment(
         cfg=cfg,

@@ -137,7 +137,7 @@ def stage_experiment(
         experts = tuple(sorted(set(domains.by_role.values())))
         for layer in exp.adapters.layers.values():
             layer.train_domains(experts)
-    engine = LocalEngine(codec=cfg.engine.codec)
+    engine = LocalEngine(codec=cfg.engine.codec, wire=cfg.engine.kind != "local")
     engine.add_listener(exp.sim.clock.on_transfer)
     sexp = dataclasses.replace(
         exp,

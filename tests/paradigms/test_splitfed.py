@@ -241,16 +241,32 @@ BERT_NO_DROPOUT = {
 }
 
 
-def _cohort_runs(tiny_config, monkeypatch, options, family="bert"):
+def _cohort_runs(tiny_config, monkeypatch, options, family="bert", new_shape_at=None):
+    """The run with the cohort on and off; ``new_shape_at``: at that step the second device's
+    batch shape counts as never seen (dynamic padding meeting a new length)."""
     from cotune.paradigms import split_cohort
 
     calls = []
     original = split_cohort.DeviceCohort.forward
 
     def spy(self, devices, step, rnd):
+        if step == new_shape_at:
+            real_known, asked = self.flops.known, []
+
+            def known(key, dims):  # asked per device in order: (fwd, bwd), (fwd, bwd), ...
+                asked.append(key)
+                return None if len(asked) == 3 else real_known(key, dims)
+
+            self.flops.known = known
+            try:
+                together = original(self, devices, step, rnd)
+            finally:
+                del self.flops.known
+            calls.append((step, len(together), len(devices)))
+            return together
         together = original(self, devices, step, rnd)
         if together:
-            calls.append(step)
+            calls.append((step, len(together), len(devices)))
         return together
 
     monkeypatch.setattr(split_cohort.DeviceCohort, "forward", spy)
@@ -278,7 +294,7 @@ def test_device_cohort_equals_one_device_at_a_time(tiny_config, monkeypatch, fam
     """Once the device shapes' FLOPs are known, the devices run as one batch: same losses, same
     adapters, same FLOPs charged to every device, same bytes."""
     out, calls = _cohort_runs(tiny_config, monkeypatch, options, family)
-    assert calls and max(calls) == 8  # the cohort took over once the device shapes were counted
+    assert calls and max(calls)[0] == 8  # the cohort took over once the device shapes were counted
     a, b = (records(out[x], "train", "mean") for x in (True, False))
     assert [r["loss"] for r in a] == pytest.approx([r["loss"] for r in b], abs=1e-5)
     pa, pb = final_params(out[True])["server"], final_params(out[False])["server"]
@@ -289,6 +305,26 @@ def test_device_cohort_equals_one_device_at_a_time(tiny_config, monkeypatch, fam
         assert sa["roles"][role]["flops"] == sb["roles"][role]["flops"], role
         for key in ("bytes_up", "bytes_down"):
             assert sa["roles"][role][key] == sb["roles"][role][key], (role, key)
+
+
+def test_a_device_with_a_new_batch_shape_runs_beside_the_cohort(tiny_config, monkeypatch):
+    """A step in which one device's batch has a length the FLOP counter has not seen: that
+    device runs (and is counted) on its own, the others still as one batch; the run equals
+    one device at a time."""
+    out, calls = _cohort_runs(tiny_config, monkeypatch, {"server_batch": "pooled"},
+                              new_shape_at=4)  # fmt: skip
+    assert (4, 2, 3) in calls and (5, 3, 3) in calls
+    a, b = (records(out[x], "train", "mean") for x in (True, False))
+    assert [r["loss"] for r in a] == pytest.approx([r["loss"] for r in b], abs=1e-5)
+    pa, pb = final_params(out[True])["server"], final_params(out[False])["server"]
+    for k in pa:
+        torch.testing.assert_close(pa[k], pb[k], atol=1e-5, rtol=1e-4)
+    sa, sb = (json.loads((out[x] / "summary.json").read_text()) for x in (True, False))
+    assert sa["sim_time_s"] == pytest.approx(sb["sim_time_s"], rel=1e-9)
+    for role in ("device-0", "device-1", "device-2", "server"):
+        ra, rb = sa["costs"]["roles"][role], sb["costs"]["roles"][role]
+        assert (ra["flops"], ra["bytes_up"], ra["bytes_down"]) == (
+            rb["flops"], rb["bytes_up"], rb["bytes_down"]), role  # fmt: skip
 
 
 def test_pooled_server_with_one_device_equals_central(tiny_config):

@@ -7,8 +7,8 @@ batch: each device's rows go through its own adapter tensors (``cotune.peft.grou
 backward gives each device exactly its own gradient. Everything a device does is otherwise
 unchanged: it sends its own activations message (sliced to its own length), receives its own
 cut gradient, is charged its own FLOPs (known from an earlier counted run at the same shape or
-from the key's verified FLOP law; a step with an unknown shape runs one device at a time and
-counts it) and applies its own optimizer step.
+from the key's verified FLOP law; a device whose batch has a shape not known yet runs on its own
+beside the cohort, which counts it) and applies its own optimizer step.
 
 Differences from one-at-a-time execution, both documented in docs/methods.md: float results
 agree to ~1e-6 (different batch shapes), and dropout masks of the whole cohort are drawn from
@@ -79,50 +79,68 @@ class DeviceCohort:
     def ready(self, devices: Sequence[SplitDevice]) -> bool:
         return self.supported and len(devices) > 1
 
-    def forward(self, devices: Sequence[SplitDevice], step: int, rnd: int) -> bool:
-        """Every device draws its batch and sends its activations; they run as one forward when
-        every device's FLOPs are already known (else one by one, which counts them). Returns
-        whether they ran as one."""
+    def forward(self, devices: Sequence[SplitDevice], step: int, rnd: int) -> list[SplitDevice]:
+        """Every device draws its batch and sends its activations. Those whose FLOPs at their
+        batch's shape are already known run as one forward (when there are two or more); the
+        others run one by one, which counts them (dynamic padding keeps meeting new lengths,
+        and one new length must not send the whole step back to one device at a time).
+        Activations leave in device order either way. Returns the devices that ran as one."""
         batches = [d.next_batch(rnd) for d in devices]
         rows = [int(b.input_ids.shape[0]) for b in batches]
         lengths = [int(b.input_ids.shape[1]) for b in batches]
         flops = self.flops
-        dims = list(zip(rows, lengths))
-        if any(flops.known(k, d) is None for k in (FWD, BWD) for d in dims):
+        known = [
+            all(flops.known(k, dims) is not None for k in (FWD, BWD)) for dims in zip(rows, lengths)
+        ]
+        if sum(known) < 2:
             for d, b in zip(devices, batches):
                 d.send_activations(step, rnd, batch=b)
-            return False
-        width = max(lengths)
+            return []
+        members = [d for d, ok in zip(devices, known) if ok]
+        mine_b = [b for b, ok in zip(batches, known) if ok]
+        m_rows = [n for n, ok in zip(rows, known) if ok]
+        m_lengths = [t for t, ok in zip(lengths, known) if ok]
+        width = max(m_lengths)
         # Right padding (the collator's): a row's real positions never see the extra columns.
-        ids = torch.cat([F.pad(b.input_ids, (0, width - b.input_ids.shape[1])) for b in batches])
+        ids = torch.cat([F.pad(b.input_ids, (0, width - b.input_ids.shape[1])) for b in mine_b])
         mask = torch.cat(
-            [F.pad(b.attention_mask, (0, width - b.attention_mask.shape[1])) for b in batches]
+            [F.pad(b.attention_mask, (0, width - b.attention_mask.shape[1])) for b in mine_b]
         )
         names = self.layout.device_names
         leaves = [
-            {k: d.state.params[k].detach().requires_grad_(True) for k in names} for d in devices
+            {k: d.state.params[k].detach().requires_grad_(True) for k in names} for d in members
         ]
         layers = self.layers
-        with devices[0].trainer.activate(devices[0].state):  # its RNG draws the dropout masks
-            with row_groups(layers, rows, leaves):
+        with members[0].trainer.activate(members[0].state):  # its RNG draws the dropout masks
+            with row_groups(layers, m_rows, leaves):
                 acts = self.layout.bottom(ids, mask)
             regs = []
-            for d, own in zip(devices, leaves):
+            for d, own in zip(members, leaves):
                 with bind_state(layers, own):
                     regs.append(d.reg())
-        self._run = _Run(list(devices), rows, lengths, leaves, acts.hidden, regs)
+        self._run = _Run(members, m_rows, m_lengths, leaves, acts.hidden, regs)
+        starts = {}
         start = 0
-        for d, b, n, t, reg in zip(devices, batches, rows, lengths, regs):
-            mine = Activations(acts.hidden[start : start + n, :t], b.attention_mask)
-            d.emit(step, rnd, b, mine, reg, flops.charge_known(FWD, (n, t)))
+        for d, n in zip(members, m_rows):
+            starts[id(d)] = start
             start += n
-        return True
+        reg_of = {id(d): r for d, r in zip(members, regs)}
+        for d, b, n, t, ok in zip(devices, batches, rows, lengths, known):
+            if not ok:
+                d.send_activations(step, rnd, batch=b)
+                continue
+            at = starts[id(d)]
+            mine = Activations(acts.hidden[at : at + n, :t], b.attention_mask)
+            d.emit(step, rnd, b, mine, reg_of[id(d)], flops.charge_known(FWD, (n, t)))
+        return members
 
-    def backward(self) -> None:
-        """One backward of every device's cut gradient; each device keeps its own gradients."""
+    def backward(self) -> dict[int, int]:
+        """One backward of every member's cut gradient; each member keeps its own gradients.
+        Returns each member's backward FLOPs (by ``id``), which the caller charges in device
+        order (``SplitDevice.backward_done``)."""
         run, self._run = self._run, None
         if run is None:
-            return
+            return {}
         grad = torch.zeros_like(run.hidden)
         outs, grads = [run.hidden], [grad]
         live = []
@@ -136,11 +154,13 @@ class DeviceCohort:
                     grads.append(torch.ones_like(reg))
             start += n
         if not live:
-            return
+            return {}
         torch.autograd.backward(outs, grads)
         flops = self.flops
+        done = {}
         for d, n, t, own in zip(run.devices, run.rows, run.lengths, run.leaves):
             if d not in live:
                 continue
             d.grads = {k: leaf.grad for k, leaf in own.items() if leaf.grad is not None}
-            d.backward_done(flops.charge_known(BWD, (n, t)))
+            done[id(d)] = flops.charge_known(BWD, (n, t))
+        return done

@@ -282,10 +282,9 @@ class SplitDevice(Role):
             r.defer_backward = together or pooled
         step, rnd = int(meta["step"]), int(meta["round"])
         if together and cohort is not None:
-            # One forward when every device's FLOPs are known; else it sends one by one.
-            if cohort.forward(roles, step, rnd):
-                for r in roles:
-                    r.cohort = cohort
+            # One forward of the devices whose FLOPs are known; the others one by one.
+            for r in cohort.forward(roles, step, rnd):
+                r.cohort = cohort
         else:
             for r in roles:
                 r.send_activations(step, rnd)
@@ -294,11 +293,15 @@ class SplitDevice(Role):
     @classmethod
     def batch_backward(cls, roles: list[SplitDevice], meta: dict[str, Any]) -> list[None]:
         cohorts = {id(r.cohort): r.cohort for r in roles if r.cohort is not None}
+        done: dict[int, int] = {}  # a cohort member's backward FLOPs
         for cohort in cohorts.values():
-            cohort.backward()
-        for r in roles:
+            done.update(cohort.backward())
+        for r in roles:  # in device order, whether a device ran in the cohort or alone
             r.cohort = None
-            r.run_deferred_backward()
+            if id(r) in done:
+                r.backward_done(done[id(r)])
+            else:
+                r.run_deferred_backward()
         return [None] * len(roles)
 
     # --- the step -------------------------------------------------------------------------

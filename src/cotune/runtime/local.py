@@ -1,7 +1,10 @@
-"""In-process engine: roles run in this Python process, but every message is still encoded.
+"""In-process engine: roles run in this Python process, but every message is still a message.
 
-The receiver gets a message decoded from the bytes (its own tensors, never the sender's), and
-each transfer is counted as ``len(encoded)`` — exactly what a network engine would send.
+The receiver gets what it would decode from the wire (its own tensors, never the sender's,
+metadata that went through JSON), and each transfer is counted as the length of the encoded
+message — exactly what a network engine would send. With ``wire=True`` (the isolated engine,
+which proves the contract) the bytes are written and decoded; otherwise they are only measured
+(``runtime.handover``), which gives the same message and length.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from torch.utils._python_dispatch import _disable_current_modes
 
 from cotune.errors import PeerUnavailable, ProtocolError
 from cotune.runtime.engine import Engine, Role
+from cotune.runtime.handover import hand_over
 from cotune.runtime.messages import Message, decode_message, encode_message
 
 
@@ -45,14 +49,22 @@ class LocalEngine(Engine):
 
     colocated = True
 
+    def __init__(self, codec: str = "fp32", *, wire: bool = True) -> None:
+        super().__init__(codec)
+        self.wire = wire
+
     def _transmit(
         self, msg: Message, codec: str | None, in_reply_to: int | None = None
     ) -> tuple[Message, int]:
         """Encode, count, decode: returns the receiver's copy and the transfer's seq."""
         chosen = self._codec_for(msg, codec)
-        data = encode_message(msg, chosen)
-        transfer = self._record(msg, len(data), chosen, in_reply_to)
-        return self._place(decode_message(data)), transfer.seq
+        if self.wire:
+            data = encode_message(msg, chosen)
+            received, size = decode_message(data), len(data)
+        else:
+            received, size = hand_over(msg, chosen)
+        transfer = self._record(msg, size, chosen, in_reply_to)
+        return self._place(received), transfer.seq
 
     def _exchange(self, msg: Message, codec: str | None) -> Message | None:
         role = self._receiver(msg)

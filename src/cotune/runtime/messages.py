@@ -184,6 +184,15 @@ def wire_json(value: Any) -> str:
 
 def encode_message(msg: Message, codec: str = "fp32") -> bytes:
     """The bytes that travel for ``msg``: header + JSON + safetensors body + CRC32."""
+    js, body_tensors = wire_parts(msg, codec)
+    body = st_save(body_tensors)
+    header = _HEADER.pack(MAGIC, FORMAT_VERSION, 0, len(js), len(body))
+    crc = crc32c(body, crc32c(js, crc32c(header)))
+    return b"".join((header, js, body, struct.pack("<I", crc)))  # one copy of the body
+
+
+def wire_parts(msg: Message, codec: str) -> tuple[bytes, dict[str, torch.Tensor]]:
+    """A message's JSON header document (encoded) and the codec's parts its body serializes."""
     entries, body_tensors = _wire_tensors(msg, codec)
     doc = {
         "kind": msg.kind,
@@ -198,10 +207,7 @@ def encode_message(msg: Message, codec: str = "fp32") -> bytes:
         js = wire_json(doc).encode("utf-8")
     except (TypeError, ValueError) as e:
         raise ProtocolError(f"{msg.describe()}: meta is not JSON-serialisable ({e})") from None
-    body = st_save(body_tensors)
-    header = _HEADER.pack(MAGIC, FORMAT_VERSION, 0, len(js), len(body))
-    crc = crc32c(body, crc32c(js, crc32c(header)))
-    return b"".join((header, js, body, struct.pack("<I", crc)))  # one copy of the body
+    return js, body_tensors
 
 
 def checksum(data: bytes | memoryview, version: int = FORMAT_VERSION) -> int:
