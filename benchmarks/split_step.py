@@ -15,7 +15,7 @@ batches of 4 per step, by design) and with the pooled server (one update on the 
 plus the in-process device cohort (the four devices' bottom segments as one batch; it takes over
 once every device shape's FLOPs are known, so longer runs gain more).
 
-Run: .venv/bin/python benchmarks/split_step.py [--repeats 2 --steps 8]
+Run: .venv/bin/python benchmarks/split_step.py [--repeats 2 --steps 8] [--only pooled]
 Target: step host time ratio splitfed / central <= 1.05.
 """
 
@@ -51,6 +51,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--only", choices=["1x16", "sequential", "pooled"], default=None,
+                    help="measure one pairing (more repeats in the same time)")  # fmt: skip
     args = ap.parse_args()
     pairs = {
         "1 device x 16": (
@@ -67,6 +69,9 @@ def main() -> None:
             ("configs/demo/central.yaml", ["devices.count=4", "train.batch_size=16", "name=c4p"]),
         ),
     }  # fmt: skip
+    if args.only is not None:
+        tag = {"1x16": "1 device", "sequential": "sequential", "pooled": "pooled"}[args.only]
+        pairs = {p: v for p, v in pairs.items() if tag in p}
     times = {(p, side): [] for p in pairs for side in ("splitfed", "central")}
     with tempfile.TemporaryDirectory() as out:
         for _ in range(args.repeats):

@@ -443,21 +443,35 @@ class SplitDevice(Role):
 
     def finish_step(self) -> float | None:
         """Apply this step's update (global clip factor from both sides' norms)."""
-        if self.rejected or not self.grads:
-            self.grads = {}
+        update = self._update()
+        if update is not None:
+            self.trainer.step_many([update[0]])
+        return None if update is None else update[1]
+
+    def _update(
+        self,
+    ) -> tuple[tuple[RoleState, dict[str, torch.Tensor], float | None], float] | None:
+        """This step's ``(state, grads, clip factor)`` and gradient norm (None: no update);
+        the gradients are handed over."""
+        grads, self.grads = self.grads, {}
+        if self.rejected or not grads:
             return None
-        cfg, trainer = self.ctx.cfg.train, self.trainer
-        own = sq_norm(list(self.grads.values()))
+        own = sq_norm(list(grads.values()))
         total = own + self.server_sq if self.opts.clip == "global" else own
-        coef = clip_coef(cfg.max_grad_norm, total)
-        with trainer.activate(self.state):
-            trainer.set_lr(self.state.step)
-            for k, p in trainer.params.items():
-                p.grad = self.grads.get(k)
-            trainer.step(coef, clip=False)
-            self.state.step += 1
-        self.grads = {}
-        return total**0.5
+        coef = clip_coef(self.ctx.cfg.train.max_grad_norm, total)
+        return (self.state, grads, coef), total**0.5
+
+    @classmethod
+    def batch_update(cls, roles: list[SplitDevice], meta: dict[str, Any]) -> list[float | None]:
+        """Colocated devices' updates as one optimizer call per trainer they share."""
+        updates = [r._update() for r in roles]
+        by_trainer: dict[int, list] = {}
+        for r, u in zip(roles, updates):
+            if u is not None:
+                by_trainer.setdefault(id(r.trainer), [r.trainer, []])[1].append(u[0])
+        for trainer, group in by_trainer.values():
+            trainer.step_many(group)
+        return [None if u is None else u[1] for u in updates]
 
     def on_get_adapter(self, msg: Message) -> Message:
         tensors = {k: v.detach() for k, v in self.state.params.items()}

@@ -194,11 +194,13 @@ class Trainer:
                 self.optimizer.state.pop(p, None)
             self._active = None
 
-    def set_lr(self, step: int) -> float:
-        span = self.total_steps
+    def _span(self) -> int:
         if self.cfg.schedule_steps is not None:  # this trainer's share of the longer schedule
-            span = max(1, round(self.total_steps * self.cfg.schedule_steps / self.cfg.steps))
-        lr = self.cfg.lr * lr_factor(step, span, self.cfg.warmup_steps, self.cfg.schedule)
+            return max(1, round(self.total_steps * self.cfg.schedule_steps / self.cfg.steps))
+        return self.total_steps
+
+    def set_lr(self, step: int) -> float:
+        lr = self.cfg.lr * lr_factor(step, self._span(), self.cfg.warmup_steps, self.cfg.schedule)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         return lr
@@ -261,6 +263,87 @@ class Trainer:
                     w.copy_(b)
             return self._nonfinite("the update made the adapter weights non-finite", step)
         return norm if clip and self.cfg.max_grad_norm is not None and coef is None else None
+
+    def step_many(
+        self, updates: list[tuple[RoleState, dict[str, torch.Tensor], float | None]]
+    ) -> None:
+        """``step(coef, clip=False)`` for several roles at once, each ``(state, grads, coef)``
+        as if activated in turn: one AdamW call over every role's tensors instead of one per
+        role (colocated devices finishing a step together). AdamW's arithmetic is per element,
+        so every role's update is bit for bit its own step's; the guards run per role, in
+        order. With fp16 loss scaling (a scale per role) it steps one role at a time."""
+        if self.cfg.autocast == "fp16" or len(updates) < 2:
+            for state, grads, coef in updates:
+                with self.activate(state):
+                    self.set_lr(state.step)
+                    for k, p in self.params.items():
+                        p.grad = grads.get(k)
+                    self.step(coef, clip=False)
+                    state.step += 1
+            return
+        if self._active is not None:
+            raise RuntimeError("another role state is already active")
+        by_step: dict[int, list[tuple[RoleState, dict[str, torch.Tensor], float | None]]] = {}
+        for u in updates:  # one learning rate per group
+            by_step.setdefault(u[0].step, []).append(u)
+        for step, group in by_step.items():
+            self._joint_step(step, group)
+
+    def _joint_step(
+        self, step: int, group: list[tuple[RoleState, dict[str, torch.Tensor], float | None]]
+    ) -> None:
+        skip = self.cfg.on_nonfinite == "skip"
+        tensors, owners, backups = [], [], []
+        joint = self._joint_optimizer()
+        for state, grads, coef in group:
+            state.place(self.device)
+            mine = [(k, g) for k in self.params if (g := grads.get(k)) is not None]
+            if mine:
+                norm = float(torch.nn.utils.get_total_norm([g for _, g in mine]))
+                if not math.isfinite(norm):
+                    self._nonfinite(f"non-finite gradient (norm {norm})", state.step + 1)
+                    state.step += 1  # skipped (``stop`` raised), as ``step`` leaves it
+                    continue
+                if coef is not None:
+                    torch._foreach_mul_([g for _, g in mine], coef)
+            weights = [state.params[k] for k in self.params]
+            backups.append([w.clone() for w in weights] if skip else None)
+            for k, g in mine:
+                t = state.params[k]
+                t.grad = g
+                tensors.append(t)
+                joint.state[t] = state.optim.setdefault(k, {})
+            owners.append((state, weights))
+        group_lr = self.cfg.lr * lr_factor(step, self._span(), self.cfg.warmup_steps,
+                                           self.cfg.schedule)  # fmt: skip
+        joint.param_groups[0]["params"] = tensors
+        joint.param_groups[0]["lr"] = group_lr
+        try:
+            if tensors:
+                joint.step()
+        finally:
+            for t in tensors:
+                t.grad = None
+            joint.state.clear()
+            joint.param_groups[0]["params"] = []
+        for (state, weights), backup in zip(owners, backups):
+            state.step += 1
+            if not bool(torch.stack(torch._foreach_norm(weights)).isfinite().all()):
+                if backup is not None:
+                    for w, b in zip(weights, backup):
+                        w.copy_(b)
+                self._nonfinite("the update made the adapter weights non-finite", state.step)
+
+    def _joint_optimizer(self) -> torch.optim.AdamW:
+        """An AdamW with this trainer's settings whose parameter list ``_joint_step`` fills."""
+        joint = getattr(self, "_joint", None)
+        if joint is None:
+            d = self.optimizer.defaults
+            joint = self._joint = torch.optim.AdamW(
+                [torch.zeros(1)], lr=d["lr"], betas=d["betas"], eps=d["eps"],
+                weight_decay=d["weight_decay"], foreach=True,
+            )  # fmt: skip
+        return joint
 
     def _nonfinite(self, what: str, step: int | None) -> None:
         where = f" at step {step}" if step is not None else ""

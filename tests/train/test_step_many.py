@@ -1,0 +1,72 @@
+"""``Trainer.step_many``: several roles' optimizer steps as one AdamW call equal each role's own
+step, bit for bit, guards included."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from cotune.config import TrainSection
+from cotune.errors import DivergenceError
+from cotune.train import Trainer
+
+
+def setup(n_roles=3, **cfg):
+    torch.manual_seed(0)
+    params = {"a": nn.Parameter(torch.randn(4, 3)), "b": nn.Parameter(torch.randn(3))}
+    trainer = Trainer(params, TrainSection(lr=0.05, warmup_steps=2, schedule="linear", **cfg), 10)
+    states = [trainer.new_state(seed=i) for i in range(n_roles)]
+    for i, s in enumerate(states):  # different starting points and step counts
+        s.params["a"].add_(i * 0.1)
+        s.step = [0, 0, 3][i % 3]
+    grads = [{"a": torch.randn(4, 3), "b": torch.randn(3)} for _ in states]
+    grads[1].pop("b")  # a role without a gradient for one tensor
+    return trainer, states, grads
+
+
+def one_at_a_time(trainer, states, grads, coefs):
+    for state, g, coef in zip(states, grads, coefs):
+        with trainer.activate(state):
+            trainer.set_lr(state.step)
+            for k, p in trainer.params.items():
+                p.grad = g.get(k)
+            trainer.step(coef, clip=False)
+            state.step += 1
+
+
+def test_joint_steps_equal_one_role_at_a_time_over_several_steps():
+    trainer, states, grads = setup()
+    twin = copy.deepcopy((trainer, states))
+    coefs = [None, 0.5, 1.0]
+    for step in range(3):
+        g = [{k: v * (step + 1) for k, v in d.items()} for d in grads]
+        trainer.step_many([(s, {k: v.clone() for k, v in d.items()}, c)
+                           for s, d, c in zip(states, g, coefs)])  # fmt: skip
+        one_at_a_time(twin[0], twin[1], [{k: v.clone() for k, v in d.items()} for d in g], coefs)
+    for got, want in zip(states, twin[1]):
+        assert got.step == want.step
+        for k in got.params:
+            assert torch.equal(got.params[k], want.params[k]), k
+            mine, theirs = got.optim.get(k, {}), want.optim.get(k, {})
+            assert set(mine) == set(theirs)  # none for a tensor the role never had a grad for
+            for m in theirs:
+                assert torch.equal(mine[m], theirs[m]), (k, m)
+
+
+@pytest.mark.parametrize("mode", ["skip", "stop"])
+def test_a_role_with_a_non_finite_gradient_is_guarded_alone(mode):
+    trainer, states, grads = setup(on_nonfinite=mode)
+    twin = copy.deepcopy((trainer, states))
+    grads[1]["a"][0, 0] = float("nan")
+    updates = [(s, {k: v.clone() for k, v in d.items()}, None) for s, d in zip(states, grads)]
+    if mode == "stop":
+        with pytest.raises(DivergenceError, match="non-finite gradient.*at step 1"):
+            trainer.step_many(updates)
+        return
+    trainer.step_many(updates)
+    assert trainer.skipped == 1
+    assert states[1].step == 1 and torch.equal(states[1].params["a"], twin[1][1].params["a"])
+    one_at_a_time(twin[0], [twin[1][0], twin[1][2]], [grads[0], grads[2]], [None, None])
+    for got, want in ((states[0], twin[1][0]), (states[2], twin[1][2])):
+        assert torch.equal(got.params["a"], want.params["a"])
