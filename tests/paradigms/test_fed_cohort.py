@@ -131,3 +131,15 @@ def test_the_cohort_really_batches_the_devices(tiny_config, monkeypatch):
     fedavg(tiny_config, "spy", True, **CAUSAL)
     # 2 rounds x 3 local steps x 2 micro-batches; the first step of a new shape runs one by one.
     assert sizes and set(sizes) == {3} and len(sizes) >= 6
+
+
+def test_cohort_rows_bounds_each_pass_and_changes_nothing_else(tiny_config, monkeypatch):
+    """``cohort_rows`` = two devices' batches: four devices run as two cohorts of two, and the
+    run is the one-by-one run to float precision (messages, bytes, FLOPs, simulated time)."""
+    sizes = cohort_sizes(monkeypatch)
+    sections = {**CAUSAL, "devices": {"count": 4}}
+    a_dir, a = fedavg(tiny_config, "seq-rows", False, **sections)
+    rows = 2 * CAUSAL["train"].get("batch_size", 8)
+    b_dir, b = fedavg(tiny_config, "rows", True, {"cohort_rows": rows}, **sections)
+    assert sizes and set(sizes) == {2}
+    same_run(a_dir, a, b_dir, b)

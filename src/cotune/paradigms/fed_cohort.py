@@ -23,6 +23,10 @@ shapes), and the dropout masks of the whole cohort come from the first device's 
 (statistically the same; bitwise different when dropout > 0). Cohorts need every trainable
 tensor in an adapter layer or the task head, a regularizer that does not come from the forward,
 no domain routing and no fp16 loss scaling; otherwise the round runs one by one.
+
+``cohort_rows`` bounds a pass: a round's devices then run in consecutive cohorts of at most
+that many rows (each cohort's dropout masks from its own first device), so the activations
+held at once stay bounded (measured on CPU: ten devices x batch 16 at once held +1.25 GB).
 """
 
 from __future__ import annotations
@@ -156,9 +160,15 @@ def _pad_cat(batches: list[Batch], task: str) -> Batch:
 def train_cohort(devices: Sequence[Any], steps: list[int], rnd: int, key: str) -> None:
     """Run each device's ``steps[i]`` local steps, step ``j`` of all devices that still have
     one as a single batch; results land in each device's ``results`` list. Each device's
-    sampler position is kept in its state afterwards, as ``TrainingRole.train_steps`` does."""
+    sampler position is kept in its state afterwards, as ``TrainingRole.train_steps`` does.
+    With ``cohort_rows``, the devices run in consecutive cohorts of at most that many rows."""
     try:
-        _cohort_steps(devices, steps, rnd, key)
+        size = len(devices)
+        limit = getattr(devices[0], "cohort_rows", None) if devices else None
+        if limit is not None:
+            size = max(1, limit // max(1, devices[0].ctx.cfg.train.batch_size))
+        for i in range(0, len(devices), size):
+            _cohort_steps(devices[i : i + size], steps[i : i + size], rnd, key)
     finally:
         for d in devices:
             assert d.sampler is not None

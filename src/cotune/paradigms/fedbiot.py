@@ -140,6 +140,7 @@ class BiOTDevice(Role):
         self.weights: dict[str, torch.Tensor] | None = None  # the aligned blocks it holds
         self.version = -1  # the emulator version it holds (-1: none yet)
         self.cohort = self.opts.cohort
+        self.cohort_rows = self.opts.cohort_rows
         self.round = 0
         self.anchor: dict[str, torch.Tensor] = {}  # the round's global adapter
         self.results: list[Any] = []  # a cohort round's steps, as they complete

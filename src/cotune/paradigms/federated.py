@@ -49,6 +49,7 @@ class FedDevice(SecAggDevice, TrainingRole):
         self.prox_mu = float(getattr(opts, "prox_mu", 0.0))
         self.prox_global: dict[str, torch.Tensor] | None = None
         self.cohort = bool(getattr(opts, "cohort", False))
+        self.cohort_rows: int | None = getattr(opts, "cohort_rows", None)
         self.round = 0
         self.results: list[StepResult] = []  # a cohort round's steps, as they complete
         self.train_host_s = 0.0

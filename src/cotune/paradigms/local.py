@@ -18,7 +18,8 @@ from cotune.train import StepResult
 class LocalDevice(TrainingRole):
     def __init__(self, ctx):
         super().__init__(ctx)
-        self.cohort = parse_options(LocalOptions, ctx.cfg.paradigm.options).cohort
+        opts = parse_options(LocalOptions, ctx.cfg.paradigm.options)
+        self.cohort, self.cohort_rows = opts.cohort, opts.cohort_rows
         # What fedavg's cohort reads of a device (fed_cohort.py): no proximal term here.
         self.prox_global, self.prox_mu = None, 0.0
         self.results: list[StepResult] = []

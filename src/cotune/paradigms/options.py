@@ -66,6 +66,10 @@ class LocalOptions(ParadigmOptions):
     # In-process engine (and a Ray host): the devices' steps between two evaluations as one
     # batch, each device on its own adapter tensors (fed_cohort.py); off: one device at a time.
     cohort: bool = False
+    # At most this many rows in one cohort pass (devices x train.batch_size): a round's
+    # devices run in consecutive cohorts of that size, bounding the activations held at
+    # once (None: all of them together).
+    cohort_rows: int | None = Field(None, ge=1)
 
 
 # ---------------------------------------------------------------- federated
@@ -108,6 +112,10 @@ class FedAvgOptions(ParadigmOptions):
     # In-process engine: each local step of a round's devices as one batch (fed_cohort.py);
     # the same messages and costs, float results ~1e-6 apart from one by one.
     cohort: bool = False
+    # At most this many rows in one cohort pass (devices x train.batch_size): a round's
+    # devices run in consecutive cohorts of that size, bounding the activations held at
+    # once (None: all of them together).
+    cohort_rows: int | None = Field(None, ge=1)
     # devices.ranks: zero_pad (HetLoRA: pad A and B, average each) or stack (FLoRA: the exact
     # weighted sum of B·A, re-factored to peft.r by truncated SVD).
     rank_aggregation: Literal["zero_pad", "stack"] = "zero_pad"
@@ -160,6 +168,10 @@ class HierFedOptions(ParadigmOptions):
     # In-process engine (and a Ray host): a group round's members' local steps as one batch
     # (fed_cohort.py), each on its own tensors; float results ~1e-6 apart from one by one.
     cohort: bool = False
+    # At most this many rows in one cohort pass (devices x train.batch_size): a round's
+    # devices run in consecutive cohorts of that size, bounding the activations held at
+    # once (None: all of them together).
+    cohort_rows: int | None = Field(None, ge=1)
 
     def infrastructure(self) -> dict[str, str]:
         return {f"edge-{g}": self.edge_profile for g in range(self.num_groups)}
@@ -205,6 +217,10 @@ class FedBiOTOptions(ParadigmOptions):
     # In-process engine (and a Ray host): a round's devices' local steps through the emulator
     # as one batch (fed_cohort.py); float results ~1e-6 apart from one by one.
     cohort: bool = False
+    # At most this many rows in one cohort pass (devices x train.batch_size): a round's
+    # devices run in consecutive cohorts of that size, bounding the activations held at
+    # once (None: all of them together).
+    cohort_rows: int | None = Field(None, ge=1)
 
 
 class DLoRAOptions(ParadigmOptions):
