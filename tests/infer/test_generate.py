@@ -66,13 +66,13 @@ def test_sampling_across_the_cut_follows_the_full_models_distribution():
     torch.nn.init.normal_(drafter.down.weight, std=2.0)
     torch.nn.init.normal_(drafter.up.weight, std=2.0)
     gen = UGenerator(a, UCut(1, 1), drafter=drafter, gamma=2)
-    n, counts, accepted, drafted = 1000, torch.zeros(8), 0, 0
+    n, counts, accepted, drafted = 500, torch.zeros(8), 0, 0
     for s in range(n):
         out = gen.generate(prompt, 3, Sampling(temperature=1.0), seed=s)
         counts[out.tokens[1]] += 1
         accepted, drafted = accepted + out.accepted, drafted + out.drafted
     tv = 0.5 * (counts / n - exact).abs().sum().item()
-    assert tv < 0.08  # sampling noise at n=1000 is ~0.03
+    assert tv < 0.08  # sampling noise at n=500 is ~0.04
     assert 0.1 < accepted / drafted < 0.9  # both branches of the rule ran
     # The test can tell: the drafter's own law of that token is far from the target's.
     with torch.no_grad():
