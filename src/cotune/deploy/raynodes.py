@@ -300,6 +300,7 @@ class RayHub(Joining):
             _kill(self.actors)
         else:
             refs = [a.release.remote(RELEASE_WAIT_S) for a in self.actors]
+            kept = 0
             for host, (actor, ref) in enumerate(zip(self.actors, refs)):
                 try:
                     idle = ray.get(ref, timeout=RELEASE_WAIT_S + 10)
@@ -307,8 +308,12 @@ class RayHub(Joining):
                     idle = False
                 if idle:
                     HOSTS.give(self.session, self.key, actor, self.epochs[host] + 1)
+                    kept += 1
                 else:
                     _kill([actor])
+            if kept:
+                log.info("keeping %d Ray host(s) for the next run (engine.ray.keep_hosts; "
+                         "cotune.deploy.raynodes.release_idle_hosts() frees their CPUs)", kept)  # fmt: skip
             for t in self.pullers:  # a release woke their long polls: they end at once
                 t.join(PULL_WAIT_S + 1.0)
         if self.started_ray:
