@@ -96,10 +96,8 @@ class DeviceCohort:
             for d, b in zip(devices, batches):
                 d.send_activations(step, rnd, batch=b)
             return []
-        members = [d for d, ok in zip(devices, known) if ok]
-        mine_b = [b for b, ok in zip(batches, known) if ok]
-        m_rows = [n for n, ok in zip(rows, known) if ok]
-        m_lengths = [t for t, ok in zip(lengths, known) if ok]
+        picked = [x for x, ok in zip(zip(devices, batches, rows, lengths), known) if ok]
+        members, mine_b, m_rows, m_lengths = (list(col) for col in zip(*picked))
         width = max(m_lengths)
         # Right padding (the collator's): a row's real positions never see the extra columns.
         ids = torch.cat([F.pad(b.input_ids, (0, width - b.input_ids.shape[1])) for b in mine_b])
@@ -119,19 +117,17 @@ class DeviceCohort:
                 with bind_state(layers, own):
                     regs.append(d.reg())
         self._run = _Run(members, m_rows, m_lengths, leaves, acts.hidden, regs)
-        starts = {}
-        start = 0
-        for d, n in zip(members, m_rows):
-            starts[id(d)] = start
+        slot, start = {}, 0  # a member's first row in the joint batch, and its regularizer
+        for d, n, reg in zip(members, m_rows, regs):
+            slot[id(d)] = (start, reg)
             start += n
-        reg_of = {id(d): r for d, r in zip(members, regs)}
         for d, b, n, t, ok in zip(devices, batches, rows, lengths, known):
             if not ok:
                 d.send_activations(step, rnd, batch=b)
                 continue
-            at = starts[id(d)]
+            at, reg = slot[id(d)]
             mine = Activations(acts.hidden[at : at + n, :t], b.attention_mask)
-            d.emit(step, rnd, b, mine, reg_of[id(d)], flops.charge_known(FWD, (n, t)))
+            d.emit(step, rnd, b, mine, reg, flops.charge_known(FWD, (n, t)))
         return members
 
     def backward(self) -> dict[int, int]:

@@ -189,14 +189,7 @@ class SplitServer(Role):
             total += sum(weights[d] ** 2 * self.norms[d] for d in weights)
             after = max(self.norm_arrival[d] for d in weights)
             self.ctx.meter.compute(0.0, after=after, label="wait")
-        coef = clip_coef(self.ctx.cfg.train.max_grad_norm, total)
-        trainer = self.trainer
-        with trainer.activate(state):
-            trainer.set_lr(state.step)
-            for k, p in trainer.params.items():
-                p.grad = grads.get(k)
-            trainer.step(coef, clip=False)
-            state.step += 1
+        self.trainer.step_role(state, grads, clip_coef(self.ctx.cfg.train.max_grad_norm, total))
 
     def _serve_one(self, arrival: float, msg: Message, step: int) -> StepLog:
         meter, trainer, task, grid = self.ctx.meter, self.trainer, self.ctx.task, self.ctx.grid

@@ -199,8 +199,12 @@ class Trainer:
             return max(1, round(self.total_steps * self.cfg.schedule_steps / self.cfg.steps))
         return self.total_steps
 
+    def lr_at(self, step: int) -> float:
+        """The learning rate of optimizer step ``step`` (0-based) on this trainer's schedule."""
+        return self.cfg.lr * lr_factor(step, self._span(), self.cfg.warmup_steps, self.cfg.schedule)
+
     def set_lr(self, step: int) -> float:
-        lr = self.cfg.lr * lr_factor(step, self._span(), self.cfg.warmup_steps, self.cfg.schedule)
+        lr = self.lr_at(step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         return lr
@@ -264,6 +268,18 @@ class Trainer:
             return self._nonfinite("the update made the adapter weights non-finite", step)
         return norm if clip and self.cfg.max_grad_norm is not None and coef is None else None
 
+    def step_role(
+        self, state: RoleState, grads: dict[str, torch.Tensor], coef: float | None
+    ) -> None:
+        """One role's optimizer step from gradients computed elsewhere, with an external clip
+        factor (split paradigms: the norm across the cut); the role's step count advances."""
+        with self.activate(state):
+            self.set_lr(state.step)
+            for k, p in self.params.items():
+                p.grad = grads.get(k)
+            self.step(coef, clip=False)
+            state.step += 1
+
     def step_many(
         self, updates: list[tuple[RoleState, dict[str, torch.Tensor], float | None]]
     ) -> None:
@@ -274,12 +290,7 @@ class Trainer:
         order. With fp16 loss scaling (a scale per role) it steps one role at a time."""
         if self.cfg.autocast == "fp16" or len(updates) < 2:
             for state, grads, coef in updates:
-                with self.activate(state):
-                    self.set_lr(state.step)
-                    for k, p in self.params.items():
-                        p.grad = grads.get(k)
-                    self.step(coef, clip=False)
-                    state.step += 1
+                self.step_role(state, grads, coef)
             return
         if self._active is not None:
             raise RuntimeError("another role state is already active")
@@ -314,10 +325,8 @@ class Trainer:
                 tensors.append(t)
                 joint.state[t] = state.optim.setdefault(k, {})
             owners.append((state, weights))
-        group_lr = self.cfg.lr * lr_factor(step, self._span(), self.cfg.warmup_steps,
-                                           self.cfg.schedule)  # fmt: skip
         joint.param_groups[0]["params"] = tensors
-        joint.param_groups[0]["lr"] = group_lr
+        joint.param_groups[0]["lr"] = self.lr_at(step)
         try:
             if tensors:
                 joint.step()
