@@ -70,3 +70,43 @@ def test_a_role_with_a_non_finite_gradient_is_guarded_alone(mode):
     one_at_a_time(twin[0], [twin[1][0], twin[1][2]], [grads[0], grads[2]], [None, None])
     for got, want in ((states[0], twin[1][0]), (states[2], twin[1][2])):
         assert torch.equal(got.params["a"], want.params["a"])
+
+
+def test_roles_of_different_trainers_with_equal_settings_step_as_one_call(monkeypatch):
+    """Every device builds its own trainer: their updates still join one AdamW call, and a
+    single role's joint step equals its own ``step`` too."""
+    from cotune.train.joint import step_roles
+
+    trainer, states, grads = setup()
+    other, _, _ = setup()  # same settings, its own Parameters
+    twin = copy.deepcopy((trainer, states))
+    calls = []
+    real = torch.optim.AdamW.step
+    monkeypatch.setattr(torch.optim.AdamW, "step", lambda self, *a: calls.append(1) or real(self))
+    owners = [trainer, other, other]
+    step_roles([(t, s, {k: v.clone() for k, v in g.items()}, 0.5)
+                for t, s, g in zip(owners, states[:2], grads[:2])])  # fmt: skip
+    assert len(calls) == 1  # both roles are at step 0: one learning rate, one call
+    step_roles([(other, states[2], {k: v.clone() for k, v in grads[2].items()}, None)])
+    one_at_a_time(twin[0], twin[1], grads, [0.5, 0.5, None])
+    for got, want in zip(states, twin[1]):
+        for k in got.params:
+            assert torch.equal(got.params[k], want.params[k]), k
+
+
+def test_a_joint_step_leaves_a_colocated_roles_pending_graph_intact():
+    """Two roles' forwards, then one role's backward and update, then the other's backward:
+    stepping the shared Parameter would break the second graph; a joint step does not."""
+    from cotune.train.joint import step_roles
+
+    trainer, states, _ = setup(n_roles=2)
+    losses = []
+    for s in states:
+        with trainer.activate(s):  # the graph saves the Parameters themselves
+            losses.append((trainer.params["a"] ** 2).sum() + (trainer.params["b"] ** 2).sum())
+    for s, loss in zip(states, losses):
+        with trainer.activate(s):
+            loss.backward()
+            g = {k: p.grad for k, p in trainer.params.items()}
+        step_roles([(trainer, s, g, None)])  # before the other role's backward
+    assert all(s.step == 1 for s in states)

@@ -361,9 +361,8 @@ def run(exp: Experiment) -> ParadigmResult:
             rnd = done + 1
             grid.tick(devices, "step", {"step": step, "round": rnd, "defer": pooled})
             logs = server.serve(step)
-            grid.tick(devices, "backward")
+            norms = [n for n in grid.tick(devices, "finish") if n is not None]
             server.finish_step()
-            norms = [n for n in grid.tick(devices, "update") if n is not None]
             for s, dev, err in [x for x in server.skipped if x[0] == step]:
                 exp.log_record("skip", s, dev, round=rnd, error=err)
             loss = mean([g.loss for g in logs])

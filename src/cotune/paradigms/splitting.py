@@ -8,7 +8,7 @@ One training step of one device, as messages on the grid::
        U-shaped only: ──activations──▶ device (top + loss + backward) ──gradients──▶ server backward
     server ──gradients (cut gradient, server's squared grad norm)──▶ device backward
     device ──norm (device's squared grad norm)──▶ server        (global clipping only)
-    device (local event "update"): its optimizer step
+    device (local event "finish"): a held-back backward, then its optimizer step
 
 Both sides clip with the same global norm, so one device with aggregation every step equals
 central training. Device and server each own a ``Trainer`` on their own node.
@@ -41,6 +41,7 @@ from cotune.runtime.ids import SERVER
 from cotune.runtime.node import NodeContext, NodeModel
 from cotune.runtime.validate import check_activation
 from cotune.train import RoleState, Trainer
+from cotune.train.joint import step_roles
 from cotune.train.memory import MemoryEstimate, MemoryProbe, probe_ids
 
 
@@ -218,8 +219,9 @@ def split_extra(
 class SplitDevice(Role):
     """A device holding the bottom (and, U-shaped, the top) of the model with its adapters.
 
-    Its step is driven by local events (its own loop): ``step`` (next batch, forward, upload),
-    ``backward`` (a cut gradient it was told to hold back), ``update`` (its optimizer step).
+    Its step is driven by local events (its own loop): ``step`` (next batch, forward, upload)
+    and ``finish`` (the backward of a cut gradient it was told to hold back, then its optimizer
+    step; ``update`` is the step alone, for ``split``'s one device at a time).
     """
 
     def __init__(self, ctx: NodeContext) -> None:
@@ -251,7 +253,7 @@ class SplitDevice(Role):
         self.server_sq = 0.0
         self.rejected = False
         self.round = 0
-        # Backward waits for the "backward" event (a cohort, or the pooled server's protocol).
+        # Backward waits for the "finish" event (a cohort, or the pooled server's protocol).
         self.defer_backward = False
         self.cut_grad: torch.Tensor | None = None
         self._norm_step: int | None = None  # send a "norm" message after this step's backward
@@ -264,8 +266,12 @@ class SplitDevice(Role):
         self.defer_backward = bool(meta.get("defer", False))
         self.send_activations(int(meta["step"]), int(meta["round"]))
 
-    def tick_backward(self, meta: dict[str, Any]) -> None:
+    def tick_finish(self, meta: dict[str, Any]) -> float | None:
+        """The end of this step: the backward of a held-back cut gradient, then the update.
+        One event, not two: the update needs nothing from the server that the cut gradient
+        did not bring (its squared norm), so a deployed device saves a control round trip."""
         self.run_deferred_backward()
+        return self.finish_step()
 
     def tick_update(self, meta: dict[str, Any]) -> float | None:
         return self.finish_step()
@@ -291,7 +297,14 @@ class SplitDevice(Role):
         return [None] * len(roles)
 
     @classmethod
-    def batch_backward(cls, roles: list[SplitDevice], meta: dict[str, Any]) -> list[None]:
+    def batch_finish(cls, roles: list[SplitDevice], meta: dict[str, Any]) -> list[float | None]:
+        """Colocated devices: every backward (a cohort's as one), then the updates as one
+        optimizer call. Backwards first: a role's graph must not outlive another's update."""
+        cls._backward_all(roles)
+        return cls.batch_update(roles, meta)
+
+    @staticmethod
+    def _backward_all(roles: list[SplitDevice]) -> None:
         cohorts = {id(r.cohort): r.cohort for r in roles if r.cohort is not None}
         done: dict[int, int] = {}  # a cohort member's backward FLOPs
         for cohort in cohorts.values():
@@ -302,7 +315,6 @@ class SplitDevice(Role):
                 r.backward_done(done[id(r)])
             else:
                 r.run_deferred_backward()
-        return [None] * len(roles)
 
     # --- the step -------------------------------------------------------------------------
     def outgoing(self, acts: Activations, labels: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -445,7 +457,7 @@ class SplitDevice(Role):
         """Apply this step's update (global clip factor from both sides' norms)."""
         update = self._update()
         if update is not None:
-            self.trainer.step_many([update[0]])
+            step_roles([(self.trainer, *update[0])])
         return None if update is None else update[1]
 
     def _update(
@@ -463,14 +475,9 @@ class SplitDevice(Role):
 
     @classmethod
     def batch_update(cls, roles: list[SplitDevice], meta: dict[str, Any]) -> list[float | None]:
-        """Colocated devices' updates as one optimizer call per trainer they share."""
+        """Colocated devices' updates as one optimizer call (``cotune.train.joint``)."""
         updates = [r._update() for r in roles]
-        by_trainer: dict[int, list] = {}
-        for r, u in zip(roles, updates):
-            if u is not None:
-                by_trainer.setdefault(id(r.trainer), [r.trainer, []])[1].append(u[0])
-        for trainer, group in by_trainer.values():
-            trainer.step_many(group)
+        step_roles([(r.trainer, *u[0]) for r, u in zip(roles, updates) if u is not None])
         return [None if u is None else u[1] for u in updates]
 
     def on_get_adapter(self, msg: Message) -> Message:

@@ -233,7 +233,7 @@ class Trainer:
         grads = [p.grad for p in with_grad]
         step = self._active.step + 1 if self._active is not None else None
         if loss is not None and not math.isfinite(loss):
-            return self._nonfinite(f"non-finite loss ({loss})", step)
+            return self.nonfinite(f"non-finite loss ({loss})", step)
         norm = None
         scaler = self.scaler
         if scaler is not None and grads:
@@ -247,7 +247,7 @@ class Trainer:
                     self.overflow_skips += 1
                     self.optimizer.zero_grad(set_to_none=True)
                     return None
-                return self._nonfinite(f"non-finite gradient (norm {norm})", step)
+                return self.nonfinite(f"non-finite gradient (norm {norm})", step)
         if coef is not None:
             torch._foreach_mul_(grads, coef)
         elif clip and self.cfg.max_grad_norm is not None and grads:
@@ -265,7 +265,7 @@ class Trainer:
             if backup is not None:
                 for w, b in zip(weights, backup):
                     w.copy_(b)
-            return self._nonfinite("the update made the adapter weights non-finite", step)
+            return self.nonfinite("the update made the adapter weights non-finite", step)
         return norm if clip and self.cfg.max_grad_norm is not None and coef is None else None
 
     def step_role(
@@ -283,68 +283,15 @@ class Trainer:
     def step_many(
         self, updates: list[tuple[RoleState, dict[str, torch.Tensor], float | None]]
     ) -> None:
-        """``step(coef, clip=False)`` for several roles at once, each ``(state, grads, coef)``
-        as if activated in turn: one AdamW call over every role's tensors instead of one per
-        role (colocated devices finishing a step together). AdamW's arithmetic is per element,
-        so every role's update is bit for bit its own step's; the guards run per role, in
-        order. With fp16 loss scaling (a scale per role) it steps one role at a time."""
-        if self.cfg.autocast == "fp16" or len(updates) < 2:
-            for state, grads, coef in updates:
-                self.step_role(state, grads, coef)
-            return
-        if self._active is not None:
-            raise RuntimeError("another role state is already active")
-        by_step: dict[int, list[tuple[RoleState, dict[str, torch.Tensor], float | None]]] = {}
-        for u in updates:  # one learning rate per group
-            by_step.setdefault(u[0].step, []).append(u)
-        for step, group in by_step.items():
-            self._joint_step(step, group)
+        """``step(coef, clip=False)`` for several roles of this trainer at once, each
+        ``(state, grads, coef)``: see ``cotune.train.joint.step_roles``."""
+        from cotune.train.joint import step_roles
 
-    def _joint_step(
-        self, step: int, group: list[tuple[RoleState, dict[str, torch.Tensor], float | None]]
-    ) -> None:
-        skip = self.cfg.on_nonfinite == "skip"
-        tensors, owners, backups = [], [], []
-        joint = self._joint_optimizer()
-        for state, grads, coef in group:
-            state.place(self.device)
-            mine = [(k, g) for k in self.params if (g := grads.get(k)) is not None]
-            if mine:
-                norm = float(torch.nn.utils.get_total_norm([g for _, g in mine]))
-                if not math.isfinite(norm):
-                    self._nonfinite(f"non-finite gradient (norm {norm})", state.step + 1)
-                    state.step += 1  # skipped (``stop`` raised), as ``step`` leaves it
-                    continue
-                if coef is not None:
-                    torch._foreach_mul_([g for _, g in mine], coef)
-            weights = [state.params[k] for k in self.params]
-            backups.append([w.clone() for w in weights] if skip else None)
-            for k, g in mine:
-                t = state.params[k]
-                t.grad = g
-                tensors.append(t)
-                joint.state[t] = state.optim.setdefault(k, {})
-            owners.append((state, weights))
-        joint.param_groups[0]["params"] = tensors
-        joint.param_groups[0]["lr"] = self.lr_at(step)
-        try:
-            if tensors:
-                joint.step()
-        finally:
-            for t in tensors:
-                t.grad = None
-            joint.state.clear()
-            joint.param_groups[0]["params"] = []
-        for (state, weights), backup in zip(owners, backups):
-            state.step += 1
-            if not bool(torch.stack(torch._foreach_norm(weights)).isfinite().all()):
-                if backup is not None:
-                    for w, b in zip(weights, backup):
-                        w.copy_(b)
-                self._nonfinite("the update made the adapter weights non-finite", state.step)
+        step_roles([(self, *u) for u in updates])
 
-    def _joint_optimizer(self) -> torch.optim.AdamW:
-        """An AdamW with this trainer's settings whose parameter list ``_joint_step`` fills."""
+    def joint_optimizer(self) -> torch.optim.AdamW:
+        """An AdamW with this trainer's settings and no parameters of its own: a joint step
+        (``cotune.train.joint``) fills its list with role tensors for one call."""
         joint = getattr(self, "_joint", None)
         if joint is None:
             d = self.optimizer.defaults
@@ -354,7 +301,7 @@ class Trainer:
             )  # fmt: skip
         return joint
 
-    def _nonfinite(self, what: str, step: int | None) -> None:
+    def nonfinite(self, what: str, step: int | None) -> None:
         where = f" at step {step}" if step is not None else ""
         if self.cfg.on_nonfinite == "stop":
             self.optimizer.zero_grad(set_to_none=True)
