@@ -25,6 +25,7 @@ from cotune.paradigms.options import parse_options  # noqa: F401 - re-exported f
 from cotune.peft.domains import route_domains
 from cotune.runtime import Message, Role
 from cotune.runtime.node import NodeContext, NodeModel
+from cotune.runtime.validate import all_finite
 from cotune.train import RoleState, StepResult, full_model_loss, train_step
 from cotune.train.loop import LossFn
 from cotune.train.memory import MemoryEstimate, MemoryProbe, probe_ids
@@ -170,7 +171,7 @@ def update_problem(msg: Message, reference: dict[str, torch.Tensor]) -> str | No
         t = msg.tensors[k]
         if t.shape != ref.shape or not t.is_floating_point():
             return f"tensor {k!r} is {t.dtype}{list(t.shape)}, expected {list(ref.shape)}"
-        if not bool(torch.isfinite(t).all()):
+        if not all_finite(t):
             return f"tensor {k!r} has non-finite values"
     examples = msg.meta.get("examples", 1)
     if not isinstance(examples, int | float) or isinstance(examples, bool) or not examples > 0:

@@ -152,7 +152,11 @@ def side_reg(
 
 
 def sq_norm(grads: list[torch.Tensor]) -> float:
-    return sum(float(torch.linalg.vector_norm(g)) ** 2 for g in grads)
+    """Sum of the tensors' squared L2 norms, in float64 over float32 norms (one host sync)."""
+    if not grads:
+        return 0
+    norms = torch.stack([n.float() for n in torch._foreach_norm(grads)]).tolist()
+    return sum(x**2 for x in norms)
 
 
 def clip_coef(max_norm: float | None, total_sq: float) -> float | None:

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from cotune.errors import ProtocolError
+from cotune.runtime.validate import all_finite
 
 Parts = dict[str, torch.Tensor]
 Side = dict[str, Any]
@@ -90,7 +91,7 @@ class IdentityCodec(Codec):
 
 def reject_nonfinite(codec: str, tensor: torch.Tensor) -> None:
     """``ProtocolError`` counting the NaN and inf values of ``tensor`` (the caller adds its name)."""
-    if not tensor.is_floating_point() or bool(torch.isfinite(tensor).all()):
+    if not tensor.is_floating_point() or all_finite(tensor):
         return
     nan = int(torch.isnan(tensor).sum())
     inf = int(torch.isinf(tensor).sum())
@@ -116,7 +117,7 @@ class CastCodec(Codec):
         wire = tensor.to(self.wire_dtype)
         # fp16 overflows to inf above 65504: a silent inf would poison training later, so fail
         # here with the fix instead.
-        if not bool(torch.isfinite(wire).all()) and bool(torch.isfinite(tensor).all()):
+        if not all_finite(wire) and all_finite(tensor):
             big = float(tensor.abs().max())
             raise ProtocolError(
                 f"codec {self.name!r}: a value of magnitude {big:.3g} does not fit in "

@@ -14,6 +14,7 @@ says, in order, which parts rebuild which tensor.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -149,11 +150,44 @@ def _wire_float(x: float) -> str:
     return f"{'-' if math.copysign(1.0, x) < 0 else ' '}{mantissa}e{int(exponent):+04d}"
 
 
+def _wire_str(text: str) -> str:
+    # Keys, kinds and role ids repeat in every message: short strings are encoded once.
+    return _short_str(text) if len(text) <= 64 else json.dumps(text, ensure_ascii=False)
+
+
+@functools.lru_cache(maxsize=4096)
+def _short_str(text: str) -> str:
+    return json.dumps(text, ensure_ascii=False)
+
+
+def _wire_key(key: Any) -> str:
+    if type(key) is str:
+        return _wire_str(key)
+    if isinstance(key, str):
+        return json.dumps(key, ensure_ascii=False)
+    if isinstance(key, bool) or not isinstance(key, int):
+        raise TypeError(f"keys must be str or int, not {type(key).__name__}")
+    return _wire_str(str(int(key)))
+
+
 def wire_json(value: Any) -> str:
     """Compact JSON of a message's header document, in which a number's length never depends on
     its value: two runs equal to float precision (a device cohort against one device at a time,
     one engine against another) send the same bytes, so their counted bytes and simulated times
     are equal too. Non-finite floats must already be ``None``; raises TypeError like json."""
+    kind = type(value)  # the exact types a header holds, fastest first; subclasses below
+    if kind is str:
+        return _wire_str(value)
+    if kind is int:
+        return str(value)
+    if kind is float:
+        if not math.isfinite(value):
+            raise ValueError(f"non-finite float {value!r} in message JSON")
+        return _wire_float(value)
+    if kind is dict:
+        return "{" + ",".join(f"{_wire_key(k)}:{wire_json(v)}" for k, v in value.items()) + "}"
+    if kind is list or kind is tuple:
+        return "[" + ",".join([wire_json(v) for v in value]) + "]"
     if value is None:
         return "null"
     if value is True:
@@ -169,14 +203,7 @@ def wire_json(value: Any) -> str:
     if isinstance(value, str):
         return json.dumps(value, ensure_ascii=False)
     if isinstance(value, dict):
-        items = []
-        for k, v in value.items():
-            if not isinstance(k, str):
-                if isinstance(k, bool) or not isinstance(k, int):
-                    raise TypeError(f"keys must be str or int, not {type(k).__name__}")
-                k = str(int(k))
-            items.append(f"{json.dumps(k, ensure_ascii=False)}:{wire_json(v)}")
-        return "{" + ",".join(items) + "}"
+        return "{" + ",".join(f"{_wire_key(k)}:{wire_json(v)}" for k, v in value.items()) + "}"
     if isinstance(value, list | tuple):
         return "[" + ",".join(wire_json(v) for v in value) + "]"
     raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
