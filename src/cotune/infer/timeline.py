@@ -13,8 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from torch.utils.flop_counter import FlopCounterMode
-
+from cotune.flops import flop_counter
 from cotune.sim.clock import VirtualClock
 from cotune.sim.profiles import DeviceProfile
 
@@ -26,7 +25,7 @@ def counted(on: bool, fn: Callable[..., T], *args: Any) -> tuple[T, int]:
     """``fn(*args)`` and the FLOPs it ran (0 when counting is off: the host-speed path)."""
     if not on:
         return fn(*args), 0
-    with FlopCounterMode(display=False) as mode:
+    with flop_counter() as mode:
         out = fn(*args)
     return out, int(mode.get_total_flops())
 

@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 from cotune.aggregation import get_aggregator
+from cotune.flops import flop_counter
 from cotune.paradigms.base import Experiment, ParadigmResult, mean, screen_updates, state_tensors
 from cotune.paradigms.fedavg import num_rounds, steps_per_round
 from cotune.paradigms.federated import FedDevice, RoundTraffic, log_mean_losses, sample_round
@@ -58,7 +58,7 @@ class ClusterDevice(FedDevice):
             for k in range(count):
                 for name, p in st.params.items():
                     p.copy_(msg.tensors[_tag(k, name)])
-                with FlopCounterMode(display=False) as mode:
+                with flop_counter() as mode:
                     losses.append(float(self.loss_fn(batch)))
                 flops += int(mode.get_total_flops())
         self.ctx.meter.compute(flops, round=int(msg.meta["round"]), label="choose cluster")

@@ -18,13 +18,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 from cotune.accel.quantize import stored_bytes
 from cotune.aggregation import weighted_average
 from cotune.config import RunConfig
 from cotune.data import Batch
 from cotune.errors import ConfigError
+from cotune.flops import flop_counter
 from cotune.models import Activations, task_loss
 from cotune.paradigms.base import (
     Experiment,
@@ -243,7 +243,7 @@ class EdgeAggregator(Role):
 def step_flops(model: NodeModel, cfg: RunConfig) -> float:
     """Forward FLOPs of one full-model training micro-batch (counted once, no graph)."""
     ids = probe_ids(cfg, model.loaded.model)
-    with torch.no_grad(), FlopCounterMode(display=False) as mode:
+    with torch.no_grad(), flop_counter() as mode:
         model.forward(ids, torch.ones_like(ids))
     return float(mode.get_total_flops())
 

@@ -13,8 +13,8 @@ from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
+from cotune.flops import flop_counter
 from cotune.sim.memory import (  # noqa: F401 - the memory model lives beside; re-exported
     MemoryEstimate,
     MemoryProbe,
@@ -77,7 +77,7 @@ class FlopCounter:
             bsz, seq = dims
             flops = self._cache[cache_key] = a * bsz * seq + b * bsz * seq * seq + c * bsz
         if flops is None:
-            with FlopCounterMode(display=False) as mode:
+            with flop_counter() as mode:
                 result = fn(*args, **kwargs)
             flops = self._cache[cache_key] = int(mode.get_total_flops())
             if dims is not None:
