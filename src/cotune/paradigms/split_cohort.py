@@ -74,7 +74,15 @@ class DeviceCohort:
 
     @classmethod
     def for_roles(cls, roles: Sequence[SplitDevice]) -> DeviceCohort | None:
-        return cls(roles[0]) if roles else None
+        """The cohort led by the first role, built once (what it derives from the model's
+        layers and the options does not change between steps)."""
+        if not roles:
+            return None
+        first = roles[0]
+        cohort = first._cohort
+        if cohort is None:
+            cohort = first._cohort = cls(first)
+        return cohort
 
     def ready(self, devices: Sequence[SplitDevice]) -> bool:
         return self.supported and len(devices) > 1

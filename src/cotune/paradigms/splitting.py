@@ -262,6 +262,7 @@ class SplitDevice(Role):
         self.cut_grad: torch.Tensor | None = None
         self._norm_step: int | None = None  # send a "norm" message after this step's backward
         self.cohort: Any = None  # the cohort run this device's forward belongs to (colocated)
+        self._cohort: Any = None  # the cohort this device leads (built on its first step)
         ctx.meter.memory("split-device", lambda: device_memory(model.loaded, cfg, layout))
 
     # --- local events ---------------------------------------------------------------------
