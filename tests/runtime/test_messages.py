@@ -200,3 +200,27 @@ def test_registered_codec_with_parts_and_side_data() -> None:
     out = decode_message(encode_message(_msg(x=x, n=torch.arange(3)), "toy_scaled"))
     torch.testing.assert_close(out.tensors["x"], x, rtol=1e-3, atol=1e-3)
     assert torch.equal(out.tensors["n"], torch.arange(3))
+
+
+def test_the_header_document_is_wire_json_of_the_whole_document():
+    """``wire_parts`` assembles the header from cached pieces; it must equal encoding the
+    document in one go, for plain and lossy codecs, odd metadata and repeated messages."""
+    import json as _json
+
+    from cotune.runtime.messages import _wire_tensors, finite_or_none, wire_json, wire_parts
+
+    msgs = [
+        Message("activations", "device-1", "server",
+                {"hidden": torch.randn(2, 3, 4), "labels": torch.tensor([1, 0])},
+                {"step": 3, "loss": float("nan"), "nested": {"a": [1, 2.5, None]}}),
+        Message("norm", "device-2", "server", {}, {"device_sq": 0.25}),
+        Message("update", "device-3", "server", {"w": torch.randn(5, 5)}, {"round": 1}),
+    ]  # fmt: skip
+    for codec in ("fp32", "fp16", "int8", "topk0.5"):
+        for msg in msgs + msgs:  # the second time from the caches
+            js, _ = wire_parts(msg, codec)
+            entries, _ = _wire_tensors(msg, codec)
+            doc = {"kind": msg.kind, "sender": msg.sender, "receiver": msg.receiver,
+                   "codec": codec, "meta": finite_or_none(msg.meta), "tensors": entries}  # fmt: skip
+            assert js == wire_json(doc).encode()
+            assert _json.loads(js)["meta"] == _json.loads(wire_json(finite_or_none(msg.meta)))

@@ -221,20 +221,38 @@ def encode_message(msg: Message, codec: str = "fp32") -> bytes:
 def wire_parts(msg: Message, codec: str) -> tuple[bytes, dict[str, torch.Tensor]]:
     """A message's JSON header document (encoded) and the codec's parts its body serializes."""
     entries, body_tensors = _wire_tensors(msg, codec)
-    doc = {
-        "kind": msg.kind,
-        "sender": msg.sender,
-        "receiver": msg.receiver,
-        "codec": codec,
-        # JSON has no NaN or infinity: a non-finite number (a skipped step's loss) goes as null.
-        "meta": finite_or_none(msg.meta),
-        "tensors": entries,
-    }
+    # The document is {"kind", "sender", "receiver", "codec", "meta", "tensors"}, written as
+    # wire_json would write it, from pieces that repeat message after message (the head, a
+    # tensor entry of a given name, dtype and shape) encoded once.
     try:
-        js = wire_json(doc).encode("utf-8")
+        # JSON has no NaN or infinity: a non-finite number (a skipped step's loss) goes as null.
+        meta = wire_json(finite_or_none(msg.meta))
+        head = _doc_head(msg.kind, msg.sender, msg.receiver, codec)
+        tensors = ",".join([_entry_json(e) for e in entries])
     except (TypeError, ValueError) as e:
         raise ProtocolError(f"{msg.describe()}: meta is not JSON-serialisable ({e})") from None
-    return js, body_tensors
+    return f'{head}{meta},"tensors":[{tensors}]}}'.encode(), body_tensors
+
+
+@functools.lru_cache(maxsize=4096)
+def _doc_head(kind: str, sender: str, receiver: str, codec: str) -> str:
+    doc = {"kind": kind, "sender": sender, "receiver": receiver, "codec": codec}
+    return wire_json(doc)[:-1] + ',"meta":'
+
+
+def _entry_json(entry: dict[str, Any]) -> str:
+    if entry["side"]:  # a lossy codec's scales or indices: different every time
+        return wire_json(entry)
+    key = (entry["name"], entry["codec"], entry["dtype"], tuple(entry["shape"]))
+    return _plain_entry_json(key, tuple(entry["parts"]))
+
+
+@functools.lru_cache(maxsize=8192)
+def _plain_entry_json(key: tuple, parts: tuple[str, ...]) -> str:
+    name, codec, dtype, shape = key
+    entry = {"name": name, "codec": codec, "dtype": dtype, "shape": list(shape),
+             "parts": list(parts), "side": {}}  # fmt: skip
+    return wire_json(entry)
 
 
 def checksum(data: bytes | memoryview, version: int = FORMAT_VERSION) -> int:
