@@ -47,6 +47,21 @@ def test_frames_round_trip_in_chunks():
         Frame.decode(b"\xff\x00\x00\x00\x00")
 
 
+@pytest.mark.parametrize("extra", [-1, 0, 1, CHUNK - 40, 2 * CHUNK])
+def test_a_frame_cut_from_its_pieces_equals_its_encoding_cut(extra):
+    """frame_chunks cuts the prefix and the payload without joining them first: the messages
+    are byte for byte those of the joined encoding, and they reassemble to the same frame."""
+    from cotune.deploy.frames import frame_chunks
+
+    frame = Frame(SEND, {"codec": "fp32", "pad": "x" * 50}, os.urandom(CHUNK + extra))
+    parts = list(frame_chunks(3, frame))
+    assert parts == list(chunks(3, frame.encode())) and len(parts) >= 2
+    r = Reassembler(1 << 30)
+    got = [r.add(p) for p in parts][-1]
+    assert type(got.payload) is bytes and got.payload == frame.payload
+    assert got.header == frame.header and got.type == SEND
+
+
 def test_tls_tokens_and_a_large_message_both_ways(certs):
     sec = Security(tls_dir=certs)
     h = hub(sec, read_tokens(str(certs / "tokens.yaml")))

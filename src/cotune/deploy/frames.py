@@ -53,21 +53,32 @@ class Frame:
 
     @classmethod
     def decode(cls, data: bytes | memoryview) -> Frame:
-        data = memoryview(data)
-        if len(data) < _FRAME.size:
-            raise ProtocolError(f"frame of {len(data)} bytes is shorter than its header")
-        kind, n = _FRAME.unpack_from(data)
+        return cls.decode_parts([memoryview(data)])
+
+    @classmethod
+    def decode_parts(cls, parts: list[memoryview]) -> Frame:
+        """The frame whose bytes are ``parts`` one after another (a chunked frame's pieces,
+        still in their gRPC messages): the payload is copied once, straight from the pieces."""
+        first, total = parts[0], sum(len(p) for p in parts)
+        if total < _FRAME.size:
+            raise ProtocolError(f"frame of {total} bytes is shorter than its header")
+        if len(first) < _FRAME.size:  # a header split across pieces: join them first
+            return cls.decode(b"".join(parts))
+        kind, n = _FRAME.unpack_from(first)
         if kind not in NAMES:
             raise ProtocolError(f"unknown frame type {kind}")
-        if _FRAME.size + n > len(data):
+        if _FRAME.size + n > total:
             raise ProtocolError(f"frame header of {n} bytes overruns the frame")
+        if _FRAME.size + n > len(first):
+            return cls.decode(b"".join(parts))
         try:
-            header = json.loads(bytes(data[_FRAME.size : _FRAME.size + n]))
+            header = json.loads(bytes(first[_FRAME.size : _FRAME.size + n]))
         except ValueError as err:
             raise ProtocolError(f"frame header is not JSON: {err}") from None
         if not isinstance(header, dict):
             raise ProtocolError("frame header is not a JSON object")
-        return cls(kind, header, bytes(data[_FRAME.size + n :]))
+        payload = b"".join([first[_FRAME.size + n :], *parts[1:]])
+        return cls(kind, header, payload)
 
     def describe(self) -> str:
         return f"{NAMES.get(self.type, self.type)} {self.header.get('kind', '')}".strip()
@@ -79,16 +90,27 @@ def frame_chunks(frame_id: int, frame: Frame) -> Iterator[bytes]:
     if len(prefix) + len(frame.payload) <= CHUNK:
         yield b"".join((_CHUNK.pack(frame_id, 0, 1), prefix, frame.payload))
     else:
-        yield from chunks(frame_id, b"".join((prefix, frame.payload)))
+        yield from chunks(frame_id, prefix, frame.payload)
 
 
-def chunks(frame_id: int, data: bytes) -> Iterator[bytes]:
-    """``data`` as gRPC messages of at most ``CHUNK`` payload bytes each."""
-    view = memoryview(data)
-    n = max(1, -(-len(view) // CHUNK))
+def chunks(frame_id: int, *data: bytes | memoryview) -> Iterator[bytes]:
+    """The bytes of ``data`` (one after another) as gRPC messages of at most ``CHUNK`` payload
+    bytes each; each message is built with one copy of its bytes (never the whole first)."""
+    views = [memoryview(d).cast("B") for d in data]
+    total = sum(len(v) for v in views)
+    n = max(1, -(-total // CHUNK))
+    k, at = 0, 0  # the view being cut, and where in it
     for i in range(n):
-        piece = view[i * CHUNK : (i + 1) * CHUNK]
-        yield _CHUNK.pack(frame_id, i, int(i == n - 1)) + piece
+        pieces: list[bytes | memoryview] = [_CHUNK.pack(frame_id, i, int(i == n - 1))]
+        want = min(CHUNK, total - i * CHUNK)
+        while want:
+            if at == len(views[k]):
+                k, at = k + 1, 0
+                continue
+            take = min(want, len(views[k]) - at)
+            pieces.append(views[k][at : at + take])
+            at, want = at + take, want - take
+        yield b"".join(pieces)
 
 
 class Reassembler:
@@ -96,7 +118,7 @@ class Reassembler:
 
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
-        self._parts: dict[int, list[bytes]] = {}
+        self._parts: dict[int, list[memoryview]] = {}
         self._sizes: dict[int, int] = {}
 
     def add(self, msg: bytes) -> Frame | None:
@@ -114,8 +136,8 @@ class Reassembler:
         if size > self.max_bytes:
             raise ProtocolError(f"frame {frame_id} exceeds {self.max_bytes} bytes")
         self._sizes[frame_id] = size
-        parts.append(msg[_CHUNK.size :])
+        parts.append(memoryview(msg)[_CHUNK.size :])  # a view: the join below is the one copy
         if not last:
             return None
         del self._parts[frame_id], self._sizes[frame_id]
-        return Frame.decode(parts[0] if len(parts) == 1 else b"".join(parts))
+        return Frame.decode_parts(parts)
