@@ -15,10 +15,16 @@ from __future__ import annotations
 import json
 
 import torch
-from safetensors.torch import save as st_save
 
 from cotune.runtime.codecs import get_codec
-from cotune.runtime.messages import _DTYPES, CRC_SIZE, HEADER_SIZE, Message, wire_parts
+from cotune.runtime.messages import (
+    _DTYPES,
+    CRC_SIZE,
+    HEADER_SIZE,
+    Message,
+    body_pieces,
+    wire_parts,
+)
 
 _BODY_LENGTHS: dict[tuple, int] = {}
 _MAX_LAYOUTS = 4096  # a run with dynamic padding meets a few hundred; bounded all the same
@@ -32,7 +38,7 @@ def hand_over(msg: Message, codec: str = "fp32") -> tuple[Message, int]:
     if body_len is None:
         if len(_BODY_LENGTHS) >= _MAX_LAYOUTS:
             _BODY_LENGTHS.clear()
-        body_len = _BODY_LENGTHS[layout] = len(st_save(body))
+        body_len = _BODY_LENGTHS[layout] = sum(len(p) for p in body_pieces(body))
     doc = json.loads(js)
     tensors: dict[str, torch.Tensor] = {}
     for i, entry in enumerate(doc["tensors"]):

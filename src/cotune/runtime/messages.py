@@ -31,6 +31,7 @@ from safetensors.torch import save as st_save
 from cotune.errors import ProtocolError
 from cotune.jsonsafe import finite_or_none
 from cotune.runtime.codecs import get_codec
+from cotune.runtime.stbody import safetensors_pieces
 
 MAGIC = b"COTM"
 # 2: the checksum is CRC32C (hardware-accelerated: 0.09 ms for 1.5 MiB, against 0.6 ms for
@@ -212,10 +213,18 @@ def wire_json(value: Any) -> str:
 def encode_message(msg: Message, codec: str = "fp32") -> bytes:
     """The bytes that travel for ``msg``: header + JSON + safetensors body + CRC32."""
     js, body_tensors = wire_parts(msg, codec)
-    body = st_save(body_tensors)
-    header = _HEADER.pack(MAGIC, FORMAT_VERSION, 0, len(js), len(body))
-    crc = crc32c(body, crc32c(js, crc32c(header)))
-    return b"".join((header, js, body, struct.pack("<I", crc)))  # one copy of the body
+    body = body_pieces(body_tensors)
+    header = _HEADER.pack(MAGIC, FORMAT_VERSION, 0, len(js), sum(len(p) for p in body))
+    crc = crc32c(js, crc32c(header))
+    for piece in body:
+        crc = crc32c(piece, crc)
+    return b"".join((header, js, *body, struct.pack("<I", crc)))  # one copy of the tensors
+
+
+def body_pieces(body_tensors: dict[str, torch.Tensor]) -> list[bytes | memoryview]:
+    """The safetensors body of a message, as pieces to join (``runtime/stbody.py``)."""
+    pieces = safetensors_pieces(body_tensors)
+    return [st_save(body_tensors)] if pieces is None else pieces
 
 
 def wire_parts(msg: Message, codec: str) -> tuple[bytes, dict[str, torch.Tensor]]:
