@@ -16,6 +16,7 @@ import contextlib
 import logging
 import queue
 import threading
+import time
 from typing import Any
 
 from cotune.deploy.frames import BYE, Frame
@@ -25,6 +26,7 @@ from cotune.errors import ConfigError
 
 log = logging.getLogger(__name__)
 PULL_WAIT_S = 0.5  # a host's long poll returns at least this often (so a closed hub notices)
+RESTART_POLL_S = 0.2  # how often a host that Ray is restarting is asked to start again
 RELEASE_WAIT_S = 10.0  # a run's end: how long a kept host may take to finish its last frames
 
 
@@ -177,6 +179,7 @@ class RayHub(Joining):
         self.links: dict[str, RayLink] = {}
         super().__init__()
         self.closing = False
+        self.restarting: set[int] = set()  # hosts Ray is bringing back (frames wait)
         self.seqs = [0] * hosts
         self.epochs = [0] * hosts
         self.max_restarts = rc.max_restarts
@@ -236,8 +239,13 @@ class RayHub(Joining):
         while not self.closing:
             self.wake[host].wait(PULL_WAIT_S)
             with self.locks[host]:
-                frames, self.outbox[host] = self.outbox[host], []
-                self.wake[host].clear()
+                held = host in self.restarting  # held until the host is back and started
+                if not held:
+                    frames, self.outbox[host] = self.outbox[host], []
+                    self.wake[host].clear()
+            if held:
+                time.sleep(RESTART_POLL_S)
+                continue
             if frames:
                 with contextlib.suppress(Exception):  # a dead host: its pull thread says so
                     self.actors[host].push.remote(frames)
@@ -271,6 +279,7 @@ class RayHub(Joining):
                 if restarts >= self.max_restarts:
                     return
                 restarts += 1
+                self.restarting.add(host)
                 # Ray restarts the actor; its devices come back on new links, and the engine
                 # starts their roles again from their last known states (``_rejoin``).
                 with self.locks[host]:
@@ -278,14 +287,37 @@ class RayHub(Joining):
                     self.seqs[host] = 0
                     for n in nodes:
                         self.links[n] = RayLink(n, self, host)
-                with contextlib.suppress(Exception):  # queued by Ray until the host is back
-                    actor.start.remote(self.epochs[host], self.welcome, nodes)
+                if not self._restarted(host, nodes):
+                    return
                 continue
             for node, kind, header, payload in batch:
                 frame = Frame(kind, header, payload)
                 self.links[node].bytes_in += len(payload) + len(frame.prefix())
                 if not self.take(node, frame):
                     self.inbound.put((node, frame))
+
+    def _restarted(self, host: int, nodes: list[str]) -> bool:
+        """Wait until Ray has brought ``host`` back and it started ``nodes`` again (True), or
+        it will not come back (False). While Ray restarts an actor, calls to it fail at once
+        with ``ActorUnavailableError``: they are retried, never taken for another death (which
+        used to spend the restart budget and bump the epoch again during one restart)."""
+        ray = ray_module()
+        from ray.exceptions import ActorUnavailableError
+
+        while not self.closing:
+            try:
+                ray.get(self.actors[host].start.remote(self.epochs[host], self.welcome, nodes))
+                with self.locks[host]:
+                    self.restarting.discard(host)
+                self.wake[host].set()  # what was queued for its nodes meanwhile goes now
+                return True
+            except ActorUnavailableError:
+                time.sleep(RESTART_POLL_S)
+            except Exception as err:  # noqa: BLE001 - out of restarts, or gone for good
+                log.warning("Ray host %d did not come back (%s): %s", host,
+                            type(err).__name__, ", ".join(nodes))  # fmt: skip
+                return False
+        return False
 
     def close(self) -> None:
         ray = ray_module()
