@@ -25,8 +25,9 @@ def flop_counter() -> FlopCounterMode:
     Its module tracker, which attributes counts to modules for the per-module table we never
     print, hooks every module's forward and registers a gradient hook on every input that
     requires grad: for a split server's segment (whose input is a leaf requiring grad) that
-    cost about as much as a small model's whole counted step. Totals are the same: the tracker's "Global" entry
-    receives every count whatever the module (``tests/test_flops.py``)."""
+    cost about as much as a small model's whole counted step. Totals are the same: the
+    tracker's "Global" entry receives every count whatever the module
+    (``tests/test_flops.py``)."""
     mode = FlopCounterMode(display=False)
     mode.mod_tracker = _TotalsOnly()  # type: ignore[assignment]
     return mode

@@ -279,10 +279,10 @@ class RayHub(Joining):
                 if restarts >= self.max_restarts:
                     return
                 restarts += 1
-                self.restarting.add(host)
                 # Ray restarts the actor; its devices come back on new links, and the engine
                 # starts their roles again from their last known states (``_rejoin``).
                 with self.locks[host]:
+                    self.restarting.add(host)
                     self.epochs[host] += 1
                     self.seqs[host] = 0
                     for n in nodes:

@@ -162,10 +162,8 @@ def _short_str(text: str) -> str:
 
 
 def _wire_key(key: Any) -> str:
-    if type(key) is str:
-        return _wire_str(key)
     if isinstance(key, str):
-        return json.dumps(key, ensure_ascii=False)
+        return _wire_str(key)
     if isinstance(key, bool) or not isinstance(key, int):
         raise TypeError(f"keys must be str or int, not {type(key).__name__}")
     return _wire_str(str(int(key)))
@@ -176,18 +174,18 @@ def wire_json(value: Any) -> str:
     its value: two runs equal to float precision (a device cohort against one device at a time,
     one engine against another) send the same bytes, so their counted bytes and simulated times
     are equal too. Non-finite floats must already be ``None``; raises TypeError like json."""
-    kind = type(value)  # the exact types a header holds, fastest first; subclasses below
+    kind = type(value)  # the commonest exact types first (bool is not int here)
     if kind is str:
         return _wire_str(value)
     if kind is int:
         return str(value)
-    if kind is float:
+    if isinstance(value, float):
         if not math.isfinite(value):
             raise ValueError(f"non-finite float {value!r} in message JSON")
         return _wire_float(value)
-    if kind is dict:
+    if isinstance(value, dict):
         return "{" + ",".join(f"{_wire_key(k)}:{wire_json(v)}" for k, v in value.items()) + "}"
-    if kind is list or kind is tuple:
+    if isinstance(value, list | tuple):
         return "[" + ",".join([wire_json(v) for v in value]) + "]"
     if value is None:
         return "null"
@@ -197,16 +195,8 @@ def wire_json(value: Any) -> str:
         return "false"
     if isinstance(value, int):
         return str(int(value))
-    if isinstance(value, float):
-        if not math.isfinite(value):
-            raise ValueError(f"non-finite float {value!r} in message JSON")
-        return _wire_float(value)
     if isinstance(value, str):
         return json.dumps(value, ensure_ascii=False)
-    if isinstance(value, dict):
-        return "{" + ",".join(f"{_wire_key(k)}:{wire_json(v)}" for k, v in value.items()) + "}"
-    if isinstance(value, list | tuple):
-        return "[" + ",".join(wire_json(v) for v in value) + "]"
     raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
 
 

@@ -58,19 +58,18 @@ def _step_group(group: list[RoleUpdate], lr: float) -> None:
     joint = leader.joint_optimizer()
     for trainer, state, grads, coef in group:
         state.place(trainer.device)
-        mine = [g for k in trainer.params if (g := grads.get(k)) is not None]
-        names = [k for k in trainer.params if grads.get(k) is not None]
+        mine = [(k, g) for k in trainer.params if (g := grads.get(k)) is not None]
         if mine:
-            norm = float(torch.nn.utils.get_total_norm(mine))
+            norm = float(torch.nn.utils.get_total_norm([g for _, g in mine]))
             if not math.isfinite(norm):
                 trainer.nonfinite(f"non-finite gradient (norm {norm})", state.step + 1)
                 state.step += 1  # skipped (``stop`` raised), as ``step`` leaves it
                 continue
             if coef is not None:
-                torch._foreach_mul_(mine, coef)
+                torch._foreach_mul_([g for _, g in mine], coef)
         weights = [state.params[k] for k in trainer.params]
         backup = [w.clone() for w in weights] if skip else None
-        for k, g in zip(names, mine):
+        for k, g in mine:
             t = state.params[k]
             t.grad = g
             tensors.append(t)
