@@ -2,8 +2,9 @@
 100 clients, 10 per round, 5 local steps x batch 16, 3 rounds) with the device cohort on, on
 with ``paradigm.options.cohort_rows`` bounding each pass, and off: peak memory of the process
 tree, steady round, whole run, accuracy. Order A B C C B A; medians of the two runs each.
+With ``--padding-free``: the bounded cohort with and without ``train.padding_free`` instead.
 
-Run: .venv/bin/python benchmarks/cohort_memory.py [--rows 48] [--seed 0]
+Run: .venv/bin/python benchmarks/cohort_memory.py [--rows 48] [--seed 0] [--padding-free]
 """
 
 from __future__ import annotations
@@ -26,12 +27,19 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=100)
     ap.add_argument("--per-round", type=int, default=10)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--padding-free", action="store_true")
     args = ap.parse_args()
+    rows = f"paradigm.options.cohort_rows={args.rows}"
     variants = {
         "cohort on": [],
-        f"cohort on, cohort_rows {args.rows}": [f"paradigm.options.cohort_rows={args.rows}"],
+        f"cohort on, cohort_rows {args.rows}": [rows],
         "cohort off": ["paradigm.options.cohort=false"],
     }
+    if args.padding_free:
+        variants = {
+            f"cohort_rows {args.rows}": [rows],
+            f"cohort_rows {args.rows}, padding-free": [rows, "train.padding_free=true"],
+        }
     names = list(variants)
     got: dict[str, list[dict]] = {n: [] for n in names}
     j = job(args, args.seed)

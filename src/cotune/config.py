@@ -348,6 +348,12 @@ class TrainSection(Section):
     # Recompute each block's activations in backward instead of keeping them (less memory,
     # about one more forward of compute); the simulator's memory estimate counts it.
     gradient_checkpointing: bool = False
+    # Whole-model training steps and evaluation run the blocks on the real tokens only
+    # (padding removed around attention) and, when the head reads only the first token
+    # (BERT-like classification), the last block for that token only: the same results up
+    # to float rounding and dropout masks, fewer FLOPs when batches are padded. Families
+    # without it (decoders, for now) and split segments run padded.
+    padding_free: bool = False
     # Differential privacy of the devices' updates (fedavg).
     dp: DPSection = Field(default_factory=DPSection)
 
@@ -540,6 +546,8 @@ class RunConfig(Section):
             d["engine"].pop(k, None)  # how a deployment connects, not what it computes
         if d["train"].get("autocast") == "none":
             d["train"].pop("autocast")
+        if not d["train"].get("padding_free"):
+            d["train"].pop("padding_free", None)
         if d["model"].get("quantize") == "none":
             d["model"].pop("quantize")
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]

@@ -19,6 +19,7 @@ import torch
 from cotune.config import RunConfig
 from cotune.data import EncodedDataset, TaskData
 from cotune.models import LoadedModel, Segment
+from cotune.models.packing import padding_free
 from cotune.peft import AdapterSet
 from cotune.peft.domains import DomainPlan
 from cotune.progress import Progress
@@ -98,7 +99,7 @@ class Experiment:
         if bar is not None:
             bar.phase("evaluating")
         try:
-            with self.trainer.activate(state):
+            with self.trainer.activate(state), padding_free(self.cfg.train.padding_free):
                 return evaluate(self.forward, self.loaded.model, self.test_set, self.task,
                                 self.cfg.eval.batch_size)  # fmt: skip
         finally:

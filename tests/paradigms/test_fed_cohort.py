@@ -143,3 +143,39 @@ def test_cohort_rows_bounds_each_pass_and_changes_nothing_else(tiny_config, monk
     b_dir, b = fedavg(tiny_config, "rows", True, {"cohort_rows": rows}, **sections)
     assert sizes and set(sizes) == {2}
     same_run(a_dir, a, b_dir, b)
+
+
+def test_padding_free_cohort_equals_padding_free_one_by_one(tiny_config, monkeypatch):
+    """train.padding_free in a cohort (packed row groups, the head's first tokens only):
+    the one-by-one padding-free run to float precision, FLOPs and simulated time included."""
+    sizes = cohort_sizes(monkeypatch)
+    # Steps run one by one until the (B, T, N) FLOP law is verified; then as cohorts.
+    train = {"padding_free": True, "steps": 12}
+    a_dir, a = fedavg(tiny_config, "seq-pf", False, devices={"count": 3}, train=train)
+    b_dir, b = fedavg(tiny_config, "cohort-pf", True, devices={"count": 3}, train=train)
+    assert sizes and set(sizes) == {3}
+    same_run(a_dir, a, b_dir, b)
+
+
+def test_padding_free_learns_what_the_padded_run_learns_with_fewer_flops(tiny_config):
+    a_dir, a = fedavg(tiny_config, "padded", True, devices={"count": 3})
+    b_dir, b = fedavg(tiny_config, "packed", True, devices={"count": 3},
+                      train={"padding_free": True})  # fmt: skip
+    pa, pb = final_params(a_dir), final_params(b_dir)
+    for k in pa["server"]:
+        torch.testing.assert_close(pb["server"][k], pa["server"][k], rtol=1e-4, atol=1e-6)
+    assert b["final"]["accuracy"] == a["final"]["accuracy"]
+    assert a["bytes"] == b["bytes"] and a["messages"] == b["messages"]
+    assert 0 < b["costs"]["total"]["flops"] < 0.9 * a["costs"]["total"]["flops"]
+
+
+@pytest.mark.parametrize("padding_free", [False, True], ids=["padded", "padding-free"])
+def test_cohort_with_gradient_checkpointing_equals_one_by_one(tiny_config, monkeypatch, padding_free):
+    """Checkpointed blocks recompute in backward: each member's rows must still run through
+    its own adapter tensors then."""
+    sizes = cohort_sizes(monkeypatch)
+    train = {"gradient_checkpointing": True, "padding_free": padding_free, "steps": 12}
+    a_dir, a = fedavg(tiny_config, "seq-ckpt", False, devices={"count": 3}, train=train)
+    b_dir, b = fedavg(tiny_config, "cohort-ckpt", True, devices={"count": 3}, train=train)
+    assert sizes and set(sizes) == {3}
+    same_run(a_dir, a, b_dir, b)

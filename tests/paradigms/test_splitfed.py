@@ -241,7 +241,9 @@ BERT_NO_DROPOUT = {
 }
 
 
-def _cohort_runs(tiny_config, monkeypatch, options, family="bert", new_shape_at=None):
+def _cohort_runs(
+    tiny_config, monkeypatch, options, family="bert", new_shape_at=None, train=None
+):
     """The run with the cohort on and off; ``new_shape_at``: at that step the second device's
     batch shape counts as never seen (dynamic padding meeting a new length)."""
     from cotune.paradigms import split_cohort
@@ -276,24 +278,29 @@ def _cohort_runs(tiny_config, monkeypatch, options, family="bert", new_shape_at=
                                               "cohort": together}}  # fmt: skip
         task = "causal_lm" if family == "gpt2" else "classification"
         out[together] = run(family_config(tiny_config, family, f"co{together}", sf, task=task,
-                                          devices={"count": 3}, train={"steps": 8},
+                                          devices={"count": 3},
+                                          train={"steps": 8, **(train or {})},
                                           eval={"every": 8, "max_examples": 16}))  # fmt: skip
     return out, calls
 
 
 @pytest.mark.parametrize(
-    "family, options",
+    "family, options, train",
     [
-        ("bert", {"server_batch": "pooled"}),
-        ("bert", {"server_batch": "sequential", "clip": "per_side"}),
-        ("gpt2", {"server_batch": "pooled"}),  # causal LM: per-token labels, padded pooling
+        ("bert", {"server_batch": "pooled"}, None),
+        ("bert", {"server_batch": "sequential", "clip": "per_side"}, None),
+        ("gpt2", {"server_batch": "pooled"}, None),  # causal LM: per-token labels, padded pooling
+        ("bert", {"server_batch": "pooled"}, {"gradient_checkpointing": True}),
     ],
-    ids=["pooled", "sequential", "pooled-gpt2-lm"],
+    ids=["pooled", "sequential", "pooled-gpt2-lm", "checkpointed"],
 )
-def test_device_cohort_equals_one_device_at_a_time(tiny_config, monkeypatch, family, options):
+def test_device_cohort_equals_one_device_at_a_time(
+    tiny_config, monkeypatch, family, options, train
+):
     """Once the device shapes' FLOPs are known, the devices run as one batch: same losses, same
-    adapters, same FLOPs charged to every device, same bytes."""
-    out, calls = _cohort_runs(tiny_config, monkeypatch, options, family)
+    adapters, same FLOPs charged to every device, same bytes (checkpointed blocks recompute
+    with each member's tensors)."""
+    out, calls = _cohort_runs(tiny_config, monkeypatch, options, family, train=train)
     assert calls and max(calls)[0] == 8  # the cohort took over once the device shapes were counted
     a, b = (records(out[x], "train", "mean") for x in (True, False))
     assert [r["loss"] for r in a] == pytest.approx([r["loss"] for r in b], abs=1e-5)

@@ -52,3 +52,68 @@ def test_no_law_without_dims_or_when_verification_fails():
     for dims, flops in weird.items():
         counter._learn("w", dims, flops)
     assert not counter.has_law("w")
+
+
+def test_padding_free_law_counts_real_tokens_and_matches_counted_flops():
+    """A padding-free step's FLOPs depend on its real tokens N, not only on its shape: the
+    law over (B, T, N) predicts torch's count, and batches of one shape with other N are
+    counted apart."""
+    from cotune.models.packing import padding_free, token_dims
+
+    loaded = load_model(
+        ModelSection(name_or_path="random:bert", task="classification"),
+        num_labels=3,
+        vocab_size=300,
+    )
+    inject_adapters(
+        loaded.model,
+        PeftSection(target_modules=["query", "value"]),
+        anatomy=loaded.anatomy,
+        head_paths=loaded.anatomy.head_paths(),
+    )
+    forward = loaded.anatomy.full()
+
+    def step(ids, mask):
+        with padding_free():
+            logits = forward(ids, mask)
+        task_loss(logits, torch.zeros(ids.shape[0], dtype=torch.long), "classification").backward()
+
+    def padded(lengths):
+        t = max(lengths)
+        mask = (torch.arange(t)[None, :] < torch.tensor(lengths)[:, None]).long()
+        return torch.randint(2, 300, mask.shape).masked_fill(mask == 0, 0), mask
+
+    counter = FlopCounter()
+    seen = [(9, 3, 4, 9), (17, 17, 2, 5), (11, 4), (5, 5, 5), (8, 1, 1, 1, 2), (6, 6)]
+    for lengths in seen:
+        ids, mask = padded(lengths)
+        counter.run("k", step, ids, mask, dims=token_dims(mask, True))
+    assert counter.has_law("k")
+    for lengths in ((13, 2, 7, 7, 1), (31, 30), (2,), (9, 3, 4, 8)):  # the last: seen shape, new N
+        ids, mask = padded(lengths)
+        _, predicted = counter.run("k", step, ids, mask, dims=token_dims(mask, True))
+        assert predicted == exact(step, ids, mask), lengths
+    padded_count = exact(lambda i, m: task_loss(forward(i, m), torch.zeros(4, dtype=torch.long),
+                                                "classification").backward(), *padded((9, 3, 4, 9)))  # fmt: skip
+    assert exact(step, *padded((9, 3, 4, 9))) < padded_count
+
+
+def test_a_law_predicts_only_shapes_within_the_span_of_what_it_counted():
+    """Batches of one B and T (a fixed max_length) determine the law along N only: other N
+    are predicted, another T is counted (and then joins the law)."""
+
+    def law(b, t, n):
+        return 7 * n + 3 * b * t * t + 11 * b + 2 * b * t
+
+    counter = FlopCounter()
+    counter._learn("k", (8, 32, 200), law(8, 32, 200))
+    counter._learn("k", (8, 32, 210), law(8, 32, 210))
+    assert not counter.has_law("k")  # two shapes fit any law: nothing verified it yet
+    counter._learn("k", (8, 32, 220), law(8, 32, 220))
+    assert counter.has_law("k")
+    assert counter.known("k", (8, 32, 251)) == law(8, 32, 251)
+    assert counter.known("k", (8, 16, 100)) is None
+    counter._learn("k", (8, 16, 100), law(8, 16, 100))
+    assert counter.known("k", (8, 16, 90)) == law(8, 16, 90)
+    counter._learn("k", (8, 16, 90), law(8, 16, 90) + 1)  # a count the law gets wrong
+    assert not counter.has_law("k")

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from cotune.errors import ModelError
+from cotune.models.packing import Packing
 from cotune.models.segment import Segment, attention_bias
 
 TASKS = ("classification", "causal_lm")
@@ -22,6 +23,9 @@ class Anatomy(ABC):
     family: ClassVar[str]
     # Whether attention in the blocks is causal (decoders) or bidirectional (encoders).
     causal: ClassVar[bool]
+    # Whether the task head reads only each row's first token (BERT's pooler, RoBERTa's head):
+    # a padding-free last block then computes only those rows (``cotune.models.packing``).
+    head_reads_first: ClassVar[bool] = False
 
     def __init__(self, model: nn.Module, task: str) -> None:
         if task not in TASKS:
@@ -72,6 +76,19 @@ class Anatomy(ABC):
     @abstractmethod
     def run_block(self, i: int, hidden: Tensor, context: dict[str, Any]) -> Tensor:
         """Run block ``i`` on ``hidden`` with the shared ``context``."""
+
+    @property
+    def packs(self) -> bool:
+        """Whether blocks run padding-free (``run_block_packed``); a family that can says so."""
+        return False
+
+    def run_block_packed(
+        self, i: int, x: Tensor, packing: Packing, context: dict[str, Any], first_only: bool
+    ) -> Tensor:
+        """Block ``i`` on the real tokens ``x`` ``[N, D]`` of a batch laid out by ``packing``
+        (``context``: ``block_context`` of the padded batch, whose masks the attention uses);
+        with ``first_only`` it returns only each row's first token ``[B, D]``."""
+        raise ModelError(f"{self.family} blocks do not run padding-free")
 
     @abstractmethod
     def run_head(self, hidden: Tensor, attention_mask: Tensor) -> Tensor:
@@ -154,9 +171,18 @@ class Anatomy(ABC):
         return int(m.group(1)) if m else None
 
     def segment(
-        self, start: int, end: int, *, embed: bool | None = None, head: bool | None = None
+        self,
+        start: int,
+        end: int,
+        *,
+        embed: bool | None = None,
+        head: bool | None = None,
+        keep: str = "all",
     ) -> Segment:
         """Blocks ``[start, end)``; ``embed`` defaults to ``start == 0``, ``head`` to ``end == num_layers``.
+
+        ``keep="first"`` (a segment without the head, whose consumer reads only each row's first
+        token: a classification head run apart) returns only those positions, ``[B, 1, D]``.
 
         ``start == end`` is allowed only with ``embed`` (an embedding-only segment) or ``head`` (a
         head-only segment: final norm + head on the last block's output, as in U-shaped splits).
@@ -181,7 +207,12 @@ class Anatomy(ABC):
             raise ModelError(
                 f"segment({start}, {end}) is empty: start == end needs embed=True (start 0) or head=True (end {n})"
             )
-        return Segment(self, start, end, embed=embed, head=head)
+        if keep not in ("all", "first") or (keep == "first" and (head or start == end)):
+            raise ModelError(
+                f"segment({start}, {end}, keep={keep!r}): keep is 'all', or 'first' for a "
+                "segment with blocks and without the head"
+            )
+        return Segment(self, start, end, embed=embed, head=head, keep=keep)
 
     def full(self) -> Segment:
         return self.segment(0, self.num_layers)

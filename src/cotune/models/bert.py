@@ -6,15 +6,19 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cotune.errors import ModelError
 from cotune.models.base import Anatomy
+from cotune.models.packing import Packing
 
 
 class BertAnatomy(Anatomy):
     family = "bert"
     causal = False
+    # BERT's pooler reads [CLS], RoBERTa's classification head <s>: both the first token.
+    head_reads_first = True
 
     def __init__(self, model: nn.Module, task: str) -> None:
         if task != "classification":
@@ -59,6 +63,43 @@ class BertAnatomy(Anatomy):
 
     def run_block(self, i: int, hidden: Tensor, context: dict[str, Any]) -> Tensor:
         return self.blocks[i](hidden, attention_mask=context["mask"])
+
+    @property
+    def packs(self) -> bool:
+        c = self.config
+        # An encoder block: self-attention, then the MLP unchunked (what run_block_packed runs).
+        return not c.is_decoder and not c.add_cross_attention and not c.chunk_size_feed_forward
+
+    def run_block_packed(
+        self, i: int, x: Tensor, packing: Packing, context: dict[str, Any], first_only: bool
+    ) -> Tensor:
+        # BertLayer.forward without its layout: the projections, output dense + norm and MLP
+        # run on the real tokens; the attention runs padded under the key mask (SDPA, the
+        # same softmax(q·kᵀ·scale)·v as HF's eager and SDPA paths).
+        layer = self.blocks[i]
+        sa = layer.attention.self
+        size = sa.attention_head_size
+        if first_only:
+            x_out = x.index_select(0, packing.first)
+            q = sa.query(x_out).view(packing.batch, 1, -1, size).transpose(1, 2)
+        else:
+            x_out = x
+            q = packing.heads(sa.query(x), size)
+        k, v = packing.heads(sa.key(x), size), packing.heads(sa.value(x), size)
+        att = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=context["mask"],
+            dropout_p=sa.dropout.p if sa.training else 0.0,
+            scale=sa.scaling,
+        )
+        if first_only:
+            att = att.transpose(1, 2).reshape(packing.batch, -1)
+        else:
+            att = packing.tokens_of(att)
+        a = layer.attention.output(att, x_out)
+        return layer.output(layer.intermediate(a), a)
 
     def run_head(self, hidden: Tensor, attention_mask: Tensor) -> Tensor:
         pooler = self._base.pooler

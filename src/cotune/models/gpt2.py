@@ -6,9 +6,11 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from cotune.models.base import Anatomy
+from cotune.models.packing import Packing
 
 
 class GPT2Anatomy(Anatomy):
@@ -47,6 +49,34 @@ class GPT2Anatomy(Anatomy):
 
     def run_block(self, i: int, hidden: Tensor, context: dict[str, Any]) -> Tensor:
         return self.blocks[i](hidden, attention_mask=context["mask"])
+
+    @property
+    def packs(self) -> bool:
+        c = self.config
+        # Self-attention only; the reordered, upcast attention is an eager-only variant.
+        return not c.add_cross_attention and not c.reorder_and_upcast_attn
+
+    def run_block_packed(
+        self, i: int, x: Tensor, packing: Packing, context: dict[str, Any], first_only: bool
+    ) -> Tensor:
+        # GPT2Block.forward on the real tokens: norms, c_attn, c_proj and the MLP per token,
+        # the causal attention padded under the mask (None: no padding, SDPA's causal path).
+        layer = self.blocks[i]
+        attn = layer.attn
+        q, k, v = attn.c_attn(layer.ln_1(x)).split(attn.split_size, dim=-1)
+        size = attn.head_dim
+        mask = context["mask"]
+        att = F.scaled_dot_product_attention(
+            packing.heads(q, size),
+            packing.heads(k, size),
+            packing.heads(v, size),
+            attn_mask=mask,
+            is_causal=mask is None,
+            dropout_p=attn.attn_dropout.p if attn.training else 0.0,
+            scale=attn.scaling,
+        )
+        x = x + attn.resid_dropout(attn.c_proj(packing.tokens_of(att)))
+        return x + layer.mlp(layer.ln_2(x))
 
     def embed_at(self, input_ids: Tensor, start: int) -> Tensor:
         tr = self.model.transformer

@@ -4,12 +4,15 @@ final ``norm``, ``lm_head`` or a ``score`` classifier read at the last real toke
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from cotune.models.base import Anatomy
+from cotune.models.packing import Packing
 
 
 class LlamaAnatomy(Anatomy):
@@ -63,6 +66,43 @@ class LlamaAnatomy(Anatomy):
             position_ids=context["positions"],
             position_embeddings=context["rotary"],
         )
+
+    @property
+    def packs(self) -> bool:
+        attn = self.blocks[0].self_attn
+        # The LLaMA block as written below: no per-head q/k norms (Qwen3, OLMo run padded).
+        return not hasattr(attn, "q_norm") and hasattr(
+            sys.modules[type(attn).__module__], "apply_rotary_pos_emb"
+        )
+
+    def run_block_packed(
+        self, i: int, x: Tensor, packing: Packing, context: dict[str, Any], first_only: bool
+    ) -> Tensor:
+        # The decoder layer on the real tokens: norms, projections and the MLP per token;
+        # rotary embeddings and the (grouped-query, causal, maybe windowed) attention padded.
+        layer = self.blocks[i]
+        attn = layer.self_attn
+        rotate = sys.modules[type(attn).__module__].apply_rotary_pos_emb
+        h = layer.input_layernorm(x)
+        size = attn.head_dim
+        q = packing.heads(attn.q_proj(h), size)
+        k = packing.heads(attn.k_proj(h), size)
+        v = packing.heads(attn.v_proj(h), size)
+        cos, sin = context["rotary"]
+        q, k = rotate(q, k, cos, sin)
+        mask = context["masks"][self.window(i)]
+        att = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            is_causal=mask is None,
+            dropout_p=attn.attention_dropout if attn.training else 0.0,
+            scale=attn.scaling,
+            enable_gqa=k.shape[1] != q.shape[1],
+        )
+        x = x + attn.o_proj(packing.tokens_of(att))
+        return x + layer.mlp(layer.post_attention_layernorm(x))
 
     def embed_at(self, input_ids: Tensor, start: int) -> Tensor:
         return self.model.model.embed_tokens(input_ids)

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from cotune.accel.compute import compute_of, note_checkpoint_input
 from cotune.errors import ModelError
+from cotune.models import packing
 
 if TYPE_CHECKING:
     from cotune.models.base import Anatomy
@@ -44,13 +45,16 @@ class Segment(nn.Module):
     the anatomy, so a module replaced in the model after this segment was built is honoured too.
     """
 
-    def __init__(self, anatomy: Anatomy, start: int, end: int, *, embed: bool, head: bool) -> None:
+    def __init__(
+        self, anatomy: Anatomy, start: int, end: int, *, embed: bool, head: bool, keep: str = "all"
+    ) -> None:
         super().__init__()
         self.anatomy = anatomy
         self.start = start
         self.end = end
         self.embed = embed
         self.head = head
+        self.keep = keep  # "first": only each row's first position leaves (no head here)
         paths: list[str] = anatomy.input_paths() if embed else []
         paths += [anatomy.block_path(i) for i in range(start, end)]
         if head:
@@ -98,7 +102,12 @@ class Segment(nn.Module):
                     f"of the previous segment, got {type(inputs).__name__}"
                 )
             hidden, attention_mask = inputs.hidden, inputs.attention_mask
-        if self.end > self.start:
+        first_only = self.keep == "first" or (self.head and anatomy.head_reads_first)
+        if self.end > self.start and packing.requested() and anatomy.packs:
+            hidden = self._packed_blocks(hidden, attention_mask, checkpoint, first_only)
+            if first_only:
+                attention_mask = attention_mask[:, :1]
+        elif self.end > self.start:
             # Masks and rotary tables are rebuilt here from the 2-D mask: nothing but Activations
             # crosses a split, whatever side of it this segment runs on.
             context = anatomy.block_context(hidden, attention_mask)
@@ -110,9 +119,38 @@ class Segment(nn.Module):
                     )
                 else:
                     hidden = anatomy.run_block(i, hidden, context)
+            if self.keep == "first":
+                hidden, attention_mask = hidden[:, :1], attention_mask[:, :1]
         if self.head:
             return anatomy.run_head(hidden, attention_mask)
         return Activations(hidden, attention_mask)
+
+    def _packed_blocks(
+        self, hidden: Tensor, attention_mask: Tensor, checkpoint: bool, first_only: bool
+    ) -> Tensor:
+        """The blocks on the real tokens only (``cotune.models.packing``): ``[B, T, D]`` in,
+        ``[B, T, D]`` out (zeros at the padding), or ``[B, 1, D]`` with ``first_only``."""
+        layout = packing.Packing.of(attention_mask)
+        context = self.anatomy.block_context(hidden, attention_mask)
+        x = layout.pack(hidden)
+        for i in range(self.start, self.end):
+            first = first_only and i == self.end - 1
+            if checkpoint:
+                note_checkpoint_input(x)
+                x = torch.utils.checkpoint.checkpoint(
+                    self._packed_block, i, x, layout, context, first, use_reentrant=False
+                )
+            else:
+                x = self._packed_block(i, x, layout, context, first)
+        return x.unsqueeze(1) if first_only else layout.unpack(x)
+
+    def _packed_block(
+        self, i: int, x: Tensor, layout: packing.Packing, context: dict, first: bool
+    ) -> Tensor:
+        # The layout is made active here, not around the loop, so that a checkpointed block's
+        # recompute in backward sees it too.
+        with packing.active(layout):
+            return self.anatomy.run_block_packed(i, x, layout, context, first)
 
 
 def task_loss(logits: Tensor, labels: Tensor, task: str) -> Tensor:

@@ -24,6 +24,11 @@ shapes), and the dropout masks of the whole cohort come from the first device's 
 tensor in an adapter layer or the task head, a regularizer that does not come from the forward,
 no domain routing and no fp16 loss scaling; otherwise the round runs one by one.
 
+With ``train.padding_free`` the cohort's joint batch runs padding-free like a one-by-one
+step (row groups split the packed tokens by member; the body returns only the first tokens
+when the head reads only those), and its FLOP keys carry each member's real tokens. The row
+groups hold through the backward too, where checkpointed blocks recompute their forward.
+
 ``cohort_rows`` bounds a pass: a round's devices then run in consecutive cohorts of at most
 that many rows (each cohort's dropout masks from its own first device), so the activations
 held at once stay bounded (measured on CPU: ten devices x batch 16 at once held +1.25 GB).
@@ -46,6 +51,7 @@ from cotune.aggregation import proximal_loss
 from cotune.data import IGNORE_INDEX, Batch
 from cotune.errors import DivergenceError
 from cotune.models import Activations, Segment, task_loss
+from cotune.models.packing import padding_free, token_dims
 from cotune.peft import AdapterLayer
 from cotune.peft.grouped import bind_state, bind_tensors, row_groups, split_by_layer
 from cotune.runtime.node import NodeModel
@@ -79,7 +85,11 @@ def model_plan(model: NodeModel) -> CohortPlan:
         layers=model.adapters.layers,
         root=model.loaded.model,
         forward=model.forward,
-        body=anatomy.segment(0, n, embed=True, head=False),
+        # The head runs apart (once per member); when it reads only the first token, only
+        # that position leaves the body (a padding-free last block then computes only it).
+        body=anatomy.segment(
+            0, n, embed=True, head=False, keep="first" if anatomy.head_reads_first else "all"
+        ),
         head=anatomy.segment(n, n, embed=False, head=True),
     )
 
@@ -187,12 +197,13 @@ def _cohort_steps(devices: Sequence[Any], steps: list[int], rnd: int, key: str) 
     _, rest = split_by_layer(layers, first.state.params)
     split_head = bool(rest)
     accum = ctx.cfg.train.grad_accum
+    packed = ctx.cfg.train.padding_free
     task = ctx.task
     flops = ctx.meter.flops
     for j in range(max(steps)):
         live = [d for d, n in zip(devices, steps) if j < n]
         micro = [[d.dataset.batch(d.sampler.next_indices()) for _ in range(accum)] for d in live]
-        dims = [[tuple(int(x) for x in b.input_ids.shape) for b in m] for m in micro]
+        dims = [[token_dims(b.attention_mask, packed) for b in m] for m in micro]
         if any(flops.known(key, dm) is None for ds in dims for dm in ds) or len(live) < 2:
             for d, m in zip(live, micro):  # counts the shape once, the usual way
                 d.results.append(d.step_on(m, rnd, key))
@@ -205,7 +216,8 @@ def _cohort_steps(devices: Sequence[Any], steps: list[int], rnd: int, key: str) 
             else leaves
         )
         losses = [0.0] * len(live)
-        with plan.scope(), trainer.activate(first.state):  # its RNG draws the dropout masks
+        # The first member's RNG draws the dropout masks.
+        with plan.scope(), trainer.activate(first.state), padding_free(packed):
             for a in range(accum):
                 batches = [m[a] for m in micro]
                 rows = [len(b) for b in batches]
@@ -231,7 +243,10 @@ def _cohort_steps(devices: Sequence[Any], steps: list[int], rnd: int, key: str) 
                     losses[i] += float(loss.detach()) / accum
                     total = total + loss / accum
                     start += n
-                trainer.backward(total)
+                # A checkpointed block recomputes its forward in backward: the row groups must
+                # hold then too.
+                with row_groups(layers, rows, grouped):
+                    trainer.backward(total)
         share = (time.perf_counter() - started) / len(live)
         for d, own, loss, ds, m in zip(live, leaves, losses, dims, micro):
             grads = {k: leaf.grad for k, leaf in own.items() if leaf.grad is not None}

@@ -159,7 +159,9 @@ class DeviceCohort:
             start += n
         if not live:
             return {}
-        torch.autograd.backward(outs, grads)
+        # A checkpointed block recomputes its forward here: the row groups must hold again.
+        with row_groups(self.layers, run.rows, run.leaves):
+            torch.autograd.backward(outs, grads)
         flops = self.flops
         done = {}
         for d, n, t, own in zip(run.devices, run.rows, run.lengths, run.leaves):

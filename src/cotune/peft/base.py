@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from cotune.errors import AdapterError
+from cotune.models.packing import group_sizes
 
 # bitsandbytes' quantized parameter types (duck-typed: bitsandbytes is optional).
 QUANTIZED_PARAMS = ("Params4bit", "Int8Params")
@@ -198,6 +199,7 @@ class AdapterLayer(nn.Module):
         product for additive methods; per group otherwise). See ``cotune.peft.grouped``."""
         from cotune.peft.grouped import bind_tensors
 
+        rows = group_sizes(x, rows)  # a padding-free block's tokens: each group's token count
         additive = type(self).adapted_forward is AdapterLayer.adapted_forward
         y = self.base_forward(x) if additive else None
         out = self.grouped_delta(x, rows, tensors) if additive else None

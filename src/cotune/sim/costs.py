@@ -10,6 +10,7 @@ callable untouched and reuse the count, so steady-state training pays nothing.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from fractions import Fraction
 from typing import Any, TypeVar
 
 import torch
@@ -45,37 +46,43 @@ def shape_signature(*args: Any, **kwargs: Any) -> tuple:
 
 
 class FlopCounter:
-    """Counts the FLOPs of callables once per ``(key, shapes)`` and keeps running totals.
+    """Counts the FLOPs of callables once per ``(key, shapes, dims)`` and keeps running totals.
 
-    With ``dims=(batch, seq)`` a key also learns its exact FLOP law. A transformer step's counted
-    FLOPs are ``a·B·T + b·B·T² + c·B`` (projections and MLPs, attention scores, the head), so
-    after three counted shapes the integer coefficients are solved for and then *verified*
-    against a fourth counted shape; only a verified law predicts later shapes. Dynamic padding
-    makes many shapes, and counting each one would slow a run by tens of percent at its start.
+    With ``dims`` a key also learns its exact FLOP law. A transformer step's counted FLOPs at
+    ``dims=(B, T)`` are ``a·B·T + b·B·T² + c·B`` (projections and MLPs, attention scores, the
+    head); a padding-free step (``dims=(B, T, N)``, N real tokens) computes its projections
+    and MLPs on the N tokens and, for a head that reads the first token, the last block's rest
+    on the first tokens only: ``a·N + b·B·T² + c·B + d·B·T``. The law is solved exactly from
+    the counted shapes and *verified*: it predicts only once one more counted shape than it
+    needed agreed with it, and only shapes within the span of the counted ones (a run whose
+    batches all have one ``B`` and ``T`` predicts every ``N`` from two of them; a new ``T``
+    is counted, and joins the law). Dynamic padding makes many shapes, and counting each one
+    would slow a run by tens of percent at its start.
     """
 
     def __init__(self) -> None:
         self._cache: dict[tuple, int] = {}
-        self.total: int = 0
+        self.total = 0
         self.by_key: dict[str, int] = {}
-        self._samples: dict[str, dict[tuple[int, int], int]] = {}
-        self._law: dict[str, tuple[int, int, int] | None] = {}  # verified coefficients
+        self._samples: dict[str, dict[tuple[int, ...], int]] = {}
+        self._law: dict[str, _Law | None] = {}  # verified
 
     def run(
         self,
         key: str,
         fn: Callable[..., T],
         *args: Any,
-        dims: tuple[int, int] | None = None,
+        dims: tuple[int, ...] | None = None,
         **kwargs: Any,
     ) -> tuple[T, int]:
         """Call ``fn(*args, **kwargs)`` (e.g. forward + backward) and return ``(result, flops)``."""
-        cache_key = (key, shape_signature(*args, **kwargs))
+        # The dims join the key: a padding-free step's count depends on its real tokens too.
+        cache_key = (key, shape_signature(*args, **kwargs), dims)
         flops = self._cache.get(cache_key)
-        if flops is None and dims is not None and self._law.get(key) is not None:
-            a, b, c = self._law[key]  # type: ignore[misc]
-            bsz, seq = dims
-            flops = self._cache[cache_key] = a * bsz * seq + b * bsz * seq * seq + c * bsz
+        if flops is None and dims is not None:
+            flops = self._predicted(key, dims)
+            if flops is not None:
+                self._cache[cache_key] = flops
         if flops is None:
             with flop_counter() as mode:
                 result = fn(*args, **kwargs)
@@ -87,15 +94,14 @@ class FlopCounter:
         self.add(key, flops)
         return result, flops
 
-    def _learn(self, key: str, dims: tuple[int, int], flops: int) -> None:
+    def _learn(self, key: str, dims: tuple[int, ...], flops: int) -> None:
         samples = self._samples.setdefault(key, {})
         samples[dims] = flops
-        if self._law.get(key) is not None or len(samples) < 4:
-            return
-        pts = list(samples.items())
-        fit = _solve_law(pts[:3])
-        if fit is not None and all(_predict(fit, d) == f for d, f in pts):
-            self._law[key] = fit
+        self._law[key] = _Law.fit(list(samples.items()))
+
+    def _predicted(self, key: str, dims: tuple[int, ...]) -> int | None:
+        law = self._law.get(key)
+        return None if law is None else law.predict(dims)
 
     def add(self, key: str, flops: int) -> None:
         """Charge ``flops`` to ``key`` without running anything (e.g. a cached estimate)."""
@@ -109,14 +115,12 @@ class FlopCounter:
     def has_law(self, key: str) -> bool:
         return self._law.get(key) is not None
 
-    def known(self, key: str, dims: tuple[int, int]) -> int | None:
+    def known(self, key: str, dims: tuple[int, ...]) -> int | None:
         """FLOPs of ``key`` at ``dims`` if already counted there or predicted by its verified law."""
-        law = self._law.get(key)
-        if law is not None:
-            return _predict(law, dims)
-        return self._samples.get(key, {}).get(dims)
+        counted = self._samples.get(key, {}).get(dims)
+        return counted if counted is not None else self._predicted(key, dims)
 
-    def charge_known(self, key: str, dims: tuple[int, int]) -> int:
+    def charge_known(self, key: str, dims: tuple[int, ...]) -> int:
         """Charge ``key``'s known FLOPs at ``dims`` without running anything (work that ran batched
         with other roles' work is charged to each role as if it ran alone)."""
         flops = self.known(key, dims)
@@ -126,35 +130,103 @@ class FlopCounter:
         return flops
 
 
-def _predict(law: tuple[int, int, int], dims: tuple[int, int]) -> int:
-    a, b, c = law
-    bsz, seq = dims
-    return a * bsz * seq + b * bsz * seq * seq + c * bsz
+def _features(dims: tuple[int, ...]) -> tuple[int, ...]:
+    """The terms a step's FLOPs are a combination of (see ``FlopCounter``)."""
+    if len(dims) == 2:
+        bsz, seq = dims
+        return (bsz * seq, bsz * seq * seq, bsz)
+    bsz, seq, tokens = dims
+    return (tokens, bsz * seq * seq, bsz, bsz * seq)
 
 
-def _solve_law(pts: list[tuple[tuple[int, int], int]]) -> tuple[int, int, int] | None:
-    """Integer ``(a, b, c)`` with ``a·B·T + b·B·T² + c·B = flops`` through three points, or None."""
-    from fractions import Fraction
+class _Law:
+    """Exact rational coefficients of ``_features`` fitted to counted shapes, and the span of
+    those shapes' features (the only shapes it predicts)."""
 
-    rows = [[Fraction(bs * t), Fraction(bs * t * t), Fraction(bs)] for (bs, t), _ in pts]
-    rhs = [Fraction(f) for _, f in pts]
-    # Gaussian elimination in exact rationals: the counts are integers and so must the law be.
-    n = 3
-    for col in range(n):
-        piv = next((r for r in range(col, n) if rows[r][col] != 0), None)
-        if piv is None:
+    def __init__(self, width: int, coef: list[Fraction], span: list[list[Fraction]]) -> None:
+        self.width = width
+        self.coef = coef
+        self.span = span  # independent feature rows
+        self._memo: dict[tuple[int, ...], int | None] = {}
+
+    @classmethod
+    def fit(cls, pts: list[tuple[tuple[int, ...], int]]) -> _Law | None:
+        """The law through ``pts``, or None when they disagree with every law or none of them
+        checks it (each is needed to determine it)."""
+        width = len(_features(pts[0][0]))
+        if any(len(d) != len(pts[0][0]) for d, _ in pts):
             return None
-        rows[col], rows[piv] = rows[piv], rows[col]
-        rhs[col], rhs[piv] = rhs[piv], rhs[col]
-        for r in range(n):
-            if r != col and rows[r][col] != 0:
-                k = rows[r][col] / rows[col][col]
-                rows[r] = [x - k * y for x, y in zip(rows[r], rows[col])]
-                rhs[r] -= k * rhs[col]
-    sol = [rhs[i] / rows[i][i] for i in range(n)]
-    if any(x.denominator != 1 for x in sol):
-        return None
-    return (int(sol[0]), int(sol[1]), int(sol[2]))
+        span: list[list[Fraction]] = []
+        rhs: list[Fraction] = []
+        for d, f in pts:
+            row = [Fraction(x) for x in _features(d)]
+            if _rank([*span, row]) > len(span):
+                span.append(row)
+                rhs.append(Fraction(f))
+        if len(pts) == len(span):
+            return None  # nothing verified the fit yet
+        coef = _solve(span, rhs)
+        law = cls(width, coef, span)
+        if any(law._value(d) != f for d, f in pts):
+            return None
+        return law
+
+    def _value(self, dims: tuple[int, ...]) -> Fraction:
+        return sum((c * x for c, x in zip(self.coef, _features(dims))), Fraction(0))
+
+    def predict(self, dims: tuple[int, ...]) -> int | None:
+        if dims in self._memo:
+            return self._memo[dims]
+        out = None
+        if len(_features(dims)) == self.width:
+            row = [Fraction(x) for x in _features(dims)]
+            value = self._value(dims)
+            if _rank([*self.span, row]) == len(self.span) and value.denominator == 1:
+                out = int(value)
+        self._memo[dims] = out
+        return out
+
+
+def _rank(rows: list[list[Fraction]]) -> int:
+    rows = [r[:] for r in rows]
+    rank, cols = 0, len(rows[0]) if rows else 0
+    for col in range(cols):
+        piv = next((r for r in range(rank, len(rows)) if rows[r][col] != 0), None)
+        if piv is None:
+            continue
+        rows[rank], rows[piv] = rows[piv], rows[rank]
+        for r in range(len(rows)):
+            if r != rank and rows[r][col] != 0:
+                k = rows[r][col] / rows[rank][col]
+                rows[r] = [x - k * y for x, y in zip(rows[r], rows[rank])]
+        rank += 1
+    return rank
+
+
+def _solve(rows: list[list[Fraction]], rhs: list[Fraction]) -> list[Fraction]:
+    """A solution of ``rows · c = rhs`` for independent ``rows`` (fewer rows than unknowns:
+    the free unknowns are 0)."""
+    rows = [r[:] + [b] for r, b in zip(rows, rhs)]
+    n = len(rows[0]) - 1
+    pivots: list[int] = []
+    rank = 0
+    for col in range(n):
+        piv = next((r for r in range(rank, len(rows)) if rows[r][col] != 0), None)
+        if piv is None:
+            continue
+        rows[rank], rows[piv] = rows[piv], rows[rank]
+        lead = rows[rank][col]
+        rows[rank] = [x / lead for x in rows[rank]]
+        for r in range(len(rows)):
+            if r != rank and rows[r][col] != 0:
+                k = rows[r][col]
+                rows[r] = [x - k * y for x, y in zip(rows[r], rows[rank])]
+        pivots.append(col)
+        rank += 1
+    coef = [Fraction(0)] * n
+    for r, col in enumerate(pivots):
+        coef[col] = rows[r][n]
+    return coef
 
 
 def energy_j(profile: DeviceProfile, flops: float, nbytes: float) -> float:

@@ -15,6 +15,7 @@ from torch import nn
 
 from cotune.data import Batch, EncodedDataset
 from cotune.models import task_loss
+from cotune.models.packing import padding_free, token_dims
 from cotune.sim.costs import FlopCounter
 from cotune.train.state import RoleState, Trainer
 
@@ -68,15 +69,18 @@ def train_step(
         trainer.backward(loss / n)
         return float(loss.detach())
 
-    for batch in micro_batches:
-        if counter is None:
-            total += fwd_bwd(batch)
-        else:
-            # Cached per batch shape; (B, T) lets the counter learn and verify its FLOP law.
-            bsz, seq = batch.input_ids.shape
-            value, f = counter.run(key, fwd_bwd, batch, dims=(int(bsz), int(seq)))
-            total += value
-            flops += f
+    packed = bool(getattr(trainer.cfg, "padding_free", False))
+    with padding_free(packed):
+        for batch in micro_batches:
+            if counter is None:
+                total += fwd_bwd(batch)
+            else:
+                # Cached per batch shape (and real tokens when padding-free); the dims let the
+                # counter learn and verify its FLOP law.
+                dims = token_dims(batch.attention_mask, packed)
+                value, f = counter.run(key, fwd_bwd, batch, dims=dims)
+                total += value
+                flops += f
     norm = trainer.clip_and_step(loss=total / n)
     state.step += 1
     return StepResult(

@@ -1,0 +1,159 @@
+"""Padding-free blocks (``cotune.models.packing``): the real tokens only, the same results."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cotune.accel.compute import Compute, set_compute
+from cotune.config import PeftSection
+from cotune.errors import ModelError
+from cotune.models import task_loss
+from cotune.models.packing import Packing, group_sizes, padding_free, token_dims
+from cotune.models.packing import active as packing_active
+from cotune.peft import inject_adapters
+from cotune.peft.grouped import row_groups
+from tests.models.models_testlib import CASES, ENCODERS, batch, make_tiny
+
+
+def adapted(kind: str, task: str = "classification", **random_config):
+    loaded = make_tiny(kind, task, **random_config)
+    adapters = inject_adapters(
+        loaded.model,
+        PeftSection(target_modules=[".*(query|value|c_attn|q_proj|v_proj)$"]),
+        anatomy=loaded.anatomy,
+        head_paths=loaded.anatomy.head_paths(),
+    )
+    with torch.no_grad():  # B = 0 at init would hide the adapter from the comparison
+        for name, p in loaded.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.2)
+    loaded.model.eval()
+    return loaded, adapters
+
+
+def logits_and_grads(loaded, ids, mask, labels, packed: bool, task: str = "classification"):
+    params = [p for p in loaded.model.parameters() if p.requires_grad]
+    for p in params:
+        p.grad = None
+    with padding_free(packed):
+        logits = loaded.anatomy.full()(ids, mask)
+    task_loss(logits, labels, task).backward()
+    if task == "causal_lm":  # what padded positions predict is no one's business
+        logits = logits * mask[..., None]
+    return logits.detach(), [p.grad.clone() for p in params]
+
+
+def test_packing_lays_out_the_real_tokens_and_back():
+    mask = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0], [1, 1, 1, 1]])
+    layout = Packing.of(mask)
+    assert layout.lengths == (3, 1, 4) and layout.tokens == 8
+    assert layout.first.tolist() == [0, 3, 4]
+    hidden = torch.arange(3 * 4 * 2, dtype=torch.float).reshape(3, 4, 2)
+    packed = layout.pack(hidden)
+    assert packed.shape == (8, 2)
+    assert torch.equal(layout.unpack(packed), hidden * mask[..., None])
+    assert layout.group_tokens([2, 1]) == [4, 4]
+    full = Packing.of(torch.ones(2, 3, dtype=torch.long))
+    assert full.index is None and full.first.tolist() == [0, 3]
+    assert torch.equal(full.unpack(full.pack(hidden[:2, :3])), hidden[:2, :3])
+
+
+def test_row_groups_of_a_packed_batch_split_by_tokens():
+    layout = Packing.of(torch.tensor([[1, 1, 0], [1, 1, 1], [1, 0, 0]]))
+    with packing_active(layout):
+        assert group_sizes(torch.zeros(6, 4), [2, 1]) == [5, 1]  # the packed tokens
+        assert group_sizes(torch.zeros(3, 4), [2, 1]) == [2, 1]  # first tokens only: rows
+    assert group_sizes(torch.zeros(6, 4), [2, 1]) == [2, 1]  # no packed block running
+
+
+def test_token_dims_add_the_real_tokens_only_when_padding_free():
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    assert token_dims(mask, False) == (2, 3)
+    assert token_dims(mask, True) == (2, 3, 3)
+
+
+@pytest.mark.parametrize(("kind", "task"), CASES)
+@pytest.mark.parametrize("lengths", [(7, 5, 3, 1), (6, 6)], ids=["padded", "unpadded"])
+def test_padding_free_blocks_give_the_padded_logits_and_gradients(kind, task, lengths):
+    loaded, _ = adapted(kind, task)
+    assert loaded.anatomy.packs
+    assert loaded.anatomy.head_reads_first == (kind in ENCODERS)
+    ids, mask, labels = batch(task, lengths)
+    a_logits, a_grads = logits_and_grads(loaded, ids, mask, labels, False, task)
+    b_logits, b_grads = logits_and_grads(loaded, ids, mask, labels, True, task)
+    torch.testing.assert_close(b_logits, a_logits, rtol=1e-5, atol=1e-6)
+    assert len(a_grads) == len(b_grads) > 0
+    for a, b in zip(a_grads, b_grads):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
+
+
+def test_sliding_windows_hold_in_padding_free_blocks():
+    loaded, _ = adapted("mistral", "causal_lm", sliding_window=2)
+    ids, mask, labels = batch("causal_lm", (7, 5, 3))
+    a, _ = logits_and_grads(loaded, ids, mask, labels, False, "causal_lm")
+    b, _ = logits_and_grads(loaded, ids, mask, labels, True, "causal_lm")
+    torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    loaded.model.config.sliding_window = None  # the window really changes the result
+    c, _ = logits_and_grads(loaded, ids, mask, labels, False, "causal_lm")
+    assert (c - a).abs().max() > 1e-3
+
+
+def test_padding_free_blocks_checkpoint_and_recompute_the_same():
+    loaded, _ = adapted("bert")
+    ids, mask, labels = batch("classification", (7, 2, 4))
+    a_logits, a_grads = logits_and_grads(loaded, ids, mask, labels, True)
+    set_compute(loaded.model, Compute(checkpointing=True))
+    b_logits, b_grads = logits_and_grads(loaded, ids, mask, labels, True)
+    torch.testing.assert_close(b_logits, a_logits)
+    for a, b in zip(a_grads, b_grads):
+        torch.testing.assert_close(b, a)
+
+
+def test_a_body_that_keeps_the_first_token_feeds_the_head_as_the_whole_model():
+    loaded, _ = adapted("bert")
+    anatomy = loaded.anatomy
+    n = anatomy.num_layers
+    body = anatomy.segment(0, n, embed=True, head=False, keep="first")
+    head = anatomy.segment(n, n, embed=False, head=True)
+    ids, mask, _ = batch("classification", (7, 5, 3))
+    with torch.no_grad():
+        whole = anatomy.full()(ids, mask)
+        for packed in (False, True):
+            with padding_free(packed):
+                acts = body(ids, mask)
+                assert acts.hidden.shape[:2] == (3, 1) and acts.attention_mask.shape == (3, 1)
+                torch.testing.assert_close(head(acts), whole, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ModelError, match="keep"):
+        anatomy.segment(0, n, keep="first")  # a segment with the head keeps what it returns
+
+
+def test_blocks_a_family_cannot_pack_run_padded_under_padding_free():
+    loaded = make_tiny("gpt2", "causal_lm", reorder_and_upcast_attn=True)
+    assert not loaded.anatomy.packs
+    ids, mask, _ = batch("causal_lm")
+    with torch.no_grad():
+        a = loaded.anatomy.full()(ids, mask)
+        with padding_free():
+            b = loaded.anatomy.full()(ids, mask)
+    assert torch.equal(a, b)
+
+
+def test_a_cohort_of_adapters_runs_padding_free_per_row_group():
+    """Two row groups with their own LoRA tensors in one packed batch: each group's logits
+    equal that group run alone, padded."""
+    loaded, adapters = adapted("bert")
+    anatomy = loaded.anatomy
+    own = {k: p.detach().clone() for k, p in loaded.model.named_parameters() if "lora_" in k}
+    other = {k: v + 0.3 * torch.randn_like(v) for k, v in own.items()}
+    ids, mask, _ = batch("classification", (7, 2, 4, 5, 1))
+    rows = [2, 3]
+    with torch.no_grad():
+        with padding_free(), row_groups(adapters.layers, rows, [own, other]):
+            joint = anatomy.full()(ids, mask)
+        first = anatomy.full()(ids[:2], mask[:2])
+        from cotune.peft.grouped import bind_state
+
+        with bind_state(adapters.layers, other):
+            second = anatomy.full()(ids[2:], mask[2:])
+    torch.testing.assert_close(joint, torch.cat([first, second]), rtol=1e-5, atol=1e-6)
