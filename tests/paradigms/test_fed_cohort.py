@@ -170,7 +170,9 @@ def test_padding_free_learns_what_the_padded_run_learns_with_fewer_flops(tiny_co
 
 
 @pytest.mark.parametrize("padding_free", [False, True], ids=["padded", "padding-free"])
-def test_cohort_with_gradient_checkpointing_equals_one_by_one(tiny_config, monkeypatch, padding_free):
+def test_cohort_with_gradient_checkpointing_equals_one_by_one(
+    tiny_config, monkeypatch, padding_free
+):
     """Checkpointed blocks recompute in backward: each member's rows must still run through
     its own adapter tensors then."""
     sizes = cohort_sizes(monkeypatch)

@@ -241,9 +241,7 @@ BERT_NO_DROPOUT = {
 }
 
 
-def _cohort_runs(
-    tiny_config, monkeypatch, options, family="bert", new_shape_at=None, train=None
-):
+def _cohort_runs(tiny_config, monkeypatch, options, family="bert", new_shape_at=None, train=None):
     """The run with the cohort on and off; ``new_shape_at``: at that step the second device's
     batch shape counts as never seen (dynamic padding meeting a new length)."""
     from cotune.paradigms import split_cohort
