@@ -224,3 +224,15 @@ def test_the_header_document_is_wire_json_of_the_whole_document():
                    "codec": codec, "meta": finite_or_none(msg.meta), "tensors": entries}  # fmt: skip
             assert js == wire_json(doc).encode()
             assert _json.loads(js)["meta"] == _json.loads(wire_json(finite_or_none(msg.meta)))
+
+
+def test_decoded_tensors_own_their_memory_whatever_the_input_buffer():
+    t = torch.arange(12, dtype=torch.float32).reshape(3, 4)
+    data = bytearray(encode_message(Message("k", "server", "device-0", {"x": t}), "fp32"))
+    for received in (bytes(data), memoryview(data), data):
+        got = decode_message(received).tensors["x"]
+        got.add_(1)  # writable
+        assert torch.equal(decode_message(bytes(data)).tensors["x"], t)
+    got = decode_message(memoryview(data)).tensors["x"]
+    data[-40:-4] = bytes(36)  # the sender's buffer reused: what was decoded stays
+    assert torch.equal(got, t)

@@ -31,7 +31,7 @@ from safetensors.torch import save as st_save
 from cotune.errors import ProtocolError
 from cotune.jsonsafe import finite_or_none
 from cotune.runtime.codecs import get_codec
-from cotune.runtime.stbody import safetensors_pieces
+from cotune.runtime.stbody import safetensors_pieces, safetensors_views
 
 MAGIC = b"COTM"
 # 2: the checksum is CRC32C (hardware-accelerated: 0.09 ms for 1.5 MiB, against 0.6 ms for
@@ -268,12 +268,13 @@ def _context(js_bytes: bytes) -> str:
         return "message (kind unknown): "
 
 
-def _check_frame(data: bytes) -> tuple[bytes, bytes]:
-    """Validate header, lengths and CRC; return the JSON and body slices."""
-    n = len(data)
+def _check_frame(data: bytes | memoryview) -> tuple[bytes, memoryview]:
+    """Validate header, lengths and CRC; return the JSON and a view of the body."""
+    view = memoryview(data).cast("B")
+    n = len(view)
     if n < HEADER_SIZE:
         raise ProtocolError(f"message truncated: {n} bytes, the header alone needs {HEADER_SIZE}")
-    magic, version, flags, js_len, body_len = _HEADER.unpack_from(data)
+    magic, version, flags, js_len, body_len = _HEADER.unpack_from(view)
     if magic != MAGIC:
         raise ProtocolError(f"not a cotune message: magic {magic!r}, expected {MAGIC!r}")
     if version not in READABLE_VERSIONS:
@@ -284,7 +285,7 @@ def _check_frame(data: bytes) -> tuple[bytes, bytes]:
     if flags != 0:
         raise ProtocolError(f"message header has unknown flags {flags:#06x}")
     expected = HEADER_SIZE + js_len + body_len + CRC_SIZE
-    js = data[HEADER_SIZE : HEADER_SIZE + js_len]
+    js = bytes(view[HEADER_SIZE : HEADER_SIZE + js_len])
     if n < expected:
         raise ProtocolError(
             f"{_context(js)}truncated: {n} bytes received, header announces {expected}"
@@ -294,14 +295,14 @@ def _check_frame(data: bytes) -> tuple[bytes, bytes]:
             f"{_context(js)}{n - expected} trailing bytes after the end announced by the header "
             f"({expected} bytes)"
         )
-    (stored,) = struct.unpack_from("<I", data, expected - CRC_SIZE)
-    computed = checksum(memoryview(data)[: expected - CRC_SIZE], version)
+    (stored,) = struct.unpack_from("<I", view, expected - CRC_SIZE)
+    computed = checksum(view[: expected - CRC_SIZE], version)
     if stored != computed:
         raise ProtocolError(
             f"{_context(js)}checksum (CRC32{'C' if version >= 2 else ''}) mismatch (stored {stored:#010x}, computed {computed:#010x}): "
             "the message was corrupted"
         )
-    return js, data[HEADER_SIZE + js_len : expected - CRC_SIZE]
+    return js, view[HEADER_SIZE + js_len : expected - CRC_SIZE]
 
 
 _DOC_KEYS = {"kind", "sender", "receiver", "codec", "meta", "tensors"}
@@ -409,7 +410,6 @@ def decode_message(data: bytes) -> Message:
     codec writes them, shapes consistent with the body, finite metadata numbers): a peer may be
     buggy or hostile, and nothing it sends may crash the receiver with anything else.
     """
-    data = bytes(data)
     js, body = _check_frame(data)
     doc = _parse_doc(js)
     kind, sender, receiver = doc["kind"], doc["sender"], doc["receiver"]
@@ -419,7 +419,10 @@ def decode_message(data: bytes) -> Message:
             f"{where}: tensor body is empty (expected at least a safetensors header)"
         )
     try:
-        flat = st_load(body)
+        # Views of the received bytes; each tensor is cloned below, its only copy.
+        flat = safetensors_views(body)
+        if flat is None:
+            flat = st_load(bytes(body))
     except Exception as e:  # safetensors raises its own error types
         raise ProtocolError(f"{where}: tensor body is not valid safetensors ({e})") from None
     tensors: dict[str, torch.Tensor] = {}
