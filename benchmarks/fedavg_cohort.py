@@ -13,6 +13,7 @@ Qwen2.5-0.5B architecture (random weights) for a GPU (`--device cuda`).
 
 `--minilm` runs the demo's classification task instead (MiniLM, LoRA q/v + the trained head,
 which the cohort runs once per device's rows), the issue-14 setting: 8 devices x batch 4.
+`--padding-free` sets `train.padding_free` on both sides (blocks on the real tokens only).
 
 Run: .venv/bin/python benchmarks/fedavg_cohort.py [--repeats 3] [--device cuda --qwen05b]
      .venv/bin/python benchmarks/fedavg_cohort.py --minilm --seq 40
@@ -49,7 +50,7 @@ def minilm_config(args, cohort: bool, out: str, i: int):
             "paradigm": {"name": "fedavg",
                          "options": {"local_steps": args.local_steps, "cohort": cohort}},
             "train": {"steps": args.local_steps * args.rounds, "batch_size": args.batch,
-                      "device": args.device, "lr": 1e-2},
+                      "device": args.device, "lr": 1e-2, "padding_free": args.padding_free},
             "eval": {"every": 10_000, "max_examples": 8},
             "output": {"dir": out, "checkpoint_every": 0, "save_adapter": False},
         }
@@ -74,16 +75,20 @@ def config(args, cohort: bool, out: str, i: int):
             "paradigm": {"name": "fedavg",
                          "options": {"local_steps": args.local_steps, "cohort": cohort}},
             "train": {"steps": args.local_steps * args.rounds, "batch_size": args.batch,
-                      "device": args.device},
+                      "device": args.device, "padding_free": args.padding_free},
             "eval": {"every": 10_000, "max_examples": 8},
             "output": {"dir": out, "checkpoint_every": 0, "save_adapter": False},
         }
     )  # fmt: skip
 
 
-def rounds_host_s(run_dir) -> float:
+def round_times(run_dir) -> list[float]:
     recs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return sum(r["round_host_s"] for r in recs if r["event"] == "round")
+    return [r["round_host_s"] for r in recs if r["event"] == "round"]
+
+
+def rounds_host_s(run_dir) -> float:
+    return sum(round_times(run_dir))
 
 
 def main() -> None:
@@ -97,14 +102,19 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--padding-free", action="store_true", help="train.padding_free, both sides")
     args = ap.parse_args()
     out = tempfile.mkdtemp(prefix="fedavg_cohort_")
     slots = args.devices * args.local_steps * args.batch * args.seq * args.rounds
     times: dict[str, list[float]] = {"one by one": [], "cohort": []}
+    # Rounds 2..N: the first round also counts each new batch shape's FLOPs, one by one.
+    steady: dict[str, list[float]] = {"one by one": [], "cohort": []}
     for i in range(args.repeats):
         for name, cohort in (("one by one", False), ("cohort", True)):
             run_dir = run_experiment(config(args, cohort, out, i), quiet=True, report=False)
-            times[name].append(rounds_host_s(run_dir))
+            rounds = round_times(run_dir)
+            times[name].append(sum(rounds))
+            steady[name].append(statistics.median(rounds[1:] or rounds))
     med = {k: statistics.median(v) for k, v in times.items()}
     shape = "MiniLM" if args.minilm else "Qwen2.5-0.5B-shaped" if args.qwen05b else "small"
     print(f"fedavg on {args.device}, {shape} "
@@ -113,6 +123,10 @@ def main() -> None:
     for k, v in med.items():
         print(f"  {k:<10} {slots / v:9.0f} token slots/s  ({v:.2f} s of rounds; runs "
               f"{[round(x, 2) for x in times[k]]})")  # fmt: skip
+    still = {k: statistics.median(v) for k, v in steady.items()}
+    print(f"steady round (median of rounds 2..{args.rounds}): one by one "
+          f"{still['one by one']:.2f} s, cohort {still['cohort']:.2f} s, ratio "
+          f"{still['cohort'] / still['one by one']:.3f}")  # fmt: skip
     ratio = med["cohort"] / med["one by one"]
     print(f"cohort / one by one throughput: {med['one by one'] / med['cohort']:.2f}; round host "
           f"time cohort / one by one: {ratio:.3f} (target <= 0.6 on CPU: "

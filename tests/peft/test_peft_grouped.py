@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
 from cotune.errors import AdapterError
 from cotune.peft import inject_adapters
@@ -127,4 +128,43 @@ def test_lora_runs_equal_groups_as_two_batched_matmuls_and_unequal_ones_per_grou
         with bind_tensors(layer, t):
             slow.append(layer.delta(xs))
     torch.testing.assert_close(fast, torch.cat(slow), atol=1e-5, rtol=1e-5)
-    assert layer.grouped_delta(x, [1, 2, 3], own) is None  # unequal groups: per group
+
+
+@pytest.mark.parametrize("shape", [(9, 64), (9, 3, 64)], ids=["packed-tokens", "rows"])
+def test_lora_runs_unequal_groups_as_masked_matmuls_with_each_groups_gradients(shape):
+    """A padding-free cohort's groups hold unequal token counts: all groups' A and B at once,
+    each row kept to its own group's rank columns; outputs and every group's gradients equal
+    running the groups one by one."""
+    from cotune.peft.base import LayerSpec
+    from cotune.peft.lora import LoraLayer
+
+    torch.manual_seed(0)
+    layer = LoraLayer(nn.Linear(64, 48), LayerSpec(path="q", r=4, alpha=8))
+    rows = [2, 4, 3]
+    own = [
+        {k: (v.detach() + torch.randn_like(v)).requires_grad_(True)
+         for k, v in layer.adapter_named_parameters()}
+        for _ in rows
+    ]  # fmt: skip
+    x = torch.randn(*shape)
+    fast = layer.grouped_delta(x, rows, own)
+    assert fast is not None
+    weight = torch.randn_like(fast)  # a linear objective: gradients of moderate size
+    (fast * weight).sum().backward()
+    fast_grads = [{k: v.grad.clone() for k, v in t.items()} for t in own]
+    for t in own:
+        for v in t.values():
+            v.grad = None
+    slow = []
+    for xs, t in zip(x.split(rows), own):
+        with bind_tensors(layer, t):
+            slow.append(layer.delta(xs))
+    slow = torch.cat(slow)
+    (slow * weight).sum().backward()
+    torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-5)
+    for f, t in zip(fast_grads, own):
+        for k, v in t.items():
+            torch.testing.assert_close(f[k], v.grad, atol=1e-5, rtol=1e-4)
+    # Many groups: their rank columns would cost more than the layer's own product.
+    many = [{k: v.detach() for k, v in t.items()} for t in own for _ in range(3)]
+    assert layer.grouped_delta(torch.randn(10, 64), [1] * 8 + [2], many) is None

@@ -152,16 +152,34 @@ class LoraLayer(AdapterLayer):
         if (
             type(self).delta is not LoraLayer.delta
             or self.fused is not None
-            or len(set(rows)) != 1
             or not isinstance(self.lora_dropout, nn.Identity)
             or any(set(t) != {"lora_A.weight", "lora_B.weight"} for t in tensors)
         ):
             return None
+        if len(set(rows)) != 1:
+            return self._masked_delta(x, rows, tensors)
         a = torch.stack([t["lora_A.weight"] for t in tensors])  # [G, r, in]
         b = torch.stack([t["lora_B.weight"] for t in tensors])  # [G, out, r]
         xs = x.to(a.dtype).reshape(len(rows), -1, x.shape[-1])  # group i's rows, flattened
         h = torch.bmm(xs, a.transpose(1, 2)) * self.scaling
         return torch.bmm(h, b.transpose(1, 2)).reshape(*x.shape[:-1], -1)
+
+    def _masked_delta(
+        self, x: torch.Tensor, rows: list[int], tensors: list[Mapping[str, torch.Tensor]]
+    ) -> torch.Tensor | None:
+        """Unequal groups (a padding-free cohort's tokens): every row through every group's A
+        at once (``G·r`` columns), each row's own group kept by a mask, then every B at once.
+        Four kernels instead of four per group; the extra rank columns cost ``G`` times the
+        adapter's own FLOPs, so only while they stay a small part of the layer's."""
+        g, r = len(rows), self.r
+        if g * r * 2 > x.shape[-1] or x.shape[0] != sum(rows):
+            return None
+        a = torch.cat([t["lora_A.weight"] for t in tensors])  # [G·r, in]
+        b = torch.cat([t["lora_B.weight"] for t in tensors], dim=1)  # [out, G·r]
+        h = torch.nn.functional.linear(x.to(a.dtype), a)
+        own = _group_mask(rows, r, h.dtype, h.device) * self.scaling
+        own = own.view(own.shape[0], *([1] * (h.dim() - 2)), own.shape[1])  # rows along dim 0
+        return torch.nn.functional.linear(h * own, b)
 
     @classmethod
     def peft_config_fields(cls, options: Any) -> dict[str, Any]:
@@ -173,3 +191,23 @@ class LoraLayer(AdapterLayer):
         # The init only matters before training; saved weights overwrite it on load.
         init = config.get("init_lora_weights", True)
         return {"init_lora_weights": init} if init in (True, False, "gaussian") else {}
+
+
+_MASKS: dict[tuple, torch.Tensor] = {}
+
+
+def _group_mask(rows: list[int], r: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``[sum(rows), G·r]``: 1 where row i's group owns the rank column (cached per layout:
+    every adapted layer of a forward shares it)."""
+    key = (tuple(rows), r, dtype, device)
+    mask = _MASKS.get(key)
+    if mask is None:
+        if len(_MASKS) > 64:
+            _MASKS.clear()
+        g = len(rows)
+        owner = torch.repeat_interleave(
+            torch.arange(g, device=device), torch.tensor(rows, device=device)
+        )
+        cols = torch.arange(g * r, device=device) // r
+        mask = _MASKS[key] = (owner[:, None] == cols[None, :]).to(dtype)
+    return mask
