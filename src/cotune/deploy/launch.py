@@ -207,13 +207,6 @@ def device_files(data_dir: Path, devices: list[str]) -> dict[str, Path]:
     return out
 
 
-def device_threads(n_devices: int) -> int:
-    """Threads per device process when ``n_devices`` share this machine: its cores split
-    among them, at least one each."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return max(1, (cores or 1) // max(1, n_devices))
-
-
 def launch(
     cfg: Any, *, quiet: bool = False, overwrite: bool | None = None, out_root: Any = None,
     data_dir: Path | None = None,
@@ -257,12 +250,10 @@ def launch(
                 argv += ["--data", str(files[d])]
             env = dict(os.environ)
             # Device processes share this machine's cores: idle OpenMP threads must sleep,
-            # not spin (the default busy-wait steals the core the active process needs), and
-            # the devices, which compute at the same time, split the cores instead of each
-            # taking all of them (4 devices x 2 threads on 2 cores: split step 1.24x the local
-            # engine's; 1 thread each: 1.11x).
+            # not spin (the default busy-wait steals the core the active process needs). They
+            # keep the server's thread count: a matmul's rounding depends on it, and a launched
+            # run equals the in-process engines bit for bit only with the same count.
             env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-            env.setdefault("OMP_NUM_THREADS", str(device_threads(len(devices))))
             env.update(device_env or {})
             token_file = Path(tls) / f"{d}.token" if tls else None
             if token_file is not None and token_file.is_file():
