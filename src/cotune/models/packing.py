@@ -19,6 +19,8 @@ Only call sites that count FLOPs with the real-token count (``token_dims``) ask 
 from __future__ import annotations
 
 import contextlib
+import functools
+import itertools
 from collections.abc import Iterator, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -42,20 +44,15 @@ class Packing:
     @classmethod
     def of(cls, attention_mask: Tensor) -> Packing:
         b, t = (int(s) for s in attention_mask.shape)
-        keep = attention_mask.reshape(-1).bool()
         lengths = tuple(int(n) for n in attention_mask.bool().sum(1).tolist())
-        starts = [0]
-        for n in lengths[:-1]:
-            starts.append(starts[-1] + n)
-        if sum(lengths) == b * t:
-            index = None
-            first = torch.arange(0, b * t, t, device=attention_mask.device)
-        else:
-            index = keep.nonzero().squeeze(1)
-            first = torch.tensor(starts, device=attention_mask.device)
+        starts = [0, *itertools.accumulate(lengths[:-1])]
+        index = None  # no padding: packing is a reshape
+        if sum(lengths) != b * t:
+            index = attention_mask.reshape(-1).bool().nonzero().squeeze(1)
+        first = torch.tensor(starts, device=attention_mask.device)
         return cls(b, t, index, lengths, first)
 
-    @property
+    @functools.cached_property
     def tokens(self) -> int:
         return sum(self.lengths)
 
