@@ -356,23 +356,43 @@ def run(exp: Experiment) -> ParadigmResult:
 
     done = sum(aggregates_at(s) for s in range(1, start + 1))  # rounds finished before `start`
     points = set(exp.eval_points())
+    # A step's last part on the devices (the held-back backward, the update) runs when their
+    # next step starts, in the same local event: one control round trip per step, not two.
+    # Where the driver needs every device's update done (aggregation, evaluation, a
+    # checkpoint, the end) it says so with a ``finish`` event. `unlogged`: the step whose
+    # record waits for its devices' gradient norms.
+    unlogged: tuple[int, int, list[StepLog], dict[str, float]] | None = None
+
+    def log_step(norms: list[float | None]) -> None:
+        nonlocal unlogged
+        assert unlogged is not None
+        step, rnd, logs, stamp = unlogged
+        unlogged = None
+        for s, dev, err in [x for x in server.skipped if x[0] == step]:
+            exp.log_record("skip", s, dev, round=rnd, error=err)
+        found = [n for n in norms if n is not None]
+        exp.log_record("train", step, "mean", round=rnd, loss=mean([g.loss for g in logs]),
+                       lr=logs[0].lr if logs else None, grad_norm=mean(found) if found else None,
+                       **stamp)  # fmt: skip
+
     with exp.progress(cfg.train.steps - start, f"splitfed {cfg.name}") as bar:
         for step in range(start + 1, cfg.train.steps + 1):
             rnd = done + 1
-            grid.tick(devices, "step", {"step": step, "round": rnd, "defer": pooled})
+            before = grid.tick(devices, "step", {"step": step, "round": rnd, "defer": pooled})
+            if unlogged is not None:  # the devices finished the last step first
+                server.finish_step()
+                log_step(before)
             logs = server.serve(step)
-            norms = [n for n in grid.tick(devices, "finish") if n is not None]
-            server.finish_step()
-            for s, dev, err in [x for x in server.skipped if x[0] == step]:
-                exp.log_record("skip", s, dev, round=rnd, error=err)
-            loss = mean([g.loss for g in logs])
-            lr = logs[0].lr if logs else None
-            exp.log_record("train", step, "mean", round=rnd, loss=loss, lr=lr,
-                           grad_norm=mean(norms) if norms else None)  # fmt: skip
-            if aggregates_at(step) or step == cfg.train.steps:
+            unlogged = (step, rnd, logs, exp.stamp())
+            aggregates = aggregates_at(step) or step == cfg.train.steps
+            if aggregates or step in points or exp.checkpoint_due(step):
+                norms = grid.tick(devices, "finish")
+                server.finish_step()
+                log_step(norms)
+            if aggregates:
                 rejected_total += aggregate(rnd)
                 done += aggregates_at(step)
-            bar.update(1, train_loss=loss)
+            bar.update(1, train_loss=mean([g.loss for g in logs]))
             if step in points:
                 last_eval = exp.evaluate_state(combined(dev_glob, srv_glob))
                 exp.log_record("eval", step, SERVER, round=rnd, **last_eval)

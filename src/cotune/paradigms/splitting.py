@@ -223,9 +223,10 @@ def split_extra(
 class SplitDevice(Role):
     """A device holding the bottom (and, U-shaped, the top) of the model with its adapters.
 
-    Its step is driven by local events (its own loop): ``step`` (next batch, forward, upload)
-    and ``finish`` (the backward of a cut gradient it was told to hold back, then its optimizer
-    step; ``update`` is the step alone, for ``split``'s one device at a time).
+    Its step is driven by local events (its own loop): ``step`` (finish the last step if it is
+    not finished, then the next batch, forward, upload) and ``finish`` (the backward of a cut
+    gradient it was told to hold back, then its optimizer step; ``update`` is the step alone,
+    for ``split``'s one device at a time).
     """
 
     def __init__(self, ctx: NodeContext) -> None:
@@ -266,10 +267,14 @@ class SplitDevice(Role):
         ctx.meter.memory("split-device", lambda: device_memory(model.loaded, cfg, layout))
 
     # --- local events ---------------------------------------------------------------------
-    def tick_step(self, meta: dict[str, Any]) -> None:
-        """This step: a batch, the forward to the cut, the upload."""
+    def tick_step(self, meta: dict[str, Any]) -> float | None:
+        """This step: the end of the last one (when the driver did not ask for it apart: the
+        same event saves a control round trip per step), then a batch, the forward to the cut,
+        the upload. Returns the last step's gradient norm (None: nothing was left to finish)."""
+        last = self.tick_finish(meta)
         self.defer_backward = bool(meta.get("defer", False))
         self.send_activations(int(meta["step"]), int(meta["round"]))
+        return last
 
     def tick_finish(self, meta: dict[str, Any]) -> float | None:
         """The end of this step: the backward of a held-back cut gradient, then the update.
@@ -282,10 +287,12 @@ class SplitDevice(Role):
         return self.finish_step()
 
     @classmethod
-    def batch_step(cls, roles: list[SplitDevice], meta: dict[str, Any]) -> list[None]:
-        """Colocated devices: the step's forwards as one batch when a cohort can run them."""
+    def batch_step(cls, roles: list[SplitDevice], meta: dict[str, Any]) -> list[float | None]:
+        """Colocated devices: the end of the last step (``batch_finish``), then the step's
+        forwards as one batch when a cohort can run them."""
         from cotune.paradigms.split_cohort import DeviceCohort
 
+        last = cls.batch_finish(roles, meta)
         cohort = DeviceCohort.for_roles(roles)
         together = cohort is not None and cohort.ready(roles)
         pooled = bool(meta.get("defer", False))
@@ -299,7 +306,7 @@ class SplitDevice(Role):
         else:
             for r in roles:
                 r.send_activations(step, rnd)
-        return [None] * len(roles)
+        return last
 
     @classmethod
     def batch_finish(cls, roles: list[SplitDevice], meta: dict[str, Any]) -> list[float | None]:

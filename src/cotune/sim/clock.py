@@ -65,6 +65,44 @@ class RoleStats:
     energy_j: float = 0.0
 
 
+def _add_exact(partials: list[float], x: float) -> None:
+    """Add ``x`` to a sum kept as non-overlapping partials (Shewchuk's algorithm, the one
+    behind ``math.fsum``), so the total is exact and does not depend on the order of adds."""
+    i = 0
+    for y in partials:
+        if abs(x) < abs(y):
+            x, y = y, x
+        hi = x + y
+        lo = y - (hi - x)
+        if lo:
+            partials[i] = lo
+            i += 1
+        x = hi
+    partials[i:] = [x]
+
+
+class _Ledger:
+    """One role's running totals. The sums are exact: independent events (two devices' uploads
+    in one tick) reach a hub in an order engines choose by convention (a batched handler sends
+    all of one kind first, a network engine takes each device's effects in turn), and a role's
+    totals must not depend on it."""
+
+    SUMS = ("compute_s", "comm_s", "busy_s", "flops", "energy_j")
+    __slots__ = ("_parts", "bytes_up", "bytes_down")
+
+    def __init__(self) -> None:
+        self._parts: dict[str, list[float]] = {k: [] for k in self.SUMS}
+        self.bytes_up = 0
+        self.bytes_down = 0
+
+    def add(self, name: str, x: float) -> None:
+        _add_exact(self._parts[name], float(x))
+
+    def snapshot(self) -> RoleStats:
+        sums = {k: math.fsum(v) for k, v in self._parts.items()}
+        return RoleStats(bytes_up=self.bytes_up, bytes_down=self.bytes_down, **sums)
+
+
 @dataclass(frozen=True)
 class RoundOutcome:
     end_time: float
@@ -87,7 +125,7 @@ class VirtualClock:
         # Entries appear when a role first does something: a population of 100,000 devices,
         # most never sampled, costs the clock nothing for those.
         self._free: dict[str, float] = defaultdict(float)
-        self._stats: dict[str, RoleStats] = defaultdict(RoleStats)
+        self._stats: dict[str, _Ledger] = defaultdict(_Ledger)
         self._arrivals: dict[tuple[str, str], float] = {}  # (dst, src) → last arrival
         self._seq_end: dict[int, float] = {}  # engine transfer seq → arrival time
 
@@ -138,10 +176,10 @@ class VirtualClock:
         end = start + flops / prof.flops * slowdown
         self._free[role] = end
         st = self._stats[role]
-        st.compute_s += end - start
-        st.busy_s += end - start
-        st.flops += flops
-        st.energy_j += flops * prof.energy_per_flop_j
+        st.add("compute_s", end - start)
+        st.add("busy_s", end - start)
+        st.add("flops", flops)
+        st.add("energy_j", flops * prof.energy_per_flop_j)
         self.events.append(Event("compute", role, None, start, end, flops=flops, label=label))
         return Interval(start, end)
 
@@ -177,12 +215,12 @@ class VirtualClock:
         for role in (src, dst):
             if role not in self.hubs:
                 self._free[role] = end
-                self._stats[role].busy_s += duration
-            self._stats[role].comm_s += duration
+                self._stats[role].add("busy_s", duration)
+            self._stats[role].add("comm_s", duration)
         self._stats[src].bytes_up += nbytes
         self._stats[dst].bytes_down += nbytes
-        self._stats[src].energy_j += nbytes * self.roles[src].energy_per_byte_j
-        self._stats[dst].energy_j += nbytes * self.roles[dst].energy_per_byte_j
+        self._stats[src].add("energy_j", nbytes * self.roles[src].energy_per_byte_j)
+        self._stats[dst].add("energy_j", nbytes * self.roles[dst].energy_per_byte_j)
         key = (dst, src)
         self._arrivals[key] = max(self._arrivals.get(key, 0.0), end)
         self.events.append(Event("transfer", src, dst, start, end, nbytes=nbytes, label=label))
@@ -245,12 +283,14 @@ class VirtualClock:
         """Per role: busy/compute/comm seconds, FLOPs, bytes up/down, energy (copies); with
         ``idle=False`` only the roles that did something."""
         if not idle:
-            return {r: RoleStats(**vars(s)) for r, s in self._stats.items()}
-        return {r: RoleStats(**vars(self._stats.get(r, RoleStats()))) for r in self.roles}
+            return {r: s.snapshot() for r, s in self._stats.items()}
+        return {
+            r: self._stats[r].snapshot() if r in self._stats else RoleStats() for r in self.roles
+        }
 
     def used(self) -> set[str]:
         """The roles that computed, sent or received something."""
         return set(self._stats)
 
     def total_energy_j(self) -> float:
-        return sum(s.energy_j for s in self._stats.values())
+        return math.fsum(s.snapshot().energy_j for s in self._stats.values())
