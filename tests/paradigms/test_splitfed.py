@@ -412,3 +412,43 @@ def test_aggregation_period_in_client_batches_as_the_reference_counts(tiny_confi
     odd = splitfed("odd", 3, "client_batches")
     # Batches 2, 4, 6, 8 after steps 1-4: aggregations end steps 2 and 3 (and the last, 4).
     assert [r["round"] for r in records(odd, "train", "mean")] == [1, 1, 2, 3]
+
+
+@pytest.mark.parametrize("pooled", [False, True], ids=["sequential", "pooled-cohort"])
+def test_a_step_costs_one_local_event_and_finishes_only_where_needed(
+    tiny_config, monkeypatch, pooled
+):
+    """A device finishes a step at the start of its next: one `step` event per step, a
+    `finish` only before aggregation (every 3 steps), evaluation (step 4) and the end; the
+    records still carry every step's gradient norm, and the result equals finishing each step
+    in its own event (the old protocol, forced by an evaluation after every step)."""
+    from cotune.sim.grid import SimulatedGrid
+
+    kinds: list[str] = []
+    tick = SimulatedGrid.tick
+
+    def counted(self, role_ids, kind, meta=None):
+        kinds.append(kind)
+        return tick(self, role_ids, kind, meta)
+
+    monkeypatch.setattr(SimulatedGrid, "tick", counted)
+    options = {"cut": 1, "aggregate_every": 3}
+    if pooled:
+        options.update(server_batch="pooled", cohort=True)
+    paradigm = {"name": "splitfed", "options": options}
+    lazy = run(tiny_config(name="lazy", paradigm=paradigm, train={"steps": 7},
+                           eval={"every": 4, "max_examples": 16}))  # fmt: skip
+    assert kinds.count("step") == 7
+    assert kinds.count("finish") == 4  # steps 3, 4, 6 and 7
+    kinds.clear()
+    eager = run(tiny_config(name="eager", paradigm=paradigm, train={"steps": 7},
+                            eval={"every": 1, "max_examples": 16}))  # fmt: skip
+    assert kinds.count("finish") == 7
+    a, b = records(lazy, "train", "mean"), records(eager, "train", "mean")
+    assert [r["step"] for r in a] == list(range(1, 8))
+    assert all(r["grad_norm"] is not None for r in a)
+    for x, y in zip(a, b):
+        assert (x["loss"], x["grad_norm"], x["lr"]) == (y["loss"], y["grad_norm"], y["lr"])
+    want, got = final_params(eager)["server"], final_params(lazy)["server"]
+    for k in want:
+        assert torch.equal(got[k], want[k]), k
