@@ -37,6 +37,7 @@ held at once stay bounded (measured on CPU: ten devices x batch 16 at once held 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
@@ -56,6 +57,7 @@ from cotune.peft import AdapterLayer
 from cotune.peft.grouped import bind_state, bind_tensors, row_groups, split_by_layer
 from cotune.runtime.node import NodeModel
 from cotune.train import StepResult, Trainer
+from cotune.train.joint import step_roles
 
 log = logging.getLogger(__name__)
 
@@ -247,11 +249,15 @@ def _cohort_steps(devices: Sequence[Any], steps: list[int], rnd: int, key: str) 
                 # hold then too.
                 with row_groups(layers, rows, grouped):
                     trainer.backward(total)
+        grads = [
+            {k: leaf.grad for k, leaf in own.items() if leaf.grad is not None} for own in leaves
+        ]
+        charged = [sum(flops.charge_known(key, dm) for dm in ds) for ds in dims]
+        examples = [sum(len(b) for b in m) for m in micro]
+        results = apply_grads_many(live, trainer, grads, losses, charged, examples, rnd)
         share = (time.perf_counter() - started) / len(live)
-        for d, own, loss, ds, m in zip(live, leaves, losses, dims, micro):
-            grads = {k: leaf.grad for k, leaf in own.items() if leaf.grad is not None}
-            f = sum(flops.charge_known(key, dm) for dm in ds)
-            d.results.append(apply_grads(d, trainer, grads, loss, f, sum(len(b) for b in m), rnd))
+        for d, result in zip(live, results):
+            d.results.append(result)
             d.train_host_s += share
 
 
@@ -268,24 +274,46 @@ def _heads(
     return torch.cat(out)
 
 
-def apply_grads(
-    device: Any,
+def apply_grads_many(
+    devices: Sequence[Any],
     trainer: Trainer,
-    grads: dict[str, torch.Tensor],
-    loss: float,
-    flops: int,
-    n: int,
+    grads: list[dict[str, torch.Tensor]],
+    losses: list[float],
+    flops: list[int],
+    examples: list[int],
     rnd: int,
-) -> StepResult:
-    """One device's optimizer step from gradients the cohort computed for it."""
-    with trainer.activate(device.state):
-        lr = trainer.set_lr(device.state.step)
-        for k, p in trainer.params.items():
-            p.grad = grads.get(k)
-        try:
-            norm = trainer.clip_and_step(loss=loss)
-        except DivergenceError as err:
-            raise err.for_role(device.role_id) from None
-        device.state.step += 1
-    device.ctx.meter.compute(flops, round=rnd, label="train")
-    return StepResult(loss=loss, lr=lr, grad_norm=norm, examples=n, flops=flops)
+) -> list[StepResult]:
+    """The members' optimizer steps as one AdamW call (``cotune.train.joint``): each is bit
+    for bit the ``Trainer.step`` it would take alone (the same guards and reported norm, the
+    clip factor computed as ``clip_grads_with_norm_`` computes it), without an optimizer call
+    per member."""
+    max_norm = trainer.cfg.max_grad_norm
+    lrs = [trainer.lr_at(d.state.step) for d in devices]
+    norms: list[float | None] = [None] * len(devices)
+    updates, index = [], []
+    for i, (d, g, loss) in enumerate(zip(devices, grads, losses)):
+        if not math.isfinite(loss):
+            try:
+                trainer.nonfinite(f"non-finite loss ({loss})", d.state.step + 1)
+            except DivergenceError as err:
+                raise err.for_role(d.role_id) from None
+            d.state.step += 1
+            continue
+        coef = None
+        if max_norm is not None and g:
+            # In the trainer's parameter order: the norm's sum rounds by order.
+            total = torch.nn.utils.get_total_norm([g[k] for k in trainer.params if k in g])
+            if bool(total.isfinite()):  # else the joint step skips it (or stops), as step does
+                norms[i] = float(total)
+                coef = float(torch.clamp(float(max_norm) / (total + 1e-6), max=1.0))
+        updates.append((trainer, d.state, g, coef))
+        index.append(i)
+    applied = step_roles(updates, roles=[devices[i].role_id for i in index])
+    for i, ok in zip(index, applied):
+        if not ok:
+            norms[i] = None
+    out = []
+    for d, loss, lr, norm, f, n in zip(devices, losses, lrs, norms, flops, examples):
+        d.ctx.meter.compute(f, round=rnd, label="train")
+        out.append(StepResult(loss=loss, lr=lr, grad_norm=norm, examples=n, flops=f))
+    return out

@@ -16,10 +16,14 @@ backward is not invalidated by another role's update (which a ``Trainer.step_rol
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import torch
+
+from cotune.errors import DivergenceError
 
 if TYPE_CHECKING:
     from cotune.train.state import RoleState, Trainer
@@ -29,41 +33,67 @@ if TYPE_CHECKING:
 RoleUpdate = tuple["Trainer", "RoleState", dict[str, torch.Tensor], "float | None"]
 
 
-def step_roles(updates: list[RoleUpdate]) -> None:
+def step_roles(updates: list[RoleUpdate], roles: list[str] | None = None) -> list[bool]:
     """Apply every update; the role's step count advances (a skipped update counts as a step,
     as ``Trainer.step`` leaves it). With fp16 loss scaling (a scale per role) a role steps
-    alone through its trainer."""
-    groups: dict[tuple, list[RoleUpdate]] = {}
-    for u in updates:
+    alone through its trainer. Returns, per update, whether it was applied (False: skipped
+    by ``train.on_nonfinite: skip``); ``roles`` names each update's role in a divergence
+    error."""
+    groups: dict[tuple, list[int]] = {}
+    applied = [True] * len(updates)
+    for i, u in enumerate(updates):
         trainer, state = u[0], u[1]
         if trainer._active is not None:
             raise RuntimeError("another role state is already active")
         if trainer.cfg.autocast == "fp16":
-            trainer.step_role(state, u[2], u[3])
+            skipped = trainer.skipped
+            with _named(roles, i):
+                trainer.step_role(state, u[2], u[3])
+            applied[i] = trainer.skipped == skipped
             continue
         d = trainer.optimizer.defaults
         key = (
             tuple(d["betas"]), d["eps"], d["weight_decay"], trainer.cfg.on_nonfinite,
             trainer.device, trainer.lr_at(state.step),
         )  # fmt: skip
-        groups.setdefault(key, []).append(u)
+        groups.setdefault(key, []).append(i)
     for key, group in groups.items():
-        _step_group(group, lr=key[-1])
+        _step_group([updates[i] for i in group], group, lr=key[-1], roles=roles, applied=applied)
+    return applied
 
 
-def _step_group(group: list[RoleUpdate], lr: float) -> None:
+@contextlib.contextmanager
+def _named(roles: list[str] | None, i: int) -> Iterator[None]:
+    """A divergence error raised inside names update ``i``'s role."""
+    try:
+        yield
+    except DivergenceError as err:
+        if roles is None:
+            raise
+        raise err.for_role(roles[i]) from None
+
+
+def _step_group(
+    group: list[RoleUpdate],
+    index: list[int],
+    lr: float,
+    roles: list[str] | None,
+    applied: list[bool],
+) -> None:
     leader = group[0][0]
     skip = leader.cfg.on_nonfinite == "skip"
     tensors, owners = [], []
     joint = leader.joint_optimizer()
-    for trainer, state, grads, coef in group:
+    for i, (trainer, state, grads, coef) in zip(index, group):
         state.place(trainer.device)
         mine = [(k, g) for k in trainer.params if (g := grads.get(k)) is not None]
         if mine:
             norm = float(torch.nn.utils.get_total_norm([g for _, g in mine]))
             if not math.isfinite(norm):
-                trainer.nonfinite(f"non-finite gradient (norm {norm})", state.step + 1)
+                with _named(roles, i):
+                    trainer.nonfinite(f"non-finite gradient (norm {norm})", state.step + 1)
                 state.step += 1  # skipped (``stop`` raised), as ``step`` leaves it
+                applied[i] = False
                 continue
             if coef is not None:
                 torch._foreach_mul_([g for _, g in mine], coef)
@@ -74,7 +104,7 @@ def _step_group(group: list[RoleUpdate], lr: float) -> None:
             t.grad = g
             tensors.append(t)
             joint.state[t] = state.optim.setdefault(k, {})
-        owners.append((trainer, state, weights, backup))
+        owners.append((i, trainer, state, weights, backup))
     joint.param_groups[0]["params"] = tensors
     joint.param_groups[0]["lr"] = lr
     try:
@@ -85,10 +115,12 @@ def _step_group(group: list[RoleUpdate], lr: float) -> None:
             t.grad = None
         joint.state.clear()
         joint.param_groups[0]["params"] = []
-    for trainer, state, weights, backup in owners:
+    for i, trainer, state, weights, backup in owners:
         state.step += 1
         if not bool(torch.stack(torch._foreach_norm(weights)).isfinite().all()):
             if backup is not None:
                 for w, b in zip(weights, backup):
                     w.copy_(b)
-            trainer.nonfinite("the update made the adapter weights non-finite", state.step)
+            applied[i] = False
+            with _named(roles, i):
+                trainer.nonfinite("the update made the adapter weights non-finite", state.step)
