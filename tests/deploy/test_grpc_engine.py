@@ -8,11 +8,11 @@ import torch
 pytest.importorskip("grpc")
 
 from cotune.deploy.launch import launch  # noqa: E402
-from tests.paradigms.test_engines import CASES, RESUMABLE, outcome, reference  # noqa: E402
+from tests.paradigms.test_engines import CASES, DEPLOYED, outcome, reference  # noqa: E402
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", RESUMABLE)
+@pytest.mark.parametrize("case", DEPLOYED)
 def test_every_paradigm_over_grpc_equals_isolated(tiny_config, case):
     want = reference(tiny_config, case, "isolated")
     sections = dict(CASES[case])

@@ -34,6 +34,8 @@ CASES = {
         "devices": {"count": 3, "availability": {"kind": "periodic", "period_s": 20.0, "on_fraction": 0.6, "stagger": True}},
         "partition": {"scheme": "quantity"},
     },
+    # Blocks on the real tokens only: the role's own train_step turns it on in its own process.
+    "fedavg-padding-free": {"paradigm": FED, "train": {"padding_free": True}},
     "hierfed": {"paradigm": {"name": "hierfed", "options": {"local_steps": 1, "num_groups": 2}}},
     "hierfed-balanced-drops": {
         "paradigm": {"name": "hierfed", "options": {"local_steps": 1, "num_groups": 2, "tau": 2}},
@@ -299,6 +301,9 @@ RESUMABLE = [
     "hat-drafter",
     "hat-serve",
 ]  # one case per paradigm
+# What the network engines (gRPC, Ray) must reproduce: every paradigm, and padding-free steps
+# (turned on by each role's own train_step, in its own process).
+DEPLOYED = [*RESUMABLE, "fedavg-padding-free"]
 
 
 @pytest.mark.parametrize("case", RESUMABLE)
