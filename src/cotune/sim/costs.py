@@ -9,7 +9,8 @@ callable untouched and reuse the count, so steady-state training pays nothing.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import math
+from collections.abc import Callable, Mapping, Sequence
 from fractions import Fraction
 from typing import Any, TypeVar
 
@@ -147,6 +148,12 @@ class _Law:
         self.width = width
         self.coef = coef
         self.span = span  # independent feature rows
+        # For predictions in integers (a padding-free step's token count is new every step, so
+        # most predictions are of a new shape): a shape is in the span when its features are
+        # orthogonal to the span's null space, and its FLOPs are Σ num·feature / den.
+        self._null = _null_space(span, width)
+        self._den = math.lcm(*(c.denominator for c in coef))
+        self._num = [int(c * self._den) for c in coef]
         self._memo: dict[tuple[int, ...], int | None] = {}
 
     @classmethod
@@ -178,13 +185,46 @@ class _Law:
         if dims in self._memo:
             return self._memo[dims]
         out = None
-        if len(_features(dims)) == self.width:
-            row = [Fraction(x) for x in _features(dims)]
-            value = self._value(dims)
-            if _rank([*self.span, row]) == len(self.span) and value.denominator == 1:
-                out = int(value)
+        feats = _features(dims)
+        if len(feats) == self.width and not any(_dot(v, feats) for v in self._null):
+            value = _dot(self._num, feats)
+            if value % self._den == 0:
+                out = value // self._den
         self._memo[dims] = out
         return out
+
+
+def _dot(a: Sequence[int], b: Sequence[int]) -> int:
+    return sum(x * y for x, y in zip(a, b))
+
+
+def _null_space(rows: list[list[Fraction]], width: int) -> list[list[int]]:
+    """Integer vectors ``v`` with ``row · v = 0`` for every row: a basis of the null space
+    (from the reduced row echelon form; each vector scaled to integers)."""
+    m = [r[:] for r in rows]
+    pivots: list[int] = []
+    for col in range(width):
+        rank = len(pivots)
+        piv = next((r for r in range(rank, len(m)) if m[r][col] != 0), None)
+        if piv is None:
+            continue
+        m[rank], m[piv] = m[piv], m[rank]
+        lead = m[rank][col]
+        m[rank] = [x / lead for x in m[rank]]
+        for r in range(len(m)):
+            if r != rank and m[r][col] != 0:
+                k = m[r][col]
+                m[r] = [x - k * y for x, y in zip(m[r], m[rank])]
+        pivots.append(col)
+    basis = []
+    for free in (c for c in range(width) if c not in pivots):
+        v = [Fraction(0)] * width
+        v[free] = Fraction(1)
+        for r, col in enumerate(pivots):
+            v[col] = -m[r][free]
+        scale = math.lcm(*(x.denominator for x in v))
+        basis.append([int(x * scale) for x in v])
+    return basis
 
 
 def _rank(rows: list[list[Fraction]]) -> int:
