@@ -135,13 +135,8 @@ class Experiment:
         # The simulated time the driver saw it happen (asynchronous drivers pass the arrival
         # they acted on: other devices' timelines already run ahead), else the clock's latest.
         record["sim_time_s"] = values.get("sim_time_s", self.sim.now)
-        record["host_time_s"] = values.get("host_time_s", self.host_time())
+        record["host_time_s"] = self.host_time()
         self.log.log(record)
-
-    def stamp(self) -> dict[str, float]:
-        """When the driver saw something happen (simulated and host time), for a record it
-        writes later (``log_record(..., **stamp)``)."""
-        return {"sim_time_s": self.sim.now, "host_time_s": self.host_time()}
 
     @property
     def model(self) -> NodeModel:

@@ -360,20 +360,21 @@ def run(exp: Experiment) -> ParadigmResult:
     # next step starts, in the same local event: one control round trip per step, not two.
     # Where the driver needs every device's update done (aggregation, evaluation, a
     # checkpoint, the end) it says so with a ``finish`` event. `unlogged`: the step whose
-    # record waits for its devices' gradient norms.
-    unlogged: tuple[int, int, list[StepLog], dict[str, float]] | None = None
+    # record waits for its devices' gradient norms (written when they are back: its times
+    # say when the driver knew the whole step).
+    unlogged: tuple[int, int, list[StepLog]] | None = None
 
     def log_step(norms: list[float | None]) -> None:
         nonlocal unlogged
         assert unlogged is not None
-        step, rnd, logs, stamp = unlogged
+        step, rnd, logs = unlogged
         unlogged = None
         for s, dev, err in [x for x in server.skipped if x[0] == step]:
             exp.log_record("skip", s, dev, round=rnd, error=err)
         found = [n for n in norms if n is not None]
         exp.log_record("train", step, "mean", round=rnd, loss=mean([g.loss for g in logs]),
-                       lr=logs[0].lr if logs else None, grad_norm=mean(found) if found else None,
-                       **stamp)  # fmt: skip
+                       lr=logs[0].lr if logs else None,
+                       grad_norm=mean(found) if found else None)  # fmt: skip
 
     with exp.progress(cfg.train.steps - start, f"splitfed {cfg.name}") as bar:
         for step in range(start + 1, cfg.train.steps + 1):
@@ -383,7 +384,7 @@ def run(exp: Experiment) -> ParadigmResult:
                 server.finish_step()
                 log_step(before)
             logs = server.serve(step)
-            unlogged = (step, rnd, logs, exp.stamp())
+            unlogged = (step, rnd, logs)
             aggregates = aggregates_at(step) or step == cfg.train.steps
             if aggregates or step in points or exp.checkpoint_due(step):
                 norms = grid.tick(devices, "finish")
