@@ -4,11 +4,15 @@ MiniLM (LoRA r=8 on q/v), max_length 40, in-process engine. Two pairings:
   * 1 device x batch 16 (splitfed) vs central batch 16 (same data, same sampler: same batches);
   * 4 devices x batch 4 (splitfed) vs central batch 16 (same examples per step).
 Short runs of the two paradigms alternate (interleaved blocks) so machine noise hits both alike;
-a run evaluates on one example after every step, and its step host time is the mean over steps
-2.. of (train record's host_time_s - previous eval record's host_time_s), i.e. eval excluded. splitfed's step covers the whole protocol: the device forward,
-encoding/decoding the activations and cut gradients, the server's forward/backward and both
-optimizer steps, the clock and the metrics (the FedAvg of the device adapters, every 10 steps,
-falls at the last step, after its train record: outside the measured window).
+a run evaluates only after its last step, and its step host time is the median over steps 2..
+of the gap between consecutive train records. splitfed's step covers the whole protocol: the
+device forward, encoding/decoding the activations and cut gradients, the server's
+forward/backward and both optimizer steps, the clock and the metrics; the median leaves out
+the longer gaps of the steps that also average the device adapters (every 10 steps) or
+evaluate. (Until session 15 a run evaluated after every step and the window ran from the
+evaluation to the next train record; a splitfed step now finishes on the devices at the start
+of the next one unless the driver needs it done, as it does before an evaluation, so an
+evaluation per step would measure the protocol with an extra local event per step.)
 
 The 4-device pairing runs twice: with SplitLoRA's sequential server (four server updates on
 batches of 4 per step, by design) and with the pooled server (one update on the 16 pooled rows)
@@ -37,14 +41,12 @@ def step_time(config: str, sets: list[str], steps: int, out: str) -> float:
     from cotune.config import load_config
     from cotune.run import run_experiment
 
-    cfg = load_config(config, [*COMMON, *sets, f"train.steps={steps}", "eval.every=1",
+    cfg = load_config(config, [*COMMON, *sets, f"train.steps={steps}", f"eval.every={steps}",
                                f"output.dir={out}"])  # fmt: skip
     run_dir = run_experiment(cfg, overwrite=True, quiet=True, report=False)
     recs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     train = {r["step"]: r["host_time_s"] for r in recs if r["event"] == "train"}
-    evals = {r["step"]: r["host_time_s"] for r in recs if r["event"] == "eval"}
-    d = [train[k] - evals[k - 1] for k in range(2, steps + 1)]
-    return sum(d) / len(d)
+    return statistics.median(train[k] - train[k - 1] for k in range(2, steps + 1))
 
 
 def main() -> None:
