@@ -198,9 +198,9 @@ def _dot(a: Sequence[int], b: Sequence[int]) -> int:
     return sum(x * y for x, y in zip(a, b))
 
 
-def _null_space(rows: list[list[Fraction]], width: int) -> list[list[int]]:
-    """Integer vectors ``v`` with ``row · v = 0`` for every row: a basis of the null space
-    (from the reduced row echelon form; each vector scaled to integers)."""
+def _rref(rows: list[list[Fraction]], width: int) -> tuple[list[list[Fraction]], list[int]]:
+    """The reduced row echelon form of ``rows`` over their first ``width`` columns (further
+    columns, an augmented right-hand side, are carried along), and its pivot columns."""
     m = [r[:] for r in rows]
     pivots: list[int] = []
     for col in range(width):
@@ -216,6 +216,13 @@ def _null_space(rows: list[list[Fraction]], width: int) -> list[list[int]]:
                 k = m[r][col]
                 m[r] = [x - k * y for x, y in zip(m[r], m[rank])]
         pivots.append(col)
+    return m, pivots
+
+
+def _null_space(rows: list[list[Fraction]], width: int) -> list[list[int]]:
+    """Integer vectors ``v`` with ``row · v = 0`` for every row: a basis of the null space
+    (from the reduced row echelon form; each vector scaled to integers)."""
+    m, pivots = _rref(rows, width)
     basis = []
     for free in (c for c in range(width) if c not in pivots):
         v = [Fraction(0)] * width
@@ -228,44 +235,17 @@ def _null_space(rows: list[list[Fraction]], width: int) -> list[list[int]]:
 
 
 def _rank(rows: list[list[Fraction]]) -> int:
-    rows = [r[:] for r in rows]
-    rank, cols = 0, len(rows[0]) if rows else 0
-    for col in range(cols):
-        piv = next((r for r in range(rank, len(rows)) if rows[r][col] != 0), None)
-        if piv is None:
-            continue
-        rows[rank], rows[piv] = rows[piv], rows[rank]
-        for r in range(len(rows)):
-            if r != rank and rows[r][col] != 0:
-                k = rows[r][col] / rows[rank][col]
-                rows[r] = [x - k * y for x, y in zip(rows[r], rows[rank])]
-        rank += 1
-    return rank
+    return len(_rref(rows, len(rows[0]) if rows else 0)[1])
 
 
 def _solve(rows: list[list[Fraction]], rhs: list[Fraction]) -> list[Fraction]:
     """A solution of ``rows · c = rhs`` for independent ``rows`` (fewer rows than unknowns:
     the free unknowns are 0)."""
-    rows = [r[:] + [b] for r, b in zip(rows, rhs)]
-    n = len(rows[0]) - 1
-    pivots: list[int] = []
-    rank = 0
-    for col in range(n):
-        piv = next((r for r in range(rank, len(rows)) if rows[r][col] != 0), None)
-        if piv is None:
-            continue
-        rows[rank], rows[piv] = rows[piv], rows[rank]
-        lead = rows[rank][col]
-        rows[rank] = [x / lead for x in rows[rank]]
-        for r in range(len(rows)):
-            if r != rank and rows[r][col] != 0:
-                k = rows[r][col]
-                rows[r] = [x - k * y for x, y in zip(rows[r], rows[rank])]
-        pivots.append(col)
-        rank += 1
+    n = len(rows[0])
+    m, pivots = _rref([r[:] + [b] for r, b in zip(rows, rhs)], n)
     coef = [Fraction(0)] * n
     for r, col in enumerate(pivots):
-        coef[col] = rows[r][n]
+        coef[col] = m[r][n]
     return coef
 
 
