@@ -119,3 +119,20 @@ def test_engine_listener_charges_real_transfers_causally():
     assert ev[1].start == ev[0].end + 2  # the reply leaves after a's 2 s of compute
     assert ev[2].start == 0  # the server sends to c without waiting for a's reply
     assert clk.stats()["server"].bytes_down == t[1].nbytes + t[3].nbytes
+
+
+def test_a_hubs_totals_do_not_depend_on_the_order_independent_transfers_reach_it():
+    """Engines order a tick's independent sends by convention (a batched handler: every norm,
+    then every activation; a network engine: each device's in turn); the totals are exact."""
+    sends = [("a", 3), ("b", 7), ("c", 11), ("a", 1_000_003), ("b", 13), ("c", 999_999)]
+    clocks = []
+    for order in (sends, sends[::-1], sends[1::2] + sends[::2]):
+        clock = scenario()
+        for src, nbytes in order:
+            clock.transfer(src, "server", nbytes)
+        clocks.append(clock)
+    server = [c.stats()["server"] for c in clocks]
+    assert server[0] == server[1] == server[2]
+    energy = [c.total_energy_j() for c in clocks]
+    assert energy[0] == energy[1] == energy[2]
+    assert energy[0] == pytest.approx(sum(s.energy_j for s in clocks[0].stats().values()))

@@ -98,6 +98,10 @@ class _Ledger:
     def add(self, name: str, x: float) -> None:
         _add_exact(self._parts[name], float(x))
 
+    def parts(self, name: str) -> list[float]:
+        """The partials whose exact sum is the total of ``name``."""
+        return self._parts[name]
+
     def snapshot(self) -> RoleStats:
         sums = {k: math.fsum(v) for k, v in self._parts.items()}
         return RoleStats(bytes_up=self.bytes_up, bytes_down=self.bytes_down, **sums)
@@ -293,4 +297,4 @@ class VirtualClock:
         return set(self._stats)
 
     def total_energy_j(self) -> float:
-        return math.fsum(s.snapshot().energy_j for s in self._stats.values())
+        return math.fsum(x for s in self._stats.values() for x in s.parts("energy_j"))
