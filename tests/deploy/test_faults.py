@@ -166,29 +166,77 @@ def test_a_killed_server_resumes_and_its_devices_reconnect(tiny_config, tmp_path
     assert a["final"] == b["final"] and a["sim_time_s"] == b["sim_time_s"]
 
 
+class StartsWhenSet:
+    """A device process started only once ``gate`` is set (the part of Popen's interface
+    ``launch`` uses; ``wait`` before the start waits for the start)."""
+
+    def __init__(self, start, gate):
+        import threading
+
+        self.process, self._started = None, threading.Event()
+
+        def run():
+            gate.wait()
+            self.process = start()
+            self._started.set()
+
+        threading.Thread(target=run, daemon=True).start()
+
+    @property
+    def pid(self):
+        return self.process.pid
+
+    def poll(self):
+        return None if self.process is None else self.process.poll()
+
+    def wait(self, timeout=None):
+        self._started.wait()
+        return self.process.wait(timeout)
+
+    def kill(self):
+        if self.process is not None:
+            self.process.kill()
+
+
 @pytest.mark.slow
-def test_a_run_starts_with_a_join_quorum_and_a_late_device_joins_fresh(tiny_config, spy):
-    """device-1 starts late: the run begins with device-0 alone (engine.join_quorum 1), its
-    requests to device-1 fail until it connects, then it takes part."""
+def test_a_run_starts_with_a_join_quorum_and_a_late_device_joins_fresh(
+    tiny_config, spy, monkeypatch
+):
+    """device-1 starts late (as round 2's requests leave): the run begins with device-0 alone
+    (engine.join_quorum 1), its requests to device-1 fail until it connects, then it takes
+    part."""
+    import threading
     import time
 
-    def late(node, address):
-        prefix = ["sh", "-c", 'sleep 12; exec "$@"', "sh"] if node == "device-1" else []
-        return prefix, address
+    from cotune.deploy import procs
 
-    def wait_for_device_1(t):
+    procs.warm(wait=True)  # device-0 joins in well under the join timeout, even on a busy machine
+    gate = threading.Event()
+    spied = launch_mod.start_cotune
+
+    def start(argv, *args):
+        if "device-1" in argv:
+            return StartsWhenSet(lambda: spied(argv, *args), gate)
+        return spied(argv, *args)
+
+    monkeypatch.setattr(launch_mod, "start_cotune", start)
+
+    def listener(t):
+        if t.kind == "train" and t.receiver == "device-0" and t.meta.get("round") == 2:
+            gate.set()
         if t.kind == "train" and t.receiver == "device-0" and t.meta.get("round") == 3:
             hub = spy["engine"].hub
             deadline = time.monotonic() + 60
             while "device-1" not in hub.ready and time.monotonic() < deadline:
-                time.sleep(0.1)
+                time.sleep(0.05)
 
-    engine = {**FED["engine"], "join_timeout_s": 8, "join_quorum": 1}
+    engine = {**FED["engine"], "join_timeout_s": 4, "join_quorum": 1}
     cfg = tiny_config(name="quorum", **{**FED, "engine": engine})
-    launch_mod.ON_LISTEN.append(lambda addr: spy["engine"].add_listener(wait_for_device_1))
+    launch_mod.ON_LISTEN.append(lambda addr: spy["engine"].add_listener(listener))
     try:
-        run_dir = launch_mod.launch(cfg, quiet=True, wrap=late, report=False)
+        run_dir = launch_mod.launch(cfg, quiet=True, report=False)
     finally:
         launch_mod.ON_LISTEN.pop()
+        gate.set()  # a launch that failed before round 2 must not leave device-1 waiting
     got = [(r["round"], r["participants"], r["reported"]) for r in rounds(run_dir)]
     assert got == [(1, 2, 1), (2, 2, 1), (3, 2, 2), (4, 2, 2)]

@@ -23,3 +23,32 @@ def test_a_launcher_script_without_a_main_guard_runs_once(tmp_path):
     assert out.stdout.count("launcher ran") == 1, out.stdout + out.stderr
     assert "exit 0" in out.stdout, out.stdout + out.stderr
     assert "fortunes" in (tmp_path / "child.log").read_text()  # the child ran `cotune datasets`
+
+
+def _write_loaded_modules(path):
+    import json
+    from pathlib import Path
+
+    Path(path).write_text(json.dumps(sorted(sys.modules)))
+
+
+def test_a_forked_device_starts_with_what_building_its_node_imports(tmp_path):
+    """A device builds its node right after it forks: transformers' model base (~3 s of imports
+    with scipy, sympy and accelerate), the model family and cotune's node modules must already
+    be loaded in the forkserver, or every device of every launch imports them again."""
+    import json
+
+    from cotune.deploy import procs
+
+    procs.warm(wait=True)
+    child = procs._forkserver().Process(
+        target=_write_loaded_modules, args=(str(tmp_path / "mods.json"),)
+    )
+    with procs._no_main_module():
+        child.start()
+    child.join(120)
+    assert child.exitcode == 0
+    loaded = set(json.loads((tmp_path / "mods.json").read_text()))
+    for name in ("transformers.modeling_utils", "transformers.models.bert.modeling_bert",
+                 "cotune.nodes", "cotune.peft.lora", "cotune.sim.simulation"):  # fmt: skip
+        assert name in loaded, name

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from cotune.deploy.procs import start_cotune
+from cotune.deploy.procs import start_cotune, warm
 from cotune.deploy.transport import Security, token_hash
 from cotune.errors import ConfigError, PeerUnavailable
 
@@ -237,6 +237,8 @@ def launch(
         update.update(tls_dir=str(tmp / "tls"), tokens_file=str(tmp / "tls" / "tokens.yaml"))
     cfg = cfg.model_copy(update={"engine": eng.model_copy(update=update)})
     procs: list[Any] = []
+    if wrap is None:
+        warm()  # the devices' forkserver imports torch while this process builds the run
 
     def start_devices(address: str) -> None:
         tls = cfg.engine.tls_dir

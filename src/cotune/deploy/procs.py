@@ -22,14 +22,25 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-# What a device imports before it can dial (the heavy part is torch + transformers).
+# What a device imports before it can dial, and what building its node imports lazily
+# (transformers' model base, ~3 s with scipy, sympy and accelerate; the common model families;
+# cotune's node, PEFT and simulator modules): measured as the modules a forked device added.
+# A name that fails to import is skipped by multiprocessing, so a missing family costs nothing.
 PRELOAD = [
     "torch",
     "transformers",
+    "transformers.modeling_utils",
+    "transformers.models.auto.modeling_auto",
+    *(f"transformers.models.{m}.modeling_{m}" for m in ("bert", "gpt2", "llama", "qwen2")),
     "cotune.cli",
     "cotune.deploy.device",
     "cotune.run",
     "cotune.paradigms",
+    "cotune.nodes",
+    "cotune.experiment",
+    "cotune.peft",
+    "cotune.sim.simulation",
+    "cotune.data.loading",
 ]
 _CONTEXT: Any = None
 
@@ -58,6 +69,35 @@ def _forkserver() -> Any:
             multiprocessing.forkserver.ensure_running()
         _CONTEXT = ctx
     return _CONTEXT
+
+
+@contextlib.contextmanager
+def _no_main_module() -> Iterator[None]:
+    """multiprocessing re-imports the parent's __main__ in a child (spawn semantics): a launcher
+    script without an `if __name__ == "__main__"` guard would launch again from every device.
+    A child here runs only cotune's own entry point, so it is given no main module."""
+    main = sys.modules["__main__"]
+    sys.modules["__main__"] = types.ModuleType("__main__")
+    try:
+        yield
+    finally:
+        sys.modules["__main__"] = main
+
+
+def _nothing() -> None:
+    pass
+
+
+def warm(wait: bool = False) -> None:
+    """Start the forkserver now, so its imports run while the caller does other work (``launch``
+    calls it before building the server's experiment); ``wait``: return only once it can fork
+    (its imports done), e.g. before timing how fast devices join."""
+    ctx = _forkserver()
+    if wait:
+        child = ctx.Process(target=_nothing, name="cotune-warm")
+        with _no_main_module():
+            child.start()
+        child.join()
 
 
 class ForkedDevice:
@@ -121,13 +161,6 @@ def start_cotune(
     process = ctx.Process(
         target=_cotune_main, args=(argv, env, str(log_path)), name=f"cotune-{argv[0]}"
     )
-    # multiprocessing re-imports the parent's __main__ in the child (spawn semantics): a
-    # launcher script without an `if __name__ == "__main__"` guard would launch again from
-    # every device. The child runs only cotune's own entry point, so it gets no main module.
-    main = sys.modules["__main__"]
-    sys.modules["__main__"] = types.ModuleType("__main__")
-    try:
+    with _no_main_module():
         process.start()
-    finally:
-        sys.modules["__main__"] = main
     return ForkedDevice(process, argv)
