@@ -14,6 +14,9 @@ Qwen2.5-0.5B architecture (random weights) for a GPU (`--device cuda`).
 `--minilm` runs the demo's classification task instead (MiniLM, LoRA q/v + the trained head,
 which the cohort runs once per device's rows), the issue-14 setting: 8 devices x batch 4.
 `--padding-free` sets `train.padding_free` on both sides (blocks on the real tokens only).
+`--floor` (with `--minilm`) also times what batching alone gives on the machine, without cotune:
+plain transformers MiniLM forward + backward, the devices' batches one after another vs one
+batch of all their rows (at --seq tokens and at half of it).
 
 Run: .venv/bin/python benchmarks/fedavg_cohort.py [--repeats 3] [--device cuda --qwen05b]
      .venv/bin/python benchmarks/fedavg_cohort.py --minilm --seq 40
@@ -91,6 +94,45 @@ def rounds_host_s(run_dir) -> float:
     return sum(round_times(run_dir))
 
 
+def batching_floor(args, seq: int, repeats: int) -> float:
+    """What batching alone gives on this machine, without cotune: plain transformers MiniLM,
+    forward and backward with the gradients LoRA on q/v needs (input gradients through every
+    block; trainable q/v biases stand in for the adapters, the head trained), ``devices``
+    batches of ``batch`` x ``seq`` one after another vs one batch of ``devices x batch``.
+    Returns the median time ratio one batch / one after another (A B alternating)."""
+    import time
+
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from cotune.models.loading import resolved_path
+
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        resolved_path("minilm"), num_labels=5
+    ).eval()  # cotune's frozen base runs in eval mode too (no dropout)
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.endswith(("query.bias", "value.bias")) or "classifier" in name)
+
+    def step(rows: int) -> None:
+        ids = torch.randint(1000, 20000, (rows, seq))
+        model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits.sum().backward()
+
+    def timed(fn) -> float:
+        t = time.perf_counter()
+        fn()
+        return time.perf_counter() - t
+
+    for _ in range(2):  # warm up both shapes
+        step(args.batch)
+        step(args.batch * args.devices)
+    ratios = []
+    for _ in range(repeats):
+        apart = timed(lambda: [step(args.batch) for _ in range(args.devices)])
+        ratios.append(timed(lambda: step(args.batch * args.devices)) / apart)
+    return statistics.median(ratios)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--device", default="cpu")
@@ -103,6 +145,9 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--padding-free", action="store_true", help="train.padding_free, both sides")
+    ap.add_argument("--floor", action="store_true",
+                    help="with --minilm: also time plain transformers fwd+bwd, batches of "
+                    "--batch one after another vs one batch of devices x batch (no cotune)")  # fmt: skip
     args = ap.parse_args()
     out = tempfile.mkdtemp(prefix="fedavg_cohort_")
     slots = args.devices * args.local_steps * args.batch * args.seq * args.rounds
@@ -127,6 +172,11 @@ def main() -> None:
     print(f"steady round (median of rounds 2..{args.rounds}): one by one "
           f"{still['one by one']:.2f} s, cohort {still['cohort']:.2f} s, ratio "
           f"{still['cohort'] / still['one by one']:.3f}")  # fmt: skip
+    if args.floor and args.minilm:
+        for seq in (args.seq, args.seq // 2):
+            floor = batching_floor(args, seq, repeats=7)
+            print(f"batching floor, plain transformers MiniLM fwd+bwd, {args.devices} x batch "
+                  f"{args.batch} x {seq} tokens one after another vs one batch: {floor:.3f}")  # fmt: skip
     ratio = med["cohort"] / med["one by one"]
     print(f"cohort / one by one throughput: {med['one by one'] / med['cohort']:.2f}; round host "
           f"time cohort / one by one: {ratio:.3f} (target <= 0.6 on CPU: "
