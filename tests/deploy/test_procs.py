@@ -52,3 +52,12 @@ def test_a_forked_device_starts_with_what_building_its_node_imports(tmp_path):
     for name in ("transformers.modeling_utils", "transformers.models.bert.modeling_bert",
                  "cotune.nodes", "cotune.peft.lora", "cotune.sim.simulation"):  # fmt: skip
         assert name in loaded, name
+
+
+def test_the_preload_covers_every_model_type_cotune_can_cut():
+    from cotune.deploy.procs import MODEL_FAMILIES, PRELOAD
+    from cotune.models.loading import MODEL_TYPES
+
+    assert set(MODEL_FAMILIES) == set(MODEL_TYPES)
+    for t in MODEL_TYPES:
+        assert f"transformers.models.{t}.modeling_{t}" in PRELOAD

@@ -22,6 +22,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+# The model types cotune can cut (models/loading.py: MODEL_TYPES; a test keeps them equal).
+MODEL_FAMILIES = ("gpt2", "llama", "qwen2", "mistral", "bert", "roberta")
 # What a device imports before it can dial, and what building its node imports lazily
 # (transformers' model base, ~3 s with scipy, sympy and accelerate; the common model families;
 # cotune's node, PEFT and simulator modules): measured as the modules a forked device added.
@@ -31,7 +33,7 @@ PRELOAD = [
     "transformers",
     "transformers.modeling_utils",
     "transformers.models.auto.modeling_auto",
-    *(f"transformers.models.{m}.modeling_{m}" for m in ("bert", "gpt2", "llama", "qwen2")),
+    *(f"transformers.models.{m}.modeling_{m}" for m in MODEL_FAMILIES),
     "cotune.cli",
     "cotune.deploy.device",
     "cotune.run",
