@@ -40,12 +40,7 @@ def test_a_forked_device_starts_with_what_building_its_node_imports(tmp_path):
 
     from cotune.deploy import procs
 
-    procs.warm(wait=True)
-    child = procs._forkserver().Process(
-        target=_write_loaded_modules, args=(str(tmp_path / "mods.json"),)
-    )
-    with procs._no_main_module():
-        child.start()
+    child = procs.fork(_write_loaded_modules, (str(tmp_path / "mods.json"),))
     child.join(120)
     assert child.exitcode == 0
     loaded = set(json.loads((tmp_path / "mods.json").read_text()))

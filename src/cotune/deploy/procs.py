@@ -18,7 +18,7 @@ import os
 import subprocess
 import sys
 import types
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +86,14 @@ def _no_main_module() -> Iterator[None]:
         sys.modules["__main__"] = main
 
 
+def fork(target: Callable[..., None], args: tuple[Any, ...] = (), name: str | None = None) -> Any:
+    """A started process running ``target(*args)``, forked from the preloaded forkserver."""
+    process = _forkserver().Process(target=target, args=args, name=name)
+    with _no_main_module():
+        process.start()
+    return process
+
+
 def _nothing() -> None:
     pass
 
@@ -94,12 +102,9 @@ def warm(wait: bool = False) -> None:
     """Start the forkserver now, so its imports run while the caller does other work (``launch``
     calls it before building the server's experiment); ``wait``: return only once it can fork
     (its imports done), e.g. before timing how fast devices join."""
-    ctx = _forkserver()
+    _forkserver()
     if wait:
-        child = ctx.Process(target=_nothing, name="cotune-warm")
-        with _no_main_module():
-            child.start()
-        child.join()
+        fork(_nothing, name="cotune-warm").join()
 
 
 class ForkedDevice:
@@ -159,10 +164,4 @@ def start_cotune(
                                     env=env, stdout=log_file, stderr=subprocess.STDOUT)  # fmt: skip
         finally:
             log_file.close()
-    ctx = _forkserver()
-    process = ctx.Process(
-        target=_cotune_main, args=(argv, env, str(log_path)), name=f"cotune-{argv[0]}"
-    )
-    with _no_main_module():
-        process.start()
-    return ForkedDevice(process, argv)
+    return ForkedDevice(fork(_cotune_main, (argv, env, str(log_path)), f"cotune-{argv[0]}"), argv)
