@@ -24,7 +24,7 @@ import torch
 
 from cotune.deploy.frames import DONE, REPLY, REQUEST, SEND, Frame
 from cotune.deploy.transport import Dialer, Hub, Security
-from cotune.runtime.messages import Message, decode_message, encode_message
+from cotune.runtime.messages import Message, decode_message, encode_message_pieces
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -37,7 +37,9 @@ def echo_device(dialer: Dialer) -> None:
         if f.type == REQUEST:
             msg = decode_message(f.payload)
             reply = msg.reply("back", msg.tensors)
-            dialer.send(Frame(REPLY, {"seq": f.header["seq"]}, encode_message(reply, "fp32")))
+            dialer.send(
+                Frame(REPLY, {"seq": f.header["seq"]}, encode_message_pieces(reply, "fp32"))
+            )
         elif f.type == SEND:
             dialer.send(Frame(DONE, {"n": len(f.payload)}))
 
@@ -53,7 +55,7 @@ def cotune_rtt(n: int) -> tuple[list[float], Hub, Dialer]:
     times = []
     for i in range(n + 5):
         t = time.perf_counter()
-        data = encode_message(
+        data = encode_message_pieces(
             Message("activations", "server", "device-0", {"hidden": acts}), "fp32"
         )
         link.send(Frame(REQUEST, {"seq": i}, data))

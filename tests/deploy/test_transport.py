@@ -62,6 +62,61 @@ def test_a_frame_cut_from_its_pieces_equals_its_encoding_cut(extra):
     assert got.header == frame.header and got.type == SEND
 
 
+def test_an_encoded_message_is_framed_from_its_pieces_and_received_without_a_copy():
+    """A message leaves as pieces (views of its tensors) joined once into its gRPC message, and
+    a one-chunk frame's payload is a view into the received message, not a copy of it."""
+    import torch
+
+    from cotune.deploy.frames import REQUEST, frame_chunks
+    from cotune.runtime.messages import (
+        Message,
+        decode_message,
+        encode_message,
+        encode_message_pieces,
+    )
+
+    msg = Message("activations", "server", "device-0", {"hidden": torch.randn(4, 96, 64)})
+    pieces = encode_message_pieces(msg, "fp32")
+    assert bytes(pieces) == encode_message(msg, "fp32") and len(pieces) == len(bytes(pieces))
+    (wire,) = frame_chunks(5, Frame(REQUEST, {"seq": 5}, pieces))
+    assert wire == next(frame_chunks(5, Frame(REQUEST, {"seq": 5}, encode_message(msg))))
+    got = Reassembler(1 << 30).add(wire)
+    assert isinstance(got.payload, memoryview) and got.payload.obj is wire
+    assert torch.equal(decode_message(got.payload).tensors["hidden"], msg.tensors["hidden"])
+
+
+def test_a_ray_host_module_loads_without_torch():
+    """A Ray host sets its threads' environment (OMP_NUM_THREADS, OMP_WAIT_POLICY) in its
+    constructor, after its module (and the frames) were imported: torch must not be loaded by
+    then, or the settings come too late (and float results differ from the local engine's)."""
+    import subprocess
+    import sys
+
+    code = "import sys, cotune.deploy.rayhost; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_a_frame_kept_after_send_owns_its_bytes():
+    """``owned()`` joins an encoded payload then and there: a sender that queues the frame (Ray)
+    ships the tensors as they were when sent, not as they are later."""
+    import torch
+
+    from cotune.deploy.frames import REPLY
+    from cotune.deploy.rayhost import QueueDialer
+    from cotune.runtime.messages import Message, decode_message, encode_message_pieces
+
+    t = torch.zeros(8)
+    dialer = QueueDialer(["device-0"])
+    dialer.send(Frame(REPLY, {"seq": 1}, encode_message_pieces(Message("u", "a", "b", {"w": t}))))
+    t += 1  # the role goes on training after it replied
+    _, queued = dialer.outbound.get_nowait()
+    assert type(queued.payload) is bytes
+    assert torch.equal(decode_message(queued.payload).tensors["w"], torch.zeros(8))
+    plain = Frame(REPLY, {}, b"abc")
+    assert plain.owned() is plain
+
+
 def test_tls_tokens_and_a_large_message_both_ways(certs):
     sec = Security(tls_dir=certs)
     h = hub(sec, read_tokens(str(certs / "tokens.yaml")))

@@ -42,7 +42,7 @@ from cotune.errors import CotuneError, DivergenceError, PeerUnavailable, Protoco
 from cotune.runtime.engine import Role, place_message
 from cotune.runtime.grid import Future, Gathered, Grid, Reply
 from cotune.runtime.local import build_on_node
-from cotune.runtime.messages import Message, decode_message, encode_message
+from cotune.runtime.messages import Message, decode_message, encode_message_pieces
 from cotune.runtime.node import Meter
 
 log = logging.getLogger(__name__)
@@ -176,7 +176,7 @@ class DeviceNode:
             reply = self._role(msg.receiver).handle(msg)
             if seq is not None:  # a request, or a server's one-way message (acknowledged)
                 codec = h.get("codec") or self.exp.cfg.engine.codec
-                payload = b"" if reply is None else encode_message(reply, codec)
+                payload = b"" if reply is None else encode_message_pieces(reply, codec)
                 send(Frame(REPLY, {"seq": seq}, payload))
         elif frame.type == TICK:
             role = self._role(str(h["role"]))
@@ -240,7 +240,7 @@ class DeviceNode:
                 self.dialer.send(Frame(ERROR, error), node)
             return
         for seq, node, reply in zip(seqs, nodes, replies):
-            payload = b"" if reply is None else encode_message(reply, codec)
+            payload = b"" if reply is None else encode_message_pieces(reply, codec)
             self.dialer.send(Frame(REPLY, {"seq": seq}, payload), node)
 
     @staticmethod
@@ -293,7 +293,7 @@ class DeviceNode:
     def call(self, msg: Message, codec: str | None, *, request: bool) -> Message | None:
         """A device-initiated message: one-way, or a request served by waiting."""
         chosen = codec or msg.meta.get("codec") or self.exp.cfg.engine.codec
-        payload = encode_message(msg, chosen)
+        payload = encode_message_pieces(msg, chosen)
         if not request:
             self.dialer.send(Frame(SEND, {"codec": chosen}, payload), msg.sender)
             return None

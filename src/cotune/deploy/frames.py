@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from cotune.buffers import Encoded
 from cotune.errors import ProtocolError
 
 CHUNK = (4 << 20) - 4096  # per gRPC message: under the 8 MiB limit the ends configure
@@ -39,17 +40,33 @@ NAMES = {v: k for k, v in dict(globals()).items() if k.isupper() and isinstance(
 
 @dataclass
 class Frame:
+    """A frame. ``payload`` is bytes, a view of received bytes (a one-chunk frame is not
+    copied out of its gRPC message), or an :class:`Encoded` message, which the sender joins
+    into its chunks in ``send`` (one copy on the way out)."""
+
     type: int
     header: dict[str, Any] = field(default_factory=dict)
-    payload: bytes = b""
+    payload: bytes | memoryview | Encoded = b""
 
     def prefix(self) -> bytes:
         """Everything before the payload (type, header length, header)."""
         head = json.dumps(self.header, separators=(",", ":")).encode()
         return _FRAME.pack(self.type, len(head)) + head
 
+    def pieces(self) -> list[bytes | memoryview]:
+        """The payload as pieces to join."""
+        p = self.payload
+        return p.pieces if isinstance(p, Encoded) else [p]
+
+    def owned(self) -> Frame:
+        """This frame with a payload of its own bytes, for a sender that keeps the frame
+        after ``send`` returns (the tensors an ``Encoded`` payload views may change)."""
+        if isinstance(self.payload, bytes):
+            return self
+        return Frame(self.type, self.header, b"".join(self.pieces()))
+
     def encode(self) -> bytes:
-        return b"".join((self.prefix(), self.payload))
+        return b"".join((self.prefix(), *self.pieces()))
 
     @classmethod
     def decode(cls, data: bytes | memoryview) -> Frame:
@@ -77,7 +94,9 @@ class Frame:
             raise ProtocolError(f"frame header is not JSON: {err}") from None
         if not isinstance(header, dict):
             raise ProtocolError("frame header is not a JSON object")
-        payload = b"".join([first[_FRAME.size + n :], *parts[1:]])
+        body = first[_FRAME.size + n :]
+        # One piece: a view of the received message (immutable bytes), no copy.
+        payload = body if len(parts) == 1 else b"".join([body, *parts[1:]])
         return cls(kind, header, payload)
 
     def describe(self) -> str:
@@ -86,11 +105,11 @@ class Frame:
 
 def frame_chunks(frame_id: int, frame: Frame) -> Iterator[bytes]:
     """A frame as gRPC messages; a small one (most) in one message, built with one copy."""
-    prefix = frame.prefix()
-    if len(prefix) + len(frame.payload) <= CHUNK:
-        yield b"".join((_CHUNK.pack(frame_id, 0, 1), prefix, frame.payload))
+    prefix, pieces = frame.prefix(), frame.pieces()
+    if len(prefix) + sum(len(p) for p in pieces) <= CHUNK:
+        yield b"".join((_CHUNK.pack(frame_id, 0, 1), prefix, *pieces))
     else:
-        yield from chunks(frame_id, prefix, frame.payload)
+        yield from chunks(frame_id, prefix, *pieces)
 
 
 def chunks(frame_id: int, *data: bytes | memoryview) -> Iterator[bytes]:

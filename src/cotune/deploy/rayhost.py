@@ -25,7 +25,7 @@ class QueueDialer:
         self.outbound: queue.Queue[tuple[str, Frame] | None] = queue.Queue()
 
     def send(self, frame: Frame, node: str | None = None) -> None:
-        self.outbound.put((node or self.node, frame))
+        self.outbound.put((node or self.node, frame.owned()))  # pulled later
 
 
 class NodeHost:

@@ -231,7 +231,7 @@ class RayHub(Joining):
             seq = self.seqs[host]
             self.seqs[host] += 1
             self.outbox[host].append(
-                (self.epochs[host], seq, node, frame.type, frame.header, frame.payload)
+                (self.epochs[host], seq, node, frame.type, frame.header, frame.owned().payload)
             )
             self.wake[host].set()
 

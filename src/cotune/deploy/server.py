@@ -18,6 +18,7 @@ import time
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
+from cotune.buffers import Encoded
 from cotune.deploy.frames import (
     BATCH,
     DONE,
@@ -38,7 +39,7 @@ from cotune.deploy.transport import Closed
 from cotune.errors import DivergenceError, PeerUnavailable, ProtocolError
 from cotune.runtime.engine import Role
 from cotune.runtime.local import LocalEngine
-from cotune.runtime.messages import Message, decode_message, encode_message
+from cotune.runtime.messages import Message, decode_message, encode_message_pieces
 
 if TYPE_CHECKING:
     from cotune.deploy.transport import Hub
@@ -220,11 +221,11 @@ class GrpcEngine(LocalEngine):
 
     def _prepare(
         self, msg: Message, codec: str | None
-    ) -> tuple[int, int, str, dict[str, Any], bytes]:
+    ) -> tuple[int, int, str, dict[str, Any], Encoded]:
         """Encode, count and stamp a message for a remote role (not sent yet)."""
         self._drain(msg.receiver)
         chosen = self._codec_for(msg, codec)
-        data = encode_message(msg, chosen)
+        data = encode_message_pieces(msg, chosen)
         sent = self._record(msg, len(data), chosen)
         arrival = None
         if self.on_deliver is not None:  # the simulator's arrival stamp, computed here
@@ -241,7 +242,10 @@ class GrpcEngine(LocalEngine):
         links: dict[int, Any] = {}
         prepared: dict[int, Any] = {}
         for i, m in enumerate(msgs):  # counted in order, as one by one
-            p = self._prepare(m, codec)
+            # Joined now: preparing the next message settles its receiver's one-way messages,
+            # whose handlers may change tensors this one's encoded pieces view.
+            sent, seq, chosen, header, data = self._prepare(m, codec)
+            p = (sent, seq, chosen, header, bytes(data))
             try:
                 links[i] = self._link(m.receiver)
                 prepared[i] = p
@@ -480,7 +484,7 @@ class GrpcEngine(LocalEngine):
             self.send(msg, codec=codec)
             for late in self.pull(node):  # a handler that answered a one-way message
                 self._link(node).send(
-                    Frame(SEND, {"codec": codec}, encode_message(late, codec or self.codec))
+                    Frame(SEND, {"codec": codec}, encode_message_pieces(late, codec or self.codec))
                 )
             return
         seq = frame.header.get("seq")
@@ -492,4 +496,6 @@ class GrpcEngine(LocalEngine):
             )
             return
         header = {"seq": seq, "arrival": reply.arrival}
-        self._link(node).send(Frame(REPLY, header, encode_message(reply, codec or self.codec)))
+        self._link(node).send(
+            Frame(REPLY, header, encode_message_pieces(reply, codec or self.codec))
+        )

@@ -28,6 +28,7 @@ from crc32c import crc32c
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from cotune.buffers import Encoded
 from cotune.errors import ProtocolError
 from cotune.jsonsafe import finite_or_none
 from cotune.runtime.codecs import get_codec
@@ -201,14 +202,19 @@ def wire_json(value: Any) -> str:
 
 
 def encode_message(msg: Message, codec: str = "fp32") -> bytes:
-    """The bytes that travel for ``msg``: header + JSON + safetensors body + CRC32."""
+    """The bytes that travel for ``msg``: header + JSON + safetensors body + CRC32C."""
+    return bytes(encode_message_pieces(msg, codec))  # one copy of the tensors
+
+
+def encode_message_pieces(msg: Message, codec: str = "fp32") -> Encoded:
+    """:func:`encode_message`'s bytes, not joined yet (see :class:`Encoded`)."""
     js, body_tensors = wire_parts(msg, codec)
     body = body_pieces(body_tensors)
     header = _HEADER.pack(MAGIC, FORMAT_VERSION, 0, len(js), sum(len(p) for p in body))
     crc = crc32c(js, crc32c(header))
     for piece in body:
         crc = crc32c(piece, crc)
-    return b"".join((header, js, *body, struct.pack("<I", crc)))  # one copy of the tensors
+    return Encoded([header, js, *body, struct.pack("<I", crc)])
 
 
 def body_pieces(body_tensors: dict[str, torch.Tensor]) -> list[bytes | memoryview]:
