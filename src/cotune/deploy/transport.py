@@ -32,6 +32,7 @@ from cotune.deploy.frames import (
     Reassembler,
     frame_chunks,
 )
+from cotune.deploy.malloc import keep_freed_memory
 from cotune.errors import ConfigError, ProtocolError
 
 log = logging.getLogger(__name__)
@@ -171,6 +172,7 @@ class Hub(Joining):
     ) -> None:
         grpc = grpc_module()
         security.check()
+        keep_freed_memory()  # every message reuses freed buffers instead of fresh pages
         super().__init__()
         self.security, self.tokens, self.welcome = security, tokens or {}, welcome
         self.inbound: queue.Queue[tuple[str, Frame | Closed]] = queue.Queue()
@@ -277,6 +279,7 @@ class Dialer:
     def __init__(self, server: str, node: str, token: str, security: Security) -> None:
         grpc = grpc_module()
         security.check()
+        keep_freed_memory()  # every message reuses freed buffers instead of fresh pages
         if security.insecure:
             self.channel = grpc.insecure_channel(server, options=_OPTIONS)
         else:
