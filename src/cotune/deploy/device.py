@@ -180,10 +180,9 @@ class DeviceNode:
                 send(Frame(REPLY, {"seq": seq}, payload))
         elif frame.type == TICK:
             role = self._role(str(h["role"]))
-            handler = getattr(role, f"tick_{h['kind']}", None)
-            if handler is None:
-                raise ProtocolError(f"role {role.role_id!r} has no local event {h['kind']!r}")
-            send(Frame(DONE, {"seq": seq, "result": handler(h.get("meta") or {})}))
+            send(
+                Frame(DONE, {"seq": seq, "result": role.local_tick(h["kind"], h.get("meta") or {})})
+            )
         elif frame.type == SNAPSHOT:
             if h.get("if_built") and str(h["role"]) in self.starting:
                 send(Frame(DONE, {"seq": seq, "none": True}))  # never used: no state yet

@@ -109,9 +109,10 @@ class SplitServer(Role):
             grid.send(Message("rejected", SERVER, dev, {}, {"step": step, "error": err}))
         self.bad = []
         queue, self.queue = sorted(self.queue), []
-        if getattr(self.opts, "server_batch", "sequential") == "pooled":
-            return self._serve_pooled(queue, step) if queue else []
-        return [self._serve_one(arrival, msg, step) for arrival, _, msg in queue]
+        with self.in_role():
+            if getattr(self.opts, "server_batch", "sequential") == "pooled":
+                return self._serve_pooled(queue, step) if queue else []
+            return [self._serve_one(arrival, msg, step) for arrival, _, msg in queue]
 
     def _serve_pooled(self, queue: list[tuple[float, int, Message]], step: int) -> list[StepLog]:
         """One forward/backward on all activations of the step (padded to the longest); each
@@ -189,7 +190,8 @@ class SplitServer(Role):
             total += sum(weights[d] ** 2 * self.norms[d] for d in weights)
             after = max(self.norm_arrival[d] for d in weights)
             self.ctx.meter.compute(0.0, after=after, label="wait")
-        self.trainer.step_role(state, grads, clip_coef(self.ctx.cfg.train.max_grad_norm, total))
+        with self.in_role():
+            self.trainer.step_role(state, grads, clip_coef(self.ctx.cfg.train.max_grad_norm, total))
 
     def _serve_one(self, arrival: float, msg: Message, step: int) -> StepLog:
         meter, trainer, task, grid = self.ctx.meter, self.trainer, self.ctx.task, self.ctx.grid

@@ -218,7 +218,8 @@ class FrozenServer(Role):
                 trainer.set_lr(self.state.step)
                 loss, flops = meter.flops.run(f"frozen-server-{cut}", fwd_bwd, acts, t["labels"])
                 meter.compute(flops, round=step, after=arrival, label="server")
-                trainer.clip_and_step(loss=loss)
+                with self.in_role():
+                    trainer.clip_and_step(loss=loss)
                 self.state.step += 1
             losses.append(loss)
             if not self.opts.pipeline:  # the device waits for its batch to be served

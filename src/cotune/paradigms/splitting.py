@@ -469,7 +469,7 @@ class SplitDevice(Role):
         """Apply this step's update (global clip factor from both sides' norms)."""
         update = self._update()
         if update is not None:
-            step_roles([(self.trainer, *update[0])])
+            step_roles([(self.trainer, *update[0])], roles=[self.role_id])
         return None if update is None else update[1]
 
     def _update(
@@ -489,7 +489,10 @@ class SplitDevice(Role):
     def batch_update(cls, roles: list[SplitDevice], meta: dict[str, Any]) -> list[float | None]:
         """Colocated devices' updates as one optimizer call (``cotune.train.joint``)."""
         updates = [r._update() for r in roles]
-        step_roles([(r.trainer, *u[0]) for r, u in zip(roles, updates) if u is not None])
+        stepping = [(r, u) for r, u in zip(roles, updates) if u is not None]
+        step_roles(
+            [(r.trainer, *u[0]) for r, u in stepping], roles=[r.role_id for r, _ in stepping]
+        )
         return [None if u is None else u[1] for u in updates]
 
     def on_get_adapter(self, msg: Message) -> Message:

@@ -20,9 +20,10 @@ call (it applies to the request and its reply), else the engine's default.
 
 from __future__ import annotations
 
+import contextlib
 from abc import ABC, abstractmethod
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, ClassVar
@@ -60,9 +61,25 @@ class Role:
                 f"role {self.role_id!r} ({type(self).__name__}) cannot handle {msg.describe()}; "
                 f"kinds it handles: {', '.join(known) or '(none)'}"
             )
-        try:
+        with self.in_role():
             return handler(msg)
-        except DivergenceError as err:  # the trainer knows the step, the role knows its name
+
+    def local_tick(self, kind: str, meta: dict[str, Any]) -> Any:
+        """Run the node-local event ``kind`` (``tick_<kind>(meta)``), as ``handle`` runs a
+        message: an unknown event is a ``ProtocolError``, a divergence names this role."""
+        handler = getattr(self, f"tick_{kind}", None)
+        if not callable(handler):
+            raise ProtocolError(f"role {self.role_id!r} has no local event {kind!r}")
+        with self.in_role():
+            return handler(meta)
+
+    @contextlib.contextmanager
+    def in_role(self) -> Iterator[None]:
+        """This role's work (a handler, a local event, what a driver calls on its own role):
+        the trainer knows a divergence's step, the role adds its name."""
+        try:
+            yield
+        except DivergenceError as err:
             raise err.for_role(self.role_id) from None
 
     # --- measurement (the engine's snapshot/restore channel, never counted as traffic) ---

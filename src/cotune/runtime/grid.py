@@ -354,10 +354,7 @@ class EngineGrid(Grid):
             if remote is not None:
                 out.append(remote(kind, meta))
                 continue
-            handler = getattr(role, f"tick_{kind}", None)
-            if handler is None:
-                raise ProtocolError(f"role {role.role_id!r} has no local event {kind!r}")
-            out.append(handler(meta))
+            out.append(role.local_tick(kind, meta))
         return out
 
     def host(self, role: Role) -> None:
