@@ -14,9 +14,11 @@ Qwen2.5-0.5B architecture (random weights) for a GPU (`--device cuda`).
 `--minilm` runs the demo's classification task instead (MiniLM, LoRA q/v + the trained head,
 which the cohort runs once per device's rows), the issue-14 setting: 8 devices x batch 4.
 `--padding-free` sets `train.padding_free` on both sides (blocks on the real tokens only).
-`--floor` (with `--minilm`) also times what batching alone gives on the machine, without cotune:
-plain transformers MiniLM forward + backward, the devices' batches one after another vs one
-batch of all their rows (at --seq tokens and at half of it).
+`--floor` (with `--minilm`) also times what batching alone gives on the machine: cotune's own
+(one device training on all the cohort's rows as one batch, one adapter: what the cohort would
+cost if grouping were free), and without cotune, plain transformers MiniLM forward + backward,
+the devices' batches one after another vs one batch of all their rows (at --seq tokens and at
+half of it).
 
 Run: .venv/bin/python benchmarks/fedavg_cohort.py [--repeats 3] [--device cuda --qwen05b]
      .venv/bin/python benchmarks/fedavg_cohort.py --minilm --seq 40
@@ -151,12 +153,18 @@ def main() -> None:
     args = ap.parse_args()
     out = tempfile.mkdtemp(prefix="fedavg_cohort_")
     slots = args.devices * args.local_steps * args.batch * args.seq * args.rounds
-    times: dict[str, list[float]] = {"one by one": [], "cohort": []}
+    arms = [("one by one", args, False, out), ("cohort", args, True, out)]
+    if args.floor and args.minilm:
+        # cotune's own batching floor: one device training on all the cohort's rows at once
+        # (one adapter, one loss): what the cohort would cost if grouping were free.
+        one = argparse.Namespace(**{**vars(args), "devices": 1, "batch": args.devices * args.batch})
+        arms.append(("one batch", one, False, f"{out}/one-batch"))
+    times: dict[str, list[float]] = {name: [] for name, *_ in arms}
     # Rounds 2..N: the first round also counts each new batch shape's FLOPs, one by one.
-    steady: dict[str, list[float]] = {"one by one": [], "cohort": []}
+    steady: dict[str, list[float]] = {name: [] for name, *_ in arms}
     for i in range(args.repeats):
-        for name, cohort in (("one by one", False), ("cohort", True)):
-            run_dir = run_experiment(config(args, cohort, out, i), quiet=True, report=False)
+        for name, arm_args, cohort, arm_out in arms:
+            run_dir = run_experiment(config(arm_args, cohort, arm_out, i), quiet=True, report=False)
             rounds = round_times(run_dir)
             times[name].append(sum(rounds))
             steady[name].append(statistics.median(rounds[1:] or rounds))
@@ -172,6 +180,11 @@ def main() -> None:
     print(f"steady round (median of rounds 2..{args.rounds}): one by one "
           f"{still['one by one']:.2f} s, cohort {still['cohort']:.2f} s, ratio "
           f"{still['cohort'] / still['one by one']:.3f}")  # fmt: skip
+    if "one batch" in still:
+        print(f"cotune's batching floor: one device x batch {args.devices * args.batch} (one "
+              f"adapter), steady round {still['one batch']:.2f} s, ratio to one by one "
+              f"{still['one batch'] / still['one by one']:.3f}; the cohort is "
+              f"{still['cohort'] / still['one batch']:.3f}x it")  # fmt: skip
     if args.floor and args.minilm:
         for seq in (args.seq, args.seq // 2):
             floor = batching_floor(args, seq, repeats=7)
