@@ -63,7 +63,7 @@ class Frame:
         after ``send`` returns (the tensors an ``Encoded`` payload views may change)."""
         if isinstance(self.payload, bytes):
             return self
-        return Frame(self.type, self.header, b"".join(self.pieces()))
+        return Frame(self.type, self.header, bytes(self.payload))
 
     def encode(self) -> bytes:
         return b"".join((self.prefix(), *self.pieces()))
@@ -106,7 +106,7 @@ class Frame:
 def frame_chunks(frame_id: int, frame: Frame) -> Iterator[bytes]:
     """A frame as gRPC messages; a small one (most) in one message, built with one copy."""
     prefix, pieces = frame.prefix(), frame.pieces()
-    if len(prefix) + sum(len(p) for p in pieces) <= CHUNK:
+    if len(prefix) + len(frame.payload) <= CHUNK:  # an Encoded payload knows its length
         yield b"".join((_CHUNK.pack(frame_id, 0, 1), prefix, *pieces))
     else:
         yield from chunks(frame_id, prefix, *pieces)
