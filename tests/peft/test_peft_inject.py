@@ -193,3 +193,14 @@ def test_merge_and_unload_gives_plain_model():
     assert not any(isinstance(m, AdapterLayer) for m in plain.modules())
     assert not any(".lora_" in n or "base_layer" in n for n, _ in plain.named_parameters())
     torch.testing.assert_close(logits(plain, batch), expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("method", sorted(METHOD_CASES))
+def test_has_regularizer_says_whether_a_regularizer_can_come(method):
+    """A cohort skips binding each member's tensors when the method has no regularizer: the
+    property must never say False for a method whose loss comes (KaSA, MoDULA, MoSLD)."""
+    case = MODEL_CASES["bert_cls"]
+    adapters = inject_adapters(case.build(), peft_cfg(method, case))
+    if adapters.regularization_loss() is not None:
+        assert adapters.has_regularizer
+    assert adapters.has_regularizer == (method in {"kasa", "modula", "mosld"})

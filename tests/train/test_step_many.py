@@ -110,3 +110,27 @@ def test_a_joint_step_leaves_a_colocated_roles_pending_graph_intact():
             g = {k: p.grad for k, p in trainer.params.items()}
         step_roles([(trainer, s, g, None)])  # before the other role's backward
     assert all(s.step == 1 for s in states)
+
+
+@pytest.mark.parametrize("poison", [False, True])
+def test_norms_the_caller_computed_stand_in_for_the_guards_own(poison):
+    """``step_roles(norms=)``: a cohort passes the norms it clipped with; the update and the
+    non-finite guard are those of computing them here."""
+    from cotune.train.joint import step_roles
+
+    trainer, states, grads = setup(on_nonfinite="skip")
+    if poison:
+        grads[2]["a"][1, 1] = float("inf")
+    twin = copy.deepcopy((trainer, states))
+    norms = [
+        float(torch.nn.utils.get_total_norm([g[k] for k in trainer.params if k in g]))
+        for g in grads
+    ]
+    given = step_roles([(trainer, s, {k: v.clone() for k, v in g.items()}, 0.5)
+                        for s, g in zip(states, grads)], norms=norms)  # fmt: skip
+    computed = step_roles([(twin[0], s, {k: v.clone() for k, v in g.items()}, 0.5)
+                           for s, g in zip(twin[1], grads)])  # fmt: skip
+    assert given == computed == [True, True, not poison]
+    for got, want in zip(states, twin[1]):
+        for k in got.params:
+            assert torch.equal(got.params[k], want.params[k]), k

@@ -177,6 +177,16 @@ class AdapterSet:
         new = {**self.cfg.options, "stage": stage, **options}
         self.cfg = self.cfg.model_copy(update={"options": new})
 
+    @property
+    def has_regularizer(self) -> bool:
+        """Whether some layer's method can add a training loss (one whose class defines
+        ``regularization_loss``); False: ``regularization_loss`` is always None, so a caller
+        may skip binding tensors to ask (a device cohort asks once per member and step)."""
+        return any(
+            type(layer).regularization_loss is not AdapterLayer.regularization_loss
+            for layer in self.layers.values()
+        )
+
     def regularization_loss(self) -> torch.Tensor | None:
         losses = [
             loss

@@ -33,12 +33,18 @@ if TYPE_CHECKING:
 RoleUpdate = tuple["Trainer", "RoleState", dict[str, torch.Tensor], "float | None"]
 
 
-def step_roles(updates: list[RoleUpdate], roles: list[str] | None = None) -> list[bool]:
+def step_roles(
+    updates: list[RoleUpdate],
+    roles: list[str] | None = None,
+    norms: list[float | None] | None = None,
+) -> list[bool]:
     """Apply every update; the role's step count advances (a skipped update counts as a step,
     as ``Trainer.step`` leaves it). With fp16 loss scaling (a scale per role) a role steps
     alone through its trainer. Returns, per update, whether it was applied (False: skipped
     by ``train.on_nonfinite: skip``); ``roles`` names each update's role in a divergence
-    error."""
+    error; ``norms``: each update's gradient norm where the caller computed it already (over
+    the same tensors in the trainer's parameter order, before any clipping; None: computed
+    here), for the non-finite guard."""
     groups: dict[tuple, list[int]] = {}
     applied = [True] * len(updates)
     for i, u in enumerate(updates):
@@ -57,8 +63,10 @@ def step_roles(updates: list[RoleUpdate], roles: list[str] | None = None) -> lis
             trainer.device, trainer.lr_at(state.step),
         )  # fmt: skip
         groups.setdefault(key, []).append(i)
+    known = norms if norms is not None else [None] * len(updates)
     for key, group in groups.items():
-        _step_group([updates[i] for i in group], group, lr=key[-1], roles=roles, applied=applied)
+        _step_group([updates[i] for i in group], group, lr=key[-1], roles=roles, applied=applied,
+                    norms=[known[i] for i in group])  # fmt: skip
     return applied
 
 
@@ -79,16 +87,21 @@ def _step_group(
     lr: float,
     roles: list[str] | None,
     applied: list[bool],
+    norms: list[float | None],
 ) -> None:
     leader = group[0][0]
     skip = leader.cfg.on_nonfinite == "skip"
     tensors, owners = [], []
     joint = leader.joint_optimizer()
-    for i, (trainer, state, grads, coef) in zip(index, group):
+    for i, known, (trainer, state, grads, coef) in zip(index, norms, group):
         state.place(trainer.device)
         mine = [(k, g) for k in trainer.params if (g := grads.get(k)) is not None]
         if mine:
-            norm = float(torch.nn.utils.get_total_norm([g for _, g in mine]))
+            norm = (
+                known
+                if known is not None
+                else float(torch.nn.utils.get_total_norm([g for _, g in mine]))
+            )
             if not math.isfinite(norm):
                 with _named(roles, i):
                     trainer.nonfinite(f"non-finite gradient (norm {norm})", state.step + 1)
