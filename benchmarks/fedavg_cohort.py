@@ -13,7 +13,8 @@ Qwen2.5-0.5B architecture (random weights) for a GPU (`--device cuda`).
 
 `--minilm` runs the demo's classification task instead (MiniLM, LoRA q/v + the trained head,
 which the cohort runs once per device's rows), the issue-14 setting: 8 devices x batch 4.
-`--padding-free` sets `train.padding_free` on both sides (blocks on the real tokens only).
+`--padding-free` sets `train.padding_free` on both sides (blocks on the real tokens only);
+`--autocast bf16` sets `train.autocast` in every arm.
 `--floor` (with `--minilm`) also times what batching alone gives on the machine: cotune's own
 (one device training on all the cohort's rows as one batch, one adapter: what the cohort would
 cost if grouping were free), and without cotune, plain transformers MiniLM forward + backward,
@@ -55,7 +56,8 @@ def minilm_config(args, cohort: bool, out: str, i: int):
             "paradigm": {"name": "fedavg",
                          "options": {"local_steps": args.local_steps, "cohort": cohort}},
             "train": {"steps": args.local_steps * args.rounds, "batch_size": args.batch,
-                      "device": args.device, "lr": 1e-2, "padding_free": args.padding_free},
+                      "device": args.device, "lr": 1e-2, "padding_free": args.padding_free,
+                      "autocast": args.autocast},
             "eval": {"every": 10_000, "max_examples": 8},
             "output": {"dir": out, "checkpoint_every": 0, "save_adapter": False},
         }
@@ -80,7 +82,8 @@ def config(args, cohort: bool, out: str, i: int):
             "paradigm": {"name": "fedavg",
                          "options": {"local_steps": args.local_steps, "cohort": cohort}},
             "train": {"steps": args.local_steps * args.rounds, "batch_size": args.batch,
-                      "device": args.device, "padding_free": args.padding_free},
+                      "device": args.device, "padding_free": args.padding_free,
+                      "autocast": args.autocast},
             "eval": {"every": 10_000, "max_examples": 8},
             "output": {"dir": out, "checkpoint_every": 0, "save_adapter": False},
         }
@@ -147,6 +150,7 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--padding-free", action="store_true", help="train.padding_free, both sides")
+    ap.add_argument("--autocast", default="none", choices=["none", "bf16"], help="train.autocast, all arms")
     ap.add_argument("--floor", action="store_true",
                     help="with --minilm: also time plain transformers fwd+bwd, batches of "
                     "--batch one after another vs one batch of devices x batch (no cotune)")  # fmt: skip
