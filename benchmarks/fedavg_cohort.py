@@ -150,7 +150,9 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--padding-free", action="store_true", help="train.padding_free, both sides")
-    ap.add_argument("--autocast", default="none", choices=["none", "bf16"], help="train.autocast, all arms")
+    ap.add_argument(
+        "--autocast", default="none", choices=["none", "bf16"], help="train.autocast, all arms"
+    )
     ap.add_argument("--floor", action="store_true",
                     help="with --minilm: also time plain transformers fwd+bwd, batches of "
                     "--batch one after another vs one batch of devices x batch (no cotune)")  # fmt: skip
