@@ -41,3 +41,34 @@ def test_a_deployed_run_reports_measured_next_to_predicted(tiny_config):
         assert n["wire_bytes_up"] > n["message_bytes_up"] > 0
         assert n["measured_busy_s"] > 0 and n["predicted_busy_s"] > 0
     assert "Predicted vs measured (deployed run)" in (run_dir / "report.html").read_text()
+
+
+@pytest.mark.slow
+def test_requests_made_together_reach_every_device_before_the_first_reply(tiny_config, monkeypatch):
+    """hat_drafter asks its devices together (``request_many(together=True)``): over gRPC each
+    step's requests are all on the wire before the server waits for the first answer, so the
+    devices compute at once; DLoRA-style one-by-one requests would alternate."""
+    from cotune.deploy.server import GrpcEngine
+
+    events = []
+    prepare, finish = GrpcEngine._prepare, GrpcEngine._finish
+
+    def logged_prepare(self, msg, codec):
+        events.append(("sent", msg.kind, msg.receiver))
+        return prepare(self, msg, codec)
+
+    def logged_finish(self, msg, *rest):
+        reply = finish(self, msg, *rest)
+        events.append(("answered", msg.kind, msg.receiver))
+        return reply
+
+    monkeypatch.setattr(GrpcEngine, "_prepare", logged_prepare)
+    monkeypatch.setattr(GrpcEngine, "_finish", logged_finish)
+    sections = dict(CASES["hat-drafter"])
+    sections["engine"] = {"request_timeout_s": 60}
+    launch(tiny_config(name="together", **sections), quiet=True, report=False)
+    embeds = [e for e in events if e[1] == "embed"]
+    assert len(embeds) >= 8
+    for i in range(0, len(embeds), 4):  # one step: both requests, then both answers
+        assert [e[0] for e in embeds[i : i + 4]] == ["sent", "sent", "answered", "answered"]
+        assert {e[2] for e in embeds[i : i + 2]} == {"device-0", "device-1"}

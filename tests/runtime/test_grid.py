@@ -200,3 +200,32 @@ def test_a_started_role_is_built_on_first_use(isolated):
     # Measurement of a role that was only started builds it (its initial state).
     assert grid.snapshot("device-9") == {"seen": 0}
     assert Counted.built == ["device-7", "device-9"]
+
+
+@pytest.mark.parametrize("isolated", [False, True])
+def test_requests_made_together_are_sent_as_a_round_and_keep_the_clock(isolated):
+    """``request_many(together=True)``: every request leaves before the first reply (counted
+    so), the replies come back in order, and the simulated clock is that of one by one."""
+    msgs = [Message("work", SERVER, f"device-{i}", {}, {"flops": 1e9}) for i in range(3)]
+    one, sim_one = make_grid(isolated)
+    apart = one.request_many(msgs)
+    both, sim_both = make_grid(isolated)
+    together = both.request_many(msgs, together=True)
+    assert [r.sender for r in together] == [r.sender for r in apart] == [m.receiver for m in msgs]
+    assert [r.arrival for r in together] == [r.arrival for r in apart]
+    assert sim_both.clock.now == sim_one.clock.now
+    assert [sim_both.clock.free_at(d) for d in both.node_ids("device-")] == [
+        sim_one.clock.free_at(d) for d in one.node_ids("device-")
+    ]
+    kinds = [t.kind for t in both.transfers]
+    assert kinds == ["work"] * 3 + ["done"] * 3
+    assert [t.kind for t in one.transfers] == ["work", "done"] * 3
+    assert sorted(t.nbytes for t in both.transfers) == sorted(t.nbytes for t in one.transfers)
+
+
+def test_a_failed_peer_among_requests_made_together_raises():
+    grid, _ = make_grid(False)
+    msgs = [Message("work", SERVER, f"device-{i}", {}, {"flops": 1, "fail": "device-1"})
+            for i in range(3)]  # fmt: skip
+    with pytest.raises(PeerUnavailable, match="device-1 crashed"):
+        grid.request_many(msgs, together=True)

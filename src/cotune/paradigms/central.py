@@ -60,7 +60,7 @@ def run(exp: Experiment) -> ParadigmResult:
     start = 0
     if exp.resume is None:
         asks = [Message("get_data", SERVER, o, {}, {"round": 0}) for o in owners]
-        uploads = grid.request_many(asks)
+        uploads = grid.request_many(asks, together=True)
         pool = pool_uploads(uploads, exp.task)
         senders = [(m.sender, int(m.meta["examples"])) for m in uploads]
     else:  # uploaded before the checkpoint (its bytes and time are in the restored clock)

@@ -252,11 +252,16 @@ def run(exp: Experiment) -> ParadigmResult:
         step = start
         for end in [e for e in ends if e > start]:
             rnd += 1
-            grid.request_many([Message("load", SERVER, d, glob, {"round": rnd}) for d in devices])
+            grid.request_many(
+                [Message("load", SERVER, d, glob, {"round": rnd}) for d in devices], together=True
+            )
             for s in range(step + 1, end + 1):
                 meta = {"round": rnd, "step": s}
+                # Together: every device runs its bottom at once (in parallel when deployed).
                 ups = grid.request_many(
-                    [Message("embed", SERVER, d, {}, meta) for d in devices], codec=codec
+                    [Message("embed", SERVER, d, {}, meta) for d in devices],
+                    codec=codec,
+                    together=True,
                 )
                 downs = []
                 for m in ups:  # the cloud's middle, in arrival order of the uploads
@@ -273,7 +278,7 @@ def run(exp: Experiment) -> ParadigmResult:
                         )
                     ctx.meter.compute(flops, round=rnd, after=m.arrival, label="middle")
                     downs.append(Message("middle", SERVER, m.sender, {"hidden": out.hidden}, meta))
-                done = grid.request_many(downs, codec=codec)
+                done = grid.request_many(downs, codec=codec, together=True)
                 losses = [float(r.meta["loss"]) for r in done]
                 lr = float(done[0].meta["lr"]) if done else math.nan
                 exp.log_record("train", s, "mean", round=rnd, loss=mean(losses), lr=lr)
@@ -282,7 +287,7 @@ def run(exp: Experiment) -> ParadigmResult:
                 bar.update(1, train_loss=mean(losses))
             step = end
             reports = grid.request_many(
-                [Message("report", SERVER, d, {}, {"round": rnd}) for d in devices]
+                [Message("report", SERVER, d, {}, {"round": rnd}) for d in devices], together=True
             )
             good, rejected = screen_updates(reports, lambda _d, ref=glob: ref)
             rejected_total += len(rejected)

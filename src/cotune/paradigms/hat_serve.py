@@ -242,7 +242,8 @@ def plan_chunks(exp: Experiment, devices: list[str], cut: UCut, opts: HatServeOp
     finally:
         model.train(was)
     grid.request_many(
-        [Message("plan", SERVER, d, {}, {"prefill_chunk": chosen[d]["chunk"]}) for d in devices]
+        [Message("plan", SERVER, d, {}, {"prefill_chunk": chosen[d]["chunk"]}) for d in devices],
+        together=True,
     )
     return chosen
 
@@ -334,7 +335,9 @@ def run(exp: Experiment) -> ParadigmResult:
         for d in devices:
             grid.restore(d, exp.resume["states"].get(d))
     elif opts.gamma > 0:
-        grid.request_many([Message("load", SERVER, d, weights, {"round": start}) for d in devices])
+        grid.request_many(
+            [Message("load", SERVER, d, weights, {"round": start}) for d in devices], together=True
+        )
     chunks = plan_chunks(exp, devices, cut, opts) if opts.prefill_chunk == "auto" else {}
     total = cfg.train.steps
     with exp.progress((total - start) * len(devices), f"hat_serve {cfg.name}", "request") as bar:

@@ -360,7 +360,9 @@ def run(exp: Experiment) -> ParadigmResult:
     for e in edges:
         grid.start(e, EdgeAggregator)
     if exp.resume is None:
-        described = grid.request_many([Message("describe", SERVER, d, {}, {}) for d in devices])
+        described = grid.request_many(
+            [Message("describe", SERVER, d, {}, {}) for d in devices], together=True
+        )
         plans = make_plan(exp, opts, devices, edges, described)
         for e, plan in zip(edges, plans):
             members = [devices[i] for i in plan.members]

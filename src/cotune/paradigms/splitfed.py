@@ -325,7 +325,7 @@ def run(exp: Experiment) -> ParadigmResult:
 
     def aggregate(rnd: int) -> int:
         reps = grid.request_many(
-            [Message("get_adapter", SERVER, d, {}, {"round": rnd}) for d in devices]
+            [Message("get_adapter", SERVER, d, {}, {"round": rnd}) for d in devices], together=True
         )
         ref = {k: dev_glob.params[k] for k in layout.device_names}
         good, rejected = screen_updates(reps, lambda _: ref)

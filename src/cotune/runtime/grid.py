@@ -168,9 +168,24 @@ class Grid(ABC):
             raise PeerUnavailable(reply.error or f"{msg.receiver} did not answer")
         return reply.message
 
-    def request_many(self, msgs: Iterable[Message], *, codec: str | None = None) -> list[Message]:
-        """Requests answered in order, without round semantics (the sender does not wait)."""
-        return [self.request(m, codec=codec) for m in msgs]
+    def request_many(
+        self, msgs: Iterable[Message], *, codec: str | None = None, together: bool = False
+    ) -> list[Message]:
+        """Requests answered in order, without round semantics; a failed peer is a
+        ``PeerUnavailable``. One after another by default: each request leaves once the one
+        before was answered, so a receiver may call back into the sender's node while it
+        works (DLoRA's devices ask the cloud). ``together``: the receivers work at once (on a
+        network engine, in parallel), as ``submit_many`` sends a round, counted the same way
+        (every request, then every reply); only for receivers that neither call back nor
+        depend on each other's work, where the simulated clock is that of one by one."""
+        msgs = list(msgs)
+        if not together:
+            return [self.request(m, codec=codec) for m in msgs]
+        replies = [f.result() for f in self.submit_many(msgs, codec=codec)]
+        for m, reply in zip(msgs, replies):
+            if not reply.ok or reply.message is None:
+                raise PeerUnavailable(reply.error or f"{m.receiver} did not answer")
+        return [r.message for r in replies if r.message is not None]
 
     def close(self) -> None:  # noqa: B027 - optional hook: in-process grids hold nothing
         """The run is over: release the nodes (nothing to do in-process)."""
