@@ -68,6 +68,11 @@ CASES = {
     # splitfed's device cohort batches colocated devices (float results ~1e-6 apart: a batch
     # of another shape); isolated roles cannot batch, so these compare with the cohort off.
     "splitfed": {"paradigm": {"name": "splitfed", "options": {"cut": 1, "aggregate_every": 2, "cohort": False}}},
+    # Both sides' blocks on the real tokens (each role's own flag, in its own process).
+    "splitfed-padding-free": {
+        "paradigm": {"name": "splitfed", "options": {"cut": 1, "cohort": False}},
+        "train": {"padding_free": True},
+    },
     "splitfed-pooled-global-clip": {
         "paradigm": {"name": "splitfed", "options": {"cut": 1, "server_batch": "pooled", "cohort": False}},
         "devices": {"count": 3},
@@ -305,7 +310,7 @@ RESUMABLE = [
 # (turned on by each role's own train_step, in its own process). Next to hat-drafter: on Ray
 # both run at the reference's thread count, so they share hosts (a new count restarts them).
 _AT = RESUMABLE.index("hat-drafter") + 1
-DEPLOYED = [*RESUMABLE[:_AT], "fedavg-padding-free", *RESUMABLE[_AT:]]
+DEPLOYED = [*RESUMABLE[:_AT], "fedavg-padding-free", "splitfed-padding-free", *RESUMABLE[_AT:]]
 
 
 @pytest.mark.parametrize("case", RESUMABLE)

@@ -23,16 +23,17 @@ import torch.nn.functional as F
 
 from cotune.errors import ProtocolError
 from cotune.models import Activations, task_loss
+from cotune.models.packing import padding_free
 from cotune.paradigms.base import Experiment, ParadigmResult, mean, parse_options, screen_updates
 from cotune.paradigms.options import SplitFedOptions
 from cotune.paradigms.splitting import (
     Layout,
     SplitDevice,
     activation_dtype,
-    batch_dims,
     check_cut,
     clip_coef,
     combined,
+    cut_dims,
     global_clip,
     make_layout,
     owned_by_device,
@@ -77,6 +78,7 @@ class SplitServer(Role):
         self.skipped: list[tuple[int, str, str]] = []  # (step, device, error), over the run
         self.reg = side_reg(ctx.model.adapters, lambda p: not owned_by_device(layout, p))
         self.dtype = activation_dtype(ctx.cfg)
+        self.packed = ctx.cfg.train.padding_free  # the server's blocks on the real tokens only
         self.norms: dict[str, float] = {}  # device → squared grad norm (pooled + global clip)
         self.norm_arrival: dict[str, float] = {}
         self._pending_step: (
@@ -153,9 +155,10 @@ class SplitServer(Role):
 
         with trainer.activate(state):
             lr = trainer.set_lr(state.step)
-            losses, flops = meter.flops.run(
-                "split-server-pooled", fwd_bwd, acts, labels, dims=batch_dims(hidden)
-            )
+            with padding_free(self.packed):
+                losses, flops = meter.flops.run(
+                    "split-server-pooled", fwd_bwd, acts, labels, dims=cut_dims(mask, self.packed)
+                )
             grads = {k: p.grad for k, p in trainer.params.items() if p.grad is not None}
         # The server waits for the last device of the step before it can pool.
         meter.compute(flops, round=rnd, after=max(a for a, _, _ in queue), label="server")
@@ -211,9 +214,11 @@ class SplitServer(Role):
                     (loss + reg if reg is not None else loss).backward()
                     return float(loss.detach()) + (float(reg.detach()) if reg is not None else 0)
 
-                loss, flops = meter.flops.run(
-                    "split-server", fwd_bwd, acts, t["labels"], dims=batch_dims(acts.hidden)
-                )
+                with padding_free(self.packed):
+                    loss, flops = meter.flops.run(
+                        "split-server", fwd_bwd, acts, t["labels"],
+                        dims=cut_dims(acts.attention_mask, self.packed),
+                    )  # fmt: skip
                 meter.compute(flops, round=rnd, after=arrival, label="server")
             else:
                 loss = self._u_turn(acts, dev, step, rnd, arrival)
@@ -238,9 +243,9 @@ class SplitServer(Role):
         """U-shape: forward the middle, let the device finish (loss stays there), backward."""
         meter, grid = self.ctx.meter, self.ctx.grid
         assert grid is not None
-        out, flops = meter.flops.run(
-            "split-server-fwd", self.layout.server, acts, dims=batch_dims(acts.hidden)
-        )
+        dims = cut_dims(acts.attention_mask, self.packed)
+        with padding_free(self.packed):
+            out, flops = meter.flops.run("split-server-fwd", self.layout.server, acts, dims=dims)
         meter.compute(flops, round=rnd, after=arrival, label="server-fwd")
         tensors = {"hidden": out.hidden.detach(), "attention_mask": out.attention_mask}
         msg = Message("activations", SERVER, dev, tensors, {"step": step, "round": rnd})
@@ -260,7 +265,8 @@ class SplitServer(Role):
                 grads.append(torch.ones_like(reg))
             torch.autograd.backward(outs, grads)
 
-        _, flops = meter.flops.run("split-server-bwd", backward, grad, dims=batch_dims(grad))
+        with padding_free(self.packed):  # a checkpointed block recomputes its forward here
+            _, flops = meter.flops.run("split-server-bwd", backward, grad, dims=dims)
         meter.compute(flops, round=rnd, after=rep.arrival, label="server-bwd")
         return float(rep.meta["loss"])
 

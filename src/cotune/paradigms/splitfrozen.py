@@ -26,6 +26,7 @@ import torch
 from cotune.data import BatchSampler
 from cotune.errors import ConfigError, ProtocolError
 from cotune.models import Activations, Segment, task_loss
+from cotune.models.packing import padding_free, token_dims
 from cotune.paradigms.base import Experiment, ParadigmResult, mean, parse_options
 from cotune.paradigms.options import SplitFrozenOptions
 from cotune.paradigms.splitting import activation_dtype, check_cut, segment_memory, side_reg
@@ -137,8 +138,12 @@ class FrozenDevice(Role):
         def forward(b):
             return seg(b.input_ids, b.attention_mask)
 
-        with trainer.activate(self.state):
-            acts, flops = meter.flops.run(f"frozen-device-fwd-{self.cut}", forward, batch)
+        packed = self.ctx.cfg.train.padding_free  # counted by real tokens: dims say how many
+        dims = token_dims(batch.attention_mask, True) if packed else None
+        with trainer.activate(self.state), padding_free(packed):
+            acts, flops = meter.flops.run(
+                f"frozen-device-fwd-{self.cut}", forward, batch, dims=dims
+            )
         meter.compute(flops, round=step, label="forward")
         tensors = self.outgoing(acts, batch.labels)
         msg = Message("activations", self.role_id, SERVER, tensors, {"step": step, "cut": self.cut})
@@ -214,9 +219,14 @@ class FrozenServer(Role):
                 trainer.backward(total)
                 return float(total.detach())
 
+            packed = self.ctx.cfg.train.padding_free
+            dims = token_dims(acts.attention_mask, True) if packed else None
             with trainer.activate(self.state):
                 trainer.set_lr(self.state.step)
-                loss, flops = meter.flops.run(f"frozen-server-{cut}", fwd_bwd, acts, t["labels"])
+                with padding_free(packed):
+                    loss, flops = meter.flops.run(
+                        f"frozen-server-{cut}", fwd_bwd, acts, t["labels"], dims=dims
+                    )
                 meter.compute(flops, round=step, after=arrival, label="server")
                 with self.in_role():
                     trainer.clip_and_step(loss=loss)

@@ -33,6 +33,7 @@ from cotune.config import RunConfig
 from cotune.data import Batch, BatchSampler
 from cotune.errors import ConfigError, ProtocolError
 from cotune.models import Activations, LoadedModel, Segment, task_loss
+from cotune.models.packing import padding_free, token_dims
 from cotune.paradigms.base import reply
 from cotune.paradigms.options import OPTIONS, CutOptions, parse_options
 from cotune.peft import AdapterSet
@@ -249,6 +250,7 @@ class SplitDevice(Role):
         )
         self.codec = cfg.engine.activation_codec
         self.global_clip = global_clip(self.opts, cfg)
+        self.packed = cfg.train.padding_free  # this side's blocks on the real tokens only
         self.state = self.trainer.new_state(ctx.seed, model.initial_params())
         self.sampler = BatchSampler(len(self.dataset), cfg.train.batch_size, ctx.seed)
         layout = self.layout
@@ -350,9 +352,9 @@ class SplitDevice(Role):
         def forward(b):
             return bottom(b.input_ids, b.attention_mask), self.reg()
 
-        with self.trainer.activate(self.state):
+        with self.trainer.activate(self.state), padding_free(self.packed):
             (acts, reg), flops = self.ctx.meter.flops.run(
-                "split-device-fwd", forward, batch, dims=batch_dims(batch.input_ids)
+                "split-device-fwd", forward, batch, dims=cut_dims(batch.attention_mask, self.packed)
             )
         self.emit(step, rnd, batch, acts, reg, flops)
 
@@ -393,10 +395,11 @@ class SplitDevice(Role):
             loss.backward()
             return float(loss.detach())
 
-        with self.trainer.activate(self.state):
+        with self.trainer.activate(self.state), padding_free(self.packed):
             loss, flops = self.ctx.meter.flops.run(
-                "split-device-top", fwd_bwd, acts, self._pending[2], dims=batch_dims(acts.hidden)
-            )
+                "split-device-top", fwd_bwd, acts, self._pending[2],
+                dims=cut_dims(acts.attention_mask, self.packed),
+            )  # fmt: skip
             self._stash()
         self.ctx.meter.compute(flops, round=self.round, label="top")
         return reply(msg, "gradients", {"grad": acts.hidden.grad}, loss=loss)
@@ -431,9 +434,10 @@ class SplitDevice(Role):
                 grads.append(torch.ones_like(reg))
             torch.autograd.backward(outs, grads)
 
-        with self.trainer.activate(self.state):
+        # Under padding_free too: a checkpointed block recomputes its forward in backward.
+        with self.trainer.activate(self.state), padding_free(self.packed):
             _, flops = self.ctx.meter.flops.run(
-                "split-device-bwd", backward, grad, dims=batch_dims(grad)
+                "split-device-bwd", backward, grad, dims=cut_dims(acts.attention_mask, self.packed)
             )
             self._stash()
         self.backward_done(flops)
@@ -513,10 +517,12 @@ class SplitDevice(Role):
             self.sampler.load_state_dict(state.sampler)
 
 
-def batch_dims(t: torch.Tensor) -> tuple[int, int]:
-    """``(batch, seq)`` of a ``[B, T, ...]`` tensor: lets the FLOP counter learn its exact law
-    after a few counted shapes instead of recounting every new (dynamically padded) length."""
-    return int(t.shape[0]), int(t.shape[1])
+def cut_dims(attention_mask: torch.Tensor, packed: bool) -> tuple[int, ...]:
+    """FLOP dimensions of one side's work on a batch: ``(batch, seq)``, and its real tokens
+    when that side's blocks run padding-free (``train.padding_free``). They let the FLOP
+    counter learn its exact law after a few counted shapes instead of recounting every new
+    (dynamically padded) length."""
+    return token_dims(attention_mask, packed)
 
 
 def owned_by_device(layout: Layout, path: str) -> bool:
