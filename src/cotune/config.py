@@ -351,8 +351,13 @@ class TrainSection(Section):
     # Whole-model training steps and evaluation run the blocks on the real tokens only
     # (padding removed around attention) and, when the head reads only the first token
     # (BERT-like classification), the last block for that token only: the same results up
-    # to float rounding and dropout masks, fewer FLOPs when batches are padded. Families
-    # without it (decoders, for now) and split segments run padded.
+    # to float rounding and dropout masks, fewer FLOPs when batches are padded. Split
+    # paradigms (split, splitfed, splitfrozen) run each side's segment this way too; the
+    # cut's activations still cross padded (zeros at the padding), so messages keep their
+    # size, and splitfed's device cohort then runs its devices one by one. Devices then
+    # finish their forward sooner in simulated time, so a sequential split server may serve
+    # them in another order (another trajectory, as any change of device speed gives).
+    # Families without it (decoders, for now) run padded.
     padding_free: bool = False
     # Differential privacy of the devices' updates (fedavg).
     dp: DPSection = Field(default_factory=DPSection)
