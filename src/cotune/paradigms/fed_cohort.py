@@ -131,26 +131,27 @@ def cohort_supported(devices: Sequence[Any]) -> bool:
     if ctx.domains is not None or any(
         getattr(d, "example_domains", None) is not None for d in devices
     ):
-        return _decline("domain routing sends each example to its own expert")
+        return decline("domain routing sends each example to its own expert")
     if ctx.cfg.train.autocast == "fp16":
-        return _decline("fp16 loss scaling keeps one scale per device, a cohort one backward")
+        return decline("fp16 loss scaling keeps one scale per device, a cohort one backward")
     if any(d.dataset is None for d in devices):
-        return _decline("a device holds no data")
+        return decline("a device holds no data")
     plan = plan_of(first)
     layers = plan.layers
     per_layer, rest = split_by_layer(layers, first.state.params)
     loose = [k for k in rest if not plan.head.owns(k)]
     if loose:
-        return _decline(f"{loose[0]} is trained outside the adapter layers and the task head")
+        return decline(f"{loose[0]} is trained outside the adapter layers and the task head")
     if any(getattr(layers[p], "reg_from_forward", False) for p in per_layer):
-        return _decline("a regularizer from the forward would mix the devices")
+        return decline("a regularizer from the forward would mix the devices")
     return True
 
 
-def _decline(why: str) -> bool:
+def decline(why: str, then: str = "rounds run device by device") -> bool:
+    """A cohort cannot run: say why, once per reason in this process; always False."""
     if why not in _told:
         _told.add(why)
-        log.info("device cohort: %s, so rounds run device by device", why)
+        log.info("device cohort: %s, so %s", why, then)
     return False
 
 

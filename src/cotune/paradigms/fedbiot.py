@@ -239,6 +239,8 @@ class BiOTDevice(Role):
         m, mu = self.m, self.opts.prox_mu
         if plan is None:
             reg = m.adapter_regularization()
+        elif not self.ctx.model.adapters.has_regularizer:  # no term can come: nothing to bind
+            reg = None
         else:
             from cotune.peft.grouped import bind_state
 

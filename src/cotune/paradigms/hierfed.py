@@ -165,6 +165,8 @@ class HierDevice(FedDevice):
         from cotune.peft.grouped import bind_state
 
         model = self.ctx.model
+        if not model.adapters.has_regularizer:  # no term can come: nothing to bind
+            return []
         anatomy, depth = model.loaded.anatomy, int(self.depth or 0)
         n = anatomy.num_layers
         with bind_state(plan.layers, leaves):

@@ -17,7 +17,6 @@ the first device's RNG stream (statistically the same; bitwise different when dr
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -25,11 +24,11 @@ import torch
 import torch.nn.functional as F
 
 from cotune.models import Activations
+from cotune.paradigms.fed_cohort import decline
 from cotune.paradigms.splitting import SplitDevice
 from cotune.peft.grouped import bind_state, row_groups, split_by_layer
 
 FWD, BWD = "split-device-fwd", "split-device-bwd"
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -48,8 +47,6 @@ class DeviceCohort:
     The engine offers it to colocated devices (``SplitDevice.batch_step``): they share one
     model, so their rows can run through it together, each through its own adapter tensors.
     """
-
-    _told_packed = False  # the fallback under train.padding_free is logged once
 
     def __init__(self, first: SplitDevice):
         self.first = first
@@ -78,10 +75,7 @@ class DeviceCohort:
         if self.supported and first.packed:
             # Its joint batch would count FLOPs by (rows, length) alone; padding-free steps
             # are counted by their real tokens, one device at a time.
-            self.supported = False
-            if not DeviceCohort._told_packed:
-                DeviceCohort._told_packed = True
-                log.info("split device cohort: train.padding_free runs the devices one by one")
+            self.supported = decline("train.padding_free", "split steps run device by device")
 
     @classmethod
     def for_roles(cls, roles: Sequence[SplitDevice]) -> DeviceCohort | None:
