@@ -127,3 +127,79 @@ def test_codec_default_argument_and_meta_override() -> None:
     assert sizes["default32"][1] - sizes["default16"][1] >= 2 * 256 - 16
     with pytest.raises(ProtocolError, match="unknown codec"):
         LocalEngine(codec="int3")
+
+
+class Observer(Role):
+    """Answers with what it saw of its thread's state while handling."""
+
+    def __init__(self) -> None:
+        super().__init__("observer")
+
+    def on_look(self, msg: Message) -> Message:
+        from cotune.accel.compute import _KEPT
+        from cotune.models import packing
+
+        return msg.reply("seen", {}, {
+            "grad": torch.is_grad_enabled(),
+            "inference": torch.is_inference_mode_enabled(),
+            "autocast": torch.is_autocast_enabled("cpu"),
+            "padding_free": packing.requested(),
+            "kept": _KEPT.get() is not None,
+        })  # fmt: skip
+
+
+FRESH = {"grad": True, "inference": False, "autocast": False, "padding_free": False,
+         "kept": False}  # fmt: skip
+
+
+def test_a_handler_runs_as_on_its_own_node_whatever_the_caller_is_doing() -> None:
+    """A nested request made under the caller's no_grad, inference mode, autocast, a
+    padding-free block and a checkpoint probe: the handler sees none of it (as it cannot when
+    it runs in another process), and the caller's own state is back after the call."""
+    from cotune.accel.compute import kept_for_checkpoint
+    from cotune.models.packing import padding_free, requested
+
+    eng = LocalEngine()
+    eng.register(Observer())
+    ask = Message("look", "device-0", "observer")
+    assert eng.request(ask).meta == FRESH
+    for caller in (
+        torch.no_grad,
+        torch.inference_mode,
+        lambda: torch.autocast("cpu", dtype=torch.bfloat16),
+        padding_free,
+        kept_for_checkpoint,
+    ):
+        with caller():
+            before = (torch.is_grad_enabled(), torch.is_autocast_enabled("cpu"), requested())
+            assert eng.request(ask).meta == FRESH
+            batch = eng.request_batch(
+                [ask], lambda ms: [m.reply("seen", {}, Observer().on_look(m).meta) for m in ms]
+            )
+            assert batch[0].meta == FRESH
+            assert (
+                torch.is_grad_enabled(),
+                torch.is_autocast_enabled("cpu"),
+                requested(),
+            ) == before
+
+
+def test_a_handler_called_from_inside_an_autograd_function_forward_has_grad() -> None:
+    """dlora's cloud asks a device for its LoRA branch from inside a custom Function's forward,
+    where autograd turns grad off; on the device (another process) it is on."""
+    eng = LocalEngine()
+    eng.register(Observer())
+    seen = {}
+
+    class Remote(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):  # noqa: ANN001, ANN205
+            seen.update(eng.request(Message("look", "cloud", "observer")).meta)
+            return x * 2
+
+        @staticmethod
+        def backward(ctx, g):  # noqa: ANN001, ANN205
+            return g * 2
+
+    Remote.apply(torch.ones(2, requires_grad=True)).sum().backward()
+    assert seen == FRESH

@@ -267,8 +267,7 @@ class DLoRADevice(TrainingRole):
     def on_lora_fwd(self, msg: Message) -> Message:
         path = msg.meta["layer"]
         x = msg.tensors["x"].requires_grad_(True)
-        with torch.enable_grad():  # called from inside the cloud's autograd.Function forward
-            y = self.layers[path].delta(x)
+        y = self.layers[path].delta(x)  # with grad: a handler runs as on its own node
         self.lora_flops += 3 * lora_flops(self.layers[path], x)  # forward now, backward later
         self.saved.append((path, x, y))
         return reply(msg, "lora_out", {"y": y.detach()}, round=self.round, layer=path)

@@ -10,8 +10,9 @@ which proves the contract) the bytes are written and decoded; otherwise they are
 from __future__ import annotations
 
 import contextlib
+import contextvars
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 from torch.utils._python_dispatch import _disable_current_modes
 
@@ -20,14 +21,40 @@ from cotune.runtime.engine import Engine, Role
 from cotune.runtime.handover import hand_over
 from cotune.runtime.messages import Message, decode_message, encode_message
 
+T = TypeVar("T")
+
 
 @contextlib.contextmanager
 def own_node() -> Iterator[None]:
-    """A handler computes on its own node: a FLOP counter running in the caller (a cloud
-    counting its forward while it asks a device for a branch) must not count the handler's
-    work as the caller's, as it cannot when the handler runs in another process."""
-    with _disable_current_modes():
+    """A handler computes on its own node, as it must when it runs in another process: a FLOP
+    counter running in the caller (a cloud counting its forward while it asks a device for a
+    branch) must not count the handler's work as the caller's, and the caller's grad mode (an
+    ``autograd.Function``'s forward runs without grad), inference mode and autocast are not the
+    handler's either. Context variables are reset by ``on_own_node``."""
+    import torch
+
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(_disable_current_modes())
+        stack.enter_context(torch.inference_mode(False))
+        stack.enter_context(torch.enable_grad())
+        for kind in _AUTOCAST_KINDS:
+            if torch.is_autocast_enabled(kind):
+                stack.enter_context(torch.autocast(kind, enabled=False))
         yield
+
+
+_AUTOCAST_KINDS = ("cpu", "cuda")
+
+
+def on_own_node(fn: Callable[..., T], *args: Any) -> T:
+    """``fn(*args)`` in ``own_node()`` and in a fresh context, so the caller's context variables
+    (a padding-free block, the inputs a checkpointed block keeps) do not reach it either."""
+    return contextvars.Context().run(_in_own_node, fn, *args)
+
+
+def _in_own_node(fn: Callable[..., T], *args: Any) -> T:
+    with own_node():
+        return fn(*args)
 
 
 def build_on_node(factory: Callable[[Any], Role], ctx: Any) -> Role:
@@ -38,8 +65,7 @@ def build_on_node(factory: Callable[[Any], Role], ctx: Any) -> Role:
 
     rng = torch.get_rng_state()
     try:
-        with own_node():
-            return factory(ctx)
+        return on_own_node(factory, ctx)
     finally:
         torch.set_rng_state(rng)
 
@@ -71,8 +97,7 @@ class LocalEngine(Engine):
         delivered, seq = self._transmit(msg, codec)
         if self.on_deliver is not None:
             self.on_deliver(delivered)
-        with own_node():
-            reply = role.handle(delivered)
+        reply = on_own_node(role.handle, delivered)
         if reply is None:
             return None
         return self._answer(role, msg, delivered, reply, seq, codec)
@@ -124,8 +149,7 @@ class LocalEngine(Engine):
             if self.on_deliver is not None:
                 self.on_deliver(d)
             delivered.append((d, seq))
-        with own_node():
-            replies = list(handler([d for d, _ in delivered]))
+        replies = list(on_own_node(handler, [d for d, _ in delivered]))
         if len(replies) != len(msgs):
             raise ProtocolError(f"a batch handler answered {len(replies)} of {len(msgs)} requests")
         out: list[Message | PeerUnavailable] = []
