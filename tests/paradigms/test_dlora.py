@@ -165,3 +165,30 @@ def test_resume_mid_run_equals_uninterrupted(tiny_config, monkeypatch):
     assert after["sim_time_s"] == pytest.approx(before["sim_time_s"])
     assert after["bytes"] == before["bytes"]
     assert [r["active_fraction"] for r in records(resumed, "train", "mean")] == fractions
+
+
+def test_gradient_checkpointing_leaves_the_cloud_its_activations(tiny_config, caplog):
+    """The cloud's blocks call the devices' LoRA branches: recomputing a block in the backward
+    would ask the device again (and crashed: the recompute ran unpatched layers). With
+    train.gradient_checkpointing on, the cloud keeps its activations (logged) and the run is
+    the one without it."""
+
+    def cfg(name, **train):
+        return tiny_config(
+            name=name,
+            paradigm={"name": "dlora", "options": {"active_fraction": 0.5, "kill_every": 2}},
+            train={"steps": 4, **train},
+            eval={"every": 4},
+        )
+
+    plain = run_experiment(cfg("plain"), quiet=True, report=False)
+    with caplog.at_level("INFO", logger="cotune.paradigms.dlora"):
+        ckpt = run_experiment(cfg("ckpt", gradient_checkpointing=True), quiet=True, report=False)
+    assert "without gradient checkpointing" in caplog.text
+    assert [r["loss"] for r in records(ckpt, "train", "mean")] == [
+        r["loss"] for r in records(plain, "train", "mean")
+    ]
+    pp, pc = final_params(plain), final_params(ckpt)
+    for role in pp:
+        for k in pp[role]:
+            assert torch.equal(pc[role][k], pp[role][k]), (role, k)

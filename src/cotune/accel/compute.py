@@ -9,6 +9,7 @@ autograd replays the forward's dtypes, and a checkpointed block recomputes its a
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -48,6 +49,20 @@ def set_compute(model: nn.Module, compute: Compute) -> None:
 
 def compute_of(model: nn.Module) -> Compute:
     return model.__dict__.get(ATTR, DEFAULT)
+
+
+@contextlib.contextmanager
+def without_checkpointing(model: nn.Module) -> Iterator[None]:
+    """``model``'s forwards in the block keep their activations (its other settings stay)."""
+    compute = compute_of(model)
+    if not compute.checkpointing:
+        yield
+        return
+    set_compute(model, dataclasses.replace(compute, checkpointing=False))
+    try:
+        yield
+    finally:
+        set_compute(model, compute)
 
 
 def compute_from(train: object) -> Compute:

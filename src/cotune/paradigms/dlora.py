@@ -15,6 +15,7 @@ steps ``revive_count`` killed modules, drawn at random, train again.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from typing import Any
@@ -22,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from cotune.accel.compute import compute_of, without_checkpointing
 from cotune.errors import CheckpointError, ProtocolError
 from cotune.models import Activations, task_loss
 from cotune.paradigms.base import Experiment, ParadigmResult, TrainingRole, mean, reply
@@ -32,6 +34,8 @@ from cotune.runtime import Message, Role
 from cotune.runtime.ids import SERVER
 from cotune.runtime.node import NodeContext
 from cotune.train.memory import estimate_memory
+
+log = logging.getLogger(__name__)
 
 
 def lora_flops(layer: Any, x: torch.Tensor) -> int:
@@ -82,6 +86,11 @@ class Cloud(Role):
         self.device, self.meta = "", {}
         self.lora_flops = self.fwd_flops = 0
         self.anchor = torch.empty(0, requires_grad=True)
+        if compute_of(ctx.model.loaded.model).checkpointing:
+            log.info(
+                "dlora: the cloud's blocks run without gradient checkpointing (their "
+                "LoRA branches are on the devices; a recompute would ask them again)"
+            )
 
     def exchange(
         self, kind: str, path: str, t: torch.Tensor, key: str, back: str, **meta: Any
@@ -129,7 +138,9 @@ class Cloud(Role):
         else:
             hidden = msg.tensors["hidden"]
         try:
-            with torch.enable_grad():
+            # Recomputing a block in the backward would ask the device for its branches again
+            # (and the patched forwards are gone by then): the cloud keeps its activations.
+            with torch.enable_grad(), without_checkpointing(self.ctx.model.loaded.model):
                 out, self.fwd_flops = self.ctx.meter.flops.run(
                     "dlora-cloud-fwd",
                     lambda h, m, a: self.body(Activations(h, m)),

@@ -142,7 +142,7 @@ class MemoryProbe:
 def _activation_bytes(
     model: torch.nn.Module, fn: Callable[[], Any], params: list[torch.Tensor]
 ) -> int:
-    from cotune.accel.compute import compute_of, kept_for_checkpoint, set_compute
+    from cotune.accel.compute import compute_of, kept_for_checkpoint, without_checkpointing
 
     root = _root(model)
     compute = compute_of(root)
@@ -151,11 +151,8 @@ def _activation_bytes(
     with kept_for_checkpoint() as kept:
         outside, seen, _ = _saved_storages(fn, params)
     boundary = sum(k[1] for k in {_storage_key(t) for t in kept} - seen)
-    set_compute(root, dataclasses.replace(compute, checkpointing=False))
-    try:
+    with without_checkpointing(root):
         whole = saved_activation_bytes(fn, params)
-    finally:
-        set_compute(root, compute)
     # Backward recomputes one block at a time: its activations are alive again meanwhile.
     one_block = max(0, whole - outside) // max(1, len(kept))
     return outside + boundary + one_block
