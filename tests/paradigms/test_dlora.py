@@ -192,3 +192,34 @@ def test_gradient_checkpointing_leaves_the_cloud_its_activations(tiny_config, ca
     for role in pp:
         for k in pp[role]:
             assert torch.equal(pc[role][k], pp[role][k]), (role, k)
+
+
+@pytest.mark.parametrize("method", ["pissa", "olora", "kasa"])
+def test_every_branch_method_with_all_modules_active_equals_local_training(tiny_config, method):
+    """A method whose layer is base + an A/B branch runs in dlora as LoRA does: PiSSA and OLoRA
+    rewrite the base (the cloud's and the device's alike), KaSA adds its regularizer on the
+    device. With every module active, the same computation as training the model locally."""
+    peft = {"method": method}
+    lo = run_experiment(
+        tiny_config(name=f"lo-{method}", paradigm={"name": "local"}, peft=peft,
+                    train={"steps": 4}, eval={"every": 4}),
+        quiet=True, report=False,
+    )  # fmt: skip
+    d = run_experiment(
+        tiny_config(name=f"d-{method}", paradigm={"name": "dlora", "options": {
+            "active_fraction": 1.0}}, peft=peft, train={"steps": 4}, eval={"every": 4}),
+        quiet=True, report=False,
+    )  # fmt: skip
+    lo_loss = [r["loss"] for r in records(lo, "train", "mean")]
+    assert [r["loss"] for r in records(d, "train", "mean")] == pytest.approx(lo_loss, abs=1e-5)
+    pl, pd = final_params(lo), final_params(d)
+    for role in ("device-0", "device-1"):
+        assert pl[role].keys() == pd[role].keys()
+        for k in pl[role]:
+            torch.testing.assert_close(pd[role][k], pl[role][k], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["dora", "bora", "mosld"])
+def test_methods_that_are_not_a_branch_are_refused_naming_the_ones_that_are(tiny_config, method):
+    with pytest.raises(ConfigError, match=f"peft.method: .*'{method}' cannot.*supported: .*pissa"):
+        tiny_config(name="x", paradigm={"name": "dlora"}, peft={"method": method})

@@ -138,10 +138,12 @@ CASES = {
         "peft": {"target_modules": ["c_attn"]},
         "train": {"steps": 4},
     },
-    "dlora-embed-cloud-delta": {
+    # KaSA: a rewritten base on every node, the regularizer on the devices' active modules.
+    "dlora-embed-cloud-delta-kasa": {
         "paradigm": {"name": "dlora", "options": {
             "active_fraction": 0.25, "kill_every": 1, "score": "delta", "embed": "cloud",
             "revive": "stale", "revive_every": 2}},
+        "peft": {"method": "kasa"},
     },
 }  # fmt: skip
 

@@ -259,7 +259,9 @@ class DLoRADevice(TrainingRole):
             def head_loss(
                 h: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor
             ) -> torch.Tensor:
-                loss = task_loss(self.head(Activations(h, mask)), labels, task) / accum
+                loss = task_loss(self.head(Activations(h, mask)), labels, task)
+                reg = self._regularizer()
+                loss = (loss + reg if reg is not None else loss) / accum
                 loss.backward()
                 return loss.detach()
 
@@ -274,6 +276,14 @@ class DLoRADevice(TrainingRole):
         trainer.clip_and_step()
         self.state.step += 1
         return total / accum
+
+    def _regularizer(self) -> torch.Tensor | None:
+        """The method's regularizer over the modules this device trains (KaSA's; a killed
+        module is frozen in the cloud, so its term would only move what no longer trains)."""
+        if not self.ctx.model.adapters.has_regularizer:
+            return None
+        terms = [r for p in self.active if (r := self.layers[p].regularization_loss()) is not None]
+        return torch.stack(terms).sum() if terms else None
 
     def on_lora_fwd(self, msg: Message) -> Message:
         path = msg.meta["layer"]

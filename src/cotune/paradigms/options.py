@@ -241,11 +241,33 @@ class DLoRAOptions(ParadigmOptions):
     embed: Literal["device", "cloud"] = "device"
 
     def check_config(self, cfg: RunConfig) -> None:
-        if cfg.peft.method != "lora":
-            raise ValueError(
-                "peft.method: dlora runs the LoRA branch apart from the base layer; only 'lora' "
-                f"is supported, got {cfg.peft.method!r}"
-            )
+        why = dlora_refuses(cfg.peft.method)
+        if why is not None:
+            raise ValueError(f"peft.method: {why}")
+
+
+def dlora_refuses(method: str) -> str | None:
+    """Why dlora cannot run ``method`` (None: it can). The cloud computes a layer's base and the
+    device its branch, so the layer must be base + an A/B branch (LoRA and the methods that
+    only start it elsewhere or add a regularizer: PiSSA, OLoRA, KaSA, D²LoRA, GeLoRA, GGM), and
+    a killed branch must merge into the cloud's backbone."""
+    from cotune.peft import available_methods
+
+    if method not in available_methods() or _branch_apart(method):
+        return None  # (an unknown method: the peft section says so)
+    ok = [m for m in available_methods() if _branch_apart(m)]
+    return (
+        f"dlora runs each LoRA branch on the device apart from the cloud's base layer, which "
+        f"{method!r} cannot (its output is not base + an A/B branch); supported: {', '.join(ok)}"
+    )
+
+
+def _branch_apart(method: str) -> bool:
+    from cotune.peft import AdapterLayer, LoraLayer, get_method
+
+    cls = get_method(method).layer_cls
+    additive = cls.adapted_forward is AdapterLayer.adapted_forward
+    return issubclass(cls, LoraLayer) and additive and cls.mergeable
 
 
 # ---------------------------------------------------------------- split family
