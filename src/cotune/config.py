@@ -357,7 +357,8 @@ class TrainSection(Section):
     # size, and splitfed's device cohort then runs its devices one by one. Devices then
     # finish their forward sooner in simulated time, so a sequential split server may serve
     # them in another order (another trajectory, as any change of device speed gives).
-    # Families without it (decoders, for now) run padded.
+    # BERT/RoBERTa, GPT-2 and LLaMA/Qwen2/Mistral blocks pack; others (q/k-normed attention as
+    # in Qwen3 or OLMo, cross-attention) run padded.
     padding_free: bool = False
     # Differential privacy of the devices' updates (fedavg).
     dp: DPSection = Field(default_factory=DPSection)
