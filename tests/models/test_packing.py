@@ -8,7 +8,7 @@ import torch
 from cotune.accel.compute import Compute, set_compute
 from cotune.config import PeftSection
 from cotune.errors import ModelError
-from cotune.models import task_loss
+from cotune.models import segment_loss, task_loss
 from cotune.models.packing import Packing, group_sizes, padding_free, token_dims
 from cotune.models.packing import active as packing_active
 from cotune.peft import inject_adapters
@@ -157,3 +157,69 @@ def test_a_cohort_of_adapters_runs_padding_free_per_row_group():
         with bind_state(adapters.layers, other):
             second = anatomy.full()(ids[2:], mask[2:])
     torch.testing.assert_close(joint, torch.cat([first, second]), rtol=1e-5, atol=1e-6)
+
+
+def loss_and_grads(loaded, forward, inputs, mask, labels, packed: bool):
+    params = [p for p in loaded.model.parameters() if p.requires_grad]
+    for p in params:
+        p.grad = None
+    with padding_free(packed):
+        loss = segment_loss(forward, inputs, mask, labels, "causal_lm")
+    loss.backward()
+    return loss.detach(), [p.grad.clone() for p in params]
+
+
+@pytest.mark.parametrize("kind", [k for k, task in CASES if task == "causal_lm"])
+def test_a_causal_lm_head_computes_logits_and_loss_for_the_real_tokens_only(kind):
+    """Under padding_free a causal-LM head projects only the N real tokens onto the
+    vocabulary (a [B*T, V] product and softmax shrink to [N, V]): the padded loss and
+    gradients, the padded logits at the real positions, and fewer FLOPs."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    loaded, _ = adapted(kind, "causal_lm")
+    anatomy = loaded.anatomy
+    whole = anatomy.full()
+    ids, mask, labels = batch("causal_lm", (7, 5, 3, 1))
+    a_loss, a_grads = loss_and_grads(loaded, whole, ids, mask, labels, False)
+    b_loss, b_grads = loss_and_grads(loaded, whole, ids, mask, labels, True)
+    torch.testing.assert_close(b_loss, a_loss, rtol=1e-5, atol=1e-6)
+    for a, b in zip(a_grads, b_grads):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
+    with torch.no_grad(), padding_free():
+        logits, layout = whole.packed_logits(ids, mask)
+        padded = whole(ids, mask)  # the blocks packed, the head over every position
+    assert logits.shape == (16, anatomy.config.vocab_size) == (layout.tokens, logits.shape[1])
+    torch.testing.assert_close(logits, layout.pack(padded), rtol=1e-5, atol=1e-6)
+    counted = []
+    for packed in (False, True):
+        with FlopCounterMode(display=False) as fc, torch.no_grad(), padding_free(packed):
+            segment_loss(whole, ids, mask, labels, "causal_lm")
+        counted.append(fc.get_total_flops())
+    assert counted[1] < counted[0]
+
+
+def test_a_head_only_segment_packs_its_logits_and_the_others_refuse():
+    """A U-shaped device's top without blocks packs before its head too; a segment without
+    a causal-LM head, or outside padding_free, does not offer packed logits."""
+    loaded, _ = adapted("gpt2", "causal_lm")
+    anatomy = loaded.anatomy
+    n = anatomy.num_layers
+    body, top = anatomy.segment(0, n, embed=True, head=False), anatomy.segment(n, n, head=True)
+    ids, mask, labels = batch("causal_lm", (6, 2, 4))
+    with torch.no_grad():
+        acts = body(ids, mask)
+    got = []
+    for packed in (False, True):  # the loss and the gradient the cut sends down
+        cut = acts.detached()
+        with padding_free(packed):
+            loss = segment_loss(top, cut, None, labels, "causal_lm")
+        loss.backward()
+        got.append((loss.detach(), cut.hidden.grad))
+    torch.testing.assert_close(got[1][0], got[0][0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got[1][1], got[0][1], rtol=1e-4, atol=1e-6)
+    with padding_free():
+        assert top.packs_logits() and not body.packs_logits()
+        assert not adapted("bert")[0].anatomy.full().packs_logits()  # classification
+    assert not top.packs_logits()
+    with pytest.raises(ModelError, match="padding_free"):
+        top.packed_logits(acts)

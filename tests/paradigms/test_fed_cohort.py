@@ -39,6 +39,36 @@ def test_cohort_rounds_equal_one_by_one_to_float_precision(tiny_config, extra):
     assert b["costs"]["total"]["flops"] == a["costs"]["total"]["flops"]
 
 
+def test_causal_lm_cohort_computes_the_real_tokens_logits_as_one_by_one(tiny_config, monkeypatch):
+    """train.padding_free with a causal-LM head: the cohort projects each member's real tokens
+    only onto the vocabulary, as the one-by-one steps do; both learn what the padded run
+    learns, with fewer FLOPs."""
+    sizes = cohort_sizes(monkeypatch)
+    quotes = {"dataset": "fortunes", "labels": [], "max_examples": 60}  # unequal lengths
+    packed = {**CAUSAL, "data": quotes,
+              "train": {**CAUSAL["train"], "padding_free": True, "steps": 12}}  # fmt: skip
+    from cotune.models import Segment
+
+    rows, real = [], Segment.packed_logits
+
+    def spy(self, inputs, attention_mask=None):
+        if torch.is_grad_enabled():  # training steps (evaluation runs its own batches)
+            rows.append(int(inputs.shape[0]))
+        return real(self, inputs, attention_mask)
+
+    monkeypatch.setattr(Segment, "packed_logits", spy)
+    a_dir, a = fedavg(tiny_config, "seq-lm-pf", False, **packed)
+    one = set(rows)
+    b_dir, b = fedavg(tiny_config, "cohort-lm-pf", True, **packed)
+    assert sizes and set(sizes) == {3}
+    assert one and max(rows) == 3 * max(one)  # the joint batch's head ran packed too
+    same_run(a_dir, a, b_dir, b)
+    padded = {**CAUSAL, "data": quotes, "train": {**CAUSAL["train"], "steps": 12}}
+    c_dir, c = fedavg(tiny_config, "seq-lm", False, **padded)
+    assert a["final"]["loss"] == pytest.approx(c["final"]["loss"], rel=1e-4)
+    assert a["costs"]["total"]["flops"] < c["costs"]["total"]["flops"]
+
+
 def same_run(a_dir, a, b_dir, b, role="server"):
     """Two runs of one job, one by one and as cohorts: equal to float precision, with the
     same messages, bytes, counted FLOPs and simulated time."""

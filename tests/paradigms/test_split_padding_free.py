@@ -34,16 +34,32 @@ def outcome(run_dir):
     return losses, summary, payload["states"]
 
 
-@pytest.mark.parametrize("case", sorted(CASES))
-def test_padding_free_split_steps_equal_padded_ones_with_fewer_flops(tiny_config, case):
+# A causal-LM head (the server's, or a U-shaped device's top) computes its logits and loss
+# for the real tokens only: quotes of unequal lengths, so batches carry padding.
+CAUSAL = {
+    "model": {"name_or_path": "random:gpt2", "task": "causal_lm", "max_length": 48},
+    "data": {"dataset": "fortunes", "labels": [], "max_examples": 60},
+    "peft": {"target_modules": ["c_attn"]},
+}
+LM_CASES = ["splitfed", "splitfed-ushaped", "splitfrozen"]
+
+
+@pytest.mark.parametrize(
+    ("case", "task"),
+    [(c, "classification") for c in sorted(CASES)] + [(c, "causal_lm") for c in LM_CASES],
+)
+def test_padding_free_split_steps_equal_padded_ones_with_fewer_flops(tiny_config, case, task):
     got = {}
     for packed in (False, True):
-        cfg = tiny_config(name=f"{case}-{packed}", paradigm=CASES[case],
-                          train={"padding_free": packed, "steps": 3})  # fmt: skip
+        sections = CAUSAL if task == "causal_lm" else {}
+        cfg = tiny_config(name=f"{case}-{task}-{packed}", paradigm=CASES[case],
+                          train={"padding_free": packed, "steps": 3}, **sections)  # fmt: skip
         got[packed] = outcome(run_experiment(cfg, quiet=True, report=False))
     (padded, s0, w0), (packed, s1, w1) = got[False], got[True]
     assert len(padded) == len(packed) > 0
-    torch.testing.assert_close(torch.tensor(packed), torch.tensor(padded), atol=1e-5, rtol=1e-5)
+    # A vocabulary-wide loss (~6 nats here) drifts more in absolute terms by its third step.
+    rtol = 1e-4 if task == "causal_lm" else 1e-5
+    torch.testing.assert_close(torch.tensor(packed), torch.tensor(padded), atol=1e-5, rtol=rtol)
     assert set(w1) == set(w0)
     assert s1["bytes"] == s0["bytes"]  # the cut's tensors keep their padded shape
     flops = {p: s["costs"]["roles"] for p, s in ((False, s0), (True, s1))}

@@ -18,7 +18,7 @@ from cotune.models.loading import (
     load_model,
 )
 from cotune.models.partial import load_segment, materialized_nbytes
-from cotune.models.segment import Activations, Segment, task_loss
+from cotune.models.segment import Activations, Segment, segment_loss, task_loss
 
 __all__ = [
     "ATTN_IMPLEMENTATION",
@@ -36,5 +36,6 @@ __all__ = [
     "load_model",
     "load_segment",
     "materialized_nbytes",
+    "segment_loss",
     "task_loss",
 ]

@@ -6,6 +6,7 @@ anatomy at every forward), so adapters injected into those submodules later are 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -83,9 +84,33 @@ class Segment(nn.Module):
         with compute.forward_context(device):
             return self._forward(inputs, attention_mask, compute.checkpoint_blocks())
 
+    def packs_logits(self) -> bool:
+        """Whether ``packed_logits`` may run now: a causal-LM head under ``padding_free`` on a
+        family whose blocks pack (its head is per token, so padded positions need no logits)."""
+        a = self.anatomy
+        return self.head and a.task == "causal_lm" and packing.requested() and a.packs
+
+    def packed_logits(
+        self, inputs: Tensor | Activations, attention_mask: Tensor | None = None
+    ) -> tuple[Tensor, packing.Packing]:
+        """The real tokens' logits ``[N, V]`` (in ``Packing`` order) and their layout: the
+        padded positions' logits, a vocabulary-wide row each, are never computed."""
+        if not self.packs_logits():
+            raise ModelError("packed_logits needs a causal-LM head under padding_free")
+        compute = compute_of(self.anatomy.model)
+        device = inputs.hidden.device if isinstance(inputs, Activations) else inputs.device
+        with compute.forward_context(device):
+            out = self._forward(inputs, attention_mask, compute.checkpoint_blocks(), True)
+        assert isinstance(out, tuple)
+        return out
+
     def _forward(
-        self, inputs: Tensor | Activations, attention_mask: Tensor | None, checkpoint: bool
-    ) -> Tensor | Activations:
+        self,
+        inputs: Tensor | Activations,
+        attention_mask: Tensor | None,
+        checkpoint: bool,
+        packed_head: bool = False,
+    ) -> Tensor | Activations | tuple[Tensor, packing.Packing]:
         anatomy = self.anatomy
         if self.embed:
             if isinstance(inputs, Activations):
@@ -104,7 +129,11 @@ class Segment(nn.Module):
             hidden, attention_mask = inputs.hidden, inputs.attention_mask
         first_only = self.keep == "first" or (self.head and anatomy.head_reads_first)
         if self.end > self.start and packing.requested() and anatomy.packs:
-            hidden = self._packed_blocks(hidden, attention_mask, checkpoint, first_only)
+            layout = packing.Packing.of(attention_mask)
+            x = self._packed_blocks(hidden, layout, attention_mask, checkpoint, first_only)
+            if packed_head:
+                return self._packed_head(x, layout), layout
+            hidden = x.unsqueeze(1) if first_only else layout.unpack(x)
             if first_only:
                 attention_mask = attention_mask[:, :1]
         elif self.end > self.start:
@@ -121,16 +150,23 @@ class Segment(nn.Module):
                     hidden = anatomy.run_block(i, hidden, context)
             if self.keep == "first":
                 hidden, attention_mask = hidden[:, :1], attention_mask[:, :1]
+        if packed_head:  # a head without blocks here: the real tokens' hidden states only
+            layout = packing.Packing.of(attention_mask)
+            return self._packed_head(layout.pack(hidden), layout), layout
         if self.head:
             return anatomy.run_head(hidden, attention_mask)
         return Activations(hidden, attention_mask)
 
     def _packed_blocks(
-        self, hidden: Tensor, attention_mask: Tensor, checkpoint: bool, first_only: bool
+        self,
+        hidden: Tensor,
+        layout: packing.Packing,
+        attention_mask: Tensor,
+        checkpoint: bool,
+        first_only: bool,
     ) -> Tensor:
-        """The blocks on the real tokens only (``cotune.models.packing``): ``[B, T, D]`` in,
-        ``[B, T, D]`` out (zeros at the padding), or ``[B, 1, D]`` with ``first_only``."""
-        layout = packing.Packing.of(attention_mask)
+        """The blocks on the real tokens only (``cotune.models.packing``): ``[B, T, D]`` in, the
+        real tokens ``[N, D]`` out, or each row's first token ``[B, D]`` with ``first_only``."""
         context = self.anatomy.block_context(hidden, attention_mask)
         x = layout.pack(hidden)
         for i in range(self.start, self.end):
@@ -142,7 +178,12 @@ class Segment(nn.Module):
                 )
             else:
                 x = self._packed_block(i, x, layout, context, first)
-        return x.unsqueeze(1) if first_only else layout.unpack(x)
+        return x
+
+    def _packed_head(self, x: Tensor, layout: packing.Packing) -> Tensor:
+        # Active: an adapted head in a cohort maps its row groups to their tokens.
+        with packing.active(layout):
+            return self.anatomy.run_head(x, None)
 
     def _packed_block(
         self, i: int, x: Tensor, layout: packing.Packing, context: dict, first: bool
@@ -167,6 +208,29 @@ def task_loss(logits: Tensor, labels: Tensor, task: str) -> Tensor:
             logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100
         )
     raise ModelError(f"unknown task {task!r} (allowed: classification, causal_lm)")
+
+
+def packed_task_loss(logits: Tensor, labels: Tensor, layout: packing.Packing) -> Tensor:
+    """``task_loss`` for causal LM from the real tokens' logits (``Segment.packed_logits``): each
+    real token predicts the next label, as in the padded loss, whose padded rows are ignored."""
+    targets = layout.pack(F.pad(labels[:, 1:], (0, 1), value=-100))
+    return F.cross_entropy(logits.float(), targets, ignore_index=-100)
+
+
+def segment_loss(
+    forward: nn.Module | Callable[..., Tensor],
+    inputs: Tensor | Activations,
+    attention_mask: Tensor | None,
+    labels: Tensor,
+    task: str,
+) -> Tensor:
+    """``task_loss(forward(inputs, attention_mask), labels, task)``; a causal-LM head under
+    ``padding_free`` computes logits and loss for the real tokens only (the same loss up to
+    float rounding, without a vocabulary-wide row per padded position)."""
+    if task == "causal_lm" and isinstance(forward, Segment) and forward.packs_logits():
+        logits, layout = forward.packed_logits(inputs, attention_mask)
+        return packed_task_loss(logits, labels, layout)
+    return task_loss(forward(inputs, attention_mask), labels, task)
 
 
 def attention_bias(

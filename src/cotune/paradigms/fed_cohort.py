@@ -52,7 +52,8 @@ from cotune.aggregation import proximal_loss
 from cotune.data import IGNORE_INDEX, Batch
 from cotune.errors import DivergenceError
 from cotune.models import Activations, Segment, task_loss
-from cotune.models.packing import padding_free, token_dims
+from cotune.models.packing import Packing, padding_free, token_dims
+from cotune.models.segment import packed_task_loss
 from cotune.peft import AdapterLayer
 from cotune.peft.grouped import bind_state, bind_tensors, row_groups, split_by_layer
 from cotune.runtime.node import NodeModel
@@ -228,9 +229,16 @@ def _cohort_steps(devices: Sequence[Any], steps: list[int], rnd: int, key: str) 
                 batches = [m[a] for m in micro]
                 rows = [len(b) for b in batches]
                 joint = _pad_cat(batches, task)
+                # A causal-LM head under padding_free: each member's real tokens' logits only.
+                fwd = plan.forward
+                per_token = not split_head and isinstance(fwd, Segment) and fwd.packs_logits()
                 with row_groups(layers, rows, grouped):
                     if split_head:
                         acts = plan.body(joint.input_ids, joint.attention_mask)
+                    elif per_token:
+                        assert isinstance(fwd, Segment)
+                        logits, layout = fwd.packed_logits(joint.input_ids, joint.attention_mask)
+                        parts = logits.split(layout.group_tokens(rows))
                     else:
                         logits = plan.forward(joint.input_ids, joint.attention_mask)
                 if split_head:
@@ -240,10 +248,14 @@ def _cohort_steps(devices: Sequence[Any], steps: list[int], rnd: int, key: str) 
                 total = 0.0
                 start = 0
                 for i, (d, b, n) in enumerate(zip(live, batches, rows)):
-                    part = logits[start : start + n]
-                    if task == "causal_lm":
-                        part = part[:, : b.input_ids.shape[1]]
-                    loss = task_loss(part, b.labels, task)
+                    if per_token:  # its rows' real tokens, in its own batch's packing order
+                        own = Packing.of(b.attention_mask)
+                        loss = packed_task_loss(parts[i], b.labels, own)
+                    else:
+                        part = logits[start : start + n]
+                        if task == "causal_lm":
+                            part = part[:, : b.input_ids.shape[1]]
+                        loss = task_loss(part, b.labels, task)
                     for term in penalty_of(d, leaves[i], plan):
                         loss = loss + term
                     losses[i] += float(loss.detach()) / accum

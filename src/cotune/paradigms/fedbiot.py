@@ -29,7 +29,7 @@ import torch
 from cotune.aggregation import weighted_average
 from cotune.data import Batch, BatchSampler, EncodedDataset
 from cotune.errors import CheckpointError, ProtocolError
-from cotune.models import task_loss
+from cotune.models import segment_loss
 from cotune.paradigms.base import (
     Experiment,
     ParadigmResult,
@@ -174,8 +174,8 @@ class BiOTDevice(Role):
 
     def _loss(self, batch: Batch) -> torch.Tensor:
         m = self.m
-        loss = task_loss(m.emu_forward(batch.input_ids, batch.attention_mask), batch.labels,
-                         self.ctx.task)  # fmt: skip
+        ids, mask = batch.input_ids, batch.attention_mask
+        loss = segment_loss(m.emu_forward, ids, mask, batch.labels, self.ctx.task)
         for term in self.cohort_penalty(dict(self.trainer.params), None):
             loss = loss + term
         return loss

@@ -25,7 +25,7 @@ from cotune.config import RunConfig
 from cotune.data import Batch
 from cotune.errors import ConfigError
 from cotune.flops import flop_counter
-from cotune.models import Activations, task_loss
+from cotune.models import Activations, segment_loss
 from cotune.paradigms.base import (
     Experiment,
     ParadigmResult,
@@ -78,7 +78,7 @@ def depth_loss(model: NodeModel, task: str, depth: int) -> Callable[[Batch], tor
     def loss_fn(batch: Batch) -> torch.Tensor:
         with torch.no_grad():  # the frozen lower blocks: no graph, no saved activations
             acts = frozen(batch.input_ids, batch.attention_mask)
-        loss = task_loss(top(acts), batch.labels, task)
+        loss = segment_loss(top, acts, None, batch.labels, task)
         regs = [r for layer in reg_layers if (r := layer.regularization_loss()) is not None]
         return loss + torch.stack(regs).sum() if regs else loss
 

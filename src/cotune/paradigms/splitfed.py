@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from cotune.errors import ProtocolError
-from cotune.models import Activations, task_loss
+from cotune.models import Activations, segment_loss, task_loss
 from cotune.models.packing import padding_free
 from cotune.paradigms.base import Experiment, ParadigmResult, mean, parse_options, screen_updates
 from cotune.paradigms.options import SplitFedOptions
@@ -209,7 +209,7 @@ class SplitServer(Role):
             if self.layout.top is None:
 
                 def fwd_bwd(a: Activations, labels: torch.Tensor) -> float:
-                    loss = task_loss(server(a), labels, task)
+                    loss = segment_loss(server, a, None, labels, task)
                     reg = self.reg()
                     (loss + reg if reg is not None else loss).backward()
                     return float(loss.detach()) + (float(reg.detach()) if reg is not None else 0)

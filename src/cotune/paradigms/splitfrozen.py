@@ -25,7 +25,7 @@ import torch
 
 from cotune.data import BatchSampler
 from cotune.errors import ConfigError, ProtocolError
-from cotune.models import Activations, Segment, task_loss
+from cotune.models import Activations, Segment, segment_loss
 from cotune.models.packing import padding_free, token_dims
 from cotune.paradigms.base import Experiment, ParadigmResult, mean, parse_options
 from cotune.paradigms.options import SplitFrozenOptions
@@ -213,7 +213,7 @@ class FrozenServer(Role):
             def fwd_bwd(
                 a: Activations, labels: torch.Tensor, seg: Segment = self.segments[cut]
             ) -> float:
-                loss = task_loss(seg(a), labels, task)
+                loss = segment_loss(seg, a, None, labels, task)
                 reg = self.reg()
                 total = loss + reg if reg is not None else loss
                 trainer.backward(total)

@@ -32,7 +32,7 @@ import torch
 from cotune.config import RunConfig
 from cotune.data import Batch, BatchSampler
 from cotune.errors import ConfigError, ProtocolError
-from cotune.models import Activations, LoadedModel, Segment, task_loss
+from cotune.models import Activations, LoadedModel, Segment, segment_loss
 from cotune.models.packing import padding_free, token_dims
 from cotune.paradigms.base import reply
 from cotune.paradigms.options import OPTIONS, CutOptions, parse_options
@@ -391,7 +391,7 @@ class SplitDevice(Role):
         task = self.ctx.task
 
         def fwd_bwd(a: Activations, labels: torch.Tensor) -> float:
-            loss = task_loss(top(a), labels, task)
+            loss = segment_loss(top, a, None, labels, task)
             loss.backward()
             return float(loss.detach())
 

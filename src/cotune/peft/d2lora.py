@@ -77,7 +77,7 @@ def d2lora_warmup(
     step's forward + backward is counted under ``count_key`` (for the costs of whoever warms up).
     """
     from cotune.data import BatchSampler
-    from cotune.models import task_loss
+    from cotune.models import segment_loss
 
     if len(dataset) == 0:
         raise AdapterError("D²LoRA: the warm-up dataset is empty")
@@ -104,7 +104,7 @@ def d2lora_warmup(
                 opt.zero_grad(set_to_none=True)
 
                 def fwd_bwd(b: Any) -> float:
-                    loss = task_loss(forward(b.input_ids, b.attention_mask), b.labels, task)
+                    loss = segment_loss(forward, b.input_ids, b.attention_mask, b.labels, task)
                     reg = adapters.regularization_loss()
                     loss = loss + reg if reg is not None else loss
                     scaler.scale(loss).backward()

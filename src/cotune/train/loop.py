@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from cotune.data import Batch, EncodedDataset
-from cotune.models import task_loss
+from cotune.models import segment_loss, task_loss
 from cotune.models.packing import padding_free, token_dims
 from cotune.sim.costs import FlopCounter
 from cotune.train.state import RoleState, Trainer
@@ -28,8 +28,7 @@ def full_model_loss(
     """Task loss of the unsplit model plus the adapter method's regularizer (if it has one)."""
 
     def loss_fn(batch: Batch) -> torch.Tensor:
-        logits = forward(batch.input_ids, batch.attention_mask)
-        loss = task_loss(logits, batch.labels, task)
+        loss = segment_loss(forward, batch.input_ids, batch.attention_mask, batch.labels, task)
         reg = reg_loss()
         return loss + reg if reg is not None else loss
 
@@ -107,8 +106,8 @@ def evaluate(
     try:
         for start in range(0, len(dataset), batch_size):
             batch = dataset.batch(list(range(start, min(start + batch_size, len(dataset)))))
-            logits = forward(batch.input_ids, batch.attention_mask)
             if task == "classification":
+                logits = forward(batch.input_ids, batch.attention_mask)
                 n = int(batch.labels.shape[0])
                 loss_sum += float(task_loss(logits, batch.labels, task)) * n
                 weight += n
@@ -118,7 +117,8 @@ def evaluate(
                 # Weight by predicted tokens so the mean is per token, not per batch.
                 n = int((batch.labels[:, 1:] != -100).sum())
                 if n:
-                    loss_sum += float(task_loss(logits, batch.labels, task)) * n
+                    ids, mask = batch.input_ids, batch.attention_mask
+                    loss_sum += float(segment_loss(forward, ids, mask, batch.labels, task)) * n
                     weight += n
     finally:
         model.train(was_training)
