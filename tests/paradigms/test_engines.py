@@ -36,6 +36,15 @@ CASES = {
     },
     # Blocks on the real tokens only: the role's own train_step turns it on in its own process.
     "fedavg-padding-free": {"paradigm": FED, "train": {"padding_free": True}},
+    # A causal-LM head and loss on the real tokens only (quotes of unequal lengths).
+    "fedavg-causal-padding-free": {
+        "paradigm": FED,
+        "model": {"name_or_path": "random:gpt2", "task": "causal_lm", "max_length": 32,
+                  "random_config": {"n_layer": 2}},
+        "data": {"dataset": "fortunes", "labels": [], "max_examples": 60},
+        "peft": {"target_modules": ["c_attn"]},
+        "train": {"padding_free": True},
+    },
     "hierfed": {"paradigm": {"name": "hierfed", "options": {"local_steps": 1, "num_groups": 2}}},
     "hierfed-balanced-drops": {
         "paradigm": {"name": "hierfed", "options": {"local_steps": 1, "num_groups": 2, "tau": 2}},
