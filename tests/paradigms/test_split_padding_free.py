@@ -41,7 +41,7 @@ CAUSAL = {
     "data": {"dataset": "fortunes", "labels": [], "max_examples": 60},
     "peft": {"target_modules": ["c_attn"]},
 }
-LM_CASES = ["splitfed", "splitfed-ushaped", "splitfrozen"]
+LM_CASES = ["splitfed", "splitfed-pooled", "splitfed-ushaped", "splitfrozen"]
 
 
 @pytest.mark.parametrize(

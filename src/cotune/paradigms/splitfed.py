@@ -23,7 +23,8 @@ import torch.nn.functional as F
 
 from cotune.errors import ProtocolError
 from cotune.models import Activations, segment_loss, task_loss
-from cotune.models.packing import padding_free
+from cotune.models.packing import Packing, padding_free
+from cotune.models.segment import packed_task_loss
 from cotune.paradigms.base import Experiment, ParadigmResult, mean, parse_options, screen_updates
 from cotune.paradigms.options import SplitFedOptions
 from cotune.paradigms.splitting import (
@@ -137,16 +138,18 @@ class SplitServer(Role):
         server = self.layout.server
 
         def fwd_bwd(a: Activations, labels: list[torch.Tensor]) -> list[float]:
-            out = server(a)
-            losses, start = [], 0
-            for n, t, y in zip(rows, lengths, labels):
-                part = (
-                    out[start : start + n]
-                    if task == "classification"
-                    else out[start : start + n, :t]
-                )
-                losses.append(task_loss(part, y, task))
-                start += n
+            if server.packs_logits():  # a causal-LM head: each device's real tokens only
+                logits, layout = server.packed_logits(a)
+                parts = logits.split(layout.group_tokens(rows))
+                own = [Packing.of(m.tensors["attention_mask"]) for m in msgs]
+                losses = [packed_task_loss(p, y, o) for p, y, o in zip(parts, labels, own)]
+            else:
+                out, losses, start = server(a), [], 0
+                for n, t, y in zip(rows, lengths, labels):
+                    part = out[start : start + n]
+                    losses.append(task_loss(part if task == "classification" else part[:, :t],
+                                            y, task))  # fmt: skip
+                    start += n
             objective = sum(w * loss for w, loss in zip(weights, losses))
             reg = self.reg()
             (objective + reg if reg is not None else objective).backward()
