@@ -58,6 +58,10 @@ class DataSection(Section):
     text_field: str = "text"
     # The column that holds the label (classification) or domain.
     label_field: str = "label"
+    # Instruction data (causal LM): the column holding each example's prompt. The model reads
+    # the prompt followed by text_field (the response, as written: put any separator in the
+    # data) and the loss covers the response's tokens only. Null: plain language modelling.
+    prompt_field: str | None = None
     # Keep only these labels (classification); empty keeps all.
     labels: list[str] = Field(default_factory=list)
     # Built-in dataset view, e.g. austen: "text" (causal LM) or "novel" (which-novel classification).
@@ -505,6 +509,11 @@ class RunConfig(Section):
     def _cross_checks(self) -> RunConfig:
         if self.eval.target_accuracy is not None and self.model.task != "classification":
             raise ValueError("eval.target_accuracy needs model.task=classification")
+        if self.data.prompt_field is not None and self.model.task != "causal_lm":
+            raise ValueError(
+                "data.prompt_field: prompts and responses are for model.task=causal_lm, not "
+                f"{self.model.task}"
+            )
         if self.devices.ranks is not None and self.paradigm.name != "fedavg":
             raise ValueError(
                 f"devices.ranks: heterogeneous ranks are built for fedavg only so far, not "

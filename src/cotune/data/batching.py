@@ -40,10 +40,15 @@ class EncodedDataset:
         task: str,
         pad_id: int,
         device: torch.device | str | None = None,
+        prompt_lens: list[int] | None = None,
     ) -> None:
         if labels is not None and len(labels) != len(ids):
             raise DataError(f"{len(ids)} encoded texts but {len(labels)} labels")
+        if prompt_lens is not None and len(prompt_lens) != len(ids):
+            raise DataError(f"{len(ids)} encoded texts but {len(prompt_lens)} prompt lengths")
         self.ids, self.labels, self.task, self.pad_id = ids, labels, task, pad_id
+        # Instruction data: each row's first prompt_lens[i] tokens are its prompt (not learnt).
+        self.prompt_lens = prompt_lens
         self.device = torch.device(device) if device is not None else torch.device("cpu")
 
     def __len__(self) -> int:
@@ -51,12 +56,14 @@ class EncodedDataset:
 
     def on(self, device: torch.device | str) -> EncodedDataset:
         """The same examples, batched on ``device`` (the ids stay plain Python lists)."""
-        return EncodedDataset(self.ids, self.labels, self.task, self.pad_id, device)
+        return EncodedDataset(self.ids, self.labels, self.task, self.pad_id, device,
+                              self.prompt_lens)  # fmt: skip
 
     def subset(self, indices: Sequence[int]) -> EncodedDataset:
         labels = None if self.labels is None else [self.labels[i] for i in indices]
+        prompts = None if self.prompt_lens is None else [self.prompt_lens[i] for i in indices]
         return EncodedDataset(
-            [self.ids[i] for i in indices], labels, self.task, self.pad_id, self.device
+            [self.ids[i] for i in indices], labels, self.task, self.pad_id, self.device, prompts
         )
 
     def to_tensors(self) -> dict[str, torch.Tensor]:
@@ -69,6 +76,8 @@ class EncodedDataset:
         }
         if self.labels is not None:
             out["labels"] = torch.tensor(self.labels, dtype=torch.int64)
+        if self.prompt_lens is not None:
+            out["prompt_lens"] = torch.tensor(self.prompt_lens, dtype=torch.int32)
         return out
 
     @classmethod
@@ -88,7 +97,12 @@ class EncodedDataset:
             ids.append(flat[pos : pos + n])
             pos += n
         labels = tensors["labels"].tolist() if task == "classification" else None
-        return cls(ids, labels, task, int(tensors["pad_id"][0]))
+        prompts = tensors["prompt_lens"].tolist() if "prompt_lens" in tensors else None
+        if prompts is not None and (
+            len(prompts) != len(ids) or any(not 0 <= p <= len(r) for p, r in zip(prompts, ids))
+        ):
+            raise DataError("encoded dataset: prompt lengths do not fit their rows")
+        return cls(ids, labels, task, int(tensors["pad_id"][0]), prompt_lens=prompts)
 
     @staticmethod
     def concat(parts: Sequence[EncodedDataset]) -> EncodedDataset:
@@ -99,7 +113,10 @@ class EncodedDataset:
             raise DataError("cannot concatenate encoded datasets of different tasks or pad ids")
         ids = [r for p in parts for r in p.ids]
         labels = None if first.labels is None else [y for p in parts for y in p.labels or []]
-        return EncodedDataset(ids, labels, first.task, first.pad_id, first.device)
+        prompts = None
+        if any(p.prompt_lens is not None for p in parts):
+            prompts = [n for p in parts for n in (p.prompt_lens or [0] * len(p))]
+        return EncodedDataset(ids, labels, first.task, first.pad_id, first.device, prompts)
 
     def num_tokens(self, indices: Sequence[int]) -> int:
         return sum(len(self.ids[i]) for i in indices)
@@ -117,6 +134,9 @@ class EncodedDataset:
         if self.task == "causal_lm":
             # Mask by attention, not by pad id: the pad id may equal eos, which must be learnt.
             labels = input_ids.masked_fill(mask == 0, IGNORE_INDEX)
+            if self.prompt_lens is not None:  # a prompt is read, not learnt
+                for b, i in enumerate(indices):
+                    labels[b, : self.prompt_lens[i]] = IGNORE_INDEX
         else:
             assert self.labels is not None
             labels = torch.tensor([self.labels[i] for i in indices], dtype=torch.long)
@@ -136,10 +156,31 @@ def encode_dataset(
         r if r else [tokenizer.eos_id if tokenizer.eos_id is not None else tokenizer.pad_id]
         for r in ids
     ]
+    prompt_lens = None
+    if task == "causal_lm" and any(e.prompt is not None for e in examples):
+        prompt_lens = _prompt_lens(examples, ids, tokenizer, max_length)
     labels = None
     if task == "classification":
         missing = [i for i, e in enumerate(examples) if e.label is None]
         if missing:
             raise DataError(f"classification needs labels; example {missing[0]} has none")
         labels = [int(e.label) for e in examples]  # type: ignore[arg-type]
-    return EncodedDataset(ids, labels, task, tokenizer.pad_id)
+    return EncodedDataset(ids, labels, task, tokenizer.pad_id, prompt_lens=prompt_lens)
+
+
+def _prompt_lens(
+    examples: Sequence[Example], ids: list[list[int]], tokenizer: Tokenizer, max_length: int
+) -> list[int]:
+    """How many of each row's tokens are its prompt: the prefix the prompt's own encoding
+    shares with the whole example's (the special tokens a tokenizer adds at the start count
+    as prompt; a token merged across the boundary counts as response, so never a response
+    token goes unlearnt). A prompt cut by ``max_length`` leaves nothing to learn there."""
+    prompted = [i for i, e in enumerate(examples) if e.prompt is not None]
+    alone = tokenizer.encode([examples[i].prompt or "" for i in prompted], max_length)
+    out = [0] * len(examples)
+    for i, p in zip(prompted, alone):
+        row, n = ids[i], 0
+        while n < min(len(p), len(row)) and p[n] == row[n]:
+            n += 1
+        out[i] = n
+    return out

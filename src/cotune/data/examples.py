@@ -8,11 +8,14 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class Example:
     """One text with its label id (``None`` for causal language modelling) and, for causal LM
-    data whose records are labelled (e.g. ``austen`` with ``data.view: novel``), its domain id."""
+    data whose records are labelled (e.g. ``austen`` with ``data.view: novel``), its domain id.
+    Instruction data (``data.prompt_field``): ``text`` is the prompt followed by the response,
+    ``prompt`` the prompt alone (its tokens are read, not learnt)."""
 
     text: str
     label: int | None = None
     domain: int | None = None
+    prompt: str | None = None
 
     @property
     def group(self) -> int | None:

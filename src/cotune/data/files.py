@@ -14,12 +14,19 @@ import io
 import json
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, NamedTuple, TextIO
 
 from cotune.data.registry import DatasetInfo
 from cotune.errors import DataError
 
-Record = tuple[str, str | None]  # (text, label as a string, or None without labels)
+
+class Record(NamedTuple):
+    """A source's example: its text (with a prompt: the prompt then the response), its label as
+    a string (None without labels) and its prompt (None: plain text)."""
+
+    text: str
+    label: str | None
+    prompt: str | None = None
 
 
 def _open_text(path: Path) -> TextIO:
@@ -48,8 +55,9 @@ def _label_str(value: Any) -> str:
 
 
 def _make_record(
-    row: dict[str, Any], where: str, text_field: str, label_field: str | None
-) -> Record | None:
+    row: dict[str, Any], where: str, text_field: str, label_field: str | None,
+    prompt_field: str | None = None,
+) -> Record | None:  # fmt: skip
     fields = ", ".join(map(str, row)) or "(none)"
     if text_field not in row:
         raise DataError(
@@ -60,6 +68,18 @@ def _make_record(
         raise DataError(
             f"{where}: field {text_field!r} must be a string, got {type(text).__name__}"
         )
+    prompt = None
+    if prompt_field is not None:
+        if prompt_field not in row:
+            raise DataError(
+                f"{where}: no prompt field {prompt_field!r} (fields there: {fields}); "
+                "set data.prompt_field"
+            )
+        prompt = row[prompt_field]
+        if not isinstance(prompt, str):
+            raise DataError(
+                f"{where}: field {prompt_field!r} must be a string, got {type(prompt).__name__}"
+            )
     label = None
     if label_field is not None:
         if label_field not in row or row[label_field] is None or row[label_field] == "":
@@ -67,7 +87,9 @@ def _make_record(
                 f"{where}: no label field {label_field!r} (fields there: {fields}); set data.label_field"
             )
         label = _label_str(row[label_field])
-    return (text, label) if text.strip() else None  # blank texts carry nothing to learn
+    if not text.strip():
+        return None  # a blank text (or response) carries nothing to learn
+    return Record(text, label) if prompt is None else Record(prompt + text, label, prompt)
 
 
 def _jsonl_rows(path: Path, fh: TextIO) -> Iterator[tuple[str, dict[str, Any]]]:
@@ -85,8 +107,9 @@ def _jsonl_rows(path: Path, fh: TextIO) -> Iterator[tuple[str, dict[str, Any]]]:
 
 
 def _csv_rows(
-    path: Path, fh: TextIO, delimiter: str, text_field: str, label_field: str | None
-) -> Iterator[tuple[str, dict[str, Any]]]:
+    path: Path, fh: TextIO, delimiter: str, text_field: str, label_field: str | None,
+    prompt_field: str | None = None,
+) -> Iterator[tuple[str, dict[str, Any]]]:  # fmt: skip
     reader = csv.DictReader(fh, delimiter=delimiter)
     header = reader.fieldnames
     if not header:
@@ -100,6 +123,11 @@ def _csv_rows(
     if label_field is not None and label_field not in header:
         raise DataError(
             f"{path}: no label column {label_field!r} in the header (columns: {cols}); set data.label_field"
+        )
+    if prompt_field is not None and prompt_field not in header:
+        raise DataError(
+            f"{path}: no prompt column {prompt_field!r} in the header (columns: {cols}); "
+            "set data.prompt_field"
         )
     for row in reader:
         where = f"{path}:{reader.line_num}"
@@ -122,13 +150,16 @@ def _builtin_hint(name: str) -> str:
     return f" ({guess}`cotune datasets` lists the built-in ones: {', '.join(names)})"
 
 
-def read_file(path: str | Path, text_field: str, label_field: str | None) -> list[Record]:
-    """Read a JSONL / CSV / TSV file; ``label_field=None`` reads texts only."""
-    return [record for _, record in read_located(path, text_field, label_field)]
+def read_file(
+    path: str | Path, text_field: str, label_field: str | None, prompt_field: str | None = None
+) -> list[Record]:
+    """Read a JSONL / CSV / TSV file; ``label_field=None`` reads texts only; with
+    ``prompt_field`` each record is that prompt followed by its text (the response)."""
+    return [record for _, record in read_located(path, text_field, label_field, prompt_field)]
 
 
 def read_located(
-    path: str | Path, text_field: str, label_field: str | None
+    path: str | Path, text_field: str, label_field: str | None, prompt_field: str | None = None
 ) -> list[tuple[str, Record]]:
     """``read_file`` with each record's ``file:line`` (for errors found after reading)."""
     p = Path(path)
@@ -143,11 +174,11 @@ def read_located(
                 rows: Iterable[tuple[str, dict[str, Any]]] = _jsonl_rows(p, fh)
             else:
                 delim = "," if kind == ".csv" else "\t"
-                rows = _csv_rows(p, fh, delim, text_field, label_field)
+                rows = _csv_rows(p, fh, delim, text_field, label_field, prompt_field)
             records = [
                 (where, r)
                 for where, row in rows
-                if (r := _make_record(row, where, text_field, label_field))
+                if (r := _make_record(row, where, text_field, label_field, prompt_field))
             ]
     except UnicodeDecodeError as exc:
         raise DataError(f"{p}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
@@ -163,7 +194,9 @@ def read_builtin(info: DatasetInfo, label_key: str | None) -> list[Record]:
     with gzip.open(info.path, "rt", encoding="utf-8") as fh:
         rows = [json.loads(line) for line in fh]
     return [
-        (r["text"], None if label_key is None else r[label_key]) for r in rows if "_meta" not in r
+        Record(r["text"], None if label_key is None else r[label_key])
+        for r in rows
+        if "_meta" not in r
     ]
 
 
@@ -183,7 +216,7 @@ def parse_hf_spec(spec: str) -> tuple[str, str | None]:
 
 
 def read_hf(
-    spec: str, text_field: str, label_field: str | None
+    spec: str, text_field: str, label_field: str | None, prompt_field: str | None = None
 ) -> tuple[list[Record], list[Record] | None]:
     """Train records and, when the dataset has one, test (or validation) records."""
     name, config = parse_hf_spec(spec)
@@ -221,7 +254,8 @@ def read_hf(
                 and row[label_field] >= 0
             ):
                 row = {**row, label_field: names[row[label_field]]}
-            rec = _make_record(row, f"hf:{name} split {split!r} row {i}", text_field, label_field)
+            where = f"hf:{name} split {split!r} row {i}"
+            rec = _make_record(row, where, text_field, label_field, prompt_field)
             if rec is not None:
                 out.append(rec)
         return out

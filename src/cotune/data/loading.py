@@ -27,7 +27,13 @@ def _read(cfg: DataSection, task: str) -> tuple[str, list[Record], list[Record] 
     """(name, train records, test records or None) with labels read only for classification."""
     want_labels = task == "classification" or bool(cfg.labels)
     src = cfg.dataset
+    prompts = cfg.prompt_field
     if is_builtin(src):
+        if prompts is not None:
+            raise DataError(
+                f"data.prompt_field: the built-in dataset {src!r} has no prompts; give a "
+                "JSONL / CSV / TSV file or an hf: dataset with a prompt column"
+            )
         info = get_dataset_info(src)
         view = info.view(cfg.view or info.default_view[task])
         # Causal LM on a labelled view: the label becomes the example's domain.
@@ -49,11 +55,11 @@ def _read(cfg: DataSection, task: str) -> tuple[str, list[Record], list[Record] 
         raise DataError(f"data.view={cfg.view!r} only applies to built-in datasets, not {src!r}")
     label_field = cfg.label_field if want_labels else None
     if src.startswith("hf:"):
-        train, test = read_hf(src, cfg.text_field, label_field)
+        train, test = read_hf(src, cfg.text_field, label_field, prompts)
     else:
-        train, test = read_file(src, cfg.text_field, label_field), None
+        train, test = read_file(src, cfg.text_field, label_field, prompts), None
     if cfg.test_file:
-        test = read_file(cfg.test_file, cfg.text_field, label_field)
+        test = read_file(cfg.test_file, cfg.text_field, label_field, prompts)
     return src, train, test
 
 
@@ -145,10 +151,10 @@ def load_task_data(cfg: DataSection, task: str, seed: int) -> TaskData:
 
     def to_examples(recs: list[Record]) -> list[Example]:
         if label_names is not None:
-            return [Example(t, ids[y]) for t, y in recs]  # type: ignore[index]
+            return [Example(t, ids[y]) for t, y, _ in recs]  # type: ignore[index]
         if domain_names is not None:
-            return [Example(t, None, ids.get(y)) for t, y in recs]  # type: ignore[arg-type]
-        return [Example(t) for t, _ in recs]
+            return [Example(t, None, ids.get(y), p) for t, y, p in recs]  # type: ignore[arg-type]
+        return [Example(t, prompt=p) for t, _, p in recs]
 
     rng = np.random.default_rng([seed, 0x5EED])
     train = to_examples(train_recs)
@@ -176,7 +182,9 @@ def load_device_file(
     names = label_names if task == "classification" else domain_names
     if task == "classification" and not names:
         raise DataError("the server sent no label names for a classification run")
-    located = read_located(path, cfg.text_field, cfg.label_field if names else None)
+    located = read_located(
+        path, cfg.text_field, cfg.label_field if names else None, cfg.prompt_field
+    )
     if cfg.labels:
         keep = set(cfg.labels)
         located = [(w, r) for w, r in located if r[1] in keep]
@@ -184,9 +192,9 @@ def load_device_file(
             raise DataError(f"{path}: no records with the run's data.labels {sorted(keep)}")
     ids = {name: i for i, name in enumerate(names or [])}
     train: list[Example] = []
-    for where, (text, label) in located:
+    for where, (text, label, prompt) in located:
         if names is None:
-            train.append(Example(text))
+            train.append(Example(text, prompt=prompt))
             continue
         if label not in ids:
             field = f"field {cfg.label_field!r}"
@@ -196,6 +204,6 @@ def load_device_file(
             )
         group = ids[label]  # type: ignore[index]
         train.append(
-            Example(text, group) if task == "classification" else Example(text, None, group)
+            Example(text, group) if task == "classification" else Example(text, None, group, prompt)
         )
     return TaskData(str(path), train, [], label_names, domain_names)
