@@ -128,3 +128,26 @@ def test_a_run_learns_the_responses_only(tiny_config, tmp_path):
         losses[name] = [r["loss"] for r in recs if r["event"] == "train" and "loss" in r]
     assert len(losses["sft"]) == 2 and all(x == x for x in losses["sft"])  # not NaN
     assert losses["sft"] != losses["plain"]
+
+
+@pytest.mark.parametrize(("name", "label"), [("fortunes", "label"), ("austen", "novel")])
+def test_builtin_instruct_views_ask_for_the_label_and_learn_only_the_answer(name, label):
+    d = load_task_data(DataSection(dataset=name, view="instruct", max_examples=40), "causal_lm", 0)
+    assert d.name == f"{name}/instruct" and d.domain_names
+    for e in d.train:
+        assert e.prompt.endswith("Answer:")
+        assert e.text[len(e.prompt) :] == " " + d.domain_names[e.domain]
+    tok = build_tokenizer(None, [e.text for e in d.train], 400)
+    enc = encode_dataset(d.train, tok, 512, "causal_lm")
+    b = enc.batch([0])
+    learnt = b.labels[0][b.labels[0] != IGNORE_INDEX].tolist()
+    assert tok.decode(learnt).strip() == d.domain_names[d.train[0].domain]
+
+
+def test_a_prompt_that_fills_max_length_is_reported(tmp_path, caplog):
+    d = load_task_data(data(write(tmp_path / "qa.jsonl", QA)), "causal_lm", seed=0)
+    tok = build_tokenizer(None, [e.text for e in d.train], 300)
+    with caplog.at_level("WARNING", logger="cotune.data.batching"):
+        enc = encode_dataset(d.train, tok, 3, "causal_lm")
+    assert all(n == len(r) for n, r in zip(enc.prompt_lens, enc.ids))
+    assert f"{len(d.train)} of {len(d.train)} examples keep no response token" in caplog.text

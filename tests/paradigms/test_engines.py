@@ -36,12 +36,13 @@ CASES = {
     },
     # Blocks on the real tokens only: the role's own train_step turns it on in its own process.
     "fedavg-padding-free": {"paradigm": FED, "train": {"padding_free": True}},
-    # A causal-LM head and loss on the real tokens only (quotes of unequal lengths).
-    "fedavg-causal-padding-free": {
+    # A causal-LM head and loss on the real tokens only (quotes of unequal lengths), learning
+    # the answers of instructions only (fortunes' instruct view: quote -> its category).
+    "fedavg-causal-padding-free-instruct": {
         "paradigm": FED,
-        "model": {"name_or_path": "random:gpt2", "task": "causal_lm", "max_length": 32,
+        "model": {"name_or_path": "random:gpt2", "task": "causal_lm", "max_length": 64,
                   "random_config": {"n_layer": 2}},
-        "data": {"dataset": "fortunes", "labels": [], "max_examples": 60},
+        "data": {"dataset": "fortunes", "view": "instruct", "labels": [], "max_examples": 60},
         "peft": {"target_modules": ["c_attn"]},
         "train": {"padding_free": True},
     },

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -12,6 +13,7 @@ from cotune.data.tokenizer import Tokenizer
 from cotune.errors import DataError
 
 IGNORE_INDEX = -100  # what cross-entropy ignores: padding in causal-LM labels
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -183,4 +185,9 @@ def _prompt_lens(
         while n < min(len(p), len(row)) and p[n] == row[n]:
             n += 1
         out[i] = n
+    silent = sum(out[i] >= len(ids[i]) for i in prompted)
+    if silent:
+        log.warning("%d of %d examples keep no response token within model.max_length=%d "
+                    "(their prompt fills it): they teach nothing", silent, len(prompted),
+                    max_length)  # fmt: skip
     return out

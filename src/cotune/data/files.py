@@ -189,15 +189,22 @@ def read_located(
     return records
 
 
-def read_builtin(info: DatasetInfo, label_key: str | None) -> list[Record]:
-    """All records of a shipped dataset, labelled from ``label_key`` (None: texts only)."""
+def read_builtin(
+    info: DatasetInfo, label_key: str | None, prompt: str | None = None
+) -> list[Record]:
+    """All records of a shipped dataset, labelled from ``label_key`` (None: texts only). With
+    an instruction view's ``prompt`` template, each record is that prompt made from its text,
+    answered by its label."""
     with gzip.open(info.path, "rt", encoding="utf-8") as fh:
-        rows = [json.loads(line) for line in fh]
-    return [
-        Record(r["text"], None if label_key is None else r[label_key])
-        for r in rows
-        if "_meta" not in r
-    ]
+        rows = [r for line in fh if "_meta" not in (r := json.loads(line))]
+    if prompt is None:
+        return [Record(r["text"], None if label_key is None else r[label_key]) for r in rows]
+    assert label_key is not None  # an instruction view answers with its label
+    out = []
+    for r in rows:
+        asked = prompt.format(text=r["text"])
+        out.append(Record(f"{asked} {r[label_key]}", r[label_key], asked))
+    return out
 
 
 def _labelled(split: Any, label_field: str | None) -> bool:

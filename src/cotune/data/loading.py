@@ -46,7 +46,7 @@ def _read(cfg: DataSection, task: str) -> tuple[str, list[Record], list[Record] 
             raise DataError(
                 f"data.labels is set but dataset {src!r} view {view.name!r} has no labels"
             )
-        records = read_builtin(info, view.label_key if want_labels else None)
+        records = read_builtin(info, view.label_key if want_labels else None, view.prompt)
         # A user's test file is a user file: it is read with data.text_field / data.label_field.
         test_label = cfg.label_field if want_labels else None
         test = read_file(cfg.test_file, cfg.text_field, test_label) if cfg.test_file else None

@@ -25,6 +25,9 @@ class ViewSpec:
     task: str  # "classification" or "causal_lm"
     label_key: str | None  # record key holding the label; None for text-only views
     description: str
+    # Instruction views: the prompt made from a record's text ({text}); the response is its
+    # label (" " + label), the only part learnt (see data.prompt_field).
+    prompt: str | None = None
 
 
 @dataclass(frozen=True)
@@ -59,7 +62,16 @@ _SPECS = (
         name="fortunes",
         description="Quotes from the Unix fortune program, labelled by category file",
         file="fortunes.jsonl.gz",
-        views=(ViewSpec("topic", "classification", "label", "quote -> category"),),
+        views=(
+            ViewSpec("topic", "classification", "label", "quote -> category"),
+            ViewSpec(
+                "instruct",
+                "causal_lm",
+                "label",
+                "instruction tuning: quote prompt -> category answer (learnt)",
+                prompt="Quote: {text}\nWhich fortune file is it from? Answer:",
+            ),
+        ),  # fmt: skip
         default_view={"classification": "topic", "causal_lm": "topic"},
     ),
     DatasetInfo(
@@ -69,7 +81,14 @@ _SPECS = (
         views=(
             ViewSpec("text", "causal_lm", None, "passages for language modelling"),
             ViewSpec("novel", "classification", "novel", "passage -> which novel"),
-        ),
+            ViewSpec(
+                "instruct",
+                "causal_lm",
+                "novel",
+                "instruction tuning: passage prompt -> novel answer (learnt)",
+                prompt="Passage: {text}\nWhich Austen novel is it from? Answer:",
+            ),
+        ),  # fmt: skip
         default_view={"classification": "novel", "causal_lm": "text"},
     ),
 )

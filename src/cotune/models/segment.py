@@ -204,17 +204,24 @@ def task_loss(logits: Tensor, labels: Tensor, task: str) -> Tensor:
         # (head and loss of a 384-wide GPT-2, batch 4 x 128, forward and backward on CPU:
         # 701 -> 592 ms). The last position's target is ignored.
         targets = F.pad(labels[:, 1:], (0, 1), value=-100)
-        return F.cross_entropy(
-            logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100
-        )
+        return _token_mean(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1))
     raise ModelError(f"unknown task {task!r} (allowed: classification, causal_lm)")
+
+
+def _token_mean(logits: Tensor, targets: Tensor) -> Tensor:
+    """Mean cross-entropy over the targets that are not -100, and 0 (no gradient) when there
+    are none: a batch of instructions whose answers all fell past ``model.max_length`` has
+    nothing to learn, which is not a divergence (a plain mean would be 0/0)."""
+    if bool((targets != -100).any()):
+        return F.cross_entropy(logits, targets, ignore_index=-100)
+    return logits.sum() * 0.0
 
 
 def packed_task_loss(logits: Tensor, labels: Tensor, layout: packing.Packing) -> Tensor:
     """``task_loss`` for causal LM from the real tokens' logits (``Segment.packed_logits``): each
     real token predicts the next label, as in the padded loss, whose padded rows are ignored."""
     targets = layout.pack(F.pad(labels[:, 1:], (0, 1), value=-100))
-    return F.cross_entropy(logits.float(), targets, ignore_index=-100)
+    return _token_mean(logits.float(), targets)
 
 
 def segment_loss(
