@@ -223,3 +223,22 @@ def test_a_head_only_segment_packs_its_logits_and_the_others_refuse():
     assert not top.packs_logits()
     with pytest.raises(ModelError, match="padding_free"):
         top.packed_logits(acts)
+
+
+def test_a_causal_batch_with_nothing_to_learn_has_loss_zero_not_nan():
+    """Instructions whose answers all fell past max_length leave only -100 targets: the loss
+    is 0 with zero gradients (a plain mean would be 0/0 and stop the run as a divergence)."""
+    from cotune.models.segment import packed_task_loss
+
+    logits = torch.randn(2, 4, 7, requires_grad=True)
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
+    labels = torch.full((2, 4), -100)
+    padded = task_loss(logits, labels, "causal_lm")
+    packed = packed_task_loss(Packing.of(mask).pack(logits), labels, Packing.of(mask))
+    for loss in (padded, packed):
+        assert loss.item() == 0.0
+        (g,) = torch.autograd.grad(loss, logits)
+        assert torch.equal(g, torch.zeros_like(g))
+    labels[0, 2] = 3  # one target: the ordinary mean
+    want = torch.nn.functional.cross_entropy(logits[0, 1:2], torch.tensor([3]))
+    torch.testing.assert_close(task_loss(logits, labels, "causal_lm"), want)
