@@ -211,10 +211,10 @@ def task_loss(logits: Tensor, labels: Tensor, task: str) -> Tensor:
 def _token_mean(logits: Tensor, targets: Tensor) -> Tensor:
     """Mean cross-entropy over the targets that are not -100, and 0 (no gradient) when there
     are none: a batch of instructions whose answers all fell past ``model.max_length`` has
-    nothing to learn, which is not a divergence (a plain mean would be 0/0)."""
-    if bool((targets != -100).any()):
-        return F.cross_entropy(logits, targets, ignore_index=-100)
-    return logits.sum() * 0.0
+    nothing to learn, which is not a divergence (a plain mean would be 0/0). Summed, then
+    divided on the device: no host sync (the same bits as the mean where there are targets)."""
+    count = (targets != -100).sum().clamp_min(1)
+    return F.cross_entropy(logits, targets, ignore_index=-100, reduction="sum") / count
 
 
 def packed_task_loss(logits: Tensor, labels: Tensor, layout: packing.Packing) -> Tensor:
