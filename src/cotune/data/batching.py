@@ -173,21 +173,45 @@ def encode_dataset(
 def _prompt_lens(
     examples: Sequence[Example], ids: list[list[int]], tokenizer: Tokenizer, max_length: int
 ) -> list[int]:
-    """How many of each row's tokens are its prompt: the prefix the prompt's own encoding
-    shares with the whole example's (the special tokens a tokenizer adds at the start count
-    as prompt; a token merged across the boundary counts as response, so never a response
-    token goes unlearnt). A prompt cut by ``max_length`` leaves nothing to learn there."""
+    """How many of each row's tokens are its prompt, with the prompted rows re-encoded in
+    ``ids`` so that the answer fits: the prompt is the prefix its own encoding shares with the
+    whole example's (the special tokens a tokenizer adds at the start count as prompt; a token
+    merged across the boundary counts as response, so never a response token goes unlearnt).
+    A row longer than ``max_length`` loses the start of its prompt (its end, next to the
+    answer, stays; so do the tokenizer's leading special tokens), and only an answer longer
+    than ``max_length`` by itself is cut at its end (the trailing special tokens kept)."""
+    unbounded = 1 << 30
     prompted = [i for i, e in enumerate(examples) if e.prompt is not None]
-    alone = tokenizer.encode([examples[i].prompt or "" for i in prompted], max_length)
+    whole = tokenizer.encode([examples[i].text for i in prompted], unbounded)
+    alone = tokenizer.encode([examples[i].prompt or "" for i in prompted], unbounded)
+    lead, trail = _special_ends(tokenizer)
     out = [0] * len(examples)
-    for i, p in zip(prompted, alone):
-        row, n = ids[i], 0
-        while n < min(len(p), len(row)) and p[n] == row[n]:
-            n += 1
-        out[i] = n
+    for i, row, p in zip(prompted, whole, alone):
+        n = _shared_prefix(row, p)
+        if len(row) > max_length:
+            drop = min(len(row) - max_length, max(0, n - lead))
+            row, n = row[:lead] + row[lead + drop :], n - drop
+            if len(row) > max_length:
+                row = row[: max(0, max_length - trail)] + row[len(row) - trail :]
+        ids[i], out[i] = row, min(n, len(row))
     silent = sum(out[i] >= len(ids[i]) for i in prompted)
     if silent:
-        log.warning("%d of %d examples keep no response token within model.max_length=%d "
-                    "(their prompt fills it): they teach nothing", silent, len(prompted),
-                    max_length)  # fmt: skip
+        log.warning("%d of %d examples keep no response token within model.max_length=%d: "
+                    "they teach nothing", silent, len(prompted), max_length)  # fmt: skip
     return out
+
+
+def _shared_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def _special_ends(tokenizer: Tokenizer) -> tuple[int, int]:
+    """How many tokens the tokenizer adds before and after a text (BERT's [CLS] / [SEP],
+    LLaMA's <s>, cotune's BPE's <eos>): what two one-letter texts' encodings share."""
+    x, y = tokenizer.encode(["x", "y"], 1 << 30)
+    lead = _shared_prefix(x, y)
+    trail = _shared_prefix(x[lead:][::-1], y[lead:][::-1])
+    return lead, trail
