@@ -28,6 +28,7 @@ from cotune.errors import CheckpointError, ProtocolError
 from cotune.models import Activations, task_loss
 from cotune.paradigms.base import Experiment, ParadigmResult, TrainingRole, mean, reply
 from cotune.paradigms.options import DLoRAOptions, parse_options
+from cotune.peft import regularization_over
 from cotune.peft.grouped import bind_state
 from cotune.progress import eval_fields
 from cotune.runtime import Message, Role
@@ -282,8 +283,7 @@ class DLoRADevice(TrainingRole):
         module is frozen in the cloud, so its term would only move what no longer trains)."""
         if not self.ctx.model.adapters.has_regularizer:
             return None
-        terms = [r for p in self.active if (r := self.layers[p].regularization_loss()) is not None]
-        return torch.stack(terms).sum() if terms else None
+        return regularization_over(self.layers[p] for p in self.active)
 
     def on_lora_fwd(self, msg: Message) -> Message:
         path = msg.meta["layer"]

@@ -24,7 +24,7 @@ from cotune.data import Batch, EncodedDataset, encode_dataset, load_task_data, l
 from cotune.errors import ConfigError, DataError
 from cotune.models import Anatomy, Segment
 from cotune.paradigms.base import Experiment
-from cotune.peft import AdapterLayer
+from cotune.peft import AdapterLayer, regularization_over
 from cotune.runtime.node import NodeModel, node_cache
 from cotune.train import Trainer
 
@@ -98,8 +98,7 @@ class BiOTModels:
                 p.data = saved[k]
 
     def adapter_regularization(self) -> torch.Tensor | None:
-        regs = [r for layer in self.reg_layers if (r := layer.regularization_loss()) is not None]
-        return torch.stack(regs).sum() if regs else None
+        return regularization_over(self.reg_layers)
 
     def release(self) -> None:
         """Leave the full model as it was found (full mode unfroze the adapter blocks)."""

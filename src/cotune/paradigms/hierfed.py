@@ -43,6 +43,7 @@ from cotune.paradigms.hierfed_plan import (
     plan_groups,
 )
 from cotune.paradigms.options import HierFedOptions
+from cotune.peft import regularization_over
 from cotune.progress import eval_fields
 from cotune.runtime import Message, Role
 from cotune.runtime.ids import SERVER
@@ -79,8 +80,8 @@ def depth_loss(model: NodeModel, task: str, depth: int) -> Callable[[Batch], tor
         with torch.no_grad():  # the frozen lower blocks: no graph, no saved activations
             acts = frozen(batch.input_ids, batch.attention_mask)
         loss = segment_loss(top, acts, None, batch.labels, task)
-        regs = [r for layer in reg_layers if (r := layer.regularization_loss()) is not None]
-        return loss + torch.stack(regs).sum() if regs else loss
+        reg = regularization_over(reg_layers)
+        return loss + reg if reg is not None else loss
 
     return loss_fn
 
@@ -175,8 +176,8 @@ class HierDevice(FedDevice):
                 return [] if reg is None else [reg]
             top = anatomy.segment(n - depth, n, embed=False, head=True)
             layers = [layer for path, layer in model.adapters.layers.items() if top.owns(path)]
-            regs = [r for layer in layers if (r := layer.regularization_loss()) is not None]
-            return [torch.stack(regs).sum()] if regs else []
+            reg = regularization_over(layers)
+            return [] if reg is None else [reg]
 
 
 class EdgeAggregator(Role):

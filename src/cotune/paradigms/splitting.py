@@ -36,7 +36,7 @@ from cotune.models import Activations, LoadedModel, Segment, segment_loss
 from cotune.models.packing import padding_free, token_dims
 from cotune.paradigms.base import reply
 from cotune.paradigms.options import OPTIONS, CutOptions, parse_options
-from cotune.peft import AdapterSet
+from cotune.peft import AdapterSet, regularization_over
 from cotune.runtime import Message, Role
 from cotune.runtime.ids import SERVER
 from cotune.runtime.node import NodeContext, NodeModel
@@ -146,8 +146,7 @@ def side_reg(
     layers = [layer for path, layer in adapters.layers.items() if owns(path)]
 
     def reg() -> torch.Tensor | None:
-        losses = [x for layer in layers if (x := layer.regularization_loss()) is not None]
-        return torch.stack(losses).sum() if losses else None
+        return regularization_over(layers)
 
     return reg
 

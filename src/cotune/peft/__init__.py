@@ -13,7 +13,7 @@ from cotune.peft.d2lora import D2loraLayer, D2loraOptions
 from cotune.peft.dora import DoraLayer, DoraOptions
 from cotune.peft.gelora import GeloraLayer, GeloraOptions
 from cotune.peft.ggm import GgmLayer, GgmOptions
-from cotune.peft.inject import AdapterSet, inject_adapters
+from cotune.peft.inject import AdapterSet, inject_adapters, regularization_over
 from cotune.peft.kasa import KasaLayer, KasaOptions
 from cotune.peft.lora import LoraLayer, LoraOptions, PlainLoraOptions
 from cotune.peft.modula import ModulaLayer, ModulaOptions
@@ -65,5 +65,6 @@ __all__ = [
     "inject_adapters",
     "load_adapter",
     "register_method",
+    "regularization_over",
     "save_adapter",
 ]

@@ -188,12 +188,13 @@ class AdapterSet:
         )
 
     def regularization_loss(self) -> torch.Tensor | None:
-        losses = [
-            loss
-            for layer in self.layers.values()
-            if (loss := layer.regularization_loss()) is not None
-        ]
-        return torch.stack(losses).sum() if losses else None
+        return regularization_over(self.layers.values())
+
+
+def regularization_over(layers: Iterable[AdapterLayer]) -> torch.Tensor | None:
+    """The sum of ``layers``' method regularizers (None: none of them has one)."""
+    losses = [loss for layer in layers if (loss := layer.regularization_loss()) is not None]
+    return torch.stack(losses).sum() if losses else None
 
 
 def _candidates_text(paths: list[str]) -> str:
