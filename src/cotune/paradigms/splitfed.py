@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from cotune.errors import ProtocolError
 from cotune.models import Activations, segment_loss, task_loss
-from cotune.models.packing import Packing, padding_free
+from cotune.models.packing import Packing, padding_free, token_dims
 from cotune.models.segment import packed_task_loss
 from cotune.paradigms.base import Experiment, ParadigmResult, mean, parse_options, screen_updates
 from cotune.paradigms.options import SplitFedOptions
@@ -34,7 +34,6 @@ from cotune.paradigms.splitting import (
     check_cut,
     clip_coef,
     combined,
-    cut_dims,
     global_clip,
     make_layout,
     owned_by_device,
@@ -160,7 +159,7 @@ class SplitServer(Role):
             lr = trainer.set_lr(state.step)
             with padding_free(self.packed):
                 losses, flops = meter.flops.run(
-                    "split-server-pooled", fwd_bwd, acts, labels, dims=cut_dims(mask, self.packed)
+                    "split-server-pooled", fwd_bwd, acts, labels, dims=token_dims(mask, self.packed)
                 )
             grads = {k: p.grad for k, p in trainer.params.items() if p.grad is not None}
         # The server waits for the last device of the step before it can pool.
@@ -220,7 +219,7 @@ class SplitServer(Role):
                 with padding_free(self.packed):
                     loss, flops = meter.flops.run(
                         "split-server", fwd_bwd, acts, t["labels"],
-                        dims=cut_dims(acts.attention_mask, self.packed),
+                        dims=token_dims(acts.attention_mask, self.packed),
                     )  # fmt: skip
                 meter.compute(flops, round=rnd, after=arrival, label="server")
             else:
@@ -246,7 +245,7 @@ class SplitServer(Role):
         """U-shape: forward the middle, let the device finish (loss stays there), backward."""
         meter, grid = self.ctx.meter, self.ctx.grid
         assert grid is not None
-        dims = cut_dims(acts.attention_mask, self.packed)
+        dims = token_dims(acts.attention_mask, self.packed)
         with padding_free(self.packed):
             out, flops = meter.flops.run("split-server-fwd", self.layout.server, acts, dims=dims)
         meter.compute(flops, round=rnd, after=arrival, label="server-fwd")

@@ -353,7 +353,10 @@ class SplitDevice(Role):
 
         with self.trainer.activate(self.state), padding_free(self.packed):
             (acts, reg), flops = self.ctx.meter.flops.run(
-                "split-device-fwd", forward, batch, dims=cut_dims(batch.attention_mask, self.packed)
+                "split-device-fwd",
+                forward,
+                batch,
+                dims=token_dims(batch.attention_mask, self.packed),
             )
         self.emit(step, rnd, batch, acts, reg, flops)
 
@@ -397,7 +400,7 @@ class SplitDevice(Role):
         with self.trainer.activate(self.state), padding_free(self.packed):
             loss, flops = self.ctx.meter.flops.run(
                 "split-device-top", fwd_bwd, acts, self._pending[2],
-                dims=cut_dims(acts.attention_mask, self.packed),
+                dims=token_dims(acts.attention_mask, self.packed),
             )  # fmt: skip
             self._stash()
         self.ctx.meter.compute(flops, round=self.round, label="top")
@@ -436,7 +439,10 @@ class SplitDevice(Role):
         # Under padding_free too: a checkpointed block recomputes its forward in backward.
         with self.trainer.activate(self.state), padding_free(self.packed):
             _, flops = self.ctx.meter.flops.run(
-                "split-device-bwd", backward, grad, dims=cut_dims(acts.attention_mask, self.packed)
+                "split-device-bwd",
+                backward,
+                grad,
+                dims=token_dims(acts.attention_mask, self.packed),
             )
             self._stash()
         self.backward_done(flops)
@@ -514,14 +520,6 @@ class SplitDevice(Role):
         self.state = state
         if state.sampler is not None:
             self.sampler.load_state_dict(state.sampler)
-
-
-def cut_dims(attention_mask: torch.Tensor, packed: bool) -> tuple[int, ...]:
-    """FLOP dimensions of one side's work on a batch: ``(batch, seq)``, and its real tokens
-    when that side's blocks run padding-free (``train.padding_free``). They let the FLOP
-    counter learn its exact law after a few counted shapes instead of recounting every new
-    (dynamically padded) length."""
-    return token_dims(attention_mask, packed)
 
 
 def owned_by_device(layout: Layout, path: str) -> bool:
