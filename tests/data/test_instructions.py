@@ -189,3 +189,13 @@ def test_a_max_length_with_no_room_for_an_answer_is_reported(tmp_path, caplog):
         enc = encode_dataset(d.train[:4], tok, 1, "causal_lm")  # room for [SEP] alone
     assert enc.ids == [[tok.hf.sep_token_id]] * 4 and enc.prompt_lens == [1] * 4
     assert "4 of 4 examples keep no response token within model.max_length=1" in caplog.text
+
+
+def test_plain_texts_beside_instructions_are_learnt_whole(tmp_path):
+    d = load_task_data(data(write(tmp_path / "qa.jsonl", QA)), "causal_lm", seed=0)
+    tok = build_tokenizer(None, [e.text for e in d.train], 300)
+    plain = type(d.train[0])("a plain text to learn whole " * 20)
+    enc = encode_dataset([plain, *d.train[:3]], tok, 16, "causal_lm")
+    assert enc.ids[0] == tok.encode([plain.text], 16)[0] and enc.prompt_lens[0] == 0
+    assert all(n > 0 for n in enc.prompt_lens[1:])
+    assert (enc.batch([0]).labels[0] != IGNORE_INDEX).all()

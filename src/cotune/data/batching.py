@@ -152,15 +152,16 @@ def encode_dataset(
     """Tokenize ``examples`` (truncated to ``max_length``); classification keeps the label ids."""
     if task not in ("classification", "causal_lm"):
         raise DataError(f"unknown task {task!r} (tasks: classification, causal_lm)")
-    ids = tokenizer.encode([e.text for e in examples], max_length)
+    prompt_lens = None
+    if task == "causal_lm" and any(e.prompt is not None for e in examples):
+        ids, prompt_lens = _encode_prompted(examples, tokenizer, max_length)
+    else:
+        ids = tokenizer.encode([e.text for e in examples], max_length)
     # An empty row (text that tokenizes to nothing) would be an all-masked row: keep one token.
     ids = [
         r if r else [tokenizer.eos_id if tokenizer.eos_id is not None else tokenizer.pad_id]
         for r in ids
     ]
-    prompt_lens = None
-    if task == "causal_lm" and any(e.prompt is not None for e in examples):
-        prompt_lens = _prompt_lens(examples, ids, tokenizer, max_length)
     labels = None
     if task == "classification":
         missing = [i for i, e in enumerate(examples) if e.label is None]
@@ -170,11 +171,11 @@ def encode_dataset(
     return EncodedDataset(ids, labels, task, tokenizer.pad_id, prompt_lens=prompt_lens)
 
 
-def _prompt_lens(
-    examples: Sequence[Example], ids: list[list[int]], tokenizer: Tokenizer, max_length: int
-) -> list[int]:
-    """How many of each row's tokens are its prompt, with the prompted rows re-encoded in
-    ``ids`` so that the answer fits: the prompt is the prefix its own encoding shares with the
+def _encode_prompted(
+    examples: Sequence[Example], tokenizer: Tokenizer, max_length: int
+) -> tuple[list[list[int]], list[int]]:
+    """Each example's token ids and how many of them are its prompt (0 without one), encoded
+    so that the answer fits: the prompt is the prefix its own encoding shares with the
     whole example's (the special tokens a tokenizer adds at the start count as prompt; a token
     merged across the boundary counts as response, so never a response token goes unlearnt).
     A row longer than ``max_length`` loses the start of its prompt (its end, next to the
@@ -182,6 +183,10 @@ def _prompt_lens(
     than ``max_length`` by itself is cut at its end (the trailing special tokens kept)."""
     unbounded = 1 << 30
     prompted = [i for i, e in enumerate(examples) if e.prompt is not None]
+    plain = [i for i, e in enumerate(examples) if e.prompt is None]
+    ids: list[list[int]] = [[] for _ in examples]
+    for i, row in zip(plain, tokenizer.encode([examples[i].text for i in plain], max_length)):
+        ids[i] = row
     whole = tokenizer.encode([examples[i].text for i in prompted], unbounded)
     alone = tokenizer.encode([examples[i].prompt or "" for i in prompted], unbounded)
     lead, trail = _special_ends(tokenizer)
@@ -198,7 +203,7 @@ def _prompt_lens(
     if silent:
         log.warning("%d of %d examples keep no response token within model.max_length=%d: "
                     "they teach nothing", silent, len(prompted), max_length)  # fmt: skip
-    return out
+    return ids, out
 
 
 def _shared_prefix(a: Sequence[int], b: Sequence[int]) -> int:
