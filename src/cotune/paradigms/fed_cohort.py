@@ -225,19 +225,21 @@ def _cohort_steps(devices: Sequence[Any], steps: list[int], rnd: int, key: str) 
         losses = [0.0] * len(live)
         # The first member's RNG draws the dropout masks.
         with plan.scope(), trainer.activate(first.state), padding_free(packed):
+            # A causal-LM head under padding_free: each member's real tokens' logits only.
+            per_token: Segment | None = None
+            if isinstance(plan.forward, Segment) and not split_head and plan.forward.packs_logits():
+                per_token = plan.forward
             for a in range(accum):
                 batches = [m[a] for m in micro]
                 rows = [len(b) for b in batches]
                 joint = _pad_cat(batches, task)
-                # A causal-LM head under padding_free: each member's real tokens' logits only.
-                fwd = plan.forward
-                per_token = not split_head and isinstance(fwd, Segment) and fwd.packs_logits()
                 with row_groups(layers, rows, grouped):
                     if split_head:
                         acts = plan.body(joint.input_ids, joint.attention_mask)
-                    elif per_token:
-                        assert isinstance(fwd, Segment)
-                        logits, layout = fwd.packed_logits(joint.input_ids, joint.attention_mask)
+                    elif per_token is not None:
+                        logits, layout = per_token.packed_logits(
+                            joint.input_ids, joint.attention_mask
+                        )
                         parts = logits.split(layout.group_tokens(rows))
                     else:
                         logits = plan.forward(joint.input_ids, joint.attention_mask)
@@ -248,7 +250,7 @@ def _cohort_steps(devices: Sequence[Any], steps: list[int], rnd: int, key: str) 
                 total = 0.0
                 start = 0
                 for i, (d, b, n) in enumerate(zip(live, batches, rows)):
-                    if per_token:  # its rows' real tokens, in its own batch's packing order
+                    if per_token is not None:  # its rows' real tokens, in its own packing
                         own = Packing.of(b.attention_mask)
                         loss = packed_task_loss(parts[i], b.labels, own)
                     else:
