@@ -79,10 +79,18 @@ class Segment(nn.Module):
     def forward(
         self, inputs: Tensor | Activations, attention_mask: Tensor | None = None
     ) -> Tensor | Activations:
+        out = self._run(inputs, attention_mask, packed_head=False)
+        assert not isinstance(out, tuple)
+        return out
+
+    def _run(
+        self, inputs: Tensor | Activations, attention_mask: Tensor | None, packed_head: bool
+    ) -> Tensor | Activations | tuple[Tensor, packing.Packing]:
+        """``_forward`` under the model's compute settings (autocast, checkpointing)."""
         compute = compute_of(self.anatomy.model)
         device = inputs.hidden.device if isinstance(inputs, Activations) else inputs.device
         with compute.forward_context(device):
-            return self._forward(inputs, attention_mask, compute.checkpoint_blocks())
+            return self._forward(inputs, attention_mask, compute.checkpoint_blocks(), packed_head)
 
     def packs_logits(self) -> bool:
         """Whether ``packed_logits`` may run now: a causal-LM head under ``padding_free`` on a
@@ -97,10 +105,7 @@ class Segment(nn.Module):
         padded positions' logits, a vocabulary-wide row each, are never computed."""
         if not self.packs_logits():
             raise ModelError("packed_logits needs a causal-LM head under padding_free")
-        compute = compute_of(self.anatomy.model)
-        device = inputs.hidden.device if isinstance(inputs, Activations) else inputs.device
-        with compute.forward_context(device):
-            out = self._forward(inputs, attention_mask, compute.checkpoint_blocks(), True)
+        out = self._run(inputs, attention_mask, packed_head=True)
         assert isinstance(out, tuple)
         return out
 
