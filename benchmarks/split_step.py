@@ -19,7 +19,11 @@ batches of 4 per step, by design) and with the pooled server (one update on the 
 plus the in-process device cohort (the four devices' bottom segments as one batch; it takes over
 once every device shape's FLOPs are known, so longer runs gain more).
 
+``--padding-free`` runs both sides with ``train.padding_free`` (the device cohort packs its joint
+batch too); ``--cohort-off`` turns the pooled pairing's cohort off, to compare the two.
+
 Run: .venv/bin/python benchmarks/split_step.py [--repeats 2 --steps 8] [--only pooled]
+     [--padding-free] [--cohort-off]
 Target: step host time ratio splitfed / central <= 1.05.
 """
 
@@ -55,6 +59,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--only", choices=["1x16", "sequential", "pooled"], default=None,
                     help="measure one pairing (more repeats in the same time)")  # fmt: skip
+    ap.add_argument("--padding-free", action="store_true", help="train.padding_free on both sides")
+    ap.add_argument("--cohort-off", action="store_true", help="the pooled pairing without cohort")
     args = ap.parse_args()
     pairs = {
         "1 device x 16": (
@@ -71,6 +77,15 @@ def main() -> None:
             ("configs/demo/central.yaml", ["devices.count=4", "train.batch_size=16", "name=c4p"]),
         ),
     }  # fmt: skip
+    extra = ["train.padding_free=true"] if args.padding_free else []
+    cohort = [f"paradigm.options.cohort={'false' if args.cohort_off else 'true'}"]
+    pairs = {
+        p: (
+            (sf[0], [*sf[1], *extra, *(cohort if "pooled" in p else [])]),
+            (ce[0], [*ce[1], *extra]),
+        )
+        for p, (sf, ce) in pairs.items()
+    }
     if args.only is not None:
         tag = {"1x16": "1 device", "sequential": "sequential", "pooled": "pooled"}[args.only]
         pairs = {p: v for p, v in pairs.items() if tag in p}

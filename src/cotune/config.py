@@ -360,7 +360,7 @@ class TrainSection(Section):
     # results up to float rounding and dropout masks, fewer FLOPs when batches are padded. Split
     # paradigms (split, splitfed, splitfrozen) run each side's segment this way too; the
     # cut's activations still cross padded (zeros at the padding), so messages keep their
-    # size, and splitfed's device cohort then runs its devices one by one. Devices then
+    # size; splitfed's device cohort packs its joint batch the same way. Devices then
     # finish their forward sooner in simulated time, so a sequential split server may serve
     # them in another order (another trajectory, as any change of device speed gives).
     # BERT/RoBERTa, GPT-2 and LLaMA/Qwen2/Mistral blocks pack; others (q/k-normed attention as

@@ -66,24 +66,3 @@ def test_padding_free_split_steps_equal_padded_ones_with_fewer_flops(tiny_config
     assert flops[True]["server"]["flops"] < flops[False]["server"]["flops"]
     for role in [r for r in flops[False] if r.startswith("device-")]:
         assert flops[True][role]["flops"] < flops[False][role]["flops"], role
-
-
-def test_splitfed_device_cohort_declines_padding_free_steps_and_says_so(tiny_config, caplog):
-    """A cohort counts its joint batch by (rows, length); padding-free steps are counted by
-    real tokens, so the devices run one by one (logged), agreeing with the padded cohort."""
-    import logging
-
-    from cotune.paradigms import fed_cohort
-
-    fed_cohort._told.discard("train.padding_free")
-    options = {"cut": 1, "server_batch": "pooled", "cohort": True}
-    got = {}
-    with caplog.at_level(logging.INFO, logger="cotune.paradigms.fed_cohort"):
-        for packed in (False, True):
-            cfg = tiny_config(name=f"cohort-{packed}", train={"padding_free": packed, "steps": 3},
-                              paradigm={"name": "splitfed", "options": options})  # fmt: skip
-            got[packed] = outcome(run_experiment(cfg, quiet=True, report=False))
-    assert "train.padding_free, so split steps run device by device" in caplog.text
-    torch.testing.assert_close(torch.tensor(got[True][0]), torch.tensor(got[False][0]),
-                               atol=1e-5, rtol=1e-5)  # fmt: skip
-    assert got[True][1]["bytes"] == got[False][1]["bytes"]

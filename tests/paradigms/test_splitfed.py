@@ -270,6 +270,17 @@ def _cohort_runs(tiny_config, monkeypatch, options, family="bert", new_shape_at=
         return together
 
     monkeypatch.setattr(split_cohort.DeviceCohort, "forward", spy)
+    # Whether the cohort's passes (forward, and backward where blocks recompute) ran packed.
+    packed_passes = []
+    real_groups = split_cohort.row_groups
+
+    def groups(*args):
+        from cotune.models import packing
+
+        packed_passes.append(packing.requested())
+        return real_groups(*args)
+
+    monkeypatch.setattr(split_cohort, "row_groups", groups)
     out = {}
     for together in (True, False):
         sf = {"name": "splitfed", "options": {"cut": 1, "aggregate_every": 3, **options,
@@ -279,6 +290,7 @@ def _cohort_runs(tiny_config, monkeypatch, options, family="bert", new_shape_at=
                                           devices={"count": 3},
                                           train={"steps": 8, **(train or {})},
                                           eval={"every": 8, "max_examples": 16}))  # fmt: skip
+    assert set(packed_passes) == {bool((train or {}).get("padding_free"))}
     return out, calls
 
 
@@ -289,8 +301,24 @@ def _cohort_runs(tiny_config, monkeypatch, options, family="bert", new_shape_at=
         ("bert", {"server_batch": "sequential", "clip": "per_side"}, None),
         ("gpt2", {"server_batch": "pooled"}, None),  # causal LM: per-token labels, padded pooling
         ("bert", {"server_batch": "pooled"}, {"gradient_checkpointing": True}),
+        # Padding-free: the joint batch's packed tokens split by member, FLOPs by real tokens.
+        ("bert", {"server_batch": "pooled"}, {"padding_free": True}),
+        ("gpt2", {"server_batch": "pooled"}, {"padding_free": True}),
+        (
+            "bert",
+            {"server_batch": "sequential", "clip": "per_side"},
+            {"padding_free": True, "gradient_checkpointing": True},
+        ),
     ],
-    ids=["pooled", "sequential", "pooled-gpt2-lm", "checkpointed"],
+    ids=[
+        "pooled",
+        "sequential",
+        "pooled-gpt2-lm",
+        "checkpointed",
+        "padding-free",
+        "padding-free-gpt2-lm",
+        "padding-free-checkpointed",
+    ],
 )
 def test_device_cohort_equals_one_device_at_a_time(
     tiny_config, monkeypatch, family, options, train

@@ -13,6 +13,10 @@ beside the cohort, which counts it) and applies its own optimizer step.
 Differences from one-at-a-time execution, both documented in docs/methods.md: float results
 agree to ~1e-6 (different batch shapes), and dropout masks of the whole cohort are drawn from
 the first device's RNG stream (statistically the same; bitwise different when dropout > 0).
+
+With ``train.padding_free`` the joint batch runs padding-free as a device's own batch does (the
+row groups split the packed tokens by member, through the backward too), and each member's FLOP
+key carries its own real tokens, so it is charged what its one-by-one step would be.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from cotune.models import Activations
-from cotune.paradigms.fed_cohort import decline
+from cotune.models.packing import padding_free, token_dims
 from cotune.paradigms.splitting import SplitDevice
 from cotune.peft.grouped import bind_state, row_groups, split_by_layer
 
@@ -36,6 +40,7 @@ class _Run:
     devices: list[SplitDevice]
     rows: list[int]
     lengths: list[int]
+    dims: list[tuple[int, ...]]  # each member's FLOP key dimensions
     leaves: list[dict[str, torch.Tensor]]
     hidden: torch.Tensor  # [sum rows, max length, d]: the joint output (graph root)
     regs: list[torch.Tensor | None]
@@ -72,10 +77,7 @@ class DeviceCohort:
             and not stateful and getattr(opts, "cohort", False)
             and (pooled or not first.global_clip)
         )  # fmt: skip
-        if self.supported and first.packed:
-            # Its joint batch would count FLOPs by (rows, length) alone; padding-free steps
-            # are counted by their real tokens, one device at a time.
-            self.supported = decline("train.padding_free", "split steps run device by device")
+        self.packed = first.packed
 
     @classmethod
     def for_roles(cls, roles: Sequence[SplitDevice]) -> DeviceCohort | None:
@@ -101,16 +103,16 @@ class DeviceCohort:
         batches = [d.next_batch(rnd) for d in devices]
         rows = [int(b.input_ids.shape[0]) for b in batches]
         lengths = [int(b.input_ids.shape[1]) for b in batches]
+        packed = self.packed
+        dims = [token_dims(b.attention_mask, packed) for b in batches]
         flops = self.flops
-        known = [
-            all(flops.known(k, dims) is not None for k in (FWD, BWD)) for dims in zip(rows, lengths)
-        ]
+        known = [all(flops.known(k, dm) is not None for k in (FWD, BWD)) for dm in dims]
         if sum(known) < 2:
             for d, b in zip(devices, batches):
                 d.send_activations(step, rnd, batch=b)
             return []
-        picked = [x for x, ok in zip(zip(devices, batches, rows, lengths), known) if ok]
-        members, mine_b, m_rows, m_lengths = (list(col) for col in zip(*picked))
+        picked = [x for x, ok in zip(zip(devices, batches, rows, lengths, dims), known) if ok]
+        members, mine_b, m_rows, m_lengths, m_dims = (list(col) for col in zip(*picked))
         width = max(m_lengths)
         # Right padding (the collator's): a row's real positions never see the extra columns.
         ids = torch.cat([F.pad(b.input_ids, (0, width - b.input_ids.shape[1])) for b in mine_b])
@@ -122,25 +124,26 @@ class DeviceCohort:
             {k: d.state.params[k].detach().requires_grad_(True) for k in names} for d in members
         ]
         layers = self.layers
-        with members[0].trainer.activate(members[0].state):  # its RNG draws the dropout masks
+        # The first member's RNG draws the dropout masks.
+        with members[0].trainer.activate(members[0].state), padding_free(packed):
             with row_groups(layers, m_rows, leaves):
                 acts = self.layout.bottom(ids, mask)
             regs = []
             for d, own in zip(members, leaves):
                 with bind_state(layers, own):
                     regs.append(d.reg())
-        self._run = _Run(members, m_rows, m_lengths, leaves, acts.hidden, regs)
+        self._run = _Run(members, m_rows, m_lengths, m_dims, leaves, acts.hidden, regs)
         slot, start = {}, 0  # a member's first row in the joint batch, and its regularizer
         for d, n, reg in zip(members, m_rows, regs):
             slot[id(d)] = (start, reg)
             start += n
-        for d, b, n, t, ok in zip(devices, batches, rows, lengths, known):
+        for d, b, n, t, dm, ok in zip(devices, batches, rows, lengths, dims, known):
             if not ok:
                 d.send_activations(step, rnd, batch=b)
                 continue
             at, reg = slot[id(d)]
             mine = Activations(acts.hidden[at : at + n, :t], b.attention_mask)
-            d.emit(step, rnd, b, mine, reg, flops.charge_known(FWD, (n, t)))
+            d.emit(step, rnd, b, mine, reg, flops.charge_known(FWD, dm))
         return members
 
     def backward(self) -> dict[int, int]:
@@ -164,14 +167,15 @@ class DeviceCohort:
             start += n
         if not live:
             return {}
-        # A checkpointed block recomputes its forward here: the row groups must hold again.
-        with row_groups(self.layers, run.rows, run.leaves):
+        # A checkpointed block recomputes its forward here: the row groups (and the packing)
+        # must hold again.
+        with padding_free(self.packed), row_groups(self.layers, run.rows, run.leaves):
             torch.autograd.backward(outs, grads)
         flops = self.flops
         done = {}
-        for d, n, t, own in zip(run.devices, run.rows, run.lengths, run.leaves):
+        for d, dm, own in zip(run.devices, run.dims, run.leaves):
             if d not in live:
                 continue
             d.grads = {k: leaf.grad for k, leaf in own.items() if leaf.grad is not None}
-            done[id(d)] = flops.charge_known(BWD, (n, t))
+            done[id(d)] = flops.charge_known(BWD, dm)
         return done
