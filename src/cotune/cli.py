@@ -370,6 +370,8 @@ def build_parser() -> argparse.ArgumentParser:
     inf.add_argument("--cloud-profile", default="a100")
     inf.add_argument("--role", default=None, help="which role's adapter when the run has several")
     inf.add_argument("--seed", type=int, default=0)
+    inf.add_argument("--raw-prompt", action="store_true",
+                     help="the prompt's text as given, not in the run's chat template")  # fmt: skip
     inf.add_argument("--serial-drafting", action="store_true",
                      help="no parallel drafting (drafting waits for each verification)")  # fmt: skip
     inf.add_argument(
@@ -447,7 +449,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             opts = InferOptions(
                 args.prompt, args.max_new_tokens, args.gamma, n_in, n_out, args.temperature,
                 chunk, args.drafter_steps, args.device_profile, args.cloud_profile, args.role,
-                args.seed, parallel_drafting=not args.serial_drafting,
+                args.seed, parallel_drafting=not args.serial_drafting, raw_prompt=args.raw_prompt,
             )  # fmt: skip
             return infer_command(args.run_dir, opts, json_out=args.json_out)
         if args.command == "datasets":

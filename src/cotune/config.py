@@ -63,6 +63,15 @@ class DataSection(Section):
     # data) and the loss covers the response's tokens only; past model.max_length the prompt
     # loses its start, so the answer stays. Null: plain language modelling.
     prompt_field: str | None = None
+    # Instruction data in the model's chat format: each prompted example becomes a conversation
+    # (system_prompt, the prompt as the user's turn, the response as the assistant's), the loss
+    # on the assistant's turn and its end-of-turn tokens. "tokenizer": the tokenizer's own
+    # template (instruct checkpoints ship one); a path: a Jinja template file in Hugging Face's
+    # format (configs/templates/chatml.jinja is ChatML). Null: prompt and response joined as
+    # written.
+    chat_template: str | None = None
+    # With chat_template: a system message before every prompt.
+    system_prompt: str | None = None
     # Keep only these labels (classification); empty keeps all.
     labels: list[str] = Field(default_factory=list)
     # Built-in dataset view, e.g. austen: "text" (causal LM) or "novel" (which-novel classification).
@@ -514,6 +523,16 @@ class RunConfig(Section):
             raise ValueError(
                 "data.prompt_field: prompts and responses are for model.task=causal_lm, not "
                 f"{self.model.task}"
+            )
+        if self.data.chat_template is not None and self.model.task != "causal_lm":
+            raise ValueError(
+                "data.chat_template: conversations are for model.task=causal_lm, not "
+                f"{self.model.task}"
+            )
+        if self.data.system_prompt is not None and self.data.chat_template is None:
+            raise ValueError(
+                "data.system_prompt: a system message needs a chat template; set "
+                "data.chat_template (e.g. 'tokenizer')"
             )
         if self.devices.ranks is not None and self.paradigm.name != "fedavg":
             raise ValueError(

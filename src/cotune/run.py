@@ -46,6 +46,22 @@ class NodeInputs:
     index: int  # which device this is
 
 
+def chat_format(cfg: RunConfig, tokenizer: Any, train: list[Any]) -> Any:
+    """``data.chat_template`` resolved against the run's tokenizer; prompts it applies to."""
+    from cotune.data.chat import resolve_chat
+    from cotune.errors import DataError
+
+    chat = resolve_chat(
+        cfg.data.chat_template, cfg.data.system_prompt, tokenizer, cfg.model.name_or_path
+    )
+    if chat is not None and not any(e.prompt is not None for e in train):
+        raise DataError(
+            "data.chat_template: the training data has no prompts to make conversations of; "
+            "set data.prompt_field, or use an instruct view (e.g. fortunes with view: instruct)"
+        )
+    return chat
+
+
 def build_experiment(
     cfg: RunConfig, run_dir: Path, *, quiet: bool, inputs: NodeInputs | None = None
 ):
@@ -84,6 +100,7 @@ def build_experiment(
     place_model(loaded, cfg, device)  # quantized, on the server's device, computing as asked
     if tokenizer is None:
         tokenizer = build_tokenizer(loaded.tokenizer, [], cfg.data.bpe_vocab_size)
+    tokenizer.chat = chat_format(cfg, tokenizer, data.train)
     train_set = encode_dataset(data.train, tokenizer, cfg.model.max_length, task).on(device)
     test_examples = data.test
     if cfg.eval.mixture is not None:  # the target domain mix the run is evaluated on

@@ -84,3 +84,42 @@ def test_device_files_finds_one_file_per_device(tmp_path):
     (tmp_path / "device-0.tsv").write_text("")
     with pytest.raises(ConfigError, match="several files"):
         device_files(tmp_path, ["device-0"])
+
+
+def test_devices_get_the_servers_chat_template_not_its_path(tiny_config, tmp_path):
+    """A template file named in the config lives on the server's machine: joining devices
+    are sent its text and render with a copy of it; the launched run equals the local one."""
+    from pathlib import Path
+
+    from cotune.deploy.device import with_chat_template
+    from cotune.deploy.launch import welcome
+    from cotune.run import run_experiment
+
+    template = tmp_path / "chat.jinja"
+    template.write_text((Path(__file__).parents[2] / "configs/templates/chatml.jinja").read_text())
+    sections = {
+        "model": {"name_or_path": "random:gpt2", "task": "causal_lm", "max_length": 64,
+                  "random_config": {"n_layer": 2}},
+        "data": {"dataset": "fortunes", "view": "instruct", "labels": [], "max_examples": 40,
+                 "chat_template": str(template), "system_prompt": "Name the file."},
+        "peft": {"target_modules": ["c_attn"]},
+        "paradigm": {"name": "fedavg"}, "train": {"steps": 2},
+    }  # fmt: skip
+    exp, _ = build_experiment(tiny_config(name="w", **sections), tmp_path / "w", quiet=True)
+    try:
+        told = welcome(exp)
+    finally:
+        exp.grid.close()
+    assert told["chat_template"] == template.read_text()
+    cfg = with_chat_template(exp.cfg, told, tmp_path / "device")
+    copy = Path(cfg.data.chat_template)
+    assert copy.parent == tmp_path / "device" and copy.read_text() == template.read_text()
+    assert cfg.data.system_prompt == "Name the file." and exp.cfg.data.chat_template == str(
+        template
+    )
+    want = outcome(run_experiment(tiny_config(name="local", **sections), quiet=True, report=False))
+    got = outcome(launch(tiny_config(name="grpc", **sections), quiet=True, report=False))
+    assert got[0] == want[0]
+    for role in want[2]:
+        for k, v in want[2][role].items():
+            assert torch.equal(v, got[2][role][k]), (role, k)

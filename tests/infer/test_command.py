@@ -52,3 +52,32 @@ def test_infer_refuses_what_it_cannot_do(tmp_path, capsys):
         parse_cut("1")
     assert main(["infer", str(tmp_path), "--prompt", "x"]) == 2
     assert "not a cotune run directory" in capsys.readouterr().err
+
+
+def test_a_run_trained_on_conversations_is_prompted_with_one(tmp_path, capsys):
+    """data.chat_template: the prompt goes in as the user's turn with the assistant's opened
+    (the template saved with the run's tokenizer); --raw-prompt gives the text as written."""
+    from pathlib import Path
+
+    chatml = Path(__file__).parents[2] / "configs" / "templates" / "chatml.jinja"
+    cfg = tiny_config_dict(
+        tmp_path, name="chat",
+        model={"name_or_path": "random:gpt2", "task": "causal_lm", "max_length": 96,
+               "random_config": {"n_layer": 3}},
+        data={"dataset": "fortunes", "view": "instruct", "labels": [], "max_examples": 40,
+              "chat_template": str(chatml)},
+        peft={"target_modules": ["c_attn"]}, train={"steps": 1}, eval={"every": 1, "max_examples": 4},
+    )  # fmt: skip
+    p = tmp_path / "chat.yaml"
+    p.write_text(yaml.safe_dump(cfg))
+    assert main(["run", str(p), "--quiet"]) == 0
+    run_dir = tmp_path / "runs" / "chat"
+    base = ["infer", str(run_dir), "--prompt", "Quote: hi", "--max-new-tokens", "2",
+            "--gamma", "0"]  # fmt: skip
+    capsys.readouterr()
+    assert main([*base, "--json", str(tmp_path / "chat.json")]) == 0
+    assert capsys.readouterr().out.startswith("<|im_start|>user\nQuote: hi")
+    assert main([*base, "--raw-prompt", "--json", str(tmp_path / "raw.json")]) == 0
+    chat, raw = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("chat", "raw"))
+    assert chat["model_input"] == "<|im_start|>user\nQuote: hi<|im_end|>\n<|im_start|>assistant\n"
+    assert raw["model_input"] == "Quote: hi" and chat["prompt"] == raw["prompt"] == "Quote: hi"

@@ -180,21 +180,39 @@ def _encode_prompted(
     merged across the boundary counts as response, so never a response token goes unlearnt).
     A row longer than ``max_length`` loses the start of its prompt (its end, next to the
     answer, stays; so do the tokenizer's leading special tokens), and only an answer longer
-    than ``max_length`` by itself is cut at its end (the trailing special tokens kept)."""
+    than ``max_length`` by itself is cut at its end (the trailing special tokens kept).
+
+    With a chat format (``tokenizer.chat``) each example is rendered as a conversation first,
+    the prompt alone with the assistant's turn opened: the prompt then ends where the
+    assistant's words begin, and a long prompt loses the start of the user's words, never the
+    template's header or the turn markers around them."""
     unbounded = 1 << 30
     prompted = [i for i, e in enumerate(examples) if e.prompt is not None]
     plain = [i for i, e in enumerate(examples) if e.prompt is None]
     ids: list[list[int]] = [[] for _ in examples]
     for i, row in zip(plain, tokenizer.encode([examples[i].text for i in plain], max_length)):
         ids[i] = row
-    whole = tokenizer.encode([examples[i].text for i in prompted], unbounded)
-    alone = tokenizer.encode([examples[i].prompt or "" for i in prompted], unbounded)
-    lead, trail = _special_ends(tokenizer)
+    chat = tokenizer.chat
+    if chat is None:
+        texts = [examples[i].text for i in prompted]
+        prompts = [examples[i].prompt or "" for i in prompted]
+    else:
+        render = tokenizer.renderer
+        pairs = [
+            (e.prompt or "", e.text[len(e.prompt or "") :])
+            for e in map(examples.__getitem__, prompted)
+        ]
+        texts = [chat.render(render, p, r) for p, r in pairs]
+        prompts = [chat.render(render, p) for p, _ in pairs]
+    special = chat is None  # a rendered conversation carries its own special tokens
+    whole = tokenizer.encode(texts, unbounded, special)
+    alone = tokenizer.encode(prompts, unbounded, special)
+    lead, mid, trail = _fixed_ends(tokenizer)
     out = [0] * len(examples)
     for i, row, p in zip(prompted, whole, alone):
         n = _shared_prefix(row, p)
         if len(row) > max_length:
-            drop = min(len(row) - max_length, max(0, n - lead))
+            drop = min(len(row) - max_length, max(0, n - lead - mid))
             row, n = row[:lead] + row[lead + drop :], n - drop
             if len(row) > max_length:
                 row = row[: max(0, max_length - trail)] + row[len(row) - trail :]
@@ -213,10 +231,23 @@ def _shared_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     return n
 
 
-def _special_ends(tokenizer: Tokenizer) -> tuple[int, int]:
-    """How many tokens the tokenizer adds before and after a text (BERT's [CLS] / [SEP],
-    LLaMA's <s>, cotune's BPE's <eos>): what two one-letter texts' encodings share."""
-    x, y = tokenizer.encode(["x", "y"], 1 << 30)
-    lead = _shared_prefix(x, y)
-    trail = _shared_prefix(x[lead:][::-1], y[lead:][::-1])
-    return lead, trail
+def _fixed_ends(tokenizer: Tokenizer) -> tuple[int, int, int]:
+    """The tokens every prompted row has whatever its words, which truncation keeps: how many
+    open a row (BERT's [CLS], LLaMA's <s>; a chat template's header up to the user's words),
+    close its prompt (a chat template's end of the user's turn and opening of the assistant's;
+    none in plain joins) and close the row (cotune's BPE's <eos>; the end of the assistant's
+    turn). Found as what the encodings of one-letter texts share."""
+    chat = tokenizer.chat
+    if chat is None:
+        x, y = tokenizer.encode(["x", "y"], 1 << 30)
+        lead = _shared_prefix(x, y)
+        return lead, 0, _shared_prefix(x[lead:][::-1], y[lead:][::-1])
+    render = tokenizer.renderer
+    texts = [chat.render(render, "x", "r"), chat.render(render, "y", "r"),
+             chat.render(render, "x", "s"), chat.render(render, "x"), chat.render(render, "y")]  # fmt: skip
+    xr, yr, xs, x, y = tokenizer.encode(texts, 1 << 30, special=False)
+    lead = _shared_prefix(xr, yr)
+    px, py = _shared_prefix(xr, x), _shared_prefix(yr, y)  # each row's prompt
+    mid = min(_shared_prefix(xr[lead:px][::-1], yr[lead:py][::-1]), px - lead)
+    trail = _shared_prefix(xr[px:][::-1], xs[px:][::-1])
+    return lead, mid, trail

@@ -15,6 +15,7 @@ from typing import Any
 from tokenizers import Tokenizer as _BPE
 from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
+from cotune.data.chat import ChatFormat
 from cotune.errors import DataError
 
 PAD, EOS = "<pad>", "<eos>"
@@ -32,6 +33,9 @@ class Tokenizer:
         if (hf is None) == (bpe is None):
             raise ValueError("give exactly one of hf= or bpe=")
         self.hf, self.bpe = hf, bpe
+        # Prompted examples become conversations in this format (``data.chat_template``).
+        self.chat: ChatFormat | None = None
+        self._renderer: Any | None = hf
         if bpe is not None:
             self.pad_id = bpe.token_to_id(PAD)
             self.eos_id: int | None = bpe.token_to_id(EOS)
@@ -47,7 +51,23 @@ class Tokenizer:
     def kind(self) -> str:
         return "bpe" if self.bpe is not None else "hf"
 
-    def encode(self, texts: Sequence[str], max_length: int) -> list[list[int]]:
+    @property
+    def renderer(self) -> Any:
+        """What renders chat templates: the HF tokenizer, or the local BPE wrapped as one."""
+        if self._renderer is None:
+            from transformers import PreTrainedTokenizerFast
+
+            self._renderer = PreTrainedTokenizerFast(
+                tokenizer_object=self.bpe, pad_token=PAD, eos_token=EOS
+            )
+        return self._renderer
+
+    def encode(
+        self, texts: Sequence[str], max_length: int, special: bool = True
+    ) -> list[list[int]]:
+        """Token ids, at most ``max_length`` per text. ``special=False``: without the special
+        tokens an HF tokenizer adds around a text (a rendered chat template writes its own);
+        the local BPE ends every text with ``<eos>`` either way."""
         if max_length < 1:
             raise DataError(f"max_length must be >= 1, got {max_length}")
         texts = list(texts)
@@ -59,7 +79,7 @@ class Tokenizer:
             chunk = texts[at : at + ENCODE_CHUNK]
             if self.hf is not None:
                 enc = self.hf(chunk, truncation=True, max_length=max_length,
-                              add_special_tokens=True, return_attention_mask=False,
+                              add_special_tokens=special, return_attention_mask=False,
                               return_token_type_ids=False)  # fmt: skip
                 out.extend(enc["input_ids"])
             else:
@@ -78,11 +98,16 @@ class Tokenizer:
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         if self.hf is not None:
+            if self.chat is not None:  # saved where HF reads it: the run's tokenizer chats too
+                self.hf.chat_template = self.chat.template
             self.hf.save_pretrained(str(d))
         else:
             assert self.bpe is not None
             self._save_bpe(d)
-        (d / _META).write_text(json.dumps({"kind": self.kind, "pad_id": self.pad_id}) + "\n")
+        meta: dict[str, Any] = {"kind": self.kind, "pad_id": self.pad_id}
+        if self.chat is not None:
+            meta["chat"] = {"template": self.chat.template, "system": self.chat.system}
+        (d / _META).write_text(json.dumps(meta) + "\n")
         return d
 
     def _save_bpe(self, d: Path) -> None:
@@ -98,23 +123,30 @@ class Tokenizer:
         out.save(str(d / "tokenizer.json"))
         config = {"tokenizer_class": "PreTrainedTokenizerFast", "pad_token": PAD,
                   "eos_token": EOS, "model_max_length": 1_000_000}  # fmt: skip
+        if self.chat is not None:
+            config["chat_template"] = self.chat.template
         (d / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
 
     @classmethod
     def load(cls, directory: str | Path) -> Tokenizer:
         d = Path(directory)
         meta_path = d / _META
-        kind = json.loads(meta_path.read_text())["kind"] if meta_path.is_file() else "hf"
-        if kind == "bpe":
-            return cls(bpe=_BPE.from_file(str(d / "tokenizer.json")))
-        try:
-            from transformers import AutoTokenizer  # heavy: only when an HF tokenizer is loaded
-        except ImportError as exc:  # pragma: no cover - transformers is a dependency
-            raise DataError(f"loading {d} needs transformers: {exc}") from None
-        try:
-            return cls(hf=AutoTokenizer.from_pretrained(str(d)))
-        except (OSError, ValueError) as exc:
-            raise DataError(f"{d}: not a saved tokenizer: {exc}") from None
+        meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {"kind": "hf"}
+        if meta["kind"] == "bpe":
+            out = cls(bpe=_BPE.from_file(str(d / "tokenizer.json")))
+        else:
+            try:
+                from transformers import AutoTokenizer  # heavy: only for an HF tokenizer
+            except ImportError as exc:  # pragma: no cover - transformers is a dependency
+                raise DataError(f"loading {d} needs transformers: {exc}") from None
+            try:
+                out = cls(hf=AutoTokenizer.from_pretrained(str(d)))
+            except (OSError, ValueError) as exc:
+                raise DataError(f"{d}: not a saved tokenizer: {exc}") from None
+        chat = meta.get("chat")
+        if chat is not None:
+            out.chat = ChatFormat(chat["template"], chat.get("system"))
+        return out
 
 
 def load_tokenizer(directory: str | Path) -> Tokenizer:

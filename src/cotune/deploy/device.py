@@ -95,7 +95,7 @@ class DeviceNode:
         from cotune.run import build_experiment
 
         self.dialer = dialer
-        cfg = config_from_dict(welcome["config"])
+        cfg = with_chat_template(config_from_dict(welcome["config"]), welcome, workdir)
         # This process builds only its own node: an in-process copy of the run's inputs, or,
         # with a data file, the run's model and tokenizer over this device's own data.
         local = cfg.model_copy(
@@ -326,6 +326,21 @@ def peak_rss_bytes() -> float:
         pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return float(peak if sys.platform == "darwin" else peak * 1024)
+
+
+def with_chat_template(cfg: Any, welcome: dict[str, Any], workdir: Path) -> Any:
+    """The run's config with its chat template file (``data.chat_template``, a path on the
+    server's machine) replaced by a copy of the server's template in ``workdir``."""
+    from cotune.data.chat import FROM_TOKENIZER
+
+    text = welcome.get("chat_template")
+    if text is None or cfg.data.chat_template in (None, FROM_TOKENIZER):
+        return cfg  # none, or the model's own tokenizer's: the device loads the same one
+    workdir.mkdir(parents=True, exist_ok=True)
+    path = workdir / "chat_template.jinja"
+    path.write_text(text, encoding="utf-8")
+    data = cfg.data.model_copy(update={"chat_template": str(path)})
+    return cfg.model_copy(update={"data": data})
 
 
 def own_inputs(node: str, welcome: dict[str, Any], cfg: Any, data_file: Path) -> Any:

@@ -107,13 +107,16 @@ def deployed_grid(exp: Any) -> Any:
 
 def welcome(exp: Any) -> dict[str, Any]:
     """What a joining device is told: the run's config and, for a device that brings its own
-    data, the run's label/domain names (its ids) and the tokenizer the server trained, if any."""
+    data, the run's label/domain names (its ids) and the tokenizer the server trained, if any;
+    the chat template's text when the config names a file (the device may not have it)."""
     tok = exp.tokenizer
+    chat = tok.chat if tok is not None else None
     return {
         "config": exp.cfg.to_dict(),
         "labels": exp.data.label_names,
         "domains": exp.data.domain_names,
         "tokenizer": tok.bpe.to_str() if tok is not None and tok.bpe is not None else None,
+        "chat_template": chat.template if chat is not None else None,
     }
 
 

@@ -37,6 +37,9 @@ class InferOptions:
     seed: int = 0
     codec: str = "fp32"
     parallel_drafting: bool = True
+    # A run trained on conversations (data.chat_template) is prompted with one: the prompt as
+    # the user's turn, the assistant's opened. True: the prompt's text as given.
+    raw_prompt: bool = False
 
 
 def parse_cut(text: str) -> tuple[int, int]:
@@ -49,7 +52,7 @@ def parse_cut(text: str) -> tuple[int, int]:
 
 
 def _drafter(run_dir: Path, cfg: Any, loaded: Any, tokenizer: Any, cut: Any, opts: InferOptions):
-    from cotune.data import load_task_data
+    from cotune.data import encode_dataset, load_task_data
     from cotune.infer.drafter import (
         DRAFTER_DIR,
         DrafterTraining,
@@ -64,8 +67,8 @@ def _drafter(run_dir: Path, cfg: Any, loaded: Any, tokenizer: Any, cut: Any, opt
     if found is not None or opts.drafter_steps == 0:
         return found
     data = load_task_data(cfg.data, cfg.model.task, cfg.seed)
-    texts = [e.text for e in data.train]
-    seqs = tokenizer.encode(texts, cfg.model.max_length)
+    # As the run read them (instruction data as its conversations, when it had a template).
+    seqs = encode_dataset(data.train, tokenizer, cfg.model.max_length, "causal_lm").ids
     train = DrafterTraining(steps=opts.drafter_steps, seed=opts.seed)
     with Progress(train.steps, "distilling the drafter", quiet=False) as bar:
         adapter, losses = train_drafter(
@@ -98,7 +101,10 @@ def infer(run_dir: Path, opts: InferOptions) -> dict[str, Any]:
     cut.check(loaded.anatomy.num_layers)
     device, cloud = get_profile(opts.device_profile), get_profile(opts.cloud_profile)
     drafter = _drafter(run_dir, cfg, loaded, tokenizer, cut, opts) if opts.gamma > 0 else None
-    prompt = tokenizer.encode([opts.prompt], 1_000_000)[0]
+    text, special = opts.prompt, True
+    if tokenizer.chat is not None and not opts.raw_prompt:
+        text, special = tokenizer.chat.render(tokenizer.renderer, opts.prompt), False
+    prompt = tokenizer.encode([text], 1_000_000, special)[0]
     if tokenizer.kind == "bpe" and prompt and prompt[-1] == tokenizer.eos_id:
         prompt = prompt[:-1]  # cotune's BPE ends every text with <eos>; a prompt continues
     if not prompt:
@@ -115,6 +121,7 @@ def infer(run_dir: Path, opts: InferOptions) -> dict[str, Any]:
     return {
         "run_dir": str(run_dir),
         "prompt": opts.prompt,
+        "model_input": text,  # the prompt as the model read it (its conversation, if any)
         "text": tokenizer.decode(out.tokens),
         "tokens": out.tokens,
         "pieces": pieces,
@@ -138,7 +145,7 @@ def format_result(res: dict[str, Any]) -> str:
 
     host, sim = res["host"]["token_times_s"], res["simulated"]["token_times_s"]
     lines = [
-        res["prompt"] + res["text"],
+        res.get("model_input", res["prompt"]) + res["text"],
         "",
         f"{'#':>3}  {'token':<16} {'host':>10} {'simulated':>10}",
     ]
