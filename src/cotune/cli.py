@@ -217,7 +217,7 @@ def _print_summary(run_dir: Path, quiet: bool) -> None:
     # Always, --quiet too: the result is what the command is for (quiet only drops progress).
     ev = summary.get("final", {})
     final = ", ".join(
-        f"eval {k}={ev[k]:.4g}" for k in ("accuracy", "perplexity", "loss")
+        f"eval {k}={ev[k]:.4g}" for k in ("accuracy", "exact_match", "perplexity", "loss")
         if isinstance(ev.get(k), int | float)
     )  # fmt: skip
     if isinstance(ev.get("examples"), int | float):

@@ -112,4 +112,8 @@ class Progress:
 
 def eval_fields(ev: dict[str, float]) -> dict[str, float]:
     """An evaluation's headline metrics, labelled as evaluation (not the training loss)."""
-    return {f"eval_{k}": v for k, v in ev.items() if k in ("accuracy", "perplexity", "loss")}
+    return {
+        f"eval_{k}": v
+        for k, v in ev.items()
+        if k in ("accuracy", "exact_match", "perplexity", "loss")
+    }

@@ -408,7 +408,7 @@ def _last_eval(records: list[dict]) -> dict[str, float]:
     evals = [r for r in records if r.get("event") == "eval" and r.get("role") in ("server", "mean")]
     if not evals:
         return {}
-    keys = ("loss", "accuracy", "perplexity", "examples")
+    keys = ("loss", "accuracy", "exact_match", "perplexity", "examples")
     return {k: evals[-1][k] for k in keys if isinstance(evals[-1].get(k), float | int)}
 
 

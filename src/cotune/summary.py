@@ -50,7 +50,9 @@ def build_summary(exp, result, host_time: float, *, messages: int | None = None)
     if scored:
         pick = max if key == "accuracy" else min
         b = pick(scored, key=lambda r: r[key])
-        best = {k: b[k] for k in ("step", "loss", "accuracy", "perplexity") if k in b}
+        best = {
+            k: b[k] for k in ("step", "loss", "accuracy", "exact_match", "perplexity") if k in b
+        }
     target = cfg.eval.target_accuracy
     reached = None
     if target is not None:

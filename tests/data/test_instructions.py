@@ -118,7 +118,7 @@ def test_a_run_learns_the_responses_only(tiny_config, tmp_path):
         "paradigm": {"name": "central"},
         "train": {"steps": 2},
     }  # fmt: skip
-    losses = {}
+    losses, final = {}, {}
     for name, extra in (("sft", {"prompt_field": "question"}), ("plain", {})):
         cfg = tiny_config(name=name, data={"dataset": str(f), "text_field": "answer", "labels": [],
                                            **extra},
@@ -126,8 +126,11 @@ def test_a_run_learns_the_responses_only(tiny_config, tmp_path):
         run_dir = run_experiment(cfg, quiet=True, report=False)
         recs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
         losses[name] = [r["loss"] for r in recs if r["event"] == "train" and "loss" in r]
+        final[name] = json.loads((run_dir / "summary.json").read_text())["final"]
     assert len(losses["sft"]) == 2 and all(x == x for x in losses["sft"])  # not NaN
     assert losses["sft"] != losses["plain"]
+    # Instructions are also scored by whether greedy decoding writes their answers.
+    assert 0.0 <= final["sft"]["exact_match"] <= 1.0 and "exact_match" not in final["plain"]
 
 
 @pytest.mark.parametrize(("name", "label"), [("fortunes", "label"), ("austen", "novel")])

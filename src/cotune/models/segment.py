@@ -245,6 +245,30 @@ def segment_loss(
     return task_loss(forward(inputs, attention_mask), labels, task)
 
 
+def causal_eval(
+    forward: nn.Module | Callable[..., Tensor],
+    inputs: Tensor | Activations,
+    attention_mask: Tensor | None,
+    labels: Tensor,
+) -> tuple[Tensor, Tensor]:
+    """A causal-LM batch's loss (as ``segment_loss``) and, per row, whether greedy decoding
+    reproduces its targets: every position with a target ranks it first. Under teacher forcing
+    that is exactly whether greedy generation from the row's prompt writes its response token
+    for token. A row with no target is False."""
+    targets = F.pad(labels[:, 1:], (0, 1), value=-100)
+    if isinstance(forward, Segment) and forward.packs_logits():
+        logits, layout = forward.packed_logits(inputs, attention_mask)
+        packed = layout.pack(targets)
+        loss = _token_mean(logits.float(), packed)
+        miss = (logits.argmax(-1) != packed) & (packed != -100)
+        missed = layout.unpack(miss.to(torch.int8)).bool()  # padding: no miss
+    else:
+        logits = forward(inputs, attention_mask)
+        loss = _token_mean(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1))
+        missed = (logits.argmax(-1) != targets) & (targets != -100)
+    return loss, ~missed.any(1) & (targets != -100).any(1)
+
+
 def attention_bias(
     attention_mask: Tensor,
     *,

@@ -43,6 +43,10 @@ def conclusions(rows: list[dict[str, Any]]) -> list[str]:
             out.append(
                 f"Lowest perplexity: {best['name']} ({float(best['final_perplexity']):.3g})."
             )
+        best = _best(rows, "final_exact_match", low=False)
+        if best is not None:
+            out.append(f"Most instructions answered exactly: {best['name']} "
+                       f"({float(best['final_exact_match']):.3f}).")  # fmt: skip
     first = _best(rows, "time_to_target_sim_s", low=True)
     if first is not None:
         missed = [r["name"] for r in rows if not is_number(r.get("time_to_target_sim_s"))]

@@ -29,7 +29,7 @@ AXIS_FIELDS = ("step", "round", "epoch", "host_time_s", "sim_time_s", "examples"
 #: (event, field) pairs drawn by a dedicated plot instead (cost_plots.plot_bytes_per_round).
 DEDICATED = {("round", "bytes_up"), ("round", "bytes_down")}
 #: The order metrics appear in; anything else follows alphabetically.
-METRIC_ORDER = ("loss", "accuracy", "perplexity", "lr")
+METRIC_ORDER = ("loss", "accuracy", "exact_match", "perplexity", "lr")
 EVENT_ORDER = ("train", "eval", "round")
 X_LABELS = {"step": "step", "sim_time_s": "simulated time (s)", "host_time_s": "host time (s)"}
 _TIME_LABELS = (X_LABELS["sim_time_s"], X_LABELS["host_time_s"])
@@ -176,7 +176,12 @@ def plot_run(records: list[dict[str, Any]], plots_dir: Path) -> list[Plot]:
         )
         for metric in metrics:
             # The headline "quality vs simulated time" plots; other fields only vs step.
-            quality = event == "eval" and metric in ("loss", "accuracy", "perplexity")
+            quality = event == "eval" and metric in (
+                "loss",
+                "accuracy",
+                "exact_match",
+                "perplexity",
+            )
             axes = ["step", "sim_time_s"] if quality else ["step"]
             for x in axes:
                 by_role = series_by_role(recs, event, metric, x)
@@ -195,6 +200,7 @@ def plot_run(records: list[dict[str, Any]], plots_dir: Path) -> list[Plot]:
 #: time comes first: it is the comparison across paradigms that host time cannot give.
 COMPARE_METRICS = (
     ("eval", "accuracy", ("sim_time_s", "step", "host_time_s")),
+    ("eval", "exact_match", ("sim_time_s", "step", "host_time_s")),
     ("eval", "perplexity", ("sim_time_s", "step", "host_time_s")),
     ("eval", "loss", ("sim_time_s", "step", "host_time_s")),
     ("train", "loss", ("step",)),

@@ -36,7 +36,8 @@ SUMMARY_ORDER = (
 )  # fmt: skip
 #: Columns of the comparison table (compare.json / compare.csv use the same keys).
 COMPARE_COLUMNS = (
-    "name", "paradigm", "peft_method", "final_accuracy", "final_perplexity", "final_loss",
+    "name", "paradigm", "peft_method", "final_accuracy", "final_exact_match", "final_perplexity",
+    "final_loss",
     "best_accuracy", "host_time_s", "sim_time_s", "time_to_target_sim_s", "time_to_target_step",
     "device_compute_s", "device_flops", "device_bytes", "device_energy_j",
     "device_peak_memory_bytes", "trainable_params", "eval_examples", "accuracy_ci95",
@@ -166,6 +167,7 @@ def compare_row(run: RunData) -> dict[str, Any]:
         "paradigm": s.get("paradigm"),
         "peft_method": s.get("peft_method"),
         "final_accuracy": final("accuracy"),
+        "final_exact_match": final("exact_match"),
         "final_perplexity": final("perplexity"),
         "final_loss": final("loss"),
         "best_accuracy": _get(s, "best", "accuracy"),

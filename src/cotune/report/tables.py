@@ -22,6 +22,7 @@ TITLES = {
     "accuracy_ci95": "± (95%, eval set)",
     "best_accuracy": "best accuracy",
     "device_accuracy": "per-device accuracy (min · mean · max)",
+    "final_exact_match": "exact match (instructions)",
     "final_perplexity": "perplexity",
     "final_loss": "eval loss",
     "eval_examples": "eval examples",
@@ -43,7 +44,7 @@ TITLES = {
 }
 
 QUALITY = ("name", "paradigm", "peft_method", "final_accuracy", "accuracy_ci95", "best_accuracy",
-           "device_accuracy", "final_perplexity", "final_loss", "eval_examples",
+           "device_accuracy", "final_exact_match", "final_perplexity", "final_loss", "eval_examples",
            "time_to_target_sim_s", "time_to_target_step")  # fmt: skip
 COSTS = ("name", "sim_time_s", "host_time_s", "devices", "device_compute_s", "device_flops",
          "device_bytes", "device_energy_j", "device_peak_memory_bytes", "server_compute_s",

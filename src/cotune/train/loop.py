@@ -16,6 +16,7 @@ from torch import nn
 from cotune.data import Batch, EncodedDataset
 from cotune.models import segment_loss, task_loss
 from cotune.models.packing import padding_free, token_dims
+from cotune.models.segment import causal_eval
 from cotune.sim.costs import FlopCounter
 from cotune.train.state import RoleState, Trainer
 
@@ -99,10 +100,14 @@ def evaluate(
     task: str,
     batch_size: int,
 ) -> dict[str, float]:
-    """Mean loss over the dataset, plus accuracy (classification) or perplexity (causal LM)."""
+    """Mean loss over the dataset, plus accuracy (classification) or perplexity (causal LM);
+    on instruction data also ``exact_match``: the share of prompted examples (with a response
+    token within ``model.max_length``) whose response greedy decoding reproduces exactly."""
     was_training = model.training
     model.eval()
     loss_sum, weight, correct, count = 0.0, 0, 0, 0
+    prompt_lens = dataset.prompt_lens if task == "causal_lm" else None
+    answered, asked = 0, 0  # instructions reproduced, instructions with a response
     try:
         for start in range(0, len(dataset), batch_size):
             batch = dataset.batch(list(range(start, min(start + batch_size, len(dataset)))))
@@ -116,10 +121,20 @@ def evaluate(
             else:
                 # Weight by predicted tokens so the mean is per token, not per batch.
                 n = int((batch.labels[:, 1:] != -100).sum())
-                if n:
-                    ids, mask = batch.input_ids, batch.attention_mask
-                    loss_sum += float(segment_loss(forward, ids, mask, batch.labels, task)) * n
-                    weight += n
+                if not n:
+                    continue
+                ids, mask = batch.input_ids, batch.attention_mask
+                if prompt_lens is None:
+                    loss = segment_loss(forward, ids, mask, batch.labels, task)
+                else:
+                    loss, exact = causal_eval(forward, ids, mask, batch.labels)
+                    lens = prompt_lens[start : start + int(ids.shape[0])]
+                    rows = torch.tensor([k > 0 for k in lens], device=exact.device)
+                    rows &= (batch.labels[:, 1:] != -100).any(1)
+                    answered += int((exact & rows).sum())
+                    asked += int(rows.sum())
+                loss_sum += float(loss) * n
+                weight += n
     finally:
         model.train(was_training)
     loss = loss_sum / max(weight, 1)
@@ -128,4 +143,6 @@ def evaluate(
         out["accuracy"] = correct / max(count, 1)
     else:
         out["perplexity"] = math.exp(min(loss, 50.0))
+        if asked:
+            out["exact_match"] = answered / asked
     return out
