@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from cotune import __version__
-from cotune.errors import CotuneError, Interrupted
+from cotune.errors import ConfigError, CotuneError, Interrupted
 
 
 def run_command(
@@ -151,26 +151,47 @@ def serve_command(
 
 
 def device_command(
-    server: str, node: str, *, tls: Path | None, mutual_tls: bool, insecure: bool,
+    server: str, nodes: list[str], *, tls: Path | None, mutual_tls: bool, insecure: bool,
     token: str | None, timeout: float, retry: float, data: Path | None = None,
+    token_dir: Path | None = None,
 ) -> int:  # fmt: skip
-    """Run one device of a served run: dial SERVER as device ID and train until the run ends."""
-    import os
-
+    """Run devices of a served run: dial SERVER as each device ID and train until the run ends
+    (several IDs: one process and one frozen base for all of them)."""
     from cotune.deploy.device import run_device
     from cotune.deploy.transport import Security
 
-    token = token or os.environ.get("COTUNE_TOKEN", "")
+    credentials = device_tokens(nodes, token, token_dir)
     security = Security(tls_dir=tls, mutual=mutual_tls, insecure=insecure)
-    run_device(server, node, token, security, connect_timeout=timeout, retry_s=retry,
+    run_device(server, credentials, security, connect_timeout=timeout, retry_s=retry,
                data_file=data)  # fmt: skip
-    print(f"{node}: the run is over")
+    print(f"{', '.join(nodes)}: the run is over")
     return 0
+
+
+def device_tokens(nodes: list[str], token: str | None, token_dir: Path | None) -> dict[str, str]:
+    """Each device id's token: ``--token-dir``'s ``<id>.token`` files (what `cotune certs`
+    writes), else ``--token`` / ``$COTUNE_TOKEN`` for a single device."""
+    import os
+
+    if len(set(nodes)) != len(nodes):
+        raise ConfigError(f"--id: a device given twice ({', '.join(nodes)})")
+    if token_dir is not None:
+        out = {}
+        for node in nodes:
+            path = token_dir / f"{node}.token"
+            try:
+                out[node] = path.read_text().strip()
+            except OSError as err:
+                raise ConfigError(f"--token-dir: cannot read {path}: {err.strerror}") from None
+        return out
+    if len(nodes) > 1 and (token or os.environ.get("COTUNE_TOKEN")):
+        raise ConfigError("--token: one token cannot serve several --id; give --token-dir")
+    return {node: token or os.environ.get("COTUNE_TOKEN", "") for node in nodes}
 
 
 def launch_command(
     config: Path, overrides: list[str], *, overwrite: bool, quiet: bool, out: Path | None,
-    insecure: bool, data_dir: Path | None = None,
+    insecure: bool, data_dir: Path | None = None, devices_per_process: int = 1,
 ) -> int:  # fmt: skip
     """Run CONFIG for real on this machine: a gRPC server and every device as its own process."""
     from cotune.config import load_config
@@ -178,7 +199,8 @@ def launch_command(
 
     extra = ["engine.insecure=true"] if insecure else []
     cfg = load_config(config, [*overrides, *extra])
-    run_dir = launch(cfg, quiet=quiet, overwrite=overwrite, out_root=out, data_dir=data_dir)
+    run_dir = launch(cfg, quiet=quiet, overwrite=overwrite, out_root=out, data_dir=data_dir,
+                     devices_per_process=devices_per_process)  # fmt: skip
     _print_summary(run_dir, quiet)
     return 0
 
@@ -312,9 +334,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("device", help=device_command.__doc__, description=device_command.__doc__)
     d.add_argument("--server", required=True, help="HOST:PORT of `cotune serve`")
-    d.add_argument("--id", required=True, dest="node", help="this device's id, e.g. device-3")
+    d.add_argument("--id", required=True, dest="nodes", action="append",
+                   help="this device's id, e.g. device-3; repeat to host several devices in "
+                        "this process (one frozen base for all)")  # fmt: skip
     add_security(d)
     d.add_argument("--token", default=None, help="this device's token (default: $COTUNE_TOKEN)")
+    d.add_argument("--token-dir", type=Path, default=None,
+                   help="a directory of <id>.token files (`cotune certs` output): each device's "
+                        "token")  # fmt: skip
     d.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the server")
     d.add_argument("--retry", type=float, default=0.0,
                    help="keep reconnecting this many seconds after a lost connection")  # fmt: skip
@@ -331,6 +358,9 @@ def build_parser() -> argparse.ArgumentParser:
     la.add_argument("--insecure", action="store_true", help="no TLS (default: made for the run)")
     la.add_argument("--data-dir", type=Path, default=None,
                     help="device-N.jsonl/.csv/.tsv files: each device trains on its own file")  # fmt: skip
+    la.add_argument("--devices-per-process", type=int, default=1,
+                    help="host this many devices in each device process (one frozen base for "
+                         "them; fewer processes than cores keeps them from contending)")  # fmt: skip
 
     ce = sub.add_parser("certs", help=certs_command.__doc__, description=certs_command.__doc__)
     ce.add_argument("out", type=Path)
@@ -425,14 +455,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             )  # fmt: skip
         if args.command == "device":
             return device_command(
-                args.server, args.node, tls=args.tls, mutual_tls=args.mutual_tls,
+                args.server, args.nodes, tls=args.tls, mutual_tls=args.mutual_tls,
                 insecure=args.insecure, token=args.token, timeout=args.timeout, retry=args.retry,
-                data=args.data,
+                data=args.data, token_dir=args.token_dir,
             )  # fmt: skip
         if args.command == "launch":
             return launch_command(
                 args.config, args.overrides, overwrite=args.overwrite, quiet=args.quiet,
                 out=args.out, insecure=args.insecure, data_dir=args.data_dir,
+                devices_per_process=args.devices_per_process,
             )  # fmt: skip
         if args.command == "certs":
             return certs_command(args.out, devices=args.devices, hosts=args.hosts)

@@ -157,6 +157,9 @@ def deployment_summary(
             "batched_requests": m.get("batched_requests"),
             # The peak resident memory of its process (a Ray host: of all its devices).
             "peak_rss_bytes": m.get("peak_rss_bytes"),
+            # Which process served it ("host:pid"): devices hosted together (a Ray host,
+            # `cotune device` with several --id) share busy seconds and peak memory.
+            "process": m.get("process"),
         }
     return {
         "predicted_time_s": summary["sim_time_s"],

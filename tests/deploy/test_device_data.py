@@ -123,3 +123,10 @@ def test_devices_get_the_servers_chat_template_not_its_path(tiny_config, tmp_pat
     for role in want[2]:
         for k, v in want[2][role].items():
             assert torch.equal(v, got[2][role][k]), (role, k)
+
+
+def test_devices_sharing_a_process_cannot_bring_their_own_files(tiny_config, tmp_path):
+    with pytest.raises(ConfigError, match="--devices-per-process 2: --data-dir .* needs a process"):
+        launch(tiny_config(), quiet=True, data_dir=tmp_path, devices_per_process=2)
+    with pytest.raises(ConfigError, match="--devices-per-process: must be >= 1, got 0"):
+        launch(tiny_config(), quiet=True, devices_per_process=0)

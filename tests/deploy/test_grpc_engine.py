@@ -34,6 +34,7 @@ def test_a_deployed_run_reports_measured_next_to_predicted(tiny_config):
     run_dir = launch(tiny_config(name="measured", paradigm={"name": "fedavg"}), quiet=True)
     dep = json.loads((run_dir / "summary.json").read_text())["deployment"]
     assert dep["measured_wall_s"] > 0 and dep["predicted_time_s"] > 0
+    assert dep["nodes"]["device-0"]["process"] != dep["nodes"]["device-1"]["process"]
     for node in ("device-0", "device-1"):
         n = dep["nodes"][node]
         # Wire bytes carry every message plus framing, control and measurement frames.
@@ -72,3 +73,26 @@ def test_requests_made_together_reach_every_device_before_the_first_reply(tiny_c
     for i in range(0, len(embeds), 4):  # one step: both requests, then both answers
         assert [e[0] for e in embeds[i : i + 4]] == ["sent", "sent", "answered", "answered"]
         assert {e[2] for e in embeds[i : i + 2]} == {"device-0", "device-1"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["fedavg", "splitfed-pooled-global-clip", "dlora-kill-revive",
+                                  "split-p2p", "hierfed"])  # fmt: skip
+def test_devices_sharing_a_process_equal_the_local_engine(tiny_config, case):
+    """`cotune launch --devices-per-process 2`: both devices in one process on one frozen base
+    (each still dials and authenticates as itself, TLS and tokens on): the local engine's run."""
+    want = reference(tiny_config, case, "local")
+    sections = dict(CASES[case])
+    sections["engine"] = {**sections.get("engine", {}), "request_timeout_s": 60}
+    run_dir = launch(tiny_config(name=f"{case}-shared", **sections), quiet=True, report=False,
+                     devices_per_process=2)  # fmt: skip
+    got = outcome(run_dir)
+    assert got[0] == want[0] and got[1]["final"] == want[1]["final"]
+    assert got[1]["costs"]["roles"] == want[1]["costs"]["roles"]
+    for role in want[2]:
+        for k, v in want[2][role].items():
+            assert torch.equal(v, got[2][role][k]), (role, k)
+    import json
+
+    nodes = json.loads((run_dir / "summary.json").read_text())["deployment"]["nodes"]
+    assert nodes["device-0"]["process"] == nodes["device-1"]["process"] is not None

@@ -222,3 +222,39 @@ def test_token_files_are_validated(tmp_path):
     with pytest.raises(ConfigError, match="cannot read"):
         read_tokens(str(tmp_path / "missing.yaml"))
     assert len(token_hash("x")) == 64 and HELLO == 1
+
+
+def test_one_process_hosting_two_devices_dials_each_as_itself(certs, tmp_path):
+    """`cotune device --id device-0 --id device-1 --token-dir`: a stream per device, each with
+    its own token and certificate; their frames reach one queue, each naming its device; a
+    wrong token for either one refuses that one, named."""
+    from cotune.cli import device_tokens
+    from cotune.deploy.device import DeviceRefused, DialerGroup, _serve_once
+
+    sec = Security(tls_dir=certs, mutual=True)
+    creds = device_tokens(["device-0", "device-1"], None, certs)
+    assert creds == tokens(certs)
+    h = hub(sec, read_tokens(str(certs / "tokens.yaml")))
+    try:
+        pair = {n: Dialer(h.address, n, t, sec) for n, t in creds.items()}
+        assert [first(d).type for d in pair.values()] == [WELCOME, WELCOME]
+        group = DialerGroup(pair)
+        for node in ("device-1", "device-0"):
+            h.links[node].send(Frame(SEND, {"codec": "fp32"}, node.encode()))
+        got = [group.inbound.get(timeout=10) for _ in range(2)]
+        assert sorted((f.header["node"], f.payload) for f in got) == [
+            ("device-0", b"device-0"), ("device-1", b"device-1")]  # fmt: skip
+        with pytest.raises(ProtocolError, match="'device-7' is not one of this process's"):
+            group.send(Frame(SEND, {}), "device-7")
+        group.close()
+        bad = {"device-0": creds["device-0"], "device-1": "not-the-token"}
+        with pytest.raises(DeviceRefused, match="refused device-1: wrong token"):
+            _serve_once(h.address, bad, sec, 10)
+    finally:
+        h.close()
+    with pytest.raises(ConfigError, match="one token cannot serve several --id"):
+        device_tokens(["device-0", "device-1"], "tok", None)
+    with pytest.raises(ConfigError, match="--token-dir: cannot read .*device-5.token"):
+        device_tokens(["device-5"], None, certs)
+    with pytest.raises(ConfigError, match="--id: a device given twice"):
+        device_tokens(["device-0", "device-0"], None, certs)

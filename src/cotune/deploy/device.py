@@ -11,6 +11,8 @@ from __future__ import annotations
 import importlib
 import itertools
 import logging
+import os
+import socket
 import tempfile
 import time
 import traceback
@@ -119,7 +121,7 @@ class DeviceNode:
         self.batched = 0  # requests this process answered as part of a batch (a cohort)
         examples = None if inputs is None else len(inputs.data.train)
         for node in self.nodes:
-            self.dialer.send(Frame(READY, {"examples": examples}), node)
+            self.dialer.send(Frame(READY, {"examples": examples, "process": process_name()}), node)
 
     # --- the loop ----------------------------------------------------------------------
     def serve(self) -> None:
@@ -310,6 +312,12 @@ class DeviceNode:
         return reply
 
 
+def process_name() -> str:
+    """This process as the deployment summary names it, ``host:pid`` (asked when used: device
+    processes are forked from a preloaded one)."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
 def peak_rss_bytes() -> float:
     """This process's peak resident memory: Linux's VmHWM, the high-water mark of this
     program's own address space (``ru_maxrss`` would also count what a forked worker's parent
@@ -428,20 +436,55 @@ class DeviceGrid(Grid):
         self._not_here("add_listener")
 
 
+class DialerGroup:
+    """The streams of a process that hosts several devices: one per device, each dialled and
+    authenticated as that device (its token, its certificate under mutual TLS), their frames
+    in one queue (each naming its node), every frame sent on its node's stream."""
+
+    def __init__(self, dialers: dict[str, Dialer]) -> None:
+        import queue
+
+        self.dialers = dialers
+        self.node = next(iter(dialers))
+        self.inbound: queue.Queue[Frame | None] = queue.Queue()
+        for d in dialers.values():
+            d.join(self.inbound)
+
+    def send(self, frame: Frame, node: str | None = None) -> None:
+        dialer = self.dialers.get(node or self.node)
+        if dialer is None:
+            raise ProtocolError(f"{node!r} is not one of this process's devices")
+        dialer.send(frame)
+
+    def close(self) -> None:
+        for d in self.dialers.values():
+            d.close()
+
+
 def run_device(
-    server: str, node: str, token: str, security: Security, *, connect_timeout: float = 60.0,
-    retry_s: float = 0.0, data_file: Path | None = None,
+    server: str, credentials: dict[str, str], security: Security, *,
+    connect_timeout: float = 60.0, retry_s: float = 0.0, data_file: Path | None = None,
 ) -> None:  # fmt: skip
-    """Connect to ``server`` as ``node`` and serve until the run ends. With ``retry_s``, a lost
-    or refused connection is tried again for that long (a server restarting with --resume).
-    With ``data_file``, the device trains on that file (JSONL/CSV/TSV with the run's
-    ``data.text_field`` / ``data.label_field``) instead of its shard of the config's data."""
+    """Connect to ``server`` as each device of ``credentials`` (device id -> its token) and
+    serve until the run ends; several devices share this process and one frozen base, as the
+    local engine's roles do. With ``retry_s``, a lost or refused connection is tried again for
+    that long (a server restarting with --resume). With ``data_file`` (one device only), the
+    device trains on that file (JSONL/CSV/TSV with the run's ``data.text_field`` /
+    ``data.label_field``) instead of its shard of the config's data."""
     import time
 
+    if not credentials:
+        raise ProtocolError("no device to run")
+    if data_file is not None and len(credentials) > 1:
+        raise ProtocolError(
+            "--data: a process hosting several devices trains each on its shard of the "
+            "config's data; run a device with its own file in a process of its own"
+        )
+    who = ", ".join(credentials)
     deadline = None
     while True:
         try:
-            if _serve_once(server, node, token, security, connect_timeout, data_file):
+            if _serve_once(server, credentials, security, connect_timeout, data_file):
                 return
             why = "the server went away"
         except PeerUnavailable as err:
@@ -449,16 +492,15 @@ def run_device(
         now = time.monotonic()
         deadline = deadline if deadline is not None else now + retry_s
         if now >= deadline:
-            raise PeerUnavailable(f"{node}: {why}")
-        log.info("%s: %s; connecting again", node, why)
+            raise PeerUnavailable(f"{who}: {why}")
+        log.info("%s: %s; connecting again", who, why)
         time.sleep(1.0)
 
 
-def _serve_once(
-    server: str, node: str, token: str, security: Security, connect_timeout: float,
-    data_file: Path | None = None,
-) -> bool:  # fmt: skip
-    """One connection: True when the run finished, False when the stream broke."""
+def _dial(
+    server: str, node: str, token: str, security: Security, connect_timeout: float
+) -> tuple[Dialer, Frame]:
+    """A stream to ``server`` as ``node``, and the server's welcome on it."""
     import queue
 
     dialer = Dialer(server, node, token, security)
@@ -476,14 +518,36 @@ def _serve_once(
     if first.type != WELCOME:
         dialer.close()
         raise ProtocolError(f"{server} opened with {first.describe()}, not a welcome")
-    with tempfile.TemporaryDirectory(prefix=f"cotune-{node}-") as tmp:
+    return dialer, first
+
+
+def _serve_once(
+    server: str, credentials: dict[str, str], security: Security, connect_timeout: float,
+    data_file: Path | None = None,
+) -> bool:  # fmt: skip
+    """One connection per device: True when the run finished, False when a stream broke."""
+    dialers: dict[str, Dialer] = {}
+    try:
+        for node, token in credentials.items():
+            dialers[node], first = _dial(server, node, token, security, connect_timeout)
+    except CotuneError:
+        for d in dialers.values():
+            d.close()
+        raise
+    nodes = list(dialers)
+    link: Any = dialers[nodes[0]] if len(nodes) == 1 else DialerGroup(dialers)
+    with tempfile.TemporaryDirectory(prefix=f"cotune-{nodes[0]}-") as tmp:
         try:
             try:
-                runtime = DeviceNode(dialer, first.header, Path(tmp), data_file)
+                # Several devices share one base (as the local engine's roles), so a launched
+                # run equals the in-process one; one device builds its node as `isolated`.
+                runtime = DeviceNode(link, first.header, Path(tmp), data_file, nodes=nodes,
+                                     isolated=len(nodes) == 1)  # fmt: skip
             except CotuneError as err:  # its data, its model: the server hears why, then stop
-                dialer.send(Frame(ERROR, {"error": f"{node} could not start: {err}"}))
+                for node in nodes:
+                    link.send(Frame(ERROR, {"error": f"{node} could not start: {err}"}), node)
                 raise
             runtime.serve()
             return runtime.finished
         finally:
-            dialer.close()
+            link.close()

@@ -217,9 +217,12 @@ def launch(
     device_env: dict[str, str] | None = None,
     server_hosts: tuple[str, ...] = (),
     report: bool = True,
+    devices_per_process: int = 1,
 ) -> Path:  # fmt: skip
     """Run ``cfg`` for real on this machine: this process serves, every device is its own
-    process (TLS and per-device tokens made for the run unless the config names its own).
+    process (TLS and per-device tokens made for the run unless the config names its own), or
+    with ``devices_per_process`` N, consecutive devices share a process N at a time (one frozen
+    base; each still dials, authenticates and exchanges as itself).
     With ``data_dir``, device N trains on its own ``device-N.jsonl`` there. ``wrap(device,
     address)`` gives a command prefix and the address that device dials (``netlab``: its own
     network namespace and shaped link; ``server_hosts``: the names it dials, for the server's
@@ -229,6 +232,16 @@ def launch(
     from cotune.runtime.ids import device_id
 
     devices = [device_id(i) for i in range(cfg.devices.count)]
+    if devices_per_process < 1:
+        raise ConfigError(f"--devices-per-process: must be >= 1, got {devices_per_process}")
+    if devices_per_process > 1 and (data_dir is not None or wrap is not None):
+        what = "--data-dir (a device's own file)" if data_dir is not None else "a wrapped device"
+        raise ConfigError(
+            f"--devices-per-process {devices_per_process}: {what} needs a process per device"
+        )
+    groups = [
+        devices[i : i + devices_per_process] for i in range(0, len(devices), devices_per_process)
+    ]
     files = device_files(Path(data_dir), devices) if data_dir is not None else {}
     tmp = Path(tempfile.mkdtemp(prefix="cotune-launch-"))
     eng = cfg.engine
@@ -245,9 +258,12 @@ def launch(
 
     def start_devices(address: str) -> None:
         tls = cfg.engine.tls_dir
-        for d in devices:
+        for group in groups:
+            d = group[0]
             prefix, dial = wrap(d, address) if wrap is not None else ([], address)
-            argv = ["device", "--server", dial, "--id", d]
+            argv = ["device", "--server", dial]
+            for node in group:
+                argv += ["--id", node]
             argv += ["--tls", tls] if tls else ["--insecure"]
             if cfg.engine.mutual_tls:
                 argv.append("--mutual-tls")
@@ -260,9 +276,13 @@ def launch(
             # run equals the in-process engines bit for bit only with the same count.
             env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
             env.update(device_env or {})
-            token_file = Path(tls) / f"{d}.token" if tls else None
-            if token_file is not None and token_file.is_file():
-                env["COTUNE_TOKEN"] = token_file.read_text().strip()
+            tokens = [Path(tls) / f"{n}.token" for n in group] if tls else []
+            if len(group) > 1:
+                env.pop("COTUNE_TOKEN", None)  # one token cannot serve several devices
+                if tokens and all(t.is_file() for t in tokens):
+                    argv += ["--token-dir", tls]  # the tokens made for the run, one per device
+            elif tokens and tokens[0].is_file():
+                env["COTUNE_TOKEN"] = tokens[0].read_text().strip()
             procs.append(start_cotune(argv, env, tmp / f"{d}.log", prefix))
 
     ON_LISTEN.append(start_devices)
@@ -272,7 +292,7 @@ def launch(
     finally:
         ON_LISTEN.remove(start_devices)
         failed = []
-        for d, p in zip(devices, procs):
+        for d, p in zip((g[0] for g in groups), procs):
             try:
                 rc = p.wait(timeout=30)
             except subprocess.TimeoutExpired:  # forked devices raise it too (procs.ForkedDevice)

@@ -134,6 +134,8 @@ class GrpcEngine(LocalEngine):
                 "busy_s": values.get("node_busy_s"),
                 "peak_rss_bytes": values.get("node_peak_rss_bytes"),
                 "batched_requests": values.get("node_batched_requests"),
+                # Devices hosted together name the same process (busy_s, peak memory: its).
+                "process": self.hub.ready.get(node, {}).get("process"),
             }
         return out
 

@@ -287,6 +287,10 @@ class Dialer:
             self.channel = grpc.secure_channel(server, creds, options=_OPTIONS)
         self.node = node
         self.inbound: queue.Queue[Frame | None] = queue.Queue()
+        # Once joined to a process hosting several nodes (``join``): frames go to its queue,
+        # each marked with this stream's node.
+        self.tag = False
+        self.switch = threading.Lock()
         self.outbound: queue.Queue[bytes | None] = queue.Queue()
         self.ids = itertools.count(1)
         self.send(Frame(HELLO, {"node": node, "token": token}))
@@ -308,10 +312,27 @@ class Dialer:
             for msg in self.responses:
                 frame = reader.add(msg)
                 if frame is not None:
-                    self.inbound.put(frame)
+                    self._deliver(frame)
         except Exception as err:  # noqa: BLE001 - the stream ended: the loop sees None
             log.info("%s: stream ended (%s)", self.node, type(err).__name__)
-        self.inbound.put(None)
+        self._deliver(None)
+
+    def _deliver(self, frame: Frame | None) -> None:
+        with self.switch:
+            if frame is not None and self.tag:
+                frame.header.setdefault("node", self.node)
+            self.inbound.put(frame)
+
+    def join(self, inbound: queue.Queue[Frame | None]) -> None:
+        """Deliver this stream's frames to ``inbound`` (a process's queue for all its nodes),
+        each naming this node; what arrived before is moved there first, in order."""
+        with self.switch:
+            old, self.inbound, self.tag = self.inbound, inbound, True
+            while not old.empty():
+                frame = old.get_nowait()
+                if frame is not None:
+                    frame.header.setdefault("node", self.node)
+                inbound.put(frame)
 
     def send(self, frame: Frame, node: str | None = None) -> None:
         """Queue ``frame`` on the stream (``node``: which of the process's nodes sends it; a
