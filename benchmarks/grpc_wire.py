@@ -9,7 +9,7 @@
    process (`cotune launch --devices-per-process`), the arms alternating.
 
 Run: .venv/bin/python benchmarks/grpc_wire.py [--rtt 50] [--big-mib 256] [--steps 20]
-     [--devices-per-process 1 4]
+     [--devices-per-process 1 4] [--launch-env GOMP_SPINCOUNT=20000]
 Targets (issue 13): (1) <= 8 ms median; (2) >= 300 MB/s; (3) ratio <= 1.10.
 """
 
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import tempfile
 import threading
@@ -110,36 +111,50 @@ def throughput(hub: Hub, mib: int) -> float:
 
 
 def split_ratio(
-    steps: int, repeats: int = 3, groupings: tuple[int, ...] = (1,)
-) -> tuple[float, dict[int, float]]:
-    """Median host seconds per step: the local engine's, and launched with each grouping of
-    devices per process."""
-    from cotune.config import config_from_dict, read_yaml
-    from cotune.deploy.launch import launch
-    from cotune.run import run_experiment
+    steps: int,
+    repeats: int = 3,
+    groupings: tuple[int, ...] = (1,),
+    env: dict[str, str] | None = None,
+) -> tuple[float, dict[tuple[int, bool], float]]:
+    """Median host seconds per step: ``cotune run`` (the local engine) and ``cotune launch``
+    with each grouping of devices per process, each arm its own command as a user runs it;
+    with ``env``, each grouping also launched with those variables (server and devices)."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    from cotune.config import read_yaml
 
     d = read_yaml(ROOT / "configs/demo/splitfed.yaml")
-    out = tempfile.mkdtemp(prefix="grpc_wire_")
+    out = Path(tempfile.mkdtemp(prefix="grpc_wire_"))
     d["devices"]["count"] = 4
     d["train"].update(steps=steps, batch_size=4)
     d["eval"] = {"every": 10_000, "max_examples": 8}
-    d["output"] = {"dir": out, "checkpoint_every": 0, "save_adapter": False}
+    d["output"] = {"checkpoint_every": 0, "save_adapter": False}
     d.setdefault("paradigm", {}).setdefault("options", {})["cohort"] = False
 
-    def per_step(run_dir: Path) -> float:
-        recs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    def per_step(name: str, *command: str, extra: dict[str, str] | None = None) -> float:
+        cfg = out / f"{name}.yaml"
+        cfg.write_text(yaml.safe_dump({**d, "name": name}))
+        argv = [sys.executable, "-m", "cotune.cli", *command, str(cfg), "--quiet",
+                "--overwrite", "--out", str(out)]  # fmt: skip
+        run_env = {**os.environ, **(extra or {})}
+        subprocess.run(argv, check=True, stdout=subprocess.DEVNULL, env=run_env)
+        recs = [json.loads(x) for x in (out / name / "metrics.jsonl").read_text().splitlines()]
         train = [r for r in recs if r["event"] == "train" and r["role"] in ("server", "mean")]
         return (train[-1]["host_time_s"] - train[0]["host_time_s"]) / (len(train) - 1)
 
+    arms = [(g, False) for g in groupings] + ([(g, True) for g in groupings] if env else [])
     local: list[float] = []
-    remote: dict[int, list[float]] = {g: [] for g in groupings}
-    for i in range(repeats):  # alternating, so machine noise hits every arm alike
-        cfg = config_from_dict({**d, "name": f"local-{i}"})
-        local.append(per_step(run_experiment(cfg, quiet=True, report=False)))
-        for g in groupings:
-            cfg = config_from_dict({**d, "name": f"grpc-{g}-{i}"})
-            remote[g].append(per_step(launch(cfg, quiet=True, devices_per_process=g)))
-    return statistics.median(local), {g: statistics.median(v) for g, v in remote.items()}
+    remote: dict[tuple[int, bool], list[float]] = {a: [] for a in arms}
+    for _ in range(repeats):  # alternating, so machine noise hits every arm alike
+        local.append(per_step("local", "run"))
+        for g, with_env in arms:
+            remote[(g, with_env)].append(per_step(
+                f"grpc-{g}{'-env' if with_env else ''}", "launch", "--devices-per-process",
+                str(g), extra=env if with_env else None))  # fmt: skip
+    return statistics.median(local), {a: statistics.median(v) for a, v in remote.items()}
 
 
 def main() -> None:
@@ -149,8 +164,16 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--no-split", action="store_true", help="only (1) and (2)")
-    ap.add_argument("--devices-per-process", type=int, nargs="+", default=[1],
-                    help="(3) launched with these many devices per process, each an arm")  # fmt: skip
+    ap.add_argument(
+        "--devices-per-process",
+        type=int,
+        nargs="+",
+        default=[1],
+        help="(3) launched with these many devices per process, each an arm",
+    )
+    ap.add_argument("--launch-env", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="(3) also launch each grouping with these environment variables "
+                         "(e.g. GOMP_SPINCOUNT=20000)")  # fmt: skip
     args = ap.parse_args()
     raw = raw_grpc_rtt(args.rtt, 4 * 96 * 1024 * 4)
     ours, hub, dev = cotune_rtt(args.rtt)
@@ -168,11 +191,13 @@ def main() -> None:
     )
     if args.no_split:
         return
-    local, remote = split_ratio(args.steps, args.repeats, tuple(args.devices_per_process))
-    for g, t in remote.items():
+    env = dict(kv.split("=", 1) for kv in args.launch_env)
+    local, remote = split_ratio(args.steps, args.repeats, tuple(args.devices_per_process), env)
+    for (g, with_env), t in remote.items():
         ratio = t / local
+        how = f"{g} per device process" + (f", {' '.join(args.launch_env)}" if with_env else "")
         print(
-            f"splitfed step (MiniLM, 4 devices x batch 4, {g} per device process): local "
+            f"splitfed step (MiniLM, 4 devices x batch 4, {how}): local "
             f"{local * 1e3:.1f} ms, gRPC {t * 1e3:.1f} ms, ratio {ratio:.3f} (target <= 1.10: "
             f"{'met' if ratio <= 1.10 else 'NOT met'})"
         )
