@@ -8,6 +8,7 @@ import torch
 pytest.importorskip("grpc")
 
 from cotune.deploy.launch import launch  # noqa: E402
+from cotune.run import run_experiment  # noqa: E402
 from tests.paradigms.test_engines import CASES, DEPLOYED, outcome, reference  # noqa: E402
 
 
@@ -76,13 +77,18 @@ def test_requests_made_together_reach_every_device_before_the_first_reply(tiny_c
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", ["fedavg", "splitfed-pooled-global-clip", "dlora-kill-revive",
-                                  "split-p2p", "hierfed"])  # fmt: skip
+@pytest.mark.parametrize("case", ["fedavg", "fedavg-cohort", "splitfed-pooled-global-clip",
+                                  "dlora-kill-revive", "split-p2p", "hierfed"])  # fmt: skip
 def test_devices_sharing_a_process_equal_the_local_engine(tiny_config, case):
     """`cotune launch --devices-per-process 2`: both devices in one process on one frozen base
     (each still dials and authenticates as itself, TLS and tokens on): the local engine's run."""
-    want = reference(tiny_config, case, "local")
-    sections = dict(CASES[case])
+    if case == "fedavg-cohort":  # the round's train requests as one BATCH frame, one cohort
+        sections = {"paradigm": {"name": "fedavg", "options": {"local_steps": 2, "cohort": True}}}
+        want = outcome(run_experiment(tiny_config(name="cohort-local", **sections), quiet=True,
+                                      report=False))  # fmt: skip
+    else:
+        want = reference(tiny_config, case, "local")
+        sections = dict(CASES[case])
     sections["engine"] = {**sections.get("engine", {}), "request_timeout_s": 60}
     run_dir = launch(tiny_config(name=f"{case}-shared", **sections), quiet=True, report=False,
                      devices_per_process=2)  # fmt: skip
@@ -96,3 +102,5 @@ def test_devices_sharing_a_process_equal_the_local_engine(tiny_config, case):
 
     nodes = json.loads((run_dir / "summary.json").read_text())["deployment"]["nodes"]
     assert nodes["device-0"]["process"] == nodes["device-1"]["process"] is not None
+    if case == "fedavg-cohort":
+        assert nodes["device-0"]["batched_requests"] > 0
