@@ -157,7 +157,7 @@ def device_command(
 ) -> int:  # fmt: skip
     """Run devices of a served run: dial SERVER as each device ID and train until the run ends
     (several IDs: one process and one frozen base for all of them)."""
-    from cotune.deploy.device import run_device
+    from cotune.deploy.connect import run_device
     from cotune.deploy.transport import Security
 
     credentials = device_tokens(nodes, token, token_dir)

@@ -229,7 +229,8 @@ def test_one_process_hosting_two_devices_dials_each_as_itself(certs, tmp_path):
     its own token and certificate; their frames reach one queue, each naming its device; a
     wrong token for either one refuses that one, named."""
     from cotune.cli import device_tokens
-    from cotune.deploy.device import DeviceRefused, DialerGroup, _serve_once
+    from cotune.deploy.connect import DialerGroup, _serve_once
+    from cotune.deploy.device import DeviceRefused
 
     sec = Security(tls_dir=certs, mutual=True)
     creds = device_tokens(["device-0", "device-1"], None, certs)
@@ -252,6 +253,10 @@ def test_one_process_hosting_two_devices_dials_each_as_itself(certs, tmp_path):
             _serve_once(h.address, bad, sec, 10)
     finally:
         h.close()
+    from cotune.deploy.connect import run_device
+
+    with pytest.raises(ConfigError, match="--data: a process hosting several devices"):
+        run_device("localhost:1", creds, sec, data_file=tmp_path / "mine.jsonl")
     with pytest.raises(ConfigError, match="one token cannot serve several --id"):
         device_tokens(["device-0", "device-1"], "tok", None)
     with pytest.raises(ConfigError, match="--token-dir: cannot read .*device-5.token"):

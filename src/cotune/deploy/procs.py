@@ -36,6 +36,7 @@ PRELOAD = [
     *(f"transformers.models.{m}.modeling_{m}" for m in MODEL_FAMILIES),
     "cotune.cli",
     "cotune.deploy.device",
+    "cotune.deploy.connect",
     "cotune.run",
     "cotune.paradigms",
     "cotune.nodes",
