@@ -66,9 +66,9 @@ class DataSection(Section):
     # Instruction data in the model's chat format: each prompted example becomes a conversation
     # (system_prompt, the prompt as the user's turn, the response as the assistant's), the loss
     # on the assistant's turn and its end-of-turn tokens. "tokenizer": the tokenizer's own
-    # template (instruct checkpoints ship one); a path: a Jinja template file in Hugging Face's
-    # format (configs/templates/chatml.jinja is ChatML). Null: prompt and response joined as
-    # written.
+    # template (instruct checkpoints ship one); "chatml": ChatML, shipped with cotune (for a
+    # base model whose tokenizer has none); a path: a Jinja template file in Hugging Face's
+    # format (messages, add_generation_prompt). Null: prompt and response joined as written.
     chat_template: str | None = None
     # With chat_template: a system message before every prompt.
     system_prompt: str | None = None

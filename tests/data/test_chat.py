@@ -2,18 +2,17 @@
 conversation rendered by the template, the loss on the assistant's turn only."""
 
 import json
-from pathlib import Path
 
 import pytest
 
 from cotune.config import DataSection, config_from_dict
 from cotune.data import load_task_data
 from cotune.data.batching import IGNORE_INDEX, encode_dataset
-from cotune.data.chat import ChatFormat, resolve_chat
+from cotune.data.chat import BUILTIN, ChatFormat, resolve_chat
 from cotune.data.tokenizer import Tokenizer, build_tokenizer, train_bpe
 from cotune.errors import ConfigError, DataError
 
-CHATML = Path(__file__).parents[2] / "configs" / "templates" / "chatml.jinja"
+CHATML = BUILTIN["chatml"]
 QA = [
     {"question": f"Q: what is {i} plus {i}?\nA:", "answer": f" {2 * i}, of course."}
     for i in range(30)
@@ -125,7 +124,7 @@ def test_a_run_trains_on_conversations_and_saves_its_template(tiny_config):
         "paradigm": {"name": "central"},
         "train": {"steps": 2},
     }  # fmt: skip
-    chat = {"chat_template": str(CHATML), "system_prompt": "Name the file."}
+    chat = {"chat_template": "chatml", "system_prompt": "Name the file."}  # shipped, by name
     cfg = tiny_config(name="chat", data={"dataset": "fortunes", "view": "instruct", "labels": [],
                                          "max_examples": 40, **chat}, **sections)  # fmt: skip
     run_dir = run_experiment(cfg, quiet=True, report=False)

@@ -91,12 +91,13 @@ def test_devices_get_the_servers_chat_template_not_its_path(tiny_config, tmp_pat
     are sent its text and render with a copy of it; the launched run equals the local one."""
     from pathlib import Path
 
+    from cotune.data.chat import BUILTIN
     from cotune.deploy.device import with_chat_template
     from cotune.deploy.launch import welcome
     from cotune.run import run_experiment
 
     template = tmp_path / "chat.jinja"
-    template.write_text((Path(__file__).parents[2] / "configs/templates/chatml.jinja").read_text())
+    template.write_text(BUILTIN["chatml"].read_text())
     sections = {
         "model": {"name_or_path": "random:gpt2", "task": "causal_lm", "max_length": 64,
                   "random_config": {"n_layer": 2}},

@@ -57,15 +57,13 @@ def test_infer_refuses_what_it_cannot_do(tmp_path, capsys):
 def test_a_run_trained_on_conversations_is_prompted_with_one(tmp_path, capsys):
     """data.chat_template: the prompt goes in as the user's turn with the assistant's opened
     (the template saved with the run's tokenizer); --raw-prompt gives the text as written."""
-    from pathlib import Path
 
-    chatml = Path(__file__).parents[2] / "configs" / "templates" / "chatml.jinja"
     cfg = tiny_config_dict(
         tmp_path, name="chat",
         model={"name_or_path": "random:gpt2", "task": "causal_lm", "max_length": 96,
                "random_config": {"n_layer": 3}},
         data={"dataset": "fortunes", "view": "instruct", "labels": [], "max_examples": 40,
-              "chat_template": str(chatml)},
+              "chat_template": "chatml"},
         peft={"target_modules": ["c_attn"]}, train={"steps": 1}, eval={"every": 1, "max_examples": 4},
     )  # fmt: skip
     p = tmp_path / "chat.yaml"

@@ -8,9 +8,10 @@ the user's turn, the response as the assistant's), rendered by the template as t
 own ``apply_chat_template`` renders it; the loss still covers what follows the prompt, i.e. the
 assistant's turn and the template's end-of-turn tokens (the model learns to stop).
 
-The template is the tokenizer's own (``"tokenizer"``: instruct checkpoints ship one) or a Jinja
-file in Hugging Face's format (``messages``, ``add_generation_prompt``; ``configs/templates/
-chatml.jinja`` is ChatML). Rendering goes through transformers' ``apply_chat_template``, also
+The template is the tokenizer's own (``"tokenizer"``: instruct checkpoints ship one), one that
+ships with cotune by name (``"chatml"``: ``templates/chatml.jinja``, for a base model whose
+tokenizer has none), or a Jinja file in Hugging Face's format (``messages``,
+``add_generation_prompt``). Rendering goes through transformers' ``apply_chat_template``, also
 for cotune's locally trained BPE (wrapped as a fast tokenizer), so a template means the same
 text everywhere.
 """
@@ -25,6 +26,8 @@ from cotune.errors import DataError
 
 #: ``data.chat_template``'s value that asks for the tokenizer's own template.
 FROM_TOKENIZER = "tokenizer"
+#: Templates that ship with cotune, by the name ``data.chat_template`` gives them.
+BUILTIN = {"chatml": Path(__file__).parent / "templates" / "chatml.jinja"}
 
 
 @dataclass(frozen=True)
@@ -70,7 +73,7 @@ def resolve_chat(
             where = "cotune's locally trained BPE" if tokenizer.hf is None else "its tokenizer"
             raise DataError(
                 f"data.chat_template: 'tokenizer' asks for the template of {model!r}, but "
-                f"{where} has none; give a template file (e.g. configs/templates/chatml.jinja)"
+                f"{where} has none; name one of cotune's ({', '.join(BUILTIN)}) or a template file"
             )
         if not isinstance(own, str):  # several named templates: the default one
             own = own.get("default") if isinstance(own, dict) else None
@@ -80,7 +83,7 @@ def resolve_chat(
                     "'default' one; give a template file"
                 )
         return ChatFormat(own, system)
-    path = Path(template).expanduser()
+    path = BUILTIN[template] if template in BUILTIN else Path(template).expanduser()
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:

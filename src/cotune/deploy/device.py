@@ -335,11 +335,11 @@ def peak_rss_bytes() -> float:
 def with_chat_template(cfg: Any, welcome: dict[str, Any], workdir: Path) -> Any:
     """The run's config with its chat template file (``data.chat_template``, a path on the
     server's machine) replaced by a copy of the server's template in ``workdir``."""
-    from cotune.data.chat import FROM_TOKENIZER
+    from cotune.data.chat import BUILTIN, FROM_TOKENIZER
 
     text = welcome.get("chat_template")
-    if text is None or cfg.data.chat_template in (None, FROM_TOKENIZER):
-        return cfg  # none, or the model's own tokenizer's: the device loads the same one
+    if text is None or cfg.data.chat_template in (None, FROM_TOKENIZER, *BUILTIN):
+        return cfg  # none, the model's own tokenizer's or cotune's: the device has the same
     workdir.mkdir(parents=True, exist_ok=True)
     path = workdir / "chat_template.jinja"
     path.write_text(text, encoding="utf-8")
