@@ -228,7 +228,7 @@ def test_one_process_hosting_two_devices_dials_each_as_itself(certs, tmp_path):
     """`cotune device --id device-0 --id device-1 --token-dir`: a stream per device, each with
     its own token and certificate; their frames reach one queue, each naming its device; a
     wrong token for either one refuses that one, named."""
-    from cotune.cli import device_tokens
+    from cotune.cli_deploy import device_tokens
     from cotune.deploy.connect import DialerGroup, _serve_once
     from cotune.deploy.device import DeviceRefused
 
