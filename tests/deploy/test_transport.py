@@ -263,3 +263,36 @@ def test_one_process_hosting_two_devices_dials_each_as_itself(certs, tmp_path):
         device_tokens(["device-5"], None, certs)
     with pytest.raises(ConfigError, match="--id: a device given twice"):
         device_tokens(["device-0", "device-0"], None, certs)
+
+
+def test_a_device_cannot_complete_a_request_sent_to_another(caplog):
+    """Replies are bound to the node they were asked of: a device answering another's
+    request (or with a malformed sequence number) is dropped and logged, and the real answer
+    still completes it; a process key that is not a string groups nothing."""
+    import queue
+
+    from cotune.deploy.frames import REPLY
+    from cotune.deploy.server import GrpcEngine
+
+    class FakeHub:
+        def __init__(self):
+            self.inbound, self.links, self.ready = queue.Queue(), {}, {}
+
+    hub = FakeHub()
+    engine = GrpcEngine(hub, timeout_s=5)
+    mine, theirs = engine._ask("device-1"), engine._ask("device-0")
+    hub.inbound.put(("device-1", Frame(REPLY, {"seq": theirs}, b"forged")))
+    hub.inbound.put(("device-1", Frame(REPLY, {"seq": "x"}, b"malformed")))
+    hub.inbound.put(("device-1", Frame(REPLY, {"seq": mine}, b"mine")))
+    hub.inbound.put(("device-0", Frame(REPLY, {"seq": theirs}, b"real")))
+    assert engine._wait("device-1", mine).payload == b"mine"
+    assert engine._wait("device-0", theirs).payload == b"real"
+    assert "device-1 sent a" in caplog.text and f"for {theirs}, which was not asked" in caplog.text
+    assert "for 'x', which was not asked of it: dropped" in caplog.text
+    real = Hub.host_of
+    fake = FakeHub()
+    fake.ready = {"device-0": {"process_key": ["not", "a", "key"]}, "device-1": {}}
+    assert real(fake, "device-0") == ("node", "device-0") and real(fake, "device-1") == (
+        "node",
+        "device-1",
+    )

@@ -12,6 +12,7 @@ import importlib
 import itertools
 import logging
 import os
+import secrets
 import socket
 import time
 import traceback
@@ -117,7 +118,8 @@ class DeviceNode:
         self.batched = 0  # requests this process answered as part of a batch (a cohort)
         examples = None if inputs is None else len(inputs.data.train)
         for node in self.nodes:
-            self.dialer.send(Frame(READY, {"examples": examples, "process": process_name()}), node)
+            ready = {"examples": examples, "process": process_name(), "process_key": process_key()}
+            self.dialer.send(Frame(READY, ready), node)
 
     # --- the loop ----------------------------------------------------------------------
     def serve(self) -> None:
@@ -306,6 +308,20 @@ class DeviceNode:
         reply = self._place(decode_message(frame.payload))
         reply.arrival = frame.header.get("arrival")
         return reply
+
+
+def process_key() -> str:
+    """A random key of this process, made on first use in it (a forked process makes its own):
+    the devices it hosts send it when they join, so the server may treat them as one host. It
+    is never shown, so another device cannot claim to share this process and be sent its
+    devices' requests."""
+    pid = os.getpid()
+    if pid not in _PROCESS_KEYS:
+        _PROCESS_KEYS[pid] = secrets.token_hex(16)
+    return _PROCESS_KEYS[pid]
+
+
+_PROCESS_KEYS: dict[int, str] = {}
 
 
 def process_name() -> str:

@@ -104,6 +104,9 @@ class GrpcEngine(LocalEngine):
         self.timeout_s = timeout_s
         self.seq = itertools.count(1)
         self.done: dict[int, Frame] = {}
+        # Who each sequence number was sent to: only that node may complete it (a device
+        # answering another's request is dropped, never taken for the other's reply).
+        self.asked: dict[int, str] = {}
         self.gone: set[str] = set()  # nodes whose stream ended
         self.links_seen: dict[str, Any] = {}  # the stream each remote role was started on
         self.pending: dict[str, deque[Frame | Closed]] = {}  # frames not yet served, per node
@@ -135,7 +138,7 @@ class GrpcEngine(LocalEngine):
                 "peak_rss_bytes": values.get("node_peak_rss_bytes"),
                 "batched_requests": values.get("node_batched_requests"),
                 # Devices hosted together name the same process (busy_s, peak memory: its).
-                "process": self.hub.ready.get(node, {}).get("process"),
+                "process": _text(self.hub.ready.get(node, {}).get("process")),
             }
         return out
 
@@ -160,7 +163,7 @@ class GrpcEngine(LocalEngine):
         # costs no round trips. A role that never trained restarts fresh after a crash, which
         # is its initial state.
         self._drain(role_id)
-        seq = next(self.seq)
+        seq = self._ask(role_id)
         link = self._link(role_id)
         self._deliver(link, Frame(START, {"factory": path, "seq": seq, "role": role_id}))
         self.starting[role_id] = seq
@@ -172,9 +175,15 @@ class GrpcEngine(LocalEngine):
         """A control call on ``node`` (start a role, a local event, the measurement channel):
         send, then serve until its completion arrives."""
         self._drain(node)
-        seq = next(self.seq)
+        seq = self._ask(node)
         self._link(node).send(Frame(kind, {**header, "seq": seq, "role": node}, payload))
         return self._wait(node, seq)
+
+    def _ask(self, node: str) -> int:
+        """A sequence number for a frame to ``node``, which only ``node`` may complete."""
+        seq = next(self.seq)
+        self.asked[seq] = node
+        return seq
 
     def _link(self, node: str) -> Any:
         link = self.hub.links.get(node)
@@ -234,7 +243,7 @@ class GrpcEngine(LocalEngine):
             stub = Message(msg.kind, msg.sender, msg.receiver)
             self.on_deliver(stub)
             arrival = stub.arrival
-        seq = next(self.seq)
+        seq = self._ask(msg.receiver)
         return sent.seq, seq, chosen, {"seq": seq, "codec": chosen, "arrival": arrival}, data
 
     def _send_requests(self, msgs: list[Message], codec: str | None) -> list[Any]:
@@ -389,7 +398,7 @@ class GrpcEngine(LocalEngine):
         seqs = []
         for r in role_ids:
             self._drain(r)
-            seq = next(self.seq)
+            seq = self._ask(r)
             self._link(r).send(Frame(TICK, {"kind": kind, "meta": meta, "seq": seq, "role": r}))
             seqs.append(seq)
         return [self._wait(r, seq).header.get("result") for r, seq in zip(role_ids, seqs)]
@@ -404,6 +413,7 @@ class GrpcEngine(LocalEngine):
                 raise PeerUnavailable(f"{node} disconnected")
             self._dispatch(node, self._next_from(node))
         frame = self.done.pop(seq)
+        self.asked.pop(seq, None)
         if frame.type == ERROR:
             error = str(frame.header.get("error", "unknown error"))
             if frame.header.get("divergence"):
@@ -444,7 +454,12 @@ class GrpcEngine(LocalEngine):
                 self.gone.add(node)
             return
         if frame.type in (REPLY, DONE, ERROR) and "seq" in frame.header:
-            self.done[int(frame.header["seq"])] = frame
+            seq = frame.header["seq"]
+            if type(seq) is not int or self.asked.get(seq) != node:
+                log.warning("%s sent a %s for %r, which was not asked of it: dropped", node,
+                            frame.describe(), seq)  # fmt: skip
+                return
+            self.done[seq] = frame
         elif frame.type == METER:
             self._meter(node, frame.header)
         elif frame.type in (SEND, REQUEST):
@@ -501,3 +516,8 @@ class GrpcEngine(LocalEngine):
         self._link(node).send(
             Frame(REPLY, header, encode_message_pieces(reply, codec or self.codec))
         )
+
+
+def _text(value: Any, limit: int = 200) -> str | None:
+    """A peer's self-description for the summary: a string, cut to ``limit``, else None."""
+    return value[:limit] if isinstance(value, str) else None

@@ -193,10 +193,12 @@ class Hub(Joining):
         self.server.start()
 
     def host_of(self, node: str) -> Any:
-        """The process ``node`` said it runs in (its READY frame): the server sends a round's
-        requests for devices that share one as one BATCH frame (on the first one's stream),
-        which that process may answer as one cohort; a node that named none is its own."""
-        return self.ready.get(node, {}).get("process") or ("node", node)
+        """The process ``node`` joined from (the secret key its READY frame carried): the
+        server sends a round's requests for devices that share one as one BATCH frame (on the
+        first one's stream), which that process may answer as one cohort; a node that sent no
+        key (or not a string) is its own."""
+        key = self.ready.get(node, {}).get("process_key")
+        return ("process", key) if isinstance(key, str) and key else ("node", node)
 
     def _refuse(self, node: str, why: str) -> Iterator[bytes]:
         log.warning("refused a device claiming %r: %s", node, why)
