@@ -296,3 +296,60 @@ def test_a_device_cannot_complete_a_request_sent_to_another(caplog):
         "node",
         "device-1",
     )
+
+
+def test_a_bad_meter_report_or_join_report_is_dropped_not_the_runs_end(caplog):
+    """Reports from a device feed the simulator: malformed ones (wrong types, negative or
+    non-finite FLOPs, another role's work, a bad memory estimate) are dropped and logged; a
+    join report that cannot say what the device holds fails that device's join."""
+    import queue
+
+    from cotune.deploy.frames import METER, READY
+    from cotune.deploy.server import GrpcEngine
+    from cotune.deploy.transport import Joining
+
+    class Sink:
+        def __init__(self):
+            self.compute_calls, self.memory_calls = [], []
+
+        def compute(self, role, flops, **kw):
+            self.compute_calls.append((role, flops, kw["round"]))
+
+        def memory(self, role, key, probe):
+            self.memory_calls.append((role, key, probe().total))
+
+    class FakeHub:
+        inbound, links, ready = queue.Queue(), {}, {}
+
+    engine = GrpcEngine(FakeHub(), timeout_s=5)
+    engine.grid = type("G", (), {"sink": Sink()})()
+    sink = engine.grid.sink
+    est = {"weights": 1, "grads": 1, "optimizer": 2, "activations": 3, "total": 7}
+    bad = [
+        {"what": "compute", "role": "device-0", "flops": "many", "round": 1},
+        {"what": "compute", "role": "device-0", "flops": float("nan"), "round": 1},
+        {"what": "compute", "role": "device-0", "flops": -5.0, "round": 1},
+        {"what": "compute", "role": "device-0", "flops": float("inf"), "round": 1},
+        {"what": "compute", "role": "device-0", "flops": 5.0, "round": 1, "after": "later"},
+        {"what": "compute", "role": "device-0", "flops": 5.0, "round": "one"},
+        {"what": "compute", "role": "device-1", "flops": 5.0, "round": 1},  # another's work
+        {"what": "compute", "role": "device-0"},
+        {"what": "memory", "role": "device-0", "key": "k", "estimate": {**est, "total": "big"}},
+        {"what": "memory", "role": "device-0", "key": "k", "estimate": {"bogus": 1}},
+        {"what": "memory", "role": "device-0", "key": 3, "estimate": est},
+    ]
+    for h in bad:
+        engine._dispatch("device-0", Frame(METER, h))
+    engine._dispatch("device-0", Frame(METER, {"what": "compute", "role": "device-0",
+                                                "flops": 5.0, "round": 1}))  # fmt: skip
+    engine._dispatch("device-0", Frame(METER, {"what": "memory", "role": "device-0", "key": "k",
+                                                "estimate": est}))  # fmt: skip
+    assert sink.compute_calls == [("device-0", 5.0, 1)]
+    assert sink.memory_calls == [("device-0", "k", 7)]
+    assert caplog.text.count("dropped a bad meter report from device-0") == len(bad)
+    joining = Joining()
+    assert joining.take("device-2", Frame(READY, {"examples": "lots"}))
+    assert joining.take("device-3", Frame(READY, {"examples": 12, "process_key": ["x"]}))
+    assert joining.take("device-4", Frame(READY, {"examples": 12, "process": "vm:1"}))
+    assert set(joining.failed) == {"device-2", "device-3"} and set(joining.ready) == {"device-4"}
+    assert "examples='lots' is not a number of examples" in joining.failed["device-2"]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
+import math
 import queue
 import time
 from collections import deque
@@ -471,16 +472,37 @@ class GrpcEngine(LocalEngine):
         sink = self.grid.sink if self.grid is not None else None
         if sink is None:
             return
-        role = str(h.get("role", node))
-        if h.get("what") == "memory":
-            from cotune.sim.memory import MemoryEstimate
+        role = h.get("role", node)
+        try:
+            if role != node:  # a node reports its own work only
+                raise ValueError(f"a report for {role!r}")
+            if h.get("what") == "memory":
+                from cotune.sim.memory import MemoryEstimate
 
-            est = MemoryEstimate(**h["estimate"])
-            sink.memory(role, str(h["key"]), lambda: est)
-        else:
-            sink.compute(role, float(h["flops"]), round=int(h.get("round", 0)),
-                              after=h.get("after"), waits_for=h.get("waits_for"),
-                              label=str(h.get("label", "")))  # fmt: skip
+                est = MemoryEstimate(**h["estimate"])
+                key = h["key"]
+                sizes = [est.weights, est.grads, est.optimizer, est.activations, est.total]
+                if not isinstance(key, str) or any(type(v) is not int or v < 0 for v in sizes):
+                    raise ValueError(f"key={key!r}, estimate={h['estimate']!r}")
+                if est.measured is not None and type(est.measured) is not int:
+                    raise ValueError(f"measured={est.measured!r}")
+                sink.memory(role, key, lambda: est)
+                return
+            flops, rnd = h["flops"], h.get("round", 0)
+            finite = isinstance(flops, int | float) and math.isfinite(flops) and flops >= 0
+            if type(rnd) is not int or not finite:
+                raise ValueError(f"flops={flops!r}, round={rnd!r}")
+            after = h.get("after")
+            if after is not None and not (isinstance(after, int | float) and math.isfinite(after)):
+                raise ValueError(f"after={after!r}")
+            waits_for = h.get("waits_for")
+            if waits_for is not None and not isinstance(waits_for, str):
+                raise ValueError(f"waits_for={waits_for!r}")
+        except (KeyError, TypeError, ValueError) as err:  # a peer's bad report: not the run's end
+            log.warning("dropped a bad meter report from %s: %s", node, err)
+            return
+        sink.compute(role, float(flops), round=rnd, after=after, waits_for=waits_for,
+                     label=str(h.get("label", "")))  # fmt: skip
 
     def _from_device(self, node: str, frame: Frame) -> None:
         """A device's own message (a send, or a request it waits on), carried as if it were

@@ -128,6 +128,13 @@ class Joining:
         """Book ``frame`` if it is a join report (READY, or an error before READY); False: it
         is the engine's."""
         if frame.type == READY:
+            why = _bad_join_report(frame.header)
+            if why is not None:  # a node that cannot say what it holds has not joined
+                log.error("%s: a bad join report: %s", node, why)
+                with self.joined:
+                    self.failed[node] = f"{node} sent a bad join report: {why}"
+                    self.joined.notify_all()
+                return True
             with self.joined:
                 self.ready[node] = dict(frame.header)
                 self.failed.pop(node, None)
@@ -157,6 +164,19 @@ class Joining:
                 lambda: all(n in self.ready or n in self.failed for n in nodes), timeout
             )
             return [n for n in nodes if n not in self.ready]
+
+
+def _bad_join_report(header: dict[str, Any]) -> str | None:
+    """What is wrong with a READY frame's header (None: nothing): ``examples`` a count or
+    absent, ``process`` and ``process_key`` strings or absent."""
+    examples = header.get("examples")
+    if examples is not None and (type(examples) is not int or examples < 0):
+        return f"examples={examples!r} is not a number of examples"
+    for field in ("process", "process_key"):
+        value = header.get(field)
+        if value is not None and not isinstance(value, str):
+            return f"{field}={value!r} is not a string"
+    return None
 
 
 class Hub(Joining):
