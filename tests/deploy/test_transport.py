@@ -353,3 +353,50 @@ def test_a_bad_meter_report_or_join_report_is_dropped_not_the_runs_end(caplog):
     assert joining.take("device-4", Frame(READY, {"examples": 12, "process": "vm:1"}))
     assert set(joining.failed) == {"device-2", "device-3"} and set(joining.ready) == {"device-4"}
     assert "examples='lots' is not a number of examples" in joining.failed["device-2"]
+
+
+def test_a_message_asking_for_a_codec_cotune_lacks_is_dropped(caplog):
+    """A device's message whose frame or meta names an unknown codec (or not a name) is a bad
+    message: dropped and logged, a request answered with an error, the server goes on."""
+    import queue
+
+    from cotune.deploy.frames import ERROR, REQUEST
+    from cotune.deploy.server import GrpcEngine
+    from cotune.runtime.messages import Message, encode_message
+
+    class Link:
+        open = True
+
+        def __init__(self):
+            self.sent = []
+
+        def send(self, frame):
+            self.sent.append(frame)
+
+    class FakeHub:
+        def __init__(self):
+            self.inbound, self.ready = queue.Queue(), {}
+            self.links = {"device-0": Link()}
+
+    hub = FakeHub()
+    engine = GrpcEngine(hub, timeout_s=5)
+    engine.links_seen["device-0"] = hub.links["device-0"]
+    good = encode_message(Message("hello", "device-0", "server", {}, {}), "fp32")
+    bad_meta = encode_message(Message("hello", "device-0", "server", {}, {"codec": "zip"}), "fp32")
+    engine._from_device("device-0", Frame(SEND, {"codec": "bogus"}, good))
+    engine._from_device("device-0", Frame(SEND, {"codec": ["fp32"]}, good))
+    engine._from_device("device-0", Frame(REQUEST, {"seq": 4}, bad_meta))
+    assert caplog.text.count("dropped a bad message from device-0") == 3
+    assert "unknown codec 'bogus'" in caplog.text and "codec ['fp32'] is not a name" in caplog.text
+    (reply,) = hub.links["device-0"].sent
+    assert reply.type == ERROR and reply.header["seq"] == 4 and "'zip'" in reply.header["error"]
+
+
+def test_a_local_events_result_must_be_a_number_or_nothing():
+    from cotune.deploy.server import _tick_result
+
+    assert _tick_result("device-0", "step", None) is None
+    assert _tick_result("device-0", "step", 2) == 2.0
+    for bad in ("many", float("nan"), [1.0], True):
+        with pytest.raises(ProtocolError, match="device-0 answered its 'step' event with"):
+            _tick_result("device-0", "step", bad)

@@ -37,7 +37,8 @@ from cotune.deploy.frames import (
 )
 from cotune.deploy.states import dump_state, load_state
 from cotune.deploy.transport import Closed
-from cotune.errors import DivergenceError, PeerUnavailable, ProtocolError
+from cotune.errors import CotuneError, DivergenceError, PeerUnavailable, ProtocolError
+from cotune.runtime.codecs import get_codec
 from cotune.runtime.engine import Role
 from cotune.runtime.local import LocalEngine
 from cotune.runtime.messages import Message, decode_message, encode_message_pieces
@@ -402,7 +403,10 @@ class GrpcEngine(LocalEngine):
             seq = self._ask(r)
             self._link(r).send(Frame(TICK, {"kind": kind, "meta": meta, "seq": seq, "role": r}))
             seqs.append(seq)
-        return [self._wait(r, seq).header.get("result") for r, seq in zip(role_ids, seqs)]
+        return [
+            _tick_result(r, kind, self._wait(r, seq).header.get("result"))
+            for r, seq in zip(role_ids, seqs)
+        ]
 
     # --- serving while waiting ---------------------------------------------------------
     def _wait(self, node: str, seq: int) -> Frame:
@@ -511,6 +515,8 @@ class GrpcEngine(LocalEngine):
             msg = decode_message(frame.payload)
             if msg.sender != node:
                 raise ProtocolError(f"{node} sent a message claiming to be from {msg.sender!r}")
+            for asked in (frame.header.get("codec"), msg.meta.get("codec")):
+                _check_codec(asked)
         except ProtocolError as err:
             log.warning("dropped a bad message from %s: %s", node, err)
             if frame.type == REQUEST:
@@ -543,3 +549,25 @@ class GrpcEngine(LocalEngine):
 def _text(value: Any, limit: int = 200) -> str | None:
     """A peer's self-description for the summary: a string, cut to ``limit``, else None."""
     return value[:limit] if isinstance(value, str) else None
+
+
+def _check_codec(name: Any) -> None:
+    """A codec a peer asked for: None (the run's), or the name of one cotune has."""
+    if name is None:
+        return
+    if not isinstance(name, str):
+        raise ProtocolError(f"codec {name!r} is not a name")
+    try:
+        get_codec(name)
+    except CotuneError as err:
+        raise ProtocolError(f"codec {name!r}: {err}") from None
+
+
+def _tick_result(node: str, kind: str, value: Any) -> float | None:
+    """What a device's local event returned: every event answers a finite number (a gradient
+    norm) or nothing; anything else from a peer is a protocol error naming it."""
+    if value is None:
+        return None
+    if type(value) not in (int, float) or not math.isfinite(value):
+        raise ProtocolError(f"{node} answered its {kind!r} event with {value!r}, not a number")
+    return float(value)
