@@ -400,3 +400,29 @@ def test_a_local_events_result_must_be_a_number_or_nothing():
     for bad in ("many", float("nan"), [1.0], True):
         with pytest.raises(ProtocolError, match="device-0 answered its 'step' event with"):
             _tick_result("device-0", "step", bad)
+
+
+def test_a_devices_measurements_are_numbers_only(caplog):
+    import queue
+
+    from cotune.deploy.frames import DONE
+    from cotune.deploy.server import GrpcEngine, RemoteRole
+
+    class Link:
+        open = True
+
+        def send(self, frame):
+            pass
+
+    class FakeHub:
+        def __init__(self):
+            self.inbound, self.ready, self.links = queue.Queue(), {}, {"device-0": Link()}
+
+    hub = FakeHub()
+    engine = GrpcEngine(hub, timeout_s=5)
+    engine.links_seen["device-0"] = hub.links["device-0"]
+    role = RemoteRole("device-0", engine, "cotune.paradigms.fedavg:FedDevice")
+    values = {"node_busy_s": 1.5, "train_host_s": "fast", "x": float("inf"), "n": 3}
+    hub.inbound.put(("device-0", Frame(DONE, {"seq": 1, "values": values})))
+    assert role.measurements() == {"node_busy_s": 1.5, "n": 3.0}
+    assert "device-0 reported measurements that are not numbers" in caplog.text

@@ -92,7 +92,16 @@ class RemoteRole(Role):
             values = self.engine.control(self.role_id, MEASURE, {}).header.get("values", {})
         except PeerUnavailable:
             return {}  # host measurements of a node that is away: none
-        return {k: float(v) for k, v in values.items()}
+        if not isinstance(values, dict):
+            values = {"": values}
+        kept = {
+            str(k): float(v)
+            for k, v in values.items()
+            if type(v) in (int, float) and math.isfinite(v)
+        }  # a peer's measurements: numbers only (others are logged and left out)
+        if len(kept) != len(values):
+            log.warning("%s reported measurements that are not numbers: left out", self.role_id)
+        return kept
 
 
 class GrpcEngine(LocalEngine):
