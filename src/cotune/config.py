@@ -331,7 +331,8 @@ class TrainSection(Section):
     steps: int = Field(100, ge=1)  # optimizer steps per role that trains
     # Examples per optimizer step (per device).
     batch_size: int = Field(8, ge=1)
-    # Micro-batches accumulated per optimizer step.
+    # Micro-batches accumulated per optimizer step (split and splitfed: 1 only; splitfrozen's
+    # server steps once per grad_accum uploads).
     grad_accum: int = Field(1, ge=1)
     # AdamW learning rate (peak, after warm-up).
     lr: float = Field(5e-4, gt=0.0)

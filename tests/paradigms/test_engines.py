@@ -70,10 +70,11 @@ CASES = {
         "paradigm": {"name": "splitfrozen", "options": {"cuts": [1, 0]}},
         "peft": {"target_modules": ["query", "value"]},
     },
-    "splitfrozen-auto-nopipe-int8": {
+    "splitfrozen-auto-nopipe-int8-accum": {  # one server update per two uploads
         "paradigm": {"name": "splitfrozen", "options": {"pipeline": False, "max_cut": 1}},
         "devices": {"count": 3, "mix": {"phone-low": 0.5, "laptop-cpu": 0.5}},
         "engine": {"activation_codec": "int8"},
+        "train": {"grad_accum": 2},
     },
     # splitfed's device cohort batches colocated devices (float results ~1e-6 apart: a batch
     # of another shape); isolated roles cannot batch, so these compare with the cohort off.

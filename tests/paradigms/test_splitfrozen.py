@@ -126,3 +126,27 @@ def test_bad_activations_stop_or_are_skipped(tiny_config, monkeypatch):
         frozen(tiny_config, "skip", options=opts, **lean), quiet=True, report=False
     )
     assert [r["role"] for r in records(run_dir, "skip")] == ["device-1"]
+
+
+@pytest.mark.parametrize("pipeline", [True, False], ids=["pipelined", "acknowledged"])
+def test_gradient_accumulation_equals_the_larger_batch(tiny_config, pipeline):
+    """train.grad_accum: a device uploads grad_accum batches a step, each on its own (a frozen
+    forward keeps no graph), and the server takes one update per grad_accum uploads. With one
+    device, 2 x batch 4 is the run of batch 8 to float rounding, in twice the messages."""
+    from cotune.rundir import latest_checkpoint
+
+    out = {}
+    for accum, batch in ((2, 4), (1, 8)):
+        cfg = frozen(tiny_config, f"acc{accum}", devices={"count": 1},
+                     options={"cuts": [1], "pipeline": pipeline},
+                     train={"steps": 3, "grad_accum": accum, "batch_size": batch},
+                     eval={"every": 3, "max_examples": 16})  # fmt: skip
+        out[accum] = run_experiment(cfg, quiet=True, report=False)
+    a, b = (records(out[k], "train", "mean") for k in (2, 1))
+    assert len(a) == 3 and [r["loss"] for r in a] == pytest.approx([r["loss"] for r in b], abs=1e-5)
+    wa, wb = (torch.load(latest_checkpoint(out[k]), weights_only=False)["states"]["server"]
+              for k in (2, 1))  # fmt: skip
+    for k, v in wb["params"].items():
+        torch.testing.assert_close(wa["params"][k], v, atol=1e-5, rtol=1e-4)
+    sa, sb = (json.loads((out[k] / "summary.json").read_text()) for k in (2, 1))
+    assert sa["messages"] == sb["messages"] + 3 * (2 if not pipeline else 1)  # uploads (+ acks)

@@ -347,8 +347,6 @@ class SplitFrozenOptions(ParadigmOptions):
                 raise ValueError(f"cuts: must be >= 0, got {self.cuts}")
         if self.max_cut is not None and self.min_cut > self.max_cut:
             raise ValueError(f"min_cut: {self.min_cut} > max_cut {self.max_cut}")
-        if cfg.train.grad_accum != 1:
-            raise ValueError("train.grad_accum: split paradigms support only grad_accum: 1")
 
 
 class ClusteredOptions(FedAvgOptions):

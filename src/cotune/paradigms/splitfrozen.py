@@ -126,10 +126,16 @@ class FrozenDevice(Role):
         )
 
     def tick_step(self, meta: dict[str, Any]) -> None:
-        """This device's next step: a batch, the frozen forward, the upload."""
+        """This device's next step: ``train.grad_accum`` batches, each forwarded and uploaded
+        on its own (a frozen forward keeps no graph, so nothing waits for the server)."""
         if self.segment is None or self.state is None:
             raise ProtocolError(f"{self.role_id} has no cut yet (no configure message)")
-        step, meter, trainer = int(meta["step"]), self.ctx.meter, self.ctx.model.trainer
+        for _ in range(self.ctx.cfg.train.grad_accum):
+            self._upload(int(meta["step"]))
+
+    def _upload(self, step: int) -> None:
+        assert self.segment is not None and self.state is not None
+        meter, trainer = self.ctx.meter, self.ctx.model.trainer
         batch = self.dataset.batch(self.sampler.next_indices())
         self.state.sampler = self.sampler.state_dict()
         seg = self.segment
@@ -202,40 +208,53 @@ class FrozenServer(Role):
         return None
 
     def serve(self, step: int) -> list[float]:
-        trainer, meter, grid, task = self.trainer, self.ctx.meter, self.ctx.grid, self.ctx.task
+        """Train on the step's uploads in the order they arrived: one update per
+        ``train.grad_accum`` uploads (their mean loss; a last, shorter group when some were
+        skipped), the devices acknowledged once their upload's update is done."""
+        grid = self.ctx.grid
         assert grid is not None
+        order, accum = sorted(self.queue), self.ctx.cfg.train.grad_accum
         losses = []
-        for arrival, _, msg in sorted(self.queue):
-            cut = self.cuts[msg.sender]
-            t = msg.tensors
-            acts = Activations(t["hidden"], t["attention_mask"])  # no gradient goes back
+        for at in range(0, len(order), accum):
+            group = order[at : at + accum]
+            losses.append(self._update(group, step))
+            if not self.opts.pipeline:  # the device waits for its batch to be served
+                for _, _, msg in group:
+                    grid.send(Message("ack", SERVER, msg.sender, {}, {"step": step}))
+        self.queue = []
+        return losses
 
-            def fwd_bwd(
-                a: Activations, labels: torch.Tensor, seg: Segment = self.segments[cut]
-            ) -> float:
-                loss = segment_loss(seg, a, None, labels, task)
-                reg = self.reg()
-                total = loss + reg if reg is not None else loss
-                trainer.backward(total)
-                return float(total.detach())
+    def _update(self, group: list[tuple[float, int, Message]], step: int) -> float:
+        """One optimizer step on ``group``'s uploads (gradients accumulated); its mean loss."""
+        trainer, meter, task = self.trainer, self.ctx.meter, self.ctx.task
+        packed, n, total = self.ctx.cfg.train.padding_free, len(group), 0.0
+        with trainer.activate(self.state):
+            trainer.set_lr(self.state.step)
+            for arrival, _, msg in group:
+                cut = self.cuts[msg.sender]
+                t = msg.tensors
+                acts = Activations(t["hidden"], t["attention_mask"])  # no gradient goes back
 
-            packed = self.ctx.cfg.train.padding_free
-            dims = token_dims(acts.attention_mask, True) if packed else None
-            with trainer.activate(self.state):
-                trainer.set_lr(self.state.step)
+                def fwd_bwd(
+                    a: Activations, labels: torch.Tensor, seg: Segment = self.segments[cut]
+                ) -> float:
+                    loss = segment_loss(seg, a, None, labels, task)
+                    reg = self.reg()
+                    loss = loss + reg if reg is not None else loss
+                    trainer.backward(loss / n)
+                    return float(loss.detach())
+
+                dims = token_dims(acts.attention_mask, True) if packed else None
                 with padding_free(packed):
                     loss, flops = meter.flops.run(
                         f"frozen-server-{cut}", fwd_bwd, acts, t["labels"], dims=dims
                     )
                 meter.compute(flops, round=step, after=arrival, label="server")
-                with self.in_role():
-                    trainer.clip_and_step(loss=loss)
-                self.state.step += 1
-            losses.append(loss)
-            if not self.opts.pipeline:  # the device waits for its batch to be served
-                grid.send(Message("ack", SERVER, msg.sender, {}, {"step": step}))
-        self.queue = []
-        return losses
+                total += loss
+            with self.in_role():
+                trainer.clip_and_step(loss=total / n)
+            self.state.step += 1
+        return total / n
 
 
 def preflight(exp: Experiment) -> None:
