@@ -332,7 +332,7 @@ class TrainSection(Section):
     # Examples per optimizer step (per device).
     batch_size: int = Field(8, ge=1)
     # Micro-batches accumulated per optimizer step (split and splitfed: 1 only; splitfrozen's
-    # server steps once per grad_accum uploads).
+    # server steps once per grad_accum uploads; hat_drafter makes grad_accum round trips a step).
     grad_accum: int = Field(1, ge=1)
     # AdamW learning rate (peak, after warm-up).
     lr: float = Field(5e-4, gt=0.0)

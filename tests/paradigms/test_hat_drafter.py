@@ -138,3 +138,26 @@ def test_a_device_uploading_bad_hidden_states_skips_its_step_and_the_run_goes_on
 
     assert all(math.isfinite(r["loss"]) for r in step2)
     assert math.isfinite(summary["final"]["drafter_acceptance"])
+
+
+def test_gradient_accumulation_equals_the_larger_batch(tiny_config):
+    """train.grad_accum: each step is grad_accum round trips (embed, middle) of one batch each,
+    the drafter stepping after the last; with one device and full-length rows, 2 x batch 2 is
+    the run of batch 4 to float rounding, in twice the exchanges."""
+    out = {}
+    for accum, batch in ((2, 2), (1, 4)):
+        cfg = drafter_config(tiny_config, name=f"acc{accum}", devices={"count": 1},
+                             train={"grad_accum": accum, "batch_size": batch, "steps": 4},
+                             eval={"every": 4, "max_examples": 8})  # fmt: skip
+        out[accum] = run_experiment(cfg, quiet=True, report=False)
+    a, b = ([r["loss"] for r in records(out[k]) if r["event"] == "train" and r["role"] == "mean"]
+            for k in (2, 1))  # fmt: skip
+    assert len(a) == 4 and a == pytest.approx(b, rel=1e-5)
+    da, db = (load_drafter(out[k] / "drafter" / "cut-1-1", UCut(1, 1), 64) for k in (2, 1))
+    for (ka, va), (kb, vb) in zip(da.state_dict().items(), db.state_dict().items()):
+        assert ka == kb
+        torch.testing.assert_close(va, vb, atol=1e-5, rtol=1e-4)
+    sa, sb = (json.loads((out[k] / "summary.json").read_text()) for k in (2, 1))
+    assert (
+        sa["messages"] - sb["messages"] == 4 * 4
+    )  # per step: one more embed and middle, each a request and its reply

@@ -79,6 +79,7 @@ class DrafterDevice(Role):
         self.sampler = BatchSampler(len(self.data), train.batch_size, ctx.seed)
         self.step = 0
         self.pending: tuple[torch.Tensor, torch.Tensor] | None = None  # (hidden, mask) sent up
+        self.finite = True  # every micro-batch of this step so far had a finite loss
 
     def on_load(self, msg: Message) -> Message:
         self.adapter.load_state_dict({k: v.to(self.ctx.device) for k, v in msg.tensors.items()})
@@ -100,7 +101,8 @@ class DrafterDevice(Role):
                      step=msg.meta["step"])  # fmt: skip
 
     def on_middle(self, msg: Message) -> Message:
-        """One drafter step towards the middle's output the cloud sent back."""
+        """One micro-batch towards the middle's output the cloud sent back: its gradient is
+        accumulated, and the drafter steps after the step's last one (``train.grad_accum``)."""
         if self.pending is None:
             raise ProtocolError(f"{self.role_id}: 'middle' without a batch embedded first")
         hidden, mask = self.pending
@@ -110,23 +112,32 @@ class DrafterDevice(Role):
             shape=tuple(hidden.shape), dtype=hidden.dtype,
         ).to(self.ctx.device)  # fmt: skip
         train, meter = self.ctx.cfg.train, self.ctx.meter
+        micro, micros = int(msg.meta.get("micro", 0)), train.grad_accum
+        if not 0 <= micro < micros:
+            raise ProtocolError(f"{msg.describe()}: micro-batch {micro} of {micros}")
         lr = train.lr * lr_factor(self.step, train.steps, train.warmup_steps, train.schedule)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        if micro == 0:  # a new step (a step skipped part-way left gradients: gone too)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            self.optimizer.zero_grad()
+            self.finite = True
 
         def fwd_bwd(h: torch.Tensor, t: torch.Tensor, m: torch.Tensor) -> float:
             o = self.opts
             loss = distil_loss(self.adapter(h), t, m, self.outputs,
                                mse_weight=o.mse_weight, kl_weight=o.kl_weight)  # fmt: skip
-            loss.backward()
+            (loss / micros).backward()
             return float(loss.detach())
 
-        self.optimizer.zero_grad()
         with frozen(self.model.loaded.model):
             loss, flops = meter.flops.run(
                 "hat-distil", fwd_bwd, hidden, target, mask, dims=tuple(mask.shape)
             )
-        if not math.isfinite(loss):
+        meter.compute(flops, round=int(msg.meta["round"]), label="drafter")
+        self.finite = self.finite and math.isfinite(loss)
+        if micro < micros - 1:
+            return reply(msg, "distilled", loss=loss, lr=lr, step=self.step)
+        if not self.finite:
             if train.on_nonfinite == "stop":
                 raise DivergenceError(f"drafter loss is {loss} at step {self.step + 1}",
                                       role=self.role_id, step=self.step + 1)  # fmt: skip
@@ -135,7 +146,6 @@ class DrafterDevice(Role):
                 torch.nn.utils.clip_grad_norm_(self.adapter.parameters(), train.max_grad_norm)
             self.optimizer.step()
         self.step += 1
-        meter.compute(flops, round=int(msg.meta["round"]), label="drafter")
         return reply(msg, "distilled", loss=loss, lr=lr, step=self.step)
 
     def on_report(self, msg: Message) -> Message:
@@ -256,34 +266,45 @@ def run(exp: Experiment) -> ParadigmResult:
                 [Message("load", SERVER, d, glob, {"round": rnd}) for d in devices], together=True
             )
             for s in range(step + 1, end + 1):
-                meta = {"round": rnd, "step": s}
-                # Together: every device runs its bottom at once (in parallel when deployed).
-                ups = grid.request_many(
-                    [Message("embed", SERVER, d, {}, meta) for d in devices],
-                    codec=codec,
-                    together=True,
-                )
-                downs = []
-                for m in ups:  # the cloud's middle, in arrival order of the uploads
-                    try:
-                        hidden, mask = checked_upload(m, anatomy.hidden_size)
-                    except ProtocolError as err:  # that device skips this step; the run goes on
-                        log.warning("skipped a step of %s: %s", m.sender, err)
-                        bad_uploads += 1
-                        continue
-                    acts = Activations(hidden.to(ctx.device), mask.to(ctx.device))
-                    with torch.no_grad():
-                        out, flops = ctx.meter.flops.run(
-                            "hat-middle", middle, acts, dims=tuple(acts.attention_mask.shape)
+                skipped: set[str] = set()  # a bad upload skips the device's whole step
+                per_device: dict[str, list[float]] = {}
+                lr = math.nan
+                for micro in range(cfg.train.grad_accum):
+                    meta = {"round": rnd, "step": s, "micro": micro}
+                    # Together: every device runs its bottom at once (in parallel when deployed).
+                    ups = grid.request_many(
+                        [Message("embed", SERVER, d, {}, meta) for d in devices],
+                        codec=codec,
+                        together=True,
+                    )
+                    downs = []
+                    for m in ups:  # the cloud's middle, in arrival order of the uploads
+                        if m.sender in skipped:
+                            continue
+                        try:
+                            hidden, mask = checked_upload(m, anatomy.hidden_size)
+                        except ProtocolError as err:  # that device skips this step; the run goes on
+                            log.warning("skipped a step of %s: %s", m.sender, err)
+                            bad_uploads += 1
+                            skipped.add(m.sender)
+                            continue
+                        acts = Activations(hidden.to(ctx.device), mask.to(ctx.device))
+                        with torch.no_grad():
+                            out, flops = ctx.meter.flops.run(
+                                "hat-middle", middle, acts, dims=tuple(acts.attention_mask.shape)
+                            )
+                        ctx.meter.compute(flops, round=rnd, after=m.arrival, label="middle")
+                        downs.append(
+                            Message("middle", SERVER, m.sender, {"hidden": out.hidden}, meta)
                         )
-                    ctx.meter.compute(flops, round=rnd, after=m.arrival, label="middle")
-                    downs.append(Message("middle", SERVER, m.sender, {"hidden": out.hidden}, meta))
-                done = grid.request_many(downs, codec=codec, together=True)
-                losses = [float(r.meta["loss"]) for r in done]
-                lr = float(done[0].meta["lr"]) if done else math.nan
+                    for r in grid.request_many(downs, codec=codec, together=True):
+                        per_device.setdefault(r.sender, []).append(float(r.meta["loss"]))
+                        lr = float(r.meta["lr"]) if math.isnan(lr) else lr  # the first reply's
+                done = {d: mean(v) for d, v in per_device.items() if d not in skipped}
+                losses = list(done.values())
                 exp.log_record("train", s, "mean", round=rnd, loss=mean(losses), lr=lr)
-                for r in done:
-                    exp.log_record("train", s, r.sender, round=rnd, loss=float(r.meta["loss"]))
+                for d, loss in done.items():
+                    exp.log_record("train", s, d, round=rnd, loss=loss)
                 bar.update(1, train_loss=mean(losses))
             step = end
             reports = grid.request_many(

@@ -415,8 +415,6 @@ class HatDrafterOptions(ParadigmOptions):
             )
         if self.mse_weight == 0 and self.kl_weight == 0:
             raise ValueError("mse_weight: mse_weight and kl_weight cannot both be 0")
-        if cfg.train.grad_accum != 1:
-            raise ValueError("train.grad_accum: hat_drafter supports only grad_accum: 1")
 
 
 class HatServeOptions(ParadigmOptions):
