@@ -331,8 +331,9 @@ class TrainSection(Section):
     steps: int = Field(100, ge=1)  # optimizer steps per role that trains
     # Examples per optimizer step (per device).
     batch_size: int = Field(8, ge=1)
-    # Micro-batches accumulated per optimizer step (split and splitfed: 1 only; splitfrozen's
-    # server steps once per grad_accum uploads; hat_drafter makes grad_accum round trips a step).
+    # Micro-batches accumulated per optimizer step. Split paradigms: each gradient round trip
+    # brings the next micro-batch up (not with U-shaped or pooled servers); splitfrozen's
+    # server steps once per grad_accum uploads; hat_drafter makes grad_accum round trips a step.
     grad_accum: int = Field(1, ge=1)
     # AdamW learning rate (peak, after warm-up).
     lr: float = Field(5e-4, gt=0.0)

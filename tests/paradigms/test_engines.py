@@ -80,9 +80,9 @@ CASES = {
     # of another shape); isolated roles cannot batch, so these compare with the cohort off.
     "splitfed": {"paradigm": {"name": "splitfed", "options": {"cut": 1, "aggregate_every": 2, "cohort": False}}},
     # Both sides' blocks on the real tokens (each role's own flag, in its own process).
-    "splitfed-padding-free": {
+    "splitfed-padding-free-accum": {  # each gradient round trip brings a micro-batch up
         "paradigm": {"name": "splitfed", "options": {"cut": 1, "cohort": False}},
-        "train": {"padding_free": True},
+        "train": {"padding_free": True, "grad_accum": 2},
     },
     "splitfed-pooled-global-clip": {
         "paradigm": {"name": "splitfed", "options": {"cut": 1, "server_batch": "pooled", "cohort": False}},
@@ -323,15 +323,23 @@ RESUMABLE = [
 # (turned on by each role's own train_step, in its own process). Next to hat-drafter: on Ray
 # both run at the reference's thread count, so they share hosts (a new count restarts them).
 _AT = RESUMABLE.index("hat-drafter") + 1
-DEPLOYED = [*RESUMABLE[:_AT], "fedavg-padding-free", "splitfed-padding-free", *RESUMABLE[_AT:]]
+DEPLOYED = [
+    *RESUMABLE[:_AT],
+    "fedavg-padding-free",
+    "splitfed-padding-free-accum",
+    *RESUMABLE[_AT:],
+]
 
 
-@pytest.mark.parametrize("case", RESUMABLE)
+@pytest.mark.parametrize(
+    "case", [*RESUMABLE, "splitfed-padding-free-accum", "splitfrozen-auto-nopipe-int8-accum"]
+)  # and gradient accumulation across a cut
 def test_resume_on_isolated_equals_the_uninterrupted_run(tiny_config, case):
     """Every paradigm resumes on the isolated engine exactly (local: the paradigms' own tests)."""
     sections = {**CASES[case], "output": {"checkpoint_every": 2, "keep_checkpoints": 100}}
     whole = outcome(run(tiny_config, f"whole-{case}", "isolated", **sections))
-    cfg = tiny_config(name=f"part-{case}", **{**sections, "engine": {"kind": "isolated"}})
+    engine = {**sections.get("engine", {}), "kind": "isolated"}  # the case's codec stays
+    cfg = tiny_config(name=f"part-{case}", **{**sections, "engine": engine})
     run_dir = run_experiment(cfg, quiet=True, report=False)
     first = checkpoints(run_dir)[0].parent.name  # the earliest mid-run checkpoint
     kill_after(run_dir, int(first.removeprefix("step-")))

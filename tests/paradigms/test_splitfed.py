@@ -62,6 +62,35 @@ def test_one_device_equals_central_step_for_step(tiny_config, family):
         torch.testing.assert_close(ps[k], pc[k], atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize(
+    "family, paradigm",
+    [
+        ("bert", {"name": "splitfed", "options": {"cut": 1, "aggregate_every": 1}}),
+        ("gpt2", {"name": "splitfed", "options": {"cut": 1, "aggregate_every": 1}}),
+        ("bert", {"name": "split", "options": {"cut": 1}}),
+    ],
+    ids=["splitfed", "splitfed-gpt2", "split"],
+)
+def test_gradient_accumulation_across_the_cut_equals_central(tiny_config, family, paradigm):
+    """train.grad_accum: each gradient round trip brings the device's next micro-batch up (its
+    graph freed first), both sides accumulate and step once with the global norm: one device
+    equals central with the same accumulation, step for step (losses, norms, weights)."""
+    one = {"devices": {"count": 1}, "train": {"steps": 3, "grad_accum": 3, "batch_size": 4},
+           "eval": {"every": 3, "max_examples": 16}}  # fmt: skip
+    task = "causal_lm" if family == "gpt2" else "classification"
+    c = run(family_config(tiny_config, family, "c", {"name": "central"}, task=task, **one))
+    s = run(family_config(tiny_config, family, "s", paradigm, task=task, **one))
+    c_rec, s_rec = records(c, "train", "server"), records(s, "train", "mean")
+    assert len(s_rec) == 3
+    assert [r["loss"] for r in s_rec] == pytest.approx([r["loss"] for r in c_rec], abs=1e-5)
+    c_norm = [r["grad_norm"] for r in c_rec]
+    assert [r["grad_norm"] for r in s_rec] == pytest.approx(c_norm, rel=1e-5)
+    pc, ps = final_params(c)["server"], final_params(s)["server"]
+    assert set(pc) == set(ps)
+    for k in pc:
+        torch.testing.assert_close(ps[k], pc[k], atol=1e-5, rtol=0)
+
+
 def test_device_adapters_are_the_sample_weighted_mean(tiny_config, monkeypatch):
     uploads = []
     original = splitting.SplitDevice.on_get_adapter
@@ -480,3 +509,64 @@ def test_a_step_costs_one_local_event_and_finishes_only_where_needed(
     want, got = final_params(eager)["server"], final_params(lazy)["server"]
     for k in want:
         assert torch.equal(got[k], want[k]), k
+
+
+def test_gradient_accumulation_refuses_what_it_does_not_cover_and_the_cohort_stands_aside(
+    tiny_config, caplog
+):
+    import logging
+
+    from cotune.paradigms import fed_cohort
+
+    accum = {"train": {"grad_accum": 2, "steps": 2}, "eval": {"every": 2, "max_examples": 8}}
+    with pytest.raises(ConfigError, match="u_shaped: gradient accumulation"):
+        tiny_config(paradigm={"name": "splitfed", "options": {"cut": 1, "u_shaped": True,
+                                                              "server_side": "per_device"}},
+                    **accum)  # fmt: skip
+    with pytest.raises(ConfigError, match="server_batch: 'pooled' with train.grad_accum > 1"):
+        tiny_config(paradigm={"name": "splitfed", "options": {"cut": 1, "server_batch": "pooled"}},
+                    **accum)  # fmt: skip
+    fed_cohort._told.discard("train.grad_accum > 1")
+    with caplog.at_level(logging.INFO, logger="cotune.paradigms.fed_cohort"):
+        # (per-side clipping: a sequential server with global clipping has no cohort anyway)
+        opts = {"cut": 1, "cohort": True, "clip": "per_side"}
+        run(tiny_config(name="acc-cohort", paradigm={"name": "splitfed", "options": opts},
+                        **accum))  # fmt: skip
+    assert "train.grad_accum > 1, so split steps run device by device" in caplog.text
+
+
+@pytest.mark.parametrize("policy", ["stop", "skip"])
+def test_a_bad_later_micro_batch_stops_the_run_or_skips_the_devices_step(
+    tiny_config, monkeypatch, policy
+):
+    """With train.grad_accum the second micro-batch comes up as a gradient's reply: checked
+    like the first; skipped, the device's whole step goes (both sides' accumulated gradients)."""
+    calls = {"n": 0}
+    original = splitting.SplitDevice._next_micro
+
+    def spy(self, msg, micro):
+        calls["n"] += 1
+        return original(self, msg, micro)
+
+    monkeypatch.setattr(splitting.SplitDevice, "_next_micro", spy)
+    first = splitting.SplitDevice.outgoing
+
+    def outgoing(self, acts, labels):
+        out = first(self, acts, labels)
+        # device-1's micro-batches after the first (the ones sent as replies) carry a NaN
+        return nan_hidden(dict(out)) if self.role_id == "device-1" and calls["n"] else out
+
+    monkeypatch.setattr(splitting.SplitDevice, "outgoing", outgoing)
+    sf = {"name": "splitfed", "options": {"cut": 1, "on_bad_message": policy}}
+    cfg = tiny_config(name=f"micro-{policy}", paradigm=sf,
+                      train={"steps": 2, "grad_accum": 2}, eval={"every": 2, "max_examples": 8})  # fmt: skip
+    if policy == "stop":
+        with pytest.raises(ProtocolError, match=r"'device-1': tensor 'hidden': 1 NaN"):
+            run(cfg)
+        return
+    run_dir = run(cfg)
+    skips = records(run_dir, "skip")
+    assert [r["role"] for r in skips] and {r["role"] for r in skips} == {"device-1"}
+    assert all("NaN" in r["error"] for r in skips)
+    for v in final_params(run_dir)["server"].values():
+        assert torch.isfinite(v).all()

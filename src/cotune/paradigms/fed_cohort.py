@@ -148,11 +148,11 @@ def cohort_supported(devices: Sequence[Any]) -> bool:
     return True
 
 
-def decline(why: str) -> bool:
+def decline(why: str, then: str = "rounds run device by device") -> bool:
     """A cohort cannot run: say why, once per reason in this process; always False."""
     if why not in _told:
         _told.add(why)
-        log.info("device cohort: %s, so rounds run device by device", why)
+        log.info("device cohort: %s, so %s", why, then)
     return False
 
 

@@ -288,8 +288,11 @@ class CutOptions(ParadigmOptions):
             raise ValueError(
                 f"cut_top: {self.cut_top} must be above cut ({self.cut}) so the server keeps a block"
             )
-        if cfg.train.grad_accum != 1:
-            raise ValueError("train.grad_accum: split paradigms support only grad_accum: 1")
+        if cfg.train.grad_accum != 1 and self.u_shaped:
+            raise ValueError(
+                "u_shaped: gradient accumulation (train.grad_accum > 1) is built for the "
+                "label-sharing split only"
+            )
 
 
 class SplitOptions(CutOptions):
@@ -326,6 +329,11 @@ class SplitFedOptions(CutOptions):
             )
         if self.server_batch == "pooled" and self.u_shaped:
             raise ValueError("server_batch: 'pooled' does not support u_shaped")
+        if self.server_batch == "pooled" and cfg.train.grad_accum != 1:
+            raise ValueError(
+                "server_batch: 'pooled' with train.grad_accum > 1 is not built (the sequential "
+                "server accumulates)"
+            )
 
 
 class SplitFrozenOptions(ParadigmOptions):

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from cotune.models import Activations
 from cotune.models.packing import padding_free, token_dims
+from cotune.paradigms.fed_cohort import decline
 from cotune.paradigms.splitting import SplitDevice
 from cotune.peft.grouped import bind_state, row_groups, split_by_layer
 
@@ -78,6 +79,10 @@ class DeviceCohort:
             and (pooled or not first.global_clip)
         )  # fmt: skip
         self.packed = first.packed
+        if self.supported and first.micros > 1:
+            # A micro-batch's backward frees its graph before the next forward, one device at
+            # a time (the gradient round trip brings the next micro-batch up).
+            self.supported = decline("train.grad_accum > 1", "split steps run device by device")
 
     @classmethod
     def for_roles(cls, roles: Sequence[SplitDevice]) -> DeviceCohort | None:

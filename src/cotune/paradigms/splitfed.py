@@ -87,9 +87,7 @@ class SplitServer(Role):
 
     def on_activations(self, msg: Message) -> None:
         try:
-            check_cut(msg, hidden_size=self.ctx.model.loaded.anatomy.hidden_size,
-                      dtype=self.dtype, task=self.ctx.task,
-                      labels=not self.opts.u_shaped)  # fmt: skip
+            self._check(msg)
         except ProtocolError as err:
             if self.opts.on_bad_message == "stop":
                 raise
@@ -114,7 +112,8 @@ class SplitServer(Role):
         with self.in_role():
             if getattr(self.opts, "server_batch", "sequential") == "pooled":
                 return self._serve_pooled(queue, step) if queue else []
-            return [self._serve_one(arrival, msg, step) for arrival, _, msg in queue]
+            served = [self._serve_one(arrival, msg, step) for arrival, _, msg in queue]
+            return [s for s in served if s is not None]
 
     def _serve_pooled(self, queue: list[tuple[float, int, Message]], step: int) -> list[StepLog]:
         """One forward/backward on all activations of the step (padded to the longest); each
@@ -198,48 +197,82 @@ class SplitServer(Role):
         with self.in_role():
             self.trainer.step_role(state, grads, clip_coef(self.ctx.cfg.train.max_grad_norm, total))
 
-    def _serve_one(self, arrival: float, msg: Message, step: int) -> StepLog:
+    def _serve_one(self, arrival: float, msg: Message, step: int) -> StepLog | None:
+        """One server update on a device's batch, or with ``train.grad_accum`` G on its G
+        micro-batches: each gradient round trip brings the next micro-batch's activations
+        back (the device frees each graph before the next forward), the server accumulates
+        and steps after the last. None: a later micro-batch failed its checks (skip)."""
         meter, trainer, task, grid = self.ctx.meter, self.trainer, self.ctx.task, self.ctx.grid
         assert grid is not None
-        dev = msg.sender
+        dev, micros = msg.sender, self.ctx.cfg.train.grad_accum
         state, rnd = self.states[dev], int(msg.meta.get("round", 0))
-        t = msg.tensors
-        acts = Activations(t["hidden"].requires_grad_(True), t["attention_mask"])
         server = self.layout.server
+        loss, examples = 0.0, 0
         with trainer.activate(state):
             lr = trainer.set_lr(state.step)
-            if self.layout.top is None:
+            for micro in range(micros):
+                t = msg.tensors
+                acts = Activations(t["hidden"].requires_grad_(True), t["attention_mask"])
+                examples += int(acts.hidden.shape[0])
+                if self.layout.top is None:
 
-                def fwd_bwd(a: Activations, labels: torch.Tensor) -> float:
-                    loss = segment_loss(server, a, None, labels, task)
-                    reg = self.reg()
-                    (loss + reg if reg is not None else loss).backward()
-                    return float(loss.detach()) + (float(reg.detach()) if reg is not None else 0)
+                    def fwd_bwd(a: Activations, labels: torch.Tensor) -> float:
+                        out = segment_loss(server, a, None, labels, task)
+                        reg = self.reg()
+                        ((out + reg if reg is not None else out) / micros).backward()
+                        return float(out.detach()) + (float(reg.detach()) if reg is not None else 0)
 
-                with padding_free(self.packed):
-                    loss, flops = meter.flops.run(
-                        "split-server", fwd_bwd, acts, t["labels"],
-                        dims=token_dims(acts.attention_mask, self.packed),
-                    )  # fmt: skip
-                meter.compute(flops, round=rnd, after=arrival, label="server")
-            else:
-                loss = self._u_turn(acts, dev, step, rnd, arrival)
-            loss += float(msg.meta.get("device_reg", 0.0))
-            grads = [p.grad for p in trainer.params.values() if p.grad is not None]
-            server_sq = sq_norm(grads)
-            want = self.global_clip
-            meta = {"step": step, "round": rnd, "server_sq": server_sq, "want_norm": want}
-            back = Message("gradients", SERVER, dev, {"grad": acts.hidden.grad}, meta)
-            if want:
-                rep = grid.request(back, codec=self.codec)
-                total = server_sq + float(rep.meta["device_sq"])
-                meter.compute(0.0, after=rep.arrival, label="wait")
-            else:
-                grid.send(back, codec=self.codec)
-                total = server_sq
+                    with padding_free(self.packed):
+                        value, flops = meter.flops.run(
+                            "split-server", fwd_bwd, acts, t["labels"],
+                            dims=token_dims(acts.attention_mask, self.packed),
+                        )  # fmt: skip
+                    meter.compute(flops, round=rnd, after=arrival, label="server")
+                else:
+                    value = self._u_turn(acts, dev, step, rnd, arrival)
+                loss += (value + float(msg.meta.get("device_reg", 0.0))) / micros
+                last = micro == micros - 1
+                meta = {"step": step, "round": rnd, "micro": micro}
+                if not last:  # the device's reply: its next micro-batch's activations
+                    back = Message("gradients", SERVER, dev, {"grad": acts.hidden.grad}, meta)
+                    msg = grid.request(back, codec=self.codec)
+                    try:
+                        self._check(msg)
+                    except ProtocolError as err:  # (on_bad_message: skip) the whole step
+                        self._skip_step(step, dev, str(err))
+                        return None
+                    arrival = msg.arrival or arrival
+                    continue
+                grads = [p.grad for p in trainer.params.values() if p.grad is not None]
+                server_sq = sq_norm(grads)
+                want = self.global_clip
+                meta.update(server_sq=server_sq, want_norm=want)
+                back = Message("gradients", SERVER, dev, {"grad": acts.hidden.grad}, meta)
+                if want:
+                    rep = grid.request(back, codec=self.codec)
+                    total = server_sq + float(rep.meta["device_sq"])
+                    meter.compute(0.0, after=rep.arrival, label="wait")
+                else:
+                    grid.send(back, codec=self.codec)
+                    total = server_sq
             trainer.step(clip_coef(self.ctx.cfg.train.max_grad_norm, total), clip=False, loss=loss)
             state.step += 1
-        return StepLog(dev, loss, lr, int(acts.hidden.shape[0]))
+        return StepLog(dev, loss, lr, examples)
+
+    def _check(self, msg: Message) -> None:
+        check_cut(msg, hidden_size=self.ctx.model.loaded.anatomy.hidden_size, dtype=self.dtype,
+                  task=self.ctx.task, labels=not self.opts.u_shaped)  # fmt: skip
+
+    def _skip_step(self, step: int, dev: str, err: str) -> None:
+        """A device's later micro-batch failed its checks: with ``on_bad_message: skip`` its
+        whole step is dropped on both sides (the server's accumulated gradients too)."""
+        if self.opts.on_bad_message == "stop":
+            raise ProtocolError(err)
+        for p in self.trainer.params.values():
+            p.grad = None
+        self.skipped.append((step, dev, err))
+        assert self.ctx.grid is not None
+        self.ctx.grid.send(Message("rejected", SERVER, dev, {}, {"step": step, "error": err}))
 
     def _u_turn(self, acts: Activations, dev: str, step: int, rnd: int, arrival: float) -> float:
         """U-shape: forward the middle, let the device finish (loss stays there), backward."""

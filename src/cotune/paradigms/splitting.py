@@ -248,6 +248,7 @@ class SplitDevice(Role):
             cfg.train.steps,
         )
         self.codec = cfg.engine.activation_codec
+        self.micros = cfg.train.grad_accum  # micro-batches a step (the server asks for each)
         self.global_clip = global_clip(self.opts, cfg)
         self.packed = cfg.train.padding_free  # this side's blocks on the real tokens only
         self.state = self.trainer.new_state(ctx.seed, model.initial_params())
@@ -346,6 +347,10 @@ class SplitDevice(Role):
 
     def send_activations(self, step: int, rnd: int, batch: Batch | None = None) -> None:
         batch = self.next_batch(rnd) if batch is None else batch
+        self.emit(step, rnd, batch, *self._forward(batch))
+
+    def _forward(self, batch: Batch) -> tuple[Activations, torch.Tensor | None, int]:
+        """The bottom segment on ``batch`` (and the method's regularizer), with its FLOPs."""
         bottom = self.layout.bottom
 
         def forward(b):
@@ -358,7 +363,20 @@ class SplitDevice(Role):
                 batch,
                 dims=token_dims(batch.attention_mask, self.packed),
             )
-        self.emit(step, rnd, batch, acts, reg, flops)
+        return acts, reg, flops
+
+    def _next_micro(self, msg: Message, micro: int) -> Message:
+        """Gradient accumulation: after micro-batch ``micro - 1``'s backward (its graph freed),
+        the next micro-batch's forward; its activations go back as the gradient's reply."""
+        batch = self.dataset.batch(self.sampler.next_indices())
+        self.state.sampler = self.sampler.state_dict()
+        acts, reg, flops = self._forward(batch)
+        self.ctx.meter.compute(flops, round=self.round, label="forward")
+        self._pending = (acts, reg, batch.labels)
+        return reply(msg, "activations", self.outgoing(acts, batch.labels),
+                     step=msg.meta["step"], round=self.round, micro=micro,
+                     examples=int(batch.input_ids.shape[0]),
+                     device_reg=float(reg.detach()) if reg is not None else 0.0)  # fmt: skip
 
     def emit(
         self,
@@ -417,10 +435,13 @@ class SplitDevice(Role):
         )
         self.server_sq = float(msg.meta.get("server_sq", 0.0))
         self._norm_step = int(msg.meta["step"]) if msg.meta.get("send_norm") else None
-        if self.defer_backward:  # a cohort (or the pooled server's protocol) runs it later
-            self.cut_grad = grad
+        micro = int(msg.meta.get("micro", 0))
+        if self.defer_backward and micro == self.micros - 1:
+            self.cut_grad = grad  # a cohort (or the pooled server's protocol) runs it later
             return None
         self._backward(grad)
+        if micro < self.micros - 1:  # accumulating: the next micro-batch goes up
+            return self._next_micro(msg, micro + 1)
         if msg.meta.get("want_norm"):
             return reply(msg, "norm", device_sq=sq_norm(list(self.grads.values())))
         return None
@@ -431,9 +452,9 @@ class SplitDevice(Role):
 
         def backward(g: torch.Tensor) -> None:
             outs, grads = [acts.hidden], [g]
-            if reg is not None:
+            if reg is not None:  # once per step: a share per micro-batch
                 outs.append(reg)
-                grads.append(torch.ones_like(reg))
+                grads.append(torch.full_like(reg, 1.0 / self.micros))
             torch.autograd.backward(outs, grads)
 
         # Under padding_free too: a checkpointed block recomputes its forward in backward.
