@@ -88,6 +88,11 @@ CASES = {
         "paradigm": {"name": "splitfed", "options": {"cut": 1, "server_batch": "pooled", "cohort": False}},
         "devices": {"count": 3},
     },
+    "splitfed-pooled-accum": {  # pooled passes per micro-batch, one server update
+        "paradigm": {"name": "splitfed", "options": {"cut": 1, "server_batch": "pooled", "cohort": False}},
+        "devices": {"count": 3},
+        "train": {"grad_accum": 2},
+    },
     "splitfed-per-device-ushaped": {
         "paradigm": {"name": "splitfed", "options": {
             "cut": 1, "u_shaped": True, "server_side": "per_device", "aggregate_every": 3}},
@@ -332,7 +337,13 @@ DEPLOYED = [
 
 
 @pytest.mark.parametrize(
-    "case", [*RESUMABLE, "splitfed-padding-free-accum", "splitfrozen-auto-nopipe-int8-accum"]
+    "case",
+    [
+        *RESUMABLE,
+        "splitfed-padding-free-accum",
+        "splitfed-pooled-accum",
+        "splitfrozen-auto-nopipe-int8-accum",
+    ],
 )  # and gradient accumulation across a cut
 def test_resume_on_isolated_equals_the_uninterrupted_run(tiny_config, case):
     """Every paradigm resumes on the isolated engine exactly (local: the paradigms' own tests)."""

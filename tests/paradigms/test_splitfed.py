@@ -68,8 +68,22 @@ def test_one_device_equals_central_step_for_step(tiny_config, family):
         ("bert", {"name": "splitfed", "options": {"cut": 1, "aggregate_every": 1}}),
         ("gpt2", {"name": "splitfed", "options": {"cut": 1, "aggregate_every": 1}}),
         ("bert", {"name": "split", "options": {"cut": 1}}),
+        (
+            "bert",
+            {
+                "name": "splitfed",
+                "options": {"cut": 1, "aggregate_every": 1, "server_batch": "pooled"},
+            },
+        ),
+        (
+            "gpt2",
+            {
+                "name": "splitfed",
+                "options": {"cut": 1, "aggregate_every": 1, "server_batch": "pooled"},
+            },
+        ),
     ],
-    ids=["splitfed", "splitfed-gpt2", "split"],
+    ids=["splitfed", "splitfed-gpt2", "split", "splitfed-pooled", "splitfed-pooled-gpt2"],
 )
 def test_gradient_accumulation_across_the_cut_equals_central(tiny_config, family, paradigm):
     """train.grad_accum: each gradient round trip brings the device's next micro-batch up (its
@@ -523,9 +537,6 @@ def test_gradient_accumulation_refuses_what_it_does_not_cover_and_the_cohort_sta
         tiny_config(paradigm={"name": "splitfed", "options": {"cut": 1, "u_shaped": True,
                                                               "server_side": "per_device"}},
                     **accum)  # fmt: skip
-    with pytest.raises(ConfigError, match="server_batch: 'pooled' with train.grad_accum > 1"):
-        tiny_config(paradigm={"name": "splitfed", "options": {"cut": 1, "server_batch": "pooled"}},
-                    **accum)  # fmt: skip
     fed_cohort._told.discard("train.grad_accum > 1")
     with caplog.at_level(logging.INFO, logger="cotune.paradigms.fed_cohort"):
         # (per-side clipping: a sequential server with global clipping has no cohort anyway)
@@ -535,9 +546,10 @@ def test_gradient_accumulation_refuses_what_it_does_not_cover_and_the_cohort_sta
     assert "train.grad_accum > 1, so split steps run device by device" in caplog.text
 
 
+@pytest.mark.parametrize("server_batch", ["sequential", "pooled"])
 @pytest.mark.parametrize("policy", ["stop", "skip"])
 def test_a_bad_later_micro_batch_stops_the_run_or_skips_the_devices_step(
-    tiny_config, monkeypatch, policy
+    tiny_config, monkeypatch, policy, server_batch
 ):
     """With train.grad_accum the second micro-batch comes up as a gradient's reply: checked
     like the first; skipped, the device's whole step goes (both sides' accumulated gradients)."""
@@ -557,8 +569,9 @@ def test_a_bad_later_micro_batch_stops_the_run_or_skips_the_devices_step(
         return nan_hidden(dict(out)) if self.role_id == "device-1" and calls["n"] else out
 
     monkeypatch.setattr(splitting.SplitDevice, "outgoing", outgoing)
-    sf = {"name": "splitfed", "options": {"cut": 1, "on_bad_message": policy}}
-    cfg = tiny_config(name=f"micro-{policy}", paradigm=sf,
+    opts = {"cut": 1, "on_bad_message": policy, "server_batch": server_batch, "cohort": False}
+    sf = {"name": "splitfed", "options": opts}
+    cfg = tiny_config(name=f"micro-{policy}-{server_batch}", paradigm=sf,
                       train={"steps": 2, "grad_accum": 2}, eval={"every": 2, "max_examples": 8})  # fmt: skip
     if policy == "stop":
         with pytest.raises(ProtocolError, match=r"'device-1': tensor 'hidden': 1 NaN"):

@@ -329,11 +329,6 @@ class SplitFedOptions(CutOptions):
             )
         if self.server_batch == "pooled" and self.u_shaped:
             raise ValueError("server_batch: 'pooled' does not support u_shaped")
-        if self.server_batch == "pooled" and cfg.train.grad_accum != 1:
-            raise ValueError(
-                "server_batch: 'pooled' with train.grad_accum > 1 is not built (the sequential "
-                "server accumulates)"
-            )
 
 
 class SplitFrozenOptions(ParadigmOptions):

@@ -118,10 +118,68 @@ class SplitServer(Role):
     def _serve_pooled(self, queue: list[tuple[float, int, Message]], step: int) -> list[StepLog]:
         """One forward/backward on all activations of the step (padded to the longest); each
         device gets the gradient of its *own* mean loss, the server steps on the example-weighted
-        mean of the devices' losses (its gradient is the pooled batch's)."""
-        meter, trainer, task, grid = self.ctx.meter, self.trainer, self.ctx.task, self.ctx.grid
+        mean of the devices' losses (its gradient is the pooled batch's). With
+        ``train.grad_accum`` G: G pooled passes, the first G-1 gradients requests whose replies
+        bring each device's next micro-batch; the server's gradients summed, one update."""
+        meter, grid, micros = self.ctx.meter, self.ctx.grid, self.ctx.cfg.train.grad_accum
         assert grid is not None
         msgs = [m for _, _, m in queue]
+        rnd = int(msgs[0].meta.get("round", 0))
+        arrival = max(a for a, _, _ in queue)  # the server waits for the last device to pool
+        regs = {m.sender: float(m.meta.get("device_reg", 0.0)) / micros for m in msgs}
+        total: dict[str, float] = {m.sender: 0.0 for m in msgs}
+        examples: dict[str, int] = {m.sender: 0 for m in msgs}
+        summed: dict[str, torch.Tensor] = {}
+        for micro in range(micros):
+            losses, lr, grads, flops, cuts, weights = self._pooled_pass(msgs, micros)
+            meter.compute(flops, round=rnd, after=arrival, label="server")
+            for k, g in grads.items():
+                summed[k] = summed[k] + g if k in summed else g
+            for m, loss in zip(msgs, losses):
+                total[m.sender] += loss / micros
+                examples[m.sender] += int(m.tensors["hidden"].shape[0])
+            if micro == micros - 1:
+                break
+            meta = {"step": step, "round": rnd, **_micro(micro)}
+            reqs = [Message("gradients", SERVER, m.sender, {"grad": c}, meta)
+                    for m, c in zip(msgs, cuts)]  # fmt: skip
+            msgs = []
+            for rep in grid.request_many(reqs, codec=self.codec, together=True):
+                try:
+                    self._check(rep)
+                except ProtocolError as err:  # (skip) the device leaves this step; what it
+                    self._skip_step(step, rep.sender, str(err), keep_server=True)  # gave stays
+                    continue
+                msgs.append(rep)
+                arrival = max(arrival, rep.arrival or 0.0)
+            if not msgs:
+                return []
+        server_sq = sq_norm(list(summed.values()))
+        want = self.global_clip
+        for m, cut in zip(msgs, cuts):
+            meta = {"step": step, "round": rnd, "server_sq": server_sq, "send_norm": want,
+                    **_micro(micros - 1)}  # fmt: skip
+            grid.send(Message("gradients", SERVER, m.sender, {"grad": cut}, meta), codec=self.codec)
+        self.norms, self.norm_arrival = {}, {}
+        state = self.states[msgs[0].sender]  # shared server side: one state for every device
+        self._pending_step = (
+            state,
+            summed,
+            server_sq,
+            {m.sender: w for m, w in zip(msgs, weights)},
+        )
+        if not want:
+            self.finish_step()
+        return [StepLog(m.sender, total[m.sender] + regs[m.sender] * micros, lr,
+                        examples[m.sender]) for m in msgs]  # fmt: skip
+
+    def _pooled_pass(
+        self, msgs: list[Message], micros: int
+    ) -> tuple[list[float], float, dict[str, torch.Tensor], int, list[torch.Tensor], list[float]]:
+        """One pooled forward/backward (the objective / ``micros``): each device's loss, the
+        LR, the server's gradients, the FLOPs, each device's cut gradient (of its own mean
+        loss) and each device's weight in the objective."""
+        trainer, task = self.trainer, self.ctx.task
         rows = [int(m.tensors["hidden"].shape[0]) for m in msgs]
         lengths = [int(m.tensors["hidden"].shape[1]) for m in msgs]
         width, total_rows = max(lengths), sum(rows)
@@ -131,7 +189,6 @@ class SplitServer(Role):
         mask = torch.cat([F.pad(m.tensors["attention_mask"], (0, p)) for m, p in zip(msgs, pad)])
         labels = [m.tensors["labels"] for m in msgs]
         acts = Activations(hidden.requires_grad_(True), mask)
-        rnd = int(msgs[0].meta.get("round", 0))
         state = self.states[msgs[0].sender]  # shared server side: one state for every device
         server = self.layout.server
 
@@ -150,35 +207,22 @@ class SplitServer(Role):
                     start += n
             objective = sum(w * loss for w, loss in zip(weights, losses))
             reg = self.reg()
-            (objective + reg if reg is not None else objective).backward()
+            ((objective + reg if reg is not None else objective) / micros).backward()
             extra = float(reg.detach()) if reg is not None else 0.0
             return [float(loss.detach()) + extra for loss in losses]
 
         with trainer.activate(state):
             lr = trainer.set_lr(state.step)
             with padding_free(self.packed):
-                losses, flops = meter.flops.run(
+                losses, flops = self.ctx.meter.flops.run(
                     "split-server-pooled", fwd_bwd, acts, labels, dims=token_dims(mask, self.packed)
                 )
             grads = {k: p.grad for k, p in trainer.params.items() if p.grad is not None}
-        # The server waits for the last device of the step before it can pool.
-        meter.compute(flops, round=rnd, after=max(a for a, _, _ in queue), label="server")
-        server_sq = sq_norm(list(grads.values()))
-        want = self.global_clip
-        start = 0
-        for m, n, t, w in zip(msgs, rows, lengths, weights):
-            cut = acts.hidden.grad[start : start + n, :t] / w
-            meta = {"step": step, "round": rnd, "server_sq": server_sq, "send_norm": want}
-            grid.send(Message("gradients", SERVER, m.sender, {"grad": cut}, meta), codec=self.codec)
+        cuts, start = [], 0
+        for n, t, w in zip(rows, lengths, weights):
+            cuts.append(acts.hidden.grad[start : start + n, :t] / w)
             start += n
-        self.norms, self.norm_arrival = {}, {}
-        self._pending_step = (state, grads, server_sq, {m.sender: w for m, w in zip(msgs, weights)})
-        if not want:
-            self.finish_step()
-        return [
-            StepLog(m.sender, loss + float(m.meta.get("device_reg", 0.0)), lr, n)
-            for m, loss, n in zip(msgs, losses, rows)
-        ]
+        return losses, lr, grads, flops, cuts, weights
 
     def finish_step(self) -> None:
         """Pooled server: apply the step's update once the devices' norms are in (global clip:
@@ -232,7 +276,7 @@ class SplitServer(Role):
                     value = self._u_turn(acts, dev, step, rnd, arrival)
                 loss += (value + float(msg.meta.get("device_reg", 0.0))) / micros
                 last = micro == micros - 1
-                meta = {"step": step, "round": rnd, "micro": micro}
+                meta = {"step": step, "round": rnd, **_micro(micro)}
                 if not last:  # the device's reply: its next micro-batch's activations
                     back = Message("gradients", SERVER, dev, {"grad": acts.hidden.grad}, meta)
                     msg = grid.request(back, codec=self.codec)
@@ -263,13 +307,15 @@ class SplitServer(Role):
         check_cut(msg, hidden_size=self.ctx.model.loaded.anatomy.hidden_size, dtype=self.dtype,
                   task=self.ctx.task, labels=not self.opts.u_shaped)  # fmt: skip
 
-    def _skip_step(self, step: int, dev: str, err: str) -> None:
+    def _skip_step(self, step: int, dev: str, err: str, keep_server: bool = False) -> None:
         """A device's later micro-batch failed its checks: with ``on_bad_message: skip`` its
-        whole step is dropped on both sides (the server's accumulated gradients too)."""
+        whole step is dropped on its side, and on the server's unless ``keep_server`` (a pooled
+        pass already mixed its earlier micro-batches with the other devices')."""
         if self.opts.on_bad_message == "stop":
             raise ProtocolError(err)
-        for p in self.trainer.params.values():
-            p.grad = None
+        if not keep_server:
+            for p in self.trainer.params.values():
+                p.grad = None
         self.skipped.append((step, dev, err))
         assert self.ctx.grid is not None
         self.ctx.grid.send(Message("rejected", SERVER, dev, {}, {"step": step, "error": err}))
@@ -455,3 +501,9 @@ def run(exp: Experiment) -> ParadigmResult:
     return ParadigmResult(
         states={SERVER: combined(dev_glob, srv_glob)}, final_eval=last_eval, extra=extra
     )
+
+
+def _micro(index: int) -> dict[str, int]:
+    """A gradient's micro-batch index for its meta; left out for the first (a step without
+    accumulation sends exactly the messages, and bytes, it always did)."""
+    return {"micro": index} if index else {}
