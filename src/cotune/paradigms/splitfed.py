@@ -126,7 +126,7 @@ class SplitServer(Role):
         msgs = [m for _, _, m in queue]
         rnd = int(msgs[0].meta.get("round", 0))
         arrival = max(a for a, _, _ in queue)  # the server waits for the last device to pool
-        regs = {m.sender: float(m.meta.get("device_reg", 0.0)) / micros for m in msgs}
+        regs = {m.sender: float(m.meta.get("device_reg", 0.0)) for m in msgs}  # one a step
         total: dict[str, float] = {m.sender: 0.0 for m in msgs}
         examples: dict[str, int] = {m.sender: 0 for m in msgs}
         summed: dict[str, torch.Tensor] = {}
@@ -170,8 +170,8 @@ class SplitServer(Role):
         )
         if not want:
             self.finish_step()
-        return [StepLog(m.sender, total[m.sender] + regs[m.sender] * micros, lr,
-                        examples[m.sender]) for m in msgs]  # fmt: skip
+        return [StepLog(m.sender, total[m.sender] + regs[m.sender], lr, examples[m.sender])
+                for m in msgs]  # fmt: skip
 
     def _pooled_pass(
         self, msgs: list[Message], micros: int

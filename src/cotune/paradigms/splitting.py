@@ -340,9 +340,13 @@ class SplitDevice(Role):
 
     def next_batch(self, rnd: int) -> Batch:
         """This step's batch (the sampler moves on; the step's flags reset)."""
+        self.rejected, self.round = False, rnd
+        return self._draw()
+
+    def _draw(self) -> Batch:
+        """The sampler's next batch (its position kept in the state, for checkpoints)."""
         batch = self.dataset.batch(self.sampler.next_indices())
         self.state.sampler = self.sampler.state_dict()
-        self.rejected, self.round = False, rnd
         return batch
 
     def send_activations(self, step: int, rnd: int, batch: Batch | None = None) -> None:
@@ -368,15 +372,11 @@ class SplitDevice(Role):
     def _next_micro(self, msg: Message, micro: int) -> Message:
         """Gradient accumulation: after micro-batch ``micro - 1``'s backward (its graph freed),
         the next micro-batch's forward; its activations go back as the gradient's reply."""
-        batch = self.dataset.batch(self.sampler.next_indices())
-        self.state.sampler = self.sampler.state_dict()
-        acts, reg, flops = self._forward(batch)
-        self.ctx.meter.compute(flops, round=self.round, label="forward")
-        self._pending = (acts, reg, batch.labels)
-        return reply(msg, "activations", self.outgoing(acts, batch.labels),
-                     step=msg.meta["step"], round=self.round, micro=micro,
-                     examples=int(batch.input_ids.shape[0]),
-                     device_reg=float(reg.detach()) if reg is not None else 0.0)  # fmt: skip
+        batch = self._draw()
+        tensors, meta = self._upload(
+            int(msg.meta["step"]), self.round, batch, *self._forward(batch)
+        )
+        return reply(msg, "activations", tensors, **meta, micro=micro)
 
     def emit(
         self,
@@ -388,13 +388,27 @@ class SplitDevice(Role):
         flops: int,
     ) -> None:
         """Charge the forward and send the cut activations (also used by a device cohort)."""
+        tensors, meta = self._upload(step, rnd, batch, acts, reg, flops)
+        msg = Message("activations", self.role_id, SERVER, tensors, meta)
+        assert self.ctx.grid is not None
+        self.ctx.grid.send(msg, codec=self.codec)
+
+    def _upload(
+        self,
+        step: int,
+        rnd: int,
+        batch: Batch,
+        acts: Activations,
+        reg: torch.Tensor | None,
+        flops: int,
+    ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """A forward done: charge it, keep its graph for the backward, and the tensors and
+        meta of its ``activations`` message."""
         self.ctx.meter.compute(flops, round=rnd, label="forward")
         self._pending = (acts, reg, batch.labels)
         meta = {"step": step, "round": rnd, "examples": int(batch.input_ids.shape[0])}
         meta["device_reg"] = float(reg.detach()) if reg is not None else 0.0
-        msg = Message("activations", self.role_id, SERVER, self.outgoing(acts, batch.labels), meta)
-        assert self.ctx.grid is not None
-        self.ctx.grid.send(msg, codec=self.codec)
+        return self.outgoing(acts, batch.labels), meta
 
     def on_activations(self, msg: Message) -> Message:
         """U-shaped: the server's output comes back; run the top, the loss and its backward."""
