@@ -6,6 +6,7 @@ a ``DeviceNode`` and serves until the run ends, reconnecting within ``--retry``.
 from __future__ import annotations
 
 import logging
+import queue
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -24,8 +25,6 @@ class DialerGroup:
     in one queue (each naming its node), every frame sent on its node's stream."""
 
     def __init__(self, dialers: dict[str, Dialer]) -> None:
-        import queue
-
         self.dialers = dialers
         self.node = next(iter(dialers))
         self.inbound: queue.Queue[Frame | None] = queue.Queue()
@@ -83,8 +82,6 @@ def _dial(
     server: str, node: str, token: str, security: Security, connect_timeout: float
 ) -> tuple[Dialer, Frame]:
     """A stream to ``server`` as ``node``, and the server's welcome on it."""
-    import queue
-
     dialer = Dialer(server, node, token, security)
     try:
         first = dialer.inbound.get(timeout=connect_timeout)

@@ -95,9 +95,7 @@ class RemoteRole(Role):
         if not isinstance(values, dict):
             values = {"": values}
         kept = {
-            str(k): float(v)
-            for k, v in values.items()
-            if type(v) in (int, float) and math.isfinite(v)
+            str(k): float(v) for k, v in values.items() if _finite(v)
         }  # a peer's measurements: numbers only (others are logged and left out)
         if len(kept) != len(values):
             log.warning("%s reported measurements that are not numbers: left out", self.role_id)
@@ -502,11 +500,10 @@ class GrpcEngine(LocalEngine):
                 sink.memory(role, key, lambda: est)
                 return
             flops, rnd = h["flops"], h.get("round", 0)
-            finite = isinstance(flops, int | float) and math.isfinite(flops) and flops >= 0
-            if type(rnd) is not int or not finite:
+            if type(rnd) is not int or not (_finite(flops) and flops >= 0):
                 raise ValueError(f"flops={flops!r}, round={rnd!r}")
             after = h.get("after")
-            if after is not None and not (isinstance(after, int | float) and math.isfinite(after)):
+            if after is not None and not _finite(after):
                 raise ValueError(f"after={after!r}")
             waits_for = h.get("waits_for")
             if waits_for is not None and not isinstance(waits_for, str):
@@ -577,6 +574,11 @@ def _tick_result(node: str, kind: str, value: Any) -> float | None:
     norm) or nothing; anything else from a peer is a protocol error naming it."""
     if value is None:
         return None
-    if type(value) not in (int, float) or not math.isfinite(value):
+    if not _finite(value):
         raise ProtocolError(f"{node} answered its {kind!r} event with {value!r}, not a number")
     return float(value)
+
+
+def _finite(value: Any) -> bool:
+    """A peer's number: an int or float (not a bool, a string or a container) and finite."""
+    return type(value) in (int, float) and math.isfinite(value)
