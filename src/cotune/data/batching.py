@@ -192,18 +192,14 @@ def _encode_prompted(
     ids: list[list[int]] = [[] for _ in examples]
     for i, row in zip(plain, tokenizer.encode([examples[i].text for i in plain], max_length)):
         ids[i] = row
-    chat = tokenizer.chat
+    chat, asked = tokenizer.chat, [examples[i] for i in prompted]
     if chat is None:
-        texts = [examples[i].text for i in prompted]
-        prompts = [examples[i].prompt or "" for i in prompted]
-    else:
+        texts = [e.text for e in asked]
+        prompts = [e.prompt or "" for e in asked]
+    else:  # the response is what follows the prompt in the example's text
         render = tokenizer.renderer
-        pairs = [
-            (e.prompt or "", e.text[len(e.prompt or "") :])
-            for e in map(examples.__getitem__, prompted)
-        ]
-        texts = [chat.render(render, p, r) for p, r in pairs]
-        prompts = [chat.render(render, p) for p, _ in pairs]
+        texts = [chat.render(render, e.prompt or "", e.text[len(e.prompt or "") :]) for e in asked]
+        prompts = [chat.render(render, e.prompt or "") for e in asked]
     special = chat is None  # a rendered conversation carries its own special tokens
     whole = tokenizer.encode(texts, unbounded, special)
     alone = tokenizer.encode(prompts, unbounded, special)
