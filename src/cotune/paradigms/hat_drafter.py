@@ -254,10 +254,41 @@ def run(exp: Experiment) -> ParadigmResult:
         start = int(exp.resume["step"])
         glob, rnd = exp.resume["extra"]["drafter"], int(exp.resume["extra"]["round"])
 
+    bad_uploads = 0
+
+    def micro_batch(meta: dict[str, Any], skipped: set[str]) -> list[Message]:
+        """One batch of every device not ``skipped`` this step: its input blocks' hidden
+        states up, the cloud's middle over them down, its distilled reply (a bad upload: the
+        device is skipped for the step, the run goes on)."""
+        nonlocal bad_uploads
+        # Together: every device runs its bottom at once (in parallel when deployed).
+        ups = grid.request_many(
+            [Message("embed", SERVER, d, {}, meta) for d in devices], codec=codec, together=True
+        )
+        downs = []
+        for m in ups:  # the cloud's middle, in arrival order of the uploads
+            if m.sender in skipped:
+                continue
+            try:
+                hidden, mask = checked_upload(m, anatomy.hidden_size)
+            except ProtocolError as err:
+                log.warning("skipped a step of %s: %s", m.sender, err)
+                bad_uploads += 1
+                skipped.add(m.sender)
+                continue
+            acts = Activations(hidden.to(ctx.device), mask.to(ctx.device))
+            with torch.no_grad():
+                out, flops = ctx.meter.flops.run(
+                    "hat-middle", middle, acts, dims=tuple(acts.attention_mask.shape)
+                )
+            ctx.meter.compute(flops, round=meta["round"], after=m.arrival, label="middle")
+            downs.append(Message("middle", SERVER, m.sender, {"hidden": out.hidden}, meta))
+        return grid.request_many(downs, codec=codec, together=True)
+
     total, points = cfg.train.steps, exp.eval_points()
     ends = sorted({*range(opts.local_steps, total, opts.local_steps), *points, total})
     last_eval: dict[str, float] = {}
-    rejected_total = bad_uploads = 0
+    rejected_total = 0
     with exp.progress(total - start, f"hat_drafter {cfg.name}") as bar:
         step = start
         for end in [e for e in ends if e > start]:
@@ -270,34 +301,8 @@ def run(exp: Experiment) -> ParadigmResult:
                 per_device: dict[str, list[float]] = {}
                 lr = math.nan
                 for micro in range(cfg.train.grad_accum):
-                    meta = {"round": rnd, "step": s, "micro": micro}
-                    # Together: every device runs its bottom at once (in parallel when deployed).
-                    ups = grid.request_many(
-                        [Message("embed", SERVER, d, {}, meta) for d in devices],
-                        codec=codec,
-                        together=True,
-                    )
-                    downs = []
-                    for m in ups:  # the cloud's middle, in arrival order of the uploads
-                        if m.sender in skipped:
-                            continue
-                        try:
-                            hidden, mask = checked_upload(m, anatomy.hidden_size)
-                        except ProtocolError as err:  # that device skips this step; the run goes on
-                            log.warning("skipped a step of %s: %s", m.sender, err)
-                            bad_uploads += 1
-                            skipped.add(m.sender)
-                            continue
-                        acts = Activations(hidden.to(ctx.device), mask.to(ctx.device))
-                        with torch.no_grad():
-                            out, flops = ctx.meter.flops.run(
-                                "hat-middle", middle, acts, dims=tuple(acts.attention_mask.shape)
-                            )
-                        ctx.meter.compute(flops, round=rnd, after=m.arrival, label="middle")
-                        downs.append(
-                            Message("middle", SERVER, m.sender, {"hidden": out.hidden}, meta)
-                        )
-                    for r in grid.request_many(downs, codec=codec, together=True):
+                    meta = {"round": rnd, "step": s, **({"micro": micro} if micro else {})}
+                    for r in micro_batch(meta, skipped):
                         per_device.setdefault(r.sender, []).append(float(r.meta["loss"]))
                         lr = float(r.meta["lr"]) if math.isnan(lr) else lr  # the first reply's
                 done = {d: mean(v) for d, v in per_device.items() if d not in skipped}
