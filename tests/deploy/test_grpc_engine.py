@@ -104,3 +104,6 @@ def test_devices_sharing_a_process_equal_the_local_engine(tiny_config, case):
     assert nodes["device-0"]["process"] == nodes["device-1"]["process"] is not None
     if case == "fedavg-cohort":
         assert nodes["device-0"]["batched_requests"] > 0
+        # The batch frames went on device-0's stream; each device is counted its own share.
+        down = [nodes[d]["wire_bytes_down"] for d in ("device-0", "device-1")]
+        assert abs(down[0] - down[1]) <= 0.05 * max(down), down

@@ -426,3 +426,13 @@ def test_a_devices_measurements_are_numbers_only(caplog):
     hub.inbound.put(("device-0", Frame(DONE, {"seq": 1, "values": values})))
     assert role.measurements() == {"node_busy_s": 1.5, "n": 3.0}
     assert "device-0 reported measurements that are not numbers" in caplog.text
+
+
+def test_a_batch_frames_wire_bytes_are_shared_out_by_message_size():
+    from types import SimpleNamespace
+
+    from cotune.deploy.server import _share_wire_bytes
+
+    links = [SimpleNamespace(bytes_out=1000 + 1001), SimpleNamespace(bytes_out=7)]
+    _share_wire_bytes(1001, links, [300, 600])  # the frame's 1001 bytes went on links[0]
+    assert [link.bytes_out for link in links] == [1000 + 334, 7 + 667]

@@ -72,3 +72,22 @@ def test_lr_schedule(schedule, step, expect):
     assert lr_factor(step, 110, 10, schedule) == pytest.approx(expect)
     assert lr_factor(0, 110, 10, schedule) == pytest.approx(0.1)
     assert math.isfinite(lr_factor(200, 110, 10, schedule))
+
+
+@pytest.mark.parametrize("bad", ["missing", "rng"])
+def test_a_state_that_does_not_fit_is_refused_before_the_model_is_touched(bad):
+    from cotune.errors import CheckpointError
+
+    model, trainer = make()
+    before = {k: p.data_ptr() for k, p in trainer.params.items()}
+    state = trainer.new_state(1)
+    state.params = {k: torch.zeros_like(v) for k, v in state.params.items()}
+    if bad == "missing":
+        state.params.pop(next(reversed(state.params)))
+    else:
+        state.rng = torch.zeros(3, dtype=torch.uint8)
+    with pytest.raises(CheckpointError, match="lacks 1 trained|RNG state"), trainer.activate(state):
+        pass
+    assert all(p.data_ptr() == before[k] for k, p in trainer.params.items())
+    with trainer.activate(trainer.new_state(2)):  # nothing was left active
+        pass

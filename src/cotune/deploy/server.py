@@ -35,7 +35,7 @@ from cotune.deploy.frames import (
     TICK,
     Frame,
 )
-from cotune.deploy.states import dump_state, load_state
+from cotune.deploy.states import check_state, dump_state, load_state
 from cotune.deploy.transport import Closed
 from cotune.errors import CotuneError, DivergenceError, PeerUnavailable, ProtocolError
 from cotune.runtime.codecs import get_codec
@@ -73,11 +73,21 @@ class RemoteRole(Role):
             done = self.engine.control(self.role_id, SNAPSHOT, {"if_built": if_built})
             if done.header.get("none"):
                 return None
-            self.last_state = load_state(done.payload)
+            state = load_state(done.payload)
+            check_state(state)
+            self.last_state = state
         except PeerUnavailable:
             if self.last_state is None and not if_built:
                 raise
             log.warning("%s is away: its last known state stands in", self.role_id)
+        except ProtocolError as err:  # a bad state never reaches an evaluation or checkpoint
+            if self.last_state is None and not if_built:
+                raise PeerUnavailable(f"{self.role_id} sent a bad state: {err}") from None
+            log.warning(
+                "%s sent a bad state (%s): %s", self.role_id, err,
+                "its last known state stands in" if self.last_state is not None
+                else "left out (it starts afresh on resume)",
+            )  # fmt: skip
         return self.last_state
 
     def snapshot_if_built(self) -> Any:
@@ -283,7 +293,11 @@ class GrpcEngine(LocalEngine):
                         "codec": prepared[group[0]][2],
                     }
                     payload = b"".join(prepared[i][4] for i in group)
-                    self._deliver(links[group[0]], Frame(BATCH, header, payload))
+                    lead = links[group[0]]
+                    was = lead.bytes_out
+                    self._deliver(lead, Frame(BATCH, header, payload))
+                    _share_wire_bytes(lead.bytes_out - was, [links[i] for i in group],
+                                      header["sizes"])  # fmt: skip
                     done = list(group)
                 else:
                     for i in group:
@@ -577,6 +591,18 @@ def _tick_result(node: str, kind: str, value: Any) -> float | None:
     if not _finite(value):
         raise ProtocolError(f"{node} answered its {kind!r} event with {value!r}, not a number")
     return float(value)
+
+
+def _share_wire_bytes(total: int, links: list[Any], sizes: list[int]) -> None:
+    """A batch frame went on the first link's stream: its wire bytes (``total``, counted
+    there) are shared out to the devices it carried, in proportion to their messages' sizes,
+    so each device's ``wire_bytes_down`` counts what was sent for it."""
+    weight = sum(sizes) or 1
+    shares = [total * size // weight for size in sizes]
+    shares[0] += total - sum(shares)  # the rounding stays with the stream that carried it
+    links[0].bytes_out -= total
+    for link, share in zip(links, shares):
+        link.bytes_out += share
 
 
 def _finite(value: Any) -> bool:

@@ -49,4 +49,48 @@ def load_state(data: bytes, map_location: Any = "cpu") -> Any:
         plain = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unpickling failure is a bad payload
         raise ProtocolError(f"a peer's state could not be read: {err}") from None
-    return _rich(plain)
+    try:
+        return _rich(plain)
+    except Exception as err:  # noqa: BLE001 - a role state with missing or mistyped fields
+        raise ProtocolError(f"a peer's state is not a role state: {err}") from None
+
+
+def check_state(state: Any) -> None:
+    """Refuse a state a peer sent (``ProtocolError`` naming the field) when one of its role
+    states has fields of the wrong type or a non-finite parameter. (Its layout is not held to
+    an earlier one: a device's parameters may legitimately change shape, e.g. the rank it is
+    given, or be let go between rounds.) The server keeps such a state out of evaluations and
+    checkpoints."""
+    _check(state, "state")
+
+
+def _check(obj: Any, where: str) -> None:
+    if isinstance(obj, RoleState):
+        _check_role_state(obj, where)
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            _check(v, f"{where}[{k!r}]")
+    elif isinstance(obj, list | tuple):
+        for i, v in enumerate(obj):
+            _check(v, f"{where}[{i}]")
+
+
+def _check_role_state(st: RoleState, where: str) -> None:
+    if not isinstance(st.params, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in st.params.items()
+    ):
+        raise ProtocolError(f"{where}.params is not a mapping of names to tensors")
+    if not isinstance(st.optim, dict) or not all(isinstance(v, dict) for v in st.optim.values()):
+        raise ProtocolError(f"{where}.optim is not a mapping of names to optimizer states")
+    if st.step < 0:
+        raise ProtocolError(f"{where}.step is negative ({st.step})")
+    for field in ("rng", "cuda_rng"):
+        rng = getattr(st, field)
+        if rng is not None and not (isinstance(rng, torch.Tensor) and rng.dtype == torch.uint8):
+            raise ProtocolError(f"{where}.{field} is not a generator state (uint8 tensor)")
+    for field in ("sampler", "scaler"):
+        if getattr(st, field) is not None and not isinstance(getattr(st, field), dict):
+            raise ProtocolError(f"{where}.{field} is not a mapping")
+    for name, t in st.params.items():
+        if t.is_floating_point() and not t.is_meta and not bool(torch.isfinite(t).all()):
+            raise ProtocolError(f"{where}.params[{name!r}] holds a non-finite value")

@@ -156,6 +156,7 @@ class Trainer:
         """Swap ``state`` into the shared parameters, optimizer and global RNG for the block."""
         if self._active is not None:
             raise RuntimeError("another role state is already active")
+        self._check_fits(state)  # before anything is swapped: a bad state leaves the model be
         state.place(self.device)
         cuda = self.device.type == "cuda"
         outer_rng = torch.get_rng_state()
@@ -193,6 +194,20 @@ class Trainer:
                 p.grad = None
                 self.optimizer.state.pop(p, None)
             self._active = None
+
+    def _check_fits(self, state: RoleState) -> None:
+        missing = [name for name in self.params if name not in state.params]
+        if missing:
+            raise CheckpointError(
+                f"role state lacks {len(missing)} trained parameter(s): {missing[:3]}"
+            )
+        rng = torch.get_rng_state()
+        if state.rng is not None and (
+            not isinstance(state.rng, torch.Tensor)
+            or state.rng.dtype != rng.dtype
+            or state.rng.shape != rng.shape
+        ):
+            raise CheckpointError("role state's RNG state is not a CPU generator's state")
 
     def _span(self) -> int:
         if self.cfg.schedule_steps is not None:  # this trainer's share of the longer schedule
