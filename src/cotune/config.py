@@ -332,7 +332,7 @@ class TrainSection(Section):
     # Examples per optimizer step (per device).
     batch_size: int = Field(8, ge=1)
     # Micro-batches accumulated per optimizer step. Split paradigms: each gradient round trip
-    # brings the next micro-batch up (not with U-shaped); splitfrozen's
+    # brings the next micro-batch up (U-shaped too); splitfrozen's
     # server steps once per grad_accum uploads; hat_drafter makes grad_accum round trips a step.
     grad_accum: int = Field(1, ge=1)
     # AdamW learning rate (peak, after warm-up).

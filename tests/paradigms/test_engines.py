@@ -98,6 +98,11 @@ CASES = {
             "cut": 1, "u_shaped": True, "server_side": "per_device", "aggregate_every": 3}},
         "model": {"random_config": {"num_hidden_layers": 3}},
     },
+    "splitfed-ushaped-accum": {  # the device's top turn inside each micro-batch's round trip
+        "paradigm": {"name": "splitfed", "options": {
+            "cut": 1, "u_shaped": True, "cohort": False, "aggregate_every": 2}},
+        "train": {"grad_accum": 2},
+    },
     "split-p2p": {"paradigm": {"name": "split", "options": {"cut": 1, "turn_steps": 2, "relay": "p2p"}}},
     "split-server-relay": {"paradigm": {"name": "split", "options": {"cut": 1, "relay": "server"}}},
     "dlora-kill-revive": {
@@ -332,6 +337,7 @@ DEPLOYED = [
     *RESUMABLE[:_AT],
     "fedavg-padding-free",
     "splitfed-padding-free-accum",
+    "splitfed-ushaped-accum",  # a server's request to a device inside its own handling
     *RESUMABLE[_AT:],
 ]
 
@@ -343,6 +349,7 @@ DEPLOYED = [
         "splitfed-padding-free-accum",
         "splitfed-pooled-accum",
         "splitfrozen-auto-nopipe-int8-accum",
+        "splitfed-ushaped-accum",
     ],
 )  # and gradient accumulation across a cut
 def test_resume_on_isolated_equals_the_uninterrupted_run(tiny_config, case):

@@ -20,7 +20,9 @@ FAMILIES = {
 }
 
 
-def family_config(tiny_config, family, name, paradigm, layers=2, task="classification", **kw):
+def family_config(
+    tiny_config, family, name, paradigm, layers=2, task="classification", method="lora", **kw
+):
     rc, targets = FAMILIES[family]
     return tiny_config(
         name=name,
@@ -29,7 +31,7 @@ def family_config(tiny_config, family, name, paradigm, layers=2, task="classific
             "task": task,
             "random_config": {**rc, "num_hidden_layers": layers},
         },
-        peft={"target_modules": targets},
+        peft={"target_modules": targets, "method": method},
         paradigm=paradigm,
         **kw,
     )
@@ -70,6 +72,14 @@ def test_one_device_equals_central_step_for_step(tiny_config, family):
         ("bert", {"name": "split", "options": {"cut": 1}}),
         (
             "bert",
+            {"name": "splitfed", "options": {"cut": 1, "aggregate_every": 1, "u_shaped": True}},
+        ),
+        (
+            "gpt2",
+            {"name": "splitfed", "options": {"cut": 1, "aggregate_every": 1, "u_shaped": True}},
+        ),
+        (
+            "bert",
             {
                 "name": "splitfed",
                 "options": {"cut": 1, "aggregate_every": 1, "server_batch": "pooled"},
@@ -83,7 +93,15 @@ def test_one_device_equals_central_step_for_step(tiny_config, family):
             },
         ),
     ],
-    ids=["splitfed", "splitfed-gpt2", "split", "splitfed-pooled", "splitfed-pooled-gpt2"],
+    ids=[
+        "splitfed",
+        "splitfed-gpt2",
+        "split",
+        "u-shaped",
+        "u-shaped-gpt2",
+        "splitfed-pooled",
+        "splitfed-pooled-gpt2",
+    ],  # fmt: skip
 )
 def test_gradient_accumulation_across_the_cut_equals_central(tiny_config, family, paradigm):
     """train.grad_accum: each gradient round trip brings the device's next micro-batch up (its
@@ -101,6 +119,22 @@ def test_gradient_accumulation_across_the_cut_equals_central(tiny_config, family
     assert [r["grad_norm"] for r in s_rec] == pytest.approx(c_norm, rel=1e-5)
     pc, ps = final_params(c)["server"], final_params(s)["server"]
     assert set(pc) == set(ps)
+    for k in pc:
+        torch.testing.assert_close(ps[k], pc[k], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("accum", [1, 3])
+def test_u_shaped_with_a_regularized_method_equals_central(tiny_config, accum):
+    """KaSA's regularizer is split across the cut (each side its own adapters'); the logged
+    loss adds both sides' shares, as central's does (the server's share was left out)."""
+    one = {"devices": {"count": 1}, "train": {"steps": 3, "grad_accum": accum, "batch_size": 4},
+           "eval": {"every": 3, "max_examples": 16}}  # fmt: skip
+    u = {"name": "splitfed", "options": {"cut": 1, "aggregate_every": 1, "u_shaped": True}}
+    c = run(family_config(tiny_config, "bert", "c", {"name": "central"}, method="kasa", **one))
+    s = run(family_config(tiny_config, "bert", "u", u, method="kasa", **one))
+    c_loss = [r["loss"] for r in records(c, "train", "server")]
+    assert [r["loss"] for r in records(s, "train", "mean")] == pytest.approx(c_loss, abs=1e-6)
+    pc, ps = final_params(c)["server"], final_params(s)["server"]
     for k in pc:
         torch.testing.assert_close(ps[k], pc[k], atol=1e-5, rtol=0)
 
@@ -206,6 +240,41 @@ def test_bad_activations_stop_the_run(tiny_config, monkeypatch, how, match):
     sf = {"name": "splitfed", "options": {"cut": 1}}
     with pytest.raises(ProtocolError, match=match):
         run(tiny_config(name="nan", paradigm=sf, train={"steps": 1}))
+
+
+@pytest.mark.parametrize("where", ["device_reg", "u-loss", "pooled-norm", "norm-reply"])
+def test_a_peers_bad_number_is_a_protocol_error_naming_it(tiny_config, monkeypatch, where):
+    """Numbers a device puts in its messages' meta (its regularizer, its top's loss, its
+    squared gradient norm) are checked like its tensors: a clear error, not a traceback."""
+    opts = {"cut": 1, "cohort": False}
+    if where == "device_reg":
+        original = splitting.SplitDevice._upload
+
+        def upload(self, *args):
+            tensors, meta = original(self, *args)
+            return tensors, {**meta, "device_reg": "lots"} if self.role_id == "device-1" else meta
+
+        monkeypatch.setattr(splitting.SplitDevice, "_upload", upload)
+        match = "'activations' from 'device-1'.*meta 'device_reg' is 'lots'"
+    elif where == "u-loss":
+        opts.update(u_shaped=True, server_side="per_device")
+        original = splitting.SplitDevice.on_activations
+
+        def on_activations(self, msg):
+            out = original(self, msg)
+            out.meta["loss"] = "low"
+            return out
+
+        monkeypatch.setattr(splitting.SplitDevice, "on_activations", on_activations)
+        match = "'gradients' from 'device-0'.*meta 'loss' is 'low'"
+    else:
+        if where == "pooled-norm":
+            opts.update(server_batch="pooled")
+        monkeypatch.setattr(splitting, "sq_norm", lambda grads: -1.0 if grads else 0.0)
+        match = "meta 'device_sq' is -1.0, expected a finite number >= 0"
+    sf = {"name": "splitfed", "options": opts}
+    with pytest.raises(ProtocolError, match=match):
+        run(tiny_config(name="bad-number", paradigm=sf, train={"steps": 1}))
 
 
 def test_bad_activations_can_be_skipped(tiny_config, monkeypatch):
@@ -525,18 +594,12 @@ def test_a_step_costs_one_local_event_and_finishes_only_where_needed(
         assert torch.equal(got[k], want[k]), k
 
 
-def test_gradient_accumulation_refuses_what_it_does_not_cover_and_the_cohort_stands_aside(
-    tiny_config, caplog
-):
+def test_gradient_accumulation_makes_the_cohort_stand_aside(tiny_config, caplog):
     import logging
 
     from cotune.paradigms import fed_cohort
 
     accum = {"train": {"grad_accum": 2, "steps": 2}, "eval": {"every": 2, "max_examples": 8}}
-    with pytest.raises(ConfigError, match="u_shaped: gradient accumulation"):
-        tiny_config(paradigm={"name": "splitfed", "options": {"cut": 1, "u_shaped": True,
-                                                              "server_side": "per_device"}},
-                    **accum)  # fmt: skip
     fed_cohort._told.discard("train.grad_accum > 1")
     with caplog.at_level(logging.INFO, logger="cotune.paradigms.fed_cohort"):
         # (per-side clipping: a sequential server with global clipping has no cohort anyway)

@@ -32,3 +32,24 @@ def test_check_activation_names_the_tensor_and_counts():
     with pytest.raises(ProtocolError, match="tensor 'x': 1 NaN and 1 inf values among 6"):
         check_activation("tensor 'x'", t)
     assert check_activation("x", t, allow_nonfinite=True) is t
+
+
+def test_a_peers_meta_number_is_checked_naming_the_message_and_field():
+    from cotune.runtime import Message
+    from cotune.runtime.validate import meta_number
+
+    msg = Message("norm", "device-3", "server", {}, {"sq": 2, "bad": "2.0", "flag": True})
+    assert meta_number(msg, "sq", minimum=0.0) == 2.0
+    assert meta_number(msg, "absent", 0.5) == 0.5
+    for key, value, extra in [
+        ("bad", "'2.0'", {}),
+        ("flag", "True", {}),
+        ("sq", "2", {"minimum": 3.0}),
+    ]:
+        with pytest.raises(ProtocolError, match=f"'norm' from 'device-3'.*meta '{key}' is {value}"):
+            meta_number(msg, key, **extra)
+    msg.meta["inf"] = float("inf")
+    with pytest.raises(ProtocolError, match="meta 'inf' is inf, expected a finite number"):
+        meta_number(msg, "inf")
+    with pytest.raises(ProtocolError, match="meta 'absent' is missing"):
+        meta_number(msg, "absent")

@@ -50,7 +50,7 @@ from cotune.paradigms.options import HatDrafterOptions
 from cotune.runtime import Message, Role
 from cotune.runtime.ids import SERVER
 from cotune.runtime.node import NodeContext
-from cotune.runtime.validate import check_activation
+from cotune.runtime.validate import check_activation, meta_number
 from cotune.train import RoleState, lr_factor
 
 log = logging.getLogger(__name__)
@@ -303,8 +303,13 @@ def run(exp: Experiment) -> ParadigmResult:
                 for micro in range(cfg.train.grad_accum):
                     meta = {"round": rnd, "step": s, **({"micro": micro} if micro else {})}
                     for r in micro_batch(meta, skipped):
-                        per_device.setdefault(r.sender, []).append(float(r.meta["loss"]))
-                        lr = float(r.meta["lr"]) if math.isnan(lr) else lr  # the first reply's
+                        try:  # a peer's numbers: a bad one is left out of the records
+                            loss, its_lr = meta_number(r, "loss"), meta_number(r, "lr")
+                        except ProtocolError as err:
+                            log.warning("left a loss of %s out of the records: %s", r.sender, err)
+                            continue
+                        per_device.setdefault(r.sender, []).append(loss)
+                        lr = its_lr if math.isnan(lr) else lr  # the first reply's
                 done = {d: mean(v) for d, v in per_device.items() if d not in skipped}
                 losses = list(done.values())
                 exp.log_record("train", s, "mean", round=rnd, loss=mean(losses), lr=lr)

@@ -288,11 +288,6 @@ class CutOptions(ParadigmOptions):
             raise ValueError(
                 f"cut_top: {self.cut_top} must be above cut ({self.cut}) so the server keeps a block"
             )
-        if cfg.train.grad_accum != 1 and self.u_shaped:
-            raise ValueError(
-                "u_shaped: gradient accumulation (train.grad_accum > 1) is built for the "
-                "label-sharing split only"
-            )
 
 
 class SplitOptions(CutOptions):

@@ -46,7 +46,7 @@ from cotune.paradigms.splitting import (
 from cotune.runtime import Message, Role
 from cotune.runtime.ids import SERVER
 from cotune.runtime.node import NodeContext
-from cotune.runtime.validate import check_activation
+from cotune.runtime.validate import check_activation, meta_number
 from cotune.train import RoleState, Trainer
 
 
@@ -97,7 +97,7 @@ class SplitServer(Role):
         return None
 
     def on_norm(self, msg: Message) -> None:
-        self.norms[msg.sender] = float(msg.meta["device_sq"])
+        self.norms[msg.sender] = meta_number(msg, "device_sq", minimum=0.0)
         self.norm_arrival[msg.sender] = msg.arrival or 0.0
 
     def serve(self, step: int) -> list[StepLog]:
@@ -126,7 +126,7 @@ class SplitServer(Role):
         msgs = [m for _, _, m in queue]
         rnd = int(msgs[0].meta.get("round", 0))
         arrival = max(a for a, _, _ in queue)  # the server waits for the last device to pool
-        regs = {m.sender: float(m.meta.get("device_reg", 0.0)) for m in msgs}  # one a step
+        regs = {m.sender: meta_number(m, "device_reg", 0.0) for m in msgs}  # one a step
         total: dict[str, float] = {m.sender: 0.0 for m in msgs}
         examples: dict[str, int] = {m.sender: 0 for m in msgs}
         summed: dict[str, torch.Tensor] = {}
@@ -274,7 +274,7 @@ class SplitServer(Role):
                     meter.compute(flops, round=rnd, after=arrival, label="server")
                 else:
                     value = self._u_turn(acts, dev, step, rnd, arrival)
-                loss += (value + float(msg.meta.get("device_reg", 0.0))) / micros
+                loss += (value + meta_number(msg, "device_reg", 0.0)) / micros
                 last = micro == micros - 1
                 meta = {"step": step, "round": rnd, **_micro(micro)}
                 if not last:  # the device's reply: its next micro-batch's activations
@@ -294,7 +294,7 @@ class SplitServer(Role):
                 back = Message("gradients", SERVER, dev, {"grad": acts.hidden.grad}, meta)
                 if want:
                     rep = grid.request(back, codec=self.codec)
-                    total = server_sq + float(rep.meta["device_sq"])
+                    total = server_sq + meta_number(rep, "device_sq", minimum=0.0)
                     meter.compute(0.0, after=rep.arrival, label="wait")
                 else:
                     grid.send(back, codec=self.codec)
@@ -338,18 +338,20 @@ class SplitServer(Role):
             dtype=out.hidden.dtype,
         )
 
-        def backward(g: torch.Tensor) -> None:
+        def backward(g: torch.Tensor) -> float:
+            # (g is the device's micro-batch share already: its top's loss / grad_accum.)
             reg = self.reg()
             outs, grads = [out.hidden], [g]
             if reg is not None:
                 outs.append(reg)
-                grads.append(torch.ones_like(reg))
+                grads.append(torch.full_like(reg, 1.0 / self.ctx.cfg.train.grad_accum))
             torch.autograd.backward(outs, grads)
+            return float(reg.detach()) if reg is not None else 0.0
 
         with padding_free(self.packed):  # a checkpointed block recomputes its forward here
-            _, flops = meter.flops.run("split-server-bwd", backward, grad, dims=dims)
+            server_reg, flops = meter.flops.run("split-server-bwd", backward, grad, dims=dims)
         meter.compute(flops, round=rnd, after=rep.arrival, label="server-bwd")
-        return float(rep.meta["loss"])
+        return meta_number(rep, "loss") + server_reg  # the loss as central logs it
 
 
 def server_side(exp: Experiment, opts, server_steps: int) -> tuple[NodeContext, Layout, Trainer]:

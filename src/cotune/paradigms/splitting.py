@@ -40,7 +40,7 @@ from cotune.peft import AdapterSet, regularization_over
 from cotune.runtime import Message, Role
 from cotune.runtime.ids import SERVER
 from cotune.runtime.node import NodeContext, NodeModel
-from cotune.runtime.validate import check_activation
+from cotune.runtime.validate import check_activation, meta_number
 from cotune.train import RoleState, Trainer
 from cotune.train.joint import step_roles
 from cotune.train.memory import MemoryEstimate, MemoryProbe, probe_ids
@@ -72,6 +72,7 @@ def check_cut(
         shape=[b, t],
         dtype=torch.long,
     )
+    meta_number(msg, "device_reg", 0.0)  # added to the step's loss: a number, or absent
     if labels:
         shape = [b] if task == "classification" else [b, t]
         check_activation(
@@ -426,7 +427,7 @@ class SplitDevice(Role):
 
         def fwd_bwd(a: Activations, labels: torch.Tensor) -> float:
             loss = segment_loss(top, a, None, labels, task)
-            loss.backward()
+            (loss / self.micros).backward()  # a micro-batch's share (train.grad_accum)
             return float(loss.detach())
 
         with self.trainer.activate(self.state), padding_free(self.packed):

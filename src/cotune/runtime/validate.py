@@ -6,7 +6,9 @@ announces; these checks are about whether that is what the receiver *expects*.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -60,3 +62,23 @@ def all_finite(tensor: torch.Tensor) -> bool:
     if tensor.numel() and bool(torch.isfinite(tensor.sum(dtype=torch.float32))):
         return True
     return bool(tensor.isfinite().all())
+
+
+_REQUIRED: Any = object()
+
+
+def meta_number(
+    msg: Any, key: str, default: Any = _REQUIRED, *, minimum: float | None = None
+) -> float:
+    """A number a peer put in a message's meta (a loss, a squared norm, a regularizer): a
+    finite real (not a bool), at least ``minimum`` when given; else ``ProtocolError`` naming
+    the message and the field (a float() of a peer's string would end the run with a
+    traceback instead)."""
+    value = msg.meta.get(key, default)
+    if value is _REQUIRED:
+        raise ProtocolError(f"{msg.describe()}: meta {key!r} is missing")
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or (minimum is not None and value < minimum):
+        want = "a finite number" + (f" >= {minimum:g}" if minimum is not None else "")
+        raise ProtocolError(f"{msg.describe()}: meta {key!r} is {value!r}, expected {want}")
+    return float(value)
