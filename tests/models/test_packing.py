@@ -242,3 +242,38 @@ def test_a_causal_batch_with_nothing_to_learn_has_loss_zero_not_nan():
     labels[0, 2] = 3  # one target: the ordinary mean
     want = torch.nn.functional.cross_entropy(logits[0, 1:2], torch.tensor([3]))
     torch.testing.assert_close(task_loss(logits, labels, "causal_lm"), want)
+
+
+@pytest.mark.parametrize("kind", ["bert", "gpt2"])
+def test_per_example_domain_experts_hold_in_padding_free_blocks(kind):
+    """MoDULA's domain stage sends each example through its own domain's expert (an id per
+    row); packed, its tokens must take their row's id (they took the default expert's)."""
+    from cotune.peft.domains import route_domains
+
+    loaded = make_tiny(kind, "classification")
+    peft = PeftSection(
+        method="modula",
+        target_modules=[".*(query|value|c_attn)$"],
+        options={"num_experts": 3},
+    )
+    adapters = inject_adapters(loaded.model, peft, anatomy=loaded.anatomy,
+                               head_paths=loaded.anatomy.head_paths())  # fmt: skip
+    adapters.set_stage("domain", domain=0)
+    for layer in adapters.layers.values():
+        layer.train_domains((0, 1, 2))
+    with torch.no_grad():
+        for name, p in loaded.model.named_parameters():
+            if "lora_domain" in name and "lora_B" in name:
+                p.normal_(std=0.3)
+    loaded.model.eval()
+    ids, mask, labels = batch("classification", (7, 2, 4, 5))
+    experts = [2, 0, 1, 2]
+    got = []
+    for packed in (False, True):
+        with route_domains(adapters, experts):
+            got.append(logits_and_grads(loaded, ids, mask, labels, packed))
+    (padded, g_padded), (packed, g_packed) = got
+    torch.testing.assert_close(packed, padded, rtol=1e-5, atol=1e-5)
+    for a, b in zip(g_packed, g_padded):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    assert all(g.abs().sum() > 0 for g in g_packed)  # every routed expert learns

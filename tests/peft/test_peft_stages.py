@@ -92,7 +92,10 @@ def test_stages_train_only_their_parts(tmp_path):
     assert all(kinds_moved(w, f"lora_domain.{d}.lora_B") for d in range(3))
 
 
-def test_fedavg_domain_stage_averages_each_expert_over_its_domain(tmp_path, monkeypatch):
+@pytest.mark.parametrize("padding_free", [False, True])
+def test_fedavg_domain_stage_averages_each_expert_over_its_domain(
+    tmp_path, monkeypatch, padding_free
+):
     calls = []
     real = Aggregator.aggregate_partial
 
@@ -102,7 +105,8 @@ def test_fedavg_domain_stage_averages_each_expert_over_its_domain(tmp_path, monk
         return out
 
     monkeypatch.setattr(Aggregator, "aggregate_partial", spy)
-    cfg = staged(tmp_path, {"domain": 2}, "fedavg", devices={"count": 4})
+    cfg = staged(tmp_path, {"domain": 2}, "fedavg", devices={"count": 4},
+                 train={"padding_free": padding_free})  # fmt: skip
     run_dir, recs, _ = run(cfg)
     devices = json.loads((run_dir / "summary.json").read_text())["extra"]["domains"]["devices"]
     assert len(calls) == 2 and len(set(devices.values())) == 3  # 4 devices, 3 domains

@@ -123,6 +123,24 @@ def group_sizes(x: Tensor, rows: list[int]) -> list[int]:
     return packing.group_tokens(rows)
 
 
+def per_token(x: Tensor, per_row: Tensor) -> Tensor | None:
+    """``per_row`` (one value per example of the batch) lined up with ``x``'s first dimension:
+    as it is when ``x`` has a row per example, repeated over each row's real tokens when ``x``
+    holds a packed batch's tokens ``[N, D]``; None when it is neither."""
+    if per_row.numel() == x.shape[0]:
+        return per_row
+    packing = _ACTIVE.get()
+    if (
+        packing is not None
+        and x.dim() == 2
+        and x.shape[0] == packing.tokens
+        and per_row.numel() == packing.batch
+    ):
+        lengths = torch.tensor(packing.lengths, device=per_row.device)
+        return per_row.repeat_interleave(lengths)
+    return None
+
+
 def token_dims(attention_mask: Tensor, enabled: bool) -> tuple[int, ...]:
     """A batch's FLOP dimensions: ``(B, T)``, and its real tokens ``N`` when it may pack."""
     b, t = (int(s) for s in attention_mask.shape)

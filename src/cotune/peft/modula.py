@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from cotune.errors import AdapterError
+from cotune.models.packing import per_token
 from cotune.peft.base import AdapterLayer, LayerSpec
 from cotune.peft.mosld import (
     BalancedRouterMixin,
@@ -161,8 +162,9 @@ class ModulaLayer(BalancedRouterMixin, StagedMixin, AdapterLayer):
     def _domain_experts(self, x: torch.Tensor) -> torch.Tensor:
         """One-hot gate per example: each example goes through its own domain's expert only,
         so an expert gets gradient from its domain's examples alone."""
-        ids = self.domain_ids
-        if ids is None or ids.numel() != x.shape[0]:
+        # (A padding-free block's x is its real tokens [N, D]: each token takes its row's id.)
+        ids = None if self.domain_ids is None else per_token(x, self.domain_ids)
+        if ids is None:
             return self.lora_domain[self.domain](x, self.scaling)
         present = torch.unique(ids).tolist()
         if len(present) == 1:  # a device's batch: one domain, no masking
