@@ -149,6 +149,38 @@ def test_heterogeneous_fleet_runs_with_edge_roles(tiny_config):
 
 
 @pytest.mark.parametrize(
+    "groups, examples, match",
+    [
+        ({"1000000000": 5}, 10, r"meta 'groups' must map ids of the run's 3 labels"),
+        ({"0": -3}, 10, r"meta 'groups' must map"),
+        ([1, 2], 10, r"meta 'groups' must map"),
+        (None, "many", r"meta 'examples' is 'many', expected a finite number"),
+        (None, 0, r"meta 'examples' must be positive"),
+    ],
+)
+def test_a_devices_bad_description_is_refused_naming_it(tiny_config, monkeypatch, groups,
+                                                        examples, match):  # fmt: skip
+    """What a device describes of its data plans the groups: a class id far beyond the run's
+    labels would have the cloud allocate a histogram that wide; refused with a clear error."""
+    from cotune.errors import ProtocolError
+    from cotune.paradigms import hierfed
+
+    real = hierfed.HierDevice.on_describe
+
+    def on_describe(self, msg):
+        out = real(self, msg)
+        if self.role_id == "device-1":
+            out.meta.update(groups=groups, examples=examples)
+        return out
+
+    monkeypatch.setattr(hierfed.HierDevice, "on_describe", on_describe)
+    cfg = tiny_config(name="bad-describe", train={"steps": 2},
+                      paradigm={"name": "hierfed", "options": {"num_groups": 1, "local_steps": 1}})  # fmt: skip
+    with pytest.raises(ProtocolError, match=r"'description' from 'device-1'.*" + match):
+        run_experiment(cfg, quiet=True, report=False)
+
+
+@pytest.mark.parametrize(
     ("options", "devices", "match"),
     [
         ({"depth": 3}, 2, r"paradigm.options.depth: 3 exceeds the model's 2 blocks"),

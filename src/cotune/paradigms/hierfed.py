@@ -23,7 +23,7 @@ from cotune.accel.quantize import stored_bytes
 from cotune.aggregation import weighted_average
 from cotune.config import RunConfig
 from cotune.data import Batch
-from cotune.errors import ConfigError
+from cotune.errors import ConfigError, ProtocolError
 from cotune.flops import flop_counter
 from cotune.models import Activations, segment_loss
 from cotune.paradigms.base import (
@@ -48,6 +48,7 @@ from cotune.progress import eval_fields
 from cotune.runtime import Message, Role
 from cotune.runtime.ids import SERVER
 from cotune.runtime.node import NodeContext, NodeModel
+from cotune.runtime.validate import meta_number
 from cotune.train import full_model_loss
 from cotune.train.memory import (
     MemoryEstimate,
@@ -300,7 +301,7 @@ def make_plan(
     described (data size and label mix): the cloud knows nothing else about them."""
     n = exp.loaded.anatomy.num_layers
     depth = check_depths(exp, opts)
-    hists = histograms(described)
+    hists = histograms(described, len(exp.data.group_names or []))
     groups = group_devices(hists, opts.num_groups, opts.grouping, exp.cfg.seed)
     model = exp.model
     fwd = step_flops(model, exp.cfg) * exp.cfg.train.grad_accum
@@ -334,9 +335,14 @@ def make_plan(
     return plans
 
 
-def histograms(described: list[Message]) -> np.ndarray:
+def histograms(described: list[Message], classes: int) -> np.ndarray:
     """``[devices, classes]`` label (or domain) counts as the devices described them; data
-    without labels or domains is one class."""
+    without labels or domains is one class. A description is a peer's word: its size must be
+    a positive number and its counts non-negative integers of the run's ``classes`` labels or
+    domains (a class id of 10⁹ would have the server allocate a row that wide), else a
+    ``ProtocolError`` names the device and the field."""
+    for m in described:
+        _check_description(m, classes)
     counts = [m.meta["groups"] for m in described]
     if any(c is None for c in counts):
         return np.array([[float(m.meta["examples"])] for m in described], dtype=np.float64)
@@ -346,6 +352,24 @@ def histograms(described: list[Message]) -> np.ndarray:
         for g, k in c.items():
             row[int(g)] = float(k)
     return out
+
+
+def _check_description(m: Message, classes: int) -> None:
+    if meta_number(m, "examples") <= 0:
+        raise ProtocolError(f"{m.describe()}: meta 'examples' must be positive")
+    groups = m.meta.get("groups")
+    if groups is None:
+        return
+    ok = isinstance(groups, dict) and all(
+        isinstance(g, str) and g.isdigit() and int(g) < classes
+        and isinstance(n, int) and not isinstance(n, bool) and n >= 0
+        for g, n in groups.items()
+    )  # fmt: skip
+    if not ok:
+        raise ProtocolError(
+            f"{m.describe()}: meta 'groups' must map ids of the run's {classes} labels or "
+            f"domains to example counts, got {str(groups)[:80]}"
+        )
 
 
 def preflight(exp: Experiment) -> None:

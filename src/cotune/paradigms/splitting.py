@@ -73,6 +73,7 @@ def check_cut(
         dtype=torch.long,
     )
     meta_number(msg, "device_reg", 0.0)  # added to the step's loss: a number, or absent
+    meta_number(msg, "round", 0, minimum=0)  # the round the server's work is charged to
     if labels:
         shape = [b] if task == "classification" else [b, t]
         check_activation(
