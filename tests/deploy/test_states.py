@@ -2,17 +2,16 @@
 server uses it: a bad one never reaches an evaluation or a checkpoint, nor the server's model."""
 
 import io
-import queue
 import re
 
 import pytest
 import torch
 
 from cotune.deploy.frames import DONE, Frame
-from cotune.deploy.server import GrpcEngine, RemoteRole
 from cotune.deploy.states import check_state, dump_state, load_state
 from cotune.errors import PeerUnavailable, ProtocolError
 from cotune.train import RoleState
+from tests.deploy.fakes import remote_role
 
 
 def good_state(value: float = 0.5) -> RoleState:
@@ -56,23 +55,8 @@ def test_a_tagged_dict_that_is_not_a_role_state_is_a_protocol_error():
         load_state(buf.getvalue())
 
 
-class _Link:
-    open = True
-
-    def send(self, frame):
-        pass
-
-
-class _Hub:
-    def __init__(self):
-        self.inbound, self.ready, self.links = queue.Queue(), {}, {"device-0": _Link()}
-
-
 def _role():
-    hub = _Hub()
-    engine = GrpcEngine(hub, timeout_s=5)
-    engine.links_seen["device-0"] = hub.links["device-0"]
-    return hub, RemoteRole("device-0", engine, "cotune.paradigms.fedavg:FedDevice")
+    return remote_role("device-0")
 
 
 def _answer(hub, seq, state):

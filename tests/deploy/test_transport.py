@@ -403,25 +403,10 @@ def test_a_local_events_result_must_be_a_number_or_nothing():
 
 
 def test_a_devices_measurements_are_numbers_only(caplog):
-    import queue
-
     from cotune.deploy.frames import DONE
-    from cotune.deploy.server import GrpcEngine, RemoteRole
+    from tests.deploy.fakes import remote_role
 
-    class Link:
-        open = True
-
-        def send(self, frame):
-            pass
-
-    class FakeHub:
-        def __init__(self):
-            self.inbound, self.ready, self.links = queue.Queue(), {}, {"device-0": Link()}
-
-    hub = FakeHub()
-    engine = GrpcEngine(hub, timeout_s=5)
-    engine.links_seen["device-0"] = hub.links["device-0"]
-    role = RemoteRole("device-0", engine, "cotune.paradigms.fedavg:FedDevice")
+    hub, role = remote_role()
     values = {"node_busy_s": 1.5, "train_host_s": "fast", "x": float("inf"), "n": 3}
     hub.inbound.put(("device-0", Frame(DONE, {"seq": 1, "values": values})))
     assert role.measurements() == {"node_busy_s": 1.5, "n": 3.0}
