@@ -248,13 +248,13 @@ def test_a_peers_bad_number_is_a_protocol_error_naming_it(tiny_config, monkeypat
     squared gradient norm) are checked like its tensors: a clear error, not a traceback."""
     opts = {"cut": 1, "cohort": False}
     if where == "device_reg":
-        original = splitting.SplitDevice._upload
+        original = splitting.SplitDevice.upload
 
         def upload(self, *args):
             tensors, meta = original(self, *args)
             return tensors, {**meta, "device_reg": "lots"} if self.role_id == "device-1" else meta
 
-        monkeypatch.setattr(splitting.SplitDevice, "_upload", upload)
+        monkeypatch.setattr(splitting.SplitDevice, "upload", upload)
         match = "'activations' from 'device-1'.*meta 'device_reg' is 'lots'"
     elif where == "u-loss":
         opts.update(u_shaped=True, server_side="per_device")

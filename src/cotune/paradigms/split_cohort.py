@@ -148,7 +148,7 @@ class DeviceCohort:
                 continue
             at, reg = slot[id(d)]
             mine = Activations(acts.hidden[at : at + n, :t], b.attention_mask)
-            d.emit(step, rnd, b, mine, reg, flops.charge_known(FWD, dm))
+            d.emit(*d.upload(step, rnd, b, mine, reg, flops.charge_known(FWD, dm)))
         return members
 
     def backward(self) -> dict[int, int]:

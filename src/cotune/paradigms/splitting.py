@@ -353,7 +353,7 @@ class SplitDevice(Role):
 
     def send_activations(self, step: int, rnd: int, batch: Batch | None = None) -> None:
         batch = self.next_batch(rnd) if batch is None else batch
-        self.emit(step, rnd, batch, *self._forward(batch))
+        self.emit(*self.upload(step, rnd, batch, *self._forward(batch)))
 
     def _forward(self, batch: Batch) -> tuple[Activations, torch.Tensor | None, int]:
         """The bottom segment on ``batch`` (and the method's regularizer), with its FLOPs."""
@@ -375,27 +375,16 @@ class SplitDevice(Role):
         """Gradient accumulation: after micro-batch ``micro - 1``'s backward (its graph freed),
         the next micro-batch's forward; its activations go back as the gradient's reply."""
         batch = self._draw()
-        tensors, meta = self._upload(
-            int(msg.meta["step"]), self.round, batch, *self._forward(batch)
-        )
+        tensors, meta = self.upload(int(msg.meta["step"]), self.round, batch, *self._forward(batch))
         return reply(msg, "activations", tensors, **meta, micro=micro)
 
-    def emit(
-        self,
-        step: int,
-        rnd: int,
-        batch: Batch,
-        acts: Activations,
-        reg: torch.Tensor | None,
-        flops: int,
-    ) -> None:
-        """Charge the forward and send the cut activations (also used by a device cohort)."""
-        tensors, meta = self._upload(step, rnd, batch, acts, reg, flops)
+    def emit(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        """Send an ``upload``'s cut activations to the server (also used by a device cohort)."""
         msg = Message("activations", self.role_id, SERVER, tensors, meta)
         assert self.ctx.grid is not None
         self.ctx.grid.send(msg, codec=self.codec)
 
-    def _upload(
+    def upload(
         self,
         step: int,
         rnd: int,
