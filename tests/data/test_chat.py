@@ -11,6 +11,7 @@ from cotune.data.batching import IGNORE_INDEX, encode_dataset
 from cotune.data.chat import BUILTIN, ChatFormat, resolve_chat
 from cotune.data.tokenizer import Tokenizer, build_tokenizer, train_bpe
 from cotune.errors import ConfigError, DataError
+from tests.data.test_instructions import central_lm_sections
 
 CHATML = BUILTIN["chatml"]
 QA = [
@@ -117,13 +118,7 @@ def test_a_run_trains_on_conversations_and_saves_its_template(tiny_config):
 
     from cotune.run import run_experiment
 
-    sections = {
-        "model": {"name_or_path": "random:gpt2", "task": "causal_lm", "max_length": 96,
-                  "random_config": {"n_layer": 2}},
-        "peft": {"target_modules": ["c_attn"]},
-        "paradigm": {"name": "central"},
-        "train": {"steps": 2},
-    }  # fmt: skip
+    sections = central_lm_sections(96)
     chat = {"chat_template": "chatml", "system_prompt": "Name the file."}  # shipped, by name
     cfg = tiny_config(name="chat", data={"dataset": "fortunes", "view": "instruct", "labels": [],
                                          "max_examples": 40, **chat}, **sections)  # fmt: skip

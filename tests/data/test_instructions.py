@@ -105,19 +105,24 @@ def test_a_device_file_keeps_its_prompts(tmp_path):
     assert d.train[0].text == QA[0]["question"] + QA[0]["answer"]
 
 
+def central_lm_sections(max_length: int) -> dict:
+    """A tiny random GPT-2 causal LM trained centrally for two steps (the end-to-end runs)."""
+    return {
+        "model": {"name_or_path": "random:gpt2", "task": "causal_lm", "max_length": max_length,
+                  "random_config": {"n_layer": 2}},
+        "peft": {"target_modules": ["c_attn"]},
+        "paradigm": {"name": "central"},
+        "train": {"steps": 2},
+    }  # fmt: skip
+
+
 def test_a_run_learns_the_responses_only(tiny_config, tmp_path):
     """End to end (central): the run trains, and its loss is the responses' alone (a plain
     run on the same texts also learns the prompts, a different loss)."""
     from cotune.run import run_experiment
 
     f = write(tmp_path / "qa.jsonl", QA)
-    sections = {
-        "model": {"name_or_path": "random:gpt2", "task": "causal_lm", "max_length": 48,
-                  "random_config": {"n_layer": 2}},
-        "peft": {"target_modules": ["c_attn"]},
-        "paradigm": {"name": "central"},
-        "train": {"steps": 2},
-    }  # fmt: skip
+    sections = central_lm_sections(48)
     losses, final = {}, {}
     for name, extra in (("sft", {"prompt_field": "question"}), ("plain", {})):
         cfg = tiny_config(name=name, data={"dataset": str(f), "text_field": "answer", "labels": [],
