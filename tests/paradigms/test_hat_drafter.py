@@ -152,7 +152,9 @@ def test_gradient_accumulation_equals_the_larger_batch(tiny_config):
         out[accum] = run_experiment(cfg, quiet=True, report=False)
     a, b = ([r["loss"] for r in records(out[k]) if r["event"] == "train" and r["role"] == "mean"]
             for k in (2, 1))  # fmt: skip
-    assert len(a) == 4 and a == pytest.approx(b, rel=1e-5)
+    # The distillation loss is ~1e-3 by step 3, where AdamW's steps on the two batchings'
+    # rounding-level gradient differences show at ~3e-5 of it (transformers 5.24, torch 2.13).
+    assert len(a) == 4 and a == pytest.approx(b, rel=1e-4)
     da, db = (load_drafter(out[k] / "drafter" / "cut-1-1", UCut(1, 1), 64) for k in (2, 1))
     for (ka, va), (kb, vb) in zip(da.state_dict().items(), db.state_dict().items()):
         assert ka == kb
