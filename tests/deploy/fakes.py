@@ -18,7 +18,8 @@ class _Hub:
 
 def remote_role(node: str = "device-0"):
     """``(hub, role)``: a ``RemoteRole`` for ``node`` on a ``GrpcEngine`` over a fake hub."""
-    from cotune.deploy.server import GrpcEngine, RemoteRole
+    from cotune.deploy.remote_role import RemoteRole
+    from cotune.deploy.server import GrpcEngine
 
     hub = _Hub(node)
     engine = GrpcEngine(hub, timeout_s=5)

@@ -393,13 +393,13 @@ def test_a_message_asking_for_a_codec_cotune_lacks_is_dropped(caplog):
 
 
 def test_a_local_events_result_must_be_a_number_or_nothing():
-    from cotune.deploy.server import _tick_result
+    from cotune.deploy.peer_input import tick_result
 
-    assert _tick_result("device-0", "step", None) is None
-    assert _tick_result("device-0", "step", 2) == 2.0
+    assert tick_result("device-0", "step", None) is None
+    assert tick_result("device-0", "step", 2) == 2.0
     for bad in ("many", float("nan"), [1.0], True):
         with pytest.raises(ProtocolError, match="device-0 answered its 'step' event with"):
-            _tick_result("device-0", "step", bad)
+            tick_result("device-0", "step", bad)
 
 
 def test_a_devices_measurements_are_numbers_only(caplog):

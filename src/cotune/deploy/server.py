@@ -1,11 +1,13 @@
 """The server's side of a gRPC run: the engine that carries messages to remote roles and the
 node host that starts roles on device processes.
 
-Devices' roles live behind ``RemoteRole`` proxies. ``GrpcEngine`` is the in-process engine for
-the server's own roles and, for a remote receiver, encodes and counts the message exactly as
-``LocalEngine`` does, sends the bytes, and waits for the reply; while it waits, it serves what
-devices send (their own messages to server roles, their nested requests, their meter reports)
-in arrival order on this one thread, so a run is as deterministic as on one machine.
+Devices' roles live behind ``RemoteRole`` proxies (``remote_role.py``). ``GrpcEngine`` is the
+in-process engine for the server's own roles and, for a remote receiver, encodes and counts the
+message exactly as ``LocalEngine`` does, sends the bytes, and waits for the reply; while it
+waits, it serves what devices send (their own messages to server roles, their nested requests,
+their meter reports: ``serving.py``) in arrival order on this one thread, so a run is as
+deterministic as on one machine. What a peer sends besides messages is checked by
+``peer_input.py``.
 """
 
 from __future__ import annotations
@@ -13,33 +15,25 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
-import math
-import queue
-import time
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
 from cotune.buffers import Encoded
 from cotune.deploy.frames import (
     BATCH,
-    DONE,
-    ERROR,
-    MEASURE,
-    METER,
-    REPLY,
     REQUEST,
     RESTORE,
     SEND,
-    SNAPSHOT,
     START,
     TICK,
     Frame,
 )
-from cotune.deploy.states import check_state, dump_state, load_state
+from cotune.deploy.peer_input import text, tick_result
+from cotune.deploy.remote_role import RemoteRole
+from cotune.deploy.serving import DeviceFrames
+from cotune.deploy.states import dump_state
 from cotune.deploy.transport import Closed
-from cotune.errors import CotuneError, DivergenceError, PeerUnavailable, ProtocolError
-from cotune.runtime.codecs import get_codec
-from cotune.runtime.engine import Role
+from cotune.errors import PeerUnavailable, ProtocolError
 from cotune.runtime.local import LocalEngine
 from cotune.runtime.messages import Message, decode_message, encode_message_pieces
 
@@ -49,70 +43,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-class RemoteRole(Role):
-    """A role that lives on a device process; every call is a frame on its node's stream."""
-
-    def __init__(self, role_id: str, engine: GrpcEngine, factory: str) -> None:
-        super().__init__(role_id)
-        self.engine, self.factory = engine, factory
-        self.last_state: Any = None  # its state as last seen (checkpoints of a gone device)
-
-    def handle(self, msg: Message) -> Message | None:
-        raise ProtocolError(f"{self.role_id} is remote: messages go through the engine")
-
-    def local_event(self, kind: str, meta: dict[str, Any]) -> Any:
-        done = self.engine.control(self.role_id, TICK, {"kind": kind, "meta": meta})
-        return done.header.get("result")
-
-    def snapshot(self, *, if_built: bool = False) -> Any:
-        """Its state, read from its node (``if_built``: None for a role its node has not built
-        yet, or one away before it was ever read: it starts afresh, as checkpoints say)."""
-        if self.engine.links_seen.get(self.role_id, True) is None:
-            return None  # it never joined: no state to read (checkpoints leave it out)
-        try:
-            done = self.engine.control(self.role_id, SNAPSHOT, {"if_built": if_built})
-            if done.header.get("none"):
-                return None
-            state = load_state(done.payload)
-            check_state(state)
-            self.last_state = state
-        except PeerUnavailable:
-            if self.last_state is None and not if_built:
-                raise
-            log.warning("%s is away: its last known state stands in", self.role_id)
-        except ProtocolError as err:  # a bad state never reaches an evaluation or checkpoint
-            if self.last_state is None and not if_built:
-                raise PeerUnavailable(f"{self.role_id} sent a bad state: {err}") from None
-            log.warning(
-                "%s sent a bad state (%s): %s", self.role_id, err,
-                "its last known state stands in" if self.last_state is not None
-                else "left out (it starts afresh on resume)",
-            )  # fmt: skip
-        return self.last_state
-
-    def snapshot_if_built(self) -> Any:
-        return self.snapshot(if_built=True)
-
-    def restore(self, state: Any) -> None:
-        self.last_state = state
-        self.engine.control(self.role_id, RESTORE, {}, dump_state(state))
-
-    def measurements(self) -> dict[str, float]:
-        try:
-            values = self.engine.control(self.role_id, MEASURE, {}).header.get("values", {})
-        except PeerUnavailable:
-            return {}  # host measurements of a node that is away: none
-        if not isinstance(values, dict):
-            values = {"": values}
-        kept = {
-            str(k): float(v) for k, v in values.items() if _finite(v)
-        }  # a peer's measurements: numbers only (others are logged and left out)
-        if len(kept) != len(values):
-            log.warning("%s reported measurements that are not numbers: left out", self.role_id)
-        return kept
-
-
-class GrpcEngine(LocalEngine):
+class GrpcEngine(DeviceFrames, LocalEngine):
     """``LocalEngine`` for the server's roles, frames on a stream for remote ones."""
 
     colocated = False
@@ -157,7 +88,7 @@ class GrpcEngine(LocalEngine):
                 "peak_rss_bytes": values.get("node_peak_rss_bytes"),
                 "batched_requests": values.get("node_batched_requests"),
                 # Devices hosted together name the same process (busy_s, peak memory: its).
-                "process": _text(self.hub.ready.get(node, {}).get("process")),
+                "process": text(self.hub.ready.get(node, {}).get("process")),
             }
         return out
 
@@ -425,172 +356,9 @@ class GrpcEngine(LocalEngine):
             self._link(r).send(Frame(TICK, {"kind": kind, "meta": meta, "seq": seq, "role": r}))
             seqs.append(seq)
         return [
-            _tick_result(r, kind, self._wait(r, seq).header.get("result"))
+            tick_result(r, kind, self._wait(r, seq).header.get("result"))
             for r, seq in zip(role_ids, seqs)
         ]
-
-    # --- serving while waiting ---------------------------------------------------------
-    def _wait(self, node: str, seq: int) -> Frame:
-        """Serve ``node``'s frames, in order, until ``seq`` completes. Other nodes' frames wait
-        in their own queues until this engine waits on them, so roles working in parallel
-        (a round's devices) are still heard one after another, in the order they were asked."""
-        while seq not in self.done:
-            if node in self.gone:
-                raise PeerUnavailable(f"{node} disconnected")
-            self._dispatch(node, self._next_from(node))
-        frame = self.done.pop(seq)
-        self.asked.pop(seq, None)
-        if frame.type == ERROR:
-            error = str(frame.header.get("error", "unknown error"))
-            if frame.header.get("divergence"):
-                raise DivergenceError(error, step=frame.header.get("step"))
-            raise ProtocolError(f"{node} failed: {error}")
-        return frame
-
-    def _next_from(self, node: str) -> Frame | Closed:
-        queued = self.pending.get(node)
-        if queued:
-            return queued.popleft()
-        deadline = time.monotonic() + self.timeout_s
-        while True:
-            left = deadline - time.monotonic()
-            waited = time.perf_counter()
-            try:
-                src, frame = self.hub.inbound.get(timeout=max(0.0, min(left, 5.0)))
-            except queue.Empty:
-                self.idle_s += time.perf_counter() - waited
-                link = self.hub.links.get(node)
-                if left <= 0 or link is None or not link.open:
-                    log.warning("%s: no answer in %.0f s (engine.request_timeout_s): gone", node,
-                                self.timeout_s)  # fmt: skip
-                    self.gone.add(node)
-                    raise PeerUnavailable(
-                        f"{node} did not answer within {self.timeout_s:.0f} s"
-                    ) from None
-                continue
-            self.idle_s += time.perf_counter() - waited
-            if src == node:
-                return frame
-            self.pending.setdefault(src, deque()).append(frame)
-
-    def _dispatch(self, node: str, frame: Frame | Closed) -> None:
-        if isinstance(frame, Closed):
-            if frame.link is self.links_seen.get(node):  # the stream its role lives on
-                log.warning("%s disconnected", node)
-                self.gone.add(node)
-            return
-        if frame.type in (REPLY, DONE, ERROR) and "seq" in frame.header:
-            seq = frame.header["seq"]
-            if type(seq) is not int or self.asked.get(seq) != node:
-                log.warning("%s sent a %s for %r, which was not asked of it: dropped", node,
-                            frame.describe(), seq)  # fmt: skip
-                return
-            self.done[seq] = frame
-        elif frame.type == METER:
-            self._meter(node, frame.header)
-        elif frame.type in (SEND, REQUEST):
-            self._from_device(node, frame)
-        else:
-            log.warning("%s sent an unexpected %s frame: ignored", node, frame.describe())
-
-    def _meter(self, node: str, h: dict[str, Any]) -> None:
-        sink = self.grid.sink if self.grid is not None else None
-        if sink is None:
-            return
-        role = h.get("role", node)
-        try:
-            if role != node:  # a node reports its own work only
-                raise ValueError(f"a report for {role!r}")
-            if h.get("what") == "memory":
-                from cotune.sim.memory import MemoryEstimate
-
-                est = MemoryEstimate(**h["estimate"])
-                key = h["key"]
-                sizes = [est.weights, est.grads, est.optimizer, est.activations, est.total]
-                if not isinstance(key, str) or any(type(v) is not int or v < 0 for v in sizes):
-                    raise ValueError(f"key={key!r}, estimate={h['estimate']!r}")
-                if est.measured is not None and type(est.measured) is not int:
-                    raise ValueError(f"measured={est.measured!r}")
-                sink.memory(role, key, lambda: est)
-                return
-            flops, rnd = h["flops"], h.get("round", 0)
-            if type(rnd) is not int or not (_finite(flops) and flops >= 0):
-                raise ValueError(f"flops={flops!r}, round={rnd!r}")
-            after = h.get("after")
-            if after is not None and not _finite(after):
-                raise ValueError(f"after={after!r}")
-            waits_for = h.get("waits_for")
-            if waits_for is not None and not isinstance(waits_for, str):
-                raise ValueError(f"waits_for={waits_for!r}")
-        except (KeyError, TypeError, ValueError) as err:  # a peer's bad report: not the run's end
-            log.warning("dropped a bad meter report from %s: %s", node, err)
-            return
-        sink.compute(role, float(flops), round=rnd, after=after, waits_for=waits_for,
-                     label=str(h.get("label", "")))  # fmt: skip
-
-    def _from_device(self, node: str, frame: Frame) -> None:
-        """A device's own message (a send, or a request it waits on), carried as if it were
-        sent here: encoded, counted and delivered exactly once."""
-        try:
-            msg = decode_message(frame.payload)
-            if msg.sender != node:
-                raise ProtocolError(f"{node} sent a message claiming to be from {msg.sender!r}")
-            for asked in (frame.header.get("codec"), msg.meta.get("codec")):
-                _check_codec(asked)
-        except ProtocolError as err:
-            log.warning("dropped a bad message from %s: %s", node, err)
-            if frame.type == REQUEST:
-                self._link(node).send(
-                    Frame(ERROR, {"seq": frame.header.get("seq"), "error": str(err)})
-                )
-            return
-        codec = frame.header.get("codec")
-        if frame.type == SEND:
-            self.send(msg, codec=codec)
-            for late in self.pull(node):  # a handler that answered a one-way message
-                self._link(node).send(
-                    Frame(SEND, {"codec": codec}, encode_message_pieces(late, codec or self.codec))
-                )
-            return
-        seq = frame.header.get("seq")
-        try:
-            reply = self.request(msg, codec=codec)
-        except PeerUnavailable as err:
-            self._link(node).send(
-                Frame(ERROR, {"seq": seq, "error": str(err), "unavailable": True})
-            )
-            return
-        header = {"seq": seq, "arrival": reply.arrival}
-        self._link(node).send(
-            Frame(REPLY, header, encode_message_pieces(reply, codec or self.codec))
-        )
-
-
-def _text(value: Any, limit: int = 200) -> str | None:
-    """A peer's self-description for the summary: a string, cut to ``limit``, else None."""
-    return value[:limit] if isinstance(value, str) else None
-
-
-def _check_codec(name: Any) -> None:
-    """A codec a peer asked for: None (the run's), or the name of one cotune has."""
-    if name is None:
-        return
-    if not isinstance(name, str):
-        raise ProtocolError(f"codec {name!r} is not a name")
-    try:
-        get_codec(name)
-    except CotuneError as err:
-        raise ProtocolError(f"codec {name!r}: {err}") from None
-
-
-def _tick_result(node: str, kind: str, value: Any) -> float | None:
-    """What a device's local event returned: every event answers a finite number (a gradient
-    norm) or nothing; anything else from a peer is a protocol error naming it."""
-    if value is None:
-        return None
-    if not _finite(value):
-        raise ProtocolError(f"{node} answered its {kind!r} event with {value!r}, not a number")
-    return float(value)
 
 
 def _share_wire_bytes(total: int, links: list[Any], sizes: list[int]) -> None:
@@ -603,8 +371,3 @@ def _share_wire_bytes(total: int, links: list[Any], sizes: list[int]) -> None:
     links[0].bytes_out -= total
     for link, share in zip(links, shares):
         link.bytes_out += share
-
-
-def _finite(value: Any) -> bool:
-    """A peer's number: an int or float (not a bool, a string or a container) and finite."""
-    return type(value) in (int, float) and math.isfinite(value)
