@@ -27,9 +27,8 @@ from cotune.models.packing import Packing, padding_free, token_dims
 from cotune.models.segment import packed_task_loss
 from cotune.paradigms.base import Experiment, ParadigmResult, mean, parse_options, screen_updates
 from cotune.paradigms.options import SplitFedOptions
-from cotune.paradigms.splitting import (
+from cotune.paradigms.split_cut import (
     Layout,
-    SplitDevice,
     activation_dtype,
     check_cut,
     clip_coef,
@@ -43,6 +42,7 @@ from cotune.paradigms.splitting import (
     sq_norm,
     weighted_mean,
 )
+from cotune.paradigms.splitting import SplitDevice
 from cotune.runtime import Message, Role
 from cotune.runtime.ids import SERVER
 from cotune.runtime.node import NodeContext

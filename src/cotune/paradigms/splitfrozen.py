@@ -29,7 +29,7 @@ from cotune.models import Activations, Segment, segment_loss
 from cotune.models.packing import padding_free, token_dims
 from cotune.paradigms.base import Experiment, ParadigmResult, mean, parse_options
 from cotune.paradigms.options import SplitFrozenOptions
-from cotune.paradigms.splitting import activation_dtype, check_cut, segment_memory, side_reg
+from cotune.paradigms.split_cut import activation_dtype, check_cut, segment_memory, side_reg
 from cotune.runtime import Message, Role
 from cotune.runtime.ids import SERVER
 from cotune.runtime.node import NodeContext
