@@ -62,8 +62,8 @@ def cotune_overrides(j: dict, out: str, name: str) -> list[str]:
 
 def export_shards(j: dict, folder: Path) -> None:
     """cotune's partition of the job's data, written as one JSONL file per client."""
+    from cotune.build import build_experiment
     from cotune.config import load_config
-    from cotune.run import build_experiment
 
     cfg = load_config(ROOT / "configs/demo/fedavg.yaml", cotune_overrides(j, str(folder), "x"))
     exp, _ = build_experiment(cfg, folder / "x", quiet=True)

@@ -25,9 +25,9 @@ from pathlib import Path
 
 import torch
 
+from cotune.build import build_experiment
 from cotune.config import config_from_dict, read_yaml
 from cotune.models import task_loss
-from cotune.run import build_experiment
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -25,9 +25,10 @@ from pathlib import Path
 
 import torch
 
+from cotune.build import build_experiment
 from cotune.config import config_from_dict, read_yaml
 from cotune.models import task_loss
-from cotune.run import build_experiment, run_experiment
+from cotune.run import run_experiment
 
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = {

@@ -68,8 +68,8 @@ def last_eval(run_dir: str) -> dict[str, dict[str, float]]:
 
 def untuned(d: dict) -> dict[str, float]:
     """The base with a fresh adapter (B = 0: the base itself) and its untrained head."""
+    from cotune.build import build_experiment
     from cotune.config import config_from_dict
-    from cotune.run import build_experiment
     from cotune.train import evaluate
 
     cfg = config_from_dict({**d, "output": {"dir": tempfile.mkdtemp(prefix="claims_")}})

@@ -54,7 +54,7 @@ def compare_command(
     seeds: int = 1,
 ) -> int:
     """Run each CONFIG into OUT/<name> and write one comparison report over all of them."""
-    from cotune.run import compare
+    from cotune.compare import compare
 
     if dry_run:
         from cotune.dryrun import main_for

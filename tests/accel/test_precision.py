@@ -7,10 +7,11 @@ import pytest
 import torch
 
 from cotune.accel.compute import Compute, compute_of, set_compute
+from cotune.build import check_devices
 from cotune.config import RunConfig
 from cotune.errors import ConfigError
 from cotune.models import load_model
-from cotune.run import check_devices, run_experiment
+from cotune.run import run_experiment
 from cotune.train import Trainer
 
 

@@ -59,7 +59,7 @@ def test_mixed_evaluation_data_keeps_its_shares_when_cut():
 
 
 def test_a_run_trains_and_evaluates_on_its_mixture(tiny_config, tmp_path):
-    from cotune.run import build_experiment
+    from cotune.build import build_experiment
 
     cfg = tiny_config(data={"mixture": {"science": 1.0}}, eval={"mixture": {"politics": 1.0}})
     exp, _ = build_experiment(cfg, tmp_path, quiet=True)

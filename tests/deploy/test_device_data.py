@@ -9,11 +9,11 @@ import torch
 
 pytest.importorskip("grpc")
 
+from cotune.build import build_experiment  # noqa: E402
 from cotune.config import DataSection  # noqa: E402
 from cotune.data.loading import load_device_file  # noqa: E402
 from cotune.deploy.launch import device_files, launch  # noqa: E402
 from cotune.errors import ConfigError, DataError, PeerUnavailable  # noqa: E402
-from cotune.run import build_experiment  # noqa: E402
 from tests.paradigms.test_engines import outcome  # noqa: E402
 
 

@@ -3,9 +3,9 @@ refuses, up front and with the figures, a run whose hosts would not fit."""
 
 import pytest
 
+from cotune.build import build_experiment
 from cotune.deploy.raynodes import check_host_memory, place
 from cotune.errors import ConfigError
-from cotune.run import build_experiment
 
 NODES = [f"device-{i}" for i in range(7)]
 

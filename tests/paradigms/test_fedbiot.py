@@ -3,8 +3,9 @@ import json
 import pytest
 import torch
 
+from cotune.build import build_experiment
 from cotune.errors import ConfigError, DataError
-from cotune.run import build_experiment, run_experiment
+from cotune.run import run_experiment
 from tests.paradigms.test_central_local import records
 
 

@@ -127,8 +127,8 @@ def test_a_bad_upload_is_refused_and_the_run_goes_on(tiny_config, monkeypatch):
 
 
 def test_the_cloud_refuses_malformed_uploads_with_the_reason(tiny_config, tmp_path):
+    from cotune.build import build_experiment
     from cotune.paradigms.hat_serve import ServingCloud
-    from cotune.run import build_experiment
 
     exp, _ = build_experiment(serve_config(tiny_config), tmp_path / "unused", quiet=True)
     cloud = ServingCloud(exp.grid.context("server"), UCut(1, 1))

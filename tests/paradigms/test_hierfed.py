@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from cotune.build import build_experiment
 from cotune.config import PartitionSection
 from cotune.data import partition
 from cotune.errors import ConfigError
@@ -13,7 +14,7 @@ from cotune.paradigms.hierfed_plan import (
     label_histograms,
     plan_groups,
 )
-from cotune.run import build_experiment, run_experiment
+from cotune.run import run_experiment
 from tests.paradigms.test_central_local import (
     final_params,
     records,

@@ -1,8 +1,9 @@
 import pytest
 import torch
 
+from cotune.build import build_experiment
 from cotune.data import BatchSampler
-from cotune.run import build_experiment, run_experiment
+from cotune.run import run_experiment
 from cotune.runtime.local import LocalEngine
 from cotune.train import full_model_loss, train_step
 from tests.paradigms.test_central_local import final_params, records

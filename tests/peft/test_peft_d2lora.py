@@ -17,8 +17,8 @@ WARM = {"warmup_steps": 4, "warmup_lr": 1e-2, "warmup_examples": 64}
 
 @pytest.mark.parametrize("engine", ["local", "isolated"])
 def test_warmup_seeds_every_role_and_leaves_the_rng_alone(tiny_config, engine):
+    from cotune.build import build_experiment
     from cotune.paradigms.base import TrainingRole
-    from cotune.run import build_experiment
 
     cfg = tiny_config(peft={"method": "d2lora", "options": WARM}, engine={"kind": engine})
     exp, _ = build_experiment(cfg, Path("unused"), quiet=True)

@@ -141,7 +141,7 @@ def test_gelora_bad_options(options, message):
 
 
 def test_run_hook_server_and_federated(tiny_config):
-    from cotune.run import build_experiment
+    from cotune.build import build_experiment
 
     opts = {"sample_examples": 24, "budget": 3, "budget_unit": "mean_rank"}
     cfg = tiny_config(peft={"method": "gelora", "options": opts})

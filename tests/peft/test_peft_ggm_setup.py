@@ -7,8 +7,9 @@ import json
 import pytest
 import torch
 
+from cotune.build import build_experiment
 from cotune.errors import AdapterError, ConfigError
-from cotune.run import build_experiment, run_experiment
+from cotune.run import run_experiment
 
 OPTIONS = {"important_nodes": 3, "kept_nodes": 6, "warmup_steps": 3}
 
@@ -96,8 +97,8 @@ def test_bad_settings_fail_before_training(tiny_config, tmp_path):
 
 
 def test_a_device_with_its_own_data_cannot_rebuild_the_allocation(tiny_config, tmp_path):
+    from cotune.build import NodeInputs
     from cotune.data import load_task_data
-    from cotune.run import NodeInputs
 
     cfg = _ggm(tiny_config)
     data = load_task_data(cfg.data, cfg.model.task, cfg.seed)

@@ -192,7 +192,7 @@ def _causal(cfg, **data):
 
 
 def test_domain_stage_needs_domains(tmp_path):
-    from cotune.run import build_experiment
+    from cotune.build import build_experiment
 
     # austen's language-modelling view holds bare passages: no novel per example.
     d = _causal(staged(tmp_path, {"domain": 1}), dataset="austen", labels=[])

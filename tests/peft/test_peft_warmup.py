@@ -13,7 +13,7 @@ WARM = {"steps": 4, "lr": 1e-2, "examples": 64}
 
 
 def _state(tiny_config, method, warmup):
-    from cotune.run import build_experiment
+    from cotune.build import build_experiment
 
     cfg = tiny_config(peft={"method": method, "warmup": warmup})
     return build_experiment(cfg, Path("unused"), quiet=True)[0].adapters.state_dict()
@@ -77,7 +77,7 @@ def test_warmup_run_end_to_end_with_dora(tiny_config):
     ],
 )
 def test_warmup_errors(tiny_config, peft, message):
-    from cotune.run import build_experiment
+    from cotune.build import build_experiment
 
     with pytest.raises(ConfigError, match=rf"peft.warmup: .*{message}"):
         build_experiment(tiny_config(peft=peft), Path("unused"), quiet=True)

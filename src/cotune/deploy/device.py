@@ -89,9 +89,9 @@ class DeviceNode:
         self, dialer: Any, welcome: dict[str, Any], workdir: Path, data_file: Path | None = None,
         *, nodes: list[str] | None = None, isolated: bool = True,
     ) -> None:  # fmt: skip
+        from cotune.build import build_experiment
         from cotune.config import config_from_dict
         from cotune.nodes import RunNodes
-        from cotune.run import build_experiment
 
         self.dialer = dialer
         cfg = with_chat_template(config_from_dict(welcome["config"]), welcome, workdir)
@@ -365,9 +365,9 @@ def with_chat_template(cfg: Any, welcome: dict[str, Any], workdir: Path) -> Any:
 
 def own_inputs(node: str, welcome: dict[str, Any], cfg: Any, data_file: Path) -> Any:
     """This device's inputs from its own data file, labelled and tokenized as the server's."""
+    from cotune.build import NodeInputs
     from cotune.data.loading import load_device_file
     from cotune.data.tokenizer import Tokenizer
-    from cotune.run import NodeInputs
     from cotune.runtime.ids import device_index
 
     index = device_index(node)

@@ -38,6 +38,7 @@ PRELOAD = [
     "cotune.deploy.device",
     "cotune.deploy.connect",
     "cotune.run",
+    "cotune.build",
     "cotune.paradigms",
     "cotune.nodes",
     "cotune.experiment",
