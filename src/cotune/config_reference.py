@@ -21,7 +21,7 @@ from pydantic_core import PydanticUndefined
 
 HEADER = """# Configuration reference
 
-Generated from the config models (`src/cotune/config/`, `src/cotune/paradigms/options.py`)
+Generated from the config models (`src/cotune/config/`, `src/cotune/paradigms/options/`)
 by `python -m cotune.config_reference > docs/config.md`; `tests/test_config_reference.py` fails
 when this page and the models disagree. A run's YAML has one block per section; `--set
 section.field=value` sets any field from the command line. Unknown fields are errors that name

@@ -1,29 +1,20 @@
-"""Every paradigm's options, as typed models validated when the config is loaded.
-
-``paradigm.options`` is free-form in YAML; each paradigm registers its model here (one line in
-``OPTIONS``) so ``load_config`` can reject a bad option before anything runs or is written, with
-the same ``paradigm.options.<field>: ... (got ...)`` message as every other config field.
-Checks that need only the config (pooled server needs a shared server side, one cut per device,
-...) live in each model's ``check_config``; checks that need the model (a cut inside the
-model's blocks, whether a segment fits a device's memory) run in the paradigm's ``preflight``,
-still before the run directory is touched.
-
-This module imports only pydantic: the CLI validates configs without loading torch.
-"""
+"""Options of the federated paradigms: fedavg (aggregators, FedProx, SecAgg, cohorts), hierfed,
+fedbiot, dlora, clustered, and the asynchronous fedasync / fedbuff. Pydantic only."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-
-from cotune.errors import ConfigError
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 if TYPE_CHECKING:
     from cotune.config import RunConfig
 
-T = TypeVar("T", bound="ParadigmOptions")
 
+from cotune.paradigms.options.base import ParadigmOptions
+
+# Aggregator name -> the options it takes (cotune.aggregation builds them; values are checked by
+# the aggregator itself in the paradigm's preflight).
 # Aggregator name -> the options it takes (cotune.aggregation builds them; values are checked by
 # the aggregator itself in the paradigm's preflight).
 _ROBUST = ("reducer", "trim_beta")
@@ -37,42 +28,6 @@ AGGREGATOR_OPTIONS: dict[str, tuple[str, ...]] = {
     "median": ("eta",),
     "trimmed_mean": ("beta", "eta"),
 }
-
-
-class ParadigmOptions(BaseModel):
-    """Base of a paradigm's options: unknown keys are errors."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    def check_config(self, cfg: RunConfig) -> None:
-        """Cross-checks against the rest of the config; raise ``ValueError("field: why")``."""
-
-    def infrastructure(self) -> dict[str, str]:
-        """Nodes besides the server and the devices (node id → device profile name): part of
-        the deployment's topology, so engines and the simulator know them before any role."""
-        return {}
-
-    def profile_fields(self) -> dict[str, str]:
-        """Options that name a device profile (field → name): ``load_config`` checks them
-        against the known profiles (built-in and ``devices.profile_file``)."""
-        return {}
-
-
-class NoOptions(ParadigmOptions):
-    """Paradigms without options (central): any option given is a mistake."""
-
-
-class LocalOptions(ParadigmOptions):
-    # In-process engine (and a Ray host): the devices' steps between two evaluations as one
-    # batch, each device on its own adapter tensors (fed_cohort.py); off: one device at a time.
-    cohort: bool = False
-    # At most this many rows in one cohort pass (devices x train.batch_size): a round's
-    # devices run in consecutive cohorts of that size, bounding the activations held at
-    # once (None: all of them together).
-    cohort_rows: int | None = Field(None, ge=1)
-
-
-# ---------------------------------------------------------------- federated
 
 
 class SecAggOptions(BaseModel):
@@ -270,83 +225,6 @@ def _branch_apart(method: str) -> bool:
     return issubclass(cls, LoraLayer) and additive and cls.mergeable
 
 
-# ---------------------------------------------------------------- split family
-
-
-class CutOptions(ParadigmOptions):
-    cut: int = Field(1, ge=1)  # device: embeddings + blocks [0, cut); server: [cut, L) (+ head)
-    u_shaped: bool = False  # head (and blocks [cut_top, L)) stay on the device; labels too
-    cut_top: int | None = None  # U-shape only; default L (the device keeps just the head)
-    clip: Literal["global", "per_side"] = "global"  # how train.max_grad_norm is applied
-    # A malformed or non-finite cut message: stop the run, or skip that device's step.
-    on_bad_message: Literal["stop", "skip"] = "stop"
-
-    def check_config(self, cfg: RunConfig) -> None:
-        if self.cut_top is not None and not self.u_shaped:
-            raise ValueError("cut_top: only used with u_shaped: true")
-        if self.cut_top is not None and self.cut_top <= self.cut:
-            raise ValueError(
-                f"cut_top: {self.cut_top} must be above cut ({self.cut}) so the server keeps a block"
-            )
-
-
-class SplitOptions(CutOptions):
-    turn_steps: int = Field(1, ge=1)  # steps a device trains before handing the adapter on
-    # How the adapter passes between devices: through the server, or device to device.
-    relay: Literal["server", "p2p"] = "server"
-    relay_optimizer: bool = True  # AdamW moments travel with the adapter
-
-
-class SplitFedOptions(CutOptions):
-    # I: FedAvg of the device adapters every I units of `aggregate_unit` (reference code: 100).
-    aggregate_every: int = Field(100, ge=1)
-    # steps: I steps of all devices (each step is one batch per device); client_batches: I
-    # device batches served, SplitLoRA's reference unit (its train_step counts client batches,
-    # so with K devices it aggregates every I/K steps), applied at the end of the step in which
-    # the count reaches a multiple of I (the reference aggregates mid-step, after that batch).
-    aggregate_unit: Literal["steps", "client_batches"] = "steps"
-    # Device adapters averaged by example count, or uniformly.
-    weighting: Literal["examples", "uniform"] = "examples"
-    # One server-side adapter for all devices, or one per device.
-    server_side: Literal["shared", "per_device"] = "shared"
-    # sequential: SplitLoRA's reference (one server update per device batch, arrival order);
-    # pooled: one server forward/backward/update on all of a step's activations together.
-    server_batch: Literal["sequential", "pooled"] = "sequential"
-    # In-process engine: run the devices' bottom segments as one batch (split_cohort.py).
-    cohort: bool = True
-
-    def check_config(self, cfg: RunConfig) -> None:
-        super().check_config(cfg)
-        if self.server_batch == "pooled" and self.server_side != "shared":
-            raise ValueError(
-                "server_batch: 'pooled' needs server_side: shared (one server model to pool the "
-                "devices' activations into)"
-            )
-        if self.server_batch == "pooled" and self.u_shaped:
-            raise ValueError("server_batch: 'pooled' does not support u_shaped")
-
-
-class SplitFrozenOptions(ParadigmOptions):
-    cuts: list[int] | None = None  # one cut per device; default: chosen from the profiles
-    max_cut: int | None = Field(None, ge=0)  # the fastest device's cut (default: L // 2)
-    min_cut: int = Field(0, ge=0)  # never fewer device blocks than this (0: embeddings only)
-    # Devices' forwards overlap the server's work (pipelined steps).
-    pipeline: bool = True
-    # A malformed or non-finite cut message: stop the run, or skip that device's step.
-    on_bad_message: Literal["stop", "skip"] = "stop"
-
-    def check_config(self, cfg: RunConfig) -> None:
-        if self.cuts is not None:
-            if len(self.cuts) != cfg.devices.count:
-                raise ValueError(
-                    f"cuts: {len(self.cuts)} cuts for {cfg.devices.count} devices (one per device)"
-                )
-            if any(k < 0 for k in self.cuts):
-                raise ValueError(f"cuts: must be >= 0, got {self.cuts}")
-        if self.max_cut is not None and self.min_cut > self.max_cut:
-            raise ValueError(f"min_cut: {self.min_cut} > max_cut {self.max_cut}")
-
-
 class ClusteredOptions(FedAvgOptions):
     """Clustered federated fine-tuning: one adapter per cluster of devices."""
 
@@ -394,121 +272,3 @@ class FedBuffOptions(AsyncOptions):
     # them, w <- w + server_lr * mean(s(t_i) * delta_i).
     buffer_size: int = Field(4, ge=1)  # reports per new global version
     server_lr: float = Field(1.0, gt=0.0)  # eta: the step taken along the buffer's mean change
-
-
-class HatDrafterOptions(ParadigmOptions):
-    # HAT's drafter (hat_drafter.py), cut as `cotune infer --cut N_IN,N_OUT` cuts it:
-    n_in: int = Field(1, ge=1)  # blocks on the device before the cloud's middle
-    n_out: int = Field(1, ge=1)  # blocks on the device after it (with the final norm and head)
-    # Drafter steps per device per FedAvg round (an evaluation point ends a round too).
-    local_steps: int = Field(5, ge=1)
-    mse_weight: float = Field(1.0, ge=0.0)  # to the middle's output hidden states
-    kl_weight: float = Field(1.0, ge=0.0)  # to the full model's next-token distribution
-    width: int | None = Field(None, ge=1)  # the adapter's inner width (default: hidden size)
-
-    def check_config(self, cfg: RunConfig) -> None:
-        if cfg.model.task != "causal_lm":
-            raise ValueError(
-                f"model.task: hat_drafter drafts tokens, so it needs causal_lm (got {cfg.model.task!r})"
-            )
-        if self.mse_weight == 0 and self.kl_weight == 0:
-            raise ValueError("mse_weight: mse_weight and kl_weight cannot both be 0")
-
-
-class HatServeOptions(ParadigmOptions):
-    # HAT serving over the Grid (hat_serve.py): every device generates for prompts of its own
-    # text, U-shaped, through the cloud role; train.steps is the number of requests per device.
-    n_in: int = Field(1, ge=1)  # blocks on the device before the cloud's middle
-    n_out: int = Field(1, ge=1)  # blocks on the device after it (with the final norm and head)
-    gamma: int = Field(4, ge=0)  # tokens drafted per cloud round (0: plain U-shaped decoding)
-    # The drafter: a directory hat_drafter or `cotune infer` wrote (RUN_DIR/drafter/cut-1-1), or
-    # a run directory holding one for this cut; none: the untrained drafter (skips the middle).
-    drafter: str | None = None
-    prompt_tokens: int = Field(16, ge=1)  # each prompt: the first tokens of one of its texts
-    max_new_tokens: int = Field(16, ge=1)  # tokens generated per request (fewer at end of text)
-    temperature: float = Field(0.0, ge=0.0)  # 0: greedy; else sampled, exactly the model's law
-    # Prompt positions per upload: a number, None (the whole prompt), or "auto": chosen per
-    # device from its declared speeds and the cloud's (the simulated time to the first token).
-    prefill_chunk: int | Literal["auto"] | None = None
-
-    @field_validator("prefill_chunk")
-    @classmethod
-    def _positive_chunk(cls, v: int | str | None) -> int | str | None:
-        if isinstance(v, int) and v < 1:
-            raise ValueError(f"must be >= 1 or 'auto' (got {v})")
-        return v
-
-    def check_config(self, cfg: RunConfig) -> None:
-        if cfg.model.task != "causal_lm":
-            raise ValueError(
-                f"model.task: hat_serve generates text, so it needs causal_lm (got {cfg.model.task!r})"
-            )
-
-
-# name -> options model. One line per paradigm (the same names as cotune.paradigms.PARADIGMS).
-OPTIONS: dict[str, type[ParadigmOptions]] = {
-    "central": NoOptions,
-    "local": LocalOptions,
-    "fedavg": FedAvgOptions,
-    "split": SplitOptions,
-    "splitfed": SplitFedOptions,
-    "splitfrozen": SplitFrozenOptions,
-    "hierfed": HierFedOptions,
-    "fedbiot": FedBiOTOptions,
-    "dlora": DLoRAOptions,
-    "fedasync": FedAsyncOptions,
-    "fedbuff": FedBuffOptions,
-    "clustered": ClusteredOptions,
-    "hat_drafter": HatDrafterOptions,
-    "hat_serve": HatServeOptions,
-}
-
-
-def _format(err: ValidationError, model: type[BaseModel], where: str) -> list[str]:
-    lines = []
-    for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"])
-        field = f"{where}.{loc}" if loc else where
-        if e["type"] == "extra_forbidden":
-            allowed = ", ".join(sorted(model.model_fields)) or "none"
-            lines.append(f"  {field}: unknown option (allowed: {allowed})")
-            continue
-        msg = e["msg"].removeprefix("Value error, ")
-        head, sep, rest = msg.partition(": ")
-        if not loc and sep and head.isidentifier():  # a model check naming its own field
-            field, msg = f"{where}.{head}", rest
-        if e["type"] == "literal_error":
-            msg = f"{e.get('input')!r} is not allowed (allowed: {e.get('ctx', {}).get('expected')})"
-        elif "input" in e and not isinstance(e["input"], dict) and e["type"] != "value_error":
-            msg += f" (got {e['input']!r})"
-        lines.append(f"  {field}: {msg}")
-    return lines
-
-
-def parse_options(model: type[T], options: dict[str, Any]) -> T:
-    """``options`` as ``model`` types them; ``ConfigError`` naming each bad field. (``load_config``
-    has validated them already: drivers and roles call this for their typed copy.)"""
-    where = "paradigm.options"
-    try:
-        return model.model_validate(options)
-    except ValidationError as err:
-        raise ConfigError("\n".join([f"invalid {where}:", *_format(err, model, where)])) from None
-
-
-def check_paradigm_options(cfg: RunConfig, source: str) -> ParadigmOptions:
-    """Validate ``cfg.paradigm.options`` (and its cross-checks) as part of loading the config."""
-    model = OPTIONS[cfg.paradigm.name]
-    try:
-        opts = model.model_validate(cfg.paradigm.options)
-    except ValidationError as err:
-        lines = _format(err, model, "paradigm.options")
-        raise ConfigError("\n".join([f"invalid config ({source}):", *lines])) from None
-    try:
-        opts.check_config(cfg)
-    except ValueError as err:
-        text = str(err)
-        field = text.split(":", 1)[0]
-        # Messages start with the field they are about: an option, or another section's field.
-        prefix = "" if "." in field else "paradigm.options."
-        raise ConfigError(f"invalid config ({source}):\n  {prefix}{text}") from None
-    return opts
