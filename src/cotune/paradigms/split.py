@@ -23,7 +23,7 @@ import torch
 from cotune.paradigms.base import Experiment, ParadigmResult, parse_options, reply
 from cotune.paradigms.options import SplitOptions
 from cotune.paradigms.split_cut import combined, make_layout, segment_memory, split_extra
-from cotune.paradigms.splitfed import SplitServer, server_side
+from cotune.paradigms.split_server import SplitServer, server_side
 from cotune.paradigms.splitting import SplitDevice
 from cotune.runtime import Message
 from cotune.runtime.ids import SERVER

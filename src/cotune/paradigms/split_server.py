@@ -1,0 +1,356 @@
+"""The server of split learning (``SplitServer``), shared by ``splitfed`` and ``split``: it takes
+each device's cut activations, runs its blocks (forward, loss, backward), sends the cut
+gradient down and steps its side; ``shared`` serves devices one after another in arrival
+order with one model and optimizer, ``per_device`` keeps a server copy per device, ``pooled``
+runs one pass over every device's activations. U-shaped runs turn at the server's top (the
+device's head and loss), gradient accumulation brings one micro-batch up per round trip.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from cotune.errors import ProtocolError
+from cotune.models import Activations, segment_loss, task_loss
+from cotune.models.packing import Packing, padding_free, token_dims
+from cotune.models.segment import packed_task_loss
+from cotune.paradigms.base import Experiment
+from cotune.paradigms.split_cut import (
+    Layout,
+    activation_dtype,
+    check_cut,
+    clip_coef,
+    global_clip,
+    make_layout,
+    owned_by_device,
+    side_reg,
+    sq_norm,
+)
+from cotune.runtime import Message, Role
+from cotune.runtime.ids import SERVER
+from cotune.runtime.node import NodeContext
+from cotune.runtime.validate import check_activation, meta_number
+from cotune.train import RoleState, Trainer
+
+
+@dataclass
+class StepLog:
+    device: str
+    loss: float
+    lr: float
+    examples: int
+
+
+class SplitServer(Role):
+    """Serves the devices' activations in arrival order with the server-side adapter states.
+
+    The server's own role, on the driver's node: the driver calls ``serve`` and
+    ``finish_step``; devices reach it with messages.
+    """
+
+    def __init__(
+        self, ctx: NodeContext, opts, layout: Layout, trainer: Trainer, states: dict[str, RoleState]
+    ) -> None:
+        super().__init__(ctx.node_id)
+        self.ctx, self.opts, self.layout, self.trainer = ctx, opts, layout, trainer
+        self.states = states  # device id → the server state serving it (shared or per device)
+        self.codec = ctx.cfg.engine.activation_codec
+        self.global_clip = global_clip(opts, ctx.cfg)
+        self.queue: list[tuple[float, int, Message]] = []
+        self.bad: list[tuple[str, str]] = []
+        self.skipped: list[tuple[int, str, str]] = []  # (step, device, error), over the run
+        self.reg = side_reg(ctx.model.adapters, lambda p: not owned_by_device(layout, p))
+        self.dtype = activation_dtype(ctx.cfg)
+        self.packed = ctx.cfg.train.padding_free  # the server's blocks on the real tokens only
+        self.norms: dict[str, float] = {}  # device → squared grad norm (pooled + global clip)
+        self.norm_arrival: dict[str, float] = {}
+        self._pending_step: (
+            tuple[RoleState, dict[str, torch.Tensor], float, dict[str, float]] | None
+        ) = None
+
+    def on_activations(self, msg: Message) -> None:
+        try:
+            self._check(msg)
+        except ProtocolError as err:
+            if self.opts.on_bad_message == "stop":
+                raise
+            self.bad.append((msg.sender, str(err)))
+            return None
+        self.queue.append((msg.arrival or 0.0, len(self.queue), msg))
+        return None
+
+    def on_norm(self, msg: Message) -> None:
+        self.norms[msg.sender] = meta_number(msg, "device_sq", minimum=0.0)
+        self.norm_arrival[msg.sender] = msg.arrival or 0.0
+
+    def serve(self, step: int) -> list[StepLog]:
+        """Reject bad batches, then train on the queued batches (in arrival order, or pooled)."""
+        grid = self.ctx.grid
+        assert grid is not None
+        for dev, err in self.bad:
+            self.skipped.append((step, dev, err))
+            grid.send(Message("rejected", SERVER, dev, {}, {"step": step, "error": err}))
+        self.bad = []
+        queue, self.queue = sorted(self.queue), []
+        with self.in_role():
+            if getattr(self.opts, "server_batch", "sequential") == "pooled":
+                return self._serve_pooled(queue, step) if queue else []
+            served = [self._serve_one(arrival, msg, step) for arrival, _, msg in queue]
+            return [s for s in served if s is not None]
+
+    def _serve_pooled(self, queue: list[tuple[float, int, Message]], step: int) -> list[StepLog]:
+        """One forward/backward on all activations of the step (padded to the longest); each
+        device gets the gradient of its *own* mean loss, the server steps on the example-weighted
+        mean of the devices' losses (its gradient is the pooled batch's). With
+        ``train.grad_accum`` G: G pooled passes, the first G-1 gradients requests whose replies
+        bring each device's next micro-batch; the server's gradients summed, one update."""
+        meter, grid, micros = self.ctx.meter, self.ctx.grid, self.ctx.cfg.train.grad_accum
+        assert grid is not None
+        msgs = [m for _, _, m in queue]
+        rnd = int(msgs[0].meta.get("round", 0))
+        arrival = max(a for a, _, _ in queue)  # the server waits for the last device to pool
+        regs = {m.sender: meta_number(m, "device_reg", 0.0) for m in msgs}  # one a step
+        total: dict[str, float] = {m.sender: 0.0 for m in msgs}
+        examples: dict[str, int] = {m.sender: 0 for m in msgs}
+        summed: dict[str, torch.Tensor] = {}
+        for micro in range(micros):
+            losses, lr, grads, flops, cuts, weights = self._pooled_pass(msgs, micros)
+            meter.compute(flops, round=rnd, after=arrival, label="server")
+            for k, g in grads.items():
+                summed[k] = summed[k] + g if k in summed else g
+            for m, loss in zip(msgs, losses):
+                total[m.sender] += loss / micros
+                examples[m.sender] += int(m.tensors["hidden"].shape[0])
+            if micro == micros - 1:
+                break
+            meta = {"step": step, "round": rnd, **_micro(micro)}
+            reqs = [Message("gradients", SERVER, m.sender, {"grad": c}, meta)
+                    for m, c in zip(msgs, cuts)]  # fmt: skip
+            msgs = []
+            for rep in grid.request_many(reqs, codec=self.codec, together=True):
+                try:
+                    self._check(rep)
+                except ProtocolError as err:  # (skip) the device leaves this step; what it
+                    self._skip_step(step, rep.sender, str(err), keep_server=True)  # gave stays
+                    continue
+                msgs.append(rep)
+                arrival = max(arrival, rep.arrival or 0.0)
+            if not msgs:
+                return []
+        server_sq = sq_norm(list(summed.values()))
+        want = self.global_clip
+        for m, cut in zip(msgs, cuts):
+            meta = {"step": step, "round": rnd, "server_sq": server_sq, "send_norm": want,
+                    **_micro(micros - 1)}  # fmt: skip
+            grid.send(Message("gradients", SERVER, m.sender, {"grad": cut}, meta), codec=self.codec)
+        self.norms, self.norm_arrival = {}, {}
+        state = self.states[msgs[0].sender]  # shared server side: one state for every device
+        self._pending_step = (
+            state,
+            summed,
+            server_sq,
+            {m.sender: w for m, w in zip(msgs, weights)},
+        )
+        if not want:
+            self.finish_step()
+        return [StepLog(m.sender, total[m.sender] + regs[m.sender], lr, examples[m.sender])
+                for m in msgs]  # fmt: skip
+
+    def _pooled_pass(
+        self, msgs: list[Message], micros: int
+    ) -> tuple[list[float], float, dict[str, torch.Tensor], int, list[torch.Tensor], list[float]]:
+        """One pooled forward/backward (the objective / ``micros``): each device's loss, the
+        LR, the server's gradients, the FLOPs, each device's cut gradient (of its own mean
+        loss) and each device's weight in the objective."""
+        trainer, task = self.trainer, self.ctx.task
+        rows = [int(m.tensors["hidden"].shape[0]) for m in msgs]
+        lengths = [int(m.tensors["hidden"].shape[1]) for m in msgs]
+        width, total_rows = max(lengths), sum(rows)
+        weights = [n / total_rows for n in rows]
+        pad = [width - t for t in lengths]
+        hidden = torch.cat([F.pad(m.tensors["hidden"], (0, 0, 0, p)) for m, p in zip(msgs, pad)])
+        mask = torch.cat([F.pad(m.tensors["attention_mask"], (0, p)) for m, p in zip(msgs, pad)])
+        labels = [m.tensors["labels"] for m in msgs]
+        acts = Activations(hidden.requires_grad_(True), mask)
+        state = self.states[msgs[0].sender]  # shared server side: one state for every device
+        server = self.layout.server
+
+        def fwd_bwd(a: Activations, labels: list[torch.Tensor]) -> list[float]:
+            if server.packs_logits():  # a causal-LM head: each device's real tokens only
+                logits, layout = server.packed_logits(a)
+                parts = logits.split(layout.group_tokens(rows))
+                own = [Packing.of(m.tensors["attention_mask"]) for m in msgs]
+                losses = [packed_task_loss(p, y, o) for p, y, o in zip(parts, labels, own)]
+            else:
+                out, losses, start = server(a), [], 0
+                for n, t, y in zip(rows, lengths, labels):
+                    part = out[start : start + n]
+                    losses.append(task_loss(part if task == "classification" else part[:, :t],
+                                            y, task))  # fmt: skip
+                    start += n
+            objective = sum(w * loss for w, loss in zip(weights, losses))
+            reg = self.reg()
+            ((objective + reg if reg is not None else objective) / micros).backward()
+            extra = float(reg.detach()) if reg is not None else 0.0
+            return [float(loss.detach()) + extra for loss in losses]
+
+        with trainer.activate(state):
+            lr = trainer.set_lr(state.step)
+            with padding_free(self.packed):
+                losses, flops = self.ctx.meter.flops.run(
+                    "split-server-pooled", fwd_bwd, acts, labels, dims=token_dims(mask, self.packed)
+                )
+            grads = {k: p.grad for k, p in trainer.params.items() if p.grad is not None}
+        cuts, start = [], 0
+        for n, t, w in zip(rows, lengths, weights):
+            cuts.append(acts.hidden.grad[start : start + n, :t] / w)
+            start += n
+        return losses, lr, grads, flops, cuts, weights
+
+    def finish_step(self) -> None:
+        """Pooled server: apply the step's update once the devices' norms are in (global clip:
+        the server's norm plus each device's, weighted as in the pooled objective)."""
+        if self._pending_step is None:
+            return
+        state, grads, total, weights = self._pending_step
+        self._pending_step = None
+        if self.global_clip:
+            missing = sorted(set(weights) - set(self.norms))
+            if missing:
+                raise ProtocolError(f"server: no 'norm' message from {missing} this step")
+            total += sum(weights[d] ** 2 * self.norms[d] for d in weights)
+            after = max(self.norm_arrival[d] for d in weights)
+            self.ctx.meter.compute(0.0, after=after, label="wait")
+        with self.in_role():
+            self.trainer.step_role(state, grads, clip_coef(self.ctx.cfg.train.max_grad_norm, total))
+
+    def _serve_one(self, arrival: float, msg: Message, step: int) -> StepLog | None:
+        """One server update on a device's batch, or with ``train.grad_accum`` G on its G
+        micro-batches: each gradient round trip brings the next micro-batch's activations
+        back (the device frees each graph before the next forward), the server accumulates
+        and steps after the last. None: a later micro-batch failed its checks (skip)."""
+        meter, trainer, task, grid = self.ctx.meter, self.trainer, self.ctx.task, self.ctx.grid
+        assert grid is not None
+        dev, micros = msg.sender, self.ctx.cfg.train.grad_accum
+        state, rnd = self.states[dev], int(msg.meta.get("round", 0))
+        server = self.layout.server
+        loss, examples = 0.0, 0
+        with trainer.activate(state):
+            lr = trainer.set_lr(state.step)
+            for micro in range(micros):
+                t = msg.tensors
+                acts = Activations(t["hidden"].requires_grad_(True), t["attention_mask"])
+                examples += int(acts.hidden.shape[0])
+                if self.layout.top is None:
+
+                    def fwd_bwd(a: Activations, labels: torch.Tensor) -> float:
+                        out = segment_loss(server, a, None, labels, task)
+                        reg = self.reg()
+                        ((out + reg if reg is not None else out) / micros).backward()
+                        return float(out.detach()) + (float(reg.detach()) if reg is not None else 0)
+
+                    with padding_free(self.packed):
+                        value, flops = meter.flops.run(
+                            "split-server", fwd_bwd, acts, t["labels"],
+                            dims=token_dims(acts.attention_mask, self.packed),
+                        )  # fmt: skip
+                    meter.compute(flops, round=rnd, after=arrival, label="server")
+                else:
+                    value = self._u_turn(acts, dev, step, rnd, arrival)
+                loss += (value + meta_number(msg, "device_reg", 0.0)) / micros
+                last = micro == micros - 1
+                meta = {"step": step, "round": rnd, **_micro(micro)}
+                if not last:  # the device's reply: its next micro-batch's activations
+                    back = Message("gradients", SERVER, dev, {"grad": acts.hidden.grad}, meta)
+                    msg = grid.request(back, codec=self.codec)
+                    try:
+                        self._check(msg)
+                    except ProtocolError as err:  # (on_bad_message: skip) the whole step
+                        self._skip_step(step, dev, str(err))
+                        return None
+                    arrival = msg.arrival or arrival
+                    continue
+                grads = [p.grad for p in trainer.params.values() if p.grad is not None]
+                server_sq = sq_norm(grads)
+                want = self.global_clip
+                meta.update(server_sq=server_sq, want_norm=want)
+                back = Message("gradients", SERVER, dev, {"grad": acts.hidden.grad}, meta)
+                if want:
+                    rep = grid.request(back, codec=self.codec)
+                    total = server_sq + meta_number(rep, "device_sq", minimum=0.0)
+                    meter.compute(0.0, after=rep.arrival, label="wait")
+                else:
+                    grid.send(back, codec=self.codec)
+                    total = server_sq
+            trainer.step(clip_coef(self.ctx.cfg.train.max_grad_norm, total), clip=False, loss=loss)
+            state.step += 1
+        return StepLog(dev, loss, lr, examples)
+
+    def _check(self, msg: Message) -> None:
+        check_cut(msg, hidden_size=self.ctx.model.loaded.anatomy.hidden_size, dtype=self.dtype,
+                  task=self.ctx.task, labels=not self.opts.u_shaped)  # fmt: skip
+
+    def _skip_step(self, step: int, dev: str, err: str, keep_server: bool = False) -> None:
+        """A device's later micro-batch failed its checks: with ``on_bad_message: skip`` its
+        whole step is dropped on its side, and on the server's unless ``keep_server`` (a pooled
+        pass already mixed its earlier micro-batches with the other devices')."""
+        if self.opts.on_bad_message == "stop":
+            raise ProtocolError(err)
+        if not keep_server:
+            for p in self.trainer.params.values():
+                p.grad = None
+        self.skipped.append((step, dev, err))
+        assert self.ctx.grid is not None
+        self.ctx.grid.send(Message("rejected", SERVER, dev, {}, {"step": step, "error": err}))
+
+    def _u_turn(self, acts: Activations, dev: str, step: int, rnd: int, arrival: float) -> float:
+        """U-shape: forward the middle, let the device finish (loss stays there), backward."""
+        meter, grid = self.ctx.meter, self.ctx.grid
+        assert grid is not None
+        dims = token_dims(acts.attention_mask, self.packed)
+        with padding_free(self.packed):
+            out, flops = meter.flops.run("split-server-fwd", self.layout.server, acts, dims=dims)
+        meter.compute(flops, round=rnd, after=arrival, label="server-fwd")
+        tensors = {"hidden": out.hidden.detach(), "attention_mask": out.attention_mask}
+        msg = Message("activations", SERVER, dev, tensors, {"step": step, "round": rnd})
+        rep = grid.request(msg, codec=self.codec)
+        grad = check_activation(
+            f"message 'gradients' from {dev!r}: tensor 'grad'",
+            rep.tensors.get("grad"),
+            shape=list(out.hidden.shape),
+            dtype=out.hidden.dtype,
+        )
+
+        def backward(g: torch.Tensor) -> float:
+            # (g is the device's micro-batch share already: its top's loss / grad_accum.)
+            reg = self.reg()
+            outs, grads = [out.hidden], [g]
+            if reg is not None:
+                outs.append(reg)
+                grads.append(torch.full_like(reg, 1.0 / self.ctx.cfg.train.grad_accum))
+            torch.autograd.backward(outs, grads)
+            return float(reg.detach()) if reg is not None else 0.0
+
+        with padding_free(self.packed):  # a checkpointed block recomputes its forward here
+            server_reg, flops = meter.flops.run("split-server-bwd", backward, grad, dims=dims)
+        meter.compute(flops, round=rnd, after=rep.arrival, label="server-bwd")
+        return meta_number(rep, "loss") + server_reg  # the loss as central logs it
+
+
+def server_side(exp: Experiment, opts, server_steps: int) -> tuple[NodeContext, Layout, Trainer]:
+    """The server node's context, the layout on its model, and its trainer."""
+    cfg = exp.cfg
+    ctx = exp.grid.context(SERVER)
+    layout = make_layout(ctx.model, cfg, opts)
+    params = ctx.model.trainer.params
+    trainer = Trainer({k: params[k] for k in layout.server_names}, cfg.train, server_steps)
+    return ctx, layout, trainer
+
+
+def _micro(index: int) -> dict[str, int]:
+    """A gradient's micro-batch index for its meta; left out for the first (a step without
+    accumulation sends exactly the messages, and bytes, it always did)."""
+    return {"micro": index} if index else {}
