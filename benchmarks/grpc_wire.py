@@ -28,7 +28,8 @@ import torch
 
 from cotune.deploy.frames import DONE, REPLY, REQUEST, SEND, Frame
 from cotune.deploy.transport import Dialer, Hub, Security
-from cotune.runtime.messages import Message, decode_message, encode_message_pieces
+from cotune.runtime.message_decode import decode_message
+from cotune.runtime.messages import Message, encode_message_pieces
 
 ROOT = Path(__file__).resolve().parents[1]
 

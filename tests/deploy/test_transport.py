@@ -68,9 +68,9 @@ def test_an_encoded_message_is_framed_from_its_pieces_and_received_without_a_cop
     import torch
 
     from cotune.deploy.frames import REQUEST, frame_chunks
+    from cotune.runtime.message_decode import decode_message
     from cotune.runtime.messages import (
         Message,
-        decode_message,
         encode_message,
         encode_message_pieces,
     )
@@ -104,7 +104,8 @@ def test_a_frame_kept_after_send_owns_its_bytes():
 
     from cotune.deploy.frames import REPLY
     from cotune.deploy.rayhost import QueueDialer
-    from cotune.runtime.messages import Message, decode_message, encode_message_pieces
+    from cotune.runtime.message_decode import decode_message
+    from cotune.runtime.messages import Message, encode_message_pieces
 
     t = torch.zeros(8)
     dialer = QueueDialer(["device-0"])

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from cotune.runtime.handover import hand_over
-from cotune.runtime.messages import Message, decode_message, encode_message
+from cotune.runtime.message_decode import decode_message
+from cotune.runtime.messages import Message, encode_message
 
 
 def messages():

@@ -11,12 +11,12 @@ import torch
 
 from cotune.errors import ProtocolError
 from cotune.runtime import Message
+from cotune.runtime.message_decode import decode_message
 from cotune.runtime.messages import (
     FORMAT_VERSION,
     HEADER_SIZE,
     MAGIC,
     checksum,
-    decode_message,
     encode_message,
 )
 

@@ -35,7 +35,8 @@ from cotune.deploy.states import dump_state
 from cotune.deploy.transport import Closed
 from cotune.errors import PeerUnavailable, ProtocolError
 from cotune.runtime.local import LocalEngine
-from cotune.runtime.messages import Message, decode_message, encode_message_pieces
+from cotune.runtime.message_decode import decode_message
+from cotune.runtime.messages import Message, encode_message_pieces
 
 if TYPE_CHECKING:
     from cotune.deploy.transport import Hub
@@ -70,7 +71,7 @@ class GrpcEngine(DeviceFrames, LocalEngine):
         """What the deployment measured, per device: bytes on the wire both ways (gRPC and
         HTTP/2 framing included, TLS not), and host seconds spent in its handlers; for the
         server, the seconds it waited on devices (``idle_s``)."""
-        from cotune.deploy.device import peak_rss_bytes
+        from cotune.deploy.process_info import peak_rss_bytes
 
         out: dict[str, Any] = {
             "server": {"idle_s": self.idle_s, "peak_rss_bytes": peak_rss_bytes()}

@@ -25,7 +25,8 @@ from cotune.deploy.frames import (
 from cotune.deploy.peer_input import check_codec, finite
 from cotune.deploy.transport import Closed
 from cotune.errors import DivergenceError, PeerUnavailable, ProtocolError
-from cotune.runtime.messages import decode_message, encode_message_pieces
+from cotune.runtime.message_decode import decode_message
+from cotune.runtime.messages import encode_message_pieces
 
 if TYPE_CHECKING:
     pass

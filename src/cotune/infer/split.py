@@ -22,7 +22,8 @@ from cotune.errors import ConfigError, ProtocolError
 from cotune.infer.cache import KVCache
 from cotune.infer.timeline import FlopMemo
 from cotune.models.base import Anatomy
-from cotune.runtime.messages import Message, decode_message, encode_message
+from cotune.runtime.message_decode import decode_message
+from cotune.runtime.messages import Message, encode_message
 from cotune.runtime.validate import check_activation
 
 if TYPE_CHECKING:

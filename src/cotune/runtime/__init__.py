@@ -10,7 +10,8 @@ from cotune.runtime.codecs import (
 )
 from cotune.runtime.engine import Engine, Role, Transfer
 from cotune.runtime.local import LocalEngine
-from cotune.runtime.messages import Message, decode_message, encode_message
+from cotune.runtime.message_decode import decode_message
+from cotune.runtime.messages import Message, encode_message
 from cotune.runtime.validate import check_activation
 
 __all__ = [

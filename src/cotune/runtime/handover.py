@@ -18,9 +18,9 @@ import torch
 
 from cotune.runtime.codecs import get_codec
 from cotune.runtime.messages import (
-    _DTYPES,
     CRC_SIZE,
     HEADER_SIZE,
+    WIRE_DTYPES,
     Message,
     body_pieces,
     wire_parts,
@@ -43,7 +43,7 @@ def hand_over(msg: Message, codec: str = "fp32") -> tuple[Message, int]:
     tensors: dict[str, torch.Tensor] = {}
     for i, entry in enumerate(doc["tensors"]):
         parts = {p: body[f"{i}:{p}"] for p in entry["parts"]}
-        dtype = _DTYPES[entry["dtype"]]
+        dtype = WIRE_DTYPES[entry["dtype"]]
         t = get_codec(entry["codec"]).decode(parts, entry["side"], dtype, tuple(entry["shape"]))
         tensors[entry["name"]] = t.clone()  # the receiver owns its memory, as a decoded copy
     received = Message(doc["kind"], doc["sender"], doc["receiver"], tensors, doc["meta"])

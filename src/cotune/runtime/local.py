@@ -19,7 +19,8 @@ from torch.utils._python_dispatch import _disable_current_modes
 from cotune.errors import PeerUnavailable, ProtocolError
 from cotune.runtime.engine import Engine, Role
 from cotune.runtime.handover import hand_over
-from cotune.runtime.messages import Message, decode_message, encode_message
+from cotune.runtime.message_decode import decode_message
+from cotune.runtime.messages import Message, encode_message
 
 T = TypeVar("T")
 
