@@ -92,7 +92,7 @@ def test_devices_get_the_servers_chat_template_not_its_path(tiny_config, tmp_pat
     from pathlib import Path
 
     from cotune.data.chat import BUILTIN
-    from cotune.deploy.device import with_chat_template
+    from cotune.deploy.device_inputs import with_chat_template
     from cotune.deploy.launch import welcome
     from cotune.run import run_experiment
 

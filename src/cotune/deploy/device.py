@@ -11,14 +11,13 @@ from __future__ import annotations
 import importlib
 import itertools
 import logging
-import os
-import secrets
-import socket
 import time
 import traceback
 from pathlib import Path
 from typing import Any
 
+from cotune.deploy.device_grid import DeviceGrid
+from cotune.deploy.device_inputs import own_inputs, with_chat_template
 from cotune.deploy.frames import (
     BATCH,
     BYE,
@@ -36,12 +35,13 @@ from cotune.deploy.frames import (
     TICK,
     Frame,
 )
+from cotune.deploy.process_info import peak_rss_bytes, process_key, process_name
 from cotune.deploy.states import dump_state, load_state
 from cotune.errors import CotuneError, DivergenceError, PeerUnavailable, ProtocolError
 from cotune.runtime.engine import Role, place_message
-from cotune.runtime.grid import Future, Gathered, Grid, Reply
 from cotune.runtime.local import build_on_node
-from cotune.runtime.messages import Message, decode_message, encode_message_pieces
+from cotune.runtime.message_decode import decode_message
+from cotune.runtime.messages import Message, encode_message_pieces
 from cotune.runtime.node import Meter
 
 log = logging.getLogger(__name__)
@@ -308,141 +308,3 @@ class DeviceNode:
         reply = self._place(decode_message(frame.payload))
         reply.arrival = frame.header.get("arrival")
         return reply
-
-
-def process_key() -> str:
-    """A random key of this process, made on first use in it (a forked process makes its own):
-    the devices it hosts send it when they join, so the server may treat them as one host. It
-    is never shown, so another device cannot claim to share this process and be sent its
-    devices' requests."""
-    pid = os.getpid()
-    if pid not in _PROCESS_KEYS:
-        _PROCESS_KEYS[pid] = secrets.token_hex(16)
-    return _PROCESS_KEYS[pid]
-
-
-_PROCESS_KEYS: dict[int, str] = {}
-
-
-def process_name() -> str:
-    """This process as the deployment summary names it, ``host:pid`` (asked when used: device
-    processes are forked from a preloaded one)."""
-    return f"{socket.gethostname()}:{os.getpid()}"
-
-
-def peak_rss_bytes() -> float:
-    """This process's peak resident memory: Linux's VmHWM, the high-water mark of this
-    program's own address space (``ru_maxrss`` would also count what a forked worker's parent
-    held), else ``ru_maxrss`` (macOS reports bytes)."""
-    import resource
-    import sys
-
-    try:
-        with open("/proc/self/status", encoding="ascii") as fh:
-            for line in fh:
-                if line.startswith("VmHWM:"):
-                    return float(int(line.split()[1]) * 1024)
-    except OSError:
-        pass
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return float(peak if sys.platform == "darwin" else peak * 1024)
-
-
-def with_chat_template(cfg: Any, welcome: dict[str, Any], workdir: Path) -> Any:
-    """The run's config with its chat template file (``data.chat_template``, a path on the
-    server's machine) replaced by a copy of the server's template in ``workdir``."""
-    from cotune.data.chat import BUILTIN, FROM_TOKENIZER
-
-    text = welcome.get("chat_template")
-    if text is None or cfg.data.chat_template in (None, FROM_TOKENIZER, *BUILTIN):
-        return cfg  # none, the model's own tokenizer's or cotune's: the device has the same
-    workdir.mkdir(parents=True, exist_ok=True)
-    path = workdir / "chat_template.jinja"
-    path.write_text(text, encoding="utf-8")
-    data = cfg.data.model_copy(update={"chat_template": str(path)})
-    return cfg.model_copy(update={"data": data})
-
-
-def own_inputs(node: str, welcome: dict[str, Any], cfg: Any, data_file: Path) -> Any:
-    """This device's inputs from its own data file, labelled and tokenized as the server's."""
-    from cotune.build import NodeInputs
-    from cotune.data.loading import load_device_file
-    from cotune.data.tokenizer import Tokenizer
-    from cotune.runtime.ids import device_index
-
-    index = device_index(node)
-    if index is None or not 0 <= index < cfg.devices.count:
-        raise ProtocolError(f"{node!r} is not one of this run's {cfg.devices.count} devices")
-    data = load_device_file(str(data_file), cfg.data, cfg.model.task, welcome.get("labels"),
-                            welcome.get("domains"))  # fmt: skip
-    tokenizer = None
-    if welcome.get("tokenizer"):
-        from tokenizers import Tokenizer as BPE
-
-        tokenizer = Tokenizer(bpe=BPE.from_str(welcome["tokenizer"]))
-    log.info("%s: %d training examples from %s", node, len(data.train), data_file)
-    return NodeInputs(data, tokenizer, index)
-
-
-class DeviceGrid(Grid):
-    """The grid a device's roles use for their own messages (to the server, or through it)."""
-
-    colocated = False
-
-    def __init__(self, node: DeviceNode) -> None:
-        self.node = node
-
-    def send(self, msg: Message, *, codec: str | None = None) -> None:
-        self.node.call(msg, codec, request=False)
-
-    def submit(self, msg: Message, *, codec: str | None = None, round: int | None = None) -> Future:
-        fut = Future(msg, round)
-        try:
-            fut._reply = Reply(msg.receiver, "ok", self.node.call(msg, codec, request=True))
-        except PeerUnavailable as err:
-            fut._reply = Reply(msg.receiver, "failed", error=str(err))
-        return fut
-
-    def gather(self, futures: list[Future], *, quorum: int | None = None,
-               deadline_s: float | None = None) -> Gathered:  # fmt: skip
-        return Gathered([f.result() for f in futures])
-
-    def _not_here(self, what: str) -> Any:
-        raise ProtocolError(f"grid.{what} is the server's: a device role cannot call it")
-
-    def node_ids(self, prefix: str = "device-") -> list[str]:
-        return self._not_here("node_ids")
-
-    def node_info(self, role_id: str) -> dict[str, Any]:
-        return self._not_here("node_info")
-
-    def start(self, role_id: str, factory: Any) -> None:
-        self._not_here("start")
-
-    def context(self, role_id: str) -> Any:
-        return self._not_here("context")
-
-    def meter(self, role_id: str) -> Meter:
-        return self._not_here("meter")
-
-    def tick(self, role_ids: list[str], kind: str, meta: dict[str, Any] | None = None) -> list[Any]:
-        return self._not_here("tick")
-
-    def host(self, role: Role) -> None:
-        self._not_here("host")
-
-    def snapshot(self, role_id: str) -> Any:
-        return self._not_here("snapshot")
-
-    def restore(self, role_id: str, state: Any) -> None:
-        self._not_here("restore")
-
-    def measurements(self, role_id: str) -> dict[str, float]:
-        return self._not_here("measurements")
-
-    @property
-    def transfers(self) -> Any:
-        return self._not_here("transfers")
-
-    def add_listener(self, listener: Any) -> None:
-        self._not_here("add_listener")
