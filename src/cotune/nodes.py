@@ -15,7 +15,8 @@ import copy
 import dataclasses
 from typing import TYPE_CHECKING, Any
 
-from cotune.runtime.grid import EngineGrid, Grid
+from cotune.runtime.engine_grid import EngineGrid
+from cotune.runtime.grid import Grid
 from cotune.runtime.ids import SERVER, device_id, device_index
 from cotune.runtime.node import CACHE_ATTR, Meter, NodeContext, NodeModel
 

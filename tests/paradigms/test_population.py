@@ -8,7 +8,7 @@ import torch
 
 from cotune.paradigms import federated
 from cotune.run import run_experiment
-from cotune.runtime.grid import EngineGrid
+from cotune.runtime.engine_grid import EngineGrid
 from tests.paradigms.test_central_local import (
     final_params,
     records,

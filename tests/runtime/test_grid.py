@@ -7,7 +7,7 @@ import torch
 from cotune.config import DevicesSection
 from cotune.errors import PeerUnavailable
 from cotune.runtime import LocalEngine, Message, Role
-from cotune.runtime.grid import EngineGrid
+from cotune.runtime.engine_grid import EngineGrid
 from cotune.runtime.ids import SERVER
 from cotune.runtime.node import NodeContext
 from cotune.sim.grid import SimulatedGrid

@@ -59,7 +59,7 @@ def deployed_grid(exp: Any) -> Any:
     actors, wait for them to build their nodes); no role is started yet."""
     from cotune.deploy.server import GrpcEngine
     from cotune.nodes import RemoteNodes
-    from cotune.runtime.grid import EngineGrid
+    from cotune.runtime.engine_grid import EngineGrid
     from cotune.runtime.ids import device_id
 
     eng = exp.cfg.engine

@@ -20,7 +20,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from cotune.runtime.grid import EngineGrid, Future, Gathered, Grid, Reply, RoleFactory
+from cotune.runtime.engine_grid import EngineGrid
+from cotune.runtime.grid import Future, Gathered, Grid, Reply, RoleFactory
 from cotune.runtime.ids import SERVER
 from cotune.runtime.messages import Message
 from cotune.runtime.node import Meter, NodeContext
