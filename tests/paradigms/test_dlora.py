@@ -182,7 +182,7 @@ def test_gradient_checkpointing_leaves_the_cloud_its_activations(tiny_config, ca
         )
 
     plain = run_experiment(cfg("plain"), quiet=True, report=False)
-    with caplog.at_level("INFO", logger="cotune.paradigms.dlora"):
+    with caplog.at_level("INFO", logger="cotune.paradigms.dlora_cloud"):
         ckpt = run_experiment(cfg("ckpt", gradient_checkpointing=True), quiet=True, report=False)
     assert "without gradient checkpointing" in caplog.text
     assert [r["loss"] for r in records(ckpt, "train", "mean")] == [
