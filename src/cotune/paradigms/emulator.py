@@ -1,5 +1,5 @@
 """FedBiOT's model decomposition: adapter (last blocks), emulator (layer-dropped lower blocks),
-the alignment loss, and the public alignment data.
+the alignment loss, the public alignment data, and the server's alignment (``Aligner``).
 
 The emulator is its own module: a deep copy of the model in which the kept lower blocks are
 copies (the server aligns them), while the embeddings, final norm, head and the adapter blocks
@@ -20,13 +20,21 @@ import torch.nn.functional as F
 from torch import nn
 
 from cotune.config import DataSection
-from cotune.data import Batch, EncodedDataset, encode_dataset, load_task_data, load_tokenizer
-from cotune.errors import ConfigError, DataError
+from cotune.data import (
+    Batch,
+    BatchSampler,
+    EncodedDataset,
+    encode_dataset,
+    load_task_data,
+    load_tokenizer,
+)
+from cotune.errors import CheckpointError, ConfigError, DataError
 from cotune.models import Anatomy, Segment
 from cotune.paradigms.base import Experiment
+from cotune.paradigms.options import FedBiOTOptions
 from cotune.peft import AdapterLayer, regularization_over
 from cotune.runtime.node import NodeModel, node_cache
-from cotune.train import Trainer
+from cotune.train import RoleState, Trainer
 
 
 @dataclass
@@ -268,3 +276,66 @@ def load_public(exp: Experiment, name: str | None, view: str | None, count: int)
     tokenizer = exp.tokenizer or load_tokenizer(exp.run_dir / "tokenizer")
     examples = (data.train + data.test)[:count]
     return encode_dataset(examples, tokenizer, exp.cfg.model.max_length, "causal_lm")
+
+
+class Aligner:
+    """The server's emulator alignment on public data (the lower level of the bi-level problem)."""
+
+    def __init__(
+        self, exp: Experiment, m: BiOTModels, public: EncodedDataset, opts: FedBiOTOptions
+    ) -> None:
+        self.exp, self.m, self.public, self.opts = exp, m, public, opts
+        self.meter = exp.meter
+        self.optimizer = torch.optim.AdamW(m.emulator_params, lr=opts.align_lr, weight_decay=0.0)
+        self.sampler = BatchSampler(len(public), exp.cfg.train.batch_size, exp.cfg.seed + 7919)
+        self.probe = public.batch(list(range(min(len(public), 32))))  # fixed: before/after
+        self.version = 0  # bumped whenever the emulator changes (devices must fetch it again)
+
+    def loss(self, batch: Batch) -> torch.Tensor:
+        return align_loss(self.m, batch, self.exp.task, self.opts.kl_weight)
+
+    def run(self, steps: int, glob: RoleState, trainer: Trainer, rnd: int) -> dict[str, float]:
+        if steps == 0:
+            return {}
+        out = {}
+        with trainer.activate(glob), self.m.aligning():
+            out["loss_before"] = self._probe()
+            for _ in range(steps):
+                batch = self.public.batch(self.sampler.next_indices())
+
+                def fwd_bwd(b: Batch) -> float:
+                    loss = self.loss(b)
+                    loss.backward()
+                    return float(loss.detach())
+
+                _, flops = self.meter.flops.run("align", fwd_bwd, batch)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                self.meter.compute(flops, round=rnd, label="align")
+            out["loss_after"] = self._probe()
+        self.version += 1
+        return out
+
+    @torch.no_grad()
+    def _probe(self) -> float:
+        return float(self.loss(self.probe))
+
+    def state_dict(self) -> dict:
+        """What a resume needs: the aligned emulator, the alignment optimizer and sampler."""
+        return {
+            "emulator": {k: p.detach().clone() for k, p in self.m.emulator_named.items()},
+            "optimizer": self.optimizer.state_dict(),
+            "sampler": self.sampler.state_dict(),
+            "version": self.version,
+        }
+
+    @torch.no_grad()
+    def load_state_dict(self, st: dict) -> None:
+        missing = sorted(set(self.m.emulator_named) - set(st["emulator"]))
+        if missing:
+            raise CheckpointError(f"fedbiot checkpoint lacks emulator tensors: {missing[:3]}")
+        for k, p in self.m.emulator_named.items():
+            p.copy_(st["emulator"][k])
+        self.optimizer.load_state_dict(st["optimizer"])
+        self.sampler.load_state_dict(st["sampler"])
+        self.version = int(st["version"])

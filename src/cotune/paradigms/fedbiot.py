@@ -27,8 +27,8 @@ from typing import Any
 import torch
 
 from cotune.aggregation import weighted_average
-from cotune.data import Batch, BatchSampler, EncodedDataset
-from cotune.errors import CheckpointError, ProtocolError
+from cotune.data import Batch, BatchSampler
+from cotune.errors import ProtocolError
 from cotune.models import segment_loss
 from cotune.paradigms.base import (
     Experiment,
@@ -38,8 +38,8 @@ from cotune.paradigms.base import (
     screen_updates,
 )
 from cotune.paradigms.emulator import (
+    Aligner,
     BiOTModels,
-    align_loss,
     emulator_shape,
     load_public,
     node_models,
@@ -59,69 +59,6 @@ EMU = "emulator."  # message keys of emulator tensors
 def models_for(model: Any, opts: FedBiOTOptions) -> tuple[BiOTModels, Trainer]:
     return node_models(model, opts.adapter_layers, opts.keep_layers, opts.drop_ratio,
                        opts.adapter_mode)  # fmt: skip
-
-
-class Aligner:
-    """The server's emulator alignment on public data (the lower level of the bi-level problem)."""
-
-    def __init__(
-        self, exp: Experiment, m: BiOTModels, public: EncodedDataset, opts: FedBiOTOptions
-    ) -> None:
-        self.exp, self.m, self.public, self.opts = exp, m, public, opts
-        self.meter = exp.meter
-        self.optimizer = torch.optim.AdamW(m.emulator_params, lr=opts.align_lr, weight_decay=0.0)
-        self.sampler = BatchSampler(len(public), exp.cfg.train.batch_size, exp.cfg.seed + 7919)
-        self.probe = public.batch(list(range(min(len(public), 32))))  # fixed: before/after
-        self.version = 0  # bumped whenever the emulator changes (devices must fetch it again)
-
-    def loss(self, batch: Batch) -> torch.Tensor:
-        return align_loss(self.m, batch, self.exp.task, self.opts.kl_weight)
-
-    def run(self, steps: int, glob: RoleState, trainer: Trainer, rnd: int) -> dict[str, float]:
-        if steps == 0:
-            return {}
-        out = {}
-        with trainer.activate(glob), self.m.aligning():
-            out["loss_before"] = self._probe()
-            for _ in range(steps):
-                batch = self.public.batch(self.sampler.next_indices())
-
-                def fwd_bwd(b: Batch) -> float:
-                    loss = self.loss(b)
-                    loss.backward()
-                    return float(loss.detach())
-
-                _, flops = self.meter.flops.run("align", fwd_bwd, batch)
-                self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
-                self.meter.compute(flops, round=rnd, label="align")
-            out["loss_after"] = self._probe()
-        self.version += 1
-        return out
-
-    @torch.no_grad()
-    def _probe(self) -> float:
-        return float(self.loss(self.probe))
-
-    def state_dict(self) -> dict:
-        """What a resume needs: the aligned emulator, the alignment optimizer and sampler."""
-        return {
-            "emulator": {k: p.detach().clone() for k, p in self.m.emulator_named.items()},
-            "optimizer": self.optimizer.state_dict(),
-            "sampler": self.sampler.state_dict(),
-            "version": self.version,
-        }
-
-    @torch.no_grad()
-    def load_state_dict(self, st: dict) -> None:
-        missing = sorted(set(self.m.emulator_named) - set(st["emulator"]))
-        if missing:
-            raise CheckpointError(f"fedbiot checkpoint lacks emulator tensors: {missing[:3]}")
-        for k, p in self.m.emulator_named.items():
-            p.copy_(st["emulator"][k])
-        self.optimizer.load_state_dict(st["optimizer"])
-        self.sampler.load_state_dict(st["sampler"])
-        self.version = int(st["version"])
 
 
 class BiOTDevice(Role):
