@@ -220,8 +220,11 @@ def test_token_files_are_validated(tmp_path):
     bad.write_text("device-0: not-a-hash\n")
     with pytest.raises(ConfigError, match="must map device ids to SHA-256 hex digests"):
         read_tokens(str(bad))
-    with pytest.raises(ConfigError, match="cannot read"):
+    with pytest.raises(ConfigError, match="engine.tokens_file not found: .*missing.yaml"):
         read_tokens(str(tmp_path / "missing.yaml"))
+    bad.write_text("device-0: aa\ndevice-1: [bb\n")
+    with pytest.raises(ConfigError, match=r"tokens.yaml:3: engine.tokens_file is not valid YAML"):
+        read_tokens(str(bad))
     assert len(token_hash("x")) == 64 and HELLO == 1
 
 

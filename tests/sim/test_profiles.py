@@ -54,6 +54,18 @@ def test_user_profiles_from_yaml(tmp_path):
         load_profiles(f)
 
 
+def test_a_broken_profile_file_is_named_with_its_line(tmp_path):
+    f = tmp_path / "p.yaml"
+    f.write_text("tablet:\n  base: phone-high\n    flops: [1e9\n")
+    with pytest.raises(ConfigError, match=r"p.yaml:3: device profile file is not valid YAML"):
+        load_profiles(f)
+    with pytest.raises(ConfigError, match="device profile file not found: .*nope.yaml"):
+        load_profiles(tmp_path / "nope.yaml")
+    f.write_bytes(b"tablet: \xff\xfe\n")
+    with pytest.raises(ConfigError, match="device profile file: .*p.yaml is not UTF-8"):
+        load_profiles(f)
+
+
 def test_fleet_mix_rounding_is_deterministic():
     assert mix_counts(10, {"phone-low": 0.25, "phone-mid": 0.25, "jetson": 0.5}) == {
         "phone-low": 3, "phone-mid": 2, "jetson": 5,

@@ -77,16 +77,30 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
-def read_yaml(path: str | Path) -> dict[str, Any]:
+def load_yaml_file(path: str | Path, what: str) -> Any:
+    """A YAML (or JSON) file's contents; ``ConfigError`` naming ``what`` (the config file, a
+    device profile file, ``engine.tokens_file``) and the file, with the line of a syntax
+    error."""
     p = Path(path)
     if not p.is_file():
-        raise ConfigError(f"config file not found: {p}")
+        raise ConfigError(f"{what} not found: {p}")
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+        return yaml.safe_load(p.read_text(encoding="utf-8"))
+    except OSError as err:
+        raise ConfigError(f"{what}: cannot read {p}: {err.strerror or err}") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{what}: {p} is not UTF-8 text ({err.reason})") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{p}:{mark.line + 1}" if mark is not None else str(p)
-        raise ConfigError(f"{where}: not valid YAML: {getattr(exc, 'problem', exc)}") from None
+        raise ConfigError(
+            f"{where}: {what} is not valid YAML: {getattr(exc, 'problem', None) or exc}"
+        ) from None
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    data = load_yaml_file(p, "config file")
     if data is None:
         raise ConfigError(
             f"{p}: the config file is empty; give at least one section (e.g. `paradigm: "

@@ -36,14 +36,9 @@ def read_tokens(path: str | None) -> dict[str, str] | None:
     """``tokens_file``: device id → SHA-256 hex of its token (YAML or JSON)."""
     if path is None:
         return None
-    import yaml
+    from cotune.config.loading import load_yaml_file
 
-    try:
-        data = yaml.safe_load(Path(path).read_text())
-    except OSError as err:
-        raise ConfigError(f"engine.tokens_file: cannot read {path}: {err.strerror}") from None
-    except yaml.YAMLError as err:
-        raise ConfigError(f"engine.tokens_file: {path} is not YAML/JSON: {err}") from None
+    data = load_yaml_file(path, "engine.tokens_file")
     if not isinstance(data, dict) or not all(
         isinstance(k, str) and isinstance(v, str) and len(v) == 64 for k, v in data.items()
     ):

@@ -19,8 +19,6 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from cotune.errors import ConfigError
 
 GB = 1024**3
@@ -208,13 +206,10 @@ def profile_from_dict(name: str, data: Mapping[str, Any], where: str = "<dict>")
 
 def load_profiles(path: str | Path) -> dict[str, DeviceProfile]:
     """Read user profiles from YAML: ``{profiles: {name: {field: value, ...}}}`` or the mapping alone."""
+    from cotune.config.loading import load_yaml_file  # torch-free, like this module
+
     p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"device profile file not found: {p}")
-    try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{p}: not valid YAML: {exc}") from None
+    data = load_yaml_file(p, "device profile file")
     if isinstance(data, dict) and set(data) == {"profiles"}:
         data = data["profiles"]
     if not isinstance(data, dict) or not data:
