@@ -390,7 +390,7 @@ def test_staged_modula_run_is_the_same_on_both_engines(tiny_config):
 # ---------------------------------------------------------------- the contract, statically
 
 SRC = Path(__file__).resolve().parents[2] / "src" / "cotune" / "paradigms"
-# Every paradigm module (options.py is the config schema; it reads the profile registry).
+# Every paradigm module (the options package, the config schema, is not a Grid module).
 GRID_MODULES = sorted(p.name for p in SRC.glob("*.py") if p.name != "__init__.py")
 
 

@@ -106,7 +106,7 @@ def test_bad_options_name_the_option(tiny_config, options, error, match):
 def test_resume_mid_run_equals_uninterrupted(tiny_config, monkeypatch):
     """The aligned emulator, the alignment optimizer and every device's adapter state are in the
     checkpoint: a run killed after round 2 of 4 ends exactly as the uninterrupted one."""
-    from cotune.paradigms import fedbiot
+    from cotune.paradigms import emulator
     from tests.paradigms.test_central_local import final_params, kill_after
 
     base = lm(tiny_config, "bres", initial_align_steps=3, align_steps=2, local_steps=1)
@@ -117,9 +117,9 @@ def test_resume_mid_run_equals_uninterrupted(tiny_config, monkeypatch):
     align_before = [r["loss_after"] for r in records(full, "align")]
     kill_after(full, 2)
     (full / "summary.json").unlink()
-    rounds, real = [], fedbiot.Aligner.run
+    rounds, real = [], emulator.Aligner.run
     monkeypatch.setattr(
-        fedbiot.Aligner,
+        emulator.Aligner,
         "run",
         lambda self, steps, g, t, rnd: rounds.append(rnd) or real(self, steps, g, t, rnd),
     )

@@ -164,9 +164,9 @@ def test_a_devices_bad_description_is_refused_naming_it(tiny_config, monkeypatch
     """What a device describes of its data plans the groups: a class id far beyond the run's
     labels would have the cloud allocate a histogram that wide; refused with a clear error."""
     from cotune.errors import ProtocolError
-    from cotune.paradigms import hierfed
+    from cotune.paradigms import hierfed_roles
 
-    real = hierfed.HierDevice.on_describe
+    real = hierfed_roles.HierDevice.on_describe
 
     def on_describe(self, msg):
         out = real(self, msg)
@@ -174,7 +174,7 @@ def test_a_devices_bad_description_is_refused_naming_it(tiny_config, monkeypatch
             out.meta.update(groups=groups, examples=examples)
         return out
 
-    monkeypatch.setattr(hierfed.HierDevice, "on_describe", on_describe)
+    monkeypatch.setattr(hierfed_roles.HierDevice, "on_describe", on_describe)
     cfg = tiny_config(name="bad-describe", train={"steps": 2},
                       paradigm={"name": "hierfed", "options": {"num_groups": 1, "local_steps": 1}})  # fmt: skip
     with pytest.raises(ProtocolError, match=r"'description' from 'device-1'.*" + match):
