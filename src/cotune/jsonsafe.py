@@ -9,6 +9,12 @@ import math
 from typing import Any
 
 
+def is_count(value: Any) -> bool:
+    """A count or size read from a peer's JSON: a non-negative ``int`` (not a bool, a float or
+    a string)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 def finite_or_none(value: Any) -> Any:
     """``value`` with every NaN/inf float replaced by ``None`` (recursively)."""
     if isinstance(value, float):

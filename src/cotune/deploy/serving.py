@@ -25,6 +25,7 @@ from cotune.deploy.frames import (
 from cotune.deploy.peer_input import check_codec, finite
 from cotune.deploy.transport import Closed
 from cotune.errors import DivergenceError, PeerUnavailable, ProtocolError
+from cotune.jsonsafe import is_count
 from cotune.runtime.message_decode import decode_message
 from cotune.runtime.messages import encode_message_pieces
 
@@ -115,7 +116,7 @@ class DeviceFrames:
                 est = MemoryEstimate(**h["estimate"])
                 key = h["key"]
                 sizes = [est.weights, est.grads, est.optimizer, est.activations, est.total]
-                if not isinstance(key, str) or any(type(v) is not int or v < 0 for v in sizes):
+                if not isinstance(key, str) or not all(map(is_count, sizes)):
                     raise ValueError(f"key={key!r}, estimate={h['estimate']!r}")
                 if est.measured is not None and type(est.measured) is not int:
                     raise ValueError(f"measured={est.measured!r}")

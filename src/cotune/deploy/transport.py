@@ -34,6 +34,7 @@ from cotune.deploy.frames import (
 )
 from cotune.deploy.malloc import keep_freed_memory
 from cotune.errors import ConfigError, ProtocolError
+from cotune.jsonsafe import is_count
 
 log = logging.getLogger(__name__)
 METHOD = "/cotune.Node/Connect"
@@ -170,7 +171,7 @@ def _bad_join_report(header: dict[str, Any]) -> str | None:
     """What is wrong with a READY frame's header (None: nothing): ``examples`` a count or
     absent, ``process`` and ``process_key`` strings or absent."""
     examples = header.get("examples")
-    if examples is not None and (type(examples) is not int or examples < 0):
+    if examples is not None and not is_count(examples):
         return f"examples={examples!r} is not a number of examples"
     for field in ("process", "process_key"):
         value = header.get(field)

@@ -19,6 +19,7 @@ import torch
 
 from cotune.aggregation import weighted_average
 from cotune.errors import ConfigError, ProtocolError
+from cotune.jsonsafe import is_count
 from cotune.paradigms.base import (
     Experiment,
     ParadigmResult,
@@ -128,7 +129,7 @@ def _check_description(m: Message, classes: int) -> None:
         return
     ok = isinstance(groups, dict) and all(
         isinstance(g, str) and g.isdigit() and int(g) < classes
-        and isinstance(n, int) and not isinstance(n, bool) and n >= 0
+        and is_count(n)
         for g, n in groups.items()
     )  # fmt: skip
     if not ok:

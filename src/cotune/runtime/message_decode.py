@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load as st_load
 
 from cotune.errors import ProtocolError
+from cotune.jsonsafe import is_count
 from cotune.runtime.codecs import get_codec
 from cotune.runtime.messages import (
     CRC_SIZE,
@@ -139,9 +140,7 @@ def _check_entry(where: str, i: int, entry: Any, message_codec: str) -> tuple:
             f"{at}: field 'dtype' {dtype_name!r} is not one of {sorted(WIRE_DTYPES)}"
         )
     dtype = WIRE_DTYPES[dtype_name]
-    if not isinstance(shape, list) or not all(
-        isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
-    ):
+    if not isinstance(shape, list) or not all(is_count(d) for d in shape):
         raise ProtocolError(f"{at}: field 'shape' must be a list of sizes >= 0, got {shape!r}")
     if not isinstance(codec_name, str):
         raise ProtocolError(f"{at}: field 'codec' must be a string, got {codec_name!r}")

@@ -29,6 +29,8 @@ import warnings
 
 import torch
 
+from cotune.jsonsafe import is_count
+
 # safetensors' dtype order (its Rust enum), lowest first: its files list the highest first.
 _ORDER = {
     torch.bool: "BOOL",
@@ -114,9 +116,9 @@ def safetensors_views(body: bytes | memoryview) -> dict[str, torch.Tensor] | Non
         if dtype is None:
             raise BodyError(f"entry {name!r}: dtype {entry['dtype']!r} is not supported")
         shape, offsets = entry["shape"], entry["data_offsets"]
-        if not isinstance(shape, list) or not all(_size(d) for d in shape):
+        if not isinstance(shape, list) or not all(is_count(d) for d in shape):
             raise BodyError(f"entry {name!r}: shape {shape!r} is not a list of sizes")
-        if not (isinstance(offsets, list) and len(offsets) == 2 and all(map(_size, offsets))):
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(map(is_count, offsets))):
             raise BodyError(f"entry {name!r}: data_offsets {offsets!r} are not two offsets")
         start, end = offsets
         want = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
@@ -143,7 +145,3 @@ def safetensors_views(body: bytes | memoryview) -> dict[str, torch.Tensor] | Non
                 flat = torch.frombuffer(data[start:end], dtype=torch.uint8)
                 out[name] = flat.view(dtype).reshape(shape)
     return out
-
-
-def _size(x: object) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
