@@ -11,7 +11,7 @@ import logging
 import queue
 import time
 from collections import deque
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from cotune.deploy.frames import (
     DONE,
@@ -28,9 +28,6 @@ from cotune.errors import DivergenceError, PeerUnavailable, ProtocolError
 from cotune.jsonsafe import is_count
 from cotune.runtime.message_decode import decode_message
 from cotune.runtime.messages import encode_message_pieces
-
-if TYPE_CHECKING:
-    pass
 
 log = logging.getLogger(__name__)
 

@@ -7,14 +7,11 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from cotune.paradigms.options.base import ParadigmOptions
+
 if TYPE_CHECKING:
     from cotune.config import RunConfig
 
-
-from cotune.paradigms.options.base import ParadigmOptions
-
-# Aggregator name -> the options it takes (cotune.aggregation builds them; values are checked by
-# the aggregator itself in the paradigm's preflight).
 # Aggregator name -> the options it takes (cotune.aggregation builds them; values are checked by
 # the aggregator itself in the paradigm's preflight).
 _ROBUST = ("reducer", "trim_beta")

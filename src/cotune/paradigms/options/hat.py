@@ -7,11 +7,10 @@ from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field, field_validator
 
+from cotune.paradigms.options.base import ParadigmOptions
+
 if TYPE_CHECKING:
     from cotune.config import RunConfig
-
-
-from cotune.paradigms.options.base import ParadigmOptions
 
 
 class HatDrafterOptions(ParadigmOptions):

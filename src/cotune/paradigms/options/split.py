@@ -7,11 +7,10 @@ from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field
 
+from cotune.paradigms.options.base import ParadigmOptions
+
 if TYPE_CHECKING:
     from cotune.config import RunConfig
-
-
-from cotune.paradigms.options.base import ParadigmOptions
 
 
 class CutOptions(ParadigmOptions):
