@@ -204,3 +204,62 @@ def test_time_to_target_is_reported(tiny_config):
     )
     assert summary["time_to_target"]["step"] == 3
     assert summary["time_to_target"]["sim_time_s"] > 0
+
+
+@pytest.mark.parametrize(
+    "damage, why",
+    [
+        (lambda t: t["input_ids"].fill_(10**6), "token ids must lie in"),
+        (lambda t: t["labels"].fill_(99), "tensor 'labels' must hold one of"),
+        (
+            lambda t: t["lengths"][:2].copy_(
+                torch.tensor([-1, t["lengths"][0] + t["lengths"][1] + 1])
+            ),
+            "negative row length",
+        ),
+        (lambda t: t.update(input_ids=t["input_ids"].float()), "1-D integer tensor"),
+        (lambda t: t["pad_id"].fill_(7), "pad id 7"),
+        (lambda t: t.pop("labels"), "lack"),
+    ],
+)
+def test_a_data_owners_bad_upload_is_left_out_of_the_pool(
+    tiny_config, monkeypatch, caplog, damage, why
+):
+    """A data owner's upload is checked before the server trains on it: a bad one (ids past
+    the vocabulary, unknown classes, negative lengths, floats, another pad id, missing labels)
+    is logged naming the owner and left out; the run trains on the others' data."""
+    from cotune.paradigms import central
+
+    real = central.DataOwner.on_get_data
+
+    def on_get_data(self, msg):
+        out = real(self, msg)
+        if self.role_id == "device-1":
+            damage(out.tensors)
+        return out
+
+    monkeypatch.setattr(central.DataOwner, "on_get_data", on_get_data)
+    pooled, receive = [], central.CentralServer.receive
+    monkeypatch.setattr(
+        central.CentralServer, "receive",
+        lambda self, pool, senders: pooled.extend(senders) or receive(self, pool, senders),
+    )  # fmt: skip
+    cfg = tiny_config(name="bad-owner", devices={"count": 3}, train={"steps": 2}, eval={"every": 2})
+    run_experiment(cfg, quiet=True, report=False)
+    assert "left out of the pool: message 'data' from 'device-1'" in caplog.text
+    assert why in caplog.text
+    assert [s for s, _ in pooled] == ["device-0", "device-2"]
+
+
+def test_a_data_owners_upload_must_count_its_examples():
+    from cotune.data import EncodedDataset
+    from cotune.errors import ProtocolError
+    from cotune.paradigms.central import check_upload
+    from cotune.runtime import Message
+
+    data = EncodedDataset([[1, 2, 3], [4]], [0, 1], "classification", 0)
+    msg = Message("data", "device-0", "server", data.to_tensors(), {"examples": 3})
+    with pytest.raises(ProtocolError, match="meta 'examples' says 3, it holds 2"):
+        check_upload(msg, task="classification", vocab=10, classes=2, pad_id=0)
+    msg.meta["examples"] = 2
+    check_upload(msg, task="classification", vocab=10, classes=2, pad_id=0)
