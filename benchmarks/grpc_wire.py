@@ -27,7 +27,8 @@ from pathlib import Path
 import torch
 
 from cotune.deploy.frames import DONE, REPLY, REQUEST, SEND, Frame
-from cotune.deploy.transport import Dialer, Hub, Security
+from cotune.deploy.security import Security
+from cotune.deploy.transport import Dialer, Hub
 from cotune.runtime.message_decode import decode_message
 from cotune.runtime.messages import Message, encode_message_pieces
 

@@ -52,7 +52,7 @@ def device_command(
     """Run devices of a served run: dial SERVER as each device ID and train until the run ends
     (several IDs: one process and one frozen base for all of them)."""
     from cotune.deploy.connect import run_device
-    from cotune.deploy.transport import Security
+    from cotune.deploy.security import Security
 
     credentials = device_tokens(nodes, token, token_dir)
     security = Security(tls_dir=tls, mutual=mutual_tls, insecure=insecure)

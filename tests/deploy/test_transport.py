@@ -8,7 +8,8 @@ pytest.importorskip("grpc")
 
 from cotune.deploy.frames import CHUNK, HELLO, REFUSED, SEND, WELCOME, Frame, Reassembler, chunks  # noqa: E402
 from cotune.deploy.launch import make_certs, read_tokens  # noqa: E402
-from cotune.deploy.transport import Dialer, Hub, Security, token_hash  # noqa: E402
+from cotune.deploy.security import Security, token_hash
+from cotune.deploy.transport import Dialer, Hub  # noqa: E402
 from cotune.errors import ConfigError, ProtocolError  # noqa: E402
 
 

@@ -13,7 +13,8 @@ from typing import Any
 
 from cotune.deploy.device import DeviceNode, DeviceRefused
 from cotune.deploy.frames import ERROR, REFUSED, WELCOME, Frame
-from cotune.deploy.transport import Dialer, Security
+from cotune.deploy.security import Security
+from cotune.deploy.transport import Dialer
 from cotune.errors import ConfigError, CotuneError, PeerUnavailable, ProtocolError
 
 log = logging.getLogger(__name__)

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from cotune.deploy.procs import start_cotune, warm
-from cotune.deploy.transport import Security, token_hash
+from cotune.deploy.security import Security, token_hash
 from cotune.errors import ConfigError, PeerUnavailable
 
 log = logging.getLogger(__name__)

@@ -4,12 +4,12 @@ frames to a queue that one thread consumes, so every handler runs in one determi
 
 Security: TLS with the server's certificate (``tls_dir``), optionally mutual TLS (devices show
 certificates signed by the same CA, whose common name must be their node id), and a token per
-device checked against its SHA-256 hash on the server. Plain text only with ``insecure``.
+device checked against its SHA-256 hash on the server (credentials and hashes: ``security.py``).
+Plain text only with ``insecure``.
 """
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import itertools
 import logging
@@ -18,7 +18,6 @@ import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from cotune.deploy.frames import (
@@ -33,6 +32,7 @@ from cotune.deploy.frames import (
     frame_chunks,
 )
 from cotune.deploy.malloc import keep_freed_memory
+from cotune.deploy.security import Security, client_credentials, server_credentials, token_hash
 from cotune.errors import ConfigError, ProtocolError
 from cotune.jsonsafe import is_count
 
@@ -62,27 +62,6 @@ def wire_bytes(message: bytes) -> int:
     header of each HTTP/2 DATA frame (16 KiB each by default); TLS records are not counted."""
     n = len(message) + 5
     return n + 9 * max(1, -(-n // 16384))
-
-
-def token_hash(token: str) -> str:
-    return hashlib.sha256(token.encode()).hexdigest()
-
-
-@dataclass(frozen=True)
-class Security:
-    """How the ends authenticate: ``tls_dir`` holds ca.pem, server.pem/.key and (mutual TLS)
-    <node>.pem/.key; ``tokens`` maps node id → SHA-256 of its token (server side)."""
-
-    tls_dir: Path | None = None
-    mutual: bool = False
-    insecure: bool = False
-
-    def check(self) -> None:
-        if self.tls_dir is None and not self.insecure:
-            raise ConfigError(
-                "no TLS directory given: pass --tls DIR (make one with `cotune certs DIR`), or "
-                "--insecure for plain text on a trusted network"
-            )
 
 
 @dataclass(frozen=True)
@@ -206,7 +185,7 @@ class Hub(Joining):
         if security.insecure:
             self.port = self.server.add_insecure_port(listen)
         else:
-            self.port = self.server.add_secure_port(listen, _server_credentials(grpc, security))
+            self.port = self.server.add_secure_port(listen, server_credentials(grpc, security))
         if self.port == 0:
             raise ConfigError(f"engine.listen: cannot listen on {listen!r}")
         host = listen.rsplit(":", 1)[0]
@@ -312,7 +291,7 @@ class Dialer:
         if security.insecure:
             self.channel = grpc.insecure_channel(server, options=_OPTIONS)
         else:
-            creds = _client_credentials(grpc, security, node)
+            creds = client_credentials(grpc, security, node)
             self.channel = grpc.secure_channel(server, creds, options=_OPTIONS)
         self.node = node
         self.inbound: queue.Queue[Frame | None] = queue.Queue()
@@ -375,34 +354,3 @@ class Dialer:
         self.outbound.put(None)
         self.reader.join(timeout=linger_s)
         self.channel.close()
-
-
-def _read_file(path: Path, what: str) -> bytes:
-    try:
-        return path.read_bytes()
-    except OSError as err:
-        raise ConfigError(f"TLS: cannot read the {what} {path}: {err.strerror}") from None
-
-
-def _server_credentials(grpc: Any, sec: Security) -> Any:
-    assert sec.tls_dir is not None
-    d = sec.tls_dir
-    pair = (
-        _read_file(d / "server.key", "server key"),
-        _read_file(d / "server.pem", "server certificate"),
-    )
-    ca = _read_file(d / "ca.pem", "CA certificate") if sec.mutual else None
-    return grpc.ssl_server_credentials([pair], root_certificates=ca, require_client_auth=sec.mutual)
-
-
-def _client_credentials(grpc: Any, sec: Security, node: str) -> Any:
-    assert sec.tls_dir is not None
-    d = sec.tls_dir
-    ca = _read_file(d / "ca.pem", "CA certificate")
-    if not sec.mutual:
-        return grpc.ssl_channel_credentials(root_certificates=ca)
-    return grpc.ssl_channel_credentials(
-        root_certificates=ca,
-        private_key=_read_file(d / f"{node}.key", f"{node} key"),
-        certificate_chain=_read_file(d / f"{node}.pem", f"{node} certificate"),
-    )
