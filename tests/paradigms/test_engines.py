@@ -103,6 +103,11 @@ CASES = {
             "cut": 1, "u_shaped": True, "cohort": False, "aggregate_every": 2}},
         "train": {"grad_accum": 2},
     },
+    "splitfed-ushaped-pooled": {  # one middle pass, every device's top turned at once
+        "paradigm": {"name": "splitfed", "options": {
+            "cut": 1, "u_shaped": True, "server_batch": "pooled", "aggregate_every": 2}},
+        "train": {"grad_accum": 2},
+    },
     "split-p2p": {"paradigm": {"name": "split", "options": {"cut": 1, "turn_steps": 2, "relay": "p2p"}}},
     "split-server-relay": {"paradigm": {"name": "split", "options": {"cut": 1, "relay": "server"}}},
     "dlora-kill-revive": {
@@ -338,6 +343,7 @@ DEPLOYED = [
     "fedavg-padding-free",
     "splitfed-padding-free-accum",
     "splitfed-ushaped-accum",  # a server's request to a device inside its own handling
+    "splitfed-ushaped-pooled",
     *RESUMABLE[_AT:],
 ]
 

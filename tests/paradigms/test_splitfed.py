@@ -1,4 +1,5 @@
 import json
+import math
 
 import pytest
 import torch
@@ -92,6 +93,30 @@ def test_one_device_equals_central_step_for_step(tiny_config, family):
                 "options": {"cut": 1, "aggregate_every": 1, "server_batch": "pooled"},
             },
         ),
+        (
+            "bert",
+            {
+                "name": "splitfed",
+                "options": {
+                    "cut": 1,
+                    "aggregate_every": 1,
+                    "u_shaped": True,
+                    "server_batch": "pooled",
+                },
+            },
+        ),
+        (
+            "gpt2",
+            {
+                "name": "splitfed",
+                "options": {
+                    "cut": 1,
+                    "aggregate_every": 1,
+                    "u_shaped": True,
+                    "server_batch": "pooled",
+                },
+            },
+        ),
     ],
     ids=[
         "splitfed",
@@ -101,6 +126,8 @@ def test_one_device_equals_central_step_for_step(tiny_config, family):
         "u-shaped-gpt2",
         "splitfed-pooled",
         "splitfed-pooled-gpt2",
+        "u-shaped-pooled",
+        "u-shaped-pooled-gpt2",
     ],  # fmt: skip
 )
 def test_gradient_accumulation_across_the_cut_equals_central(tiny_config, family, paradigm):
@@ -123,13 +150,14 @@ def test_gradient_accumulation_across_the_cut_equals_central(tiny_config, family
         torch.testing.assert_close(ps[k], pc[k], atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("accum", [1, 3])
-def test_u_shaped_with_a_regularized_method_equals_central(tiny_config, accum):
+@pytest.mark.parametrize("accum, server", [(1, "sequential"), (3, "sequential"), (3, "pooled")])
+def test_u_shaped_with_a_regularized_method_equals_central(tiny_config, accum, server):
     """KaSA's regularizer is split across the cut (each side its own adapters'); the logged
     loss adds both sides' shares, as central's does (the server's share was left out)."""
     one = {"devices": {"count": 1}, "train": {"steps": 3, "grad_accum": accum, "batch_size": 4},
            "eval": {"every": 3, "max_examples": 16}}  # fmt: skip
-    u = {"name": "splitfed", "options": {"cut": 1, "aggregate_every": 1, "u_shaped": True}}
+    u = {"name": "splitfed", "options": {"cut": 1, "aggregate_every": 1, "u_shaped": True,
+                                         "server_batch": server}}  # fmt: skip
     c = run(family_config(tiny_config, "bert", "c", {"name": "central"}, method="kasa", **one))
     s = run(family_config(tiny_config, "bert", "u", u, method="kasa", **one))
     c_loss = [r["loss"] for r in records(c, "train", "server")]
@@ -242,7 +270,9 @@ def test_bad_activations_stop_the_run(tiny_config, monkeypatch, how, match):
         run(tiny_config(name="nan", paradigm=sf, train={"steps": 1}))
 
 
-@pytest.mark.parametrize("where", ["device_reg", "u-loss", "pooled-norm", "norm-reply"])
+@pytest.mark.parametrize(
+    "where", ["device_reg", "u-loss", "u-loss-pooled", "pooled-norm", "norm-reply"]
+)
 def test_a_peers_bad_number_is_a_protocol_error_naming_it(tiny_config, monkeypatch, where):
     """Numbers a device puts in its messages' meta (its regularizer, its top's loss, its
     squared gradient norm) are checked like its tensors: a clear error, not a traceback."""
@@ -256,8 +286,12 @@ def test_a_peers_bad_number_is_a_protocol_error_naming_it(tiny_config, monkeypat
 
         monkeypatch.setattr(splitting.SplitDevice, "upload", upload)
         match = "'activations' from 'device-1'.*meta 'device_reg' is 'lots'"
-    elif where == "u-loss":
-        opts.update(u_shaped=True, server_side="per_device")
+    elif where in ("u-loss", "u-loss-pooled"):
+        opts.update(u_shaped=True)
+        if where == "u-loss":
+            opts.update(server_side="per_device")
+        else:
+            opts.update(server_batch="pooled")
         original = splitting.SplitDevice.on_activations
 
         def on_activations(self, msg):
@@ -507,6 +541,54 @@ def test_pooled_cut_gradient_is_the_devices_own_loss_gradient(tiny_config, monke
     matches = [torch.allclose(seq[0], p, atol=1e-6) for p in pooled if p.shape == seq[0].shape]
     assert any(matches)
     assert not torch.allclose(seq[1], pooled[1], atol=1e-6) or seq[1].shape != pooled[1].shape
+
+
+def test_u_shaped_pooled_cut_gradient_is_the_devices_own_loss_gradient(tiny_config, monkeypatch):
+    """U-shaped, step 1 (same server weights in both modes): the pooled server sends each
+    device's top its own slice of the middle's output, and every device gets back the cut
+    gradient of its own loss: the one the sequential server sends the device it serves first."""
+    got: dict[str, list[torch.Tensor]] = {}
+    original = splitting.SplitDevice.on_gradients
+
+    def spy(self, msg):
+        if msg.meta["step"] == 1:
+            got.setdefault(self.opts.server_batch, []).append(msg.tensors["grad"].clone())
+        return original(self, msg)
+
+    monkeypatch.setattr(splitting.SplitDevice, "on_gradients", spy)
+    for mode in ("sequential", "pooled"):
+        sf = {"name": "splitfed",
+              "options": {"cut": 1, "server_batch": mode, "u_shaped": True, "cohort": False}}  # fmt: skip
+        run(tiny_config(name=mode, paradigm=sf, model=BERT_NO_DROPOUT,
+                        train={"steps": 2}, eval={"every": 2, "max_examples": 8}))  # fmt: skip
+    seq, pooled = got["sequential"], got["pooled"]
+    assert len(seq) == len(pooled) == 2
+    assert any(torch.allclose(seq[0], p, atol=1e-6) for p in pooled if p.shape == seq[0].shape)
+
+
+def test_a_bad_u_turn_under_the_pooled_server_can_be_skipped(tiny_config, monkeypatch):
+    """U-shaped, pooled, ``on_bad_message: skip``: a device whose top sends back a NaN gradient
+    leaves that step (logged, told so); the others' step goes on and the weights stay finite."""
+    original = splitting.SplitDevice.on_activations
+
+    def on_activations(self, msg):
+        out = original(self, msg)
+        if self.role_id == "device-1":
+            out.tensors["grad"] = torch.full_like(out.tensors["grad"], float("nan"))
+        return out
+
+    monkeypatch.setattr(splitting.SplitDevice, "on_activations", on_activations)
+    sf = {"name": "splitfed", "options": {"cut": 1, "u_shaped": True, "server_batch": "pooled",
+                                          "on_bad_message": "skip"}}  # fmt: skip
+    run_dir = run(tiny_config(name="skip-u", paradigm=sf, train={"steps": 2},
+                              eval={"every": 2, "max_examples": 16}))  # fmt: skip
+    skips = records(run_dir, "skip")
+    assert [(r["step"], r["role"]) for r in skips] == [(1, "device-1"), (2, "device-1")]
+    assert "NaN" in skips[0]["error"]
+    train = records(run_dir, "train", "mean")
+    assert [r["step"] for r in train] == [1, 2] and all(math.isfinite(r["loss"]) for r in train)
+    for v in final_params(run_dir)["server"].values():
+        assert torch.isfinite(v).all()
 
 
 def test_pooled_server_needs_a_shared_server_side(tiny_config):

@@ -62,8 +62,6 @@ class SplitFedOptions(CutOptions):
                 "server_batch: 'pooled' needs server_side: shared (one server model to pool the "
                 "devices' activations into)"
             )
-        if self.server_batch == "pooled" and self.u_shaped:
-            raise ValueError("server_batch: 'pooled' does not support u_shaped")
 
 
 class SplitFrozenOptions(ParadigmOptions):
