@@ -110,6 +110,52 @@ def test_padding_free_blocks_checkpoint_and_recompute_the_same():
         torch.testing.assert_close(b, a)
 
 
+@pytest.mark.parametrize("kind", ["gpt2", "llama", "mistral"])
+@pytest.mark.parametrize("lengths", [(7, 5, 3, 1), (6, 6)], ids=["padded", "unpadded"])
+def test_a_decoder_classifier_computes_its_last_block_for_each_rows_last_token(kind, lengths):
+    """A decoder's classification head reads each row's last real token: the packed last block
+    computes keys and values for every token but the rest for those B tokens only, with the
+    padded model's logits and gradients (sliding windows and gradient checkpointing too)."""
+    extra = {"sliding_window": 2} if kind == "mistral" else {}
+    loaded, _ = adapted(kind, "classification", **extra)
+    anatomy = loaded.anatomy
+    assert anatomy.head_reads_last and not anatomy.head_reads_first
+    kept, real = [], anatomy.run_block_packed
+
+    def spy(i, x, layout, context, keep):
+        kept.append((i, None if keep is None else keep.tolist()))
+        return real(i, x, layout, context, keep)
+
+    anatomy.run_block_packed = spy
+    ids, mask, labels = batch("classification", lengths)
+    a_logits, a_grads = logits_and_grads(loaded, ids, mask, labels, False)
+    for checkpointing in (False, True):
+        set_compute(loaded.model, Compute(checkpointing=checkpointing))
+        kept.clear()
+        b_logits, b_grads = logits_and_grads(loaded, ids, mask, labels, True)
+        last = anatomy.num_layers - 1
+        ends = torch.tensor(lengths).cumsum(0) - 1
+        assert (last, ends.tolist()) in kept and all(k is None for i, k in kept if i != last)
+        torch.testing.assert_close(b_logits, a_logits, rtol=1e-5, atol=1e-6)
+        for a, b in zip(a_grads, b_grads):
+            torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
+
+
+def test_one_query_a_row_sees_the_keys_its_causal_mask_row_allows():
+    layout = Packing.of(torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]]))
+    assert layout.last.tolist() == [2, 6] and layout.columns(layout.last).tolist() == [2, 3]
+    assert layout.columns(layout.first).tolist() == [0, 0]
+    full = Packing.of(torch.ones(2, 4, dtype=torch.long))
+    assert full.query_rows(None, full.columns(full.last)) is None  # the last query sees all
+    first = full.query_rows(None, full.columns(full.first))
+    assert (
+        first.shape == (2, 1, 1, 4) and first[:, 0, 0].tolist() == [[True, False, False, False]] * 2
+    )
+    causal = torch.tril(torch.ones(4, 4, dtype=torch.bool))[None, None].expand(2, 1, 4, 4)
+    rows = layout.query_rows(causal, torch.tensor([2, 3]))
+    assert rows[:, 0, 0].tolist() == [[True, True, True, False], [True, True, True, True]]
+
+
 def test_a_body_that_keeps_the_first_token_feeds_the_head_as_the_whole_model():
     loaded, _ = adapted("bert")
     anatomy = loaded.anatomy

@@ -142,9 +142,9 @@ class TrainSection(Section):
     # about one more forward of compute); the simulator's memory estimate counts it.
     gradient_checkpointing: bool = False
     # Whole-model training steps and evaluation run the blocks on the real tokens only
-    # (padding removed around attention); when the head reads only the first token
-    # (BERT-like classification), the last block for that token only; a causal-LM head and
-    # its loss on the real tokens only (no vocabulary-wide row per padding slot). The same
+    # (padding removed around attention); when the head reads one token a row (classification:
+    # BERT's first, a decoder's last), the last block for that token only; a causal-LM head
+    # and its loss on the real tokens only (no vocabulary-wide row per padding slot). The same
     # results up to float rounding and dropout masks, fewer FLOPs when batches are padded. Split
     # paradigms (split, splitfed, splitfrozen) run each side's segment this way too; the
     # cut's activations still cross padded (zeros at the padding), so messages keep their

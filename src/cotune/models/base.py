@@ -27,6 +27,12 @@ class Anatomy(ABC):
     # a padding-free last block then computes only those rows (``cotune.models.packing``).
     head_reads_first: ClassVar[bool] = False
 
+    @property
+    def head_reads_last(self) -> bool:
+        """Whether the task head reads only each row's last real token (a decoder's sequence
+        classification): a padding-free last block then computes only those rows."""
+        return self.causal and self.task == "classification"
+
     def __init__(self, model: nn.Module, task: str) -> None:
         if task not in TASKS:
             raise ModelError(f"unknown task {task!r} (allowed: {', '.join(TASKS)})")
@@ -83,11 +89,13 @@ class Anatomy(ABC):
         return False
 
     def run_block_packed(
-        self, i: int, x: Tensor, packing: Packing, context: dict[str, Any], first_only: bool
+        self, i: int, x: Tensor, packing: Packing, context: dict[str, Any], keep: Tensor | None
     ) -> Tensor:
         """Block ``i`` on the real tokens ``x`` ``[N, D]`` of a batch laid out by ``packing``
         (``context``: ``block_context`` of the padded batch, whose masks the attention uses);
-        with ``first_only`` it returns only each row's first token ``[B, D]``."""
+        with ``keep`` (one packed token per row: ``packing.first`` or ``packing.last``) it
+        computes queries, the attention output and the MLP for those tokens only and returns
+        ``[B, D]`` (keys and values still come from every token)."""
         raise ModelError(f"{self.family} blocks do not run padding-free")
 
     @abstractmethod

@@ -71,7 +71,7 @@ class BertAnatomy(Anatomy):
         return not c.is_decoder and not c.add_cross_attention and not c.chunk_size_feed_forward
 
     def run_block_packed(
-        self, i: int, x: Tensor, packing: Packing, context: dict[str, Any], first_only: bool
+        self, i: int, x: Tensor, packing: Packing, context: dict[str, Any], keep: Tensor | None
     ) -> Tensor:
         # BertLayer.forward without its layout: the projections, output dense + norm and MLP
         # run on the real tokens; the attention runs padded under the key mask (SDPA, the
@@ -79,8 +79,8 @@ class BertAnatomy(Anatomy):
         layer = self.blocks[i]
         sa = layer.attention.self
         size = sa.attention_head_size
-        if first_only:
-            x_out = x.index_select(0, packing.first)
+        if keep is not None:  # bidirectional: the kept query sees every key under the key mask
+            x_out = x.index_select(0, keep)
             q = sa.query(x_out).view(packing.batch, 1, -1, size).transpose(1, 2)
         else:
             x_out = x
@@ -94,7 +94,7 @@ class BertAnatomy(Anatomy):
             dropout_p=sa.dropout.p if sa.training else 0.0,
             scale=sa.scaling,
         )
-        if first_only:
+        if keep is not None:
             att = att.transpose(1, 2).reshape(packing.batch, -1)
         else:
             att = packing.tokens_of(att)

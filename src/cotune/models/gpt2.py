@@ -57,25 +57,34 @@ class GPT2Anatomy(Anatomy):
         return not c.add_cross_attention and not c.reorder_and_upcast_attn
 
     def run_block_packed(
-        self, i: int, x: Tensor, packing: Packing, context: dict[str, Any], first_only: bool
+        self, i: int, x: Tensor, packing: Packing, context: dict[str, Any], keep: Tensor | None
     ) -> Tensor:
         # GPT2Block.forward on the real tokens: norms, c_attn, c_proj and the MLP per token,
         # the causal attention padded under the mask (None: no padding, SDPA's causal path).
+        # With ``keep`` (one token a row: the classification head reads each row's last), the
+        # fused c_attn still runs on every token (its keys and values), the rest on those only.
         layer = self.blocks[i]
         attn = layer.attn
         q, k, v = attn.c_attn(layer.ln_1(x)).split(attn.split_size, dim=-1)
         size = attn.head_dim
         mask = context["mask"]
+        if keep is None:
+            queries, causal = packing.heads(q, size), mask is None
+        else:
+            x = x.index_select(0, keep)
+            queries = q.index_select(0, keep).view(packing.batch, 1, -1, size).transpose(1, 2)
+            mask, causal = packing.query_rows(mask, packing.columns(keep)), False
         att = F.scaled_dot_product_attention(
-            packing.heads(q, size),
+            queries,
             packing.heads(k, size),
             packing.heads(v, size),
             attn_mask=mask,
-            is_causal=mask is None,
+            is_causal=causal,
             dropout_p=attn.attn_dropout.p if attn.training else 0.0,
             scale=attn.scaling,
         )
-        x = x + attn.resid_dropout(attn.c_proj(packing.tokens_of(att)))
+        att = packing.tokens_of(att) if keep is None else att.transpose(1, 2).reshape(len(x), -1)
+        x = x + attn.resid_dropout(attn.c_proj(att))
         return x + layer.mlp(layer.ln_2(x))
 
     def embed_at(self, input_ids: Tensor, start: int) -> Tensor:

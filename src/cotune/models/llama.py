@@ -76,32 +76,44 @@ class LlamaAnatomy(Anatomy):
         )
 
     def run_block_packed(
-        self, i: int, x: Tensor, packing: Packing, context: dict[str, Any], first_only: bool
+        self, i: int, x: Tensor, packing: Packing, context: dict[str, Any], keep: Tensor | None
     ) -> Tensor:
         # The decoder layer on the real tokens: norms, projections and the MLP per token;
         # rotary embeddings and the (grouped-query, causal, maybe windowed) attention padded.
+        # With ``keep`` (one token a row: the classification head reads each row's last), keys
+        # and values come from every token, the query, output and MLP from those only.
         layer = self.blocks[i]
         attn = layer.self_attn
         rotate = sys.modules[type(attn).__module__].apply_rotary_pos_emb
         h = layer.input_layernorm(x)
         size = attn.head_dim
-        q = packing.heads(attn.q_proj(h), size)
+        q = packing.heads(attn.q_proj(h), size) if keep is None else None
         k = packing.heads(attn.k_proj(h), size)
         v = packing.heads(attn.v_proj(h), size)
         cos, sin = context["rotary"]
-        q, k = rotate(q, k, cos, sin)
         mask = context["masks"][self.window(i)]
+        if q is not None:
+            q, k = rotate(q, k, cos, sin)
+            causal = mask is None
+        else:
+            assert keep is not None
+            x, h, cols = x.index_select(0, keep), h.index_select(0, keep), packing.columns(keep)
+            q = attn.q_proj(h).view(packing.batch, 1, -1, size).transpose(1, 2)
+            _, k = rotate(k, k, cos, sin)  # every key at its own position
+            q, _ = rotate(q, q, cos[0, cols][:, None], sin[0, cols][:, None])  # the query at its
+            mask, causal = packing.query_rows(mask, cols), False
         att = F.scaled_dot_product_attention(
             q,
             k,
             v,
             attn_mask=mask,
-            is_causal=mask is None,
+            is_causal=causal,
             dropout_p=attn.attention_dropout if attn.training else 0.0,
             scale=attn.scaling,
             enable_gqa=k.shape[1] != q.shape[1],
         )
-        x = x + attn.o_proj(packing.tokens_of(att))
+        att = packing.tokens_of(att) if keep is None else att.transpose(1, 2).reshape(len(x), -1)
+        x = x + attn.o_proj(att)
         return x + layer.mlp(layer.post_attention_layernorm(x))
 
     def embed_at(self, input_ids: Tensor, start: int) -> Tensor:

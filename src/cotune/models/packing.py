@@ -56,6 +56,28 @@ class Packing:
     def tokens(self) -> int:
         return sum(self.lengths)
 
+    @functools.cached_property
+    def last(self) -> Tensor:
+        """Each row's last real token in the packed order (rows hold at least one)."""
+        return self.first + torch.tensor(self.lengths, device=self.first.device) - 1
+
+    def columns(self, kept: Tensor) -> Tensor:
+        """The columns in the padded ``[B, T]`` layout of packed tokens ``kept`` (one a row)."""
+        flat = kept if self.index is None else self.index.index_select(0, kept)
+        return flat % self.width
+
+    def query_rows(self, mask: Tensor | None, columns: Tensor) -> Tensor | None:
+        """A causal ``[B, 1, T, T]`` attention mask's rows for one query per batch row, at
+        ``columns``: ``[B, 1, 1, T]``. Without a mask (no padding, SDPA's causal path) a query
+        in the last column sees every key (None); one elsewhere, the keys up to its own."""
+        if mask is not None:
+            rows = torch.arange(self.batch, device=columns.device)
+            return mask[rows, :, columns, :].unsqueeze(2)
+        if bool((columns == self.width - 1).all()):
+            return None
+        keys = torch.arange(self.width, device=columns.device)
+        return (keys[None, :] <= columns[:, None])[:, None, None, :]
+
     def pack(self, hidden: Tensor) -> Tensor:
         """``[B, T, ...]`` → the real tokens ``[N, ...]``."""
         flat = hidden.reshape(self.batch * self.width, *hidden.shape[2:])

@@ -135,11 +135,16 @@ class Segment(nn.Module):
         first_only = self.keep == "first" or (self.head and anatomy.head_reads_first)
         if self.end > self.start and packing.requested() and anatomy.packs:
             layout = packing.Packing.of(attention_mask)
-            x = self._packed_blocks(hidden, layout, attention_mask, checkpoint, first_only)
+            keep = None  # the last block's tokens the head reads: BERT's first, a decoder's last
+            if first_only:
+                keep = layout.first
+            elif self.head and anatomy.head_reads_last and min(layout.lengths) > 0:
+                keep = layout.last
+            x = self._packed_blocks(hidden, layout, attention_mask, checkpoint, keep)
             if packed_head:
                 return self._packed_head(x, layout), layout
-            hidden = x.unsqueeze(1) if first_only else layout.unpack(x)
-            if first_only:
+            hidden = x.unsqueeze(1) if keep is not None else layout.unpack(x)
+            if keep is not None:  # one real token a row, at column 0 (the head reads it there)
                 attention_mask = attention_mask[:, :1]
         elif self.end > self.start:
             # Masks and rotary tables are rebuilt here from the 2-D mask: nothing but Activations
@@ -168,21 +173,22 @@ class Segment(nn.Module):
         layout: packing.Packing,
         attention_mask: Tensor,
         checkpoint: bool,
-        first_only: bool,
+        keep: Tensor | None,
     ) -> Tensor:
         """The blocks on the real tokens only (``cotune.models.packing``): ``[B, T, D]`` in, the
-        real tokens ``[N, D]`` out, or each row's first token ``[B, D]`` with ``first_only``."""
+        real tokens ``[N, D]`` out, or with ``keep`` (one packed token a row) the last block's
+        output at those tokens only, ``[B, D]``."""
         context = self.anatomy.block_context(hidden, attention_mask)
         x = layout.pack(hidden)
         for i in range(self.start, self.end):
-            first = first_only and i == self.end - 1
+            out = keep if i == self.end - 1 else None
             if checkpoint:
                 note_checkpoint_input(x)
                 x = torch.utils.checkpoint.checkpoint(
-                    self._packed_block, i, x, layout, context, first, use_reentrant=False
+                    self._packed_block, i, x, layout, context, out, use_reentrant=False
                 )
             else:
-                x = self._packed_block(i, x, layout, context, first)
+                x = self._packed_block(i, x, layout, context, out)
         return x
 
     def _packed_head(self, x: Tensor, layout: packing.Packing) -> Tensor:
@@ -191,12 +197,12 @@ class Segment(nn.Module):
             return self.anatomy.run_head(x, None)
 
     def _packed_block(
-        self, i: int, x: Tensor, layout: packing.Packing, context: dict, first: bool
+        self, i: int, x: Tensor, layout: packing.Packing, context: dict, keep: Tensor | None
     ) -> Tensor:
         # The layout is made active here, not around the loop, so that a checkpointed block's
         # recompute in backward sees it too.
         with packing.active(layout):
-            return self.anatomy.run_block_packed(i, x, layout, context, first)
+            return self.anatomy.run_block_packed(i, x, layout, context, keep)
 
 
 def task_loss(logits: Tensor, labels: Tensor, task: str) -> Tensor:
