@@ -520,33 +520,11 @@ def test_pooled_server_with_one_device_equals_central(tiny_config):
         torch.testing.assert_close(ps[k], pc[k], atol=1e-5, rtol=0)
 
 
-def test_pooled_cut_gradient_is_the_devices_own_loss_gradient(tiny_config, monkeypatch):
+@pytest.mark.parametrize("u_shaped", [False, True], ids=["label-sharing", "u-shaped"])
+def test_pooled_cut_gradient_is_the_devices_own_loss_gradient(tiny_config, monkeypatch, u_shaped):
     """Step 1 (same server weights in both modes): under pooling every device receives the cut
-    gradient the sequential server sends the device it serves first."""
-    got = {}
-    original = splitting.SplitDevice.on_gradients
-
-    def spy(self, msg):
-        if msg.meta["step"] == 1:
-            got.setdefault(self.opts.server_batch, []).append(msg.tensors["grad"].clone())
-        return original(self, msg)
-
-    monkeypatch.setattr(splitting.SplitDevice, "on_gradients", spy)
-    for mode in ("sequential", "pooled"):
-        sf = {"name": "splitfed", "options": {"cut": 1, "server_batch": mode, "cohort": False}}
-        run(tiny_config(name=mode, paradigm=sf, model=BERT_NO_DROPOUT,
-                        train={"steps": 1}, eval={"every": 1, "max_examples": 8}))  # fmt: skip
-    seq, pooled = got["sequential"], got["pooled"]
-    assert len(seq) == len(pooled) == 2
-    matches = [torch.allclose(seq[0], p, atol=1e-6) for p in pooled if p.shape == seq[0].shape]
-    assert any(matches)
-    assert not torch.allclose(seq[1], pooled[1], atol=1e-6) or seq[1].shape != pooled[1].shape
-
-
-def test_u_shaped_pooled_cut_gradient_is_the_devices_own_loss_gradient(tiny_config, monkeypatch):
-    """U-shaped, step 1 (same server weights in both modes): the pooled server sends each
-    device's top its own slice of the middle's output, and every device gets back the cut
-    gradient of its own loss: the one the sequential server sends the device it serves first."""
+    gradient the sequential server sends the device it serves first (U-shaped: each device's
+    top got its own slice of the middle's output and sent back its own loss's gradient)."""
     got: dict[str, list[torch.Tensor]] = {}
     original = splitting.SplitDevice.on_gradients
 
@@ -557,13 +535,15 @@ def test_u_shaped_pooled_cut_gradient_is_the_devices_own_loss_gradient(tiny_conf
 
     monkeypatch.setattr(splitting.SplitDevice, "on_gradients", spy)
     for mode in ("sequential", "pooled"):
-        sf = {"name": "splitfed",
-              "options": {"cut": 1, "server_batch": mode, "u_shaped": True, "cohort": False}}  # fmt: skip
-        run(tiny_config(name=mode, paradigm=sf, model=BERT_NO_DROPOUT,
-                        train={"steps": 2}, eval={"every": 2, "max_examples": 8}))  # fmt: skip
+        opts = {"cut": 1, "server_batch": mode, "cohort": False, "u_shaped": u_shaped}
+        run(tiny_config(name=mode, paradigm={"name": "splitfed", "options": opts},
+                        model=BERT_NO_DROPOUT, train={"steps": 1},
+                        eval={"every": 1, "max_examples": 8}))  # fmt: skip
     seq, pooled = got["sequential"], got["pooled"]
     assert len(seq) == len(pooled) == 2
-    assert any(torch.allclose(seq[0], p, atol=1e-6) for p in pooled if p.shape == seq[0].shape)
+    matches = [torch.allclose(seq[0], p, atol=1e-6) for p in pooled if p.shape == seq[0].shape]
+    assert any(matches)
+    assert not torch.allclose(seq[1], pooled[1], atol=1e-6) or seq[1].shape != pooled[1].shape
 
 
 def test_a_bad_u_turn_under_the_pooled_server_can_be_skipped(tiny_config, monkeypatch):
