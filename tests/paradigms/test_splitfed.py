@@ -65,70 +65,25 @@ def test_one_device_equals_central_step_for_step(tiny_config, family):
         torch.testing.assert_close(ps[k], pc[k], atol=1e-5, rtol=0)
 
 
+def _splitfed(**options):
+    return {"name": "splitfed", "options": {"cut": 1, "aggregate_every": 1, **options}}
+
+
+ACCUMULATION_CASES = {
+    "splitfed": ("bert", _splitfed()),
+    "splitfed-gpt2": ("gpt2", _splitfed()),
+    "split": ("bert", {"name": "split", "options": {"cut": 1}}),
+    "u-shaped": ("bert", _splitfed(u_shaped=True)),
+    "u-shaped-gpt2": ("gpt2", _splitfed(u_shaped=True)),
+    "splitfed-pooled": ("bert", _splitfed(server_batch="pooled")),
+    "splitfed-pooled-gpt2": ("gpt2", _splitfed(server_batch="pooled")),
+    "u-shaped-pooled": ("bert", _splitfed(u_shaped=True, server_batch="pooled")),
+    "u-shaped-pooled-gpt2": ("gpt2", _splitfed(u_shaped=True, server_batch="pooled")),
+}
+
+
 @pytest.mark.parametrize(
-    "family, paradigm",
-    [
-        ("bert", {"name": "splitfed", "options": {"cut": 1, "aggregate_every": 1}}),
-        ("gpt2", {"name": "splitfed", "options": {"cut": 1, "aggregate_every": 1}}),
-        ("bert", {"name": "split", "options": {"cut": 1}}),
-        (
-            "bert",
-            {"name": "splitfed", "options": {"cut": 1, "aggregate_every": 1, "u_shaped": True}},
-        ),
-        (
-            "gpt2",
-            {"name": "splitfed", "options": {"cut": 1, "aggregate_every": 1, "u_shaped": True}},
-        ),
-        (
-            "bert",
-            {
-                "name": "splitfed",
-                "options": {"cut": 1, "aggregate_every": 1, "server_batch": "pooled"},
-            },
-        ),
-        (
-            "gpt2",
-            {
-                "name": "splitfed",
-                "options": {"cut": 1, "aggregate_every": 1, "server_batch": "pooled"},
-            },
-        ),
-        (
-            "bert",
-            {
-                "name": "splitfed",
-                "options": {
-                    "cut": 1,
-                    "aggregate_every": 1,
-                    "u_shaped": True,
-                    "server_batch": "pooled",
-                },
-            },
-        ),
-        (
-            "gpt2",
-            {
-                "name": "splitfed",
-                "options": {
-                    "cut": 1,
-                    "aggregate_every": 1,
-                    "u_shaped": True,
-                    "server_batch": "pooled",
-                },
-            },
-        ),
-    ],
-    ids=[
-        "splitfed",
-        "splitfed-gpt2",
-        "split",
-        "u-shaped",
-        "u-shaped-gpt2",
-        "splitfed-pooled",
-        "splitfed-pooled-gpt2",
-        "u-shaped-pooled",
-        "u-shaped-pooled-gpt2",
-    ],  # fmt: skip
+    "family, paradigm", list(ACCUMULATION_CASES.values()), ids=list(ACCUMULATION_CASES)
 )
 def test_gradient_accumulation_across_the_cut_equals_central(tiny_config, family, paradigm):
     """train.grad_accum: each gradient round trip brings the device's next micro-batch up (its
