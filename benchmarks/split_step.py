@@ -20,10 +20,12 @@ plus the in-process device cohort (the four devices' bottom segments as one batc
 once every device shape's FLOPs are known, so longer runs gain more).
 
 ``--padding-free`` runs both sides with ``train.padding_free`` (the device cohort packs its joint
-batch too); ``--cohort-off`` turns the pooled pairing's cohort off, to compare the two.
+batch too); ``--cohort-off`` turns the pooled pairing's cohort off, to compare the two;
+``--u-shaped`` runs splitfed U-shaped (the head and labels stay on the devices: four messages a
+step; with the pooled server, one middle pass and every device's top turned at once).
 
 Run: .venv/bin/python benchmarks/split_step.py [--repeats 2 --steps 8] [--only pooled]
-     [--padding-free] [--cohort-off]
+     [--padding-free] [--cohort-off] [--u-shaped]
 Target: step host time ratio splitfed / central <= 1.05.
 """
 
@@ -61,6 +63,7 @@ def main() -> None:
                     help="measure one pairing (more repeats in the same time)")  # fmt: skip
     ap.add_argument("--padding-free", action="store_true", help="train.padding_free on both sides")
     ap.add_argument("--cohort-off", action="store_true", help="the pooled pairing without cohort")
+    ap.add_argument("--u-shaped", action="store_true", help="splitfed with the head on the devices")
     args = ap.parse_args()
     pairs = {
         "1 device x 16": (
@@ -79,9 +82,10 @@ def main() -> None:
     }  # fmt: skip
     extra = ["train.padding_free=true"] if args.padding_free else []
     cohort = [f"paradigm.options.cohort={'false' if args.cohort_off else 'true'}"]
+    u = ["paradigm.options.u_shaped=true"] if args.u_shaped else []
     pairs = {
         p: (
-            (sf[0], [*sf[1], *extra, *(cohort if "pooled" in p else [])]),
+            (sf[0], [*sf[1], *extra, *u, *(cohort if "pooled" in p else [])]),
             (ce[0], [*ce[1], *extra]),
         )
         for p, (sf, ce) in pairs.items()
