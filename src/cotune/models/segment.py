@@ -138,7 +138,7 @@ class Segment(nn.Module):
             keep = None  # the last block's tokens the head reads: BERT's first, a decoder's last
             if first_only:
                 keep = layout.first
-            elif self.head and anatomy.head_reads_last and min(layout.lengths) > 0:
+            elif self.head and anatomy.head_reads_last and min(layout.lengths, default=0) > 0:
                 keep = layout.last
             x = self._packed_blocks(hidden, layout, attention_mask, checkpoint, keep)
             if packed_head:
