@@ -32,7 +32,7 @@ def run_command(
         print(dry_run_text(cfg))
         return 0
     run_dir = run_experiment(cfg, out_root=out, overwrite=overwrite, resume=resume, quiet=quiet)
-    _print_summary(run_dir, quiet)
+    print_summary(run_dir, quiet)
     return 0
 
 
@@ -128,7 +128,7 @@ def devices_command(profile_file: Path | None) -> int:
     return 0
 
 
-def _print_summary(run_dir: Path, quiet: bool) -> None:
+def print_summary(run_dir: Path, quiet: bool) -> None:
     import json
 
     summary = json.loads((run_dir / "summary.json").read_text())

@@ -38,9 +38,9 @@ def serve_command(
     deploy = _deploy_overrides(listen, tls, mutual_tls, tokens, insecure)
     cfg = load_config(config, [*overrides, *deploy])
     run_dir = run_experiment(cfg, out_root=out, overwrite=overwrite, resume=resume, quiet=quiet)
-    from cotune.cli import _print_summary
+    from cotune.cli_commands import print_summary
 
-    _print_summary(run_dir, quiet)
+    print_summary(run_dir, quiet)
     return 0
 
 
@@ -95,9 +95,9 @@ def launch_command(
     cfg = load_config(config, [*overrides, *extra])
     run_dir = launch(cfg, quiet=quiet, overwrite=overwrite, out_root=out, data_dir=data_dir,
                      devices_per_process=devices_per_process)  # fmt: skip
-    from cotune.cli import _print_summary
+    from cotune.cli_commands import print_summary
 
-    _print_summary(run_dir, quiet)
+    print_summary(run_dir, quiet)
     return 0
 
 
