@@ -207,3 +207,19 @@ def weighted_mean(
 ) -> dict[str, torch.Tensor]:
     total = sum(weights)
     return {k: sum((w / total) * t[k] for t, w in zip(tensors, weights)) for k in tensors[0]}
+
+
+@dataclass
+class StepLog:
+    """What a split server logs of one device's step."""
+
+    device: str
+    loss: float
+    lr: float
+    examples: int
+
+
+def micro_meta(index: int) -> dict[str, int]:
+    """A gradient's micro-batch index for its meta; left out for the first (a step without
+    accumulation sends exactly the messages, and bytes, it always did)."""
+    return {"micro": index} if index else {}

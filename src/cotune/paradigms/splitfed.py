@@ -21,13 +21,14 @@ import torch
 from cotune.paradigms.base import Experiment, ParadigmResult, mean, parse_options, screen_updates
 from cotune.paradigms.options import SplitFedOptions
 from cotune.paradigms.split_cut import (
+    StepLog,
     combined,
     make_layout,
     segment_memory,
     split_extra,
     weighted_mean,
 )
-from cotune.paradigms.split_server import SplitServer, StepLog, server_side
+from cotune.paradigms.split_server import SplitServer, server_side
 from cotune.paradigms.splitting import SplitDevice
 from cotune.runtime import Message
 from cotune.runtime.ids import SERVER
