@@ -35,3 +35,13 @@ def test_every_name_imported_from_cotune_exists():
             except ModuleNotFoundError:
                 missing.append(f"{where}:{line}: from {module} import {name}")
     assert not missing, "\n".join(missing)
+
+
+def test_the_device_forkserver_preloads_modules_that_exist():
+    """``cotune launch`` forks devices from a process that imported these first; a name that
+    fails to import is skipped there without a word, so a renamed module must fail here."""
+    from cotune.deploy.procs import PRELOAD
+
+    for name in PRELOAD:
+        if name.startswith("cotune"):
+            importlib.import_module(name)
