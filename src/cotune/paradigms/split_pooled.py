@@ -22,7 +22,7 @@ from cotune.paradigms.split_cut import (
 )
 from cotune.runtime import Message
 from cotune.runtime.ids import SERVER
-from cotune.runtime.validate import check_activation, meta_number
+from cotune.runtime.validate import meta_number
 
 
 class PooledServing:
@@ -100,7 +100,7 @@ class PooledServing:
         mean loss), each device's weight in the objective, and the devices still in the step
         (U-shaped with ``on_bad_message: skip``: a device whose top answered badly drops out)."""
         if self.layout.top is not None:
-            return self._pooled_u_pass(msgs, micros, step, rnd, arrival)
+            return self._pooled_u_pass(msgs, step, rnd, arrival)
         trainer, task = self.trainer, self.ctx.task
         rows, lengths, weights, acts = _pooled_inputs(msgs)
         mask = acts.attention_mask
@@ -138,24 +138,21 @@ class PooledServing:
         return losses, lr, grads, _cut_grads(acts, rows, lengths, weights), weights, msgs
 
     def _pooled_u_pass(
-        self, msgs: list[Message], micros: int, step: int, rnd: int, arrival: float
+        self, msgs: list[Message], step: int, rnd: int, arrival: float
     ) -> tuple[
         list[float], float, dict[str, torch.Tensor], list[torch.Tensor], list[float], list[Message]
     ]:
         """U-shaped, pooled: one forward of the middle on every device's activations, each
         device's slice of it down to its top (all at once: the tops neither call back nor wait
-        on each other), their gradients (of each device's own loss / ``micros``) up, one
+        on each other), their gradients (of each device's own loss / grad_accum) up, one
         backward of the example-weighted objective, as the label-sharing pooled pass takes."""
-        meter, grid = self.ctx.meter, self.ctx.grid
+        grid = self.ctx.grid
         assert grid is not None
         rows, lengths, weights, acts = _pooled_inputs(msgs)
-        state, server = self.states[msgs[0].sender], self.layout.server
-        dims = token_dims(acts.attention_mask, self.packed)
+        state = self.states[msgs[0].sender]
         with self.trainer.activate(state):
             lr = self.trainer.set_lr(state.step)
-            with padding_free(self.packed):
-                out, flops = meter.flops.run("split-server-fwd", server, acts, dims=dims)
-            meter.compute(flops, round=rnd, after=arrival, label="server-fwd")
+            out, dims = self._middle(acts, rnd, arrival)
             downs, start = [], 0
             for m, n, t in zip(msgs, rows, lengths):
                 tensors = {"hidden": out.hidden[start : start + n, :t].detach(),
@@ -167,35 +164,19 @@ class PooledServing:
             full = torch.zeros_like(out.hidden)
             kept, device_losses, start = [], [], 0
             for m, rep, n, t, w in zip(msgs, ups, rows, lengths, weights):
+                shape = [n, t, out.hidden.shape[-1]]
                 try:
-                    grad = check_activation(
-                        f"message 'gradients' from {m.sender!r}: tensor 'grad'",
-                        rep.tensors.get("grad"),
-                        shape=[n, t, out.hidden.shape[-1]],
-                        dtype=out.hidden.dtype,
-                    )
-                    device_losses.append(meta_number(rep, "loss"))
+                    grad, loss = self._turned(rep, m.sender, shape, out.hidden.dtype)
                 except ProtocolError as err:  # (skip) this device leaves the step; the
                     self._skip_step(step, m.sender, str(err), keep_server=True)  # others go on
                     start += n
                     continue
                 full[start : start + n, :t] = w * grad
+                device_losses.append(loss)
                 kept.append(m)
                 start += n
             after = max([arrival, *(r.arrival or 0.0 for r in ups)])
-
-            def backward(g: torch.Tensor) -> float:
-                reg = self.reg()
-                outs, grads = [out.hidden], [g]
-                if reg is not None:  # the server's share of the regularizer, once a step
-                    outs.append(reg)
-                    grads.append(torch.full_like(reg, 1.0 / micros))
-                torch.autograd.backward(outs, grads)
-                return float(reg.detach()) if reg is not None else 0.0
-
-            with padding_free(self.packed):  # a checkpointed block recomputes its forward here
-                server_reg, flops = meter.flops.run("split-server-bwd", backward, full, dims=dims)
-            meter.compute(flops, round=rnd, after=after, label="server-bwd")
+            server_reg = self._middle_backward(out, full, dims, rnd, after)
             grads = {k: p.grad for k, p in self.trainer.params.items() if p.grad is not None}
         cuts = _cut_grads(acts, rows, lengths, weights)
         index = {m.sender: i for i, m in enumerate(msgs)}

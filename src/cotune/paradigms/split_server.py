@@ -9,6 +9,8 @@ round trip.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from cotune.errors import ProtocolError
@@ -174,24 +176,43 @@ class SplitServer(PooledServing, Role):
 
     def _u_turn(self, acts: Activations, dev: str, step: int, rnd: int, arrival: float) -> float:
         """U-shape: forward the middle, let the device finish (loss stays there), backward."""
-        meter, grid = self.ctx.meter, self.ctx.grid
+        grid = self.ctx.grid
         assert grid is not None
+        out, dims = self._middle(acts, rnd, arrival)
+        tensors = {"hidden": out.hidden.detach(), "attention_mask": out.attention_mask}
+        msg = Message("activations", SERVER, dev, tensors, {"step": step, "round": rnd})
+        rep = grid.request(msg, codec=self.codec)
+        grad, loss = self._turned(rep, dev, list(out.hidden.shape), out.hidden.dtype)
+        server_reg = self._middle_backward(out, grad, dims, rnd, rep.arrival)
+        return loss + server_reg  # the loss as central logs it
+
+    def _middle(self, acts: Activations, rnd: int, arrival: float) -> tuple[Activations, Any]:
+        """U-shape: the server's middle blocks on ``acts`` (metered); their output and the
+        step's FLOP dims."""
+        meter = self.ctx.meter
         dims = token_dims(acts.attention_mask, self.packed)
         with padding_free(self.packed):
             out, flops = meter.flops.run("split-server-fwd", self.layout.server, acts, dims=dims)
         meter.compute(flops, round=rnd, after=arrival, label="server-fwd")
-        tensors = {"hidden": out.hidden.detach(), "attention_mask": out.attention_mask}
-        msg = Message("activations", SERVER, dev, tensors, {"step": step, "round": rnd})
-        rep = grid.request(msg, codec=self.codec)
-        grad = check_activation(
-            f"message 'gradients' from {dev!r}: tensor 'grad'",
-            rep.tensors.get("grad"),
-            shape=list(out.hidden.shape),
-            dtype=out.hidden.dtype,
-        )
+        return out, dims
+
+    @staticmethod
+    def _turned(
+        rep: Message, dev: str, shape: list[int], dtype: torch.dtype
+    ) -> tuple[torch.Tensor, float]:
+        """A device's answer to a U-turn: the gradient at the middle's output (of its top's
+        loss / grad_accum), checked, and that loss."""
+        grad = check_activation(f"message 'gradients' from {dev!r}: tensor 'grad'",
+                                rep.tensors.get("grad"), shape=shape, dtype=dtype)  # fmt: skip
+        return grad, meta_number(rep, "loss")
+
+    def _middle_backward(
+        self, out: Activations, grad: torch.Tensor, dims: Any, rnd: int, after: float | None
+    ) -> float:
+        """Backward through the middle from ``grad`` (a micro-batch's share already) and the
+        server's regularizer share (1 / grad_accum), metered; returns the regularizer."""
 
         def backward(g: torch.Tensor) -> float:
-            # (g is the device's micro-batch share already: its top's loss / grad_accum.)
             reg = self.reg()
             outs, grads = [out.hidden], [g]
             if reg is not None:
@@ -200,10 +221,11 @@ class SplitServer(PooledServing, Role):
             torch.autograd.backward(outs, grads)
             return float(reg.detach()) if reg is not None else 0.0
 
+        meter = self.ctx.meter
         with padding_free(self.packed):  # a checkpointed block recomputes its forward here
             server_reg, flops = meter.flops.run("split-server-bwd", backward, grad, dims=dims)
-        meter.compute(flops, round=rnd, after=rep.arrival, label="server-bwd")
-        return meta_number(rep, "loss") + server_reg  # the loss as central logs it
+        meter.compute(flops, round=rnd, after=after, label="server-bwd")
+        return server_reg
 
 
 def server_side(exp: Experiment, opts, server_steps: int) -> tuple[NodeContext, Layout, Trainer]:
