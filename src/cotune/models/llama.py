@@ -99,8 +99,11 @@ class LlamaAnatomy(Anatomy):
             assert keep is not None
             x, h, cols = x.index_select(0, keep), h.index_select(0, keep), packing.columns(keep)
             q = attn.q_proj(h).view(packing.batch, 1, -1, size).transpose(1, 2)
-            _, k = rotate(k, k, cos, sin)  # every key at its own position
-            q, _ = rotate(q, q, cos[0, cols][:, None], sin[0, cols][:, None])  # the query at its
+            # The family's own rotation rotates a pair; the unused half is given one key head
+            # (rotating ``k`` twice would double this elementwise work).
+            _, k = rotate(k[:, :1], k, cos, sin)  # every key at its own position
+            at = cos[0, cols][:, None], sin[0, cols][:, None]
+            q, _ = rotate(q, q[:, :1], *at)  # each row's query at its last token's position
             mask, causal = packing.query_rows(mask, cols), False
         att = F.scaled_dot_product_attention(
             q,
@@ -134,8 +137,8 @@ class LlamaAnatomy(Anatomy):
             attention_mask=context["masks"][self.window(i)],
             position_ids=context["positions"],
             position_embeddings=context["rotary"],
-            cache=cache,
             use_cache=True,
+            **self.cache_keyword(cache),
         )
 
     def run_head(self, hidden: Tensor, attention_mask: Tensor) -> Tensor:
