@@ -216,3 +216,33 @@ def test_task_loss_shifts_and_ignores_padding():
     torch.testing.assert_close(
         task_loss(cls, y, "classification"), torch.nn.functional.cross_entropy(cls, y)
     )
+
+
+def _takes_cache(hidden, attention_mask=None, cache=None, use_cache=False, **kwargs):
+    return hidden
+
+
+def _takes_past_key_values(hidden, attention_mask=None, past_key_values=None, **kwargs):
+    return hidden
+
+
+def _takes_neither(hidden, attention_mask=None, use_cache=False, **kwargs):
+    return hidden
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_a_block_gets_its_kv_cache_by_the_keyword_its_forward_names(kind, monkeypatch):
+    """transformers 5.x renamed the blocks' ``past_key_values`` to ``cache``: a block given
+    the other name takes it into ``**kwargs`` and caches nothing, so the anatomy asks the
+    block's signature once and refuses a block that names neither."""
+    from cotune.errors import ModelError
+
+    cache = object()
+    for forward, name in ((_takes_cache, "cache"), (_takes_past_key_values, "past_key_values")):
+        anatomy = make_tiny(kind, "causal_lm").anatomy  # a fresh one: it asks its blocks once
+        monkeypatch.setattr(anatomy.blocks[0], "forward", forward)
+        assert anatomy.cache_keyword(cache) == {name: cache}
+    anatomy = make_tiny(kind, "causal_lm").anatomy
+    monkeypatch.setattr(anatomy.blocks[0], "forward", _takes_neither)
+    with pytest.raises(ModelError, match="neither as 'cache' nor as 'past_key_values'"):
+        anatomy.cache_keyword(cache)

@@ -3,6 +3,7 @@ run a span of blocks standalone. One small subclass per family (gpt2.py, llama.p
 
 from __future__ import annotations
 
+import inspect
 import re
 from abc import ABC, abstractmethod
 from typing import Any, ClassVar
@@ -118,6 +119,22 @@ class Anatomy(ABC):
     ) -> Tensor:
         """Block ``i`` on the new positions, reading and extending its keys/values in ``cache``."""
         raise ModelError(f"{self.family} models do not decode incrementally (decoders only)")
+
+    def cache_keyword(self, cache: Any) -> dict[str, Any]:
+        """``cache`` as the keyword argument this model's blocks take it by: transformers 5.x
+        renamed ``past_key_values`` to ``cache`` (both are in the range cotune supports), and a
+        block given the other name takes it into ``**kwargs`` and caches nothing."""
+        name = getattr(self, "_cache_name", None)
+        if name is None:
+            params = inspect.signature(self.blocks[0].forward).parameters
+            name = "cache" if "cache" in params else "past_key_values"
+            if name not in params:
+                raise ModelError(
+                    f"{type(self.blocks[0]).__name__}.forward takes its key/value cache neither as "
+                    "'cache' nor as 'past_key_values': this transformers release is not supported"
+                )
+            self._cache_name = name
+        return {name: cache}
 
     def decode_mask(self, hidden: Tensor, start: int, window: int | None = None) -> Tensor | None:
         """Boolean ``[1,1,q,start+q]``: new position ``i`` sees cached and new keys up to ``start+i``

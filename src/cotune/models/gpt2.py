@@ -98,7 +98,9 @@ class GPT2Anatomy(Anatomy):
     def run_block_cached(
         self, i: int, hidden: Tensor, context: dict[str, Any], cache: Any
     ) -> Tensor:
-        return self.blocks[i](hidden, cache=cache, attention_mask=context["mask"], use_cache=True)
+        return self.blocks[i](
+            hidden, attention_mask=context["mask"], use_cache=True, **self.cache_keyword(cache)
+        )
 
     def run_head(self, hidden: Tensor, attention_mask: Tensor) -> Tensor:
         hidden = self.model.transformer.ln_f(hidden)
