@@ -8,6 +8,7 @@ import torch
 from cotune.accel.compute import Compute, set_compute
 from cotune.config import PeftSection
 from cotune.errors import ModelError
+from cotune.flops import flop_counter
 from cotune.models import segment_loss, task_loss
 from cotune.models.packing import Packing, group_sizes, padding_free, token_dims
 from cotune.models.packing import active as packing_active
@@ -220,8 +221,6 @@ def test_a_causal_lm_head_computes_logits_and_loss_for_the_real_tokens_only(kind
     """Under padding_free a causal-LM head projects only the N real tokens onto the
     vocabulary (a [B*T, V] product and softmax shrink to [N, V]): the padded loss and
     gradients, the padded logits at the real positions, and fewer FLOPs."""
-    from torch.utils.flop_counter import FlopCounterMode
-
     loaded, _ = adapted(kind, "causal_lm")
     anatomy = loaded.anatomy
     whole = anatomy.full()
@@ -238,7 +237,7 @@ def test_a_causal_lm_head_computes_logits_and_loss_for_the_real_tokens_only(kind
     torch.testing.assert_close(logits, layout.pack(padded), rtol=1e-5, atol=1e-6)
     counted = []
     for packed in (False, True):
-        with FlopCounterMode(display=False) as fc, torch.no_grad(), padding_free(packed):
+        with flop_counter() as fc, torch.no_grad(), padding_free(packed):
             segment_loss(whole, ids, mask, labels, "causal_lm")
         counted.append(fc.get_total_flops())
     assert counted[1] < counted[0]

@@ -50,10 +50,11 @@ class FlopCounter:
     """Counts the FLOPs of callables once per ``(key, shapes, dims)`` and keeps running totals.
 
     With ``dims`` a key also learns its exact FLOP law. A transformer step's counted FLOPs at
-    ``dims=(B, T)`` are ``a·B·T + b·B·T² + c·B`` (projections and MLPs, attention scores, the
-    head); a padding-free step (``dims=(B, T, N)``, N real tokens) computes its projections
-    and MLPs on the N tokens and, for a head that reads the first token, the last block's rest
-    on the first tokens only: ``a·N + b·B·T² + c·B + d·B·T``. The law is solved exactly from
+    ``dims=(B, T)`` are ``a·B·T + b·B·T² + c·B + e·T`` (projections and MLPs, attention
+    scores, the head, work shared by the rows); a padding-free step (``dims=(B, T, N)``, N real
+    tokens) computes its projections and MLPs on the N tokens and, for a head that reads the
+    first token, the last block's rest on the first tokens only:
+    ``a·N + b·B·T² + c·B + d·B·T + e·T``. The law is solved exactly from
     the counted shapes and *verified*: it predicts only once one more counted shape than it
     needed agreed with it, and only shapes within the span of the counted ones (a run whose
     batches all have one ``B`` and ``T`` predicts every ``N`` from two of them; a new ``T``
@@ -132,12 +133,15 @@ class FlopCounter:
 
 
 def _features(dims: tuple[int, ...]) -> tuple[int, ...]:
-    """The terms a step's FLOPs are a combination of (see ``FlopCounter``)."""
+    """The terms a step's FLOPs are a combination of (see ``FlopCounter``). The last, ``T``
+    alone, is work shared by the batch's rows: some transformers releases compute the rotary
+    tables as a matmul over the positions ``[1, T]``. A run whose batches keep one ``B`` needs
+    no more counted shapes for it (``B·T`` and ``T`` then span one direction)."""
     if len(dims) == 2:
         bsz, seq = dims
-        return (bsz * seq, bsz * seq * seq, bsz)
+        return (bsz * seq, bsz * seq * seq, bsz, seq)
     bsz, seq, tokens = dims
-    return (tokens, bsz * seq * seq, bsz, bsz * seq)
+    return (tokens, bsz * seq * seq, bsz, bsz * seq, seq)
 
 
 class _Law:
