@@ -117,3 +117,23 @@ def test_a_law_predicts_only_shapes_within_the_span_of_what_it_counted():
     assert counter.known("k", (8, 16, 90)) == law(8, 16, 90)
     counter._learn("k", (8, 16, 90), law(8, 16, 90) + 1)  # a count the law gets wrong
     assert not counter.has_law("k")
+
+
+def test_a_law_with_work_shared_by_the_rows_of_a_batch():
+    """Work done once per batch for its positions (transformers 5.17's rotary tables, a
+    matmul over ``[1, T]``) is the law's ``T`` term; a run with one batch size learns its law
+    from as many shapes as before the term (three lengths and one to verify)."""
+
+    def flops(b, t):
+        return 7 * b * t + 3 * b * t * t + 11 * b + 16 * t
+
+    counter = FlopCounter()
+    for dims in ((4, 9), (4, 17), (2, 11), (3, 5), (2, 6)):
+        counter._learn("k", dims, flops(*dims))
+    assert counter.has_law("k")
+    assert all(counter.known("k", d) == flops(*d) for d in ((5, 13), (8, 31), (1, 2)))
+    one_size = FlopCounter()
+    for t in (9, 17, 11, 5):
+        one_size._learn("k", (4, t), flops(4, t))
+    assert one_size.has_law("k") and one_size.known("k", (4, 40)) == flops(4, 40)
+    assert one_size.known("k", (3, 40)) is None  # another batch size: counted, not guessed
