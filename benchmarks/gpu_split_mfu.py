@@ -9,7 +9,7 @@ gradient) and an AdamW step. This times exactly that with cotune's own pieces (`
 second / the GPU's dense bf16 peak (`--peak-tflops`, default 989: H100/H200 SXM).
 
 Run on a GPU: python benchmarks/gpu_split_mfu.py [--cut 2 --batch 16 --seq 512]
-Smoke run on a CPU: python benchmarks/gpu_split_mfu.py --device cpu --tiny --peak-tflops 1
+Smoke run on a CPU: python benchmarks/gpu_split_mfu.py --device cpu --tiny --cut 1 --peak-tflops 1
 """
 
 from __future__ import annotations
@@ -50,6 +50,8 @@ def main() -> None:
     move_to(lm.model, device)
     adapters = inject_adapters(lm.model, PeftSection(r=16, alpha=32, target_modules=TARGETS))
     n = lm.anatomy.num_layers
+    if not 0 < args.cut < n:
+        ap.error(f"--cut {args.cut}: the server needs a block of the model's {n} (use 1..{n - 1})")
     server = lm.anatomy.segment(args.cut, n)
     params = [p for n_, p in adapters.named_trainable().items() if server.owns(n_)]
     opt = torch.optim.AdamW(params, lr=1e-4, foreach=True)

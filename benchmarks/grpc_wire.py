@@ -6,7 +6,9 @@
 3. A split step over gRPC vs the `local` engine, same job: the demo's splitfed on MiniLM, 4
    devices x batch 4 (host seconds per step between the first and last step records), with
    every device in its own process, and with ``--devices-per-process N`` also N devices per
-   process (`cotune launch --devices-per-process`), the arms alternating.
+   process (`cotune launch --devices-per-process`), the arms alternating. ``--random-base``
+   trains a randomly initialised BERT of MiniLM's shape instead (the same arithmetic per step;
+   for a machine without the MiniLM package, such as a lent GPU box: scripts/gpu_check.sh).
 
 Run: .venv/bin/python benchmarks/grpc_wire.py [--rtt 50] [--big-mib 256] [--steps 20]
      [--devices-per-process 1 4] [--launch-env GOMP_SPINCOUNT=20000]
@@ -33,6 +35,9 @@ from cotune.runtime.message_decode import decode_message
 from cotune.runtime.messages import Message, encode_message_pieces
 
 ROOT = Path(__file__).resolve().parents[1]
+# all-MiniLM-L6-v2's BERT dimensions (its vocabulary aside: a random base uses cotune's BPE).
+MINILM_SHAPE = {"hidden_size": 384, "num_hidden_layers": 6, "num_attention_heads": 12,
+                "intermediate_size": 1536}  # fmt: skip
 
 
 def echo_device(dialer: Dialer) -> None:
@@ -117,6 +122,7 @@ def split_ratio(
     repeats: int = 3,
     groupings: tuple[int, ...] = (1,),
     env: dict[str, str] | None = None,
+    random_base: bool = False,
 ) -> tuple[float, dict[tuple[int, bool], float]]:
     """Median host seconds per step: ``cotune run`` (the local engine) and ``cotune launch``
     with each grouping of devices per process, each arm its own command as a user runs it;
@@ -131,6 +137,8 @@ def split_ratio(
     d = read_yaml(ROOT / "configs/demo/splitfed.yaml")
     out = Path(tempfile.mkdtemp(prefix="grpc_wire_"))
     d["devices"]["count"] = 4
+    if random_base:
+        d["model"] = {**d["model"], "name_or_path": "random:bert", "random_config": MINILM_SHAPE}
     d["train"].update(steps=steps, batch_size=4)
     d["eval"] = {"every": 10_000, "max_examples": 8}
     d["output"] = {"checkpoint_every": 0, "save_adapter": False}
@@ -176,6 +184,8 @@ def main() -> None:
     ap.add_argument("--launch-env", nargs="*", default=[], metavar="KEY=VALUE",
                     help="(3) also launch each grouping with these environment variables "
                          "(e.g. GOMP_SPINCOUNT=20000)")  # fmt: skip
+    ap.add_argument("--random-base", action="store_true",
+                    help="(3) a random BERT of MiniLM's shape instead of MiniLM")  # fmt: skip
     args = ap.parse_args()
     raw = raw_grpc_rtt(args.rtt, 4 * 96 * 1024 * 4)
     ours, hub, dev = cotune_rtt(args.rtt)
@@ -194,12 +204,15 @@ def main() -> None:
     if args.no_split:
         return
     env = dict(kv.split("=", 1) for kv in args.launch_env)
-    local, remote = split_ratio(args.steps, args.repeats, tuple(args.devices_per_process), env)
+    local, remote = split_ratio(
+        args.steps, args.repeats, tuple(args.devices_per_process), env, args.random_base
+    )
+    base = "random MiniLM-shaped BERT" if args.random_base else "MiniLM"
     for (g, with_env), t in remote.items():
         ratio = t / local
         how = f"{g} per device process" + (f", {' '.join(args.launch_env)}" if with_env else "")
         print(
-            f"splitfed step (MiniLM, 4 devices x batch 4, {how}): local "
+            f"splitfed step ({base}, {os.cpu_count()} CPUs, 4 devices x batch 4, {how}): local "
             f"{local * 1e3:.1f} ms, gRPC {t * 1e3:.1f} ms, ratio {ratio:.3f} (target <= 1.10: "
             f"{'met' if ratio <= 1.10 else 'NOT met'})"
         )
