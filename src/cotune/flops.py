@@ -1,6 +1,7 @@
 """Counting the FLOPs of what actually ran, with torch's own counter (its formulas for matmuls,
-convolutions and attention; attention on a CPU too, below), for the simulator's meter and for the roles that count their own
-work (a cluster choice, an emulator's forward, a decoding step)."""
+convolutions and attention, and cotune's for the CPU's attention kernel, below), for the
+simulator's meter and for the roles that count their own work (a cluster choice, an
+emulator's forward, a decoding step)."""
 
 from __future__ import annotations
 
