@@ -42,11 +42,18 @@ def chat_format(cfg: RunConfig, tokenizer: Any, train: list[Any]) -> Any:
 
 
 def build_experiment(
-    cfg: RunConfig, run_dir: Path, *, quiet: bool, inputs: NodeInputs | None = None
+    cfg: RunConfig,
+    run_dir: Path,
+    *,
+    quiet: bool,
+    inputs: NodeInputs | None = None,
+    base_digest: bool = False,
 ):
     """Load data, tokenizer, model and adapters; partition; wire the engine. Touches no files.
     With ``inputs`` (a device of a deployed run with its own data file), device ``inputs.index``
-    holds all of ``inputs.data`` and no other device holds anything."""
+    holds all of ``inputs.data`` and no other device holds anything. With ``base_digest``, or
+    on a deployed run's server (engine grpc or ray), ``exp.base_digest`` fingerprints the
+    loaded base (``models.digest``) for the devices to check theirs against."""
     import torch
 
     from cotune.accel.placement import place_model
@@ -76,6 +83,11 @@ def build_experiment(
         vocab_size=tokenizer.vocab_size if tokenizer is not None else None,
         seed=cfg.seed,
     )
+    digest = None
+    if base_digest or cfg.engine.kind in ("grpc", "ray"):  # before adapters, placement
+        from cotune.models.digest import weights_digest
+
+        digest = weights_digest(loaded.model)
     place_model(loaded, cfg, device)  # quantized, on the server's device, computing as asked
     if tokenizer is None:
         tokenizer = build_tokenizer(loaded.tokenizer, [], cfg.data.bpe_vocab_size)
@@ -153,6 +165,7 @@ def build_experiment(
         tokenizer=tokenizer,
         peft_section=peft_cfg,
         ggm_allocation=ggm.to_json() if ggm is not None else None,
+        base_digest=digest,
     )
     exp.grid = make_grid(exp)
     preflight = get_preflight(cfg.paradigm.name)

@@ -63,6 +63,8 @@ class Experiment:
     peft_section: Any = None
     # GGM's setup: the components it kept and why (written to the run directory).
     ggm_allocation: dict[str, Any] | None = None
+    # CRC32C of the loaded base's tensors, by name (deployed runs: the devices check theirs).
+    base_digest: dict[str, str] | None = None
 
     @property
     def task(self) -> str:

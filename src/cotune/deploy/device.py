@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from cotune.deploy.device_grid import DeviceGrid
-from cotune.deploy.device_inputs import own_inputs, with_chat_template
+from cotune.deploy.device_inputs import check_base, own_inputs, with_chat_template
 from cotune.deploy.frames import (
     BATCH,
     BYE,
@@ -101,7 +101,13 @@ class DeviceNode:
             update={"engine": cfg.engine.model_copy(update={"kind": "isolated"})}
         )
         inputs = None if data_file is None else own_inputs(dialer.node, welcome, cfg, data_file)
-        self.exp, _ = build_experiment(local, workdir, quiet=True, inputs=inputs)
+        self.exp, _ = build_experiment(local, workdir, quiet=True, inputs=inputs,
+                                       base_digest=welcome.get("base") is not None)  # fmt: skip
+        try:
+            check_base(welcome, self.exp.base_digest)  # else it would train another base
+        except CotuneError:
+            self.exp.grid.close()
+            raise
         self.host = RunNodes(self.exp, isolated=isolated)
         self.nodes = list(nodes) if nodes is not None else [dialer.node]
         self.roles: dict[str, Role] = {}

@@ -46,3 +46,35 @@ def own_inputs(node: str, welcome: dict[str, Any], cfg: Any, data_file: Path) ->
         tokenizer = Tokenizer(bpe=BPE.from_str(welcome["tokenizer"]))
     log.info("%s: %d training examples from %s", node, len(data.train), data_file)
     return NodeInputs(data, tokenizer, index)
+
+
+def check_base(welcome: dict[str, Any], digest: dict[str, str] | None) -> None:
+    """ModelError unless this device's base (``digest``, ``models.digest``) is the server's
+    (the welcome's ``base``): else it would train against another base without an error."""
+    from cotune.errors import ModelError, ProtocolError
+    from cotune.models.digest import digest_differences, library_versions
+
+    theirs = welcome.get("base")
+    if theirs is None or digest is None:  # a server from before the check: nothing to compare
+        return
+    if not isinstance(theirs, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in theirs.items()
+    ):
+        raise ProtocolError("the server's welcome: 'base' is not a digest by tensor name")
+    differ = digest_differences(theirs, digest)
+    if not differ:
+        return
+    shown = ", ".join(differ[:3]) + (f" and {len(differ) - 3} more" if len(differ) > 3 else "")
+
+    def releases(v: Any) -> str:
+        v = v if isinstance(v, dict) else {}
+        return ", ".join(
+            f"{k} {str(v.get(k, '?'))[:40]}" for k in ("cotune", "torch", "transformers")
+        )
+
+    raise ModelError(
+        f"the base model here is not the server's: {len(differ)} of {len(theirs)} tensors "
+        f"differ ({shown}). Both sides must load the same checkpoint for model.name_or_path "
+        f"(a random: model, the same torch and transformers releases); server: "
+        f"{releases(welcome.get('versions'))}; this device: {releases(library_versions())}"
+    )

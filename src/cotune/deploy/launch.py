@@ -103,10 +103,15 @@ def deployed_grid(exp: Any) -> Any:
 def welcome(exp: Any) -> dict[str, Any]:
     """What a joining device is told: the run's config and, for a device that brings its own
     data, the run's label/domain names (its ids) and the tokenizer the server trained, if any;
-    the chat template's text when the config names a file (the device may not have it)."""
+    the chat template's text when the config names a file (the device may not have it); the
+    digest of the server's base and the library releases that made it (the device compares)."""
+    from cotune.models.digest import library_versions
+
     tok = exp.tokenizer
     chat = tok.chat if tok is not None else None
     return {
+        "base": exp.base_digest,
+        "versions": library_versions(),
         "config": exp.cfg.to_dict(),
         "labels": exp.data.label_names,
         "domains": exp.data.domain_names,

@@ -1,0 +1,48 @@
+"""A fingerprint of a model's pretrained weights, so that a deployed device can tell whether it
+holds the server's frozen base.
+
+A device loads the base itself, from its own copy of the checkpoint, or builds a ``random:``
+model from the run's seed with its own transformers: a different file at the configured path,
+or a release that initialises random models otherwise, gives another base that trains without
+an error, against adapters and cut activations made for the server's. The server sends its
+digest with the welcome; a device whose own differs does not join (``deploy/device.py``).
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+
+import crc32c
+import torch
+from torch import nn
+
+
+def weights_digest(model: nn.Module) -> dict[str, str]:
+    """CRC32C of every parameter's bytes, by name (taken before adapters are injected or the
+    model is placed: what was loaded, whatever the node's device or quantization)."""
+    out = {}
+    for name, p in model.named_parameters():
+        if p.is_meta:
+            continue
+        t = p.detach()
+        if t.device.type != "cpu":
+            t = t.cpu()
+        raw = t.contiguous().view(-1).view(torch.uint8)  # its bytes, whatever its dtype
+        out[name] = f"{crc32c.crc32c(raw.numpy()):08x}"
+    return out
+
+
+def digest_differences(ours: dict[str, str], theirs: dict[str, str]) -> list[str]:
+    """The tensor names whose digests differ, or that only one side has (sorted)."""
+    return sorted(n for n in ours.keys() | theirs.keys() if ours.get(n) != theirs.get(n))
+
+
+def library_versions() -> dict[str, str]:
+    """The releases that decide what a base is and computes: shown beside a mismatch."""
+    out = {}
+    for name in ("cotune", "torch", "transformers"):
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
