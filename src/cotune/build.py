@@ -53,7 +53,7 @@ def build_experiment(
     With ``inputs`` (a device of a deployed run with its own data file), device ``inputs.index``
     holds all of ``inputs.data`` and no other device holds anything. With ``base_digest``, or
     on a deployed run's server (engine grpc or ray), ``exp.base_digest`` fingerprints the
-    loaded base (``models.digest``) for the devices to check theirs against."""
+    loaded base and its tokenizer (``models.digest``) for the devices to check theirs against."""
     import torch
 
     from cotune.accel.placement import place_model
@@ -91,6 +91,10 @@ def build_experiment(
     place_model(loaded, cfg, device)  # quantized, on the server's device, computing as asked
     if tokenizer is None:
         tokenizer = build_tokenizer(loaded.tokenizer, [], cfg.data.bpe_vocab_size)
+    if digest is not None:  # a device's text must become the ids the server's model reads
+        from cotune.models.digest import VOCABULARY, vocabulary_digest
+
+        digest[VOCABULARY] = vocabulary_digest(tokenizer)
     tokenizer.chat = chat_format(cfg, tokenizer, data.train)
     train_set = encode_dataset(data.train, tokenizer, cfg.model.max_length, task).on(device)
     test_examples = data.test

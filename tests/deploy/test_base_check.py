@@ -17,7 +17,9 @@ def test_a_device_with_the_servers_base_passes_and_another_is_refused_with_the_n
     check_base({"base": BASE}, dict(BASE))
     check_base({}, dict(BASE))  # a server that sends no digest: nothing to compare
     versions = {"cotune": "0.1.0", "torch": "2.11.0", "transformers": "5.17.0"}
-    with pytest.raises(ModelError, match=r"1 of 2 tensors differ \(h\.1\.w\)") as err:
+    with pytest.raises(
+        ModelError, match=r"1 of its 2 tensors and vocabulary differ \(h\.1\.w\)"
+    ) as err:
         check_base({"base": BASE, "versions": versions}, {**BASE, "h.1.w": "0000000c"})
     assert "server: cotune 0.1.0, torch 2.11.0, transformers 5.17.0" in str(err.value)
     assert "this device: cotune " in str(err.value)
@@ -39,5 +41,5 @@ def test_a_device_whose_base_differs_from_the_servers_is_refused(tiny_config, mo
 
     monkeypatch.setattr(launch_module, "welcome", tampered)
     cfg = tiny_config(name="other-base", paradigm={"name": "fedavg"}, engine={"join_timeout_s": 60})
-    with pytest.raises(PeerUnavailable, match=r"base model here is not the server's: 1 of \d+"):
+    with pytest.raises(PeerUnavailable, match=r"base model here is not the server's: 1 of its \d+"):
         launch_module.launch(cfg, quiet=True, report=False)

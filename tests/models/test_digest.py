@@ -3,8 +3,14 @@
 import torch
 
 from cotune.config import ModelSection
+from cotune.data import build_tokenizer
 from cotune.models import load_model
-from cotune.models.digest import digest_differences, library_versions, weights_digest
+from cotune.models.digest import (
+    digest_differences,
+    library_versions,
+    vocabulary_digest,
+    weights_digest,
+)
 
 
 def random_gpt2(seed=0, dtype="float32"):
@@ -34,3 +40,16 @@ def test_every_dtype_is_read_as_its_bytes_and_missing_tensors_count():
     assert digest_differences(a, {"x": "00000001"}) == ["y"]
     assert digest_differences(a, {**a, "z": "00000003"}) == ["z"]
     assert set(library_versions()) == {"cotune", "torch", "transformers"}
+
+
+def test_a_tokenizer_is_known_by_its_vocabulary():
+    """The run's own BPE (a random model's) and an HF tokenizer: the same vocabulary gives the
+    same digest, another vocabulary another one."""
+    texts = ["the cat sat on the mat", "a dog ate the bone"] * 20
+    a, b = build_tokenizer(None, texts, 300), build_tokenizer(None, texts, 300)
+    other = build_tokenizer(None, ["entirely different words here"] * 40, 300)
+    assert vocabulary_digest(a) == vocabulary_digest(b) != vocabulary_digest(other)
+    minilm = load_model(ModelSection(name_or_path="minilm", task="classification"), num_labels=2)
+    hf = build_tokenizer(minilm.tokenizer, [], 300)
+    assert vocabulary_digest(hf) == vocabulary_digest(build_tokenizer(minilm.tokenizer, [], 300))
+    assert vocabulary_digest(hf) != vocabulary_digest(a)

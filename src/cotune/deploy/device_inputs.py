@@ -73,8 +73,9 @@ def check_base(welcome: dict[str, Any], digest: dict[str, str] | None) -> None:
         )
 
     raise ModelError(
-        f"the base model here is not the server's: {len(differ)} of {len(theirs)} tensors "
-        f"differ ({shown}). Both sides must load the same checkpoint for model.name_or_path "
+        f"the base model here is not the server's: {len(differ)} of its {len(theirs)} tensors "
+        f"and vocabulary differ ({shown}). Both sides must load the same checkpoint and "
+        f"tokenizer for model.name_or_path "
         f"(a random: model, the same torch and transformers releases); server: "
         f"{releases(welcome.get('versions'))}; this device: {releases(library_versions())}"
     )

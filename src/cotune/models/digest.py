@@ -11,6 +11,8 @@ digest with the welcome; a device whose own differs does not join (``deploy/devi
 from __future__ import annotations
 
 import importlib.metadata
+import json
+from typing import Any
 
 import crc32c
 import torch
@@ -30,6 +32,20 @@ def weights_digest(model: nn.Module) -> dict[str, str]:
         raw = t.contiguous().view(-1).view(torch.uint8)  # its bytes, whatever its dtype
         out[name] = f"{crc32c.crc32c(raw.numpy()):08x}"
     return out
+
+
+#: The welcome's entry for the tokenizer, beside the tensors' (no parameter name has a space).
+VOCABULARY = "tokenizer vocabulary"
+
+
+def vocabulary_digest(tokenizer: Any) -> str:
+    """CRC32C of a tokenizer's vocabulary (token -> id, added tokens included) with its pad and
+    eos ids: what turns a device's own text into the ids the server's model reads. ``tokenizer``
+    is cotune's (``data.tokenizer.Tokenizer``: an HF tokenizer or the run's own BPE)."""
+    source = tokenizer.hf if tokenizer.hf is not None else tokenizer.bpe
+    vocab = sorted(source.get_vocab().items(), key=lambda kv: (kv[1], kv[0]))
+    text = json.dumps([vocab, tokenizer.pad_id, tokenizer.eos_id], ensure_ascii=False)
+    return f"{crc32c.crc32c(text.encode()):08x}"
 
 
 def digest_differences(ours: dict[str, str], theirs: dict[str, str]) -> list[str]:
