@@ -10,7 +10,6 @@ digest with the welcome; a device whose own differs does not join (``deploy/devi
 
 from __future__ import annotations
 
-import importlib.metadata
 import json
 from typing import Any
 
@@ -26,10 +25,7 @@ def weights_digest(model: nn.Module) -> dict[str, str]:
     for name, p in model.named_parameters():
         if p.is_meta:
             continue
-        t = p.detach()
-        if t.device.type != "cpu":
-            t = t.cpu()
-        raw = t.contiguous().view(-1).view(torch.uint8)  # its bytes, whatever its dtype
+        raw = p.detach().cpu().contiguous().view(-1).view(torch.uint8)  # bytes, any dtype
         out[name] = f"{crc32c.crc32c(raw.numpy()):08x}"
     return out
 
@@ -54,11 +50,14 @@ def digest_differences(ours: dict[str, str], theirs: dict[str, str]) -> list[str
 
 
 def library_versions() -> dict[str, str]:
-    """The releases that decide what a base is and computes: shown beside a mismatch."""
-    out = {}
-    for name in ("cotune", "torch", "transformers"):
-        try:
-            out[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            out[name] = "not installed"
-    return out
+    """The releases that decide what a base is and computes: shown beside a mismatch (the
+    modules' own versions, which a run from a source tree has too)."""
+    import transformers
+
+    import cotune
+
+    return {
+        "cotune": cotune.__version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+    }
