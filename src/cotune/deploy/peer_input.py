@@ -4,11 +4,11 @@ is a ``ProtocolError`` naming it, or is logged and left out, never the run's end
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 from cotune.errors import CotuneError, ProtocolError
 from cotune.runtime.codecs import get_codec
+from cotune.runtime.validate import finite_number
 
 
 def text(value: Any, limit: int = 200) -> str | None:
@@ -33,11 +33,6 @@ def tick_result(node: str, kind: str, value: Any) -> float | None:
     norm) or nothing; anything else from a peer is a protocol error naming it."""
     if value is None:
         return None
-    if not finite(value):
+    if not finite_number(value):
         raise ProtocolError(f"{node} answered its {kind!r} event with {value!r}, not a number")
     return float(value)
-
-
-def finite(value: Any) -> bool:
-    """A peer's number: an int or float (not a bool, a string or a container) and finite."""
-    return type(value) in (int, float) and math.isfinite(value)

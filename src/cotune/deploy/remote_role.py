@@ -13,11 +13,11 @@ from cotune.deploy.frames import (
     SNAPSHOT,
     TICK,
 )
-from cotune.deploy.peer_input import finite
 from cotune.deploy.states import check_state, dump_state, load_state
 from cotune.errors import PeerUnavailable, ProtocolError
 from cotune.runtime.engine import Role
 from cotune.runtime.messages import Message
+from cotune.runtime.validate import finite_number
 
 if TYPE_CHECKING:
     from cotune.deploy.server import GrpcEngine
@@ -81,7 +81,7 @@ class RemoteRole(Role):
         if not isinstance(values, dict):
             values = {"": values}
         kept = {
-            str(k): float(v) for k, v in values.items() if finite(v)
+            str(k): float(v) for k, v in values.items() if finite_number(v)
         }  # a peer's measurements: numbers only (others are logged and left out)
         if len(kept) != len(values):
             log.warning("%s reported measurements that are not numbers: left out", self.role_id)

@@ -22,12 +22,13 @@ from cotune.deploy.frames import (
     SEND,
     Frame,
 )
-from cotune.deploy.peer_input import check_codec, finite
+from cotune.deploy.peer_input import check_codec
 from cotune.deploy.transport import Closed
 from cotune.errors import DivergenceError, PeerUnavailable, ProtocolError
 from cotune.jsonsafe import is_count
 from cotune.runtime.message_decode import decode_message
 from cotune.runtime.messages import encode_message_pieces
+from cotune.runtime.validate import finite_number
 
 log = logging.getLogger(__name__)
 
@@ -120,10 +121,10 @@ class DeviceFrames:
                 sink.memory(role, key, lambda: est)
                 return
             flops, rnd = h["flops"], h.get("round", 0)
-            if type(rnd) is not int or not (finite(flops) and flops >= 0):
+            if type(rnd) is not int or not (finite_number(flops) and flops >= 0):
                 raise ValueError(f"flops={flops!r}, round={rnd!r}")
             after = h.get("after")
-            if after is not None and not finite(after):
+            if after is not None and not finite_number(after):
                 raise ValueError(f"after={after!r}")
             waits_for = h.get("waits_for")
             if waits_for is not None and not isinstance(waits_for, str):

@@ -67,6 +67,13 @@ def all_finite(tensor: torch.Tensor) -> bool:
 _REQUIRED: Any = object()
 
 
+def finite_number(value: Any) -> bool:
+    """A peer's number: an int or float (not a bool, a string or a container) and finite.
+    Subclasses count (NumPy's float64, which the in-process engine hands over unencoded); a
+    decoded message only ever holds plain ints and floats."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def meta_number(
     msg: Any, key: str, default: Any = _REQUIRED, *, minimum: float | None = None
 ) -> float:
@@ -77,8 +84,7 @@ def meta_number(
     value = msg.meta.get(key, default)
     if value is _REQUIRED:
         raise ProtocolError(f"{msg.describe()}: meta {key!r} is missing")
-    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-    if not ok or (minimum is not None and value < minimum):
+    if not finite_number(value) or (minimum is not None and value < minimum):
         want = "a finite number" + (f" >= {minimum:g}" if minimum is not None else "")
         raise ProtocolError(f"{msg.describe()}: meta {key!r} is {value!r}, expected {want}")
     return float(value)
