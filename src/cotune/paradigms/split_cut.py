@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -56,6 +57,26 @@ def check_cut(
             f"{name}: tensor 'labels'", msg.tensors["labels"], shape=shape, dtype=torch.long
         )
     return msg
+
+
+def admit_upload(
+    msg: Message,
+    check: Callable[[Message], Any],
+    queue: list[tuple[float, int, Message]],
+    bad: list[tuple[str, str]],
+    on_bad_message: str,
+) -> None:
+    """A split server's intake of a device's cut upload: queued by arrival once ``check``
+    passes; a ``ProtocolError`` ends the run under ``on_bad_message: stop``, else the device
+    and the error go to ``bad`` (the server rejects that device's step) and the run goes on."""
+    try:
+        check(msg)
+    except ProtocolError as err:
+        if on_bad_message == "stop":
+            raise
+        bad.append((msg.sender, str(err)))
+        return
+    queue.append((msg.arrival or 0.0, len(queue), msg))
 
 
 @dataclass

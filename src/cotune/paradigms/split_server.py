@@ -21,6 +21,7 @@ from cotune.paradigms.split_cut import (
     Layout,
     StepLog,
     activation_dtype,
+    admit_upload,
     check_cut,
     clip_coef,
     global_clip,
@@ -66,15 +67,7 @@ class SplitServer(PooledServing, Role):
         ) = None
 
     def on_activations(self, msg: Message) -> None:
-        try:
-            self._check(msg)
-        except ProtocolError as err:
-            if self.opts.on_bad_message == "stop":
-                raise
-            self.bad.append((msg.sender, str(err)))
-            return None
-        self.queue.append((msg.arrival or 0.0, len(self.queue), msg))
-        return None
+        admit_upload(msg, self._check, self.queue, self.bad, self.opts.on_bad_message)
 
     def on_norm(self, msg: Message) -> None:
         self.norms[msg.sender] = meta_number(msg, "device_sq", minimum=0.0)

@@ -29,7 +29,13 @@ from cotune.models import Activations, Segment, segment_loss
 from cotune.models.packing import padding_free, token_dims
 from cotune.paradigms.base import Experiment, ParadigmResult, mean, parse_options
 from cotune.paradigms.options import SplitFrozenOptions
-from cotune.paradigms.split_cut import activation_dtype, check_cut, segment_memory, side_reg
+from cotune.paradigms.split_cut import (
+    activation_dtype,
+    admit_upload,
+    check_cut,
+    segment_memory,
+    side_reg,
+)
 from cotune.runtime import Message, Role
 from cotune.runtime.ids import SERVER
 from cotune.runtime.node import NodeContext
@@ -196,16 +202,13 @@ class FrozenServer(Role):
         self.dtype = activation_dtype(ctx.cfg)
 
     def on_activations(self, msg: Message) -> None:
-        try:
-            check_cut(msg, hidden_size=self.ctx.model.loaded.anatomy.hidden_size,
-                      dtype=self.dtype, task=self.ctx.task, labels=True)  # fmt: skip
-        except ProtocolError as err:
-            if self.opts.on_bad_message == "stop":
-                raise
-            self.skipped.append((msg.sender, str(err)))
-            return None
-        self.queue.append((msg.arrival or 0.0, len(self.queue), msg))
-        return None
+        hidden = self.ctx.model.loaded.anatomy.hidden_size
+
+        def check(m: Message) -> Message:
+            return check_cut(m, hidden_size=hidden, dtype=self.dtype, task=self.ctx.task,
+                             labels=True)  # fmt: skip
+
+        admit_upload(msg, check, self.queue, self.skipped, self.opts.on_bad_message)
 
     def serve(self, step: int) -> list[float]:
         """Train on the step's uploads in the order they arrived: one update per
