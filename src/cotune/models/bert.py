@@ -81,7 +81,7 @@ class BertAnatomy(Anatomy):
         size = sa.attention_head_size
         if keep is not None:  # bidirectional: the kept query sees every key under the key mask
             x_out = x.index_select(0, keep)
-            q = sa.query(x_out).view(packing.batch, 1, -1, size).transpose(1, 2)
+            q = packing.row_heads(sa.query(x_out), size)
         else:
             x_out = x
             q = packing.heads(sa.query(x), size)
@@ -94,11 +94,7 @@ class BertAnatomy(Anatomy):
             dropout_p=sa.dropout.p if sa.training else 0.0,
             scale=sa.scaling,
         )
-        if keep is not None:
-            att = att.transpose(1, 2).reshape(packing.batch, -1)
-        else:
-            att = packing.tokens_of(att)
-        a = layer.attention.output(att, x_out)
+        a = layer.attention.output(packing.attention_tokens(att, keep), x_out)
         return layer.output(layer.intermediate(a), a)
 
     def run_head(self, hidden: Tensor, attention_mask: Tensor) -> Tensor:

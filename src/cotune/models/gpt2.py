@@ -72,7 +72,7 @@ class GPT2Anatomy(Anatomy):
             queries, causal = packing.heads(q, size), mask is None
         else:
             x = x.index_select(0, keep)
-            queries = q.index_select(0, keep).view(packing.batch, 1, -1, size).transpose(1, 2)
+            queries = packing.row_heads(q.index_select(0, keep), size)
             mask, causal = packing.query_rows(mask, packing.columns(keep)), False
         att = F.scaled_dot_product_attention(
             queries,
@@ -83,8 +83,7 @@ class GPT2Anatomy(Anatomy):
             dropout_p=attn.attn_dropout.p if attn.training else 0.0,
             scale=attn.scaling,
         )
-        att = packing.tokens_of(att) if keep is None else att.transpose(1, 2).reshape(len(x), -1)
-        x = x + attn.resid_dropout(attn.c_proj(att))
+        x = x + attn.resid_dropout(attn.c_proj(packing.attention_tokens(att, keep)))
         return x + layer.mlp(layer.ln_2(x))
 
     def embed_at(self, input_ids: Tensor, start: int) -> Tensor:

@@ -98,7 +98,7 @@ class LlamaAnatomy(Anatomy):
         else:
             assert keep is not None
             x, h, cols = x.index_select(0, keep), h.index_select(0, keep), packing.columns(keep)
-            q = attn.q_proj(h).view(packing.batch, 1, -1, size).transpose(1, 2)
+            q = packing.row_heads(attn.q_proj(h), size)
             # The family's own rotation rotates a pair; the unused half is given one key head
             # (rotating ``k`` twice would double this elementwise work).
             _, k = rotate(k[:, :1], k, cos, sin)  # every key at its own position
@@ -115,8 +115,7 @@ class LlamaAnatomy(Anatomy):
             scale=attn.scaling,
             enable_gqa=k.shape[1] != q.shape[1],
         )
-        att = packing.tokens_of(att) if keep is None else att.transpose(1, 2).reshape(len(x), -1)
-        x = x + attn.o_proj(att)
+        x = x + attn.o_proj(packing.attention_tokens(att, keep))
         return x + layer.mlp(layer.post_attention_layernorm(x))
 
     def embed_at(self, input_ids: Tensor, start: int) -> Tensor:

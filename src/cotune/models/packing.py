@@ -98,6 +98,19 @@ class Packing:
         """An attention output ``[B, heads, T, size]`` → its real tokens ``[N, heads*size]``."""
         return self.pack(att.transpose(1, 2).reshape(self.batch, self.width, -1))
 
+    def row_heads(self, y: Tensor, size: int) -> Tensor:
+        """One kept token's projection per row ``[B, heads*size]`` → ``[B, heads, 1, size]``
+        (a block that keeps only the token its consumer reads queries with those alone)."""
+        return y.view(self.batch, 1, -1, size).transpose(1, 2)
+
+    def row_tokens(self, att: Tensor) -> Tensor:
+        """The attention output of one query per row ``[B, heads, 1, size]`` → ``[B, heads*size]``."""
+        return att.transpose(1, 2).reshape(self.batch, -1)
+
+    def attention_tokens(self, att: Tensor, keep: Tensor | None) -> Tensor:
+        """A block's attention output back to tokens: every real one, or the kept one per row."""
+        return self.tokens_of(att) if keep is None else self.row_tokens(att)
+
     def group_tokens(self, rows: Sequence[int]) -> list[int]:
         """Real tokens of consecutive row groups (a cohort's ``rows``)."""
         out, start = [], 0
