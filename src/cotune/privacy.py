@@ -12,8 +12,10 @@ charges each device one unsampled Gaussian mechanism per round it took part in.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Mapping
+import warnings
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -31,6 +33,41 @@ def _accountant_class(kind: str) -> Any:
     return {"rdp": RDPAccountant, "prv": PRVAccountant}[kind]
 
 
+def _wider_orders(default: list[float]) -> list[float]:
+    """RDP orders past Opacus's default grid (1.1 to 63): down to 1.01, and up to 4096 5%
+    apart."""
+    high, x = [], 64.0
+    while x <= 4096:
+        high.append(float(round(x)))
+        x *= 1.05
+    return [1 + k / 100 for k in range(1, 10)] + list(default) + high
+
+
+def _at_grid_edge(order: float, default: list[float]) -> bool:
+    return order <= default[0] or order >= default[-1]
+
+
+def rdp_epsilon(accountant: Any, delta: float) -> float:
+    """An RDP accountant's epsilon at ``delta``, at the order that bounds it tightest. Much
+    noise over few rounds is tightest above the default grid's last order (63), very little
+    noise below its first (1.1): there the default bound is loose (2-5x at strong noise) and
+    Opacus warns, so the grid is widened (~20x the work, which is why not always)."""
+    with _edge_warnings_ignored():  # answered by the wider grid (or inf: no noise at all)
+        eps, order = accountant.get_privacy_spent(delta=delta)
+        if not _at_grid_edge(order, accountant.DEFAULT_ALPHAS):
+            return float(eps)
+        grid = _wider_orders(accountant.DEFAULT_ALPHAS)
+        return float(accountant.get_privacy_spent(delta=delta, alphas=grid)[0])
+
+
+@contextlib.contextmanager
+def _edge_warnings_ignored() -> Iterator[None]:
+    """Opacus's warning that the best order sits at the edge of the grid it was given."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Optimal order is the (largest|smallest)")
+        yield
+
+
 def default_delta(population: int) -> float:
     """``1 / n^1.1``: below one over the number of devices, as user-level DP asks."""
     return 1.0 / max(2, population) ** 1.1
@@ -39,13 +76,38 @@ def default_delta(population: int) -> float:
 def noise_for_epsilon(
     target_epsilon: float, delta: float, sample_rate: float, rounds: int, accountant: str
 ) -> float:
-    """The noise multiplier that spends ``target_epsilon`` over ``rounds`` releases."""
-    _accountant_class(accountant)
+    """The noise multiplier that spends ``target_epsilon`` over ``rounds`` releases (RDP: at
+    the tightest order, as ``rdp_epsilon`` accounts it)."""
+    cls = _accountant_class(accountant)
     from opacus.accountants.utils import get_noise_multiplier
 
-    return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta,
-                                      sample_rate=sample_rate, steps=rounds,
-                                      accountant=accountant))  # fmt: skip
+    def search(**orders: Any) -> float:
+        with _edge_warnings_ignored():  # the search's tries far from the answer: not news
+            return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta,
+                                              sample_rate=sample_rate, steps=rounds,
+                                              accountant=accountant, **orders))  # fmt: skip
+
+    try:
+        sigma, edge = search(), accountant == "rdp"
+        if edge:  # found on the default grid: does its best order sit at the grid's edge?
+            acc = cls()
+            acc.history = [(sigma, sample_rate, rounds)]
+            with _edge_warnings_ignored():
+                edge = _at_grid_edge(acc.get_privacy_spent(delta=delta)[1], cls.DEFAULT_ALPHAS)
+        if edge:
+            sigma = search(alphas=_wider_orders(cls.DEFAULT_ALPHAS))
+        return sigma
+    except ValueError as err:  # no noise up to Opacus's limit spends that little
+        if accountant == "rdp":  # the default grid cannot bound below ~0.1 at any noise
+            try:
+                return search(alphas=_wider_orders(cls.DEFAULT_ALPHAS))
+            except ValueError:
+                pass
+        raise ConfigError(
+            f"train.dp.target_epsilon: {target_epsilon:g} cannot be spent over {rounds} "
+            f"release(s) at sampling rate {sample_rate:g} and delta {delta:g} by any noise "
+            f"multiplier Opacus considers ({err}); ask for a larger epsilon or delta"
+        ) from None
 
 
 class PrivacyLedger:
@@ -64,7 +126,10 @@ class PrivacyLedger:
         """The largest epsilon anyone has spent at ``delta`` (None before any release)."""
         if not self._accountants:
             return None
-        eps = [a.get_epsilon(delta=self.delta) for a in self._accountants.values()]
+        if self.kind == "rdp":
+            eps = [rdp_epsilon(a, self.delta) for a in self._accountants.values()]
+        else:
+            eps = [a.get_epsilon(delta=self.delta) for a in self._accountants.values()]
         return float(max(eps))
 
     def state_dict(self) -> dict[str, list]:
