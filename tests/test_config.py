@@ -56,6 +56,24 @@ def test_wrong_type_names_field_and_value(tmp_path):
     assert "train.batch_size" in str(e.value) and "lots" in str(e.value)
 
 
+def test_a_check_across_sections_reads_as_its_field_and_message(tmp_path):
+    """A check over the whole config names its fields itself: no '<root>' or pydantic's
+    'Value error,' before it; one that starts with a dotted field is keyed by it."""
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, "name: x\n"), ["data.chat_template=chatml"])
+    line = str(e.value).splitlines()[1]
+    assert (
+        line
+        == "  data.chat_template: conversations are for model.task=causal_lm, not classification"
+    )
+    with pytest.raises(ConfigError) as e:
+        load_config(
+            write(tmp_path, "name: x\n"), ["eval.target_accuracy=0.5", "model.task=causal_lm"]
+        )
+    line = str(e.value).splitlines()[1]
+    assert line == "  eval.target_accuracy needs model.task=classification"
+
+
 def test_bad_yaml_names_line(tmp_path):
     with pytest.raises(ConfigError, match=r"c.yaml:2"):
         load_config(write(tmp_path, "name: x\n  bad: indent\nfoo: 1\n"))

@@ -16,8 +16,15 @@ from cotune.errors import ConfigError
 def _format_validation_error(err: ValidationError, source: str) -> str:
     lines = [f"invalid config ({source}):"]
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"]) or "<root>"
-        msg = e["msg"]
+        loc = ".".join(str(p) for p in e["loc"])
+        msg = e["msg"].removeprefix("Value error, ")  # pydantic's word for a check's ValueError
+        if not loc:  # a check across sections: its message names the field(s) itself
+            head, sep, rest = msg.partition(": ")
+            if sep and all(part.isidentifier() for part in head.split(".")):
+                loc, msg = head, rest
+            else:
+                lines.append(f"  {msg}")
+                continue
         if e["type"] == "extra_forbidden":
             msg = "unknown key"
             parent = _section_for(e["loc"][:-1])
