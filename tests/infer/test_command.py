@@ -36,7 +36,11 @@ def test_infer_generates_with_a_distilled_drafter_and_prints_each_tokens_time(tm
     text = capsys.readouterr().out
     assert text.startswith("It is a truth") and "simulated TTFT" in text and "acceptance" in text
     res = json.loads((tmp_path / "out.json").read_text())
-    assert len(res["tokens"]) == 6 and len(res["simulated"]["token_times_s"]) == 6
+    # Six tokens, unless this random model ends its text sooner (then with <eos>, and said so).
+    n = len(res["tokens"])
+    assert 0 < n <= 6 and res["finish_reason"] in ("eos", "length")
+    assert n == 6 or res["finish_reason"] == "eos"
+    assert len(res["simulated"]["token_times_s"]) == n and len(res["host"]["token_times_s"]) == n
     assert res["simulated"]["device_profile"] == "phone-mid" and res["messages"] > 0
     assert res["prefill_chunk"] in [c["chunk"] for c in res["prefill_chunk_ttft_s"]]
     drafter = run_dir / "drafter" / "cut-1-1"

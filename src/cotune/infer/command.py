@@ -124,6 +124,8 @@ def infer(run_dir: Path, opts: InferOptions) -> dict[str, Any]:
         "model_input": text,  # the prompt as the model read it (its conversation, if any)
         "text": tokenizer.decode(out.tokens),
         "tokens": out.tokens,
+        # Why it stopped: the model ended the text, or --max-new-tokens.
+        "finish_reason": "eos" if out.tokens and out.tokens[-1] == tokenizer.eos_id else "length",
         "pieces": pieces,
         "options": asdict(opts),
         "prefill_chunk": chunk,
