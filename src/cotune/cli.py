@@ -121,7 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--token-dir", type=Path, default=None,
                    help="a directory of <id>.token files (`cotune certs` output): each device's "
                         "token")  # fmt: skip
-    d.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the server")
+    d.add_argument("--timeout", type=float, default=60.0,
+                   help="seconds to wait for the server to listen and welcome this device "
+                        "(a device may start first)")  # fmt: skip
     d.add_argument("--retry", type=float, default=0.0,
                    help="keep reconnecting this many seconds after a lost connection")  # fmt: skip
     d.add_argument("--data", type=Path, default=None,

@@ -416,3 +416,63 @@ def test_a_batch_frames_wire_bytes_are_shared_out_by_message_size():
     links = [SimpleNamespace(bytes_out=1000 + 1001), SimpleNamespace(bytes_out=7)]
     _share_wire_bytes(1001, links, [300, 600])  # the frame's 1001 bytes went on links[0]
     assert [link.bytes_out for link in links] == [1000 + 334, 7 + 667]
+
+
+def _free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_a_device_started_before_its_server_waits_for_it_and_joins(certs):
+    """`cotune device` may start before `cotune serve` listens (the server still loading its
+    model): the dial tries again until its timeout instead of giving up at once."""
+    import threading
+    import time
+
+    from cotune.deploy.connect import _dial
+
+    port, sec, box = _free_port(), Security(tls_dir=certs), {}
+
+    def serve_later():
+        time.sleep(1.5)
+        box["hub"] = Hub(f"127.0.0.1:{port}", sec, read_tokens(str(certs / "tokens.yaml")),
+                         {"config": {"name": "late"}})  # fmt: skip
+
+    later = threading.Thread(target=serve_later)
+    later.start()
+    try:
+        dialer, welcome = _dial(f"127.0.0.1:{port}", "device-0", tokens(certs)["device-0"], sec,
+                                connect_timeout=30)  # fmt: skip
+        assert welcome.type == WELCOME and welcome.header["config"] == {"name": "late"}
+        dialer.close()
+    finally:
+        later.join()
+        box["hub"].close()
+
+
+def test_a_dial_that_cannot_succeed_fails_with_what_grpc_said(certs, tmp_path):
+    import time
+
+    from cotune.deploy.connect import _dial
+    from cotune.errors import PeerUnavailable
+
+    tok = tokens(certs)["device-0"]
+    # A server it does not trust: at once, with the TLS failure (no waiting out the timeout).
+    other = make_certs(tmp_path / "other", ["device-0"], ["localhost"])
+    h = hub(Security(tls_dir=certs), read_tokens(str(certs / "tokens.yaml")))
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(
+            PeerUnavailable, match=r"could not connect to .*: UNAVAILABLE: .*[Hh]andshake"
+        ):
+            _dial(h.address, "device-0", tok, Security(tls_dir=other), connect_timeout=60)
+        assert time.monotonic() - t0 < 20
+    finally:
+        h.close()
+    # Nobody listening until the timeout: gRPC's refusal is the reason given.
+    with pytest.raises(PeerUnavailable, match="Connection refused"):
+        _dial(f"127.0.0.1:{_free_port()}", "device-0", tok, Security(tls_dir=certs),
+              connect_timeout=2)  # fmt: skip

@@ -79,19 +79,42 @@ def run_device(
         time.sleep(1.0)
 
 
+def _not_up_yet(why: str) -> bool:
+    """gRPC's words for a server that is not listening (yet, or while it restarts), as opposed
+    to one that answered wrongly (TLS, plain text) or a name that does not resolve."""
+    return "Connection refused" in why
+
+
 def _dial(
     server: str, node: str, token: str, security: Security, connect_timeout: float
 ) -> tuple[Dialer, Frame]:
-    """A stream to ``server`` as ``node``, and the server's welcome on it."""
-    dialer = Dialer(server, node, token, security)
-    try:
-        first = dialer.inbound.get(timeout=connect_timeout)
-    except queue.Empty:
+    """A stream to ``server`` as ``node``, and the server's welcome on it. A server that is not
+    listening yet is tried again, once a second, until ``connect_timeout`` (devices may start
+    before the server has loaded its model); any other failure ends the dial at once with what
+    gRPC said."""
+    import time
+
+    deadline, said = time.monotonic() + connect_timeout, False
+    while True:
+        dialer = Dialer(server, node, token, security)
+        try:
+            first = dialer.inbound.get(timeout=max(0.0, deadline - time.monotonic()))
+        except queue.Empty:
+            dialer.close()
+            raise PeerUnavailable(
+                f"no answer from {server} within {connect_timeout:.0f} s"
+            ) from None
+        if first is not None:
+            break
         dialer.close()
-        raise PeerUnavailable(f"no answer from {server} within {connect_timeout:.0f} s") from None
-    if first is None:
-        dialer.close()
-        raise PeerUnavailable(f"could not connect to {server}")
+        why = dialer.ended_by or "the stream ended"
+        if not _not_up_yet(why) or time.monotonic() + 1.0 > deadline:
+            raise PeerUnavailable(f"could not connect to {server}: {why}")
+        if not said:
+            log.info("%s: %s is not listening yet; trying again for up to %.0f s", node,
+                     server, deadline - time.monotonic())  # fmt: skip
+            said = True
+        time.sleep(1.0)
     if first.type == REFUSED:
         dialer.close()
         raise DeviceRefused(f"{server} refused {node}: {first.header.get('error')}")

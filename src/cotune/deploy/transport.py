@@ -281,6 +281,16 @@ class Hub(Joining):
         self.server.stop(grace=1.0)
 
 
+def rpc_error_text(err: BaseException) -> str:
+    """What gRPC says ended a call: its status and details (e.g. ``UNAVAILABLE: failed to
+    connect to all addresses; ... Connection refused``), else the exception's own words."""
+    code, details = getattr(err, "code", None), getattr(err, "details", None)
+    if callable(code) and callable(details):
+        status = code()
+        return f"{getattr(status, 'name', status)}: {details()}"
+    return f"{type(err).__name__}: {err}"
+
+
 class Dialer:
     """A device's end: dial the server, say hello, then exchange frames."""
 
@@ -294,6 +304,7 @@ class Dialer:
             creds = client_credentials(grpc, security, node)
             self.channel = grpc.secure_channel(server, creds, options=_OPTIONS)
         self.node = node
+        self.ended_by = ""  # why the stream ended, as gRPC said (empty: it has not, or cleanly)
         self.inbound: queue.Queue[Frame | None] = queue.Queue()
         # Once joined to a process hosting several nodes (``join``): frames go to its queue,
         # each marked with this stream's node.
@@ -315,14 +326,18 @@ class Dialer:
             yield out
 
     def _read(self) -> None:
-        reader = Reassembler(MAX_FRAME)
+        reader, opened = Reassembler(MAX_FRAME), False
         try:
             for msg in self.responses:
                 frame = reader.add(msg)
                 if frame is not None:
+                    opened = True
                     self._deliver(frame)
         except Exception as err:  # noqa: BLE001 - the stream ended: the loop sees None
-            log.info("%s: stream ended (%s)", self.node, type(err).__name__)
+            self.ended_by = rpc_error_text(err)
+            # A stream that never opened is the dial's to report (it may try again).
+            log.log(logging.INFO if opened else logging.DEBUG, "%s: stream ended (%s)",
+                    self.node, self.ended_by)  # fmt: skip
         self._deliver(None)
 
     def _deliver(self, frame: Frame | None) -> None:
