@@ -465,11 +465,17 @@ def test_a_dial_that_cannot_succeed_fails_with_what_grpc_said(certs, tmp_path):
     h = hub(Security(tls_dir=certs), read_tokens(str(certs / "tokens.yaml")))
     try:
         t0 = time.monotonic()
-        with pytest.raises(
-            PeerUnavailable, match=r"could not connect to .*: UNAVAILABLE: .*[Hh]andshake"
-        ):
+        want = r"could not connect to .*: UNAVAILABLE: .*[Hh]andshake.*signed by this device's ca"
+        with pytest.raises(PeerUnavailable, match=want):
             _dial(h.address, "device-0", tok, Security(tls_dir=other), connect_timeout=60)
         assert time.monotonic() - t0 < 20
+    finally:
+        h.close()
+    # A server that asks for device certificates (mutual TLS), dialled without one.
+    h = hub(Security(tls_dir=certs, mutual=True), read_tokens(str(certs / "tokens.yaml")))
+    try:
+        with pytest.raises(PeerUnavailable, match=r"do both sides agree on --mutual-tls"):
+            _dial(h.address, "device-0", tok, Security(tls_dir=certs), connect_timeout=60)
     finally:
         h.close()
     # Nobody listening until the timeout: gRPC's refusal is the reason given.

@@ -85,6 +85,17 @@ def _not_up_yet(why: str) -> bool:
     return "Connection refused" in why
 
 
+def _hint(why: str) -> str:
+    """What a person can check, for the failures gRPC words least plainly."""
+    if "Socket closed" in why:
+        return (" (the server closed the connection at the handshake: do both sides agree on "
+                "--mutual-tls, which needs this device's certificate, and on --insecure?)")  # fmt: skip
+    if "andshake" in why or "certificate" in why:
+        return (" (is the server's certificate signed by this device's ca.pem and made for the "
+                "host name dialled? `cotune certs --host NAME`)")  # fmt: skip
+    return ""
+
+
 def _dial(
     server: str, node: str, token: str, security: Security, connect_timeout: float
 ) -> tuple[Dialer, Frame]:
@@ -109,7 +120,7 @@ def _dial(
         dialer.close()
         why = dialer.ended_by or "the stream ended"
         if not _not_up_yet(why) or time.monotonic() + 1.0 > deadline:
-            raise PeerUnavailable(f"could not connect to {server}: {why}")
+            raise PeerUnavailable(f"could not connect to {server}: {why}{_hint(why)}")
         if not said:
             log.info("%s: %s is not listening yet; trying again for up to %.0f s", node,
                      server, deadline - time.monotonic())  # fmt: skip
