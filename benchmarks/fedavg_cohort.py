@@ -14,7 +14,9 @@ Qwen2.5-0.5B architecture (random weights) for a GPU (`--device cuda`).
 `--minilm` runs the demo's classification task instead (MiniLM, LoRA q/v + the trained head,
 which the cohort runs once per device's rows), the issue-14 setting: 8 devices x batch 4.
 `--padding-free` sets `train.padding_free` on both sides (blocks on the real tokens only);
-`--autocast bf16` sets `train.autocast` in every arm.
+`--autocast bf16` sets `train.autocast` in every arm. `--random-base` (with `--minilm`) trains a
+random BERT of MiniLM's shape, for a machine without the MiniLM package (scripts/gpu_check.sh's
+cohort-cpu part: the issue-14 CPU figure on a GPU box's CPU cores).
 `--floor` (with `--minilm`) also times what batching alone gives on the machine: cotune's own
 (one device training on all the cohort's rows as one batch, one adapter: what the cohort would
 cost if grouping were free), and without cotune, plain transformers MiniLM forward + backward,
@@ -37,17 +39,23 @@ from cotune.run import run_experiment
 
 SMALL = {"hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 4,
          "num_attention_heads": 4, "num_key_value_heads": 2}  # fmt: skip
+# all-MiniLM-L6-v2's BERT dimensions, for --random-base (a random BERT, cotune's BPE vocabulary).
+MINILM_SHAPE = {"hidden_size": 384, "num_hidden_layers": 6, "num_attention_heads": 12,
+                "intermediate_size": 1536}  # fmt: skip
 QWEN05B = {"hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24,
            "num_attention_heads": 14, "num_key_value_heads": 2}  # fmt: skip
 
 
 def minilm_config(args, cohort: bool, out: str, i: int):
     """The demo's task (MiniLM, 5 `fortunes` labels, LoRA r=8 q/v and the trained head)."""
+    model = {"name_or_path": "minilm", "task": "classification", "max_length": args.seq}
+    if args.random_base:  # a machine without the MiniLM package (a lent GPU box's CPU)
+        model.update(name_or_path="random:bert", random_config=MINILM_SHAPE)
     return config_from_dict(
         {
             "name": f"{'cohort' if cohort else 'seq'}-{i}",
             "seed": 0,
-            "model": {"name_or_path": "minilm", "task": "classification", "max_length": args.seq},
+            "model": model,
             "data": {"dataset": "fortunes",
                      "labels": ["computers", "politics", "science", "love", "food"]},
             "partition": {"scheme": "iid"},
@@ -153,6 +161,11 @@ def main() -> None:
     ap.add_argument(
         "--autocast", default="none", choices=["none", "bf16"], help="train.autocast, all arms"
     )
+    ap.add_argument(
+        "--random-base",
+        action="store_true",
+        help="with --minilm: a random BERT of MiniLM's shape (no MiniLM package)",
+    )
     ap.add_argument("--floor", action="store_true",
                     help="with --minilm: also time plain transformers fwd+bwd, batches of "
                     "--batch one after another vs one batch of devices x batch (no cotune)")  # fmt: skip
@@ -160,6 +173,8 @@ def main() -> None:
     out = tempfile.mkdtemp(prefix="fedavg_cohort_")
     slots = args.devices * args.local_steps * args.batch * args.seq * args.rounds
     arms = [("one by one", args, False, out), ("cohort", args, True, out)]
+    if args.random_base and not args.minilm:
+        ap.error("--random-base goes with --minilm (the issue-14 task on MiniLM's shape)")
     if args.floor and args.minilm:
         # cotune's own batching floor: one device training on all the cohort's rows at once
         # (one adapter, one loss): what the cohort would cost if grouping were free.
@@ -175,7 +190,9 @@ def main() -> None:
             times[name].append(sum(rounds))
             steady[name].append(statistics.median(rounds[1:] or rounds))
     med = {k: statistics.median(v) for k, v in times.items()}
-    shape = "MiniLM" if args.minilm else "Qwen2.5-0.5B-shaped" if args.qwen05b else "small"
+    shape = "Qwen2.5-0.5B-shaped" if args.qwen05b else "small"
+    if args.minilm:
+        shape = "MiniLM-shaped random BERT" if args.random_base else "MiniLM"
     print(f"fedavg on {args.device}, {shape} "
           f"model, {args.devices} devices x {args.local_steps} local steps x batch "
           f"{args.batch} x {args.seq}, {args.rounds} rounds, median of {args.repeats}")  # fmt: skip
@@ -191,7 +208,7 @@ def main() -> None:
               f"adapter), steady round {still['one batch']:.2f} s, ratio to one by one "
               f"{still['one batch'] / still['one by one']:.3f}; the cohort is "
               f"{still['cohort'] / still['one batch']:.3f}x it")  # fmt: skip
-    if args.floor and args.minilm:
+    if args.floor and args.minilm and not args.random_base:  # plain MiniLM needs its package
         for seq in (args.seq, args.seq // 2):
             floor = batching_floor(args, seq, repeats=7)
             print(f"batching floor, plain transformers MiniLM fwd+bwd, {args.devices} x batch "

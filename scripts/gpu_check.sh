@@ -4,7 +4,7 @@
 #
 #   bash scripts/gpu_check.sh                 # every part (about 8-10 minutes on an H200)
 #   bash scripts/gpu_check.sh tests lora-step # some parts: tests lora-step split-mfu
-#                                             #   fedavg-cohort split-grpc
+#                                             #   fedavg-cohort cohort-cpu split-grpc
 #   bash scripts/gpu_check.sh prepare        # only ready the Python (wheels, src/) and import
 #                                             #   cotune: no GPU needed, to try the offline set-up
 #   PY=/path/to/python bash scripts/gpu_check.sh
@@ -21,13 +21,15 @@
 # The split-grpc part is issue 13's split-step ratio (gRPC / local engine) on this machine's
 # CPU cores: a 2-core machine runs five processes on two cores, a GPU box has a core for each
 # process thread. It trains a random BERT of MiniLM's shape (the MiniLM package is too large
-# to carry); the arithmetic per step is MiniLM's.
+# to carry); the arithmetic per step is MiniLM's. The cohort-cpu part is issue 14's CPU figure
+# (fedavg round host time, cohort / one by one, 8 devices x batch 4) on the same cores, on the
+# same random MiniLM-shaped BERT: on two cores a batch of 4 already keeps both busy.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${GPU_CHECK_OUT:-gpu_check}
 mkdir -p "$OUT"
 PARTS=("$@")
-[ ${#PARTS[@]} -gt 0 ] || PARTS=(tests lora-step split-mfu fedavg-cohort split-grpc)
+[ ${#PARTS[@]} -gt 0 ] || PARTS=(tests lora-step split-mfu fedavg-cohort cohort-cpu split-grpc)
 PREPARE_ONLY=0
 [ "${PARTS[*]}" = prepare ] && PREPARE_ONLY=1
 WHEELS=${GPU_CHECK_WHEELS:-.whl}
@@ -110,9 +112,11 @@ for part in "${PARTS[@]}"; do
     split-mfu) run split-mfu 60 "$PY" benchmarks/gpu_split_mfu.py --cut 4 --batch 16 --seq 512 ;;
     fedavg-cohort) run fedavg-cohort 180 "$PY" benchmarks/fedavg_cohort.py --device cuda \
       --qwen05b --devices 8 --local-steps 2 --rounds 2 --batch 4 --seq 256 --repeats 1 ;;
+    cohort-cpu) run cohort-cpu 200 "$PY" benchmarks/fedavg_cohort.py --minilm --random-base \
+      --seq 40 --repeats 3 --rounds 4 --padding-free --floor ;;
     split-grpc) run split-grpc 240 "$PY" benchmarks/grpc_wire.py --random-base --steps 30 \
       --repeats 2 --big-mib 128 ;;
-    *) echo "gpu_check: unknown part '$part' (tests lora-step split-mfu fedavg-cohort split-grpc)" >&2
+    *) echo "gpu_check: unknown part '$part' (tests lora-step split-mfu fedavg-cohort cohort-cpu split-grpc)" >&2
        exit 2 ;;
   esac
 done
