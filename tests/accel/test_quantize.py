@@ -77,6 +77,32 @@ def test_lora_trains_over_a_4bit_base_and_gradients_cross_it():
     assert losses[-1] < losses[0]
 
 
+@pytest.mark.parametrize("mode", ["nf4", "fp4", "int8"])
+def test_an_evaluation_pass_leaves_the_gradients_through_the_base_as_they_were(mode):
+    """bitsandbytes repacks a 4-bit weight for a CPU inference kernel (no backward) at the
+    first eval-mode forward without gradients; cotune's base is always in eval mode, so an
+    evaluation would have cut every later step's gradient through the frozen layers. The
+    adapters' gradients after an evaluation equal those of a model that had none."""
+    ids = torch.randint(0, 64, (4, 12), generator=torch.Generator().manual_seed(0))
+
+    def grads(evaluate_first: bool) -> dict[str, torch.Tensor]:
+        lm = loaded(mode)
+        torch.manual_seed(0)
+        adapters = inject_adapters(lm.model, PeftSection(r=4, target_modules=["q_proj", "v_proj"]))
+        for p in adapters.parameters():  # B = 0 at init: make every adapter's input gradient count
+            torch.nn.init.normal_(p, std=0.1)
+        if evaluate_first:
+            with torch.no_grad():
+                lm.anatomy.full()(ids)
+        task_loss(lm.anatomy.full()(ids), ids, "causal_lm").backward()
+        return {k: p.grad.clone() for k, p in adapters.named_trainable().items()}
+
+    plain, after = grads(False), grads(True)
+    assert plain.keys() == after.keys()
+    for k in plain:
+        assert torch.allclose(plain[k], after[k], rtol=1e-4, atol=1e-6), k
+
+
 def test_gpt2_conv1d_layers_are_quantized_too():
     lm = loaded("nf4", family="gpt2")
     attn = lm.model.transformer.h[0].attn.c_attn

@@ -119,6 +119,12 @@ def _quantized(bnb: Any, layer: nn.Module, mode: str, compute_dtype: torch.dtype
             weight.to(compute_dtype), requires_grad=False, quant_type=mode,
             compress_statistics=True,
         )  # fmt: skip
+        # On a CPU with AVX512-BF16, an eval-mode forward whose input needs no gradient (an
+        # evaluation, the first block's projections) repacks the weight for an inference
+        # kernel for good; that kernel has no backward, so every later training step would
+        # silently lose the gradient through this frozen layer (bitsandbytes 0.50). cotune's
+        # base is always in eval mode and trains through it: keep the differentiable path.
+        q.support_avx512bf16_for_cpu = False
     if bias:
         q.bias = nn.Parameter(layer.bias.detach().clone(), requires_grad=False)
     q.train(layer.training)
