@@ -61,7 +61,15 @@ def test_causal_lm_ignores_labels(tmp_path):
 def test_bad_json_line_names_file_and_line(tmp_path):
     f = tmp_path / "bad.jsonl"
     f.write_text('{"text": "a", "label": "x"}\n{"text": oops}\n')
-    with pytest.raises(DataError, match=r"bad\.jsonl:2: not valid JSON"):
+    with pytest.raises(
+        DataError, match=r"bad\.jsonl:2: not valid JSON at column 10 \(Expecting value\)$"
+    ):
+        read_file(f, "text", "label")
+    # json's message for a raw control character ends in "at": said once, with the column.
+    f.write_text('{"text": "a\tb", "label": "x"}\n')
+    with pytest.raises(
+        DataError, match=r"bad\.jsonl:1: not valid JSON at column 12 \(Invalid control character\)$"
+    ):
         read_file(f, "text", "label")
 
 

@@ -100,7 +100,9 @@ def _jsonl_rows(path: Path, fh: TextIO) -> Iterator[tuple[str, dict[str, Any]]]:
         try:
             row = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise DataError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+            # json's own words may end in "at" (it adds the position after them).
+            why = exc.msg.removesuffix(" at")
+            raise DataError(f"{where}: not valid JSON at column {exc.colno} ({why})") from None
         if not isinstance(row, dict):
             raise DataError(f"{where}: expected a JSON object per line, got {type(row).__name__}")
         yield where, row
