@@ -132,3 +132,27 @@ def test_resume_mid_run_equals_uninterrupted(tiny_config, monkeypatch):
     assert after["final"] == before["final"] and after["bytes"] == before["bytes"]
     assert after["sim_time_s"] == pytest.approx(before["sim_time_s"])
     assert [r["loss_after"] for r in records(resumed, "align")] == align_before
+
+
+@pytest.mark.parametrize(
+    ("options", "match"),
+    [
+        ({}, r"model\.quantize: nf4: fedbiot aligns its emulator by training the base's lower"),
+        ({"initial_align_steps": 0, "align_steps": 0, "adapter_mode": "full"},
+         r"model\.quantize: nf4: adapter_mode full trains the top blocks' own weights"),
+    ],
+)  # fmt: skip
+def test_a_quantized_base_is_refused_where_fedbiot_trains_base_weights(tiny_config, options, match):
+    """The alignment trains the emulator's (base) blocks and adapter_mode full the top blocks:
+    a quantized base has no weights to train there (it failed inside torch before). Without
+    either, a quantized base is fine."""
+    from cotune.paradigms.options import check_paradigm_options
+
+    cfg = lm(tiny_config, "q", **options)
+    cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"quantize": "nf4"})})
+    with pytest.raises(ConfigError, match=match):
+        check_paradigm_options(cfg, "test")
+    ok = lm(tiny_config, "q", initial_align_steps=0, align_steps=0)
+    check_paradigm_options(
+        ok.model_copy(update={"model": ok.model.model_copy(update={"quantize": "nf4"})}), "test"
+    )

@@ -174,6 +174,22 @@ class FedBiOTOptions(ParadigmOptions):
     # once (None: all of them together).
     cohort_rows: int | None = Field(None, ge=1)
 
+    def check_config(self, cfg: RunConfig) -> None:
+        # The server aligns the emulator by training the base's own lower blocks, and
+        # adapter_mode full trains the top blocks' weights: a quantized base has none to train.
+        q = cfg.model.quantize
+        if q != "none" and (self.initial_align_steps or self.align_steps):
+            raise ValueError(
+                f"model.quantize: {q}: fedbiot aligns its emulator by training the base's lower "
+                "blocks on the server, which a quantized base cannot; use model.quantize: none, "
+                "or paradigm.options.initial_align_steps: 0 and align_steps: 0 (no alignment)"
+            )
+        if q != "none" and self.adapter_mode == "full":
+            raise ValueError(
+                f"model.quantize: {q}: adapter_mode full trains the top blocks' own weights, "
+                "which a quantized base cannot; use adapter_mode: lora"
+            )
+
 
 class DLoRAOptions(ParadigmOptions):
     active_fraction: float = Field(0.125, gt=0.0, le=1.0)  # ρ: 1/8 matches the reported 87.5%
