@@ -103,6 +103,21 @@ def test_an_evaluation_pass_leaves_the_gradients_through_the_base_as_they_were(m
         assert torch.allclose(plain[k], after[k], rtol=1e-4, atol=1e-6), k
 
 
+@pytest.mark.parametrize("method", ["lora", "dora", "bora", "d2lora", "gelora", "modula", "mosld"])
+def test_every_method_that_takes_a_quantized_base_trains_over_it(method):
+    """The layer answers in the residual stream's dtype (a quantized weight is uint8 storage:
+    BoRA cast its output to that) and every adapter tensor gets a gradient."""
+    lm = loaded("nf4")
+    adapters = inject_adapters(
+        lm.model, PeftSection(method=method, r=4, target_modules=["q_proj", "v_proj"])
+    )
+    ids = torch.randint(0, 64, (2, 8))
+    out = lm.anatomy.full()(ids)
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()
+    task_loss(out, ids, "causal_lm").backward()
+    assert all(p.grad is not None for p in adapters.parameters())
+
+
 def test_gpt2_conv1d_layers_are_quantized_too():
     lm = loaded("nf4", family="gpt2")
     attn = lm.model.transformer.h[0].attn.c_attn

@@ -168,6 +168,12 @@ class AdapterLayer(nn.Module):
             return dense_weight(self.base_layer)
         return w.t() if self.fan_in_fan_out else w
 
+    def base_output_dtype(self, x: torch.Tensor) -> torch.dtype:
+        """The dtype the base layer answers ``x`` in: its weight's, or for a quantized layer
+        (uint8 storage) its input's, as bitsandbytes returns."""
+        w = self.base_layer.weight
+        return x.dtype if type(w).__name__ in QUANTIZED_PARAMS else w.dtype
+
     def base_forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.base_layer(x)
 

@@ -87,7 +87,7 @@ class BoraLayer(LoraLayer):
     def adapted_forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
             return self.base_forward(x)
-        return self._bora_out(x).to(self.base_layer.weight.dtype)
+        return self._bora_out(x).to(self.base_output_dtype(x))
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         return self._bora_out(x) - self.base_forward(x).to(self.lora_A.weight.dtype)
