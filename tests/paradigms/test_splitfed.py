@@ -163,6 +163,19 @@ def test_device_trainable_share_is_cut_over_layers(tiny_config):
     assert roles["device-0"]["memory_bytes"] > 0 and roles["device-0"]["memory_fits"]
 
 
+@pytest.mark.parametrize("paradigm", ["splitfed", "splitfrozen"])
+def test_a_bfloat16_base_trains_across_the_cut(tiny_config, paradigm):
+    """model.dtype bfloat16: the cut carries bf16 activations, and the server's memory probe
+    feeds its segment bf16 too (it fed float32 and the run stopped in the first matmul)."""
+    sf = {"name": paradigm, "options": {"cut": 1} if paradigm == "splitfed" else {"max_cut": 1}}
+    cfg = family_config(tiny_config, "bert", f"bf16-{paradigm}", sf, train={"steps": 2},
+                        eval={"every": 2, "max_examples": 8})  # fmt: skip
+    cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"dtype": "bfloat16"})})
+    summary = json.loads((run(cfg) / "summary.json").read_text())
+    assert math.isfinite(summary["final"]["loss"])
+    assert summary["costs"]["roles"]["server"]["memory_bytes"] > 0
+
+
 def test_per_device_server_copies_train(tiny_config):
     sf = {
         "name": "splitfed",

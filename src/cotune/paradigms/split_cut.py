@@ -175,7 +175,8 @@ def segment_memory(
     inputs: torch.Tensor | Activations = ids
     if not segment.embed:
         d = loaded.anatomy.hidden_size
-        hidden = torch.zeros(*ids.shape, d, device=ids.device, requires_grad=True)
+        hidden = torch.zeros(*ids.shape, d, device=ids.device, dtype=activation_dtype(cfg),
+                             requires_grad=True)  # fmt: skip
         inputs = Activations(hidden, mask)
     was = loaded.model.training
     loaded.model.train(train)
