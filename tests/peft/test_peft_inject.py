@@ -111,6 +111,25 @@ def test_train_head_false_freezes_head_and_head_paths_override():
         inject_adapters(case.build(), peft_cfg("lora", case), head_paths=["nope"])
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_head_trained_over_a_half_precision_base_is_float32(dtype):
+    """The head trains whole, so it keeps float32 weights (as the adapters) and takes the
+    base's half-precision hidden states: on float16 weights AdamW's first step was inf."""
+    case = MODEL_CASES["bert_cls"]
+    model = case.build().to(dtype)
+    adapters = inject_adapters(model, peft_cfg("lora", case))
+    assert all(p.dtype == torch.float32 for p in adapters.parameters())
+    assert model.bert.encoder.layer[0].attention.self.query.base_layer.weight.dtype == dtype
+    opt = torch.optim.AdamW(adapters.parameters(), lr=1e-2)
+    for _ in range(2):
+        out = model(**inputs()).logits
+        assert out.dtype == torch.float32
+        torch.nn.functional.cross_entropy(out, torch.tensor([0, 1])).backward()
+        opt.step()
+        opt.zero_grad()
+    assert all(torch.isfinite(p).all() for p in adapters.parameters())
+
+
 def test_layers_filter_with_anatomy_and_by_name():
     case = MODEL_CASES["llama_causal"]
 

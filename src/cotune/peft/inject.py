@@ -289,5 +289,28 @@ def inject_adapters(
         layer.set_trainable()
         layers[path] = layer
     for h in heads:
-        model.get_submodule(h).requires_grad_(True)
+        head = model.get_submodule(h)
+        train_in_float32(head)
+        head.requires_grad_(True)
     return AdapterSet(model, cfg, layers, heads)
+
+
+def train_in_float32(head: nn.Module) -> None:
+    """A module trained whole (a classification head) keeps float32 weights over a half-
+    precision base, as the adapters do: AdamW on float16 weights turns its epsilon (1e-8) into
+    0 and the first update into inf, and bfloat16 drops updates below 1/256 of a weight. Its
+    inputs (the base's hidden states) are cast up on the way in."""
+    floats = [p for p in head.parameters() if p.is_floating_point()]
+    if all(p.dtype == torch.float32 for p in floats):
+        return
+    head.float()
+    head.register_forward_pre_hook(_float32_inputs, with_kwargs=True)
+
+
+def _float32_inputs(
+    module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    def up(a: Any) -> Any:
+        return a.float() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+
+    return tuple(up(a) for a in args), {k: up(v) for k, v in kwargs.items()}
