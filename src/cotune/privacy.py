@@ -81,33 +81,40 @@ def noise_for_epsilon(
     cls = _accountant_class(accountant)
     from opacus.accountants.utils import get_noise_multiplier
 
-    def search(**orders: Any) -> float:
+    def search(**orders: Any) -> float | ValueError:
+        """The noise on that grid, or Opacus's error when none up to its limit will do."""
+        args = {"target_epsilon": target_epsilon, "target_delta": delta,
+                "sample_rate": sample_rate, "steps": rounds, "accountant": accountant}  # fmt: skip
         with _edge_warnings_ignored():  # the search's tries far from the answer: not news
-            return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta,
-                                              sample_rate=sample_rate, steps=rounds,
-                                              accountant=accountant, **orders))  # fmt: skip
-
-    try:
-        sigma, edge = search(), accountant == "rdp"
-        if edge:  # found on the default grid: does its best order sit at the grid's edge?
-            acc = cls()
-            acc.history = [(sigma, sample_rate, rounds)]
-            with _edge_warnings_ignored():
-                edge = _at_grid_edge(acc.get_privacy_spent(delta=delta)[1], cls.DEFAULT_ALPHAS)
-        if edge:
-            sigma = search(alphas=_wider_orders(cls.DEFAULT_ALPHAS))
-        return sigma
-    except ValueError as err:  # no noise up to Opacus's limit spends that little
-        if accountant == "rdp":  # the default grid cannot bound below ~0.1 at any noise
             try:
-                return search(alphas=_wider_orders(cls.DEFAULT_ALPHAS))
-            except ValueError:
-                pass
+                return float(get_noise_multiplier(**args, **orders))
+            except ValueError as err:
+                return err
+
+    sigma = search()
+    # RDP: the default grid cannot bound below ~0.1 at any noise, and an answer whose best
+    # order sits at its edge is looser than the ledger's (rdp_epsilon): search wider.
+    if accountant == "rdp" and (
+        isinstance(sigma, ValueError)
+        or _best_order_at_edge(cls, [(sigma, sample_rate, rounds)], delta)
+    ):
+        sigma = search(alphas=_wider_orders(cls.DEFAULT_ALPHAS))
+    if isinstance(sigma, ValueError):
         raise ConfigError(
             f"train.dp.target_epsilon: {target_epsilon:g} cannot be spent over {rounds} "
             f"release(s) at sampling rate {sample_rate:g} and delta {delta:g} by any noise "
-            f"multiplier Opacus considers ({err}); ask for a larger epsilon or delta"
-        ) from None
+            f"multiplier Opacus considers ({sigma}); ask for a larger epsilon or delta"
+        )
+    return sigma
+
+
+def _best_order_at_edge(cls: Any, history: list[tuple[float, float, int]], delta: float) -> bool:
+    """Whether an RDP accountant with ``history`` bounds epsilon tightest at an edge of
+    Opacus's default grid of orders."""
+    acc = cls()
+    acc.history = history
+    with _edge_warnings_ignored():
+        return _at_grid_edge(acc.get_privacy_spent(delta=delta)[1], cls.DEFAULT_ALPHAS)
 
 
 class PrivacyLedger:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import queue
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -53,8 +54,6 @@ def run_device(
     that long (a server restarting with --resume). With ``data_file`` (one device only), the
     device trains on that file (JSONL/CSV/TSV with the run's ``data.text_field`` /
     ``data.label_field``) instead of its shard of the config's data."""
-    import time
-
     if not credentials:
         raise ConfigError("--id: no device to run")
     if data_file is not None and len(credentials) > 1:
@@ -103,8 +102,6 @@ def _dial(
     listening yet is tried again, once a second, until ``connect_timeout`` (devices may start
     before the server has loaded its model); any other failure ends the dial at once with what
     gRPC said."""
-    import time
-
     deadline, said = time.monotonic() + connect_timeout, False
     while True:
         dialer = Dialer(server, node, token, security)

@@ -202,13 +202,11 @@ class FrozenServer(Role):
         self.dtype = activation_dtype(ctx.cfg)
 
     def on_activations(self, msg: Message) -> None:
-        hidden = self.ctx.model.loaded.anatomy.hidden_size
+        admit_upload(msg, self._check, self.queue, self.skipped, self.opts.on_bad_message)
 
-        def check(m: Message) -> Message:
-            return check_cut(m, hidden_size=hidden, dtype=self.dtype, task=self.ctx.task,
-                             labels=True)  # fmt: skip
-
-        admit_upload(msg, check, self.queue, self.skipped, self.opts.on_bad_message)
+    def _check(self, msg: Message) -> None:
+        check_cut(msg, hidden_size=self.ctx.model.loaded.anatomy.hidden_size, dtype=self.dtype,
+                  task=self.ctx.task, labels=True)  # fmt: skip
 
     def serve(self, step: int) -> list[float]:
         """Train on the step's uploads in the order they arrived: one update per

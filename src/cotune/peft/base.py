@@ -159,10 +159,15 @@ class AdapterLayer(nn.Module):
         """The base weight (lets HF code that peeks at `.weight` keep working)."""
         return self.base_layer.weight
 
+    @property
+    def base_quantized(self) -> bool:
+        """The base layer holds a bitsandbytes-quantized weight (uint8 storage)."""
+        return type(self.base_layer.weight).__name__ in QUANTIZED_PARAMS
+
     def base_weight_oi(self) -> torch.Tensor:
         """The base weight as `[out, in]` (a view for Conv1D; dequantized for a quantized base)."""
         w = self.base_layer.weight
-        if type(w).__name__ in QUANTIZED_PARAMS:
+        if self.base_quantized:
             from cotune.accel.quantize import dense_weight
 
             return dense_weight(self.base_layer)
@@ -171,8 +176,7 @@ class AdapterLayer(nn.Module):
     def base_output_dtype(self, x: torch.Tensor) -> torch.dtype:
         """The dtype the base layer answers ``x`` in: its weight's, or for a quantized layer
         (uint8 storage) its input's, as bitsandbytes returns."""
-        w = self.base_layer.weight
-        return x.dtype if type(w).__name__ in QUANTIZED_PARAMS else w.dtype
+        return x.dtype if self.base_quantized else self.base_layer.weight.dtype
 
     def base_forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.base_layer(x)
@@ -238,13 +242,12 @@ class AdapterLayer(nn.Module):
         self.merged = False
 
     def _write_base(self, weight_oi: torch.Tensor) -> None:
-        w = self.base_layer.weight
-        if type(w).__name__ in QUANTIZED_PARAMS:
+        if self.base_quantized:
             raise AdapterError(
                 f"{self.path}: {self.method} rewrites the base weight (an SVD init or a merge), "
                 "which a quantized base cannot take; use model.quantize: none"
             )
-        w.data.copy_(weight_oi.t() if self.fan_in_fan_out else weight_oi)
+        self.base_layer.weight.data.copy_(weight_oi.t() if self.fan_in_fan_out else weight_oi)
 
     def adapter_named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         """Parameters owned by the adapter (everything outside `base_layer`), with local names."""
